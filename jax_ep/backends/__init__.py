@@ -1,0 +1,30 @@
+"""Backends of jax_ep. Each one is a module with the same five functions; ``api.py`` wraps them
+in ``custom_vjp`` and input checks, so a backend only moves rows.
+
+Every function runs per shard, where ``config.axis_name`` is bound (inside ``shard_map``):
+
+  dispatch(x [T,H], topk_idx [T,K] int32 (already sanitized: -1 or in [0,E)),
+           topk_weights [T,K] f32, num_invalid [] int32, config)
+      -> recv_x [C,H], recv_weights [C] f32, layout (DispatchLayout)
+  dispatch_rows(x [T,H], layout, config) -> [C,H]
+      send rows again along an existing layout (combine's backward), unweighted.
+  combine_rows(y [C,H], row_weights [C] f32, layout, config) -> [T,H] (dtype of y)
+      out[t] = sum_k row_weights[row(t,k)] * y[row(t,k)] over delivered pairs; the expert rank
+      sums a token's rows first (in k order), the owner adds ranks in rank order.
+  gather_slots(values [C] f32, layout, config) -> [T,K] f32
+      values[row(t,k)] for delivered pairs, else 0 (weight gradients).
+  grouped_matmul(recv_x [C,H], w [E_local,H,N], layout) -> [C,N]
+
+The xla backend is the reference: every other backend must give the same recv_x,
+recv_weights and layout bit for bit, and combine within float tolerance.
+"""
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {"xla": "jax_ep.backends.xla", "triton": "jax_ep.backends.triton"}
+
+
+def get(name: str):
+  """The backend module for ``name`` ("xla" or "triton")."""
+  return importlib.import_module(_MODULES[name])
