@@ -1,0 +1,333 @@
+"""Grouped GEMM over the expert-major layout of ``recv_x`` (forward and both backward products).
+
+After ``jax_ep.dispatch`` the rows of ``recv_x [C, K]`` are grouped by local expert: the rows of
+expert ``e`` are ``[offset[e], offset[e] + size[e])``, groups appear in expert order, each starts at
+a multiple of the alignment, and rows between groups (alignment padding) and after the last group
+(unused capacity) belong to no expert. The expert computation is the grouped product
+
+    y[rows of e] = recv_x[rows of e] @ w[e]         w: [E_local, K, N], y: [C, N]
+    y[rows in no group] = 0
+
+and its two backward products
+
+    d recv_x[rows of e] = dy[rows of e] @ w[e]^T     (the forward kernel with w's strides swapped)
+    d w[e]              = recv_x[rows of e]^T @ dy[rows of e]   (``grouped_gemm_dw_kernel``)
+
+Group sizes and offsets are read on the device, so nothing syncs with the host and the launch
+grid is static (a function of C, E_local and the tile sizes only).
+
+Cost, with R = sum(size) rows in groups:
+  FLOPs        2 * R * K * N (each product; the backward pass does two)
+  HBM bytes    forward: R*K (x) + E_local*K*N (w) + C*N (y, zeros included), times the element
+               size; x rows are re-read once per N tile and w[e] once per M tile of group e, and
+               both re-reads are meant to hit L2 (see "tile order" below).
+               dw: R*K + R*N read, E_local*K*N written.
+
+Forward tiling and the static grid (``grouped_gemm_kernel``)
+  Rows 0..C are cut into *segments*, in order: for each expert e, the gap before its group
+  ``[end of group e-1, offset[e])`` then the group ``[offset[e], offset[e]+size[e])``; finally the
+  tail ``[end of group E_local-1, C)``. Each segment is covered by ceil(len / BLOCK_M) M tiles
+  that start at the segment's first row, so a tile never straddles two experts. Group tiles run
+  the K loop; gap and tail tiles run zero K iterations and store zeros. Since
+  sum(ceil(len_s / BLOCK_M)) < C / BLOCK_M + (2 E_local + 1), the grid
+  ``(cdiv(C, BLOCK_M) + 2 * E_local) * cdiv(N, BLOCK_N)`` always suffices; programs past the
+  real tile count find an empty row range and store nothing (they cost one tiny prologue each).
+
+  Each program finds its segment on the device: it loads the E_local sizes and offsets, computes
+  every segment's tile count, takes an inclusive cumsum and counts the entries <= its M tile
+  index (an in-register search over at most a few hundred values: no prologue kernel, no host
+  sync). Offsets are clamped to [0, C] and sizes to [0, C - offset], so even a corrupt layout
+  can never address a row outside ``[0, C)``.
+
+  Tile order: pid = m_tile * num_n_tiles + n_tile (N fastest). The ~130-260 programs resident at
+  once cover a few M tiles across all N tiles: each x row tile is fetched from HBM once and
+  re-read by the other N tiles from L2, and a group's M tiles run together so w[e] is fetched
+  about once.
+
+  Inside a group tile the x rows past the group's end are loaded anyway (row indices clamped to
+  C-1, so loads need no row mask and stay in bounds) and computed, but never stored; this keeps
+  the K loop free of row masks. The output store is masked to the segment's rows.
+
+dw tiling (``grouped_gemm_dw_kernel``)
+  Grid ``E_local * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)``: one program per (expert, K tile, N tile)
+  of dw, looping over the group's rows BLOCK_K at a time (rows past the group masked to zero on
+  both operands, so values in neighbouring groups can never leak in, NaNs included). An empty
+  group stores a zero tile. x tiles are loaded as [BLOCK_K rows, BLOCK_M] and transposed in
+  registers/shared memory (``tl.trans``), which Hopper's wgmma takes as an MN-major operand.
+
+Numerics: ``tl.dot`` accumulates in float32; bf16/fp16 inputs use tensor cores (wgmma on sm_90);
+float32 inputs use ``INPUT_PRECISION`` ("ieee" by default: exact float32 products; "tf32" is
+faster and matches XLA's default GPU precision more loosely). Outputs are cast to the output
+pointer's element type.
+
+All shapes and strides are compile-time constants (JAX shapes are static): contiguity is then
+known to the compiler, which vectorizes loads and picks the async-copy/wgmma path.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_segment(sizes_ptr, offsets_ptr, m_tile, C: tl.constexpr, E: tl.constexpr,
+                  E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+  """Map M tile ``m_tile`` of the static grid to its rows and expert.
+
+  Returns ``(row_start, row_end, expert, is_group)``: the tile covers rows
+  ``[row_start, min(row_start + BLOCK_M, row_end))``; ``is_group`` says whether they belong to
+  expert ``expert`` (then the K loop runs) or to a gap/tail (zeros are stored). Tiles past the
+  last real one get ``row_start == row_end`` (nothing stored).
+  """
+  idx = tl.arange(0, E_POW2)
+  valid = idx < E
+  # Sanitized layout: 0 <= off <= C, 0 <= size <= C - off. Invalid lanes are empty groups at C.
+  off = tl.load(offsets_ptr + idx, mask=valid, other=C)
+  off = tl.minimum(tl.maximum(off, 0), C)
+  size = tl.load(sizes_ptr + idx, mask=valid, other=0)
+  size = tl.minimum(tl.maximum(size, 0), C - off)
+  end = off + size
+  # End of the previous group (0 before the first), loaded shifted by one lane.
+  has_prev = valid & (idx > 0)
+  prev_off = tl.load(offsets_ptr + idx - 1, mask=has_prev, other=0)
+  prev_off = tl.minimum(tl.maximum(prev_off, 0), C)
+  prev_size = tl.load(sizes_ptr + idx - 1, mask=has_prev, other=0)
+  prev_size = tl.minimum(tl.maximum(prev_size, 0), C - prev_off)
+  prev_end = prev_off + prev_size
+  gap = tl.maximum(off - prev_end, 0)
+
+  gap_tiles = tl.where(valid, tl.cdiv(gap, BLOCK_M), 0)
+  group_tiles = tl.where(valid, tl.cdiv(size, BLOCK_M), 0)
+  seg_tiles = gap_tiles + group_tiles
+  cum = tl.cumsum(seg_tiles, axis=0)  # inclusive
+  # Expert whose (gap, group) pair holds this tile: the number of pairs that end at or before it.
+  e = tl.sum((cum <= m_tile).to(tl.int32), axis=0)
+  sel = idx == e
+  first = tl.sum(tl.where(sel, cum - seg_tiles, 0), axis=0)  # first tile of pair e
+  e_gap_tiles = tl.sum(tl.where(sel, gap_tiles, 0), axis=0)
+  e_off = tl.sum(tl.where(sel, off, 0), axis=0)
+  e_end = tl.sum(tl.where(sel, end, 0), axis=0)
+  e_prev_end = tl.sum(tl.where(sel, prev_end, 0), axis=0)
+
+  # Past the last pair: the tail [end of the last group, C), then idle tiles.
+  total = tl.sum(seg_tiles, axis=0)
+  last_end = tl.max(tl.where(valid, end, 0), axis=0)
+  in_pairs = e < E
+  local = m_tile - tl.where(in_pairs, first, total)
+  in_gap = local < e_gap_tiles
+  is_group = in_pairs & (local >= e_gap_tiles)
+  # Start row and end row of this tile's segment.
+  seg_start = tl.where(in_pairs, tl.where(in_gap, e_prev_end, e_off), last_end)
+  seg_end = tl.where(in_pairs, tl.where(in_gap, e_off, e_end), C)
+  local = tl.where(is_group, local - e_gap_tiles, local)
+  row_start = tl.minimum(seg_start + local * BLOCK_M, seg_end)
+  return row_start, seg_end, e, is_group
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    x_ptr,        # [C, K] rows grouped by expert (recv_x, or dy for the dx product)
+    w_ptr,        # [E, ...] expert weights; B[e][k, n] = w_ptr[e*STRIDE_WE + k*STRIDE_WK + n*STRIDE_WN]
+    sizes_ptr,    # [E] int32 group sizes
+    offsets_ptr,  # [E] int32 group offsets (non-decreasing, groups disjoint)
+    y_ptr,        # [C, N] output; rows in no group get zeros
+    C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+    STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
+    STRIDE_WE: tl.constexpr, STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr,
+    STRIDE_YM: tl.constexpr, STRIDE_YN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_POW2: tl.constexpr,             # next power of two >= E (tl.arange needs one)
+    INPUT_PRECISION: tl.constexpr,    # "ieee" | "tf32": only used for float32 inputs
+):
+  """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring."""
+  pid = tl.program_id(0)
+  num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+  m_tile = pid // num_n_tiles
+  n_tile = pid % num_n_tiles
+  row_start, row_end, e, is_group = _find_segment(
+      sizes_ptr, offsets_ptr, m_tile, C, E, E_POW2, BLOCK_M)
+
+  offs_m = row_start + tl.arange(0, BLOCK_M)
+  offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_k = tl.arange(0, BLOCK_K)
+  # Rows past the group are computed but never stored; clamping keeps their loads in bounds.
+  rows = tl.minimum(offs_m, C - 1).to(tl.int64)
+  if N % BLOCK_N == 0:
+    cols = offs_n
+  else:
+    cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
+  e_safe = tl.minimum(e, E - 1).to(tl.int64)
+  a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
+  b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
+            + cols[None, :] * STRIDE_WN)
+
+  # Gap, tail and idle tiles run no K iterations and store zeros (or nothing).
+  k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  for ki in range(0, k_iters):
+    if K % BLOCK_K == 0:
+      a = tl.load(a_ptrs)
+      b = tl.load(b_ptrs)
+    else:
+      k_left = K - ki * BLOCK_K
+      a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+      b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    a_ptrs += BLOCK_K * STRIDE_XK
+    b_ptrs += BLOCK_K * STRIDE_WK
+
+  y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
+  mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+  tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_gemm_dw_kernel(
+    x_ptr,        # [C, K] recv_x
+    dy_ptr,       # [C, N] output cotangent
+    sizes_ptr,    # [E] int32
+    offsets_ptr,  # [E] int32
+    dw_ptr,       # [E, K, N] weight cotangent: dw[e] = x[rows of e]^T @ dy[rows of e]
+    C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+    STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
+    STRIDE_DYM: tl.constexpr, STRIDE_DYN: tl.constexpr,
+    STRIDE_DWE: tl.constexpr, STRIDE_DWK: tl.constexpr, STRIDE_DWN: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # tile of dw's K dimension
+    BLOCK_N: tl.constexpr,   # tile of dw's N dimension
+    BLOCK_K: tl.constexpr,   # rows reduced per step
+    INPUT_PRECISION: tl.constexpr,
+):
+  """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)."""
+  pid = tl.program_id(0)
+  num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+  num_k_tiles: tl.constexpr = (K + BLOCK_M - 1) // BLOCK_M
+  e = pid // (num_k_tiles * num_n_tiles)
+  rest = pid % (num_k_tiles * num_n_tiles)
+  k_tile = rest // num_n_tiles
+  n_tile = rest % num_n_tiles
+
+  off = tl.load(offsets_ptr + e)
+  off = tl.minimum(tl.maximum(off, 0), C)
+  size = tl.load(sizes_ptr + e)
+  size = tl.minimum(tl.maximum(size, 0), C - off)
+  end = off + size
+
+  offs_k = k_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+  offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_r = tl.arange(0, BLOCK_K)
+  ks = offs_k if K % BLOCK_M == 0 else tl.minimum(offs_k, K - 1)
+  ns = offs_n if N % BLOCK_N == 0 else tl.minimum(offs_n, N - 1)
+  rows = off + offs_r
+  x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * STRIDE_XM + ks[None, :] * STRIDE_XK
+  dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * STRIDE_DYM + ns[None, :] * STRIDE_DYN
+
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  for ri in range(0, tl.cdiv(size, BLOCK_K)):
+    in_group = (rows < end)[:, None]
+    xt = tl.load(x_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_M]
+    g = tl.load(dy_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_N]
+    acc = tl.dot(tl.trans(xt), g, acc, input_precision=INPUT_PRECISION)
+    rows += BLOCK_K
+    x_ptrs += BLOCK_K * STRIDE_XM
+    dy_ptrs += BLOCK_K * STRIDE_DYM
+
+  dw_ptrs = (dw_ptr + e.to(tl.int64) * STRIDE_DWE + offs_k.to(tl.int64)[:, None] * STRIDE_DWK
+             + offs_n[None, :] * STRIDE_DWN)
+  mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+  tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers (plain ints; no framework): tile table, grid sizes and compile-time constants.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """One launch configuration of a grouped GEMM kernel."""
+
+  block_m: int
+  block_n: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+  p = floor
+  while p < n:
+    p *= 2
+  return p
+
+
+def _clamp_block(block: int, extent: int, floor: int = 16) -> int:
+  """``block`` shrunk to the next power of two >= extent (never below ``floor``)."""
+  return min(block, _pow2_at_least(extent, floor))
+
+
+def forward_config(K: int, N: int, dtype: str) -> TileConfig:
+  """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (also used for dx, with K and N swapped).
+
+  Hopper bf16: 128x256x64 with 8 warps (two consumer warpgroups of 64x256 wgmma each; 3 stages
+  of A+B tiles = 144 KiB of shared memory) when N is wide; 128x128x64 / 4 stages otherwise.
+  float32 runs ieee FMA products: smaller tiles.
+  """
+  if dtype in ("float32", "fp32"):
+    cfg = TileConfig(64, 64, 32, 4, 3)
+  elif N >= 256:
+    cfg = TileConfig(128, 256, 64, 8, 3)
+  else:
+    cfg = TileConfig(128, 128, 64, 8, 4)
+  return TileConfig(cfg.block_m, _clamp_block(cfg.block_n, N), _clamp_block(cfg.block_k, K),
+                    cfg.num_warps, cfg.num_stages)
+
+
+def dw_config(K: int, N: int, dtype: str) -> TileConfig:
+  """Tiles for dw[e][K, N] = x_e^T @ dy_e (block_k runs over the group's rows)."""
+  if dtype in ("float32", "fp32"):
+    cfg = TileConfig(64, 64, 32, 4, 3)
+  elif N >= 256:
+    cfg = TileConfig(128, 256, 64, 8, 3)
+  else:
+    cfg = TileConfig(128, 128, 64, 8, 4)
+  return TileConfig(_clamp_block(cfg.block_m, K), _clamp_block(cfg.block_n, N), cfg.block_k,
+                    cfg.num_warps, cfg.num_stages)
+
+
+def forward_grid(C: int, N: int, E: int, cfg: TileConfig) -> int:
+  """Programs of ``grouped_gemm_kernel``: an upper bound on the M tiles of all segments x N tiles."""
+  return (triton.cdiv(C, cfg.block_m) + 2 * E) * triton.cdiv(N, cfg.block_n)
+
+
+def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:
+  """Programs of ``grouped_gemm_dw_kernel``."""
+  return E * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+
+
+def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
+                       x_strides: tuple[int, int], w_strides: tuple[int, int, int],
+                       y_strides: tuple[int, int], input_precision: str = "ieee") -> dict:
+  """Compile-time constants of ``grouped_gemm_kernel`` (strides in elements).
+
+  ``w_strides`` are (expert, k, n) strides of the B operand: for the forward product on a
+  row-major ``w [E, K, N]`` they are ``(K*N, N, 1)``; for dx = dy @ w[e]^T on the same ``w
+  [E, H, N]`` (now K = N_fwd and N = H) they are ``(H*N_fwd, 1, N_fwd)``.
+  """
+  return dict(C=C, K=K, N=N, E=E,
+              STRIDE_XM=x_strides[0], STRIDE_XK=x_strides[1],
+              STRIDE_WE=w_strides[0], STRIDE_WK=w_strides[1], STRIDE_WN=w_strides[2],
+              STRIDE_YM=y_strides[0], STRIDE_YN=y_strides[1],
+              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision)
+
+
+def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
+                  input_precision: str = "ieee") -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_kernel`` for row-major x [C,K], dy [C,N], dw [E,K,N]."""
+  return dict(C=C, K=K, N=N, E=E,
+              STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
+              STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
+              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+              INPUT_PRECISION=input_precision)
