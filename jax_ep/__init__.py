@@ -17,7 +17,18 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
 from jax_ep.config import EPConfig
 from jax_ep.layout import DispatchLayout
 from jax_ep.api import combine, dispatch, grouped_matmul
-from jax_ep import runtime
+from jax_ep import experts, runtime
+
+
+def __getattr__(name):
+  # jax_ep.nn needs flax (the optional "flax" extra); import it only when asked for.
+  if name == "nn":
+    import importlib
+    return importlib.import_module("jax_ep.nn")
+  if name == "testing":
+    import importlib
+    return importlib.import_module("jax_ep.testing")
+  raise AttributeError(f"module 'jax_ep' has no attribute {name!r}")
 
 __all__ = [
     "EPConfig",
@@ -25,6 +36,9 @@ __all__ = [
     "dispatch",
     "combine",
     "grouped_matmul",
+    "experts",
     "runtime",
+    "nn",
+    "testing",
 ]
 __version__ = "0.1.0"
