@@ -15,6 +15,13 @@ Every function runs per shard, where ``config.axis_name`` is bound (inside ``sha
       values[row(t,k)] for delivered pairs, else 0 (weight gradients).
   grouped_matmul(recv_x [C,H], w [E_local,H,N], layout) -> [C,N]
 
+A backend other than xla also provides the checks ``api.py`` calls when choosing it:
+
+  usable(config) -> bool        can it run this config here (GPU, runtime sized for it)?
+  check_usable(config) -> None  raise an error that says what to do when it cannot
+                                (e.g. "call jax_ep.runtime.initialize([config]) first").
+  gmm_usable() -> bool, check_gmm_usable() -> None   the same for grouped_matmul alone.
+
 The xla backend is the reference: every other backend must give the same recv_x,
 recv_weights and layout bit for bit, and combine within float tolerance.
 """
