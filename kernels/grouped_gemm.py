@@ -98,8 +98,8 @@ def _find_segment(sizes_ptr, offsets_ptr, m_tile, C: tl.constexpr, E: tl.constex
   prev_end = prev_off + prev_size
   gap = tl.maximum(off - prev_end, 0)
 
-  gap_tiles = tl.where(valid, tl.cdiv(gap, BLOCK_M), 0)
-  group_tiles = tl.where(valid, tl.cdiv(size, BLOCK_M), 0)
+  gap_tiles = tl.where(valid, (gap + BLOCK_M - 1) // BLOCK_M, 0)
+  group_tiles = tl.where(valid, (size + BLOCK_M - 1) // BLOCK_M, 0)
   seg_tiles = gap_tiles + group_tiles
   cum = tl.cumsum(seg_tiles, axis=0)  # inclusive
   # Expert whose (gap, group) pair holds this tile: the number of pairs that end at or before it.
@@ -224,7 +224,7 @@ def grouped_gemm_dw_kernel(
   dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * STRIDE_DYM + ns[None, :] * STRIDE_DYN
 
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  for ri in range(0, tl.cdiv(size, BLOCK_K)):
+  for ri in range(0, (size + BLOCK_K - 1) // BLOCK_K):
     in_group = (rows < end)[:, None]
     xt = tl.load(x_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_M]
     g = tl.load(dy_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_N]

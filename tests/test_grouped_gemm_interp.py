@@ -1,0 +1,341 @@
+"""CPU tests of the Triton grouped GEMM (kernels/grouped_gemm.py).
+
+* The kernels compile for sm_90 (no GPU needed) and the bf16 forward/backward products use
+  Hopper's wgmma path.
+* The kernel logic runs in Triton's interpreter on small shapes against numpy: random group
+  sizes with empty groups, alignment padding, one giant group, an overflowing layout whose tail
+  groups are clamped to C, blocks that do not divide K or N; float32 and bfloat16. Outputs start
+  as NaN so a row the kernel forgets to write fails the test.
+* The JAX backend (jax_ep/backends/triton_gemm.py: custom_vjp, strides, tile choice) runs with
+  its launcher replaced by the interpreter inside ``jax.pure_callback``; value and gradients
+  must match the xla backend.
+
+Triton's interpreter needs torch-like tensors, TRITON_INTERPRET set before triton is first
+imported (for triton.language's own helpers), and, with NumPy >= 2.5, one fix (``int()`` of a
+size-1 array); it computes ``tl.dot`` on bf16 bit patterns, and its device-function calls leave
+triton.language patched. The ``interp`` fixture supplies a
+NumPy-backed stand-in tensor and patches those spots for the duration of this module only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+triton = pytest.importorskip("triton")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+import triton.language as tl  # noqa: E402
+
+KERNEL_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "grouped_gemm.py"
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# -- interpreter harness --------------------------------------------------------------------------
+
+class HostArray:
+  """The slice of the torch.Tensor interface Triton's interpreter uses, over a NumPy array.
+
+  The interpreter copies every tensor argument "to the host" and back; a NumPy array already is
+  host memory, so every copy is the identity and the kernel writes straight into ``self.a``.
+  """
+
+  def __init__(self, a: np.ndarray):
+    if not a.flags.c_contiguous:
+      raise ValueError(f"HostArray needs a C-contiguous array; got strides {a.strides}.")
+    self.a = a
+    self.dtype = a.dtype
+
+  def data_ptr(self):
+    return self.a.ctypes.data
+
+  def untyped_storage(self):
+    return self
+
+  def cpu(self):
+    return self
+
+  def new_empty(self, *args, **kwargs):
+    return self
+
+  def set_(self, *args):
+    return self
+
+  def copy_(self, other):
+    pass
+
+  def storage_offset(self):
+    return 0
+
+  def size(self):
+    return self.a.shape
+
+  def stride(self):
+    return tuple(s // self.a.itemsize for s in self.a.strides)
+
+
+def _as_f32(handle, interp):
+  """bf16 tensors live in the interpreter as uint16 bit patterns: widen them to float32."""
+  if handle.dtype.scalar == tl.bfloat16:
+    bits = handle.data.astype(np.uint32) << 16
+    return interp.TensorHandle(bits.view(np.float32), tl.float32)
+  return handle
+
+
+@pytest.fixture(scope="module")
+def interp_module():
+  """kernels/grouped_gemm.py loaded afresh with TRITON_INTERPRET=1 (a module of its own)."""
+  old = os.environ.get("TRITON_INTERPRET")
+  os.environ["TRITON_INTERPRET"] = "1"
+  try:
+    spec = importlib.util.spec_from_file_location("_grouped_gemm_interpreted", KERNEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+  finally:
+    if old is None:
+      del os.environ["TRITON_INTERPRET"]
+    else:
+      os.environ["TRITON_INTERPRET"] = old
+  if type(module.grouped_gemm_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("this Triton does not honour TRITON_INTERPRET at decoration time")
+  return module
+
+
+@pytest.fixture
+def interp(interp_module, monkeypatch):
+  """The interpreted kernel module, with the interpreter patched for this test only."""
+  import triton.runtime.interpreter as ti
+  try:  # the interpreter imports gluon lazily, which must see the unpatched triton.language
+    import triton.experimental.gluon.language  # noqa: F401
+  except ImportError:
+    pass
+
+  orig_patch = ti._patch_lang_tensor
+  orig_dot = ti.InterpreterBuilder.create_dot
+
+  def patch_lang_tensor(tensor, scope):
+    orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+  def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    return orig_dot(self, _as_f32(a, ti), _as_f32(b, ti), d, input_precision,
+                    max_num_imprecise_acc)
+
+  # triton.language's own @jit helpers (tl.cdiv, tl.cumsum, tl.sum, ...) were compiled-mode
+  # functions when triton was imported; give the interpreted kernels interpreted ones.
+  for lang in (tl, tl.standard):
+    for name, obj in list(vars(lang).items()):
+      if isinstance(obj, triton.runtime.jit.JITFunction):
+        monkeypatch.setattr(lang, name, ti.InterpretedFunction(obj.fn))
+  monkeypatch.setattr(ti, "_patch_lang_tensor", patch_lang_tensor)
+  monkeypatch.setattr(ti.InterpreterBuilder, "create_dot", create_dot)
+
+  def device_call(self, *args, **kwargs):
+    # Triton 3.6 patches triton.language on every @jit device-function call and never undoes
+    # it, which breaks later compiled-mode use in this process: undo it on return.
+    scope = ti._patch_lang(self.fn)
+    try:
+      return self.rewrite()(*args, **kwargs)
+    except Exception as e:
+      raise ti.InterpreterError(repr(e)) from e
+    finally:
+      scope.restore()
+
+  monkeypatch.setattr(ti.InterpretedFunction, "__call__", device_call)
+  return interp_module
+
+
+def run_interpreted(kernel, grid: int, arrays, constexprs):
+  """Launch an interpreted kernel on NumPy arrays (written in place)."""
+  kernel[(grid,)](*[HostArray(a) for a in arrays], **constexprs)
+
+
+# -- layouts and references -----------------------------------------------------------------------
+
+def make_layout(rng: np.random.Generator, kind: str, capacity: int, num_experts: int,
+                alignment: int = 1):
+  """(group_sizes, group_offsets) int32 as dispatch lays them out: in expert order, each group at
+  the next multiple of ``alignment``, clamped to ``capacity`` (the tail is dropped)."""
+  e = num_experts
+  if kind == "random":
+    want = rng.integers(0, 2 * capacity // e + 1, e)
+    want[rng.random(e) < 0.3] = 0
+  elif kind == "giant":
+    want = np.zeros(e, np.int64)
+    want[rng.integers(e)] = capacity - rng.integers(0, 3)
+  elif kind == "empty":
+    want = np.zeros(e, np.int64)
+  elif kind == "overflow":
+    want = rng.integers(capacity // e, 3 * capacity // e + 2, e)
+  else:
+    raise ValueError(kind)
+  sizes = np.zeros(e, np.int32)
+  offsets = np.zeros(e, np.int32)
+  pos = 0
+  for i in range(e):
+    off = min(-(-pos // alignment) * alignment, capacity)
+    size = min(int(want[i]), capacity - off)
+    offsets[i], sizes[i] = off, size
+    pos = off + size
+  return sizes, offsets
+
+
+def ref_forward(x, w, sizes, offsets):
+  """y[rows of e] = x[rows of e] @ w[e] in float64; zeros elsewhere."""
+  y = np.zeros((x.shape[0], w.shape[2]), np.float64)
+  for e, (o, s) in enumerate(zip(offsets, sizes)):
+    y[o:o + s] = x[o:o + s].astype(np.float64) @ w[e].astype(np.float64)
+  return y
+
+
+def ref_dw(x, dy, sizes, offsets):
+  dw = np.zeros((len(sizes), x.shape[1], dy.shape[1]), np.float64)
+  for e, (o, s) in enumerate(zip(offsets, sizes)):
+    dw[e] = x[o:o + s].astype(np.float64).T @ dy[o:o + s].astype(np.float64)
+  return dw
+
+
+def assert_close(got, want, dtype, scale):
+  got = np.asarray(got).astype(np.float64)
+  assert not np.isnan(got).any(), f"{np.isnan(got).sum()} unwritten (NaN) outputs"
+  # bf16 output rounding: 2^-8 relative; float32 ieee products: tiny.
+  rtol = 1e-2 if dtype == BF16 else 1e-5
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def _inputs(rng, shape, dtype):
+  return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+
+# -- interpreter tests ------------------------------------------------------------------------------
+
+SMALL_TILE = dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+
+CASES = [
+    # (C, K, N, E, alignment, kind)
+    (64, 32, 32, 4, 1, "random"),
+    (72, 40, 24, 5, 8, "random"),     # K, N not multiples of 16; padding between groups
+    (48, 16, 48, 3, 1, "giant"),
+    (40, 16, 16, 4, 4, "empty"),      # every row is outside groups: all zeros
+    (56, 24, 40, 6, 8, "overflow"),   # groups past C clamped to offset C, size 0
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
+def test_forward_and_dx_interpreted(interp, rng, case, dtype):
+  c, k, n, e, align, kind = case
+  gg = interp
+  sizes, offsets = make_layout(rng, kind, c, e, align)
+  x = _inputs(rng, (c, k), dtype)
+  w = _inputs(rng, (e, k, n), dtype)
+  cfg = gg.TileConfig(**SMALL_TILE)
+
+  # Forward: y = x @ w[e] per group.
+  y = np.full((c, n), np.nan, dtype)
+  ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
+                             y_strides=(n, 1))
+  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg),
+                  (x, w, sizes, offsets, y), ce)
+  assert_close(y, ref_forward(x, w, sizes, offsets), np.dtype(dtype), np.sqrt(k))
+
+  # dx = dy @ w[e]^T per group: the same kernel, w read through swapped strides.
+  dy = _inputs(rng, (c, n), dtype)
+  dx = np.full((c, k), np.nan, dtype)
+  ce = gg.forward_constexprs(c, n, k, e, cfg, x_strides=(n, 1), w_strides=(k * n, 1, n),
+                             y_strides=(k, 1))
+  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg),
+                  (dy, w, sizes, offsets, dx), ce)
+  assert_close(dx, ref_forward(dy, np.swapaxes(w, 1, 2), sizes, offsets), np.dtype(dtype),
+               np.sqrt(n))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
+def test_dw_interpreted(interp, rng, case, dtype):
+  c, k, n, e, align, kind = case
+  gg = interp
+  sizes, offsets = make_layout(rng, kind, c, e, align)
+  x = _inputs(rng, (c, k), dtype)
+  dy = _inputs(rng, (c, n), dtype)
+  # Rows outside groups hold NaN: the kernel must never let them into any dw[e].
+  inside = np.zeros(c, bool)
+  for o, s in zip(offsets, sizes):
+    inside[o:o + s] = True
+  x[~inside] = np.nan
+  dy[~inside] = np.nan
+  cfg = gg.TileConfig(**SMALL_TILE)
+  dw = np.full((e, k, n), np.nan, dtype)
+  run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
+                  (x, dy, sizes, offsets, dw), gg.dw_constexprs(c, k, n, e, cfg))
+  x0 = np.where(inside[:, None], x.astype(np.float32), 0)
+  dy0 = np.where(inside[:, None], dy.astype(np.float32), 0)
+  assert_close(dw, ref_dw(x0, dy0, sizes, offsets), np.dtype(dtype),
+               np.sqrt(max(int(sizes.max(initial=0)), 1)))
+
+
+def test_tile_search_covers_every_row_once(interp, rng):
+  """Every row of C is stored by exactly one program (checked by counting stores)."""
+  gg = interp
+  c, k, n, e = 96, 16, 16, 7
+  for kind in ("random", "giant", "empty", "overflow"):
+    sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
+    # x = 1, w = 1, K = 16: every in-group output equals 16 exactly; gaps give 0.
+    x = np.ones((c, k), np.float32)
+    w = np.ones((e, k, n), np.float32)
+    y = np.full((c, n), np.nan, np.float32)
+    cfg = gg.TileConfig(**SMALL_TILE)
+    ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
+                               y_strides=(n, 1))
+    run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg),
+                    (x, w, sizes, offsets, y), ce)
+    want = np.zeros(c)
+    for o, s in zip(offsets, sizes):
+      want[o:o + s] = k
+    np.testing.assert_array_equal(y, np.broadcast_to(want[:, None], y.shape), err_msg=kind)
+
+
+# -- sm_90 compile ----------------------------------------------------------------------------------
+
+def _compile(kernel, pointer_types, constexprs, cfg):
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  names = kernel.arg_names
+  signature = {name: t for name, t in zip(names, pointer_types)}
+  signature.update({name: "constexpr" for name in constexprs})
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(pointer_types))}
+  src = ASTSource(kernel, signature, constexprs, attrs)
+  return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_compiles_for_sm90(dtype):
+  from kernels import grouped_gemm as gg  # the compiled (not interpreted) kernels
+
+  t = {"bfloat16": "*bf16", "float32": "*fp32"}[dtype]
+  c, h, n, e = 1024, 512, 256, 8  # Hopper-sized tiles, small enough to compile quickly
+  ptxs = []
+  cfg = gg.forward_config(h, n, dtype)
+  ce = gg.forward_constexprs(c, h, n, e, cfg, x_strides=(h, 1), w_strides=(h * n, n, 1),
+                             y_strides=(n, 1))
+  ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
+  cfg = gg.forward_config(n, h, dtype)  # dx
+  ce = gg.forward_constexprs(c, n, h, e, cfg, x_strides=(n, 1), w_strides=(h * n, 1, n),
+                             y_strides=(h, 1))
+  ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
+  cfg = gg.dw_config(h, n, dtype)
+  ptxs.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", t],
+                       gg.dw_constexprs(c, h, n, e, cfg), cfg).asm["ptx"])
+  for ptx in ptxs:
+    assert ".target sm_90a" in ptx
+    if dtype == "bfloat16":
+      # Hopper MMA path: asynchronous warpgroup MMA on bf16 operands with f32 accumulators.
+      assert "wgmma.mma_async.sync.aligned" in ptx and ".f32.bf16.bf16" in ptx
+      assert "cp.async" in ptx  # pipelined global->shared copies
