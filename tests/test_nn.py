@@ -1,0 +1,200 @@
+"""jax_ep.nn.MoE against a dense MoE computed without expert parallelism, same parameters.
+
+The dense reference below evaluates every expert on every token on one device and picks the
+top-k outputs, so it shares no code with the layer (no dispatch, no grouped matmul, no
+shard_map). Forward outputs, auxiliary losses and gradients (all parameters and the input)
+must agree for EP sizes 1, 4 and 8, under jit, remat and a scan over a stack of layers.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import jax_ep.nn  # noqa: E402
+
+HIDDEN, FFN, EXPERTS, TOPK, SHARED = 16, 24, 8, 2, 12
+LB_COEF, Z_COEF = 0.05, 0.01
+
+
+def _mesh(ep_size: int) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  if len(devices) < ep_size:
+    pytest.skip(f"needs {ep_size} devices, have {len(devices)}")
+  return jax.make_mesh((ep_size,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices[:ep_size])
+
+
+def _layer(mesh, seed, **kw):
+  kw.setdefault("shared_intermediate", SHARED)
+  return jax_ep.nn.MoE(HIDDEN, FFN, num_experts=EXPERTS, topk=TOPK, mesh=mesh, backend="xla",
+                       load_balancing_coef=LB_COEF, z_loss_coef=Z_COEF,
+                       rngs=nnx.Rngs(seed), **kw)
+
+
+def dense_moe(p, x, renormalize=True):
+  """Dense MoE on one device: returns (out [..., H], aux_loss, lb, z)."""
+  t = x.reshape(-1, HIDDEN).astype(jnp.float32)
+  logits = jnp.einsum("th,he->te", t, p["w_router"], precision="highest")
+  probs = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+  probs = probs / jnp.sum(probs, -1, keepdims=True)
+  w, idx = jax.lax.top_k(probs, TOPK)
+  if renormalize:
+    w = w / jnp.sum(w, -1, keepdims=True)
+  silu = lambda a: a / (1 + jnp.exp(-a))
+  hid = silu(jnp.einsum("th,ehf->tef", t, p["w_gate"], precision="highest")) * jnp.einsum(
+      "th,ehf->tef", t, p["w_up"], precision="highest")
+  every = jnp.einsum("tef,efh->teh", hid, p["w_down"], precision="highest")  # [T, E, H]
+  chosen = jnp.take_along_axis(every, idx[:, :, None], axis=1)  # [T, K, H]
+  out = jnp.sum(w[:, :, None] * chosen, axis=1)
+  if "shared_gate" in p:
+    out = out + jnp.dot(silu(t @ p["shared_gate"]) * (t @ p["shared_up"]), p["shared_down"],
+                        precision="highest")
+  selected = (idx[:, :, None] == jnp.arange(EXPERTS)).sum((0, 1)).astype(jnp.float32)
+  f = jax.lax.stop_gradient(selected / (t.shape[0] * TOPK))
+  lb = EXPERTS * jnp.sum(f * probs.mean(0))
+  lse = jnp.log(jnp.sum(jnp.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+  z = jnp.mean(lse ** 2)
+  return out.reshape(x.shape), LB_COEF * lb + Z_COEF * z, lb, z
+
+
+def _close(a, b, what, tol=2e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol, err_msg=what)
+
+
+@pytest.mark.parametrize("ep_size", [1, 4, 8])
+def test_forward_and_grad_match_dense(ep_size, rng):
+  mesh = _mesh(ep_size)
+  layer = _layer(mesh, seed=int(rng.integers(1 << 30)),
+                 renormalize=bool(ep_size != 4))  # both router variants get covered
+  x = jnp.asarray(rng.standard_normal((4, 8, HIDDEN)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((4, 8, HIDDEN)), jnp.float32)
+  graphdef, params = nnx.split(layer)
+
+  @jax.jit
+  def ep_loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * ct) + aux.loss, (y, aux)
+
+  @jax.jit
+  def dense_loss(p, x):
+    y, aux_loss, lb, z = dense_moe(p, x, renormalize=layer.renormalize)
+    return jnp.sum(y * ct) + aux_loss, (y, lb, z)
+
+  (loss, (y, aux)), (g_params, g_x) = jax.value_and_grad(
+      ep_loss, argnums=(0, 1), has_aux=True)(params, x)
+  p = nnx.to_pure_dict(params)
+  (ref_loss, (ref_y, lb, z)), (ref_g_params, ref_g_x) = jax.value_and_grad(
+      dense_loss, argnums=(0, 1), has_aux=True)(p, x)
+
+  _close(y, ref_y, "output")
+  _close(loss, ref_loss, "loss")
+  _close(aux.load_balancing_loss, lb, "load-balancing loss")
+  _close(aux.router_z_loss, z, "router z-loss")
+  assert int(aux.num_dropped) == 0
+  assert int(aux.tokens_per_expert.sum()) == x.shape[0] * x.shape[1] * TOPK
+  _close(g_x, ref_g_x, "d x")
+  g = nnx.to_pure_dict(g_params)
+  assert set(g) == set(ref_g_params)
+  for name in ref_g_params:
+    _close(g[name], ref_g_params[name], f"d {name}")
+  # The expert weights really live split over the EP axis.
+  assert params["w_gate"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)
+
+
+def test_scan_remat_stack_matches_dense(rng):
+  """Two layers created with nnx.vmap, applied with nnx.scan + nnx.remat, under jax.set_mesh."""
+  mesh = _mesh(4)
+  num_layers = 2
+  with jax.set_mesh(mesh):
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make(key):
+      return jax_ep.nn.MoE(HIDDEN, FFN, num_experts=EXPERTS, topk=TOPK, backend="xla",
+                           load_balancing_coef=LB_COEF, z_loss_coef=Z_COEF,
+                           rngs=nnx.Rngs(params=key))
+
+    stack = make(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), num_layers))
+    specs = nnx.get_partition_spec(nnx.state(stack))
+    assert specs["w_gate"].get_value() == jax.sharding.PartitionSpec(None, "ep", None, None)
+    assert specs["w_router"].get_value() == jax.sharding.PartitionSpec(None, None, None)
+
+    x = jnp.asarray(rng.standard_normal((2, 16, HIDDEN)), jnp.float32)
+    graphdef, params = nnx.split(stack)
+
+    @jax.jit
+    def ep_loss(params, x):
+      model = nnx.merge(graphdef, params)
+
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: None})
+      @nnx.remat
+      def body(layer, h):
+        y, aux = layer(h)
+        return h + y, aux.loss
+
+      h, aux_losses = body(model, x)
+      return jnp.sum(h ** 2) + jnp.sum(aux_losses)
+
+    loss, grads = jax.value_and_grad(ep_loss)(params, x)
+
+  p = nnx.to_pure_dict(params)
+
+  def dense_loss(p, x):
+    h, total = x, 0.0
+    for i in range(num_layers):
+      y, aux_loss, _, _ = dense_moe(jax.tree.map(lambda a: a[i], p), h)
+      h, total = h + y, total + aux_loss
+    return jnp.sum(h ** 2) + total
+
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(dense_loss))(p, x)
+  _close(loss, ref_loss, "loss", tol=1e-4)
+  g = nnx.to_pure_dict(grads)
+  for name in ref_grads:
+    _close(g[name], ref_grads[name], f"d {name}", tol=1e-4)
+
+
+def test_capacity_factor_drops_and_counts(rng):
+  """A tight capacity drops rows (counted), and never changes tokens that lost nothing."""
+  mesh = _mesh(4)
+  layer = _layer(mesh, seed=int(rng.integers(1 << 30)), shared_intermediate=None,
+                 capacity_factor=0.5)
+  config = layer.ep_config(64)
+  assert config.capacity == config.balanced_capacity(4, 0.5)
+  x = jnp.asarray(rng.standard_normal((64, HIDDEN)), jnp.float32)
+  y, aux = jax.jit(lambda x: layer(x))(x)
+  # Half the mean load per rank cannot hold all 64 * 2 selections: at least half are dropped.
+  assert int(aux.num_dropped) >= 64 * TOPK // 2
+  ref, _, _, _ = dense_moe(nnx.to_pure_dict(nnx.state(layer)), x)
+  same = np.all(np.isclose(np.asarray(y), np.asarray(ref), atol=2e-5, rtol=2e-5), axis=-1)
+  assert 0 < same.sum() < x.shape[0]  # some tokens kept everything, some lost rows
+
+
+def test_bfloat16_compute_is_close(rng):
+  mesh = _mesh(4)
+  layer = _layer(mesh, seed=int(rng.integers(1 << 30)), dtype=jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((32, HIDDEN)), jnp.float32)
+  y, _ = jax.jit(lambda x: layer(x))(x)
+  assert y.dtype == jnp.bfloat16
+  ref, _, _, _ = dense_moe(nnx.to_pure_dict(nnx.state(layer)), x)
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=0.05, atol=0.05)
+
+
+def test_errors_name_the_problem():
+  mesh = _mesh(4)
+  with pytest.raises(ValueError, match="axis_name='experts' is not an axis"):
+    jax_ep.nn.MoE(8, 8, num_experts=4, topk=1, mesh=mesh, axis_name="experts",
+                  rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="topk=5 must be <= num_experts=4"):
+    jax_ep.nn.MoE(8, 8, num_experts=4, topk=5, mesh=mesh, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
+    jax_ep.nn.MoE(8, 8, num_experts=6, topk=1, mesh=mesh, rngs=nnx.Rngs(0))(jnp.ones((8, 8)))
+  layer = jax_ep.nn.MoE(8, 8, num_experts=4, topk=1, mesh=mesh, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="6 tokens do not split evenly over the 4 devices"):
+    layer(jnp.ones((6, 8)))
+  with pytest.raises(ValueError, match=r"x must be \[..., hidden=8\]"):
+    layer(jnp.ones((8, 5)))
+  unplaced = jax_ep.nn.MoE(8, 8, num_experts=4, topk=1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="call it under `with jax.set_mesh"):
+    unplaced(jnp.ones((8, 8)))
