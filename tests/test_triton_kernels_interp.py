@@ -1,0 +1,353 @@
+"""The triton backend's kernels, run by the Triton interpreter on the CPU with W simulated ranks.
+
+Each simulated rank owns a host "symmetric region" (a numpy buffer); every rank's ``sym_table``
+holds all regions' addresses, so peer stores land where a GPU's NVLink stores would. Ops run
+phase by phase (every rank's launch of one kernel before the next kernel), which is what the
+flag waits allow on GPUs, and the results are compared with the xla backend (run on W virtual
+CPU devices) bit for bit, and with numpy for combine.
+
+Needs triton (the interpreter); skipped without it. Kept small: the CPU is shared.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+  pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+
+import ml_dtypes  # noqa: E402  (ships with jax)
+
+from jax_ep.kernels import combine as kc  # noqa: E402
+from jax_ep.kernels import dispatch as kd  # noqa: E402
+from jax_ep.kernels import ep_sync  # noqa: E402
+from jax_ep.kernels import layout as kl  # noqa: E402
+from jax_ep.kernels.ep_plan import EPPlan  # noqa: E402
+
+from triton.runtime import interpreter as _interp  # noqa: E402
+
+# The interpreter copies torch tensors to the host around a launch; our arrays already live on
+# the host (and peers' regions are reached through raw addresses), so pass them through as is.
+_interp.GridExecutor._init_args_hst = lambda self, args, kwargs: (args, kwargs)
+_interp.GridExecutor._restore_args_dev = lambda self, *a, **k: None
+# Triton 3.6's interpreter turns a runtime scalar into an int with int(1-element array), which
+# numpy >= 2.5 refuses (``range(world)`` in a kernel); take the element instead.
+_orig_patch_tensor = _interp._patch_lang_tensor
+
+
+def _patch_tensor(tensor, scope):
+  _orig_patch_tensor(tensor, scope)
+  scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+
+_interp._patch_lang_tensor = _patch_tensor
+
+
+class Arr:
+  """A numpy array as the interpreter's kernels see a tensor: ``data_ptr()`` and ``dtype``."""
+
+  def __init__(self, a: np.ndarray):
+    self.a = np.ascontiguousarray(a)
+    if self.a.size == 0:  # a valid address even for empty arrays
+      self._keep = np.zeros(16, np.uint8)
+    self.dtype = self.a.dtype
+
+  def data_ptr(self) -> int:
+    return (self._keep if self.a.size == 0 else self.a).ctypes.data
+
+
+def empty(shape, dtype) -> Arr:
+  """Garbage-filled (0x5A bytes), so a missed write shows up."""
+  n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  return Arr(np.full(n, 0x5A, np.uint8).view(dtype).reshape(shape))
+
+
+class SimWorld:
+  """W simulated ranks with their symmetric regions."""
+
+  def __init__(self, plan: EPPlan):
+    self.plan = plan
+    w = plan.world
+    self.regions = [np.zeros(plan.region.total_bytes, np.uint8) for _ in range(w)]
+    self.table = Arr(np.array([r.ctypes.data for r in self.regions], np.int64))
+    self.timeout_ns = 2_000_000  # interpreter: spins = timeout_ns // 1000
+
+  def abi(self, rank):
+    return (self.table, rank, self.plan.world, 0)
+
+  def err(self, rank):
+    return self.regions[rank][ep_sync.ERR_OFF:ep_sync.ERR_OFF + 32].view(np.int32)
+
+  # -- ops, phase by phase over ranks -----------------------------------------------------------
+
+  def dispatch(self, xs, idxs, ws):
+    p, w = self.plan, self.plan.world
+    nb, e = p.num_blocks, p.num_experts
+    hist = [empty((nb, e), np.int32) for _ in range(w)]
+    for r in range(w):
+      kl.layout_histogram_kernel[(nb,)](Arr(idxs[r]), hist[r], **p.histogram())
+    outs = [dict(base=empty((nb, e), np.int32), gs=empty((p.e_local,), np.int32),
+                 go=empty((p.e_local,), np.int32), nrecv=empty((1,), np.int32),
+                 ndrop=empty((1,), np.int32), status=empty((1,), np.int32)) for _ in range(w)]
+    for half in (dict(FINISH=False), dict(ANNOUNCE=False)):  # all announce, then all wait
+      for r in range(w):
+        o = outs[r]
+        kl.layout_exchange_kernel[(1,)](hist[r], o["base"], o["gs"], o["go"], o["nrecv"],
+                                        o["ndrop"], o["status"], *self.abi(r), self.timeout_ns,
+                                        **p.exchange(), **half)
+    for r in range(w):
+      outs[r]["token"] = empty((1,), np.int32)
+      kd.dispatch_push_kernel[(p.num_programs,)](
+          Arr(xs[r]), Arr(idxs[r]), Arr(ws[r]), outs[r]["base"], outs[r]["token"],
+          *self.abi(r), **p.push(True))
+    for r in range(w):
+      o = outs[r]
+      o["recv_x"] = empty((p.capacity, p.hidden), xs[r].dtype)
+      o["recv_w"] = empty((p.capacity,), np.float32)
+      o["recv_pos"] = empty((w, p.num_tokens, p.topk), np.int32)
+      o["status2"] = empty((p.num_programs,), np.int32)
+      kd.dispatch_expand_kernel[(p.num_programs,)](
+          Arr(xs[r]), o["token"], o["go"], o["gs"], o["recv_x"], o["recv_w"], o["recv_pos"],
+          o["status2"], *self.abi(r), self.timeout_ns, ep_sync.OP_DISPATCH, **p.expand(False))
+    return outs
+
+  def barrier(self, op):
+    st = [empty((1,), np.int32) for _ in range(self.plan.world)]
+    for half in (dict(FINISH=False), dict(ANNOUNCE=False)):  # all announce, then all wait
+      for r in range(self.plan.world):
+        ep_sync.barrier_kernel[(1,)](Arr(np.zeros(1, np.int32)), st[r], *self.abi(r),
+                                     self.timeout_ns, op, **self.plan.barrier(), **half)
+    for s in st:
+      assert s.a[0] == 0, s.a
+    return st
+
+  def combine(self, ys, row_ws, recv_pos):
+    p, w = self.plan, self.plan.world
+    self.barrier(ep_sync.OP_COMBINE_SYNC)
+    toks = [empty((1,), np.int32) for _ in range(w)]
+    for r in range(w):
+      kc.combine_push_kernel[(p.num_programs,)](
+          Arr(ys[r]), Arr(row_ws[r]), Arr(recv_pos[r]), Arr(np.zeros(1, np.int32)), toks[r],
+          *self.abi(r), **p.combine_push())
+    outs = []
+    for r in range(w):
+      out = empty((p.num_tokens, p.hidden), ys[r].dtype)
+      st = empty((p.num_programs,), np.int32)
+      kc.combine_reduce_kernel[(p.num_programs,)](
+          toks[r], out, st, *self.abi(r), self.timeout_ns, ep_sync.OP_COMBINE,
+          **p.combine_reduce())
+      outs.append(out.a)
+    return outs
+
+  def dispatch_rows(self, xs, idxs, recv_pos, gos, gss):
+    p, w = self.plan, self.plan.world
+    self.barrier(ep_sync.OP_DROWS_SYNC)
+    toks = [empty((1,), np.int32) for _ in range(w)]
+    dummy_w = np.zeros((p.num_tokens, p.topk), np.float32)
+    dummy_base = np.zeros((p.num_blocks, p.num_experts), np.int32)
+    for r in range(w):
+      kd.dispatch_push_kernel[(p.num_programs,)](
+          Arr(xs[r]), Arr(idxs[r]), Arr(dummy_w), Arr(dummy_base), toks[r], *self.abi(r),
+          **p.push(False))
+    outs = []
+    for r in range(w):
+      out = empty((p.capacity, p.hidden), xs[r].dtype)
+      st = empty((p.num_programs,), np.int32)
+      kd.dispatch_rows_expand_kernel[(p.num_programs,)](
+          Arr(xs[r]), toks[r], Arr(recv_pos[r]), Arr(gos[r]), Arr(gss[r]), out, st,
+          *self.abi(r), self.timeout_ns, ep_sync.OP_DROWS, **p.expand(True))
+      outs.append(out.a)
+    return outs
+
+  def gather_slots(self, values, recv_pos, idxs):
+    p, w = self.plan, self.plan.world
+    self.barrier(ep_sync.OP_GATHER_SYNC)
+    toks = [empty((1,), np.int32) for _ in range(w)]
+    for r in range(w):
+      kc.gather_push_kernel[(p.num_programs,)](
+          Arr(values[r]), Arr(recv_pos[r]), Arr(np.zeros(1, np.int32)), toks[r], *self.abi(r),
+          **p.gather_push())
+    outs = []
+    for r in range(w):
+      out = empty((p.num_tokens, p.topk), np.float32)
+      st = empty((p.num_programs,), np.int32)
+      kc.gather_reduce_kernel[(p.num_programs,)](
+          Arr(idxs[r]), toks[r], out, st, *self.abi(r), self.timeout_ns, ep_sync.OP_GATHER,
+          **p.gather_reduce())
+      outs.append(out.a)
+    return outs
+
+
+# -- an independent numpy model of the contract ----------------------------------------------------
+
+def ref_dispatch(xs, idxs, ws, world, e_local, capacity, alignment):
+  """Per receiver: recv_x, recv_w, recv_pos [W,T,K], group_sizes, group_offsets, nrecv, ndrop."""
+  t, k = idxs[0].shape
+  res = []
+  for r in range(world):
+    counts = np.zeros(e_local, np.int64)
+    for s in range(world):
+      for g in idxs[s].reshape(-1):
+        if g >= 0 and g // e_local == r:
+          counts[g % e_local] += 1
+    offset = np.zeros(e_local, np.int64)
+    for e in range(1, e_local):
+      offset[e] = -(-(offset[e - 1] + counts[e - 1]) // alignment) * alignment
+    seen = np.zeros(e_local, np.int64)
+    recv_x = np.zeros((capacity,) + xs[0].shape[1:], xs[0].dtype)
+    recv_w = np.zeros(capacity, np.float32)
+    recv_pos = np.full((world, t, k), -1, np.int32)
+    for s in range(world):
+      for tt in range(t):
+        for kk in range(k):
+          g = idxs[s][tt, kk]
+          if g < 0 or g // e_local != r:
+            continue
+          e = g % e_local
+          pos = offset[e] + seen[e]
+          seen[e] += 1
+          if pos < capacity:
+            recv_pos[s, tt, kk] = pos
+            recv_x[pos] = xs[s][tt]
+            recv_w[pos] = ws[s][tt, kk]
+    gs = np.clip(capacity - offset, 0, counts).astype(np.int32)
+    go = np.minimum(offset, capacity).astype(np.int32)
+    res.append(dict(recv_x=recv_x, recv_w=recv_w, recv_pos=recv_pos, gs=gs, go=go,
+                    nrecv=int(gs.sum()), ndrop=int(counts.sum() - gs.sum())))
+  return res
+
+
+def ref_combine(ys, row_ws, recv_pos, world):
+  t = recv_pos[0].shape[1]
+  outs = []
+  partial = [[None] * world for _ in range(world)]  # [expert rank][owner]
+  for r in range(world):
+    for s in range(world):
+      acc = np.zeros((t, ys[r].shape[1]), np.float32)
+      for kk in range(recv_pos[r].shape[2]):
+        p = recv_pos[r][s, :, kk]
+        m = p >= 0
+        acc[m] += row_ws[r][p[m]][:, None] * ys[r][p[m]].astype(np.float32)
+      partial[r][s] = acc.astype(ys[r].dtype)
+  for s in range(world):
+    acc = np.zeros((t, ys[0].shape[1]), np.float32)
+    for r in range(world):
+      acc += partial[r][s].astype(np.float32)
+    outs.append(acc.astype(ys[0].dtype))
+  return outs
+
+
+def routing(rng, kind, world, t, k, e):
+  if kind == "uniform":
+    idx = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(t)])
+                    if t else np.zeros((0, k), np.int64) for _ in range(world)])
+  elif kind == "skewed":  # zipf-like: low expert ids are hot; duplicates in a row allowed
+    p = 1.0 / np.arange(1, e + 1) ** 1.2
+    idx = rng.choice(e, size=(world, t, k), p=p / p.sum())
+  elif kind == "empty":
+    idx = np.full((world, t, k), -1)
+  else:
+    raise ValueError(kind)
+  idx = idx.astype(np.int32)
+  if kind != "empty" and t:
+    idx[rng.random(idx.shape) < 0.15] = -1  # some unselected slots
+  return [idx[r] for r in range(world)]
+
+
+CASES = [
+    # world, T, H, K, E, capacity, alignment, routing, dtype
+    (2, 5, 48, 2, 4, None, 1, "uniform", np.float32),
+    (2, 40, 64, 4, 8, None, 4, "skewed", ml_dtypes.bfloat16),
+    (4, 33, 32, 3, 8, 20, 1, "skewed", np.float32),          # capacity overflow -> drops
+    (4, 17, 40, 2, 8, 6, 4, "uniform", ml_dtypes.bfloat16),  # heavy drops, aligned
+    (2, 0, 32, 2, 4, None, 1, "uniform", np.float32),        # T = 0
+    (3, 9, 16, 2, 6, None, 2, "empty", np.float32),          # nothing selected
+]
+
+
+def _capacity(world, t, k, e, capacity, alignment):
+  if capacity is not None:
+    return capacity
+  e_local = e // world
+  pairs = world * t * k
+  return -(-(pairs + (alignment - 1) * e_local) // alignment) * alignment
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}T{c[1]}H{c[2]}K{c[3]}E{c[4]}"
+                         f"C{c[5]}A{c[6]}{c[7]}{np.dtype(c[8]).name}")
+def test_dispatch_combine_against_numpy(case):
+  world, t, h, k, e, cap, align, kind, dtype = case
+  rng = np.random.default_rng(hash(case[:8]) % 2**32)
+  capacity = _capacity(world, t, k, e, cap, align)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t + 3, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=align, num_sms=3, use_timer=False)
+  idxs = routing(rng, kind, world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  sim = SimWorld(plan)
+  got = sim.dispatch(xs, idxs, ws)
+  want = ref_dispatch(xs, idxs, ws, world, e // world, capacity, align)
+  for r in range(world):
+    g, wnt = got[r], want[r]
+    assert g["status"].a[0] == 0 and not g["status2"].a.any()
+    np.testing.assert_array_equal(g["gs"].a, wnt["gs"])
+    np.testing.assert_array_equal(g["go"].a, wnt["go"])
+    assert g["nrecv"].a[0] == wnt["nrecv"] and g["ndrop"].a[0] == wnt["ndrop"]
+    np.testing.assert_array_equal(g["recv_pos"].a, wnt["recv_pos"])
+    np.testing.assert_array_equal(g["recv_w"].a.view(np.uint32), wnt["recv_w"].view(np.uint32))
+    np.testing.assert_array_equal(g["recv_x"].a.view(np.uint8), wnt["recv_x"].view(np.uint8))
+
+  # combine along that layout, twice (identical), then the backward ops.
+  recv_pos = [g["recv_pos"].a for g in got]
+  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
+  row_ws = [g["recv_w"].a for g in got]
+  out1 = sim.combine(ys, row_ws, recv_pos)
+  out2 = sim.combine(ys, row_ws, recv_pos)
+  ref = ref_combine(ys, row_ws, recv_pos, world)
+  for r in range(world):
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
+    np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
+                               rtol=2e-2 if dtype != np.float32 else 1e-5,
+                               atol=3e-2 if dtype != np.float32 else 1e-5)
+
+  gos = [g["go"].a for g in got]
+  gss = [g["gs"].a for g in got]
+  douts = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
+  rows = sim.dispatch_rows(douts, idxs, recv_pos, gos, gss)
+  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, align)
+  for r in range(world):
+    np.testing.assert_array_equal(rows[r].view(np.uint8), want_rows[r]["recv_x"].view(np.uint8))
+
+  values = [rng.standard_normal(capacity).astype(np.float32) for _ in range(world)]
+  slots = sim.gather_slots(values, recv_pos, idxs)
+  e_local = e // world
+  for s in range(world):
+    want_slots = np.zeros((t, k), np.float32)
+    for tt in range(t):
+      for kk in range(k):
+        g = idxs[s][tt, kk]
+        if g >= 0:
+          p = recv_pos[g // e_local][s, tt, kk]
+          want_slots[tt, kk] = values[g // e_local][p] if p >= 0 else 0.0
+    np.testing.assert_array_equal(slots[s], want_slots)
+
+
+def test_timeout_is_recorded_not_hung():
+  """A rank whose peer never arrives gives up after the timeout and records who it waited for."""
+  plan = EPPlan(world=2, num_tokens=4, max_tokens=4, hidden=16, topk=2, num_experts=4,
+                capacity=16, alignment=1, num_sms=2, use_timer=False)
+  sim = SimWorld(plan)
+  sim.timeout_ns = 20_000  # 20 spins in the interpreter
+  status = empty((1,), np.int32)
+  ep_sync.barrier_kernel[(1,)](Arr(np.zeros(1, np.int32)), status, *sim.abi(0), sim.timeout_ns,
+                               ep_sync.OP_COMBINE_SYNC, **plan.barrier())
+  assert status.a[0] == ep_sync.OP_COMBINE_SYNC
+  err = sim.err(0)
+  assert list(err[:5]) == [1, ep_sync.OP_COMBINE_SYNC, 0, 1, 1]
+  msg = ep_sync.describe_error(err)
+  assert "combine" in msg and "rank 0" in msg and "rank 1" in msg
