@@ -267,31 +267,31 @@ def _clamp_block(block: int, extent: int, floor: int = 16) -> int:
   return min(block, _pow2_at_least(extent, floor))
 
 
-def forward_config(K: int, N: int, dtype: str) -> TileConfig:
+def _base_config(N: int, dtype: str, input_precision: str) -> TileConfig:
+  if dtype in ("float32", "fp32"):
+    if input_precision == "ieee":  # CUDA-core FMA products: small tiles
+      return TileConfig(64, 64, 32, 4, 3)
+    return TileConfig(128, 128, 32, 8, 3)  # tf32 tensor cores: half the bf16 K depth
+  if N >= 256:
+    # Two consumer warpgroups, each a 64x256 wgmma; 3 stages x (128x64 + 64x256) x 2 B = 144 KiB.
+    return TileConfig(128, 256, 64, 8, 3)
+  return TileConfig(128, 128, 64, 8, 4)
+
+
+def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee") -> TileConfig:
   """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (also used for dx, with K and N swapped).
 
-  Hopper bf16: 128x256x64 with 8 warps (two consumer warpgroups of 64x256 wgmma each; 3 stages
-  of A+B tiles = 144 KiB of shared memory) when N is wide; 128x128x64 / 4 stages otherwise.
-  float32 runs ieee FMA products: smaller tiles.
+  Hopper, 16-bit inputs: 128x256x64 with 8 warps when N is wide, 128x128x64 / 4 stages
+  otherwise; blocks shrink to the next power of two >= the dimension for small shapes.
   """
-  if dtype in ("float32", "fp32"):
-    cfg = TileConfig(64, 64, 32, 4, 3)
-  elif N >= 256:
-    cfg = TileConfig(128, 256, 64, 8, 3)
-  else:
-    cfg = TileConfig(128, 128, 64, 8, 4)
+  cfg = _base_config(N, dtype, input_precision)
   return TileConfig(cfg.block_m, _clamp_block(cfg.block_n, N), _clamp_block(cfg.block_k, K),
                     cfg.num_warps, cfg.num_stages)
 
 
-def dw_config(K: int, N: int, dtype: str) -> TileConfig:
-  """Tiles for dw[e][K, N] = x_e^T @ dy_e (block_k runs over the group's rows)."""
-  if dtype in ("float32", "fp32"):
-    cfg = TileConfig(64, 64, 32, 4, 3)
-  elif N >= 256:
-    cfg = TileConfig(128, 256, 64, 8, 3)
-  else:
-    cfg = TileConfig(128, 128, 64, 8, 4)
+def dw_config(K: int, N: int, dtype: str, input_precision: str = "ieee") -> TileConfig:
+  """Tiles for dw[e][K, N] = x_e^T @ dy_e (block_m tiles K, block_k runs over the group's rows)."""
+  cfg = _base_config(N, dtype, input_precision)
   return TileConfig(_clamp_block(cfg.block_m, K), _clamp_block(cfg.block_n, N), cfg.block_k,
                     cfg.num_warps, cfg.num_stages)
 

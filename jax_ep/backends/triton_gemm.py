@@ -1,0 +1,185 @@
+"""Triton grouped matmul for the triton backend: ``y[rows of e] = recv_x[rows of e] @ w[e]``.
+
+The three products of ``jax_ep.grouped_matmul`` and its gradient run as Triton kernels
+(kernels/grouped_gemm.py) launched through ``jax_ep.launch.triton_call`` (one XLA FFI custom
+call each, on XLA's stream):
+
+  forward   y  [C, N]          = recv_x[rows of e] @ w[e]        (zeros outside groups)
+  backward  dx [C, H]          = dy[rows of e] @ w[e]^T          (same kernel, w read transposed)
+            dw [E_local, H, N] = recv_x[rows of e]^T @ dy[rows of e]
+
+Group sizes and offsets stay on the device; grids are static. ``jax.custom_vjp`` ties the
+three together, so ``jax.grad`` through ``grouped_matmul`` never falls back to XLA.
+
+The triton backend module re-exports ``grouped_matmul``, ``gmm_usable`` and
+``check_gmm_usable`` from here. Nothing here needs the symmetric-memory runtime: the grouped
+matmul can run on any CUDA GPU where the FFI library is built, without
+``jax_ep.runtime.initialize``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep.layout import DispatchLayout
+
+_API = "jax_ep.grouped_matmul"
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+# -- availability -----------------------------------------------------------------------------------
+
+def _why_not_usable() -> str | None:
+  """None when the Triton grouped matmul can run here, else the reason."""
+  try:
+    import triton  # noqa: F401
+  except ImportError:
+    return "triton is not installed (pip install 'jax_ep[gpu]')"
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    gpus = []
+  if not gpus:
+    return "no CUDA GPU is visible to JAX"
+  from jax_ep import _ffi
+  if not _ffi.available():
+    return ("the jax_ep FFI library (libjax_ep_ffi.so) is not built or failed to load; build the "
+            "package with CUDA present or set JAX_EP_FFI_LIB")
+  return None
+
+
+def gmm_usable() -> bool:
+  """Whether the Triton grouped matmul can run here (triton, a CUDA GPU, the FFI library)."""
+  return _why_not_usable() is None
+
+
+def check_gmm_usable() -> None:
+  """Raise RuntimeError saying what is missing when ``gmm_usable()`` is False."""
+  why = _why_not_usable()
+  if why is not None:
+    raise RuntimeError(f"{_API}: backend='triton' cannot run here: {why}. Use backend='xla' "
+                       f"(or 'auto') instead.")
+
+
+# -- precision --------------------------------------------------------------------------------------
+
+def _input_precision(dtype) -> str:
+  """``tl.dot`` precision for float32 operands, following ``jax_default_matmul_precision``.
+
+  XLA's default for float32 dots on NVIDIA GPUs uses TF32 tensor cores; "highest"/"float32"
+  asks for exact float32 products ("ieee"). 16-bit inputs ignore this.
+  """
+  if jnp.dtype(dtype) != jnp.float32:
+    return "ieee"
+  setting = jax.config.jax_default_matmul_precision
+  if setting is not None and str(setting).lower() in ("highest", "float32"):
+    return "ieee"
+  return "tf32"
+
+
+# -- the three launches -----------------------------------------------------------------------------
+
+def _triton_call(*args, **kwargs):
+  """``jax_ep.launch.triton_call`` (a seam: CPU tests swap in Triton's interpreter)."""
+  from jax_ep.launch import triton_call
+  return triton_call(*args, **kwargs)
+
+
+def _kernels():
+  from jax_ep.kernels import grouped_gemm
+  return grouped_gemm
+
+
+def _grouped(x, w, sizes, offsets, *, transpose_w: bool):
+  """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
+
+  x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
+  """
+  gg = _kernels()
+  c, k = x.shape
+  e = w.shape[0]
+  if transpose_w:
+    n = w.shape[1]
+    w_strides = (w.shape[1] * w.shape[2], 1, k)  # B[e][kk, nn] = w[e, nn, kk]
+  else:
+    n = w.shape[2]
+    w_strides = (w.shape[1] * w.shape[2], n, 1)
+  out = jax.ShapeDtypeStruct((c, n), x.dtype)
+  if c == 0 or n == 0:
+    return jnp.zeros(out.shape, out.dtype)
+  if k == 0:
+    return jnp.zeros(out.shape, out.dtype)
+  precision = _input_precision(x.dtype)
+  cfg = gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
+  constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
+                                     y_strides=(n, 1), input_precision=precision)
+  (y,) = _triton_call(
+      gg.grouped_gemm_kernel, x, w, sizes, offsets, out_shapes=out,
+      grid=gg.forward_grid(c, n, e, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+      constexprs=constexprs, name="jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm")
+  return y
+
+
+def _grouped_dw(x, dy, sizes, offsets, num_experts: int):
+  """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``."""
+  gg = _kernels()
+  c, h = x.shape
+  n = dy.shape[1]
+  out = jax.ShapeDtypeStruct((num_experts, h, n), x.dtype)
+  if c == 0 or h == 0 or n == 0:
+    return jnp.zeros(out.shape, out.dtype)
+  precision = _input_precision(x.dtype)
+  cfg = gg.dw_config(h, n, jnp.dtype(x.dtype).name, precision)
+  (dw,) = _triton_call(
+      gg.grouped_gemm_dw_kernel, x, dy, sizes, offsets, out_shapes=out,
+      grid=gg.dw_grid(h, n, num_experts, cfg), num_warps=cfg.num_warps,
+      num_stages=cfg.num_stages,
+      constexprs=gg.dw_constexprs(c, h, n, num_experts, cfg, input_precision=precision),
+      name="jax_ep_grouped_gemm_dw")
+  return dw
+
+
+# -- custom_vjp ---------------------------------------------------------------------------------------
+
+@jax.custom_vjp
+def _gmm(x, w, sizes, offsets):
+  return _grouped(x, w, sizes, offsets, transpose_w=False)
+
+
+def _gmm_fwd(x, w, sizes, offsets):
+  return _grouped(x, w, sizes, offsets, transpose_w=False), (x, w, sizes, offsets)
+
+
+def _gmm_bwd(res, dy):
+  x, w, sizes, offsets = res
+  dy = dy.astype(x.dtype)
+  dx = _grouped(dy, w, sizes, offsets, transpose_w=True)
+  dw = _grouped_dw(x, dy, sizes, offsets, w.shape[0])
+  return dx, dw, None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(recv_x: jax.Array, w: jax.Array, layout: DispatchLayout) -> jax.Array:
+  """Per-expert product over the groups of ``recv_x`` with the Triton kernels.
+
+  Args:
+    recv_x: ``[C, hidden]`` rows in dispatch's expert-major order.
+    w: ``[E_local, hidden, N]``.
+    layout: the DispatchLayout; its ``group_sizes`` / ``group_offsets`` (``[E_local] int32``)
+      are read on the device. Groups must be in expert order and disjoint, as dispatch lays
+      them out; offsets are clamped to ``[0, C]`` and sizes to ``[0, C - offset]``.
+
+  Returns:
+    ``[C, N]`` in the promoted dtype of recv_x and w (bf16, f16 or f32), accumulated in f32;
+    rows outside every group are zero. Differentiable in recv_x and w.
+  """
+  dtype = jnp.result_type(recv_x.dtype, w.dtype)
+  if jnp.dtype(dtype).name not in _DTYPES:
+    raise TypeError(f"{_API}: backend='triton' supports {_DTYPES}; recv_x.dtype={recv_x.dtype} "
+                    f"and w.dtype={w.dtype} promote to {dtype}. Cast the inputs, or use "
+                    f"backend='xla'.")
+  sizes = jnp.asarray(layout.group_sizes, jnp.int32)
+  offsets = jnp.asarray(layout.group_offsets, jnp.int32)
+  return _gmm(recv_x.astype(dtype), w.astype(dtype), sizes, offsets)
