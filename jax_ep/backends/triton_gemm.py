@@ -90,10 +90,11 @@ def _kernels():
   return grouped_gemm
 
 
-def _grouped(x, w, sizes, offsets, *, transpose_w: bool):
+def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None):
   """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
+  ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps).
   """
   gg = _kernels()
   c, k = x.shape
@@ -110,7 +111,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool):
   if k == 0:
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
-  cfg = gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
+  cfg = config or gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
                                      y_strides=(n, 1), input_precision=precision)
   (y,) = _triton_call(
@@ -120,7 +121,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool):
   return y
 
 
-def _grouped_dw(x, dy, sizes, offsets, num_experts: int):
+def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``."""
   gg = _kernels()
   c, h = x.shape
@@ -129,7 +130,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int):
   if c == 0 or h == 0 or n == 0:
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
-  cfg = gg.dw_config(h, n, jnp.dtype(x.dtype).name, precision)
+  cfg = config or gg.dw_config(h, n, jnp.dtype(x.dtype).name, precision)
   (dw,) = _triton_call(
       gg.grouped_gemm_dw_kernel, x, dy, sizes, offsets, out_shapes=out,
       grid=gg.dw_grid(h, n, num_experts, cfg), num_warps=cfg.num_warps,

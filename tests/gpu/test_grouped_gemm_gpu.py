@@ -1,0 +1,175 @@
+"""GPU tests of the Triton grouped matmul (jax_ep/backends/triton_gemm.py) on one GPU.
+
+Forward and backward (``jax.value_and_grad``) against the xla backend (``jax.lax.ragged_dot``
++ masking) on random group sizes with empty groups, one giant group, alignment padding and an
+overflowing layout; bf16 and f32; tile-unfriendly shapes. Also: rows outside groups are exactly
+zero, runs repeat bit for bit, and the public ``jax_ep.grouped_matmul(backend="triton")`` lowers
+to our FFI launch. Skipped cleanly without a CUDA GPU or without the FFI library.
+
+Run: ``python -m pytest -q -m gpu tests/gpu/test_grouped_gemm_gpu.py``
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpus():
+  try:
+    return jax.devices("gpu")
+  except RuntimeError:
+    return []
+
+
+if not _gpus():
+  pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from jax_ep.backends import triton_gemm, xla  # noqa: E402
+from jax_ep.layout import DispatchLayout  # noqa: E402
+
+if not triton_gemm.gmm_usable():
+  pytest.skip(f"triton grouped matmul unusable here: {triton_gemm._why_not_usable()}",
+              allow_module_level=True)
+
+
+def make_layout(rng, kind: str, capacity: int, num_experts: int, alignment: int = 1):
+  """(sizes, offsets) laid out as dispatch does: expert order, aligned starts, clamped to C."""
+  e = num_experts
+  if kind == "random":
+    want = rng.integers(0, 2 * capacity // e + 1, e)
+    want[rng.random(e) < 0.25] = 0
+  elif kind == "giant":
+    want = np.zeros(e, np.int64)
+    want[rng.integers(e)] = capacity
+  elif kind == "empty":
+    want = np.zeros(e, np.int64)
+  elif kind == "overflow":
+    want = rng.integers(capacity // e, 3 * capacity // e + 2, e)
+  else:
+    raise ValueError(kind)
+  sizes = np.zeros(e, np.int32)
+  offsets = np.zeros(e, np.int32)
+  pos = 0
+  for i in range(e):
+    off = min(-(-pos // alignment) * alignment, capacity)
+    offsets[i], sizes[i] = off, min(int(want[i]), capacity - off)
+    pos = off + sizes[i]
+  return sizes, offsets
+
+
+def as_layout(sizes, offsets, capacity) -> DispatchLayout:
+  z = jnp.zeros((), jnp.int32)
+  return DispatchLayout(
+      group_sizes=jnp.asarray(sizes), group_offsets=jnp.asarray(offsets),
+      num_recv_rows=jnp.asarray(int(np.sum(sizes)), jnp.int32), num_dropped=z, num_invalid=z,
+      topk_idx=jnp.zeros((1, 1), jnp.int32), recv_pos=jnp.zeros((1, 1, 1), jnp.int32),
+      row_weights=jnp.zeros((capacity,), jnp.float32))
+
+
+def in_group_rows(sizes, offsets, capacity):
+  inside = np.zeros(capacity, bool)
+  for o, s in zip(offsets, sizes):
+    inside[o:o + s] = True
+  return inside
+
+
+def value_and_grads(impl, x, w, g, layout):
+  def loss(x, w):
+    y = impl.grouped_matmul(x, w, layout)
+    return jnp.sum(y.astype(jnp.float32) * g), y
+  (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+  return y, dx, dw
+
+
+def assert_close(name, got, want, dtype, scale):
+  got = np.asarray(got, np.float32)
+  want = np.asarray(want, np.float32)
+  assert np.isfinite(got).all(), f"{name}: non-finite values"
+  # bf16: both sides round an f32 accumulation to bf16 (<= 1 ulp apart, 2^-8 relative).
+  # f32: either side may use TF32 tensor cores (XLA's and our default GPU precision).
+  tol = 2e-2 if dtype == jnp.bfloat16 else 5e-3
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+SHAPES = [
+    # (C, H, N, E, alignment)
+    (2048, 512, 768, 8, 1),
+    (3000, 1024, 256, 16, 128),   # padded groups (alignment 128)
+    (1000, 200, 136, 7, 8),       # H, N not multiples of the tiles
+    (4096, 2048, 768, 32, 1),     # Qwen3-MoE-like widths
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_matches_xla_backend(rng, shape, kind, dtype):
+  c, h, n, e, align = shape
+  sizes, offsets = make_layout(rng, kind, c, e, align)
+  layout = as_layout(sizes, offsets, c)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), dtype)
+  w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(h), dtype)
+  g = jnp.asarray(rng.standard_normal((c, n), np.float32))
+
+  y, dx, dw = value_and_grads(triton_gemm, x, w, g, layout)
+  y_ref, dx_ref, dw_ref = value_and_grads(xla, x, w, g, layout)
+  assert y.shape == (c, n) and y.dtype == dtype
+  assert dx.dtype == dtype and dw.dtype == dtype
+  assert_close("y", y, y_ref, dtype, 1.0)
+  assert_close("dx", dx, dx_ref, dtype, np.sqrt(n / h))
+  assert_close("dw", dw, dw_ref, dtype, np.sqrt(max(int(sizes.max(initial=0)), 1)))
+
+  outside = ~in_group_rows(sizes, offsets, c)
+  assert not np.asarray(y, np.float32)[outside].any(), "rows outside groups must be exactly 0"
+  assert not np.asarray(dx, np.float32)[outside].any(), "dx rows outside groups must be 0"
+  empty = sizes == 0
+  assert not np.asarray(dw, np.float32)[empty].any(), "dw of an empty group must be 0"
+
+
+def test_deterministic_and_public_api(rng):
+  c, h, n, e = 4096, 1024, 512, 16
+  sizes, offsets = make_layout(rng, "random", c, e, 64)
+  layout = as_layout(sizes, offsets, c)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / 32, jnp.bfloat16)
+
+  import jax_ep
+
+  f = jax.jit(lambda x, w: jax_ep.grouped_matmul(x, w, layout, backend="triton"))
+  a, b = np.asarray(f(x, w)), np.asarray(f(x, w))
+  np.testing.assert_array_equal(a, b)
+  text = f.lower(x, w).as_text()
+  assert "jax_ep_triton_launch" in text and "ragged_dot" not in text
+  ref = jax.jit(lambda x, w: jax_ep.grouped_matmul(x, w, layout, backend="xla"))(x, w)
+  assert_close("public api", a, ref, jnp.bfloat16, 1.0)
+
+
+def test_swiglu_experts_match_xla(rng):
+  """jax_ep.experts.swiglu (three grouped matmuls) on the triton path, value and grads."""
+  from jax_ep import experts
+
+  c, h, f, e = 2048, 512, 384, 8
+  sizes, offsets = make_layout(rng, "random", c, e, 16)
+  layout = as_layout(sizes, offsets, c)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  wg, wu = (jnp.asarray(rng.standard_normal((e, h, f), np.float32) / np.sqrt(h), jnp.bfloat16)
+            for _ in range(2))
+  wd = jnp.asarray(rng.standard_normal((e, f, h), np.float32) / np.sqrt(f), jnp.bfloat16)
+
+  def run(backend):
+    def loss(x, wg, wu, wd):
+      y = experts.swiglu(x, wg, wu, wd, layout, backend=backend)
+      return jnp.sum(y.astype(jnp.float32) ** 2), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, wg, wu, wd)
+
+  (_, y), grads = run("triton")
+  (_, y_ref), grads_ref = run("xla")
+  assert_close("swiglu y", y, y_ref, jnp.bfloat16, 1.0)
+  for name, a, b in zip(("dx", "dwg", "dwu", "dwd"), grads, grads_ref):
+    scale = float(np.abs(np.asarray(b, np.float32)).max()) + 1e-6
+    assert_close(f"swiglu {name}", a, b, jnp.bfloat16, scale)
