@@ -85,7 +85,7 @@ class EPPlan:
                 E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
                 ALIGNMENT=self.alignment, COUNTS_OFF=self.region.counts_off,
                 W_P=next_pow2(self.world), BLOCK_B=max(1, 4096 // e_p),
-                USE_TIMER=self.use_timer)
+                USE_TIMER=self.use_timer, ANNOUNCE=True, FINISH=True)
 
   def push(self, compute_pos: bool) -> dict:
     r = self.region
@@ -108,7 +108,8 @@ class EPPlan:
     return d
 
   def barrier(self) -> dict:
-    return dict(USE_TIMER=self.use_timer, BLOCK_W=next_pow2(self.world))
+    return dict(USE_TIMER=self.use_timer, BLOCK_W=next_pow2(self.world), ANNOUNCE=True,
+                FINISH=True)
 
   def combine_push(self) -> dict:
     r = self.region

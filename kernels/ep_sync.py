@@ -146,9 +146,13 @@ class RegionSpec:
 
 @triton.jit
 def sym_ptr(sym_table, rank, byte_off, dtype: tl.constexpr):
-  """Pointer to ``byte_off`` bytes into rank ``rank``'s symmetric region, typed ``dtype``."""
-  base = tl.load(sym_table + rank)
-  return (base + byte_off).to(tl.pointer_type(dtype))
+  """Pointer to ``byte_off`` bytes into rank ``rank``'s symmetric region, typed ``dtype``.
+
+  Region bases are 2 MiB aligned and every area offset is a multiple of 256 bytes: say so, or
+  Triton cannot prove alignment and copies rows with 2-byte loads and stores.
+  """
+  base = tl.multiple_of(tl.load(sym_table + rank), 256)
+  return tl.multiple_of((base + byte_off).to(tl.pointer_type(dtype)), 16)
 
 
 @triton.jit

@@ -54,7 +54,7 @@ def layout_histogram_kernel(topk_idx_ptr, hist_ptr,
 
 
 @triton.jit
-def layout_exchange_kernel(hist_ptr,
+def layout_exchange_kernel(hist_ptr, token_in_ptr,
                            base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                            num_dropped_ptr, status_ptr,
                            sym_table, rank, world, epoch, timeout_ns,
@@ -68,6 +68,7 @@ def layout_exchange_kernel(hist_ptr,
 
   Inputs:
     hist_ptr: ``[NB, E] int32`` from ``layout_histogram_kernel``.
+    token_in_ptr: any array from the previous jax_ep op (not read): orders this launch after it.
   Outputs:
     base_ptr: ``[NB, E] int32``; row of recv_x on rank g // E_local for the first entry of
       block b choosing expert g (before the in-block rank is added).

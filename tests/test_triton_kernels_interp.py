@@ -7,45 +7,106 @@ flag waits allow on GPUs, and the results are compared with the xla backend (run
 CPU devices) bit for bit, and with numpy for combine.
 
 Needs triton (the interpreter); skipped without it. Kept small: the CPU is shared.
+Also here: the triton backend's jitted ops lower for CUDA on this machine (every kernel compiles
+for sm_90) into our custom calls and no XLA all-to-all.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pathlib
+import sys
+import types
 
 import numpy as np
 import pytest
 
 triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-  pytest.skip("needs TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
+ml_dtypes = pytest.importorskip("ml_dtypes")
 
-import ml_dtypes  # noqa: E402  (ships with jax)
+KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 
-from jax_ep.kernels import combine as kc  # noqa: E402
-from jax_ep.kernels import dispatch as kd  # noqa: E402
-from jax_ep.kernels import ep_sync  # noqa: E402
-from jax_ep.kernels import layout as kl  # noqa: E402
-from jax_ep.kernels.ep_plan import EPPlan  # noqa: E402
-
-from triton.runtime import interpreter as _interp  # noqa: E402
-
-# The interpreter copies torch tensors to the host around a launch; our arrays already live on
-# the host (and peers' regions are reached through raw addresses), so pass them through as is.
-_interp.GridExecutor._init_args_hst = lambda self, args, kwargs: (args, kwargs)
-_interp.GridExecutor._restore_args_dev = lambda self, *a, **k: None
-# Triton 3.6's interpreter turns a runtime scalar into an int with int(1-element array), which
-# numpy >= 2.5 refuses (``range(world)`` in a kernel); take the element instead.
-_orig_patch_tensor = _interp._patch_lang_tensor
+# Filled by the ``kernels`` fixture: the kernel modules loaded afresh in interpreter mode.
+kl = kd = kc = ep_sync = None
+EPPlan = None
 
 
-def _patch_tensor(tensor, scope):
-  _orig_patch_tensor(tensor, scope)
-  scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+def _load_interpreted() -> types.SimpleNamespace:
+  """kernels/{ep_sync,ep_plan,layout,dispatch,combine}.py as a fresh package, decorated with
+  TRITON_INTERPRET=1 (so @triton.jit gives InterpretedFunctions; the real package is untouched)."""
+  name = "_jax_ep_kernels_interpreted"
+  old = os.environ.get("TRITON_INTERPRET")
+  os.environ["TRITON_INTERPRET"] = "1"
+  try:
+    spec = importlib.util.spec_from_file_location(
+        name, KERNELS / "__init__.py", submodule_search_locations=[str(KERNELS)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pkg
+    spec.loader.exec_module(pkg)
+    mods = {}
+    for sub in ("ep_sync", "ep_plan", "layout", "dispatch", "combine"):
+      mods[sub] = importlib.import_module(f"{name}.{sub}")
+  finally:
+    if old is None:
+      del os.environ["TRITON_INTERPRET"]
+    else:
+      os.environ["TRITON_INTERPRET"] = old
+  return types.SimpleNamespace(**mods)
 
 
-_interp._patch_lang_tensor = _patch_tensor
+@pytest.fixture(scope="module")
+def kernels():
+  global kl, kd, kc, ep_sync, EPPlan
+  m = _load_interpreted()
+  if type(m.layout.layout_histogram_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("this Triton does not honour TRITON_INTERPRET at decoration time")
+  kl, kd, kc, ep_sync, EPPlan = m.layout, m.dispatch, m.combine, m.ep_sync, m.ep_plan.EPPlan
+  return m
+
+
+@pytest.fixture
+def interp(kernels, monkeypatch):
+  """The interpreter, patched for this test only."""
+  from triton.runtime import interpreter as ti
+  try:  # the interpreter imports gluon lazily; it must see the unpatched triton.language
+    import triton.experimental.gluon.language  # noqa: F401
+  except ImportError:
+    pass
+  # It copies torch tensors to the host around a launch; our arrays already live on the host
+  # (and peers' regions are reached through raw addresses), so pass them through as they are.
+  monkeypatch.setattr(ti.GridExecutor, "_init_args_hst", lambda self, args, kwargs: (args, kwargs))
+  monkeypatch.setattr(ti.GridExecutor, "_restore_args_dev", lambda self, *a, **k: None)
+  # Triton 3.6 turns a run-time scalar into an int with int(1-element array), which numpy >= 2.5
+  # refuses (``range(world)`` in a kernel); take the element instead.
+  orig = ti._patch_lang_tensor
+
+  def patch_tensor(tensor, scope):
+    orig(tensor, scope)
+    scope.set_attr(tensor, "__index__",
+                   lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+  monkeypatch.setattr(ti, "_patch_lang_tensor", patch_tensor)
+  # triton.language's own @jit helpers (tl.zeros, tl.cumsum, ...) are compiled-mode functions
+  # when triton was imported without TRITON_INTERPRET: give the kernels interpreted ones.
+  tl = triton.language
+  for lang in (tl, tl.standard):
+    for name, obj in list(vars(lang).items()):
+      if isinstance(obj, triton.runtime.jit.JITFunction):
+        monkeypatch.setattr(lang, name, ti.InterpretedFunction(obj.fn))
+
+  def device_call(self, *args, **kwargs):
+    # Triton 3.6 patches triton.language on every device-function call and never undoes it,
+    # which breaks later compiled-mode use in this process: undo it on return.
+    scope = ti._patch_lang(self.fn)
+    try:
+      return self.rewrite()(*args, **kwargs)
+    except Exception as e:
+      raise ti.InterpreterError(repr(e)) from e
+    finally:
+      scope.restore()
+
+  monkeypatch.setattr(ti.InterpretedFunction, "__call__", device_call)
+  return kernels
 
 
 class Arr:
@@ -97,9 +158,9 @@ class SimWorld:
     for half in (dict(FINISH=False), dict(ANNOUNCE=False)):  # all announce, then all wait
       for r in range(w):
         o = outs[r]
-        kl.layout_exchange_kernel[(1,)](hist[r], o["base"], o["gs"], o["go"], o["nrecv"],
-                                        o["ndrop"], o["status"], *self.abi(r), self.timeout_ns,
-                                        **p.exchange(), **half)
+        kl.layout_exchange_kernel[(1,)](
+            hist[r], Arr(np.zeros(1, np.int32)), o["base"], o["gs"], o["go"], o["nrecv"],
+            o["ndrop"], o["status"], *self.abi(r), self.timeout_ns, **{**p.exchange(), **half})
     for r in range(w):
       outs[r]["token"] = empty((1,), np.int32)
       kd.dispatch_push_kernel[(p.num_programs,)](
@@ -121,7 +182,7 @@ class SimWorld:
     for half in (dict(FINISH=False), dict(ANNOUNCE=False)):  # all announce, then all wait
       for r in range(self.plan.world):
         ep_sync.barrier_kernel[(1,)](Arr(np.zeros(1, np.int32)), st[r], *self.abi(r),
-                                     self.timeout_ns, op, **self.plan.barrier(), **half)
+                                     self.timeout_ns, op, **{**self.plan.barrier(), **half})
     for s in st:
       assert s.a[0] == 0, s.a
     return st
@@ -280,7 +341,7 @@ def _capacity(world, t, k, e, capacity, alignment):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}T{c[1]}H{c[2]}K{c[3]}E{c[4]}"
                          f"C{c[5]}A{c[6]}{c[7]}{np.dtype(c[8]).name}")
-def test_dispatch_combine_against_numpy(case):
+def test_dispatch_combine_against_numpy(case, interp):
   world, t, h, k, e, cap, align, kind, dtype = case
   rng = np.random.default_rng(hash(case[:8]) % 2**32)
   capacity = _capacity(world, t, k, e, cap, align)
@@ -337,7 +398,7 @@ def test_dispatch_combine_against_numpy(case):
     np.testing.assert_array_equal(slots[s], want_slots)
 
 
-def test_timeout_is_recorded_not_hung():
+def test_timeout_is_recorded_not_hung(interp):
   """A rank whose peer never arrives gives up after the timeout and records who it waited for."""
   plan = EPPlan(world=2, num_tokens=4, max_tokens=4, hidden=16, topk=2, num_experts=4,
                 capacity=16, alignment=1, num_sms=2, use_timer=False)
@@ -351,3 +412,49 @@ def test_timeout_is_recorded_not_hung():
   assert list(err[:5]) == [1, ep_sync.OP_COMBINE_SYNC, 0, 1, 1]
   msg = ep_sync.describe_error(err)
   assert "combine" in msg and "rank 0" in msg and "rank 1" in msg
+
+
+# -- the JAX backend: lowering for CUDA on this machine (no GPU needed) ------------------------------
+
+def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, tmp_path):
+  """A jitted dispatch -> expert -> combine step with its gradient, triton backend, lowered for
+  CUDA: every kernel compiles for sm_90, the HLO holds our FFI launches and no all-to-all."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import jax_ep
+  from jax_ep.backends import triton as tb
+
+  monkeypatch.setenv("JAX_EP_CACHE_DIR", str(tmp_path / "kernel_cache"))
+  monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "0")  # a host callback cannot lower for CUDA here
+  monkeypatch.setattr(tb, "check_usable", lambda config: None)
+  world = 4
+  if len(jax.devices()) < world:
+    pytest.skip(f"needs {world} devices")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:world]), ("ep",))
+  cfg = jax_ep.EPConfig(num_experts=8, topk=2, hidden=256, max_tokens_per_rank=64,
+                        capacity=96, expert_alignment=8, backend="triton")
+
+  def step(x, idx, w):
+    def loss(x, w):
+      recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+      y = recv_x * 2.0
+      out = jax_ep.combine(y, layout, config=cfg)
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+  args = (jax.ShapeDtypeStruct((world * 64, 256), jnp.bfloat16),
+          jax.ShapeDtypeStruct((world * 64, 2), jnp.int32),
+          jax.ShapeDtypeStruct((world * 64, 2), jnp.float32))
+  text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  names = re.findall(r'kernel_name = "(\w+)"', text)
+  for kernel in ("layout_histogram_kernel", "layout_exchange_kernel", "dispatch_push_kernel",
+                 "dispatch_expand_kernel", "combine_push_kernel", "combine_reduce_kernel",
+                 "barrier_kernel", "dispatch_rows_expand_kernel", "gather_push_kernel",
+                 "gather_reduce_kernel"):
+    assert kernel in names, (kernel, names)
+  assert "all_to_all" not in text and "all-to-all" not in text

@@ -1,0 +1,310 @@
+"""The triton backend: dispatch and combine as Triton kernels over NVLink (intra-node).
+
+Each function launches stock-Triton kernels (``kernels/``) as XLA FFI custom calls through
+``jax_ep.launch.triton_call``; rows cross GPUs by plain stores into the peers' symmetric regions
+(``jax_ep.runtime``), synchronised by flags (kernels/ep_sync.py). Design, region layout and where
+the time goes: docs/KERNELS.md. It reproduces the xla backend (jax_ep/backends/xla.py) bit for
+bit for dispatch and up to float rounding for combine.
+
+Kernels per op (NP = min(config.num_sms, ...) programs for every row-moving kernel):
+
+  dispatch       layout_histogram [NB] -> layout_exchange [1] (count exchange + start barrier)
+                 -> dispatch_push [NP] -> dispatch_expand [NP]
+  dispatch_rows  barrier [1] -> dispatch_push (rows only) [NP] -> dispatch_rows_expand [NP]
+  combine_rows   barrier [1] -> combine_push [NP] -> combine_reduce [NP]
+  gather_slots   barrier [1] -> gather_push [NP] -> gather_reduce [NP]
+
+Ordering. The kernels of one op are chained by data (each takes a token the previous one
+outputs). Ops must also run one after another on a device, in the same order on every rank:
+they share the staging areas. Every op's first kernel therefore takes the previous op's last
+output as an input (a per-trace chain kept in this module), so XLA cannot interleave two ops
+of one jitted program. Ops in different jitted programs run in program order anyway.
+
+Timeouts. A wait that exceeds ``config.timeout_s`` gives up and returns a nonzero status (the
+op's code); with ``JAX_EP_CHECK_TIMEOUTS=1`` (the default) a ``jax.debug.callback`` turns that
+into an error naming the op and rank. That callback synchronises the stream once per op; set
+``JAX_EP_CHECK_TIMEOUTS=0`` to skip it (benchmarks) and call ``check_timeouts()`` at a sync
+point instead, which reads each device's error record.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_ep.config import EPConfig
+from jax_ep.layout import DispatchLayout
+
+try:  # grouped matmul: helper C's Triton kernels, else the xla one.
+  from jax_ep.backends.triton_gemm import check_gmm_usable, gmm_usable, grouped_matmul
+except ImportError:  # pragma: no cover
+  from jax_ep.backends.xla import grouped_matmul  # noqa: F401
+
+  def gmm_usable() -> bool:
+    return True
+
+  def check_gmm_usable() -> None:
+    return None
+
+_API = "jax_ep (triton backend)"
+ROW_ITEMSIZE = 4  # staged rows are sized for float32 so combine can take float32 expert outputs
+_NUM_WARPS_ROWS = 8
+
+
+def _kernels():
+  from jax_ep.kernels import combine, dispatch, ep_plan, ep_sync, layout
+  return layout, dispatch, combine, ep_sync, ep_plan
+
+
+# -- sizes and availability ----------------------------------------------------------------------
+
+def symmetric_bytes(config: EPConfig, world: int) -> int:
+  """Bytes of symmetric region per rank that ``config`` needs with ``world`` ranks."""
+  from jax_ep.kernels.ep_sync import RegionSpec
+  config.check_ep_size(world)
+  return RegionSpec(world=world, max_tokens=config.max_tokens_per_rank, topk=config.topk,
+                    num_experts=config.num_experts, hidden=config.hidden,
+                    row_itemsize=ROW_ITEMSIZE).total_bytes
+
+
+def _why_not_usable(config: EPConfig) -> str | None:
+  try:
+    import triton  # noqa: F401
+  except ImportError:
+    return "triton is not installed (pip install 'jax_ep[gpu]')"
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    gpus = []
+  if not gpus:
+    return "no CUDA GPU is visible to JAX"
+  from jax_ep import _ffi, runtime
+  if not _ffi.available():
+    return ("the jax_ep FFI library (libjax_ep_ffi.so) is not built or failed to load; build the "
+            "package with CUDA present or set JAX_EP_FFI_LIB")
+  if not runtime.is_initialized():
+    return ("its runtime is not initialized: call jax_ep.runtime.initialize([config]) first "
+            "(after jax.distributed.initialize() when running one process per GPU)")
+  try:
+    runtime.check_config(config)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def usable(config: EPConfig) -> bool:
+  """Whether the triton backend can run ``config`` here (GPU, FFI library, runtime sized)."""
+  return _why_not_usable(config) is None
+
+
+def check_usable(config: EPConfig) -> None:
+  """Raise RuntimeError saying what to do when ``usable(config)`` is False."""
+  why = _why_not_usable(config)
+  if why is not None:
+    raise RuntimeError(f"{_API}: EPConfig(backend='triton') cannot run here: {why}. Or use "
+                       f"EPConfig(backend='xla').")
+
+
+def _plan(config: EPConfig, world: int, num_tokens: int):
+  from jax_ep.kernels.ep_plan import EPPlan
+  from jax_ep.kernels.ep_sync import MAX_WORLD
+  if world > MAX_WORLD:
+    raise ValueError(f"{_API}: the EP axis {config.axis_name!r} has {world} ranks; the triton "
+                     f"backend supports at most {MAX_WORLD} (one node). Use backend='xla'.")
+  return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
+                hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
+                capacity=config.capacity_rows(world), alignment=config.expert_alignment,
+                num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True)
+
+
+def _timeout_ns(config: EPConfig):
+  return (int(config.timeout_s * 1e9), "i64")
+
+
+def _varying(x, axis_name: str):
+  """Mark a custom call's output as varying over the EP axis (shard_map's type check: every
+  rank's output differs, as the xla backend's all_to_all outputs do)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)          # jax >= 0.11
+  varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+  if varying is None or axis_name in varying:
+    return x
+  return lax.pcast(x, axis_name, to="varying")
+
+
+def _call(axis_name, kernel, *inputs, out_shapes, grid, constexprs, scalars=(), num_warps=4,
+          symmetric=True):
+  from jax_ep.launch import triton_call
+  outs = triton_call(kernel, *inputs, out_shapes=out_shapes, grid=grid, num_warps=num_warps,
+                     num_stages=1, constexprs=constexprs, scalars=scalars,
+                     symmetric=symmetric)
+  return tuple(_varying(o, axis_name) for o in outs)
+
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+# -- op ordering: a per-trace chain of tokens ----------------------------------------------------
+
+_chain: list = [None]
+
+
+def _chain_in() -> jax.Array:
+  """The last output of the previous jax_ep op traced in the current trace, else a constant."""
+  from jax._src import core
+  tok = _chain[0]
+  if isinstance(tok, core.Tracer) and getattr(tok, "_trace", None) is core.trace_ctx.trace:
+    return tok
+  return jnp.zeros((1,), jnp.int32)
+
+
+def _chain_out(tok: jax.Array) -> None:
+  _chain[0] = tok
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+
+def _check_enabled() -> bool:
+  return os.environ.get("JAX_EP_CHECK_TIMEOUTS", "1") != "0"
+
+
+def _raise_timeout(status, rank, *, op: str, timeout_s: float):
+  code = int(np.max(status)) if np.size(status) else 0
+  if code:
+    from jax_ep.kernels.ep_sync import OP_NAMES
+    raise TimeoutError(
+        f"{op}: rank {int(rank)} timed out after {timeout_s} s in phase "
+        f"'{OP_NAMES.get(code, code)}' waiting for a peer rank. Every rank must run the same "
+        f"sequence of jax_ep ops; raise EPConfig.timeout_s if a peer is only slow. "
+        f"jax_ep.backends.triton.check_timeouts() names the peer.")
+
+
+def _report(op: str, config: EPConfig, *statuses):
+  if not _check_enabled():
+    return
+  status = jnp.concatenate([s.reshape(-1) for s in statuses])
+  jax.debug.callback(functools.partial(_raise_timeout, op=op, timeout_s=config.timeout_s),
+                     status, lax.axis_index(config.axis_name))
+
+
+def check_timeouts() -> None:
+  """Raise TimeoutError if any local device recorded a timed-out wait (reads and syncs)."""
+  from jax_ep import runtime
+  from jax_ep.kernels.ep_sync import ERR_OFF, describe_error
+  if not runtime.is_initialized():
+    return
+  for dev in runtime.devices():
+    err = np.frombuffer(runtime.read_symmetric(dev, ERR_OFF, 32), np.int32)
+    msg = describe_error(err)
+    if msg:
+      raise TimeoutError(msg)
+
+
+# -- the backend functions -----------------------------------------------------------------------
+
+def _world(config: EPConfig) -> int:
+  return lax.axis_size(config.axis_name)
+
+
+def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
+  kl, kd, _, ks, _ = _kernels()
+  world = _world(config)
+  t = x.shape[0]
+  p = _plan(config, world, t)
+  nb, e, el = p.num_blocks, p.num_experts, p.e_local
+  topk_idx = topk_idx.astype(jnp.int32)
+  topk_weights = topk_weights.astype(jnp.float32)
+  (hist,) = _call(config.axis_name, kl.layout_histogram_kernel, topk_idx, out_shapes=(_sds((nb, e), jnp.int32),),
+                  grid=(nb,), constexprs=p.histogram(), symmetric=False)
+  # symmetric=True kernels: the launcher appends sym_table, rank, world, epoch.
+  hist_kernel_done = hist
+  base, gs, go, nrecv, ndrop, st_layout = _call(config.axis_name, 
+      kl.layout_exchange_kernel, hist_kernel_done, _chain_in(),
+      out_shapes=(_sds((nb, e), jnp.int32), _sds((el,), jnp.int32), _sds((el,), jnp.int32),
+                  _sds((1,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32)),
+      grid=(1,), constexprs=p.exchange(), scalars=(_timeout_ns(config),))
+  (token,) = _call(config.axis_name, kd.dispatch_push_kernel, x, topk_idx, topk_weights, base,
+                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
+                   constexprs=p.push(True), num_warps=_NUM_WARPS_ROWS)
+  recv_x, recv_w, recv_pos, st_expand = _call(config.axis_name, 
+      kd.dispatch_expand_kernel, x, token, go, gs,
+      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.capacity,), jnp.float32),
+                  _sds((world, t, p.topk), jnp.int32), _sds((p.num_programs,), jnp.int32)),
+      grid=(p.num_programs,), constexprs=p.expand(False),
+      scalars=(_timeout_ns(config), (ks.OP_DISPATCH, "i32")), num_warps=_NUM_WARPS_ROWS)
+  _chain_out(st_expand)
+  _report("jax_ep.dispatch", config, st_layout, st_expand)
+  layout = DispatchLayout(
+      group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
+      num_invalid=num_invalid, topk_idx=topk_idx, recv_pos=recv_pos, row_weights=recv_w)
+  return recv_x, recv_w, layout
+
+
+def _barrier(config: EPConfig, p, op: int):
+  _, _, _, ks, _ = _kernels()
+  (st,) = _call(config.axis_name, ks.barrier_kernel, _chain_in(), out_shapes=(_sds((1,), jnp.int32),), grid=(1,),
+                constexprs=p.barrier(), scalars=(_timeout_ns(config), (op, "i32")))
+  return st
+
+
+def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
+  _, kd, _, ks, _ = _kernels()
+  world = _world(config)
+  t = x.shape[0]
+  p = _plan(config, world, t)
+  st0 = _barrier(config, p, ks.OP_DROWS_SYNC)
+  dummy_w = jnp.zeros((1,), jnp.float32)   # not read without COMPUTE_POS
+  (token,) = _call(config.axis_name, kd.dispatch_push_kernel, x, layout.topk_idx, dummy_w, st0,
+                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
+                   constexprs=p.push(False), num_warps=_NUM_WARPS_ROWS)
+  recv_x, st = _call(config.axis_name, 
+      kd.dispatch_rows_expand_kernel, x, token, layout.recv_pos, layout.group_offsets,
+      layout.group_sizes,
+      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.num_programs,), jnp.int32)),
+      grid=(p.num_programs,), constexprs=p.expand(True),
+      scalars=(_timeout_ns(config), (ks.OP_DROWS, "i32")), num_warps=_NUM_WARPS_ROWS)
+  _chain_out(st)
+  _report("jax_ep.dispatch_rows", config, st0, st)
+  return recv_x
+
+
+def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
+  _, _, kc, ks, _ = _kernels()
+  world = _world(config)
+  t = layout.num_tokens
+  p = _plan(config, world, t)
+  st0 = _barrier(config, p, ks.OP_COMBINE_SYNC)
+  (token,) = _call(config.axis_name, kc.combine_push_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
+                   st0, out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
+                   constexprs=p.combine_push(), num_warps=_NUM_WARPS_ROWS)
+  out, st = _call(config.axis_name, kc.combine_reduce_kernel, token,
+                  out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.num_programs,), jnp.int32)),
+                  grid=(p.num_programs,), constexprs=p.combine_reduce(),
+                  scalars=(_timeout_ns(config), (ks.OP_COMBINE, "i32")),
+                  num_warps=_NUM_WARPS_ROWS)
+  _chain_out(st)
+  _report("jax_ep.combine", config, st0, st)
+  return out
+
+
+def gather_slots(values, layout: DispatchLayout, config: EPConfig):
+  _, _, kc, ks, _ = _kernels()
+  world = _world(config)
+  t = layout.num_tokens
+  p = _plan(config, world, t)
+  st0 = _barrier(config, p, ks.OP_GATHER_SYNC)
+  (token,) = _call(config.axis_name, kc.gather_push_kernel, values.astype(jnp.float32), layout.recv_pos, st0,
+                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
+                   constexprs=p.gather_push())
+  out, st = _call(config.axis_name, kc.gather_reduce_kernel, layout.topk_idx, token,
+                  out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.num_programs,), jnp.int32)),
+                  grid=(p.num_programs,), constexprs=p.gather_reduce(),
+                  scalars=(_timeout_ns(config), (ks.OP_GATHER, "i32")))
+  _chain_out(st)
+  _report("jax_ep.gather_slots", config, st0, st)
+  return out
