@@ -14,7 +14,8 @@ Protocol (docs/GROUPED_GEMM.md):
      TFLOP/s = 2*R*K*N (forward) or 4*R*K*N (backward) / time.
   3. Results: a table on stdout, JSON + PNG in ``benchmarks/results/`` named with the device and
      the UTC date. ``--sweep`` also times a few tile configurations per shape (forward and dw) so
-     the tile table in kernels/grouped_gemm.py can be checked against measurements.
+     the tile table in kernels/grouped_gemm.py can be checked against measurements; the
+     forward is timed both persistent (the default) and one-program-per-tile.
 
 Shapes (rows, local experts, K, N): DeepSeek-V3-like per rank at EP=4 (4096 tokens x top-8 =
 32768 rows, 64 local experts, hidden 7168, expert FFN 2048: up = gate|up fused N=4096, down
@@ -250,17 +251,17 @@ def bench_shape(name, rows, experts, k, n, args, rng) -> dict:
     res["sweep"] = []
     for cfg_t in SWEEP:
       cfg = gg.TileConfig(*cfg_t)
-      for kind, fn, fargs in (
-          ("fwd", lambda x, w, c=cfg: triton_gemm._grouped(x, w, sizes_d, offsets_d,
-                                                             transpose_w=False, config=c),
-           (x, w)),
-          ("dw", lambda x, dy, c=cfg: triton_gemm._grouped_dw(x, dy, sizes_d, offsets_d,
-                                                                experts, config=c),
-           (x, dy))):
+      runs = [(f"fwd persistent={pers}",
+               lambda x, w, c=cfg, p=pers: triton_gemm._grouped(
+                   x, w, sizes_d, offsets_d, transpose_w=False, config=c, persistent=p),
+               (x, w)) for pers in (True, False)]
+      runs.append(("dw", lambda x, dy, c=cfg: triton_gemm._grouped_dw(
+          x, dy, sizes_d, offsets_d, experts, config=c), (x, dy)))
+      for kind, fn, fargs in runs:
         t = _try(f"sweep {kind} {cfg_t}", lambda: time_op(fn, fargs, args.iters, args.inner))
         if "median_s" in t:
           t["tflops"] = fwd_flops / t["median_s"] / 1e12
-          print(f"  sweep {kind} {cfg_t}: {t['median_s'] * 1e3:8.3f} ms  "
+          print(f"  sweep {kind:<22} {cfg_t}: {t['median_s'] * 1e3:8.3f} ms  "
                 f"{t['tflops']:7.1f} TFLOP/s", flush=True)
         res["sweep"].append(dict(kind=kind, config=list(cfg_t), **t))
   del x, w, dy, w_dense, x_dense, dy_dense

@@ -30,8 +30,11 @@ Forward tiling and the static grid (``grouped_gemm_kernel``)
   that start at the segment's first row, so a tile never straddles two experts. Group tiles run
   the K loop; gap and tail tiles run zero K iterations and store zeros. Since
   sum(ceil(len_s / BLOCK_M)) < C / BLOCK_M + (2 E_local + 1), the grid
-  ``(cdiv(C, BLOCK_M) + 2 * E_local) * cdiv(N, BLOCK_N)`` always suffices; programs past the
-  real tile count find an empty row range and store nothing (they cost one tiny prologue each).
+  ``(cdiv(C, BLOCK_M) + 2 * E_local) * cdiv(N, BLOCK_N)`` always suffices. Program p handles
+  tiles p, p + P, p + 2P, ... of the real tile count (computed on the device), so the same
+  kernel runs either one tile per program (P = that bound; programs past the real count exit
+  at once) or persistently (P = the programs resident on the GPU; none idle, no tail of empty
+  launches), which is the default (``resident_programs``).
 
   Each program finds its segment on the device: it loads the E_local sizes and offsets, computes
   every segment's tile count, takes an inclusive cumsum and counts the entries <= its M tile
@@ -72,14 +75,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _find_segment(sizes_ptr, offsets_ptr, m_tile, C: tl.constexpr, E: tl.constexpr,
-                  E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-  """Map M tile ``m_tile`` of the static grid to its rows and expert.
+def _segment_table(sizes_ptr, offsets_ptr, C: tl.constexpr, E: tl.constexpr,
+                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+  """Per-expert segment vectors (``[E_POW2]``, lanes >= E are empty) and the real M-tile count.
 
-  Returns ``(row_start, row_end, expert, is_group)``: the tile covers rows
-  ``[row_start, min(row_start + BLOCK_M, row_end))``; ``is_group`` says whether they belong to
-  expert ``expert`` (then the K loop runs) or to a gap/tail (zeros are stored). Tiles past the
-  last real one get ``row_start == row_end`` (nothing stored).
+  Segment pair e = (gap before group e, group e); after the last pair comes the tail.
+  Returns ``(cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles)``:
+  ``cum`` is the inclusive cumsum of ``seg_tiles`` (tiles of pair e), ``pair_tiles`` their sum,
+  ``num_m_tiles`` all real M tiles, tail included.
   """
   idx = tl.arange(0, E_POW2)
   valid = idx < E
@@ -102,7 +105,23 @@ def _find_segment(sizes_ptr, offsets_ptr, m_tile, C: tl.constexpr, E: tl.constex
   group_tiles = tl.where(valid, (size + BLOCK_M - 1) // BLOCK_M, 0)
   seg_tiles = gap_tiles + group_tiles
   cum = tl.cumsum(seg_tiles, axis=0)  # inclusive
-  # Expert whose (gap, group) pair holds this tile: the number of pairs that end at or before it.
+  pair_tiles = tl.sum(seg_tiles, axis=0)
+  last_end = tl.max(tl.where(valid, end, 0), axis=0)
+  num_m_tiles = pair_tiles + (C - last_end + BLOCK_M - 1) // BLOCK_M
+  return cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles
+
+
+@triton.jit
+def _locate(m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end,
+            C: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+  """Map real M tile ``m_tile`` to ``(row_start, row_end, expert, is_group)``.
+
+  The tile covers rows ``[row_start, min(row_start + BLOCK_M, row_end))``; ``is_group`` says
+  whether they belong to expert ``expert`` (then the K loop runs) or to a gap/the tail (zeros
+  are stored). The search is a count over the inclusive cumsum: the pair holding the tile is
+  the number of pairs that end at or before it.
+  """
+  idx = tl.arange(0, E_POW2)
   e = tl.sum((cum <= m_tile).to(tl.int32), axis=0)
   sel = idx == e
   first = tl.sum(tl.where(sel, cum - seg_tiles, 0), axis=0)  # first tile of pair e
@@ -111,14 +130,10 @@ def _find_segment(sizes_ptr, offsets_ptr, m_tile, C: tl.constexpr, E: tl.constex
   e_end = tl.sum(tl.where(sel, end, 0), axis=0)
   e_prev_end = tl.sum(tl.where(sel, prev_end, 0), axis=0)
 
-  # Past the last pair: the tail [end of the last group, C), then idle tiles.
-  total = tl.sum(seg_tiles, axis=0)
-  last_end = tl.max(tl.where(valid, end, 0), axis=0)
-  in_pairs = e < E
-  local = m_tile - tl.where(in_pairs, first, total)
+  in_pairs = e < E  # else: the tail [end of the last group, C)
+  local = m_tile - tl.where(in_pairs, first, pair_tiles)
   in_gap = local < e_gap_tiles
   is_group = in_pairs & (local >= e_gap_tiles)
-  # Start row and end row of this tile's segment.
   seg_start = tl.where(in_pairs, tl.where(in_gap, e_prev_end, e_off), last_end)
   seg_end = tl.where(in_pairs, tl.where(in_gap, e_off, e_end), C)
   local = tl.where(is_group, local - e_gap_tiles, local)
@@ -141,46 +156,58 @@ def grouped_gemm_kernel(
     E_POW2: tl.constexpr,             # next power of two >= E (tl.arange needs one)
     INPUT_PRECISION: tl.constexpr,    # "ieee" | "tf32": only used for float32 inputs
 ):
-  """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring."""
+  """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring.
+
+  Program p handles tiles p, p + P, p + 2P, ... of the real tile count (P = programs launched):
+  with P = the static upper bound each program has at most one tile; with P = #SMs the kernel
+  is persistent and no program is idle.
+  """
   pid = tl.program_id(0)
+  num_programs = tl.num_programs(0)
   num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-  m_tile = pid // num_n_tiles
-  n_tile = pid % num_n_tiles
-  row_start, row_end, e, is_group = _find_segment(
-      sizes_ptr, offsets_ptr, m_tile, C, E, E_POW2, BLOCK_M)
+  cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles = (
+      _segment_table(sizes_ptr, offsets_ptr, C, E, E_POW2, BLOCK_M))
+  num_tiles = num_m_tiles * num_n_tiles
 
-  offs_m = row_start + tl.arange(0, BLOCK_M)
-  offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-  offs_k = tl.arange(0, BLOCK_K)
-  # Rows past the group are computed but never stored; clamping keeps their loads in bounds.
-  rows = tl.minimum(offs_m, C - 1).to(tl.int64)
-  if N % BLOCK_N == 0:
-    cols = offs_n
-  else:
-    cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
-  e_safe = tl.minimum(e, E - 1).to(tl.int64)
-  a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
-  b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
-            + cols[None, :] * STRIDE_WN)
+  for tile in range(pid, num_tiles, num_programs):
+    m_tile = tile // num_n_tiles
+    n_tile = tile % num_n_tiles
+    row_start, row_end, e, is_group = _locate(
+        m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end,
+        C, E, E_POW2, BLOCK_M)
 
-  # Gap, tail and idle tiles run no K iterations and store zeros (or nothing).
-  k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
-  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  for ki in range(0, k_iters):
-    if K % BLOCK_K == 0:
-      a = tl.load(a_ptrs)
-      b = tl.load(b_ptrs)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past the group are computed but never stored; clamping keeps their loads in bounds.
+    rows = tl.minimum(offs_m, C - 1).to(tl.int64)
+    if N % BLOCK_N == 0:
+      cols = offs_n
     else:
-      k_left = K - ki * BLOCK_K
-      a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-      b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    a_ptrs += BLOCK_K * STRIDE_XK
-    b_ptrs += BLOCK_K * STRIDE_WK
+      cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
+    e_safe = tl.minimum(e, E - 1).to(tl.int64)
+    a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
+    b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
+              + cols[None, :] * STRIDE_WN)
 
-  y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
-  mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-  tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    # Gap and tail tiles run no K iterations and store zeros.
+    k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(0, k_iters):
+      if K % BLOCK_K == 0:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+      else:
+        k_left = K - ki * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+      acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+      a_ptrs += BLOCK_K * STRIDE_XK
+      b_ptrs += BLOCK_K * STRIDE_WK
+
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
+    mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -296,9 +323,22 @@ def dw_config(K: int, N: int, dtype: str, input_precision: str = "ieee") -> Tile
                     cfg.num_warps, cfg.num_stages)
 
 
-def forward_grid(C: int, N: int, E: int, cfg: TileConfig) -> int:
-  """Programs of ``grouped_gemm_kernel``: an upper bound on the M tiles of all segments x N tiles."""
-  return (triton.cdiv(C, cfg.block_m) + 2 * E) * triton.cdiv(N, cfg.block_n)
+def forward_grid(C: int, N: int, E: int, cfg: TileConfig, max_programs: int | None = None) -> int:
+  """Programs of ``grouped_gemm_kernel``.
+
+  The static upper bound on the real tiles (M tiles of all segments x N tiles), or, when
+  ``max_programs`` is given (e.g. resident CTAs on the GPU, see ``resident_programs``), at most
+  that many: the kernel is then persistent, each program looping over tiles.
+  """
+  bound = (triton.cdiv(C, cfg.block_m) + 2 * E) * triton.cdiv(N, cfg.block_n)
+  return bound if max_programs is None else max(1, min(bound, max_programs))
+
+
+def resident_programs(num_sms: int, cfg: TileConfig, elem_bytes: int) -> int:
+  """How many programs of ``cfg`` fit on the GPU at once (shared memory bound, Hopper 227 KiB)."""
+  smem = cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
+  per_sm = max(1, min(2, (227 * 1024) // max(smem, 1)))
+  return num_sms * per_sm
 
 
 def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:

@@ -226,9 +226,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("programs", [None, 3], ids=["tile-per-program", "persistent3"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_forward_and_dx_interpreted(interp, rng, case, dtype):
+def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs):
+  """programs=None: one program per possible tile; 3: three programs loop over all tiles."""
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = make_layout(rng, kind, c, e, align)
@@ -240,7 +242,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype):
   y = np.full((c, n), np.nan, dtype)
   ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
                              y_strides=(n, 1))
-  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg),
+  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg, programs),
                   (x, w, sizes, offsets, y), ce)
   assert_close(y, ref_forward(x, w, sizes, offsets), np.dtype(dtype), np.sqrt(k))
 
@@ -249,7 +251,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype):
   dx = np.full((c, k), np.nan, dtype)
   ce = gg.forward_constexprs(c, n, k, e, cfg, x_strides=(n, 1), w_strides=(k * n, 1, n),
                              y_strides=(k, 1))
-  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg),
+  run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg, programs),
                   (dy, w, sizes, offsets, dx), ce)
   assert_close(dx, ref_forward(dy, np.swapaxes(w, 1, 2), sizes, offsets), np.dtype(dtype),
                np.sqrt(n))

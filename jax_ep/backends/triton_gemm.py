@@ -90,11 +90,23 @@ def _kernels():
   return grouped_gemm
 
 
-def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None):
+def _num_sms() -> int:
+  """Streaming multiprocessors of the first GPU (132 on H100/H200 SXM when unknown)."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    gpus = []
+  count = getattr(gpus[0], "core_count", None) if gpus else None
+  return int(count) if count else 132
+
+
+def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent: bool = True):
   """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
-  ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps).
+  ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``:
+  launch one program per resident CTA, each looping over tiles (default), instead of one
+  program per possible tile.
   """
   gg = _kernels()
   c, k = x.shape
@@ -106,17 +118,18 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None):
     n = w.shape[2]
     w_strides = (w.shape[1] * w.shape[2], n, 1)
   out = jax.ShapeDtypeStruct((c, n), x.dtype)
-  if c == 0 or n == 0:
-    return jnp.zeros(out.shape, out.dtype)
-  if k == 0:
+  if c == 0 or n == 0 or k == 0:
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
   cfg = config or gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
+  max_programs = (gg.resident_programs(_num_sms(), cfg, jnp.dtype(x.dtype).itemsize)
+                  if persistent else None)
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
                                      y_strides=(n, 1), input_precision=precision)
   (y,) = _triton_call(
       gg.grouped_gemm_kernel, x, w, sizes, offsets, out_shapes=out,
-      grid=gg.forward_grid(c, n, e, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+      grid=gg.forward_grid(c, n, e, cfg, max_programs), num_warps=cfg.num_warps,
+      num_stages=cfg.num_stages,
       constexprs=constexprs, name="jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm")
   return y
 

@@ -149,6 +149,20 @@ def test_deterministic_and_public_api(rng):
   assert_close("public api", a, ref, jnp.bfloat16, 1.0)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["fwd", "dx"])
+def test_persistent_and_tile_per_program_grids_agree(rng, transpose_w):
+  """The two launch modes of the forward kernel run the same per-tile code: bit-equal."""
+  c, h, n, e = 3000, 512, 384, 24
+  sizes, offsets = make_layout(rng, "random", c, e, 32)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, n, h) if transpose_w else (e, h, n), np.float32),
+                  jnp.bfloat16)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  run = lambda p: jax.jit(lambda x, w: triton_gemm._grouped(  # noqa: E731
+      x, w, s, o, transpose_w=transpose_w, persistent=p))(x, w)
+  np.testing.assert_array_equal(np.asarray(run(True)), np.asarray(run(False)))
+
+
 def test_swiglu_experts_match_xla(rng):
   """jax_ep.experts.swiglu (three grouped matmuls) on the triton path, value and grads."""
   from jax_ep import experts
