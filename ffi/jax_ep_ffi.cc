@@ -26,6 +26,7 @@
 // returns 0 on success or -1 with a message available from jep_last_error().
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <dlfcn.h>
 
 #include <atomic>
@@ -74,44 +75,45 @@ int Fail(std::string msg) {
 // The CUDA driver API, resolved at run time.
 // ------------------------------------------------------------------------------------------
 
-// X(name): `name` is the un-versioned driver symbol; cuda.h maps it to the versioned
-// prototype (e.g. cuMemAlloc -> cuMemAlloc_v2), which cuGetProcAddress returns for
-// CUDA_VERSION.
+// X(name, version): `name` is the un-versioned driver symbol and `version` the CUDA version
+// whose ABI we call (cudaTypedefs.h names it PFN_<name>_v<version>). cuGetProcAddress returns
+// exactly that variant, so a newer driver's changed prototypes (cuStreamGetCtx_v2 in 12.5,
+// cuCtxGetDevice/cuCtxSynchronize in 13.0, ...) never reach a call written for the old one.
 #define JEP_CUDA_FUNCTIONS(X)                                                  \
-  X(cuInit)                                                                    \
-  X(cuGetErrorString)                                                          \
-  X(cuDeviceGet)                                                               \
-  X(cuDeviceGetCount)                                                          \
-  X(cuDeviceGetAttribute)                                                      \
-  X(cuDeviceCanAccessPeer)                                                     \
-  X(cuDevicePrimaryCtxRetain)                                                  \
-  X(cuDevicePrimaryCtxRelease)                                                 \
-  X(cuCtxPushCurrent)                                                          \
-  X(cuCtxPopCurrent)                                                           \
-  X(cuCtxGetDevice)                                                            \
-  X(cuCtxSynchronize)                                                          \
-  X(cuStreamGetCtx)                                                            \
-  X(cuModuleLoadData)                                                          \
-  X(cuModuleUnload)                                                            \
-  X(cuModuleGetFunction)                                                       \
-  X(cuFuncSetAttribute)                                                        \
-  X(cuLaunchKernel)                                                            \
-  X(cuMemAlloc)                                                                \
-  X(cuMemFree)                                                                 \
-  X(cuMemcpyHtoD)                                                              \
-  X(cuMemcpyDtoH)                                                              \
-  X(cuMemsetD8)                                                                \
-  X(cuMemCreate)                                                               \
-  X(cuMemRelease)                                                              \
-  X(cuMemAddressReserve)                                                       \
-  X(cuMemAddressFree)                                                          \
-  X(cuMemMap)                                                                  \
-  X(cuMemUnmap)                                                                \
-  X(cuMemSetAccess)                                                            \
-  X(cuMemGetAllocationGranularity)
+  X(cuInit, 2000)                                                              \
+  X(cuGetErrorString, 6000)                                                    \
+  X(cuDeviceGet, 2000)                                                         \
+  X(cuDeviceGetCount, 2000)                                                    \
+  X(cuDeviceGetAttribute, 2000)                                                \
+  X(cuDeviceCanAccessPeer, 4000)                                               \
+  X(cuDevicePrimaryCtxRetain, 7000)                                            \
+  X(cuDevicePrimaryCtxRelease, 11000)                                          \
+  X(cuCtxPushCurrent, 4000)                                                    \
+  X(cuCtxPopCurrent, 4000)                                                     \
+  X(cuCtxGetDevice, 2000)                                                      \
+  X(cuCtxSynchronize, 2000)                                                    \
+  X(cuStreamGetCtx, 9020)                                                      \
+  X(cuModuleLoadData, 2000)                                                    \
+  X(cuModuleUnload, 2000)                                                      \
+  X(cuModuleGetFunction, 2000)                                                 \
+  X(cuFuncSetAttribute, 9000)                                                  \
+  X(cuLaunchKernel, 4000)                                                      \
+  X(cuMemAlloc, 3020)                                                          \
+  X(cuMemFree, 3020)                                                           \
+  X(cuMemcpyHtoD, 3020)                                                        \
+  X(cuMemcpyDtoH, 3020)                                                        \
+  X(cuMemsetD8, 3020)                                                          \
+  X(cuMemCreate, 10020)                                                        \
+  X(cuMemRelease, 10020)                                                       \
+  X(cuMemAddressReserve, 10020)                                                \
+  X(cuMemAddressFree, 10020)                                                   \
+  X(cuMemMap, 10020)                                                           \
+  X(cuMemUnmap, 10020)                                                         \
+  X(cuMemSetAccess, 10020)                                                     \
+  X(cuMemGetAllocationGranularity, 10020)
 
 struct CudaApi {
-#define JEP_DECLARE(name) decltype(&::name) name = nullptr;
+#define JEP_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
   JEP_CUDA_FUNCTIONS(JEP_DECLARE)
 #undef JEP_DECLARE
   bool loaded = false;
@@ -121,7 +123,7 @@ struct CudaApi {
 CudaApi& Cuda() {
   static CudaApi* api = [] {
     auto* a = new CudaApi();
-    void* handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    void* handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);  // XLA has it loaded already
     if (handle == nullptr) {
       a->load_error = std::string("cannot load libcuda.so.1 (no NVIDIA driver?): ") + dlerror();
       return a;
@@ -135,11 +137,11 @@ CudaApi& Cuda() {
       return a;
     }
     std::string missing;
-#define JEP_RESOLVE(name)                                                          \
+#define JEP_RESOLVE(name, version)                                                 \
   {                                                                                \
     void* fn = nullptr;                                                            \
     CUdriverProcAddressQueryResult status;                                         \
-    if (get_proc(#name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &status) != \
+    if (get_proc(#name, &fn, version, CU_GET_PROC_ADDRESS_DEFAULT, &status) !=     \
             CUDA_SUCCESS ||                                                        \
         fn == nullptr) {                                                           \
       missing += std::string(" ") + #name;                                         \
@@ -712,7 +714,8 @@ JEP_EXPORT int jep_nvshmem_open(const char* path) {
   auto& api = jax_ep::g_nvshmem;
   if (api.handle != nullptr) return 0;
   const char* name = (path && *path) ? path : "libnvshmem_host.so.3";
-  void* h = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
+  // RTLD_LOCAL: libnvshmem_host carries a static CUDA runtime whose symbols must not interpose.
+  void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
   if (h == nullptr) return Fail(std::string("cannot load ") + name + ": " + dlerror());
   std::string missing;
 #define JEP_NVSHMEM_SYM(field, sym)                                              \

@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL:
         tried.append(path)
         continue
       try:
-        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path)  # RTLD_LOCAL: nothing of it may interpose XLA's symbols
         _declare(lib)
       except (OSError, AttributeError) as e:
         _lib_error = f"jax_ep: cannot load the FFI library {path}: {e}"
