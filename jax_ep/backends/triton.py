@@ -115,6 +115,12 @@ def _plan(config: EPConfig, world: int, num_tokens: int):
   if world > MAX_WORLD:
     raise ValueError(f"{_API}: the EP axis {config.axis_name!r} has {world} ranks; the triton "
                      f"backend supports at most {MAX_WORLD} (one node). Use backend='xla'.")
+  from jax_ep import runtime
+  if runtime.is_initialized() and runtime.world_size() != world:
+    raise ValueError(
+        f"{_API}: the EP axis {config.axis_name!r} has {world} ranks but jax_ep.runtime was "
+        f"initialized over {runtime.world_size()} GPUs; the EP axis must span exactly the "
+        f"devices given to jax_ep.runtime.initialize, in rank order.")
   return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
                 hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,

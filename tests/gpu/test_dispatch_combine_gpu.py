@@ -1,0 +1,358 @@
+"""GPU tests of the triton backend's dispatch / combine against the xla backend (2 or 4 GPUs).
+
+Single process driving every visible GPU (peer provider), and, in ``test_multiprocess_*``, one
+process per GPU (NVSHMEM provider; this file is also the worker script). For every case:
+recv_x, recv_weights and the layout equal the xla backend's bit for bit; combine matches within
+bf16/f32 tolerance and is identical over 20 runs; gradients of x and topk_weights match; the
+jitted step's HLO holds our custom calls and no all-to-all. A rank whose peers never arrive
+gets a TimeoutError naming the op and rank instead of hanging.
+
+Run (all visible GPUs; needs libjax_ep_ffi.so, see docs/RUNTIME.md):
+  python -m pytest tests/gpu/test_dispatch_combine_gpu.py -m gpu -x -q
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+# (T, H, E, K, capacity kind, alignment, routing, dtype)
+CASES = [
+    (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),
+    (4096, 2048, 128, 8, None, 16, "zipf", "bfloat16"),
+    (128, 7168, 256, 8, None, 1, "uniform", "bfloat16"),
+    (128, 2048, 64, 4, None, 8, "with_unselected", "float32"),
+    (128, 128, 64, 4, "tiny", 16, "one_expert", "bfloat16"),   # capacity overflow: drops
+    (128, 128, 64, 4, None, 1, "empty", "bfloat16"),           # nothing selected
+    (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16"),      # one rank receives nothing
+    (1, 128, 64, 4, None, 1, "uniform", "bfloat16"),
+    (0, 128, 64, 4, None, 1, "uniform", "bfloat16"),
+]
+# The region is sized for the largest shape used here.
+SIZING = dict(num_experts=256, topk=8, hidden=7168, max_tokens_per_rank=4096)
+
+
+def _case_id(c):
+  return f"T{c[0]}-H{c[1]}-E{c[2]}-K{c[3]}-cap{c[4]}-A{c[5]}-{c[6]}-{c[7]}"
+
+
+def _config(case, world, backend):
+  import jax_ep
+  t, h, e, k, cap, align, _, _ = case
+  base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
+                         expert_alignment=align, backend=backend)
+  if cap == "balanced":
+    capacity = base.balanced_capacity(world)
+  elif cap == "tiny":
+    capacity = align
+  else:
+    capacity = None
+  return jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
+                         expert_alignment=align, backend=backend, capacity=capacity)
+
+
+def _inputs(case, world, seed):
+  """Global ``[W*T, H]`` x, ``[W*T, K]`` idx and weights (numpy)."""
+  import ml_dtypes
+  from jax_ep import testing
+  t, h, e, k, _, _, routing, dtype = case
+  rng = np.random.default_rng(seed)
+  idx = np.concatenate([testing.make_routing(rng, routing, t, e, k, world)
+                        for _ in range(world)]) if t else np.zeros((0, k), np.int32)
+  dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+  x = rng.standard_normal((world * t, h)).astype(dt)
+  w = rng.random((world * t, k)).astype(np.float32)
+  return x, idx.astype(np.int32), w
+
+
+def _step_fns(mesh, cfg):
+  """Jitted per-backend functions: fwd -> (recv_x, recv_w, layout leaves), combine, grads."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import jax_ep
+
+  spec = P("ep")
+
+  def stack(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+  def fwd(x, idx, w):
+    recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+    y = (recv_x.astype(jnp.float32) * 1.5 - 0.25).astype(recv_x.dtype)
+    out = jax_ep.combine(y, layout, config=cfg)
+    return stack((recv_x, recv_w, layout, out))
+
+  def loss(x, idx, w):
+    recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+    y = jnp.tanh(recv_x.astype(jnp.float32)).astype(recv_x.dtype)
+    out = jax_ep.combine(y, layout, config=cfg)
+    return jnp.sum(out.astype(jnp.float32) * jnp.cos(x.astype(jnp.float32)))
+
+  def grads(x, idx, w):
+    gx, gw = jax.grad(loss, argnums=(0, 2))(x, idx, w)
+    return gx, gw
+
+  f_fwd = jax.jit(jax.shard_map(fwd, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+  f_grad = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec,) * 2))
+  return f_fwd, f_grad
+
+
+def _bits(a):
+  a = np.asarray(a)
+  return a.view(np.uint16) if a.dtype.itemsize == 2 else a.view(np.uint32 if a.dtype.itemsize == 4
+                                                                  else np.uint8)
+
+
+def compare_case(case, mesh, world, put, fetch, seed=0, repeats=20) -> dict:
+  """Run one case on both backends; raise AssertionError on any mismatch. ``put``: numpy ->
+  global sharded array; ``fetch``: global array -> numpy (this process's part is enough)."""
+  import jax
+  x, idx, w = _inputs(case, world, seed)
+  args = (put(x), put(idx), put(w))
+  res = {}
+  outs = {}
+  for backend in ("xla", "triton"):
+    cfg = _config(case, world, backend)
+    f_fwd, f_grad = _step_fns(mesh, cfg)
+    outs[backend] = (jax.tree.map(fetch, f_fwd(*args)), [fetch(g) for g in f_grad(*args)])
+    if backend == "triton":
+      text = f_fwd.lower(*args).as_text()
+      assert "jax_ep_triton_launch" in text, "triton step has no jax_ep custom call"
+      assert "all_to_all" not in text and "all-to-all" not in text, "triton step has all-to-all"
+      first = outs[backend][0]
+      for _ in range(repeats - 1):  # combine (and dispatch) repeat bit for bit
+        again = jax.tree.map(fetch, f_fwd(*args))
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+          np.testing.assert_array_equal(_bits(a), _bits(b))
+  (rx_x, rw_x, lay_x, out_x), g_x = outs["xla"]
+  (rx_t, rw_t, lay_t, out_t), g_t = outs["triton"]
+  np.testing.assert_array_equal(_bits(rx_t), _bits(rx_x), err_msg="recv_x")
+  np.testing.assert_array_equal(_bits(rw_t), _bits(rw_x), err_msg="recv_weights")
+  for name in ("group_sizes", "group_offsets", "num_recv_rows", "num_dropped", "num_invalid",
+               "topk_idx", "recv_pos"):
+    np.testing.assert_array_equal(getattr(lay_t, name), getattr(lay_x, name), err_msg=name)
+  np.testing.assert_array_equal(_bits(lay_t.row_weights), _bits(lay_x.row_weights))
+  bf16 = case[7] == "bfloat16"
+  tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out_t, np.float32), np.asarray(out_x, np.float32),
+                             err_msg="combine", **tol)
+  for name, a, b in (("dx", g_t[0], g_x[0]), ("d_topk_weights", g_t[1], g_x[1])):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               err_msg=name, **(dict(rtol=3e-2, atol=3e-2) if bf16 else tol))
+  res["recv_rows"] = int(np.sum(lay_t.num_recv_rows))
+  res["dropped"] = int(np.sum(lay_t.num_dropped))
+  return res
+
+
+# -- single process, every visible GPU (peer provider) ---------------------------------------------
+
+def _gpus():
+  try:
+    import jax
+    return jax.devices("gpu")
+  except Exception:  # noqa: BLE001
+    return []
+
+
+@pytest.fixture(scope="module")
+def peer_world():
+  gpus = _gpus()
+  if len(gpus) < 2:
+    pytest.skip("needs 2 or more CUDA GPUs")
+  from jax_ep import EPConfig, _ffi, runtime
+  if not _ffi.available():
+    pytest.skip("libjax_ep_ffi.so not built (see docs/RUNTIME.md)")
+  os.environ.setdefault("JAX_EP_CHECK_TIMEOUTS", "1")
+  runtime.shutdown()
+  runtime.initialize([EPConfig(**SIZING)], provider="peer", devices=gpus)
+  import jax
+  mesh = jax.sharding.Mesh(np.array(gpus), ("ep",))
+  yield mesh, len(gpus)
+  runtime.shutdown()
+
+
+def _put_fetch(mesh):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  sharding = NamedSharding(mesh, P("ep"))
+  return (lambda a: jax.device_put(a, sharding)), (lambda a: np.asarray(jax.device_get(a)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_xla_backend(case, peer_world):
+  mesh, world = peer_world
+  put, fetch = _put_fetch(mesh)
+  compare_case(case, mesh, world, put, fetch, seed=hash(_case_id(case)) % 2**31)
+
+
+def test_many_steps_in_one_program(peer_world):
+  """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
+  the per-trace op chain keeps them ordered; results stay equal to xla's."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+  mesh, world = peer_world
+  put, fetch = _put_fetch(mesh)
+  case = (256, 1024, 64, 4, None, 1, "uniform", "float32")
+  x, idx, w = _inputs(case, world, 3)
+  args = (put(x), put(idx), put(w))
+  res = {}
+  for backend in ("xla", "triton"):
+    cfg = _config(case, world, backend)
+
+    def layers(x, idx, w):
+      def loss(x, w):
+        h = x
+        for i in range(3):
+          recv_x, _, layout = jax_ep.dispatch(h, (idx + i) % cfg.num_experts, w, config=cfg)
+          h = h + jax_ep.combine(jnp.sin(recv_x), layout, config=cfg)
+        return jnp.sum(h * h)
+      return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    f = jax.jit(jax.shard_map(layers, mesh=mesh, in_specs=(P("ep"),) * 3,
+                              out_specs=(P("ep"),) * 2))
+    outs = [jax.tree.map(fetch, f(*args)) for _ in range(5)]
+    for o in outs[1:]:
+      for a, b in zip(o, outs[0]):
+        np.testing.assert_array_equal(a, b)
+    res[backend] = outs[0]
+  for a, b in zip(res["triton"], res["xla"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_timeout_is_an_error_not_a_hang(peer_world):
+  """Rank 0 alone enters a barrier (its peers never do): a TimeoutError naming the op and rank
+  after ~timeout, not a hang. The runtime is re-initialized afterwards (flags are out of step)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  from jax_ep import EPConfig, launch, runtime
+  from jax_ep.backends import triton as tb
+  from jax_ep.kernels import ep_sync
+  mesh, world = peer_world
+  one = jax.sharding.Mesh(np.array(list(mesh.devices)[:1]), ("ep",))
+  cfg = EPConfig(num_experts=64, topk=4, hidden=128, max_tokens_per_rank=8, timeout_s=0.5)
+
+  def alone(tok):
+    (st,) = launch.triton_call(
+        ep_sync.barrier_kernel, tok, out_shapes=(jax.ShapeDtypeStruct((1,), jnp.int32),),
+        grid=(1,), constexprs=dict(USE_TIMER=True, BLOCK_W=8, ANNOUNCE=True, FINISH=True),
+        scalars=((int(0.5e9), "i64"), (ep_sync.OP_COMBINE_SYNC, "i32")), symmetric=True)
+    tb._report("jax_ep.combine", cfg, st)
+    return st
+
+  f = jax.jit(jax.shard_map(alone, mesh=one, in_specs=P("ep"), out_specs=P("ep"),
+                            check_vma=False))
+  with pytest.raises(Exception, match=r"jax_ep.combine: rank 0 timed out"):
+    jax.block_until_ready(f(jnp.zeros((1,), jnp.int32)))
+  with pytest.raises(TimeoutError, match=r"rank 0 timed out waiting for rank 1"):
+    tb.check_timeouts()
+  runtime.shutdown()
+  runtime.initialize([EPConfig(**SIZING)], provider="peer", devices=list(mesh.devices))
+
+
+# -- one process per GPU (NVSHMEM provider) --------------------------------------------------------
+
+def _num_gpus() -> int:
+  try:
+    from jax_ep import _ffi
+    if not _ffi.available():
+      return 0
+    return max(_ffi.library().jep_cuda_device_count(), 0)
+  except Exception:  # noqa: BLE001
+    return 0
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+MP_CASES = [CASES[0], CASES[3], CASES[4], CASES[8]]
+
+
+def test_multiprocess_matches_xla_backend():
+  world = _num_gpus()
+  if world < 2:
+    pytest.skip("needs 2 or more CUDA GPUs and libjax_ep_ffi.so")
+  coord = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ)
+  env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+  env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+  env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+  env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(3 << 30))
+  env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(r),
+                             str(world), coord], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+           for r in range(world)]
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("multi-process dispatch/combine test timed out")
+    outs.append(out)
+  for r, out in enumerate(outs):
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert lines, f"rank {r} printed no result:\n{out[-4000:]}"
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in res, f"rank {r}:\n{res['error']}\n{out[-3000:]}"
+    assert res["provider"] == "nvshmem" and res["cases"] == len(MP_CASES), res
+
+
+def _worker(rank: int, world: int, coord: str) -> dict:
+  import jax
+  jax.distributed.initialize(coord, num_processes=world, process_id=rank,
+                             local_device_ids=[rank])
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax_ep import EPConfig, runtime
+  res: dict = {"rank": rank}
+  runtime.initialize([EPConfig(**SIZING)])
+  res["provider"] = runtime.provider()
+  devices = sorted(jax.devices(), key=lambda d: d.process_index)
+  mesh = jax.sharding.Mesh(np.array(devices), ("ep",))
+  sharding = NamedSharding(mesh, P("ep"))
+
+  def put(a):
+    t = a.shape[0] // world
+    local = a[rank * t:(rank + 1) * t]
+    return jax.make_array_from_process_local_data(sharding, local, a.shape)
+
+  def fetch(a):
+    if not hasattr(a, "addressable_shards"):
+      return np.asarray(a)
+    return np.asarray(a.addressable_shards[0].data)
+
+  for i, case in enumerate(MP_CASES):
+    compare_case(case, mesh, world, put, fetch, seed=100 + i, repeats=3)
+  res["cases"] = len(MP_CASES)
+  runtime.shutdown()
+  return res
+
+
+if __name__ == "__main__" and len(sys.argv) >= 5 and sys.argv[1] == "--worker":
+  _rank, _world, _coord = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+  try:
+    _res = _worker(_rank, _world, _coord)
+  except Exception:  # noqa: BLE001 -- report to the parent test
+    _res = {"rank": _rank, "error": traceback.format_exc()}
+  print("RESULT " + json.dumps(_res), flush=True)
