@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
 from jax_ep import backends
 from jax_ep.config import EPConfig
@@ -71,25 +72,22 @@ def _check_dispatch_inputs(x, topk_idx, topk_weights, config: EPConfig):
           f"{api}: topk_weights must have a floating dtype (float32); got {topk_weights.dtype=}.")
 
 
-def _raise_invalid(num_invalid, num_experts):
-  if int(num_invalid):
-    raise ValueError(
-        f"jax_ep.dispatch: {int(num_invalid)} topk_idx value(s) lie outside [-1, {num_experts}) "
-        f"(EPConfig.check_expert_ids=True). Fix the router, or set check_expert_ids=False to "
-        f"treat them as unselected and count them in layout.num_invalid.")
-
-
 # -- backend choice ------------------------------------------------------------------------------
 
 def _backend(config: EPConfig):
   """The backend module for this config: "auto" takes triton when its runtime is up on GPU."""
   if config.backend == "xla":
     return backends.get("xla")
+  from jax_ep import runtime
   if config.backend == "triton":
+    if not runtime.is_initialized():
+      raise RuntimeError(
+          "jax_ep: EPConfig(backend='triton') needs its GPU runtime: call "
+          "jax_ep.runtime.initialize([config, ...]) once per process (after "
+          "jax.distributed.initialize() in multi-process jobs), or use backend='xla'/'auto'.")
     triton_backend = backends.get("triton")
     triton_backend.check_usable(config)  # raises an error that says what to do
     return triton_backend
-  from jax_ep import runtime  # "auto"
   if runtime.is_initialized() and jax.default_backend() == "gpu":
     triton_backend = backends.get("triton")
     if triton_backend.usable(config):
@@ -107,8 +105,9 @@ def dispatch(x, topk_idx, topk_weights=None, *, config: EPConfig):
   Args:
     x: ``[num_tokens, hidden]`` token rows, floating dtype; num_tokens <= max_tokens_per_rank.
     topk_idx: ``[num_tokens, topk]`` int global expert ids in [-1, E); -1 selects nothing.
-      Ids outside that range are treated as unselected and counted in ``layout.num_invalid``
-      (or raise at run time with ``EPConfig(check_expert_ids=True)``).
+      Ids outside that range are treated as unselected and counted in ``layout.num_invalid``.
+      With ``EPConfig(check_expert_ids=True)`` dispatch adds a ``checkify.check`` instead: wrap
+      the step in ``jax.experimental.checkify.checkify`` and call ``err.throw()``.
     topk_weights: ``[num_tokens, topk]`` float routing weights, or None (all ones).
     config: the EPConfig.
 
@@ -132,8 +131,11 @@ def dispatch(x, topk_idx, topk_weights=None, *, config: EPConfig):
   invalid = (idx < -1) | (idx >= config.num_experts)
   num_invalid = jnp.sum(invalid, dtype=jnp.int32)
   if config.check_expert_ids:
-    jax.debug.callback(functools.partial(_raise_invalid, num_experts=config.num_experts),
-                       num_invalid)
+    checkify.check(
+        num_invalid == 0,
+        f"jax_ep.dispatch: {{n}} topk_idx value(s) lie outside [-1, {config.num_experts}) "
+        f"(EPConfig.check_expert_ids=True). Fix the router, or set check_expert_ids=False to "
+        f"treat them as unselected and count them in layout.num_invalid.", n=num_invalid)
   idx = jnp.where(invalid, -1, idx)
   return _dispatch(x, idx, topk_weights, num_invalid, config, _backend(config))
 

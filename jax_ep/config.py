@@ -26,9 +26,10 @@ class EPConfig:
       (every (token, expert) pair of every rank could land here), which never drops.
     expert_alignment: each local expert's group of rows starts at a multiple of this.
     backend: "auto" (triton when its runtime is initialized on GPU, else xla), "xla" or "triton".
-    check_expert_ids: opt-in run-time check: raise if any ``topk_idx`` value lies outside
-      [-1, E). Off by default: out-of-range ids are then treated as unselected and counted
-      in ``layout.num_invalid``.
+    check_expert_ids: opt-in run-time check that every ``topk_idx`` value lies in [-1, E):
+      dispatch then adds a ``jax.experimental.checkify`` check, so the step must be wrapped in
+      ``checkify.checkify`` (and ``err.throw()`` raises it). Off by default: out-of-range ids
+      are treated as unselected and counted in ``layout.num_invalid``.
     num_sms: upper bound on the streaming multiprocessors the triton communication
       kernels take, so expert compute can overlap with them.
     timeout_s: how long a triton kernel waits for a peer rank before it reports a timeout.

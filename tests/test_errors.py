@@ -1,0 +1,122 @@
+"""Bad input gets the documented error, naming the argument and the fix."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ep
+from conftest import cpu_mesh
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=6, topk=2, hidden=4, max_tokens_per_rank=0), "max_tokens_per_rank=0"),
+    (dict(num_experts=0, topk=1, hidden=4, max_tokens_per_rank=2), "num_experts=0"),
+    (dict(num_experts=4, topk=5, hidden=4, max_tokens_per_rank=2), "topk=5"),
+    (dict(num_experts=4, topk=2, hidden=-1, max_tokens_per_rank=2), "hidden=-1"),
+    (dict(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2, backend="cuda"), "backend='cuda'"),
+    (dict(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2, capacity=0), "capacity=0"),
+    (dict(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2, expert_alignment=0),
+     "expert_alignment=0"),
+    (dict(num_experts=4, topk=2.0, hidden=4, max_tokens_per_rank=2), "topk=2.0"),
+])
+def test_config_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jax_ep.EPConfig(**kwargs)
+
+
+def test_config_is_hashable_and_static():
+  a = jax_ep.EPConfig(num_experts=8, topk=2, hidden=4, max_tokens_per_rank=3)
+  b = jax_ep.EPConfig(num_experts=8, topk=2, hidden=4, max_tokens_per_rank=3)
+  assert hash(a) == hash(b) and a == b
+  assert a.capacity_rows(4) == 4 * 3 * 2
+  with pytest.raises(ValueError, match="not divisible by the size 3"):
+    a.capacity_rows(3)
+
+
+def _run(config, ep_size, x, idx, w=None):
+  mesh = cpu_mesh(ep_size)
+  def per_shard(x, idx):
+    return jax_ep.dispatch(x, idx, w, config=config)[0]
+  return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("ep"), P("ep")),
+                               out_specs=P("ep")))(x, idx)
+
+
+def test_unbound_axis_name():
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2)
+  with pytest.raises(ValueError, match="axis_name='ep' is not bound"):
+    jax_ep.dispatch(jnp.zeros((2, 4)), jnp.zeros((2, 2), jnp.int32), config=config)
+
+
+def test_experts_not_divisible_by_axis():
+  config = jax_ep.EPConfig(num_experts=6, topk=2, hidden=4, max_tokens_per_rank=2)
+  with pytest.raises(ValueError, match="num_experts=6 is not divisible by the size 4"):
+    _run(config, 4, jnp.zeros((8, 4)), jnp.zeros((8, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("x_shape,idx_shape,idx_dtype,match", [
+    ((4,), (2, 2), jnp.int32, "x must be \\[num_tokens, hidden\\]"),
+    ((2, 5), (2, 2), jnp.int32, "x.shape\\[1\\]=5 must equal EPConfig.hidden=4"),
+    ((3, 4), (3, 2), jnp.int32, "3 tokens, more than EPConfig.max_tokens_per_rank=2"),
+    ((2, 4), (2, 3), jnp.int32, "topk_idx must be \\[num_tokens, topk\\]"),
+    ((2, 4), (2, 2), jnp.float32, "topk_idx must have an integer dtype"),
+])
+def test_dispatch_shape_errors(x_shape, idx_shape, idx_dtype, match):
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2)
+  with pytest.raises(ValueError, match=match):
+    jax_ep.dispatch(jnp.zeros(x_shape), jnp.zeros(idx_shape, idx_dtype), config=config)
+
+
+def test_dispatch_dtype_errors():
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2)
+  with pytest.raises(ValueError, match="x must have a floating dtype"):
+    jax_ep.dispatch(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 2), jnp.int32), config=config)
+  with pytest.raises(ValueError, match="topk_weights must be \\[num_tokens, topk\\]"):
+    jax_ep.dispatch(jnp.zeros((2, 4)), jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,)),
+                    config=config)
+  with pytest.raises(TypeError, match="config must be a jax_ep.EPConfig"):
+    jax_ep.dispatch(jnp.zeros((2, 4)), jnp.zeros((2, 2), jnp.int32), config={"topk": 2})
+
+
+def test_combine_errors(rng):
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2)
+  other = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2, capacity=3)
+  mesh = cpu_mesh(2)
+
+  def per_shard(x, idx, y_rows, cfg):
+    recv_x, _, layout = jax_ep.dispatch(x, idx, config=config)
+    return jax_ep.combine(recv_x[:y_rows], layout, config=cfg)
+
+  x, idx = jnp.zeros((4, 4)), jnp.zeros((4, 2), jnp.int32)
+  run = lambda rows, cfg: jax.shard_map(lambda a, b: per_shard(a, b, rows, cfg), mesh=mesh,
+                                        in_specs=(P("ep"), P("ep")), out_specs=P("ep"))(x, idx)
+  with pytest.raises(ValueError, match="y must be \\[capacity, hidden\\]"):
+    run(3, config)
+  with pytest.raises(ValueError, match="pass the config used for dispatch"):
+    run(None, other)
+  with pytest.raises(TypeError, match="layout must be the DispatchLayout"):
+    jax_ep.combine(jnp.zeros((8, 4)), {"group_sizes": 1}, config=config)
+
+
+def test_checked_mode_raises_on_invalid_ids():
+  from jax.experimental import checkify
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           check_expert_ids=True)
+  mesh = cpu_mesh(2)
+  step = jax.jit(checkify.checkify(jax.shard_map(
+      lambda x, i: jax_ep.dispatch(x, i, config=config)[0], mesh=mesh,
+      in_specs=(P("ep"), P("ep")), out_specs=P("ep"))))
+  bad = jnp.array([[0, 1], [2, 9], [0, -1], [3, 3]], jnp.int32)
+  err, _ = step(jnp.ones((4, 4)), bad)
+  with pytest.raises(Exception, match="1 topk_idx value\\(s\\) lie outside \\[-1, 4\\)"):
+    err.throw()
+  ok = jnp.array([[0, 1], [2, -1], [0, -1], [3, 3]], jnp.int32)
+  err, _ = step(jnp.ones((4, 4)), ok)
+  err.throw()  # valid ids: no error
+
+
+def test_triton_backend_without_runtime_says_what_to_call():
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  with pytest.raises(RuntimeError, match="call jax_ep.runtime.initialize"):
+    _run(config, 2, jnp.ones((4, 4)), jnp.zeros((4, 2), jnp.int32))
