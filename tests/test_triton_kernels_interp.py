@@ -430,8 +430,12 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
 
   monkeypatch.setenv("JAX_EP_CACHE_DIR", str(tmp_path / "kernel_cache"))
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "0")  # a host callback cannot lower for CUDA here
-  monkeypatch.setattr(tb, "check_usable", lambda config: None)
+  from jax_ep import runtime
   world = 4
+  # Pretend the runtime is up (lowering needs no GPU and bakes no addresses into the HLO).
+  monkeypatch.setattr(tb, "check_usable", lambda config: None)
+  monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+  monkeypatch.setattr(runtime, "world_size", lambda: world)
   if len(jax.devices()) < world:
     pytest.skip(f"needs {world} devices")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:world]), ("ep",))

@@ -1,0 +1,437 @@
+"""Benchmark: jax_ep dispatch and combine, triton backend vs xla backend vs ``ragged_all_to_all``.
+
+Protocol (DESIGN.md "Benchmark protocol", docs/KERNELS.md):
+  1. Correctness first, on the benchmark's own inputs: the triton backend's recv_x, recv_weights
+     and layout must equal the xla backend's bit for bit and its combine must match within bf16
+     tolerance; a mismatch is printed as FAILED and recorded (``"correct": false``).
+  2. Timing, all paths in the same run on the same GPUs: each sample is one jitted call running
+     the op ``--inner`` times in a ``fori_loop`` (divided by ``--inner``), median of ``--iters``
+     (>= 20) samples after warm-up; dispatch and combine separately.
+       triton  jax_ep.dispatch / jax_ep.combine with EPConfig(backend="triton")
+       xla     the same with backend="xla" (lax.all_to_all of [W, T, H] buckets)
+       ragged  MaxText style: one row per (token, expert) sorted by destination, exchanged by
+               ``lax.ragged_all_to_all`` (+ sizes/offsets all_to_alls), then sorted by local
+               expert; combine = the reverse exchange and a weighted sum over k.
+  3. GB/s per rank in three conventions: "nvl" (DeepEP: bytes of the deduplicated token rows a
+     rank receives, itself included), "per_sel" (one row per (token, expert) selection),
+     "remote" (deduplicated rows from other ranks). Combine uses the same byte counts.
+  4. Results: a table on stdout; JSON and a PNG plot in benchmarks/results/.
+
+Shapes: 4096 tokens/rank (throughput) and 128 (latency), hidden 7168, top-8, 256 experts
+(DeepSeek-V3), plus hidden 2048 / 128 experts (Qwen3-MoE-like); uniform and zipf routing;
+capacity = 1.25 x mean (production) and the no-drop default (worst case).
+
+Runtime modes: ``--mode peer`` (one process driving every visible GPU), ``--mode nvshmem`` (one
+process per GPU; this script starts them), ``--mode both`` (default: each in fresh processes).
+
+Run (4 GPUs):  python benchmarks/bench_dispatch_combine.py [--quick] [--mode both]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHAPES = [
+    # name, tokens/rank, hidden, experts, topk, routing, capacity kind
+    ("dsv3_4096_uniform", 4096, 7168, 256, 8, "uniform", "balanced"),
+    ("dsv3_4096_uniform_nodrop", 4096, 7168, 256, 8, "uniform", "nodrop"),
+    ("dsv3_4096_zipf", 4096, 7168, 256, 8, "zipf", "balanced"),
+    ("dsv3_128_uniform", 128, 7168, 256, 8, "uniform", "balanced"),
+    ("qwen3_4096_uniform", 4096, 2048, 128, 8, "uniform", "balanced"),
+]
+QUICK = [("small_512_uniform", 512, 1024, 64, 4, "uniform", "balanced")]
+RAGGED_MAX_TOKENS = 4096
+
+
+# -- inputs and byte counts ----------------------------------------------------------------------
+
+def make_inputs(world, t, h, e, k, routing, seed=0):
+  import ml_dtypes
+  from jax_ep import testing
+  rng = np.random.default_rng(seed)
+  idx = np.concatenate([testing.make_routing(rng, routing, t, e, k, world) for _ in range(world)])
+  x = rng.standard_normal((world * t, h)).astype(ml_dtypes.bfloat16)
+  w = rng.random((world * t, k)).astype(np.float32)
+  return x, idx.astype(np.int32), w
+
+
+def byte_counts(idx, world, t, h, e, itemsize=2) -> dict:
+  """Mean bytes per rank in the three conventions."""
+  el = e // world
+  idx = idx.reshape(world, t, -1)
+  dest = np.where(idx >= 0, idx // el, -1)
+  nvl = remote = 0
+  for r in range(world):
+    got = np.any(dest == r, axis=2)                     # [W (source), T]
+    nvl += got.sum()
+    remote += got.sum() - got[r].sum()
+  sel = (idx >= 0).sum()
+  row = h * itemsize
+  return {"nvl": nvl * row / world, "per_sel": sel * row / world, "remote": remote * row / world}
+
+
+# -- the ragged_all_to_all path ------------------------------------------------------------------
+
+def ragged_fns(world, t, h, e, k, axis="ep"):
+  import jax.numpy as jnp
+  from jax import lax
+  el = e // world
+  n = t * k
+  out_rows = world * n
+
+  def a2a(v):
+    return lax.all_to_all(v, axis, 0, 0, tiled=True)
+
+  def plan(idx):
+    flat = idx.reshape(-1)
+    valid = flat >= 0
+    order = jnp.argsort(jnp.where(valid, flat, e), stable=True)
+    dest = jnp.where(valid, flat // el, world)[order]
+    send = jnp.zeros((world + 1,), jnp.int32).at[dest].add(1)[:world]
+    in_off = jnp.cumsum(send) - send
+    recv = a2a(send)
+    recv_off = jnp.cumsum(recv) - recv
+    out_off = a2a(recv_off)
+    return order, send, in_off, recv, recv_off, out_off
+
+  def dispatch(x, idx):
+    order, send, in_off, recv, recv_off, out_off = plan(idx)
+    rows = x[order // k]
+    ids = (idx.reshape(-1)[order] % el).astype(jnp.int32)
+    got = lax.ragged_all_to_all(rows, jnp.zeros((out_rows, h), x.dtype), in_off, send, out_off,
+                                recv, axis_name=axis)
+    got_ids = lax.ragged_all_to_all(ids, jnp.full((out_rows,), el, jnp.int32), in_off, send,
+                                    out_off, recv, axis_name=axis)
+    perm = jnp.argsort(got_ids, stable=True)            # local expert-major
+    return got[perm], perm
+
+  def combine(y, perm, idx, w):
+    order, send, in_off, recv, recv_off, out_off = plan(idx)
+    back_in = jnp.zeros_like(y).at[perm].set(y)          # undo the expert sort
+    src_off = a2a(in_off)                                # where the rows sit at their owner
+    back = lax.ragged_all_to_all(back_in, jnp.zeros((n, h), y.dtype), recv_off, recv, src_off,
+                                 send, axis_name=axis)
+    rows = jnp.zeros((n, h), jnp.float32).at[order].set(back.astype(jnp.float32))
+    rows = rows.reshape(t, k, h) * jnp.where(idx >= 0, w, 0.0)[..., None]
+    return jnp.sum(rows, axis=1).astype(y.dtype)
+
+  return dispatch, combine
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def time_fn(f, args, iters, warmup=3):
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    samples.append(time.perf_counter() - t0)
+  return statistics.median(samples)
+
+
+def run_mode(args, rank=0, world_override=None) -> dict:
+  """Runs every shape in this process (peer: all GPUs; nvshmem: this process's GPU)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import jax_ep
+  from jax_ep import runtime
+  from jax_ep.backends import triton as tb
+
+  os.environ["JAX_EP_CHECK_TIMEOUTS"] = "0"  # no host callback per op; checked at the end
+  shapes = QUICK if args.quick else SHAPES
+  if args.mode_run == "nvshmem":
+    devices = sorted(jax.devices(), key=lambda d: d.process_index)
+  else:
+    devices = jax.devices("gpu")
+  world = len(devices)
+  mesh = jax.sharding.Mesh(np.array(devices), ("ep",))
+  sharding = NamedSharding(mesh, P("ep"))
+  sizing = [jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t)
+            for _, t, h, e, k, _, _ in shapes]
+  runtime.initialize(sizing)
+
+  def put(a):
+    if args.mode_run == "nvshmem":
+      n = a.shape[0] // world
+      return jax.make_array_from_process_local_data(sharding, a[rank * n:(rank + 1) * n], a.shape)
+    return jax.device_put(a, sharding)
+
+  def fetch(a):
+    return np.asarray(a.addressable_shards[0].data) if args.mode_run == "nvshmem" else \
+        np.asarray(jax.device_get(a))
+
+  def _zero():  # a fori_loop carry that varies over the EP axis, like the ops' outputs
+    return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
+
+  results = []
+  for name, t, h, e, k, routing, cap_kind in shapes:
+    x, idx, w = make_inputs(world, t, h, e, k, routing)
+    base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
+                           num_sms=args.num_sms)
+    capacity = base.balanced_capacity(world) if cap_kind == "balanced" else None
+    xs, idxs, ws = put(x), put(idx), put(w)
+    row = {"shape": name, "tokens": t, "hidden": h, "experts": e, "topk": k,
+           "routing": routing, "capacity": cap_kind, "world": world, "mode": args.mode_run,
+           "num_sms": args.num_sms, "bytes": byte_counts(idx, world, t, h, e)}
+    inner = args.inner
+    outs = {}
+    for backend in ("triton", "xla"):
+      cfg = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
+                            capacity=capacity, backend=backend, num_sms=args.num_sms)
+
+      def d_once(x, idx, w, cfg=cfg):
+        recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+        return recv_x, recv_w, layout
+
+      def d_loop(x, idx, w, cfg=cfg):
+        def body(i, acc):
+          recv_x, _, _ = jax_ep.dispatch(x, idx, w, config=cfg)
+          return acc + recv_x[:1, :1].astype(jnp.float32)
+        return lax.fori_loop(0, inner, body, _zero())
+
+      def c_loop(y, layout, cfg=cfg):
+        def body(i, acc):
+          out = jax_ep.combine(y, layout, config=cfg)
+          return acc + out[:1, :1].astype(jnp.float32)
+        return lax.fori_loop(0, inner, body, _zero())
+
+      spec = P("ep")
+      stacked = jax.jit(jax.shard_map(
+          lambda x, i, w, cfg=cfg: jax.tree.map(lambda a: a[None], d_once(x, i, w, cfg)),
+          mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+      recv_x, recv_w, layout = stacked(xs, idxs, ws)
+      comb = jax.jit(jax.shard_map(
+          lambda y, lay, cfg=cfg: jax_ep.combine(y[0], jax.tree.map(lambda a: a[0], lay),
+                                                 config=cfg),
+          mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+      out = comb(recv_x, layout)
+      outs[backend] = [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes,
+                                          out)]
+      f_d = jax.jit(jax.shard_map(d_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+      f_c = jax.jit(jax.shard_map(lambda y, lay, cfg=cfg: c_loop(
+          y[0], jax.tree.map(lambda a: a[0], lay), cfg), mesh=mesh, in_specs=(spec, spec),
+          out_specs=spec))
+      row[f"{backend}_dispatch_s"] = time_fn(f_d, (xs, idxs, ws), args.iters) / inner
+      row[f"{backend}_combine_s"] = time_fn(f_c, (recv_x, layout), args.iters) / inner
+    ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+             for a, b in zip(outs["triton"][:4], outs["xla"][:4]))
+    ok = ok and np.allclose(np.asarray(outs["triton"][4], np.float32),
+                            np.asarray(outs["xla"][4], np.float32), rtol=2e-2, atol=2e-2)
+    row["correct"] = bool(ok)
+    if not ok:
+      print(f"FAILED correctness: {name} (triton differs from xla)", flush=True)
+    if t <= RAGGED_MAX_TOKENS and not args.no_ragged:
+      rd, rc = ragged_fns(world, t, h, e, k)
+
+      def r_d(x, idx):
+        def body(i, acc):
+          got, _ = rd(x, idx)
+          return acc + got[:1, :1].astype(jnp.float32)
+        return lax.fori_loop(0, inner, body, _zero())
+
+      def r_c(x, idx, w):
+        got, perm = rd(x, idx)
+
+        def body(i, acc):
+          out = rc(got, perm, idx, w)
+          return acc + out[:1, :1].astype(jnp.float32)
+        return lax.fori_loop(0, inner, body, _zero())
+
+      spec = P("ep")
+      f_rd = jax.jit(jax.shard_map(r_d, mesh=mesh, in_specs=(spec,) * 2, out_specs=spec))
+      f_rc = jax.jit(jax.shard_map(r_c, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+      try:
+        row["ragged_dispatch_s"] = time_fn(f_rd, (xs, idxs), max(3, args.iters // 4)) / inner
+        row["ragged_combine_s"] = (time_fn(f_rc, (xs, idxs, ws), max(3, args.iters // 4))
+                                   / inner - row["ragged_dispatch_s"] / inner)
+      except Exception as ex:  # noqa: BLE001 -- a baseline that cannot run is reported, not fatal
+        row["ragged_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+    for path in ("triton", "xla", "ragged"):
+      for op in ("dispatch", "combine"):
+        s = row.get(f"{path}_{op}_s")
+        if s:
+          row[f"{path}_{op}_gbps"] = {c: b / s / 1e9 for c, b in row["bytes"].items()}
+    results.append(row)
+    print_row(row)
+  tb.check_timeouts()
+  runtime.shutdown()
+  return {"device": str(devices[0].device_kind), "world": world, "mode": args.mode_run,
+          "results": results}
+
+
+def print_row(r):
+  def fmt(path, op):
+    s = r.get(f"{path}_{op}_s")
+    if not s:
+      return f"{'-':>20}"
+    return f"{s * 1e6:9.1f}us {r[f'{path}_{op}_gbps']['nvl']:7.1f}GB/s"
+  print(f"{r['mode']:8} {r['shape']:26} ok={str(r['correct']):5} | "
+        + " | ".join(f"{p} {op[0]}: {fmt(p, op)}" for p in ("triton", "xla", "ragged")
+                     for op in ("dispatch", "combine")), flush=True)
+
+
+# -- orchestration ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _child_env():
+  env = dict(os.environ)
+  env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+  env.setdefault("NCCL_NVLS_ENABLE", "0")
+  env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+  env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+  env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(4 << 30))
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _collect(procs, timeout):
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      out = "TIMEOUT"
+    outs.append(out)
+  return outs
+
+
+def _result_of(out):
+  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  sys.stdout.write("".join(l + "\n" for l in out.splitlines()
+                           if not l.startswith("RESULT ")))
+  return json.loads(lines[-1][len("RESULT "):]) if lines else {"error": out[-3000:]}
+
+
+def orchestrate(args) -> list[dict]:
+  script = os.path.abspath(__file__)
+  common = ["--iters", str(args.iters), "--inner", str(args.inner), "--num-sms",
+            str(args.num_sms)] + (["--quick"] if args.quick else []) + (
+                ["--no-ragged"] if args.no_ragged else [])
+  runs = []
+  if args.mode in ("peer", "both"):
+    p = subprocess.Popen([sys.executable, script, "--child", "peer"] + common,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(),
+                         text=True)
+    runs.append(_result_of(_collect([p], args.timeout)[0]))
+  if args.mode in ("nvshmem", "both"):
+    n = int(subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices('gpu')))"],
+                           capture_output=True, text=True, env=_child_env()).stdout.strip() or 0)
+    coord = f"127.0.0.1:{_free_port()}"
+    env = _child_env()
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    procs = [subprocess.Popen([sys.executable, script, "--child", "nvshmem", "--rank", str(r),
+                               "--world", str(n), "--coord", coord] + common,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True) for r in range(n)]
+    outs = _collect(procs, args.timeout)
+    runs.append(_result_of(outs[0]))
+    for r, o in enumerate(outs[1:], 1):
+      res = _result_of(o) if "RESULT" in o else {"error": o[-2000:]}
+      if "error" in res:
+        print(f"nvshmem rank {r} error:\n{res['error']}")
+  return runs
+
+
+def write_outputs(runs, out_dir):
+  os.makedirs(out_dir, exist_ok=True)
+  device = next((r.get("device") for r in runs if "device" in r), "unknown").replace(" ", "_")
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  base = os.path.join(out_dir, f"dispatch_combine_{device}_{stamp}")
+  with open(base + ".json", "w") as f:
+    json.dump({"date": stamp, "runs": runs}, f, indent=1)
+  print(f"wrote {base}.json")
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing: no PNG")
+    return
+  rows = [r for run in runs for r in run.get("results", [])]
+  if not rows:
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+  for ax, op in zip(axes, ("dispatch", "combine")):
+    labels = [f"{r['mode']}\n{r['shape']}" for r in rows]
+    xs = np.arange(len(rows))
+    for j, path in enumerate(("triton", "xla", "ragged")):
+      vals = [r.get(f"{path}_{op}_gbps", {}).get("nvl", 0.0) for r in rows]
+      ax.bar(xs + (j - 1) * 0.27, vals, 0.27, label=path)
+    ax.axhline(320, color="k", ls="--", lw=0.8, label="target 320 GB/s")
+    ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("GB/s per rank (DeepEP NVL convention)")
+    ax.set_title(f"{op} ({device})")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(base + ".png", dpi=120)
+  print(f"wrote {base}.png")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--mode", choices=("peer", "nvshmem", "both"), default="both")
+  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--inner", type=int, default=5)
+  ap.add_argument("--num-sms", type=int, default=32)
+  ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
+  ap.add_argument("--no-ragged", action="store_true")
+  ap.add_argument("--timeout", type=int, default=540)
+  ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+  ap.add_argument("--child", choices=("peer", "nvshmem"), help=argparse.SUPPRESS)
+  ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+  ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+  ap.add_argument("--coord", default="", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  args.iters = max(20, args.iters)
+  if args.child:
+    args.mode_run = args.child
+    try:
+      if args.child == "nvshmem":
+        import jax
+        jax.distributed.initialize(args.coord, num_processes=args.world, process_id=args.rank,
+                                   local_device_ids=[args.rank])
+      res = run_mode(args, rank=args.rank)
+    except Exception:  # noqa: BLE001 -- reported to the parent
+      import traceback
+      res = {"error": traceback.format_exc()}
+    print("RESULT " + json.dumps(res), flush=True)
+    return
+  runs = orchestrate(args)
+  for run in runs:
+    if "error" in run:
+      print(f"ERROR in a run:\n{run['error']}")
+  print("\n== summary (median per op; GB/s per rank, DeepEP NVL convention)")
+  for run in runs:
+    for r in run.get("results", []):
+      print_row(r)
+  write_outputs(runs, args.out)
+
+
+if __name__ == "__main__":
+  main()
