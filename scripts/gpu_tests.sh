@@ -56,6 +56,16 @@ for n in ${GPU_COUNTS:-2 4}; do
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|^E |\"(init_s|calls_s)\"" "$LOGS/pytest_gpus$n.log" | head -40
   summary+=("gpus=$n: rc=$rc $(tail -1 "$LOGS/pytest_gpus$n.log")")
 done
+for n in ${GPU_COUNTS:-2 4}; do
+  [ "$n" -le "$NGPU" ] || continue
+  echo "== example on $n GPUs: scripts/launch_multiprocess.sh examples/multiprocess/allgather.py"
+  GPUS_PER_NODE=$n timeout 180 scripts/launch_multiprocess.sh examples/multiprocess/allgather.py \
+      --calls 200 --loop 1000 > "$LOGS/example_gpus$n.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && status=1
+  grep -E "\[rank|Error|error" "$LOGS/example_gpus$n.log" | head -12
+  summary+=("example gpus=$n: rc=$rc")
+done
 echo "== SUMMARY ($(date -u +%FT%TZ))"
 for s in "${summary[@]}"; do echo "SUMMARY $s"; done
 exit $status

@@ -257,3 +257,22 @@ def test_region_sizes_grow_with_the_config(monkeypatch):
   assert runtime.nvshmem_heap_bytes() == 2 << 30
   monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "1073741824")
   assert runtime.nvshmem_heap_bytes() == 1 << 30
+
+
+def test_all_gather_inside_fori_loop_lowers():
+  """A chain of exchanges in a loop (ordered by the carried data) lowers to one custom call in
+  a while body."""
+  from jax_ep import launch
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("ep",))
+
+  def per_shard(x):
+    def body(_, c):
+      g, _ = launch.all_gather_int32(c, axis_name="ep")
+      return g[(jax.lax.axis_index("ep") + 1) % 2]
+    return jax.lax.fori_loop(0, 10, body, x[0])[None]
+
+  f = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  text = f.trace(jax.ShapeDtypeStruct((2, 8), jnp.int32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.while" in text and len(_custom_calls(text)) == 1

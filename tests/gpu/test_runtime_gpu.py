@@ -190,3 +190,29 @@ def test_timeout_reports_missing_peer(fresh_runtime):
   status = np.asarray(status)[0]
   assert status[0] == 0 and (status[1:] == 1).all(), status
   runtime.shutdown()  # the other ranks' flags are now out of step; start over
+
+
+def test_chained_loop_of_exchanges(fresh_runtime):
+  """1,000 exchanges chained in one jitted fori_loop: correct, and their latency printed."""
+  import time
+
+  mesh, w = _mesh()
+  runtime.initialize(CONFIG)
+  steps = 1000
+
+  def per_shard(x):
+    def body(_, c):
+      g, _ = launch.all_gather_int32(c, axis_name="ep")
+      return g[(jax.lax.axis_index("ep") + 1) % w]
+    return jax.lax.fori_loop(0, steps, body, x[0])[None]
+
+  f = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  x_host = np.random.default_rng(2).integers(0, 1 << 30, (w, 64)).astype(np.int32)
+  x = jax.device_put(x_host, NamedSharding(mesh, P("ep")))
+  f(x).block_until_ready()
+  t0 = time.perf_counter()
+  out = f(x)
+  out.block_until_ready()
+  dt = time.perf_counter() - t0
+  print(f"\npeer provider, {w} GPUs: {1e6 * dt / steps:.1f} us per chained exchange")
+  np.testing.assert_array_equal(np.asarray(out), x_host[(np.arange(w) + steps) % w])
