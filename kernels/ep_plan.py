@@ -20,6 +20,7 @@ class EPPlan:
     num_sms: upper bound on the programs of the row-moving kernels.
     row_itemsize: bytes per staged element the region was sized for.
     use_timer: read %globaltimer for timeouts (False in the interpreter).
+    itemsize: bytes per element of the rows this op moves (sizes the row tiles).
   """
 
   world: int
@@ -33,6 +34,7 @@ class EPPlan:
   num_sms: int = 32
   row_itemsize: int = 4
   use_timer: bool = True
+  itemsize: int = 2
 
   @property
   def region(self) -> RegionSpec:
@@ -64,7 +66,9 @@ class EPPlan:
 
   @property
   def block_h(self) -> int:
-    return min(1024, next_pow2(self.hidden))
+    """Row chunk: a [BLOCK_T, BLOCK_H] tile of about 32 KB (16-byte vectors, no spills)."""
+    target = max(64, 32768 // (self.block_t * self.itemsize))
+    return min(1 << (target.bit_length() - 1), 1024, next_pow2(self.hidden))
 
   @property
   def block_r(self) -> int:

@@ -328,6 +328,7 @@ CASES = [
     (4, 17, 40, 2, 8, 6, 4, "uniform", ml_dtypes.bfloat16),  # heavy drops, aligned
     (2, 0, 32, 2, 4, None, 1, "uniform", np.float32),        # T = 0
     (3, 9, 16, 2, 6, None, 2, "empty", np.float32),          # nothing selected
+    (2, 7, 300, 2, 4, None, 1, "uniform", np.float32),        # rows in 3 chunks (128 + tail)
 ]
 
 
@@ -346,7 +347,8 @@ def test_dispatch_combine_against_numpy(case, interp):
   rng = np.random.default_rng(hash(case[:8]) % 2**32)
   capacity = _capacity(world, t, k, e, cap, align)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t + 3, hidden=h, topk=k, num_experts=e,
-                capacity=capacity, alignment=align, num_sms=3, use_timer=False)
+                capacity=capacity, alignment=align, num_sms=3, use_timer=False,
+                itemsize=np.dtype(dtype).itemsize)
   idxs = routing(rng, kind, world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
   ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]

@@ -109,7 +109,7 @@ def check_usable(config: EPConfig) -> None:
                        f"EPConfig(backend='xla').")
 
 
-def _plan(config: EPConfig, world: int, num_tokens: int):
+def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
   from jax_ep.kernels.ep_plan import EPPlan
   from jax_ep.kernels.ep_sync import MAX_WORLD
   if world > MAX_WORLD:
@@ -124,7 +124,8 @@ def _plan(config: EPConfig, world: int, num_tokens: int):
   return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
                 hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
-                num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True)
+                num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
+                itemsize=jnp.dtype(dtype).itemsize)
 
 
 def _timeout_ns(config: EPConfig):
@@ -221,7 +222,7 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   kl, kd, _, ks, _ = _kernels()
   world = _world(config)
   t = x.shape[0]
-  p = _plan(config, world, t)
+  p = _plan(config, world, t, x.dtype)
   nb, e, el = p.num_blocks, p.num_experts, p.e_local
   topk_idx = topk_idx.astype(jnp.int32)
   topk_weights = topk_weights.astype(jnp.float32)
@@ -262,7 +263,7 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
   t = x.shape[0]
-  p = _plan(config, world, t)
+  p = _plan(config, world, t, x.dtype)
   st0 = _barrier(config, p, ks.OP_DROWS_SYNC)
   dummy_w = jnp.zeros((1,), jnp.float32)   # not read without COMPUTE_POS
   (token,) = _call(config.axis_name, kd.dispatch_push_kernel, x, layout.topk_idx, dummy_w, st0,
@@ -283,7 +284,7 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
-  p = _plan(config, world, t)
+  p = _plan(config, world, t, y.dtype)
   st0 = _barrier(config, p, ks.OP_COMBINE_SYNC)
   (token,) = _call(config.axis_name, kc.combine_push_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
                    st0, out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
@@ -302,7 +303,7 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
-  p = _plan(config, world, t)
+  p = _plan(config, world, t, jnp.float32)
   st0 = _barrier(config, p, ks.OP_GATHER_SYNC)
   (token,) = _call(config.axis_name, kc.gather_push_kernel, values.astype(jnp.float32), layout.recv_pos, st0,
                    out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
