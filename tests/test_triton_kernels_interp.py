@@ -464,3 +464,10 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
                  "gather_reduce_kernel"):
     assert kernel in names, (kernel, names)
   assert "all_to_all" not in text and "all-to-all" not in text
+  # With timeout checks on (the default), each op adds one host callback on its statuses; the
+  # step still lowers (here for the CPU platform, where host callbacks lower).
+  monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "1")
+  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+  text = f.trace(*args).lower().as_text()
+  assert text.count("kernel_name = ") == len(names)
+  assert "callback" in text
