@@ -14,8 +14,10 @@ Protocol (docs/GROUPED_GEMM.md):
      TFLOP/s = 2*R*K*N (forward) or 4*R*K*N (backward) / time.
   3. Results: a table on stdout, JSON + PNG in ``benchmarks/results/`` named with the device and
      the UTC date. ``--sweep`` also times a few tile configurations per shape (forward and dw) so
-     the tile table in kernels/grouped_gemm.py can be checked against measurements; the
-     forward is timed both persistent (the default) and one-program-per-tile.
+     the tile table in kernels/grouped_gemm.py can be checked against measurements: forward
+     persistent (the default) / one program per tile / TMA descriptors, dw pointer / TMA; each
+     variant is checked against the xla backend before it is timed. Sweeps run after the main
+     results are written.
 
 Shapes (rows, local experts, K, N): DeepSeek-V3-like per rank at EP=4 (4096 tokens x top-8 =
 32768 rows, 64 local experts, hidden 7168, expert FFN 2048: up = gate|up fused N=4096, down
@@ -60,7 +62,6 @@ SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
     (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
     (64, 256, 64, 4, 4),
     (256, 128, 64, 8, 3),
     (128, 128, 128, 8, 3),
@@ -146,30 +147,37 @@ def _try(label, thunk):
 
 # -- one shape -----------------------------------------------------------------------------------
 
-def bench_shape(name, rows, experts, k, n, args, rng) -> dict:
+def make_inputs(rows, experts, k, n, args, seed: int):
+  """Group sizes, layout and random operands of one shape (same seed -> same inputs)."""
+  rng = np.random.default_rng(seed)
+  dtype = jnp.dtype(args.dtype)
+  sizes = group_sizes(rng, rows, experts, args.routing)
+  layout = layout_for(sizes, rows)
+  kx, kw, kg, kd = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(kx, (rows, k), jnp.float32).astype(dtype)
+  w = (jax.random.normal(kw, (experts, k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
+  dy = jax.random.normal(kg, (rows, n), jnp.float32).astype(dtype)
+  w_dense = (jax.random.normal(kd, (k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
+  return sizes, layout, x, w, dy, w_dense
+
+
+def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   from jax_ep.backends import triton_gemm, xla
   from jax_ep.kernels import grouped_gemm as gg
 
   dtype = jnp.dtype(args.dtype)
-  sizes = group_sizes(rng, rows, experts, args.routing)
-  capacity = rows
-  layout = layout_for(sizes, capacity)
+  sizes, layout, x, w, dy, w_dense = make_inputs(rows, experts, k, n, args, seed)
   r = int(sizes.sum())
-  key = jax.random.key(int(rng.integers(2**31)))
-  kx, kw, kg, kd = jax.random.split(key, 4)
-  x = jax.random.normal(kx, (capacity, k), jnp.float32).astype(dtype)
-  w = (jax.random.normal(kw, (experts, k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
-  dy = jax.random.normal(kg, (capacity, n), jnp.float32).astype(dtype)
-  w_dense = (jax.random.normal(kd, (k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
   sizes_d = layout.group_sizes
   offsets_d = layout.group_offsets
   res = dict(name=name, rows=rows, experts=experts, K=k, N=n, dtype=dtype.name,
-             routing=args.routing, rows_in_groups=r,
+             routing=args.routing, rows_in_groups=r, seed=seed,
              group_sizes=dict(min=int(sizes.min()), max=int(sizes.max()),
                               mean=float(sizes.mean()), zeros=int((sizes == 0).sum())),
              fwd_config=str(gg.forward_config(k, n, dtype.name, "tf32")),
              dx_config=str(gg.forward_config(n, k, dtype.name, "tf32")),
-             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32")))
+             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32")),
+             tma_default=triton_gemm._use_tma_default())
   fwd_flops = 2.0 * r * k * n
   print(f"\n== {name}: R={r} rows, E={experts}, K={k}, N={n}, {dtype.name}, {args.routing} "
         f"(group sizes {sizes.min()}..{sizes.max()}, {int((sizes == 0).sum())} empty)",
@@ -246,27 +254,56 @@ def bench_shape(name, rows, experts, k, n, args, rng) -> dict:
       if tri and b:
         res.setdefault("ratios", {})[f"{phase}_vs_{base}"] = tri / b
 
-  # 3. Optional tile sweep (forward and dw kernels alone).
-  if args.sweep:
-    res["sweep"] = []
-    for cfg_t in SWEEP:
-      cfg = gg.TileConfig(*cfg_t)
-      runs = [(f"fwd persistent={pers}",
-               lambda x, w, c=cfg, p=pers: triton_gemm._grouped(
-                   x, w, sizes_d, offsets_d, transpose_w=False, config=c, persistent=p),
-               (x, w)) for pers in (True, False)]
-      runs.append(("dw", lambda x, dy, c=cfg: triton_gemm._grouped_dw(
-          x, dy, sizes_d, offsets_d, experts, config=c), (x, dy)))
-      for kind, fn, fargs in runs:
-        t = _try(f"sweep {kind} {cfg_t}", lambda: time_op(fn, fargs, args.iters, args.inner))
-        if "median_s" in t:
-          t["tflops"] = fwd_flops / t["median_s"] / 1e12
-          print(f"  sweep {kind:<22} {cfg_t}: {t['median_s'] * 1e3:8.3f} ms  "
-                f"{t['tflops']:7.1f} TFLOP/s", flush=True)
-        res["sweep"].append(dict(kind=kind, config=list(cfg_t), **t))
   del x, w, dy, w_dense, x_dense, dy_dense
   gc.collect()
   return res
+
+
+def sweep_shape(name, rows, experts, k, n, args, seed: int) -> list[dict]:
+  """Time candidate tile configs (forward: persistent/per-tile, pointer/TMA; dw: pointer/TMA),
+  each checked against the xla backend on the same inputs first."""
+  from jax_ep.backends import triton_gemm, xla
+
+  from jax_ep.kernels import grouped_gemm as gg
+
+  sizes, layout, x, w, dy, _ = make_inputs(rows, experts, k, n, args, seed)
+  s_d, o_d = layout.group_sizes, layout.group_offsets
+  flops = 2.0 * int(sizes.sum()) * k * n
+  tol = 3e-2 if jnp.dtype(args.dtype) == jnp.bfloat16 else 1e-2
+  y_ref = np.asarray(jax.jit(lambda x, w: xla.grouped_matmul(x, w, layout))(x, w), np.float32)
+  dw_ref = np.asarray(jax.jit(lambda x, w, dy: jax.vjp(
+      lambda w: xla.grouped_matmul(x, w, layout), w)[1](dy)[0])(x, w, dy), np.float32)
+  print(f"\n== sweep {name}", flush=True)
+  out = []
+  for cfg_t in SWEEP:
+    cfg = gg.TileConfig(*cfg_t)
+    runs = []
+    for pers, tma in ((True, False), (False, False), (True, True)):
+      runs.append((f"fwd persistent={pers} tma={tma}", y_ref,
+                   lambda x, w, c=cfg, p=pers, t=tma: triton_gemm._grouped(
+                       x, w, s_d, o_d, transpose_w=False, config=c, persistent=p, use_tma=t),
+                   (x, w)))
+    for tma in (False, True):
+      runs.append((f"dw tma={tma}", dw_ref,
+                   lambda x, dy, c=cfg, t=tma: triton_gemm._grouped_dw(
+                       x, dy, s_d, o_d, experts, config=c, use_tma=t), (x, dy)))
+    for kind, ref, fn, fargs in runs:
+      def run():
+        got = np.asarray(jax.jit(fn)(*fargs), np.float32)
+        rel = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+        t = time_op(fn, fargs, args.iters, args.inner)
+        t.update(rel_err=rel, correct=bool(np.isfinite(got).all() and rel < tol))
+        return t
+      t = _try(f"sweep {kind} {cfg_t}", run)
+      if "median_s" in t:
+        t["tflops"] = flops / t["median_s"] / 1e12
+        print(f"  {kind:<32} {str(cfg_t):<24} {t['median_s'] * 1e3:8.3f} ms  "
+              f"{t['tflops']:7.1f} TFLOP/s  {'ok' if t['correct'] else 'WRONG'}", flush=True)
+      out.append(dict(shape=name, kind=kind, config=list(cfg_t), **t))
+      gc.collect()
+  del x, w, dy, y_ref, dw_ref
+  gc.collect()
+  return out
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -346,15 +383,22 @@ def main(argv=None):
               triton=triton.__version__, args=vars(args))
   print(f"{meta['device']} | jax {jax.__version__} | triton {triton.__version__} | "
         f"{meta['date_utc']}", flush=True)
-  rng = np.random.default_rng(args.seed)
-  results = [bench_shape(s, *table[s], args, rng) for s in names]
+  seeds = {s: args.seed + i for i, s in enumerate(names)}
+  results = [bench_shape(s, *table[s], args, seeds[s]) for s in names]
   print_table(results)
 
   os.makedirs(args.out, exist_ok=True)
   slug = re.sub(r"[^A-Za-z0-9]+", "-", device.device_kind).strip("-").lower()
   stem = os.path.join(args.out, f"grouped_gemm_{slug}_{now.strftime('%Y%m%d-%H%M%S')}")
+  record = dict(meta=meta, results=results)
   with open(stem + ".json", "w") as f:
-    json.dump(dict(meta=meta, results=results), f, indent=1)
+    json.dump(record, f, indent=1)
+  if args.sweep:  # after the main results are on disk: a failing variant cannot lose them
+    record["sweep"] = []
+    for s in names:
+      record["sweep"] += sweep_shape(s, *table[s], args, seeds[s])
+      with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
   try:
     plot(results, stem + ".png",
          f"grouped GEMM, {args.dtype}, {args.routing} routing - {meta['device']} - "

@@ -155,6 +155,7 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     E_POW2: tl.constexpr,             # next power of two >= E (tl.arange needs one)
     INPUT_PRECISION: tl.constexpr,    # "ieee" | "tf32": only used for float32 inputs
+    USE_TMA: tl.constexpr = False,    # operands through TMA descriptors (see ``tma_supported``)
 ):
   """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring.
 
@@ -168,6 +169,19 @@ def grouped_gemm_kernel(
   cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles = (
       _segment_table(sizes_ptr, offsets_ptr, C, E, E_POW2, BLOCK_M))
   num_tiles = num_m_tiles * num_n_tiles
+  if USE_TMA:
+    # Device-side TMA descriptors, made once per program (in Triton's global scratch). Rows
+    # past C and columns past K/N read as zeros; w is seen as one 2-D matrix over all experts,
+    # so a B tile must not cross into the next expert along the reduction dimension: either K
+    # is a multiple of BLOCK_K (row-major B) or K is the contiguous, bounded dimension.
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[STRIDE_XM, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    if STRIDE_WN == 1:
+      w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[STRIDE_WK, 1],
+                                         block_shape=[BLOCK_K, BLOCK_N])
+    else:
+      w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[STRIDE_WN, 1],
+                                         block_shape=[BLOCK_N, BLOCK_K])
 
   for tile in range(pid, num_tiles, num_programs):
     m_tile = tile // num_n_tiles
@@ -194,7 +208,14 @@ def grouped_gemm_kernel(
     k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for ki in range(0, k_iters):
-      if K % BLOCK_K == 0:
+      if USE_TMA:
+        k0 = ki * BLOCK_K
+        a = x_desc.load([row_start, k0])
+        if STRIDE_WN == 1:
+          b = w_desc.load([e_safe.to(tl.int32) * K + k0, n_tile * BLOCK_N])
+        else:
+          b = tl.trans(w_desc.load([e_safe.to(tl.int32) * N + n_tile * BLOCK_N, k0]))
+      elif K % BLOCK_K == 0:
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
       else:
@@ -225,6 +246,7 @@ def grouped_gemm_dw_kernel(
     BLOCK_N: tl.constexpr,   # tile of dw's N dimension
     BLOCK_K: tl.constexpr,   # rows reduced per step
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,  # TMA descriptors whose row count ends at the group's end
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)."""
   pid = tl.program_id(0)
@@ -250,11 +272,24 @@ def grouped_gemm_dw_kernel(
   x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * STRIDE_XM + ks[None, :] * STRIDE_XK
   dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * STRIDE_DYM + ns[None, :] * STRIDE_DYN
 
+  if USE_TMA:
+    # Descriptors that end at the group's last row: TMA zero-fills the rows past it.
+    rows_end = tl.maximum(end, 1)  # an empty group loads nothing; keep the descriptor valid
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[rows_end, K], strides=[STRIDE_XM, 1],
+                                       block_shape=[BLOCK_K, BLOCK_M])
+    dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[rows_end, N], strides=[STRIDE_DYM, 1],
+                                        block_shape=[BLOCK_K, BLOCK_N])
+
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   for ri in range(0, (size + BLOCK_K - 1) // BLOCK_K):
-    in_group = (rows < end)[:, None]
-    xt = tl.load(x_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_M]
-    g = tl.load(dy_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_N]
+    if USE_TMA:
+      r0 = off + ri * BLOCK_K
+      xt = x_desc.load([r0, k_tile * BLOCK_M])
+      g = dy_desc.load([r0, n_tile * BLOCK_N])
+    else:
+      in_group = (rows < end)[:, None]
+      xt = tl.load(x_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_M]
+      g = tl.load(dy_ptrs, mask=in_group, other=0.0)    # [BLOCK_K, BLOCK_N]
     acc = tl.dot(tl.trans(xt), g, acc, input_precision=INPUT_PRECISION)
     rows += BLOCK_K
     x_ptrs += BLOCK_K * STRIDE_XM
@@ -346,9 +381,26 @@ def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:
   return E * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
 
 
+def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[int, int, int],
+                  elem_bytes: int, dw: bool = False) -> bool:
+  """Whether the TMA variant applies: 16-byte aligned strides, one contiguous dimension per
+  operand, B tiles that never cross experts along the reduction, int32 descriptor shapes."""
+  if (K * elem_bytes) % 16 or (N * elem_bytes) % 16:
+    return False
+  if dw:
+    return True
+  we, wk, wn = w_strides
+  if wn == 1:
+    return we == K * wk and K % cfg.block_k == 0 and E * K < 2**31
+  if wk == 1:
+    return we == N * wn and E * N < 2**31
+  return False
+
+
 def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
                        x_strides: tuple[int, int], w_strides: tuple[int, int, int],
-                       y_strides: tuple[int, int], input_precision: str = "ieee") -> dict:
+                       y_strides: tuple[int, int], input_precision: str = "ieee",
+                       use_tma: bool = False) -> dict:
   """Compile-time constants of ``grouped_gemm_kernel`` (strides in elements).
 
   ``w_strides`` are (expert, k, n) strides of the B operand: for the forward product on a
@@ -360,14 +412,14 @@ def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
               STRIDE_WE=w_strides[0], STRIDE_WK=w_strides[1], STRIDE_WN=w_strides[2],
               STRIDE_YM=y_strides[0], STRIDE_YN=y_strides[1],
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision)
+              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision, USE_TMA=use_tma)
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
-                  input_precision: str = "ieee") -> dict:
+                  input_precision: str = "ieee", use_tma: bool = False) -> dict:
   """Compile-time constants of ``grouped_gemm_dw_kernel`` for row-major x [C,K], dy [C,N], dw [E,K,N]."""
   return dict(C=C, K=K, N=N, E=E,
               STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-              INPUT_PRECISION=input_precision)
+              INPUT_PRECISION=input_precision, USE_TMA=use_tma)

@@ -226,11 +226,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("programs", [None, 3], ids=["tile-per-program", "persistent3"])
+@pytest.mark.parametrize("programs,use_tma", [(None, False), (3, False), (3, True)],
+                         ids=["tile-per-program", "persistent3", "persistent3-tma"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs):
-  """programs=None: one program per possible tile; 3: three programs loop over all tiles."""
+def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma):
+  """programs=None: one program per possible tile; 3: three programs loop over all tiles.
+  use_tma: operands through device-side TMA descriptors (where ``tma_supported``)."""
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = make_layout(rng, kind, c, e, align)
@@ -238,10 +240,16 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs):
   w = _inputs(rng, (e, k, n), dtype)
   cfg = gg.TileConfig(**SMALL_TILE)
 
+  itemsize = np.dtype(dtype).itemsize
+  tma_fwd = gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1), elem_bytes=itemsize)
+  tma_dx = gg.tma_supported(n, k, e, cfg, w_strides=(k * n, 1, n), elem_bytes=itemsize)
+  if use_tma and not (tma_fwd or tma_dx):
+    pytest.skip("shape not eligible for the TMA variant")
+
   # Forward: y = x @ w[e] per group.
   y = np.full((c, n), np.nan, dtype)
   ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
-                             y_strides=(n, 1))
+                             y_strides=(n, 1), use_tma=use_tma and tma_fwd)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg, programs),
                   (x, w, sizes, offsets, y), ce)
   assert_close(y, ref_forward(x, w, sizes, offsets), np.dtype(dtype), np.sqrt(k))
@@ -250,16 +258,17 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs):
   dy = _inputs(rng, (c, n), dtype)
   dx = np.full((c, k), np.nan, dtype)
   ce = gg.forward_constexprs(c, n, k, e, cfg, x_strides=(n, 1), w_strides=(k * n, 1, n),
-                             y_strides=(k, 1))
+                             y_strides=(k, 1), use_tma=use_tma and tma_dx)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg, programs),
                   (dy, w, sizes, offsets, dx), ce)
   assert_close(dx, ref_forward(dy, np.swapaxes(w, 1, 2), sizes, offsets), np.dtype(dtype),
                np.sqrt(n))
 
 
+@pytest.mark.parametrize("use_tma", [False, True], ids=["ptr", "tma"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_dw_interpreted(interp, rng, case, dtype):
+def test_dw_interpreted(interp, rng, case, dtype, use_tma):
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = make_layout(rng, kind, c, e, align)
@@ -273,8 +282,11 @@ def test_dw_interpreted(interp, rng, case, dtype):
   dy[~inside] = np.nan
   cfg = gg.TileConfig(**SMALL_TILE)
   dw = np.full((e, k, n), np.nan, dtype)
+  if use_tma and not gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1),
+                                      elem_bytes=np.dtype(dtype).itemsize, dw=True):
+    pytest.skip("shape not eligible for the TMA variant")
   run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
-                  (x, dy, sizes, offsets, dw), gg.dw_constexprs(c, k, n, e, cfg))
+                  (x, dy, sizes, offsets, dw), gg.dw_constexprs(c, k, n, e, cfg, use_tma=use_tma))
   x0 = np.where(inside[:, None], x.astype(np.float32), 0)
   dy0 = np.where(inside[:, None], dy.astype(np.float32), 0)
   assert_close(dw, ref_dw(x0, dy0, sizes, offsets), np.dtype(dtype),
@@ -384,14 +396,16 @@ def _layout(sizes, offsets, capacity):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_backend_value_and_grad_match_xla(interp, rng, monkeypatch, kind, dtype):
+@pytest.mark.parametrize("kind,tma", [("random", False), ("giant", False), ("empty", False),
+                                      ("random", True)])
+def test_backend_value_and_grad_match_xla(interp, rng, monkeypatch, kind, tma, dtype):
   """triton_gemm.grouped_matmul (custom_vjp, strides, tiles) == the xla backend, value and grads."""
   import jax
   import jax.numpy as jnp
   from jax_ep.backends import triton_gemm, xla
 
   monkeypatch.setattr(triton_gemm, "_triton_call", _interpreter_launcher(interp))
+  monkeypatch.setenv("JAX_EP_GMM_TMA", "1" if tma else "0")
   c, h, n, e = 200, 40, 24, 5
   sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
   layout = _layout(sizes, offsets, c)

@@ -18,6 +18,8 @@ matmul can run on any CUDA GPU where the FFI library is built, without
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -100,13 +102,20 @@ def _num_sms() -> int:
   return int(count) if count else 132
 
 
-def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent: bool = True):
+def _use_tma_default() -> bool:
+  """TMA descriptor variant: opt-in with JAX_EP_GMM_TMA=1 until it has run on a GPU."""
+  return os.environ.get("JAX_EP_GMM_TMA", "0") not in ("", "0", "false", "False")
+
+
+def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent: bool = True,
+             use_tma: bool | None = None):
   """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
   ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``:
   launch one program per resident CTA, each looping over tiles (default), instead of one
-  program per possible tile.
+  program per possible tile. ``use_tma``: load operands through TMA descriptors where the shape
+  allows (default: ``$JAX_EP_GMM_TMA``, off).
   """
   gg = _kernels()
   c, k = x.shape
@@ -124,8 +133,12 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent
   cfg = config or gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
   max_programs = (gg.resident_programs(_num_sms(), cfg, jnp.dtype(x.dtype).itemsize)
                   if persistent else None)
+  itemsize = jnp.dtype(x.dtype).itemsize
+  use_tma = _use_tma_default() if use_tma is None else use_tma
+  use_tma = use_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
-                                     y_strides=(n, 1), input_precision=precision)
+                                     y_strides=(n, 1), input_precision=precision,
+                                     use_tma=use_tma)
   (y,) = _triton_call(
       gg.grouped_gemm_kernel, x, w, sizes, offsets, out_shapes=out,
       grid=gg.forward_grid(c, n, e, cfg, max_programs), num_warps=cfg.num_warps,
@@ -134,7 +147,8 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent
   return y
 
 
-def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None):
+def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
+                use_tma: bool | None = None):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``."""
   gg = _kernels()
   c, h = x.shape
@@ -144,11 +158,15 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None):
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
   cfg = config or gg.dw_config(h, n, jnp.dtype(x.dtype).name, precision)
+  use_tma = _use_tma_default() if use_tma is None else use_tma
+  use_tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
+                                         elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
   (dw,) = _triton_call(
       gg.grouped_gemm_dw_kernel, x, dy, sizes, offsets, out_shapes=out,
       grid=gg.dw_grid(h, n, num_experts, cfg), num_warps=cfg.num_warps,
       num_stages=cfg.num_stages,
-      constexprs=gg.dw_constexprs(c, h, n, num_experts, cfg, input_precision=precision),
+      constexprs=gg.dw_constexprs(c, h, n, num_experts, cfg, input_precision=precision,
+                                  use_tma=use_tma),
       name="jax_ep_grouped_gemm_dw")
   return dw
 
