@@ -68,8 +68,17 @@ def _value_key(v: Any) -> str:
   return f"{type(v).__name__}:{v!r}"
 
 
+def _extern_libs_key(extern_libs: dict[str, str] | None) -> str:
+  parts = []
+  for name, path in sorted((extern_libs or {}).items()):
+    st = os.stat(path)
+    parts.append(f"{name}={os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}")
+  return ";".join(parts)
+
+
 def kernel_key(fn, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int,
-               num_stages: int, arch: int, attrs: dict | None = None) -> str:
+               num_stages: int, arch: int, attrs: dict | None = None,
+               extern_libs: dict[str, str] | None = None) -> str:
   """The cache key of one compilation (a sha256 hex digest)."""
   import triton
 
@@ -83,6 +92,7 @@ def kernel_key(fn, signature: dict[str, str], constexprs: dict[str, Any], num_wa
       f"stages={num_stages}",
       f"arch={arch}",
       repr(sorted((attrs or {}).items())),
+      _extern_libs_key(extern_libs),
   ]
   return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -101,7 +111,8 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | None = None, *,
                    num_warps: int = 4, num_stages: int = 3, arch: int = 90,
-                   pointer_alignment: int = 16) -> CompiledKernel:
+                   pointer_alignment: int = 16,
+                   extern_libs: dict[str, str] | None = None) -> CompiledKernel:
   """Compiles ``fn`` (a ``@triton.jit`` function) to a cubin for ``sm_<arch>``, or reuses the cache.
 
   Args:
@@ -113,6 +124,8 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | N
     arch: compute capability as an int (90 for H100/H200).
     pointer_alignment: every pointer parameter is declared divisible by this many bytes
       (XLA's buffers and the runtime's tables are at least 16-byte aligned).
+    extern_libs: LLVM bitcode libraries to link, by name, e.g.
+      ``{"libnvshmem_device": kernels.nvshmem_device.bitcode_path()}``.
   """
   import triton
   from triton.backends.compiler import GPUTarget
@@ -137,7 +150,7 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | N
       if full_sig[name].startswith("*"):
         attrs[(i,)] = [["tt.divisibility", pointer_alignment]]
   key = kernel_key(fn, full_sig, constexprs, num_warps, num_stages, arch,
-                   {str(k): v for k, v in attrs.items()})
+                   {str(k): v for k, v in attrs.items()}, extern_libs)
   with _lock:
     hit = _memory_cache.get(key)
     if hit is not None:
@@ -152,8 +165,10 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | N
         _memory_cache[key] = k
         return k
     src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if extern_libs:
+      options["extern_libs"] = tuple(sorted(extern_libs.items()))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     md = compiled.metadata
     os.makedirs(folder, exist_ok=True)
     cubin_path = os.path.join(folder, f"{compiled.name}.cubin")

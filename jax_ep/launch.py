@@ -104,7 +104,8 @@ def _grid3(grid) -> tuple[int, int, int]:
 
 def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stages: int = 3,
                 constexprs: dict[str, Any] | None = None, scalars: Sequence = (),
-                symmetric: bool = False, name: str | None = None) -> tuple[jax.Array, ...]:
+                symmetric: bool = False, name: str | None = None,
+                extern_libs: dict[str, str] | None = None) -> tuple[jax.Array, ...]:
   """Runs ``kernel`` on XLA's stream as one FFI custom call; returns its outputs.
 
   Args:
@@ -120,6 +121,9 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
       of the cubin, so changing them does not recompile the kernel.
     symmetric: pass ``sym_table, rank, world, epoch`` (needs ``jax_ep.runtime.initialize``).
     name: a name scope for the custom call in the HLO (default: the kernel's name).
+    extern_libs: LLVM bitcode to link, e.g. ``{"libnvshmem_device":
+      kernels.nvshmem_device.bitcode_path()}`` for NVSHMEM device calls (then the kernel needs
+      the nvshmem provider; the handler runs ``nvshmemx_cumodule_init`` on its module).
 
   Returns:
     A tuple with one array per entry of ``out_shapes``.
@@ -155,7 +159,8 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
   from jax_ep import _compile
 
   compiled = _compile.compile_kernel(kernel, signature, constexprs, num_warps=num_warps,
-                                     num_stages=num_stages, arch=target_arch())
+                                     num_stages=num_stages, arch=target_arch(),
+                                     extern_libs=extern_libs)
   if _ffi.available():
     lib = _ffi.library()
     data = compiled.cubin()

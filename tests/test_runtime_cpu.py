@@ -276,3 +276,28 @@ def test_all_gather_inside_fori_loop_lowers():
   text = f.trace(jax.ShapeDtypeStruct((2, 8), jnp.int32)).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "stablehlo.while" in text and len(_custom_calls(text)) == 1
+
+
+def test_nvshmem_bitcode_kernel_compiles_and_is_detected():
+  """Kernels calling NVSHMEM device functions link the wheel's bitcode; the cubin then carries
+  the device state the handler looks for (to run nvshmemx_cumodule_init)."""
+  from jax_ep import _compile
+  from jax_ep.kernels import nvshmem_device
+
+  try:
+    bc = nvshmem_device.bitcode_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+
+  @triton.jit
+  def pe_kernel(out_ptr):
+    tl.store(out_ptr, nvshmem_device.my_pe())
+    tl.store(out_ptr + 1, nvshmem_device.n_pes())
+
+  k = _compile.compile_kernel(pe_kernel, {"out_ptr": "*i32"}, num_warps=1,
+                              extern_libs={"libnvshmem_device": bc})
+  assert b"nvshmemi_device_state_d" in k.cubin()
+  from jax_ep.kernels import exchange
+  plain = _compile.compile_kernel(exchange.all_gather_kernel, EXCHANGE_SIG,
+                                  _exchange_constexprs(2, 4))
+  assert b"nvshmemi_device_state_d" not in plain.cubin()

@@ -80,6 +80,28 @@ def main(rank: int, world: int, coordinator: str, calls: int) -> dict:
     o = np.asarray(out.addressable_shards[0].data)[0]
     bad += int((o != x_all + i * (1 + x_all)).any() or np.asarray(status.addressable_shards[0].data).any())
   res["reinit_wrong_calls"] = bad
+
+  # 4. A kernel linking NVSHMEM device bitcode: the handler runs nvshmemx_cumodule_init.
+  import jax.numpy as jnp
+  import triton
+  import triton.language as tl
+
+  from jax_ep.kernels import nvshmem_device
+
+  @triton.jit
+  def pe_kernel(out_ptr):
+    tl.store(out_ptr, nvshmem_device.my_pe())
+    tl.store(out_ptr + 1, nvshmem_device.n_pes())
+
+  def per_shard_pe():
+    (o,) = launch.triton_call(pe_kernel, out_shapes=jax.ShapeDtypeStruct((2,), jnp.int32),
+                              grid=1, num_warps=1,
+                              extern_libs={"libnvshmem_device": nvshmem_device.bitcode_path()})
+    return o[None]
+
+  g = jax.jit(jax.shard_map(per_shard_pe, mesh=mesh, in_specs=(), out_specs=P("ep")))
+  pe = np.asarray(g().addressable_shards[0].data)[0].tolist()
+  res["nvshmem_device_call"] = "ok" if pe == [rank, world] else f"got {pe}"
   runtime.shutdown()
   return res
 

@@ -71,3 +71,4 @@ def test_nvshmem_all_gather_processes():
     assert res["calls"] == calls and res["epoch"] == calls
     assert res["after_shutdown_error"] == "ok", res
     assert res["reinit_wrong_calls"] == 0, res
+    assert res["nvshmem_device_call"] == "ok", res

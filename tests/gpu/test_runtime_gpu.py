@@ -216,3 +216,23 @@ def test_chained_loop_of_exchanges(fresh_runtime):
   dt = time.perf_counter() - t0
   print(f"\npeer provider, {w} GPUs: {1e6 * dt / steps:.1f} us per chained exchange")
   np.testing.assert_array_equal(np.asarray(out), x_host[(np.arange(w) + steps) % w])
+
+
+def test_nvshmem_device_code_needs_the_nvshmem_provider(fresh_runtime):
+  """A kernel linking NVSHMEM bitcode is refused with a clear error under the peer provider."""
+  try:
+    from jax_ep.kernels import nvshmem_device
+    bc = nvshmem_device.bitcode_path()
+  except (ImportError, FileNotFoundError) as e:
+    pytest.skip(f"no NVSHMEM bitcode: {e}")
+
+  @triton.jit
+  def pe_kernel(out_ptr):
+    tl.store(out_ptr, nvshmem_device.my_pe())
+
+  runtime.initialize(CONFIG)
+  f = jax.jit(lambda: launch.triton_call(pe_kernel, out_shapes=jax.ShapeDtypeStruct((1,), jnp.int32),
+                                         grid=1, num_warps=1,
+                                         extern_libs={"libnvshmem_device": bc})[0])
+  with pytest.raises(Exception, match="NVSHMEM provider"):
+    np.asarray(f())
