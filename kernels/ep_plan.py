@@ -91,25 +91,37 @@ class EPPlan:
                 W_P=next_pow2(self.world), BLOCK_B=max(1, 4096 // e_p),
                 USE_TIMER=self.use_timer, ANNOUNCE=True, FINISH=True)
 
-  def push(self, compute_pos: bool) -> dict:
+  @property
+  def num_senders(self) -> int:
+    """Sender programs of the dispatch kernels: half of num_sms (at least 1)."""
+    return max(1, min(MAX_PROGRAMS, self.num_sms // 2, self.num_blocks))
+
+  @property
+  def num_receivers(self) -> int:
+    """Receiver programs of the dispatch kernels: the rest of num_sms (at least 1)."""
+    work = max(self.world * self.num_blocks, -(-self.capacity // self.block_r))
+    return max(1, min(MAX_PROGRAMS, self.num_sms - self.num_senders, work))
+
+  def dispatch_grid(self, role: int = 0) -> int:
+    """Programs of dispatch_kernel / dispatch_rows_kernel for ROLE 0 (both), 1 or 2."""
+    return {0: self.num_senders + self.num_receivers, 1: self.num_senders,
+            2: self.num_receivers}[role]
+
+  def dispatch(self, from_layout: bool, role: int = 0) -> dict:
+    """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""
     r = self.region
-    return dict(**self.common(), HIDDEN=self.hidden, NUM_EXPERTS=self.num_experts,
-                E_LOCAL=self.e_local, CAPACITY=self.capacity, COMPUTE_POS=compute_pos,
-                SLOT_POS_OFF=r.slot_pos_off, SLOT_VAL_OFF=r.slot_val_off, ROWS_OFF=r.rows_off,
-                BLOCK_H=self.block_h)
+    d = dict(**self.common(), HIDDEN=self.hidden, NUM_EXPERTS=self.num_experts,
+             E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
+             ROWS_OFF=r.rows_off, NUM_SENDERS=self.num_senders,
+             NUM_RECEIVERS=self.num_receivers, BLOCK_P=next_pow2(self.num_senders),
+             BLOCK_H=self.block_h, BLOCK_R=self.block_r, USE_TIMER=self.use_timer, ROLE=role)
+    if not from_layout:
+      d.update(SLOT_POS_OFF=r.slot_pos_off, SLOT_VAL_OFF=r.slot_val_off)
+    return d
 
   def _wait(self) -> dict:
     return dict(NUM_SENDERS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
                 USE_TIMER=self.use_timer)
-
-  def expand(self, from_layout: bool) -> dict:
-    r = self.region
-    d = dict(**self.common(), **self._wait(), HIDDEN=self.hidden, E_LOCAL=self.e_local,
-             EL_P=next_pow2(self.e_local), CAPACITY=self.capacity, ROWS_OFF=r.rows_off,
-             BLOCK_H=self.block_h, BLOCK_R=self.block_r)
-    if not from_layout:
-      d.update(SLOT_POS_OFF=r.slot_pos_off, SLOT_VAL_OFF=r.slot_val_off)
-    return d
 
   def barrier(self) -> dict:
     return dict(USE_TIMER=self.use_timer, BLOCK_W=next_pow2(self.world), ANNOUNCE=True,

@@ -162,19 +162,18 @@ class SimWorld:
             hist[r], Arr(np.zeros(1, np.int32)), o["base"], o["gs"], o["go"], o["nrecv"],
             o["ndrop"], o["status"], *self.abi(r), self.timeout_ns, **{**p.exchange(), **half})
     for r in range(w):
-      outs[r]["token"] = empty((1,), np.int32)
-      kd.dispatch_push_kernel[(p.num_programs,)](
-          Arr(xs[r]), Arr(idxs[r]), Arr(ws[r]), outs[r]["base"], outs[r]["token"],
-          *self.abi(r), **p.push(True))
-    for r in range(w):
       o = outs[r]
       o["recv_x"] = empty((p.capacity, p.hidden), xs[r].dtype)
       o["recv_w"] = empty((p.capacity,), np.float32)
       o["recv_pos"] = empty((w, p.num_tokens, p.topk), np.int32)
-      o["status2"] = empty((p.num_programs,), np.int32)
-      kd.dispatch_expand_kernel[(p.num_programs,)](
-          Arr(xs[r]), o["token"], o["go"], o["gs"], o["recv_x"], o["recv_w"], o["recv_pos"],
-          o["status2"], *self.abi(r), self.timeout_ns, ep_sync.OP_DISPATCH, **p.expand(False))
+      o["status2"] = empty((p.num_receivers,), np.int32)
+    for role in (1, 2):  # every rank's senders, then every rank's receivers
+      for r in range(w):
+        o = outs[r]
+        kd.dispatch_kernel[(p.dispatch_grid(role),)](
+            Arr(xs[r]), Arr(idxs[r]), Arr(ws[r]), o["base"], o["go"], o["gs"], o["recv_x"],
+            o["recv_w"], o["recv_pos"], o["status2"], *self.abi(r), self.timeout_ns,
+            ep_sync.OP_DISPATCH, **p.dispatch(False, role))
     return outs
 
   def barrier(self, op):
@@ -208,22 +207,17 @@ class SimWorld:
   def dispatch_rows(self, xs, idxs, recv_pos, gos, gss):
     p, w = self.plan, self.plan.world
     self.barrier(ep_sync.OP_DROWS_SYNC)
-    toks = [empty((1,), np.int32) for _ in range(w)]
-    dummy_w = np.zeros((p.num_tokens, p.topk), np.float32)
-    dummy_base = np.zeros((p.num_blocks, p.num_experts), np.int32)
-    for r in range(w):
-      kd.dispatch_push_kernel[(p.num_programs,)](
-          Arr(xs[r]), Arr(idxs[r]), Arr(dummy_w), Arr(dummy_base), toks[r], *self.abi(r),
-          **p.push(False))
-    outs = []
-    for r in range(w):
-      out = empty((p.capacity, p.hidden), xs[r].dtype)
-      st = empty((p.num_programs,), np.int32)
-      kd.dispatch_rows_expand_kernel[(p.num_programs,)](
-          Arr(xs[r]), toks[r], Arr(recv_pos[r]), Arr(gos[r]), Arr(gss[r]), out, st,
-          *self.abi(r), self.timeout_ns, ep_sync.OP_DROWS, **p.expand(True))
-      outs.append(out.a)
-    return outs
+    outs = [empty((p.capacity, p.hidden), xs[r].dtype) for r in range(w)]
+    sts = [empty((p.num_receivers,), np.int32) for _ in range(w)]
+    for role in (1, 2):
+      for r in range(w):
+        kd.dispatch_rows_kernel[(p.dispatch_grid(role),)](
+            Arr(xs[r]), Arr(idxs[r]), Arr(recv_pos[r]), Arr(gos[r]), Arr(gss[r]),
+            Arr(np.zeros(1, np.int32)), outs[r], sts[r], *self.abi(r), self.timeout_ns,
+            ep_sync.OP_DROWS, **p.dispatch(True, role))
+    for st in sts:
+      assert not st.a.any(), st.a
+    return [o.a for o in outs]
 
   def gather_slots(self, values, recv_pos, idxs):
     p, w = self.plan, self.plan.world
@@ -458,10 +452,9 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
           jax.ShapeDtypeStruct((world * 64, 2), jnp.float32))
   text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   names = re.findall(r'kernel_name = "(\w+)"', text)
-  for kernel in ("layout_histogram_kernel", "layout_exchange_kernel", "dispatch_push_kernel",
-                 "dispatch_expand_kernel", "combine_push_kernel", "combine_reduce_kernel",
-                 "barrier_kernel", "dispatch_rows_expand_kernel", "gather_push_kernel",
-                 "gather_reduce_kernel"):
+  for kernel in ("layout_histogram_kernel", "layout_exchange_kernel", "dispatch_kernel",
+                 "combine_push_kernel", "combine_reduce_kernel", "barrier_kernel",
+                 "dispatch_rows_kernel", "gather_push_kernel", "gather_reduce_kernel"):
     assert kernel in names, (kernel, names)
   assert "all_to_all" not in text and "all-to-all" not in text
   # With timeout checks on (the default), each op adds one host callback on its statuses; the

@@ -6,11 +6,11 @@ Each function launches stock-Triton kernels (``kernels/``) as XLA FFI custom cal
 the time goes: docs/KERNELS.md. It reproduces the xla backend (jax_ep/backends/xla.py) bit for
 bit for dispatch and up to float rounding for combine.
 
-Kernels per op (NP = min(config.num_sms, ...) programs for every row-moving kernel):
+Kernels per op (at most config.num_sms programs for every row-moving kernel):
 
   dispatch       layout_histogram [NB] -> layout_exchange [1] (count exchange + start barrier)
-                 -> dispatch_push [NP] -> dispatch_expand [NP]
-  dispatch_rows  barrier [1] -> dispatch_push (rows only) [NP] -> dispatch_rows_expand [NP]
+                 -> dispatch [senders + receivers = num_sms]
+  dispatch_rows  barrier [1] -> dispatch_rows [senders + receivers]
   combine_rows   barrier [1] -> combine_push [NP] -> combine_reduce [NP]
   gather_slots   barrier [1] -> gather_push [NP] -> gather_reduce [NP]
 
@@ -235,14 +235,12 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
       out_shapes=(_sds((nb, e), jnp.int32), _sds((el,), jnp.int32), _sds((el,), jnp.int32),
                   _sds((1,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32)),
       grid=(1,), constexprs=p.exchange(), scalars=(_timeout_ns(config),))
-  (token,) = _call(config.axis_name, kd.dispatch_push_kernel, x, topk_idx, topk_weights, base,
-                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
-                   constexprs=p.push(True), num_warps=_NUM_WARPS_ROWS)
+  # One launch: sender programs push rows, receiver programs expand them (docs/KERNELS.md).
   recv_x, recv_w, recv_pos, st_expand = _call(config.axis_name, 
-      kd.dispatch_expand_kernel, x, token, go, gs,
+      kd.dispatch_kernel, x, topk_idx, topk_weights, base, go, gs,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.capacity,), jnp.float32),
-                  _sds((world, t, p.topk), jnp.int32), _sds((p.num_programs,), jnp.int32)),
-      grid=(p.num_programs,), constexprs=p.expand(False),
+                  _sds((world, t, p.topk), jnp.int32), _sds((p.num_receivers,), jnp.int32)),
+      grid=(p.dispatch_grid(),), constexprs=p.dispatch(False),
       scalars=(_timeout_ns(config), (ks.OP_DISPATCH, "i32")), num_warps=_NUM_WARPS_ROWS)
   _chain_out(st_expand)
   _report("jax_ep.dispatch", config, st_layout, st_expand)
@@ -265,15 +263,11 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   t = x.shape[0]
   p = _plan(config, world, t, x.dtype)
   st0 = _barrier(config, p, ks.OP_DROWS_SYNC)
-  dummy_w = jnp.zeros((1,), jnp.float32)   # not read without COMPUTE_POS
-  (token,) = _call(config.axis_name, kd.dispatch_push_kernel, x, layout.topk_idx, dummy_w, st0,
-                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
-                   constexprs=p.push(False), num_warps=_NUM_WARPS_ROWS)
   recv_x, st = _call(config.axis_name, 
-      kd.dispatch_rows_expand_kernel, x, token, layout.recv_pos, layout.group_offsets,
-      layout.group_sizes,
-      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.num_programs,), jnp.int32)),
-      grid=(p.num_programs,), constexprs=p.expand(True),
+      kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos, layout.group_offsets,
+      layout.group_sizes, st0,
+      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.num_receivers,), jnp.int32)),
+      grid=(p.dispatch_grid(),), constexprs=p.dispatch(True),
       scalars=(_timeout_ns(config), (ks.OP_DROWS, "i32")), num_warps=_NUM_WARPS_ROWS)
   _chain_out(st)
   _report("jax_ep.dispatch_rows", config, st0, st)
