@@ -9,7 +9,7 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
 
   SEQ          int32 [1]               this rank's op counter (written only by this rank)
   ERR          int32 [8]               first timeout seen: (1, op, rank, peer, seq, 0, 0, 0)
-  SYNC_FLAG    int32 [MAX_WORLD]       SYNC_FLAG[s] = seq of the last op whose start rank s announced
+  SYNC_FLAG    int32 [MAX_WORLD]       SYNC_FLAG[s] = seq of the last op rank s announced
   ARRIVE_FLAG  int32 [MAX_WORLD, MAX_PROGRAMS]
                                        ARRIVE_FLAG[s, p] = seq when program p of rank s finished
                                        writing its rows/metadata for that op into this region

@@ -410,7 +410,7 @@ def test_timeout_is_recorded_not_hung(interp):
   assert "combine" in msg and "rank 0" in msg and "rank 1" in msg
 
 
-# -- the JAX backend: lowering for CUDA on this machine (no GPU needed) ------------------------------
+# -- the JAX backend: lowering for CUDA on this machine (no GPU needed) -------------------------
 
 def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, tmp_path):
   """A jitted dispatch -> expert -> combine step with its gradient, triton backend, lowered for

@@ -226,18 +226,20 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   nb, e, el = p.num_blocks, p.num_experts, p.e_local
   topk_idx = topk_idx.astype(jnp.int32)
   topk_weights = topk_weights.astype(jnp.float32)
-  (hist,) = _call(config.axis_name, kl.layout_histogram_kernel, topk_idx, out_shapes=(_sds((nb, e), jnp.int32),),
-                  grid=(nb,), constexprs=p.histogram(), symmetric=False)
-  # symmetric=True kernels: the launcher appends sym_table, rank, world, epoch.
-  hist_kernel_done = hist
-  base, gs, go, nrecv, ndrop, st_layout = _call(config.axis_name, 
-      kl.layout_exchange_kernel, hist_kernel_done, _chain_in(),
+  axis = config.axis_name
+  (hist,) = _call(axis, kl.layout_histogram_kernel, topk_idx,
+                  out_shapes=(_sds((nb, e), jnp.int32),), grid=(nb,),
+                  constexprs=p.histogram(), symmetric=False)
+  # symmetric=True kernels: the launcher appends sym_table, rank, world, epoch. The previous
+  # op's last output goes in first, so XLA runs this op after it (the per-trace chain).
+  base, gs, go, nrecv, ndrop, st_layout = _call(
+      axis, kl.layout_exchange_kernel, hist, _chain_in(),
       out_shapes=(_sds((nb, e), jnp.int32), _sds((el,), jnp.int32), _sds((el,), jnp.int32),
                   _sds((1,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32)),
       grid=(1,), constexprs=p.exchange(), scalars=(_timeout_ns(config),))
   # One launch: sender programs push rows, receiver programs expand them (docs/KERNELS.md).
-  recv_x, recv_w, recv_pos, st_expand = _call(config.axis_name, 
-      kd.dispatch_kernel, x, topk_idx, topk_weights, base, go, gs,
+  recv_x, recv_w, recv_pos, st_expand = _call(
+      axis, kd.dispatch_kernel, x, topk_idx, topk_weights, base, go, gs,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.capacity,), jnp.float32),
                   _sds((world, t, p.topk), jnp.int32), _sds((p.num_receivers,), jnp.int32)),
       grid=(p.dispatch_grid(),), constexprs=p.dispatch(False),
@@ -252,8 +254,9 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
 
 def _barrier(config: EPConfig, p, op: int):
   _, _, _, ks, _ = _kernels()
-  (st,) = _call(config.axis_name, ks.barrier_kernel, _chain_in(), out_shapes=(_sds((1,), jnp.int32),), grid=(1,),
-                constexprs=p.barrier(), scalars=(_timeout_ns(config), (op, "i32")))
+  (st,) = _call(config.axis_name, ks.barrier_kernel, _chain_in(),
+                out_shapes=(_sds((1,), jnp.int32),), grid=(1,), constexprs=p.barrier(),
+                scalars=(_timeout_ns(config), (op, "i32")))
   return st
 
 
@@ -263,9 +266,9 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   t = x.shape[0]
   p = _plan(config, world, t, x.dtype)
   st0 = _barrier(config, p, ks.OP_DROWS_SYNC)
-  recv_x, st = _call(config.axis_name, 
-      kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos, layout.group_offsets,
-      layout.group_sizes, st0,
+  recv_x, st = _call(
+      config.axis_name, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
+      layout.group_offsets, layout.group_sizes, st0,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.num_receivers,), jnp.int32)),
       grid=(p.dispatch_grid(),), constexprs=p.dispatch(True),
       scalars=(_timeout_ns(config), (ks.OP_DROWS, "i32")), num_warps=_NUM_WARPS_ROWS)
@@ -280,8 +283,9 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   t = layout.num_tokens
   p = _plan(config, world, t, y.dtype)
   st0 = _barrier(config, p, ks.OP_COMBINE_SYNC)
-  (token,) = _call(config.axis_name, kc.combine_push_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
-                   st0, out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
+  (token,) = _call(config.axis_name, kc.combine_push_kernel, y,
+                   row_weights.astype(jnp.float32), layout.recv_pos, st0,
+                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
                    constexprs=p.combine_push(), num_warps=_NUM_WARPS_ROWS)
   out, st = _call(config.axis_name, kc.combine_reduce_kernel, token,
                   out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.num_programs,), jnp.int32)),
@@ -299,9 +303,9 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   t = layout.num_tokens
   p = _plan(config, world, t, jnp.float32)
   st0 = _barrier(config, p, ks.OP_GATHER_SYNC)
-  (token,) = _call(config.axis_name, kc.gather_push_kernel, values.astype(jnp.float32), layout.recv_pos, st0,
-                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
-                   constexprs=p.gather_push())
+  (token,) = _call(config.axis_name, kc.gather_push_kernel, values.astype(jnp.float32),
+                   layout.recv_pos, st0, out_shapes=(_sds((1,), jnp.int32),),
+                   grid=(p.num_programs,), constexprs=p.gather_push())
   out, st = _call(config.axis_name, kc.gather_reduce_kernel, layout.topk_idx, token,
                   out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.num_programs,), jnp.int32)),
                   grid=(p.num_programs,), constexprs=p.gather_reduce(),
