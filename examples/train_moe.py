@@ -361,13 +361,18 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     # All processes must train on the same bytes (same Python version on every host).
-    multihost_utils.assert_equal(np.array([len(corpus), zlib.crc32(corpus.tobytes())],
-                                          np.int64), "corpus differs between processes")
+    fingerprint = np.array([len(corpus), zlib.crc32(corpus.tobytes()) & 0x7FFFFFFF], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(fingerprint))  # [processes, 2]
+    if not np.all(every == fingerprint):
+      raise ValueError(
+          f"train_moe: the processes read different corpora (length, crc32 per process: "
+          f"{every.tolist()}); run the same Python version on every host.")
   split = int(len(corpus) * 0.95)
   train_data, eval_data = corpus[:split], corpus[split:]
 
-  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, max(cfg.steps, 1),
-                                                cfg.lr * 0.1)
+  # Linear warm-up, then cosine decay to lr / 10 at the last step.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup,
+                                                max(cfg.steps, cfg.warmup + 1), cfg.lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
 
