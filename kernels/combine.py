@@ -60,7 +60,7 @@ def combine_push_kernel(y_ptr, row_weights_ptr, recv_pos_ptr, token_in_ptr,
     for h0 in range(0, HIDDEN, BLOCK_H):
       hmask = (h0 + h) < HIDDEN
       acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-      for kk in range(TOPK):
+      for kk in tl.static_range(TOPK):  # unrolled: the K row loads are in flight together
         pk = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t) * TOPK + kk, mask=tmask, other=-1)
         wk = tl.load(row_weights_ptr + pk, mask=pk >= 0, other=0.0)
         yk = tl.load(y_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],

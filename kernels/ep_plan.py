@@ -127,10 +127,16 @@ class EPPlan:
     return dict(USE_TIMER=self.use_timer, BLOCK_W=next_pow2(self.world), ANNOUNCE=True,
                 FINISH=True)
 
+  @property
+  def combine_block_h(self) -> int:
+    """Combine's row chunk: K unrolled [BLOCK_T, BLOCK_H] loads of ~8 KB each in flight."""
+    target = max(64, 8192 // (self.block_t * self.itemsize))
+    return min(1 << (target.bit_length() - 1), 1024, next_pow2(self.hidden))
+
   def combine_push(self) -> dict:
     r = self.region
     return dict(**self.common(), HIDDEN=self.hidden, ROWS_OFF=r.rows_off,
-                ROW_MARK_OFF=r.row_mark_off, BLOCK_H=self.block_h)
+                ROW_MARK_OFF=r.row_mark_off, BLOCK_H=self.combine_block_h)
 
   def combine_reduce(self) -> dict:
     r = self.region
