@@ -195,7 +195,8 @@ def run_mode(args, rank=0, world_override=None) -> dict:
     outs = {}
     for backend in ("triton", "xla"):
       cfg = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
-                            capacity=capacity, backend=backend, num_sms=args.num_sms)
+                            capacity=capacity, backend=backend, num_sms=args.num_sms,
+                            timeout_s=120.0)  # processes may start seconds apart (compiles)
 
       def d_once(x, idx, w, cfg=cfg):
         recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)

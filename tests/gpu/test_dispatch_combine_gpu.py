@@ -50,8 +50,9 @@ def _case_id(c):
 def _config(case, world, backend):
   import jax_ep
   t, h, e, k, cap, align, _, _ = case
+  # timeout_s: generous, as processes may reach their first kernel seconds apart (compiles).
   base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
-                         expert_alignment=align, backend=backend)
+                         expert_alignment=align, backend=backend, timeout_s=120.0)
   if cap == "balanced":
     capacity = base.balanced_capacity(world)
   elif cap == "tiny":
@@ -59,7 +60,8 @@ def _config(case, world, backend):
   else:
     capacity = None
   return jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
-                         expert_alignment=align, backend=backend, capacity=capacity)
+                         expert_alignment=align, backend=backend, capacity=capacity,
+                         timeout_s=120.0)
 
 
 def _inputs(case, world, seed):
