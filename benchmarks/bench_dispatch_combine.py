@@ -12,6 +12,8 @@ Protocol (DESIGN.md "Benchmark protocol", docs/KERNELS.md):
        ragged  MaxText style: one row per (token, expert) sorted by destination, exchanged by
                ``lax.ragged_all_to_all`` (+ sizes/offsets all_to_alls), then sorted by local
                expert; combine = the reverse exchange and a weighted sum over k.
+       nccl    (PyTorch, when installed) one ``all_to_all_single`` of the same bytes with equal
+               splits, CUDA-event timed: the practical ceiling (``--no-nccl`` skips it).
   3. GB/s per rank in three conventions: "nvl" (DeepEP: bytes of the deduplicated token rows a
      rank receives, itself included), "per_sel" (one row per (token, expert) selection),
      "remote" (deduplicated rows from other ranks). Combine uses the same byte counts.
@@ -284,9 +286,11 @@ def print_row(r):
     if not s:
       return f"{'-':>20}"
     return f"{s * 1e6:9.1f}us {r[f'{path}_{op}_gbps']['nvl']:7.1f}GB/s"
+  paths = ("nccl",) if r["mode"] == "nccl" else ("triton", "xla", "ragged")
   print(f"{r['mode']:8} {r['shape']:26} ok={str(r['correct']):5} | "
-        + " | ".join(f"{p} {op[0]}: {fmt(p, op)}" for p in ("triton", "xla", "ragged")
-                     for op in ("dispatch", "combine")), flush=True)
+        + " | ".join(f"{p} {op[0]}: {fmt(p, op)}" for p in paths
+                     for op in ("dispatch", "combine") if p != "nccl" or op == "dispatch"),
+        flush=True)
 
 
 # -- orchestration ---------------------------------------------------------------------------------
@@ -322,10 +326,11 @@ def _collect(procs, timeout):
   return outs
 
 
-def _result_of(out):
+def _result_of(out, echo=True):
   lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-  sys.stdout.write("".join(l + "\n" for l in out.splitlines()
-                           if not l.startswith("RESULT ")))
+  if echo:
+    sys.stdout.write("".join(l + "\n" for l in out.splitlines()
+                             if not l.startswith("RESULT ")))
   return json.loads(lines[-1][len("RESULT "):]) if lines else {"error": out[-3000:]}
 
 
@@ -341,8 +346,7 @@ def orchestrate(args) -> list[dict]:
                          text=True)
     runs.append(_result_of(_collect([p], args.timeout)[0]))
   if args.mode in ("nvshmem", "both"):
-    n = int(subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices('gpu')))"],
-                           capture_output=True, text=True, env=_child_env()).stdout.strip() or 0)
+    n = _gpu_count()
     coord = f"127.0.0.1:{_free_port()}"
     env = _child_env()
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -353,10 +357,69 @@ def orchestrate(args) -> list[dict]:
     outs = _collect(procs, args.timeout)
     runs.append(_result_of(outs[0]))
     for r, o in enumerate(outs[1:], 1):
-      res = _result_of(o) if "RESULT" in o else {"error": o[-2000:]}
+      res = _result_of(o, echo=False)
       if "error" in res:
         print(f"nvshmem rank {r} error:\n{res['error']}")
+  if args.mode in ("peer", "nvshmem", "both") and not args.no_nccl:
+    n = _gpu_count()
+    env = _child_env()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n))
+    procs = [subprocess.Popen([sys.executable, script, "--child", "nccl", "--rank", str(r),
+                               "--world", str(n)] + common, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=dict(env, RANK=str(r)), text=True)
+             for r in range(n)]
+    outs = _collect(procs, args.timeout)
+    res = _result_of(outs[0])
+    if "error" in res:
+      print(f"NCCL reference skipped: {res['error'][-500:]}")
+    else:
+      runs.append(res)
   return runs
+
+
+def _gpu_count() -> int:
+  out = subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices('gpu')))"],
+                       capture_output=True, text=True, env=_child_env()).stdout.strip()
+  return int(out or 0)
+
+
+def run_nccl(args) -> dict:
+  """NCCL all_to_all_single (PyTorch) on the same bytes: each rank sends, to every rank, the
+  mean number of deduplicated rows a rank receives / W (equal splits; the practical ceiling)."""
+  import torch
+  import torch.distributed as dist
+  torch.cuda.set_device(args.rank)
+  dist.init_process_group("nccl", rank=args.rank, world_size=args.world,
+                          device_id=torch.device("cuda", args.rank))
+  world = args.world
+  results = []
+  for name, t, h, e, k, routing, _ in (QUICK if args.quick else SHAPES):
+    _, idx, _ = make_inputs(world, t, h, e, k, routing)
+    nbytes = byte_counts(idx, world, t, h, e)
+    rows = max(1, int(round(nbytes["nvl"] / (h * 2) / world)))
+    src = torch.randn(world * rows, h, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(5):
+      dist.all_to_all_single(dst, src)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(args.iters):
+      a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      a.record()
+      dist.all_to_all_single(dst, src)
+      b.record()
+      torch.cuda.synchronize()
+      samples.append(a.elapsed_time(b) / 1e3)
+    sec = statistics.median(samples)
+    results.append({"shape": name, "tokens": t, "hidden": h, "experts": e, "topk": k,
+                    "routing": routing, "world": world, "mode": "nccl", "correct": True,
+                    "bytes": nbytes, "nccl_dispatch_s": sec,
+                    "nccl_dispatch_gbps": {c: b / sec / 1e9 for c, b in nbytes.items()}})
+    if args.rank == 0:
+      print_row(results[-1])
+  dist.destroy_process_group()
+  return {"device": torch.cuda.get_device_name(), "world": world, "mode": "nccl",
+          "results": results}
 
 
 def write_outputs(runs, out_dir):
@@ -381,9 +444,10 @@ def write_outputs(runs, out_dir):
   for ax, op in zip(axes, ("dispatch", "combine")):
     labels = [f"{r['mode']}\n{r['shape']}" for r in rows]
     xs = np.arange(len(rows))
-    for j, path in enumerate(("triton", "xla", "ragged")):
-      vals = [r.get(f"{path}_{op}_gbps", {}).get("nvl", 0.0) for r in rows]
-      ax.bar(xs + (j - 1) * 0.27, vals, 0.27, label=path)
+    for j, path in enumerate(("triton", "xla", "ragged", "nccl")):
+      key = f"{path}_{'dispatch' if path == 'nccl' else op}_gbps"   # nccl: one all_to_all
+      vals = [r.get(key, {}).get("nvl", 0.0) for r in rows]
+      ax.bar(xs + (j - 1.5) * 0.2, vals, 0.2, label=path)
     ax.axhline(320, color="k", ls="--", lw=0.8, label="target 320 GB/s")
     ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("GB/s per rank (DeepEP NVL convention)")
@@ -402,9 +466,10 @@ def main():
   ap.add_argument("--num-sms", type=int, default=32)
   ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
   ap.add_argument("--no-ragged", action="store_true")
+  ap.add_argument("--no-nccl", action="store_true", help="skip the PyTorch NCCL reference")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
-  ap.add_argument("--child", choices=("peer", "nvshmem"), help=argparse.SUPPRESS)
+  ap.add_argument("--child", choices=("peer", "nvshmem", "nccl"), help=argparse.SUPPRESS)
   ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
   ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
   ap.add_argument("--coord", default="", help=argparse.SUPPRESS)
@@ -413,6 +478,9 @@ def main():
   if args.child:
     args.mode_run = args.child
     try:
+      if args.child == "nccl":
+        print("RESULT " + json.dumps(run_nccl(args)), flush=True)
+        return
       if args.child == "nvshmem":
         import jax
         jax.distributed.initialize(args.coord, num_processes=args.world, process_id=args.rank,
