@@ -21,7 +21,10 @@ def bitcode_path(arch: int = 90) -> str:
   env = os.environ.get("JAX_EP_NVSHMEM_BC")
   if env:
     return env
-  spec = importlib.util.find_spec("nvidia.nvshmem")
+  try:
+    spec = importlib.util.find_spec("nvidia.nvshmem")
+  except ModuleNotFoundError:  # no nvidia.* wheel at all
+    spec = None
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError("NVSHMEM device bitcode: install nvidia-nvshmem-cu13 or set "
                             "JAX_EP_NVSHMEM_BC")
