@@ -15,7 +15,8 @@ Protocol (docs/GROUPED_GEMM.md):
   3. Results: a table on stdout, JSON + PNG in ``benchmarks/results/`` named with the device and
      the UTC date. ``--sweep`` also times a few tile configurations per shape (forward and dw) so
      the tile table in kernels/grouped_gemm.py can be checked against measurements: forward
-     persistent (the default) / one program per tile / TMA descriptors, dw pointer / TMA; each
+     persistent (the default) / one program per tile / TMA descriptors / half-height partial
+     tiles on (the default) and off, dw pointer / TMA; each
      variant is checked against the xla backend before it is timed. Sweeps run after the main
      results are written.
 
@@ -278,10 +279,12 @@ def sweep_shape(name, rows, experts, k, n, args, seed: int) -> list[dict]:
   for cfg_t in SWEEP:
     cfg = gg.TileConfig(*cfg_t)
     runs = []
-    for pers, tma in ((True, False), (False, False), (True, True)):
-      runs.append((f"fwd persistent={pers} tma={tma}", y_ref,
-                   lambda x, w, c=cfg, p=pers, t=tma: triton_gemm._grouped(
-                       x, w, s_d, o_d, transpose_w=False, config=c, persistent=p, use_tma=t),
+    for pers, tma, half in ((True, False, True), (True, False, False), (False, False, True),
+                            (True, True, True)):
+      runs.append((f"fwd persistent={pers} tma={tma} half={half}", y_ref,
+                   lambda x, w, c=cfg, p=pers, t=tma, h=half: triton_gemm._grouped(
+                       x, w, s_d, o_d, transpose_w=False, config=c, persistent=p, use_tma=t,
+                       half_tiles=h),
                    (x, w)))
     for tma in (False, True):
       runs.append((f"dw tma={tma}", dw_ref,
@@ -297,7 +300,7 @@ def sweep_shape(name, rows, experts, k, n, args, seed: int) -> list[dict]:
       t = _try(f"sweep {kind} {cfg_t}", run)
       if "median_s" in t:
         t["tflops"] = flops / t["median_s"] / 1e12
-        print(f"  {kind:<32} {str(cfg_t):<24} {t['median_s'] * 1e3:8.3f} ms  "
+        print(f"  {kind:<40} {str(cfg_t):<24} {t['median_s'] * 1e3:8.3f} ms  "
               f"{t['tflops']:7.1f} TFLOP/s  {'ok' if t['correct'] else 'WRONG'}", flush=True)
       out.append(dict(shape=name, kind=kind, config=list(cfg_t), **t))
       gc.collect()

@@ -142,6 +142,58 @@ def _locate(m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, l
 
 
 @triton.jit
+def _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_group, n_tile,
+               C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+               STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
+               STRIDE_WE: tl.constexpr, STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr,
+               STRIDE_YM: tl.constexpr, STRIDE_YN: tl.constexpr,
+               TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+  """One output tile: rows ``[row_start, min(row_start + TILE_M, row_end))`` x N tile ``n_tile``.
+
+  Group tiles run the K loop over ``x @ B[e]``; gap/tail tiles (``is_group`` false) store zeros.
+  """
+  offs_m = row_start + tl.arange(0, TILE_M)
+  offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_k = tl.arange(0, BLOCK_K)
+  # Rows past the group are computed but never stored; clamping keeps their loads in bounds.
+  rows = tl.minimum(offs_m, C - 1).to(tl.int64)
+  if N % BLOCK_N == 0:
+    cols = offs_n
+  else:
+    cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
+  e_safe = tl.minimum(e, E - 1).to(tl.int64)
+  a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
+  b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
+            + cols[None, :] * STRIDE_WN)
+
+  k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
+  acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
+  for ki in range(0, k_iters):
+    if USE_TMA:
+      k0 = ki * BLOCK_K
+      a = x_desc.load([row_start, k0])
+      if STRIDE_WN == 1:
+        b = w_desc.load([e_safe.to(tl.int32) * K + k0, n_tile * BLOCK_N])
+      else:
+        b = tl.trans(w_desc.load([e_safe.to(tl.int32) * N + n_tile * BLOCK_N, k0]))
+    elif K % BLOCK_K == 0:
+      a = tl.load(a_ptrs)
+      b = tl.load(b_ptrs)
+    else:
+      k_left = K - ki * BLOCK_K
+      a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+      b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    a_ptrs += BLOCK_K * STRIDE_XK
+    b_ptrs += BLOCK_K * STRIDE_WK
+
+  y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
+  mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+  tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     x_ptr,        # [C, K] rows grouped by expert (recv_x, or dy for the dx product)
     w_ptr,        # [E, ...] expert weights; B[e][k, n] = w_ptr[e*STRIDE_WE + k*STRIDE_WK + n*STRIDE_WN]
@@ -156,12 +208,15 @@ def grouped_gemm_kernel(
     E_POW2: tl.constexpr,             # next power of two >= E (tl.arange needs one)
     INPUT_PRECISION: tl.constexpr,    # "ieee" | "tf32": only used for float32 inputs
     USE_TMA: tl.constexpr = False,    # operands through TMA descriptors (see ``tma_supported``)
+    HALF_TILES: tl.constexpr = False,  # run tiles with <= BLOCK_M/2 rows as BLOCK_M/2-row tiles
 ):
   """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring.
 
   Program p handles tiles p, p + P, p + 2P, ... of the real tile count (P = programs launched):
   with P = the static upper bound each program has at most one tile; with P = #SMs the kernel
-  is persistent and no program is idle.
+  is persistent and no program is idle. With HALF_TILES, a tile holding at most BLOCK_M/2 rows
+  (typically a group's last, partial tile) runs a second, half-height copy of the tile loop:
+  the MMA work wasted on rows past the group's end halves.
   """
   pid = tl.program_id(0)
   num_programs = tl.num_programs(0)
@@ -169,6 +224,9 @@ def grouped_gemm_kernel(
   cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles = (
       _segment_table(sizes_ptr, offsets_ptr, C, E, E_POW2, BLOCK_M))
   num_tiles = num_m_tiles * num_n_tiles
+  x_desc = 0  # placeholders when USE_TMA is off (never read)
+  x_desc_half = 0
+  w_desc = 0
   if USE_TMA:
     # Device-side TMA descriptors, made once per program (in Triton's global scratch). Rows
     # past C and columns past K/N read as zeros; w is seen as one 2-D matrix over all experts,
@@ -176,6 +234,9 @@ def grouped_gemm_kernel(
     # is a multiple of BLOCK_K (row-major B) or K is the contiguous, bounded dimension.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[STRIDE_XM, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
+    if HALF_TILES:
+      x_desc_half = tl.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[STRIDE_XM, 1],
+                                              block_shape=[BLOCK_M // 2, BLOCK_K])
     if STRIDE_WN == 1:
       w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[STRIDE_WK, 1],
                                          block_shape=[BLOCK_K, BLOCK_N])
@@ -189,46 +250,14 @@ def grouped_gemm_kernel(
     row_start, row_end, e, is_group = _locate(
         m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end,
         C, E, E_POW2, BLOCK_M)
-
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows past the group are computed but never stored; clamping keeps their loads in bounds.
-    rows = tl.minimum(offs_m, C - 1).to(tl.int64)
-    if N % BLOCK_N == 0:
-      cols = offs_n
+    if HALF_TILES and (row_end - row_start <= BLOCK_M // 2):
+      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc_half, w_desc, row_start, row_end, e, is_group,
+                 n_tile, C, K, N, E, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
+                 STRIDE_YM, STRIDE_YN, BLOCK_M // 2, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA)
     else:
-      cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
-    e_safe = tl.minimum(e, E - 1).to(tl.int64)
-    a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
-    b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
-              + cols[None, :] * STRIDE_WN)
-
-    # Gap and tail tiles run no K iterations and store zeros.
-    k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ki in range(0, k_iters):
-      if USE_TMA:
-        k0 = ki * BLOCK_K
-        a = x_desc.load([row_start, k0])
-        if STRIDE_WN == 1:
-          b = w_desc.load([e_safe.to(tl.int32) * K + k0, n_tile * BLOCK_N])
-        else:
-          b = tl.trans(w_desc.load([e_safe.to(tl.int32) * N + n_tile * BLOCK_N, k0]))
-      elif K % BLOCK_K == 0:
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-      else:
-        k_left = K - ki * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-      acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-      a_ptrs += BLOCK_K * STRIDE_XK
-      b_ptrs += BLOCK_K * STRIDE_WK
-
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
-    mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_group,
+                 n_tile, C, K, N, E, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
+                 STRIDE_YM, STRIDE_YN, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA)
 
 
 @triton.jit
@@ -400,7 +429,7 @@ def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[i
 def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
                        x_strides: tuple[int, int], w_strides: tuple[int, int, int],
                        y_strides: tuple[int, int], input_precision: str = "ieee",
-                       use_tma: bool = False) -> dict:
+                       use_tma: bool = False, half_tiles: bool = False) -> dict:
   """Compile-time constants of ``grouped_gemm_kernel`` (strides in elements).
 
   ``w_strides`` are (expert, k, n) strides of the B operand: for the forward product on a
@@ -412,7 +441,8 @@ def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
               STRIDE_WE=w_strides[0], STRIDE_WK=w_strides[1], STRIDE_WN=w_strides[2],
               STRIDE_YM=y_strides[0], STRIDE_YN=y_strides[1],
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision, USE_TMA=use_tma)
+              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision, USE_TMA=use_tma,
+              HALF_TILES=half_tiles and cfg.block_m >= 32)  # tl.dot needs M >= 16
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,

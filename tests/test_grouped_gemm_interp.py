@@ -226,19 +226,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("programs,use_tma", [(None, False), (3, False), (3, True)],
-                         ids=["tile-per-program", "persistent3", "persistent3-tma"])
+@pytest.mark.parametrize(
+    "programs,use_tma,half", [(None, False, False), (3, False, True), (3, True, True)],
+    ids=["tile-per-program", "persistent3-half", "persistent3-half-tma"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma):
+def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma, half):
   """programs=None: one program per possible tile; 3: three programs loop over all tiles.
-  use_tma: operands through device-side TMA descriptors (where ``tma_supported``)."""
+  use_tma: operands through device-side TMA descriptors (where ``tma_supported``); half: tiles
+  with <= BLOCK_M/2 rows run the half-height loop."""
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = make_layout(rng, kind, c, e, align)
   x = _inputs(rng, (c, k), dtype)
   w = _inputs(rng, (e, k, n), dtype)
-  cfg = gg.TileConfig(**SMALL_TILE)
+  # Half tiles need BLOCK_M / 2 >= 16 (the smallest tl.dot M).
+  cfg = gg.TileConfig(**dict(SMALL_TILE, block_m=32 if half else 16))
 
   itemsize = np.dtype(dtype).itemsize
   tma_fwd = gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1), elem_bytes=itemsize)
@@ -249,7 +252,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma)
   # Forward: y = x @ w[e] per group.
   y = np.full((c, n), np.nan, dtype)
   ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
-                             y_strides=(n, 1), use_tma=use_tma and tma_fwd)
+                             y_strides=(n, 1), use_tma=use_tma and tma_fwd, half_tiles=half)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg, programs),
                   (x, w, sizes, offsets, y), ce)
   assert_close(y, ref_forward(x, w, sizes, offsets), np.dtype(dtype), np.sqrt(k))
@@ -258,7 +261,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma)
   dy = _inputs(rng, (c, n), dtype)
   dx = np.full((c, k), np.nan, dtype)
   ce = gg.forward_constexprs(c, n, k, e, cfg, x_strides=(n, 1), w_strides=(k * n, 1, n),
-                             y_strides=(k, 1), use_tma=use_tma and tma_dx)
+                             y_strides=(k, 1), use_tma=use_tma and tma_dx, half_tiles=half)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg, programs),
                   (dy, w, sizes, offsets, dx), ce)
   assert_close(dx, ref_forward(dy, np.swapaxes(w, 1, 2), sizes, offsets), np.dtype(dtype),
@@ -329,30 +332,35 @@ def _compile(kernel, pointer_types, constexprs, cfg):
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+@pytest.mark.parametrize("variant", ["ptr", "tma"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_compiles_for_sm90(dtype):
+def test_compiles_for_sm90(dtype, variant):
   from kernels import grouped_gemm as gg  # the compiled (not interpreted) kernels
 
+  tma = variant == "tma"
   t = {"bfloat16": "*bf16", "float32": "*fp32"}[dtype]
   c, h, n, e = 1024, 512, 256, 8  # Hopper-sized tiles, small enough to compile quickly
   ptxs = []
   cfg = gg.forward_config(h, n, dtype)
   ce = gg.forward_constexprs(c, h, n, e, cfg, x_strides=(h, 1), w_strides=(h * n, n, 1),
-                             y_strides=(n, 1))
+                             y_strides=(n, 1), use_tma=tma, half_tiles=True)
   ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
   cfg = gg.forward_config(n, h, dtype)  # dx
   ce = gg.forward_constexprs(c, n, h, e, cfg, x_strides=(n, 1), w_strides=(h * n, 1, n),
-                             y_strides=(h, 1))
+                             y_strides=(h, 1), use_tma=tma, half_tiles=True)
   ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
   cfg = gg.dw_config(h, n, dtype)
   ptxs.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", t],
-                       gg.dw_constexprs(c, h, n, e, cfg), cfg).asm["ptx"])
+                       gg.dw_constexprs(c, h, n, e, cfg, use_tma=tma), cfg).asm["ptx"])
   for ptx in ptxs:
     assert ".target sm_90a" in ptx
     if dtype == "bfloat16":
       # Hopper MMA path: asynchronous warpgroup MMA on bf16 operands with f32 accumulators.
       assert "wgmma.mma_async.sync.aligned" in ptx and ".f32.bf16.bf16" in ptx
-      assert "cp.async" in ptx  # pipelined global->shared copies
+    if tma:
+      assert "cp.async.bulk.tensor" in ptx  # TMA loads
+    elif dtype == "bfloat16":
+      assert "cp.async.cg" in ptx or "cp.async.ca" in ptx  # pipelined global->shared copies
 
 
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------

@@ -108,14 +108,15 @@ def _use_tma_default() -> bool:
 
 
 def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent: bool = True,
-             use_tma: bool | None = None):
+             use_tma: bool | None = None, half_tiles: bool = True):
   """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
   ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``:
   launch one program per resident CTA, each looping over tiles (default), instead of one
   program per possible tile. ``use_tma``: load operands through TMA descriptors where the shape
-  allows (default: ``$JAX_EP_GMM_TMA``, off).
+  allows (default: ``$JAX_EP_GMM_TMA``, off). ``half_tiles``: tiles holding at most half a
+  block of rows (a group's partial last tile) run a half-height MMA loop.
   """
   gg = _kernels()
   c, k = x.shape
@@ -138,7 +139,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent
   use_tma = use_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
                                      y_strides=(n, 1), input_precision=precision,
-                                     use_tma=use_tma)
+                                     use_tma=use_tma, half_tiles=half_tiles)
   (y,) = _triton_call(
       gg.grouped_gemm_kernel, x, w, sizes, offsets, out_shapes=out,
       grid=gg.forward_grid(c, n, e, cfg, max_programs), num_warps=cfg.num_warps,
