@@ -78,8 +78,8 @@ PRESETS: dict[str, dict[str, tp.Any]] = {
     "cpu": dict(),
     # GPUs (1-8): a larger model in bfloat16.
     "gpu": dict(d_model=512, num_layers=6, num_heads=8, d_ff=1024, num_experts=32, topk=4,
-                shared_ff=1024, seq_len=512, batch_size=64, steps=2000, lr=1e-3, warmup=100,
-                dtype="bfloat16", corpus_bytes=50_000_000),
+                shared_ff=1024, capacity_factor=2.0, seq_len=512, batch_size=64, steps=2000,
+                lr=1e-3, warmup=100, dtype="bfloat16", corpus_bytes=50_000_000),
 }
 
 
@@ -87,23 +87,35 @@ PRESETS: dict[str, dict[str, tp.Any]] = {
 
 
 def load_corpus(max_bytes: int) -> np.ndarray:
-  """The standard library's top-level ``*.py`` files, sorted by name, as ``[n] uint8`` bytes.
+  """Up to ``max_bytes`` of the standard library's ``*.py`` source as ``[n] uint8`` bytes.
 
-  Every machine running the same Python version reads the same bytes.
+  Top-level modules first (sorted by name), then the packages below (sorted walk, without
+  site-packages). Every machine with the same Python version reads the same bytes.
   """
   root = os.path.dirname(os.__file__)
+
+  def files():
+    for name in sorted(os.listdir(root)):
+      if name.endswith(".py"):
+        yield os.path.join(root, name)
+    for name in sorted(os.listdir(root)):
+      top = os.path.join(root, name)
+      if name in ("site-packages", "dist-packages", "__pycache__") or not os.path.isdir(top):
+        continue
+      for folder, dirs, names in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for n in sorted(names):
+          if n.endswith(".py"):
+            yield os.path.join(folder, n)
+
   chunks, total = [], 0
-  for name in sorted(os.listdir(root)):
-    if not name.endswith(".py"):
-      continue
-    with open(os.path.join(root, name), "rb") as f:
-      data = f.read()
-    chunks.append(data)
-    total += len(data)
+  for path in files():
+    with open(path, "rb") as f:
+      chunks.append(f.read())
+    total += len(chunks[-1])
     if total >= max_bytes:
       break
-  corpus = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
-  return corpus
+  return np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
 
 
 def sample_batch(data: np.ndarray, step: int, cfg: TrainConfig) -> np.ndarray:
@@ -202,8 +214,10 @@ def build_model(cfg: TrainConfig, mesh, seed: int):
 
 def set_backend(model, backend: str) -> None:
   """Point every MoE block of ``model`` at another jax_ep backend (a static attribute)."""
+  from flax import nnx
+
   import jax_ep.nn
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if isinstance(module, jax_ep.nn.MoE):
       module.backend = backend
 
@@ -352,8 +366,9 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   if cfg.num_experts % ep_size:
     raise ValueError(f"train_moe: num_experts={cfg.num_experts} must be a multiple of the "
                      f"{ep_size} devices; change --num-experts.")
-  mesh = jax.make_mesh((ep_size,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  # Mesh order = device order: the triton runtime numbers its ranks the same way.
+  mesh = jax.sharding.Mesh(np.array(devices), ("ep",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
   main = _is_main()
   log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
 
@@ -423,10 +438,9 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
     model, _ = nnx.merge(graphdef, state)
     return loss_fn(model, batch)[1][0]
 
-  backend = cfg.backend
   runtime_started = _maybe_start_runtime(cfg, abstract_model_opt, mesh, log)
-  if cfg.backend == "auto" and not runtime_started:
-    backend = "xla"  # what "auto" resolves to without the triton runtime
+  backend = _resolved_backend(cfg, abstract_model_opt, mesh, runtime_started)
+  log(f"jax_ep backend: {backend} (asked for {cfg.backend!r})")
   train_step = make_step(graphdef)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   bar = _progress(cfg.steps, start_step, progress and main)
@@ -509,19 +523,37 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   return result
 
 
+def _moe_configs(cfg: TrainConfig, model_opt, mesh):
+  """The EPConfigs of the model's MoE blocks at this batch (what the triton runtime sizes for)."""
+  from flax import nnx
+
+  import jax_ep.nn
+  return sorted({module.ep_config(cfg.batch_size * cfg.seq_len, mesh.shape["ep"])
+                 for _, module in nnx.iter_modules(model_opt)
+                 if isinstance(module, jax_ep.nn.MoE)}, key=repr)
+
+
+def _resolved_backend(cfg: TrainConfig, model_opt, mesh, runtime_started: bool) -> str:
+  """The backend the MoE blocks will really use ("auto" resolved as jax_ep resolves it)."""
+  if cfg.backend != "auto":
+    return cfg.backend
+  if not runtime_started:
+    return "xla"
+  from jax_ep import backends
+  triton = backends.get("triton")
+  return "triton" if all(triton.usable(c) for c in _moe_configs(cfg, model_opt, mesh)) else "xla"
+
+
 def _maybe_start_runtime(cfg: TrainConfig, model_opt, mesh, log) -> bool:
   """Initialize jax_ep's triton runtime when asked for ("triton") or possible ("auto" on GPU)."""
   import jax
 
   import jax_ep
-  import jax_ep.nn
 
   if cfg.backend == "xla" or (cfg.backend == "auto" and jax.default_backend() != "gpu"):
     return False
-  configs = {module.ep_config(cfg.batch_size * cfg.seq_len, mesh.shape["ep"])
-             for _, module in model_opt.iter_modules() if isinstance(module, jax_ep.nn.MoE)}
   try:
-    jax_ep.runtime.initialize(sorted(configs, key=repr))
+    jax_ep.runtime.initialize(_moe_configs(cfg, model_opt, mesh))
   except Exception as e:  # noqa: BLE001 - "auto" falls back, "triton" re-raises
     if cfg.backend == "triton":
       raise
@@ -619,6 +651,11 @@ def main(argv=None) -> TrainResult:
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if getattr(args, f.name) is not None}
   cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})
+  if cfg.backend != "xla":
+    # The triton runtime's symmetric memory lives outside XLA's pool (docs/RUNTIME.md); these
+    # must be set before jax starts. No effect on CPU.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
   cpu_devices = args.cpu_devices
   if cpu_devices is None and "JAX_NUM_CPU_DEVICES" not in os.environ:
     cpu_devices = 8  # a CPU-only machine gets 8 virtual devices; GPUs are unaffected

@@ -5,7 +5,9 @@ Each process gets the environment a multi-process JAX job needs, and the script 
   JAX_COORDINATOR_ADDRESS  host:port of process 0's coordination service (all processes)
   JAX_NUM_PROCESSES        processes in the whole job (all hosts)
   JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES - 1
-  JAX_LOCAL_DEVICE_IDS     GPU mode: the local GPU ids this process drives (e.g. "2")
+  JAX_LOCAL_DEVICE_IDS     GPU mode: the local GPU ids this process drives (e.g. "2"); also
+                           NVSHMEM_DISABLE_NVLS=1, XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 and,
+                           on one host, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo (unless set)
   JAX_NUM_CPU_DEVICES      CPU mode: virtual CPU devices of this process
   JAX_PLATFORMS            CPU mode: "cpu"
 
@@ -47,7 +49,7 @@ def free_port() -> int:
 
 def process_env(base: dict[str, str], *, coordinator: str, total: int, process_id: int,
                 local_index: int, gpus: bool, gpus_per_process: int,
-                cpu_devices: int) -> dict[str, str]:
+                cpu_devices: int, single_host: bool = True) -> dict[str, str]:
   """The environment of one process of the job."""
   env = dict(base)
   env.update(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(total),
@@ -55,6 +57,12 @@ def process_env(base: dict[str, str], *, coordinator: str, total: int, process_i
   if gpus:
     first = local_index * gpus_per_process
     env["JAX_LOCAL_DEVICE_IDS"] = ",".join(str(first + i) for i in range(gpus_per_process))
+    # jax_ep's triton runtime (docs/RUNTIME.md): no NVLink multicast, and room beside XLA's
+    # pool for the NVSHMEM symmetric heap.
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    if single_host:
+      env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
   else:
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_NUM_CPU_DEVICES"] = str(cpu_devices)
@@ -95,7 +103,7 @@ def launch(command: list[str], *, num_processes: int, total_processes: int | Non
     pid = first_process_id + i
     env = process_env(dict(os.environ), coordinator=coordinator, total=total, process_id=pid,
                       local_index=i, gpus=gpus, gpus_per_process=gpus_per_process,
-                      cpu_devices=cpu_devices)
+                      cpu_devices=cpu_devices, single_host=total == num_processes)
     p = subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, start_new_session=True)
     t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}]"), daemon=True)
