@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -44,3 +45,18 @@ def test_two_processes_match_one_process(tmp_path):
                            log_every=STEPS)
   np.testing.assert_allclose(metrics["losses"], single.losses, rtol=0, atol=1e-4)
   assert abs(metrics["eval_loss"] - single.eval_loss) < 1e-4
+
+
+def test_launcher_stops_the_others_when_one_fails():
+  """A failing process ends the job at once with its status; its siblings are stopped."""
+  spec = importlib.util.spec_from_file_location(
+      "launch", ROOT / "examples" / "multihost" / "launch.py")
+  launch = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launch)
+  code = ("import os, sys, time; pid = int(os.environ['JAX_PROCESS_ID']); "
+          "print('rank', pid, os.environ['JAX_NUM_PROCESSES'], os.environ['JAX_PLATFORMS']); "
+          "sys.exit(3) if pid == 1 else time.sleep(120)")
+  t0 = time.monotonic()
+  status = launch.launch(["-c", code], num_processes=2, cpu_devices=2)
+  assert status == 3
+  assert time.monotonic() - t0 < 60
