@@ -34,6 +34,7 @@ CASES = [
     (128, 7168, 256, 8, None, 1, "uniform", "bfloat16"),
     (128, 2048, 64, 4, None, 8, "with_unselected", "float32"),
     (128, 128, 64, 4, "tiny", 16, "one_expert", "bfloat16"),   # capacity overflow: drops
+    (128, 2048, 64, 4, "one", 1, "duplicates", "bfloat16"),    # C = 1: all but one row dropped
     (128, 128, 64, 4, None, 1, "empty", "bfloat16"),           # nothing selected
     (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16"),      # one rank receives nothing
     (1, 128, 64, 4, None, 1, "uniform", "bfloat16"),
@@ -57,6 +58,8 @@ def _config(case, world, backend):
     capacity = base.balanced_capacity(world)
   elif cap == "tiny":
     capacity = align
+  elif cap == "one":
+    capacity = 1
   else:
     capacity = None
   return jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
@@ -291,7 +294,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-MP_CASES = [CASES[0], CASES[3], CASES[4], CASES[8]]
+MP_CASES = [CASES[0], CASES[3], CASES[4], CASES[9]]
 
 
 def test_multiprocess_matches_xla_backend():
