@@ -63,6 +63,7 @@ SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 3),   # small enough for 2 programs per SM (overlaps epilogues)
     (64, 256, 64, 4, 4),
     (256, 128, 64, 8, 3),
     (128, 128, 128, 8, 3),

@@ -410,10 +410,18 @@ def forward_grid(C: int, N: int, E: int, cfg: TileConfig, max_programs: int | No
 
 
 def resident_programs(num_sms: int, cfg: TileConfig, elem_bytes: int) -> int:
-  """How many programs of ``cfg`` fit on the GPU at once (shared memory bound, Hopper 227 KiB)."""
+  """Programs of ``cfg`` that are surely resident at once (a persistent launch must not ask for
+  more: the extra programs would only start after the first ones finish all their tiles).
+
+  Bounded by shared memory (227 KiB per Hopper SM) and, conservatively, registers (64 Ki per
+  SM; the f32 accumulator tile plus ~96 registers a thread), at most 2 per SM.
+  """
   smem = cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
-  per_sm = max(1, min(2, (227 * 1024) // max(smem, 1)))
-  return num_sms * per_sm
+  by_smem = (227 * 1024) // max(smem, 1)
+  threads = cfg.num_warps * 32
+  regs = min(255, cfg.block_m * cfg.block_n // threads + 96)
+  by_regs = 65536 // (threads * regs)
+  return num_sms * max(1, min(2, by_smem, by_regs))
 
 
 def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:
