@@ -61,7 +61,8 @@ Forward tiling and the static grid (``grouped_gemm_kernel``)
 
 dw tiling (``grouped_gemm_dw_kernel``)
   Grid ``E_local * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)``: one program per (expert, K tile, N tile)
-  of dw, looping over the group's rows BLOCK_K at a time (rows past the group masked to zero on
+  of dw, experts taken largest group first (an ``order`` permutation computed beside the launch),
+  looping over the group's rows BLOCK_K at a time (rows past the group masked to zero on
   both operands, so values in neighbouring groups can never leak in, NaNs included). An empty
   group stores a zero tile. x tiles are loaded as [BLOCK_K rows, BLOCK_M] and transposed in
   registers/shared memory (``tl.trans``), which Hopper's wgmma takes as an MN-major operand.
@@ -277,6 +278,7 @@ def grouped_gemm_dw_kernel(
     dy_ptr,       # [C, N] output cotangent
     sizes_ptr,    # [E] int32
     offsets_ptr,  # [E] int32
+    order_ptr,    # [E] int32 permutation: experts by decreasing group size (launch order)
     dw_ptr,       # [E, K, N] weight cotangent: dw[e] = x[rows of e]^T @ dy[rows of e]
     C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
     STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
@@ -288,11 +290,16 @@ def grouped_gemm_dw_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,  # TMA descriptors whose row count ends at the group's end
 ):
-  """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)."""
+  """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N).
+
+  Programs take experts in ``order`` (largest group first), so the longest reductions start
+  first and small groups fill in behind them (longest-processing-time-first scheduling).
+  """
   pid = tl.program_id(0)
   num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
   num_k_tiles: tl.constexpr = (K + BLOCK_M - 1) // BLOCK_M
-  e = pid // (num_k_tiles * num_n_tiles)
+  e = tl.load(order_ptr + pid // (num_k_tiles * num_n_tiles))
+  e = tl.minimum(tl.maximum(e, 0), E - 1)  # a corrupt order stays in bounds
   rest = pid % (num_k_tiles * num_n_tiles)
   k_tile = rest // num_n_tiles
   n_tile = rest % num_n_tiles

@@ -288,8 +288,10 @@ def test_dw_interpreted(interp, rng, case, dtype, use_tma):
   if use_tma and not gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1),
                                       elem_bytes=np.dtype(dtype).itemsize, dw=True):
     pytest.skip("shape not eligible for the TMA variant")
+  order = np.argsort(-sizes, kind="stable").astype(np.int32)
   run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
-                  (x, dy, sizes, offsets, dw), gg.dw_constexprs(c, k, n, e, cfg, use_tma=use_tma))
+                  (x, dy, sizes, offsets, order, dw),
+                  gg.dw_constexprs(c, k, n, e, cfg, use_tma=use_tma))
   x0 = np.where(inside[:, None], x.astype(np.float32), 0)
   dy0 = np.where(inside[:, None], dy.astype(np.float32), 0)
   assert_close(dw, ref_dw(x0, dy0, sizes, offsets), np.dtype(dtype),
@@ -350,7 +352,7 @@ def test_compiles_for_sm90(dtype, variant):
                              y_strides=(h, 1), use_tma=tma, half_tiles=True)
   ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
   cfg = gg.dw_config(h, n, dtype)
-  ptxs.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", t],
+  ptxs.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],
                        gg.dw_constexprs(c, h, n, e, cfg, use_tma=tma), cfg).asm["ptx"])
   for ptx in ptxs:
     assert ".target sm_90a" in ptx

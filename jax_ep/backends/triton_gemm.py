@@ -162,8 +162,11 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
   use_tma = _use_tma_default() if use_tma is None else use_tma
   use_tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
                                          elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
+  # Largest groups first: their long reductions start before the short ones (a stable sort,
+  # so the order, and with it every result, is deterministic).
+  order = jnp.argsort(-sizes, stable=True).astype(jnp.int32)
   (dw,) = _triton_call(
-      gg.grouped_gemm_dw_kernel, x, dy, sizes, offsets, out_shapes=out,
+      gg.grouped_gemm_dw_kernel, x, dy, sizes, offsets, order, out_shapes=out,
       grid=gg.dw_grid(h, n, num_experts, cfg), num_warps=cfg.num_warps,
       num_stages=cfg.num_stages,
       constexprs=gg.dw_constexprs(c, h, n, num_experts, cfg, input_precision=precision,
