@@ -148,3 +148,144 @@ def dense_moe(x, topk_idx, topk_weights, expert_fn, num_experts):
     w_e = jnp.sum(jnp.where(topk_idx == e, topk_weights, 0.0), axis=-1)  # [T]
     out = out + w_e[:, None] * expert_fn(e, x).astype(jnp.float32)
   return out
+
+
+# -- running and checking a dispatch/combine round trip -----------------------------------------
+
+PUBLIC_FIELDS = ("group_sizes", "group_offsets", "num_recv_rows", "num_dropped", "num_invalid")
+
+
+def roundtrip_fn(config, mesh, combine_scale: float = 1.5):
+  """A jitted ``f(x, idx, weights)`` over ``mesh`` (inputs ``[W * T, ...]`` sharded on the EP axis).
+
+  Per shard it dispatches, combines ``combine_scale * recv_x`` and returns
+  ``(recv_x [W, C, H], recv_weights [W, C], {public layout field: [W, ...]}, out [W * T, H])``.
+  """
+  import jax
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+
+  ax = config.axis_name
+
+  def per_shard(x, idx, weights):
+    recv_x, recv_w, layout = jax_ep.dispatch(x, idx, weights, config=config)
+    out = jax_ep.combine(recv_x * combine_scale, layout, config=config)
+    public = {f: getattr(layout, f)[None] for f in PUBLIC_FIELDS}
+    return recv_x[None], recv_w[None], public, out
+
+  return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P(ax),) * 3, out_specs=P(ax)))
+
+
+def check_roundtrip(config, x, idx, weights, outputs, combine_scale: float = 1.5,
+                    combine_tol: float = 1e-6):
+  """Assert that ``roundtrip_fn``'s outputs obey API.md for ``[W, T, ...]`` inputs.
+
+  recv_x, recv_weights and every public layout field must equal the loop reference exactly
+  (which also proves provenance, order and zero padding); combine within ``combine_tol``.
+  Returns the ReferenceDispatch.
+  """
+  recv_x, recv_w, public, out = (np.asarray(outputs[0]), np.asarray(outputs[1]),
+                                 {k: np.asarray(v) for k, v in outputs[2].items()},
+                                 np.asarray(outputs[3]))
+  w_, t_ = np.shape(idx)[:2]
+  ref = reference_dispatch(x, idx, weights, config.num_experts, config.capacity_rows(w_),
+                           config.expert_alignment)
+  np.testing.assert_array_equal(recv_x, ref.recv_x, err_msg="recv_x")
+  np.testing.assert_array_equal(recv_w, ref.recv_weights, err_msg="recv_weights")
+  for f in PUBLIC_FIELDS:
+    np.testing.assert_array_equal(public[f], getattr(ref, f), err_msg=f)
+  expected = reference_combine(ref.recv_x.astype(np.float64) * combine_scale, ref, t_,
+                               np.shape(idx)[2])
+  np.testing.assert_allclose(out.reshape(w_, t_, out.shape[-1]).astype(np.float64), expected,
+                             rtol=combine_tol, atol=combine_tol, err_msg="combine")
+  return ref
+
+
+SOAK_SHAPES = (  # (W, T, H, E, K, capacity, alignment): a fixed pool, so each compiles once
+    (1, 5, 8, 4, 2, None, 1),
+    (2, 0, 8, 8, 2, None, 1),
+    (2, 1, 8, 8, 3, None, 2),
+    (2, 16, 16, 8, 4, 24, 4),
+    (4, 7, 8, 16, 4, None, 1),
+    (4, 16, 8, 16, 2, 8, 1),
+    (4, 12, 16, 8, 3, 40, 8),
+    (8, 4, 8, 16, 2, None, 1),
+    (8, 9, 8, 32, 4, 16, 2),
+    (8, 16, 4, 8, 8, 64, 1),
+)
+SOAK_KINDS = ROUTINGS + ("invalid",)
+
+
+def soak_round(rng, shape, kind, devices):
+  """One randomized round: build inputs of ``shape`` and routing ``kind``, run, check.
+
+  Returns the (config, inputs) so callers can repeat it.
+  """
+  import jax
+  import jax_ep
+  w_, t_, h_, e_, k_, cap, align = shape
+  config = jax_ep.EPConfig(num_experts=e_, topk=k_, hidden=h_, max_tokens_per_rank=max(t_, 1),
+                           capacity=cap, expert_alignment=align, backend="xla")
+  base = "uniform" if kind == "invalid" else kind
+  idx = np.stack([make_routing(rng, base, t_, e_, k_, w_) for _ in range(w_)])
+  if kind == "invalid":
+    bad = rng.random(idx.shape) < 0.2
+    idx = np.where(bad, rng.choice([-9, -2, e_, e_ + 3], size=idx.shape), idx).astype(np.int32)
+  x = token_identity_rows(w_, t_, h_)
+  weights = rng.random((w_, t_, k_)).astype(np.float32)
+  mesh = jax.sharding.Mesh(np.array(devices[:w_]), (config.axis_name,))
+  fn = _cached_roundtrip(config, mesh)
+  flat = lambda a: a.reshape((w_ * t_,) + a.shape[2:])
+  outputs = fn(flat(x), flat(idx), flat(weights))
+  check_roundtrip(config, x, idx, weights, outputs)
+  return outputs
+
+
+_ROUNDTRIP_CACHE: dict = {}
+
+
+def _cached_roundtrip(config, mesh):
+  key = (config, mesh)
+  if key not in _ROUNDTRIP_CACHE:
+    _ROUNDTRIP_CACHE[key] = roundtrip_fn(config, mesh)
+  return _ROUNDTRIP_CACHE[key]
+
+
+def soak(rounds: int, seed: int, devices=None, log=None) -> dict:
+  """``rounds`` randomized dispatch/combine rounds against the loop references.
+
+  Draws a shape from SOAK_SHAPES (1 to 8 ranks, T from 0 to 16, drops and alignment) and a routing
+  from SOAK_KINDS per round. Raises AssertionError (with the round, shape and kind) on the first
+  mismatch; returns counts of rounds per kind and the total rows dropped and invalid ids seen.
+  """
+  import jax
+  devices = list(devices or jax.devices())
+  shapes = [s for s in SOAK_SHAPES if s[0] <= len(devices)]
+  rng = np.random.default_rng(seed)
+  stats = {"rounds": 0, "dropped": 0, "invalid": 0, "kinds": {}}
+  for i in range(rounds):
+    shape = shapes[rng.integers(len(shapes))]
+    kind = SOAK_KINDS[rng.integers(len(SOAK_KINDS))]
+    try:
+      outputs = soak_round(rng, shape, kind, devices)
+    except AssertionError as e:
+      raise AssertionError(f"soak round {i} (seed {seed}, shape {shape}, kind {kind}): {e}") from e
+    stats["rounds"] += 1
+    stats["dropped"] += int(np.sum(np.asarray(outputs[2]["num_dropped"])))
+    stats["invalid"] += int(np.sum(np.asarray(outputs[2]["num_invalid"])))
+    stats["kinds"][kind] = stats["kinds"].get(kind, 0) + 1
+    if log and (i + 1) % max(1, rounds // 20) == 0:
+      log(f"soak: {i + 1}/{rounds} rounds ok")
+  return stats
+
+
+def output_hash(outputs) -> str:
+  """A hex digest of every array in a pytree of outputs (for run-to-run determinism checks)."""
+  import hashlib
+  import jax
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(outputs):
+    a = np.asarray(leaf)
+    h.update(str((a.shape, a.dtype)).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()

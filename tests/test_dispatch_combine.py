@@ -11,9 +11,6 @@ import jax_ep
 from jax_ep import testing
 from conftest import cpu_mesh
 
-PUBLIC = ("group_sizes", "group_offsets", "num_recv_rows", "num_dropped", "num_invalid")
-
-
 def run_dispatch_combine(config, ep_size, x, idx, weights, y=None):
   """Dispatch [W, T, ...] inputs over an ep_size mesh; combine ``y`` ([W, C, H]) or recv_x * 1.5.
 
@@ -21,44 +18,26 @@ def run_dispatch_combine(config, ep_size, x, idx, weights, y=None):
   """
   mesh = cpu_mesh(ep_size, config.axis_name)
   w_, t_ = idx.shape[:2]
-  ax = config.axis_name
-
-  def per_shard(x, idx, weights, y):
-    recv_x, recv_w, layout = jax_ep.dispatch(x, idx, weights, config=config)
-    ys = recv_x * 1.5 if y is None else y[0]
-    out = jax_ep.combine(ys, layout, config=config)
-    public = tuple(getattr(layout, f)[None] for f in PUBLIC)
-    return recv_x[None], recv_w[None], public, out
-
-  y_arg = jnp.zeros((w_, 1, 1)) if y is None else jnp.asarray(y)
-  if y is None:
-    per_shard_y = lambda x, i, w, _: per_shard(x, i, w, None)
-  else:
-    per_shard_y = per_shard
-  f = jax.jit(jax.shard_map(per_shard_y, mesh=mesh, in_specs=(P(ax), P(ax), P(ax), P(ax)),
-                            out_specs=P(ax)))
   flat = lambda a: jnp.asarray(a).reshape((w_ * t_,) + np.shape(a)[2:])
-  recv_x, recv_w, public, out = f(flat(x), flat(idx), flat(weights), y_arg)
-  return (np.asarray(recv_x), np.asarray(recv_w), dict(zip(PUBLIC, map(np.asarray, public))),
-          np.asarray(out).reshape(w_, t_, np.shape(x)[-1]))
+  if y is None:
+    outputs = testing.roundtrip_fn(config, mesh)(flat(x), flat(idx), flat(weights))
+  else:
+    def per_shard(x, idx, weights, y):
+      _, _, layout = jax_ep.dispatch(x, idx, weights, config=config)
+      return jax_ep.combine(y[0], layout, config=config)
+    out = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("ep"),) * 4,
+                                out_specs=P("ep")))(flat(x), flat(idx), flat(weights), y)
+    outputs = (None, None, None, out)
+  return tuple(outputs[:3]) + (np.asarray(outputs[3]).reshape(w_, t_, np.shape(x)[-1]),)
 
 
-def check_against_reference(config, ep_size, x, idx, weights, dtype_tol=1e-6):
-  recv_x, recv_w, public, out = run_dispatch_combine(config, ep_size, x, idx, weights)
-  ref = testing.reference_dispatch(x, idx, weights, config.num_experts,
-                                   config.capacity_rows(ep_size), config.expert_alignment)
-  np.testing.assert_array_equal(recv_x, ref.recv_x)  # provenance, order and zero padding
-  np.testing.assert_array_equal(recv_w, ref.recv_weights)
-  np.testing.assert_array_equal(public["group_sizes"], ref.group_sizes)
-  np.testing.assert_array_equal(public["group_offsets"], ref.group_offsets)
-  np.testing.assert_array_equal(public["num_recv_rows"], ref.num_recv_rows)
-  np.testing.assert_array_equal(public["num_dropped"], ref.num_dropped)
-  np.testing.assert_array_equal(public["num_invalid"], ref.num_invalid)
-  assert np.all(public["group_offsets"] % config.expert_alignment == 0) or np.all(
-      public["group_offsets"] <= config.capacity_rows(ep_size))
-  expected = testing.reference_combine(ref.recv_x.astype(np.float64) * 1.5, ref, idx.shape[1],
-                                       idx.shape[2])
-  np.testing.assert_allclose(out.astype(np.float64), expected, rtol=dtype_tol, atol=dtype_tol)
+def check_against_reference(config, ep_size, x, idx, weights):
+  outputs = testing.roundtrip_fn(config, cpu_mesh(ep_size, config.axis_name))(
+      *(jnp.asarray(a).reshape((ep_size * idx.shape[1],) + np.shape(a)[2:])
+        for a in (x, idx, weights)))
+  ref = testing.check_roundtrip(config, x, idx, weights, outputs)
+  assert np.all((ref.group_offsets % config.expert_alignment == 0)
+                | (ref.group_offsets == config.capacity_rows(ep_size)))
   return ref
 
 

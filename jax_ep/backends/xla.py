@@ -153,8 +153,10 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   # Expert side: one row per (source rank, token), summing its slots in k order.
   partial = jnp.zeros(recv_pos.shape[:2] + y.shape[1:], jnp.float32)
   for k in range(recv_pos.shape[2]):
-    wk = jnp.where(present[:, :, k], row_weights[p[:, :, k]], 0.0)
-    partial = partial + wk[..., None] * y[p[:, :, k]].astype(jnp.float32)
+    pk = p[:, :, k]
+    term = row_weights[pk][..., None] * y[pk].astype(jnp.float32)
+    # where, not a zero weight: an absent slot must not pick up a NaN/Inf of the row it indexes
+    partial = partial + jnp.where(present[:, :, k, None], term, 0.0)
   back = _all_to_all(partial.astype(y.dtype), config.axis_name)  # [W (expert rank), T, H]
   out = jnp.zeros(back.shape[1:], jnp.float32)
   for r in range(back.shape[0]):
