@@ -656,6 +656,12 @@ def main(argv=None) -> TrainResult:
     # must be set before jax starts. No effect on CPU.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
+    # Virtual CPU devices are threads: on a busy machine with few cores one of them can miss
+    # XLA:CPU's 40 s collective rendezvous deadline, which aborts the process. Wait longer.
+    os.environ["XLA_FLAGS"] = (
+        flags + " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
   cpu_devices = args.cpu_devices
   if cpu_devices is None and "JAX_NUM_CPU_DEVICES" not in os.environ:
     cpu_devices = 8  # a CPU-only machine gets 8 virtual devices; GPUs are unaffected

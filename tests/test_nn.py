@@ -198,3 +198,35 @@ def test_errors_name_the_problem():
   unplaced = jax_ep.nn.MoE(8, 8, num_experts=4, topk=1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="call it under `with jax.set_mesh"):
     unplaced(jnp.ones((8, 8)))
+
+
+def test_explicit_mesh_under_set_mesh(rng):
+  """A mesh with Explicit axes (jax.make_mesh's default in jax >= 0.11), unsharded input."""
+  devices = jax.devices()[:4]
+  if len(devices) < 4:
+    pytest.skip("needs 4 devices")
+  mesh = jax.make_mesh((4,), ("ep",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices)
+  x = jnp.asarray(rng.standard_normal((16, HIDDEN)), jnp.float32)
+  with jax.set_mesh(mesh):
+    layer = jax_ep.nn.MoE(HIDDEN, FFN, num_experts=EXPERTS, topk=TOPK, backend="xla",
+                          load_balancing_coef=LB_COEF, z_loss_coef=Z_COEF,
+                          rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+      y, aux = nnx.merge(graphdef, params)(x)
+      return jnp.sum(y ** 2) + aux.loss
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params, x)
+  p = jax.tree.map(np.asarray, nnx.to_pure_dict(params))  # the reference: one device, no mesh
+
+  def dense_loss(p, x):
+    y, aux_loss, _, _ = dense_moe(p, x)
+    return jnp.sum(y ** 2) + aux_loss
+
+  ref, ref_grads = jax.jit(jax.value_and_grad(dense_loss))(p, x)
+  _close(value, ref, "loss")
+  g = nnx.to_pure_dict(grads)
+  for name in ref_grads:
+    _close(g[name], ref_grads[name], f"d {name}")

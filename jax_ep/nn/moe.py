@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_ep
 from jax_ep.config import EPConfig
@@ -126,7 +126,7 @@ class MoE(nnx.Module):
 
   Example usage::
 
-    >>> import jax, jax_ep.nn
+    >>> import jax, jax.numpy as jnp, jax_ep.nn
     >>> from flax import nnx
     >>> mesh = jax.make_mesh((jax.device_count(),), ("ep",),
     ...                      axis_types=(jax.sharding.AxisType.Auto,))
@@ -316,11 +316,15 @@ class MoE(nnx.Module):
 
     weights = [self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
                self.w_down[...].astype(dtype)]
+    operands = [tokens, topk_idx, topk_weights, *weights]
     sharded = P(ep)
+    if dict(zip(mesh.axis_names, mesh.axis_types))[ep] == jax.sharding.AxisType.Explicit:
+      # Explicit axes: shard_map takes inputs only as already sharded as its in_specs.
+      operands = [jax.sharding.reshard(a, NamedSharding(mesh, sharded)) for a in operands]
     out, num_dropped = jax.shard_map(
         experts, mesh=mesh, in_specs=(sharded,) * 6, out_specs=(sharded, P()),
         check_vma=False,
-    )(tokens, topk_idx, topk_weights, *weights)
+    )(*operands)
 
     if self.shared_intermediate is not None:
       out = out + _swiglu(tokens, self.shared_gate[...].astype(dtype),
