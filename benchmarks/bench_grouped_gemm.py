@@ -25,7 +25,10 @@ Shapes (rows, local experts, K, N): DeepSeek-V3-like per rank at EP=4 (4096 toke
 K=2048 -> N=7168) and Qwen3-MoE-like (hidden 2048, FFN 768, 128 experts, 32768 rows).
 Targets on H200: triton >= 0.8x dense TFLOP/s and >= 1.5x ragged_dot.
 
-Run (one GPU):  python benchmarks/bench_grouped_gemm.py [--sweep] [--shapes dsv3_up,qwen3_up]
+``--swiglu`` also times the expert block as models run it (``jax_ep.experts.swiglu``: gate, up,
+down; forward and forward+backward), triton vs xla.
+
+Run (one GPU):  python benchmarks/bench_grouped_gemm.py [--swiglu] [--sweep] [--shapes dsv3_up,qwen3_up]
 """
 from __future__ import annotations
 
@@ -310,6 +313,60 @@ def sweep_shape(name, rows, experts, k, n, args, seed: int) -> list[dict]:
   return out
 
 
+SWIGLU_SHAPES = {
+    # name: (rows, experts, hidden, ffn)
+    "dsv3_swiglu": (32768, 64, 7168, 2048),
+    "qwen3_swiglu": (32768, 128, 2048, 768),
+}
+QUICK_SWIGLU_SHAPES = {"small_swiglu": (4096, 16, 1024, 512)}
+
+
+def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
+  """The expert block as models run it (jax_ep.experts.swiglu: gate, up, down), triton vs xla,
+  forward and forward+backward (value_and_grad over x and the three weights)."""
+  from jax_ep import experts as expert_fns
+
+  rng = np.random.default_rng(seed)
+  dtype = jnp.dtype(args.dtype)
+  sizes = group_sizes(rng, rows, experts, args.routing)
+  layout = layout_for(sizes, rows)
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(keys[0], (rows, hidden), jnp.float32).astype(dtype)
+  wg, wu = ((jax.random.normal(k, (experts, hidden, ffn), jnp.float32) / math.sqrt(hidden))
+            .astype(dtype) for k in keys[1:3])
+  wd = (jax.random.normal(keys[3], (experts, ffn, hidden), jnp.float32) / math.sqrt(ffn)
+        ).astype(dtype)
+  flops = 3 * 2.0 * int(sizes.sum()) * hidden * ffn
+  res = dict(name=name, rows=rows, experts=experts, hidden=hidden, ffn=ffn, dtype=dtype.name,
+             routing=args.routing, seed=seed)
+  print(f"\n== {name}: swiglu experts, R={int(sizes.sum())}, E={experts}, H={hidden}, "
+        f"F={ffn}", flush=True)
+  for backend in ("triton", "xla"):
+    def fwd(x, wg, wu, wd, b=backend):
+      return expert_fns.swiglu(x, wg, wu, wd, layout, backend=b)
+
+    def train(x, wg, wu, wd, b=backend):
+      loss = lambda *a: jnp.sum(fwd(*a, b=b).astype(jnp.float32))  # noqa: E731
+      return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+    for phase, fn, fl in (("fwd", fwd, flops), ("fwd+bwd", train, 3 * flops)):
+      t = _try(f"swiglu {backend} {phase}",
+               lambda: time_op(fn, (x, wg, wu, wd), args.iters, args.inner))
+      if "median_s" in t:
+        t["tflops"] = fl / t["median_s"] / 1e12
+        print(f"  {backend:>7} {phase:<8}: {t['median_s'] * 1e3:8.3f} ms  "
+              f"{t['tflops']:7.1f} TFLOP/s", flush=True)
+      res.setdefault(backend, {})[phase] = t
+      gc.collect()
+  for phase in ("fwd", "fwd+bwd"):
+    a, b = (res[k][phase].get("median_s") for k in ("triton", "xla"))
+    if a and b:
+      res.setdefault("speedup_vs_xla", {})[phase] = b / a
+  del x, wg, wu, wd
+  gc.collect()
+  return res
+
+
 # -- report --------------------------------------------------------------------------------------
 
 def print_table(results):
@@ -362,6 +419,8 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=20, help="timed samples per op (>= 20)")
   p.add_argument("--inner", type=int, default=50, help="max ops per timed sample")
   p.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+  p.add_argument("--swiglu", action="store_true",
+                 help="also time the SwiGLU expert block (jax_ep.experts.swiglu), triton vs xla")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
@@ -397,6 +456,12 @@ def main(argv=None):
   record = dict(meta=meta, results=results)
   with open(stem + ".json", "w") as f:
     json.dump(record, f, indent=1)
+  if args.swiglu:
+    shapes = QUICK_SWIGLU_SHAPES if args.quick else SWIGLU_SHAPES
+    record["swiglu"] = [bench_swiglu(s, *shape, args, args.seed + 100 + i)
+                        for i, (s, shape) in enumerate(shapes.items())]
+    with open(stem + ".json", "w") as f:
+      json.dump(record, f, indent=1)
   if args.sweep:  # after the main results are on disk: a failing variant cannot lose them
     record["sweep"] = []
     for s in names:
