@@ -1,7 +1,10 @@
 """Dispatch kernels: each token row crosses NVLink once per destination; receivers expand it.
 
-dispatch_kernel: one launch, two kinds of programs (grid NUM_SENDERS + NUM_RECEIVERS, both from
-``EPConfig.num_sms``), so the receivers' HBM work overlaps the senders' NVLink work.
+dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
+``EPConfig.num_sms``). Every program first histograms its token blocks; program 0 (the leader,
+``kernels/layout.py``) exchanges counts with the peers, which is the op's start barrier, derives
+the layout and raises GO; then senders push and receivers expand, so the receivers' HBM work
+overlaps the senders' NVLink work.
 
   senders (``_push_body``; persistent over blocks of BLOCK_T tokens)
     For a block it loads topk_idx [BLOCK_T, K] and finishes the layout: the rank of each slot
@@ -30,8 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (_ARRIVE_FLAG_OFF, _ERR_OFF, _MAX_PROGRAMS, current_seq, signal_peers,
-                      sym_ptr, wait_flags)
+from .ep_sync import leader_barrier, signal_peers, sym_ptr, wait_arrivals, wait_go
+from .layout import hist_blocks, leader_layout
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     valid = g >= 0
     dest = tl.where(valid, g // E_LOCAL, -1)
     if COMPUTE_POS:
-      base = tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0)
+      base = tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0, cache_modifier=".cg")
       pos = base + _in_block_rank(g, BLOCK_T, TOPK_P)
       kept = valid & (pos < CAPACITY)
       pos = tl.where(kept, pos, -1)
@@ -111,15 +114,14 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
   2. For s = rank, rank + 1, ... (mod W): wait for source s's NUM_SENDERS arrival flags, then
      expand its token blocks pid, pid + num_programs, ...
   """
-  tl.store(status_ptr, 0)
   dtype = recv_x_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   # 1. Zeros for every row outside the groups [go[e], go[e] + gs[e]).
   el = tl.arange(0, EL_P)
-  go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0)
-  ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0)
+  go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
+  ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
   for rb in range(pid, (CAPACITY + BLOCK_R - 1) // BLOCK_R, num_programs):
     row = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     inside = tl.max(((row[:, None] >= go[None, :]) & (row[:, None] < ge[None, :])).to(tl.int32),
@@ -133,12 +135,10 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
         tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                  tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
   # 2. Rows that arrived, source by source (this rank's own first: they are ready soonest).
-  err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
-  flags = sym_ptr(sym_table, rank, _ARRIVE_FLAG_OFF, tl.int32)
   for i in range(world):
     s = (rank + i) % world
-    wait_flags(flags + s * _MAX_PROGRAMS, NUM_SENDERS, seq, timeout_ns, err, status_ptr, op,
-               rank, s, seq, USE_TIMER, BLOCK_P)
+    wait_arrivals(sym_table, rank, s, NUM_SENDERS, seq, timeout_ns, status_ptr, op, USE_TIMER,
+                  BLOCK_P)
     if s == rank:
       src_base = x_ptr
       src_row = 0
@@ -171,91 +171,78 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
 
 
 @triton.jit
-def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, group_offsets_ptr,
-                    group_sizes_ptr,
-                    recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr,
+def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
+                    recv_x_ptr, recv_w_ptr, recv_pos_ptr, group_sizes_ptr, group_offsets_ptr,
+                    num_recv_ptr, num_dropped_ptr, hist_ptr, base_ptr, status_ptr,
                     sym_table, rank, world, epoch, timeout_ns, op,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-                    E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
-                    SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
-                    ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
-                    NUM_RECEIVERS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                    ROLE: tl.constexpr):
-  """Dispatch's rows: sender programs [0, NUM_SENDERS) push, receiver programs expand.
+                    E_P: tl.constexpr, E_LOCAL: tl.constexpr, EL_P: tl.constexpr,
+                    CAPACITY: tl.constexpr, ALIGNMENT: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                    COUNTS_OFF: tl.constexpr, SLOT_POS_OFF: tl.constexpr,
+                    SLOT_VAL_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
+                    NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr,
+                    W_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_PROG: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr):
+  """The dispatch op.
 
-  Inputs: x ``[T, H]``, topk_idx ``[T, K] int32``, topk_weights ``[T, K] f32``,
-    base ``[NB, E] int32``, group_offsets / group_sizes ``[E_local] int32`` (the last three from
-    ``layout_exchange_kernel``, whose launch also started this op).
+  Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
   Outputs: recv_x ``[C, H]``, recv_weights ``[C] f32``, recv_pos ``[W, T, K] int32``,
-    status ``[NUM_RECEIVERS] int32`` (0, or ``op`` where a wait timed out).
-  ROLE: 0 = both (GPU; grid NUM_SENDERS + NUM_RECEIVERS; receivers spin only on flags that
-    senders of this or other ranks raise without waiting, and sender programs come first);
-    1 = senders only, 2 = receivers only (grids NUM_SENDERS / NUM_RECEIVERS; the CPU
-    interpreter runs all ranks' senders before any receiver).
+    group_sizes / group_offsets ``[E_local] int32``, num_recv_rows / num_dropped ``[1] int32``,
+    hist / base ``[NB, E] int32`` (scratch), status ``[1 + NUM_SENDERS + NUM_RECEIVERS]
+    int32`` (0, or the code of a timed-out wait: slot 0 leader, 1 + pid the others).
+  PHASE: 0 = everything (GPU; every program of the launch must be resident, which a grid of
+    <= num_sms programs is). The interpreter, which runs programs one after another, launches
+    1 (histograms; all programs), 2 and 3 (leader: announce, then wait + layout; grid 1),
+    4 (senders) and 5 (receivers), each over every rank before the next.
   """
   pid = tl.program_id(0)
-  seq = current_seq(sym_table, rank)
-  if ROLE == 1:
-    _dispatch_send(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank, world,
-                   seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL,
-                   CAPACITY, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, NUM_SENDERS, BLOCK_T,
-                   BLOCK_H)
-  elif ROLE == 2:
-    _dispatch_recv(pid, x_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
-                   recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
-                   NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY,
-                   SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_P,
-                   BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
-  else:
-    if pid < NUM_SENDERS:
-      _dispatch_send(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank,
-                     world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
-                     E_LOCAL, CAPACITY, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, NUM_SENDERS,
-                     BLOCK_T, BLOCK_H)
+  num_programs: tl.constexpr = NUM_SENDERS + NUM_RECEIVERS
+  if PHASE == 0 or PHASE == 1:
+    hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch, NUM_TOKENS,
+                NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T)
+  if PHASE == 0:
+    if pid == 0:
+      leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
+                    num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
+                    num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P, CAPACITY,
+                    ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, 0)
+  if PHASE == 2 or PHASE == 3:
+    leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
+                  num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
+                  num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P, CAPACITY,
+                  ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, PHASE)
+  if PHASE == 0 or PHASE == 4 or PHASE == 5:
+    if PHASE == 0:
+      sender = pid < NUM_SENDERS
+      rid = pid - NUM_SENDERS
     else:
-      _dispatch_recv(pid - NUM_SENDERS, x_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr,
-                     recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, world, seq,
-                     timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL,
-                     EL_P, CAPACITY, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, NUM_SENDERS,
-                     NUM_RECEIVERS, BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
-
-
-@triton.jit
-def _dispatch_send(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank, world,
-                   seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
-                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                   NUM_EXPERTS: tl.constexpr, E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr,
-                   SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
-                   ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_H: tl.constexpr):
-  _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank,
-             world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL,
-             CAPACITY, True, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, BLOCK_T, BLOCK_H)
-
-
-@triton.jit
-def _dispatch_recv(rid, x_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
-                   recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
-                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
-                   EL_P: tl.constexpr, CAPACITY: tl.constexpr, SLOT_POS_OFF: tl.constexpr,
-                   SLOT_VAL_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
-                   NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr):
-  _expand_body(rid, NUM_RECEIVERS, x_ptr, sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32),
-               MAX_TOKENS, sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32),
-               group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
-               status_ptr + rid, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
-               MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, True,
-               NUM_SENDERS, BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
+      sender = tl.full([], PHASE == 4, tl.int1)
+      rid = pid
+    if sender:
+      st = status_ptr + 1 + pid
+      tl.store(st, 0)
+      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
+      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
+                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
+                 E_LOCAL, CAPACITY, True, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, BLOCK_T,
+                 BLOCK_H)
+    else:
+      st = status_ptr + 1 + NUM_SENDERS + rid
+      tl.store(st, 0)
+      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
+      _expand_body(rid, NUM_RECEIVERS, x_ptr, sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32),
+                   MAX_TOKENS, sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32),
+                   group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
+                   st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
+                   HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, True, NUM_SENDERS,
+                   BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
 
 
 @triton.jit
 def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr,
-                         group_sizes_ptr, token_in_ptr,
+                         group_sizes_ptr,
                          recv_x_ptr, status_ptr,
                          sym_table, rank, world, epoch, timeout_ns, op,
                          NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
@@ -263,62 +250,47 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          NUM_EXPERTS: tl.constexpr, E_LOCAL: tl.constexpr, EL_P: tl.constexpr,
                          CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
                          NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, ROLE: tl.constexpr):
-  """``dispatch_rows`` (combine's backward): rows along an existing layout.
+                         W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
+                         PHASE: tl.constexpr):
+  """The dispatch_rows op (combine's backward): rows along an existing layout.
 
-  Senders copy x[t] to every rank one of t's slots is addressed to (kept or not: the sender
-  does not know the drops); receivers expand with the layout's ``recv_pos_in [W, T, K]``.
+  Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
+  addressed to (kept or not: senders do not know the drops); receivers expand with the
+  layout's ``recv_pos_in [W, T, K]``.
   Inputs: x ``[T, H]``, topk_idx ``[T, K]``, recv_pos_in ``[W, T, K]``, group_offsets,
-    group_sizes ``[E_local]``, token_in (from the op's start barrier; not read).
-  Outputs: recv_x ``[C, H]``, status ``[NUM_RECEIVERS] int32``. ROLE as in dispatch_kernel.
+    group_sizes ``[E_local]``.
+  Outputs: recv_x ``[C, H]``, status ``[1 + NUM_SENDERS + NUM_RECEIVERS] int32``.
+  PHASE as in dispatch_kernel (without 1).
   """
   pid = tl.program_id(0)
-  seq = current_seq(sym_table, rank)
-  if ROLE == 1:
-    _rows_send(pid, x_ptr, topk_idx_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-               HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, CAPACITY, ROWS_OFF, NUM_SENDERS,
-               BLOCK_T, BLOCK_H)
-  elif ROLE == 2:
-    _rows_recv(pid, x_ptr, recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr,
-               status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
-               MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF,
-               NUM_SENDERS, NUM_RECEIVERS, BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
-  else:
-    if pid < NUM_SENDERS:
-      _rows_send(pid, x_ptr, topk_idx_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                 HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, CAPACITY, ROWS_OFF, NUM_SENDERS,
-                 BLOCK_T, BLOCK_H)
+  if PHASE == 0:
+    if pid == 0:
+      leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
+                     0)
+  if PHASE == 2 or PHASE == 3:
+    leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
+                   PHASE)
+  if PHASE == 0 or PHASE == 4 or PHASE == 5:
+    if PHASE == 0:
+      sender = pid < NUM_SENDERS
+      rid = pid - NUM_SENDERS
     else:
-      _rows_recv(pid - NUM_SENDERS, x_ptr, recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr,
-                 recv_x_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
-                 NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY,
-                 ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R,
-                 USE_TIMER)
-
-
-@triton.jit
-def _rows_send(pid, x_ptr, topk_idx_ptr, sym_table, rank, world, seq,
-               NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-               TOPK: tl.constexpr, TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-               E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
-               NUM_SENDERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-  _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, sym_table, rank,
-             world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL,
-             CAPACITY, False, 0, 0, ROWS_OFF, BLOCK_T, BLOCK_H)
-
-
-@triton.jit
-def _rows_recv(rid, x_ptr, recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr,
-               status_ptr, sym_table, rank, world, seq, timeout_ns, op,
-               NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-               TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
-               EL_P: tl.constexpr, CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
-               NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-               USE_TIMER: tl.constexpr):
-  _expand_body(rid, NUM_RECEIVERS, x_ptr, recv_pos_in_ptr, NUM_TOKENS, recv_pos_in_ptr,
-               group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr, recv_pos_in_ptr,
-               status_ptr + rid, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
-               MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, False,
-               NUM_SENDERS, BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
+      sender = tl.full([], PHASE == 4, tl.int1)
+      rid = pid
+    if sender:
+      st = status_ptr + 1 + pid
+      tl.store(st, 0)
+      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
+      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, sym_table,
+                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
+                 E_LOCAL, CAPACITY, False, 0, 0, ROWS_OFF, BLOCK_T, BLOCK_H)
+    else:
+      st = status_ptr + 1 + NUM_SENDERS + rid
+      tl.store(st, 0)
+      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
+      _expand_body(rid, NUM_RECEIVERS, x_ptr, recv_pos_in_ptr, NUM_TOKENS, recv_pos_in_ptr,
+                   group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr, recv_pos_in_ptr,
+                   st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
+                   HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, False, NUM_SENDERS,
+                   BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .ep_sync import MAX_PROGRAMS, RegionSpec, next_pow2
+from .ep_sync import RegionSpec, next_pow2
+
+MAX_RESIDENT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +62,6 @@ class EPPlan:
     return max(1, -(-self.num_tokens // self.block_t))
 
   @property
-  def num_programs(self) -> int:
-    """NP: programs of every row-moving kernel (push, expand, reduce); equal on all ranks."""
-    return max(1, min(self.num_sms, MAX_PROGRAMS, self.num_blocks * self.world))
-
-  @property
   def block_h(self) -> int:
     """Row chunk: a [BLOCK_T, BLOCK_H] tile of about 32 KB (16-byte vectors, no spills)."""
     target = max(64, 32768 // (self.block_t * self.itemsize))
@@ -74,58 +71,68 @@ class EPPlan:
   def block_r(self) -> int:
     return 16
 
-  def common(self) -> dict:
-    return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,
-                TOPK_P=self.topk_p, BLOCK_T=self.block_t)
+  @property
+  def max_programs(self) -> int:
+    """Programs of one launch wait for each other, so they must all be resident: at most 128
+    (an H100/H200 has 132 SMs, and these kernels run one program per SM)."""
+    return max(2, min(self.num_sms, MAX_RESIDENT))
 
-  def histogram(self) -> dict:
-    return dict(NUM_TOKENS=self.num_tokens, TOPK=self.topk, TOPK_P=self.topk_p,
-                NUM_EXPERTS=self.num_experts, E_P=next_pow2(self.num_experts),
-                BLOCK_T=self.block_t)
-
-  def exchange(self) -> dict:
-    e_p = next_pow2(self.num_experts)
-    return dict(NUM_BLOCKS=self.num_blocks, NUM_EXPERTS=self.num_experts, E_P=e_p,
-                E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
-                ALIGNMENT=self.alignment, COUNTS_OFF=self.region.counts_off,
-                W_P=next_pow2(self.world), BLOCK_B=max(1, 4096 // e_p),
-                USE_TIMER=self.use_timer, ANNOUNCE=True, FINISH=True)
+  @property
+  def num_programs(self) -> int:
+    """NP: programs of the combine / gather_slots launches (push, then reduce)."""
+    return max(1, min(self.max_programs, self.num_blocks * self.world))
 
   @property
   def num_senders(self) -> int:
-    """Sender programs of the dispatch kernels: half of num_sms (at least 1)."""
-    return max(1, min(MAX_PROGRAMS, self.num_sms // 2, self.num_blocks))
+    """Sender programs of the dispatch launches: half of the programs (at least 1)."""
+    return max(1, min(self.max_programs // 2, self.num_blocks))
 
   @property
   def num_receivers(self) -> int:
-    """Receiver programs of the dispatch kernels: the rest of num_sms (at least 1)."""
+    """Receiver programs of the dispatch launches: the rest (at least 1)."""
     work = max(self.world * self.num_blocks, -(-self.capacity // self.block_r))
-    return max(1, min(MAX_PROGRAMS, self.num_sms - self.num_senders, work))
+    return max(1, min(self.max_programs - self.num_senders, work))
 
-  def dispatch_grid(self, role: int = 0) -> int:
-    """Programs of dispatch_kernel / dispatch_rows_kernel for ROLE 0 (both), 1 or 2."""
-    return {0: self.num_senders + self.num_receivers, 1: self.num_senders,
-            2: self.num_receivers}[role]
+  def grid(self, kernel: str) -> int:
+    """Programs of one GPU launch (PHASE 0) of ``kernel``."""
+    if kernel in ("dispatch_kernel", "dispatch_rows_kernel"):
+      return self.num_senders + self.num_receivers
+    return self.num_programs
 
-  def dispatch(self, from_layout: bool, role: int = 0) -> dict:
+  def status_size(self, kernel: str) -> int:
+    """Length of the kernel's status output (slot 0: the leader; then one per program)."""
+    return 1 + self.grid(kernel)
+
+  def interpreter_phases(self, kernel: str) -> list[tuple[int, int]]:
+    """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
+    programs of a launch run one after another (each phase runs on every rank in turn)."""
+    ns, nr, npg = self.num_senders, self.num_receivers, self.num_programs
+    if kernel == "dispatch_kernel":
+      return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)]
+    if kernel == "dispatch_rows_kernel":
+      return [(2, 1), (3, 1), (4, ns), (5, nr)]
+    return [(2, 1), (3, 1), (4, npg), (5, npg)]
+
+  def _common(self) -> dict:
+    return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,
+                TOPK_P=self.topk_p, BLOCK_T=self.block_t, W_P=next_pow2(self.world),
+                USE_TIMER=self.use_timer)
+
+  def dispatch(self, from_layout: bool, phase: int = 0) -> dict:
     """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""
     r = self.region
-    d = dict(**self.common(), HIDDEN=self.hidden, NUM_EXPERTS=self.num_experts,
+    d = dict(**self._common(), HIDDEN=self.hidden, NUM_EXPERTS=self.num_experts,
              E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
              ROWS_OFF=r.rows_off, NUM_SENDERS=self.num_senders,
              NUM_RECEIVERS=self.num_receivers, BLOCK_P=next_pow2(self.num_senders),
-             BLOCK_H=self.block_h, BLOCK_R=self.block_r, USE_TIMER=self.use_timer, ROLE=role)
+             BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase)
     if not from_layout:
-      d.update(SLOT_POS_OFF=r.slot_pos_off, SLOT_VAL_OFF=r.slot_val_off)
+      e_p = next_pow2(self.num_experts)
+      d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,
+               COUNTS_OFF=r.counts_off, SLOT_POS_OFF=r.slot_pos_off,
+               SLOT_VAL_OFF=r.slot_val_off, BLOCK_B=max(1, 4096 // e_p),
+               BLOCK_PROG=next_pow2(self.num_senders + self.num_receivers))
     return d
-
-  def _wait(self) -> dict:
-    return dict(NUM_SENDERS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
-                USE_TIMER=self.use_timer)
-
-  def barrier(self) -> dict:
-    return dict(USE_TIMER=self.use_timer, BLOCK_W=next_pow2(self.world), ANNOUNCE=True,
-                FINISH=True)
 
   @property
   def combine_block_h(self) -> int:
@@ -133,20 +140,14 @@ class EPPlan:
     target = max(64, 8192 // (self.block_t * self.itemsize))
     return min(1 << (target.bit_length() - 1), 1024, next_pow2(self.hidden))
 
-  def combine_push(self) -> dict:
+  def combine(self, phase: int = 0) -> dict:
     r = self.region
-    return dict(**self.common(), HIDDEN=self.hidden, ROWS_OFF=r.rows_off,
-                ROW_MARK_OFF=r.row_mark_off, BLOCK_H=self.combine_block_h)
+    return dict(**self._common(), HIDDEN=self.hidden, ROWS_OFF=r.rows_off,
+                ROW_MARK_OFF=r.row_mark_off, NUM_PROGRAMS=self.num_programs,
+                BLOCK_P=next_pow2(self.num_programs), BLOCK_H=self.block_h,
+                BLOCK_HC=self.combine_block_h, PHASE=phase)
 
-  def combine_reduce(self) -> dict:
-    r = self.region
-    return dict(**self._wait(), NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens,
-                HIDDEN=self.hidden, ROWS_OFF=r.rows_off, ROW_MARK_OFF=r.row_mark_off,
-                BLOCK_T=self.block_t, BLOCK_H=self.block_h)
-
-  def gather_push(self) -> dict:
-    return dict(**self.common(), SLOT_VAL_OFF=self.region.slot_val_off)
-
-  def gather_reduce(self) -> dict:
-    return dict(**self.common(), **self._wait(), E_LOCAL=self.e_local,
-                SLOT_VAL_OFF=self.region.slot_val_off)
+  def gather(self, phase: int = 0) -> dict:
+    return dict(**self._common(), E_LOCAL=self.e_local, SLOT_VAL_OFF=self.region.slot_val_off,
+                NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
+                PHASE=phase)

@@ -8,7 +8,9 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
 ``CONTROL_BYTES`` are the same for every config, so one region serves several configs:
 
   SEQ          int32 [1]               this rank's op counter (written only by this rank)
+  GO           int64 [1]               = epoch once this launch's leader passed the barrier
   ERR          int32 [8]               first timeout seen: (1, op, rank, peer, seq, 0, 0, 0)
+  HIST_FLAG    int64 [MAX_PROGRAMS]    dispatch: = epoch when program p wrote its histograms
   SYNC_FLAG    int32 [MAX_WORLD]       SYNC_FLAG[s] = seq of the last op rank s announced
   ARRIVE_FLAG  int32 [MAX_WORLD, MAX_PROGRAMS]
                                        ARRIVE_FLAG[s, p] = seq when program p of rank s finished
@@ -21,17 +23,24 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
   ROWS         [W, T_max, H] x row_itemsize   token rows staged by source rank (dispatch) or
                                        partial rows staged by expert rank (combine)
 
-Flag protocol (no flag is ever reset; values only grow):
-  * Every op starts with a one-program "sync" kernel: it reads SEQ, uses seq = SEQ + 1 for the op,
-    writes ``SYNC_FLAG[me] = seq`` into every peer (release, system scope) and waits until
-    ``SYNC_FLAG[s] >= seq`` for every s. Passing it proves every peer has finished all its earlier
-    ops (stream order), so the staging areas are free to overwrite. Then it stores SEQ = seq.
-  * Producers write rows and metadata into peers with plain stores, then each program does
-    ``__syncthreads`` + ``ARRIVE_FLAG[me, pid] = seq`` (release, system scope) in every peer.
-  * Consumers spin (acquire, system scope) until every ``ARRIVE_FLAG[s, p] >= seq``.
-  * Every wait is bounded by ``timeout_ns``: on expiry the kernel records (op, rank, peer, seq) in
-    ERR (and its own status output), stops waiting and finishes; the host turns that into an
-    error naming the op and rank.
+Every op (dispatch, dispatch_rows, combine, gather_slots) is ONE kernel launch, so XLA can
+never interleave the work of two ops on a GPU's stream. Its programs take roles:
+  * leader (program 0): the op's start barrier. seq = SEQ + 1; it writes SYNC_FLAG[me] = seq
+    into every rank (release, system scope) and waits until SYNC_FLAG[s] >= seq for every s.
+    A peer that announced seq has finished its earlier ops (stream order), so every staging
+    area is free. Then SEQ = seq and GO = epoch (the launcher's per-device launch counter, so
+    the program-to-program flags of this launch never need a reset).
+  * senders: wait for GO >= epoch, write rows/metadata into peers with plain stores, then
+    ``__syncthreads`` + ARRIVE_FLAG[me, sender] = seq in every rank (release, system scope).
+  * receivers: wait for GO >= epoch, then spin (acquire, system scope) until the
+    ARRIVE_FLAG[s, p] of the senders they need reach seq.
+  Dispatch's programs first build the per-block expert histogram (HIST_FLAG[pid] = epoch when
+  done); its leader sums them and exchanges counts as part of the start barrier.
+  Every wait is bounded by ``timeout_ns``: on expiry the kernel records (op, rank, peer, seq) in
+  ERR (and its status output), stops waiting and finishes; the host turns that into an error
+  naming the op and rank.
+  All programs of a launch must be resident together (they wait for each other): the grid is
+  at most ``EPConfig.num_sms`` (<= 128) programs, far fewer than an H100/H200's 132 SMs.
 Requirement: every rank runs the same sequence of ops (as SPMD programs do), so seq agrees.
 """
 from __future__ import annotations
@@ -46,42 +55,44 @@ MAX_WORLD = 64
 MAX_PROGRAMS = 256
 ALIGN = 256
 SEQ_OFF = 0
+GO_OFF = 128
 ERR_OFF = 256
 SYNC_FLAG_OFF = 512
 ARRIVE_FLAG_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
-CONTROL_BYTES = ARRIVE_FLAG_OFF + 4 * MAX_WORLD * MAX_PROGRAMS
+HIST_FLAG_OFF = ARRIVE_FLAG_OFF + 4 * MAX_WORLD * MAX_PROGRAMS
+CONTROL_BYTES = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
 
 _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _SEQ_OFF = tl.constexpr(SEQ_OFF)
 _ERR_OFF = tl.constexpr(ERR_OFF)
 _SYNC_FLAG_OFF = tl.constexpr(SYNC_FLAG_OFF)
 _ARRIVE_FLAG_OFF = tl.constexpr(ARRIVE_FLAG_OFF)
+_GO_OFF = tl.constexpr(GO_OFF)
+_HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
 
 # Op codes recorded in ERR[1] on a timeout.
-OP_NAMES = {
-    1: "dispatch (layout exchange)",
-    2: "dispatch (row arrival)",
-    3: "combine (start barrier)",
-    4: "combine (row arrival)",
-    5: "dispatch_rows (start barrier)",
-    6: "dispatch_rows (row arrival)",
-    7: "gather_slots (start barrier)",
-    8: "gather_slots (value arrival)",
-}
-OP_LAYOUT, OP_DISPATCH, OP_COMBINE_SYNC, OP_COMBINE, OP_DROWS_SYNC, OP_DROWS, OP_GATHER_SYNC, \
-    OP_GATHER = range(1, 9)
-OP_LAYOUT_C = tl.constexpr(OP_LAYOUT)
+# Op codes (what a launch is): recorded in ERR[1] and the status outputs on a timeout, with
+# the phase (start barrier / row arrival / local) in the text.
+OP_NAMES = {1: "dispatch", 2: "dispatch_rows", 3: "combine", 4: "gather_slots"}
+OP_DISPATCH, OP_DROWS, OP_COMBINE, OP_GATHER = 1, 2, 3, 4
+PHASE_NAMES = {0: "start barrier", 1: "row arrival", 2: "waiting for this GPU's programs"}
 
 
 def describe_error(err) -> str | None:
-  """Text for an ERR record ``(flag, op, rank, peer, seq, ...)``, or None when flag is 0."""
-  flag, op, rank, peer, seq = (int(v) for v in list(err)[:5])
+  """Text for an ERR record ``(flag, code, rank, peer, seq, ...)``, or None when flag is 0.
+  ``code = op + 8 * phase`` (see ``OP_NAMES``, ``PHASE_NAMES``)."""
+  flag, code, rank, peer, seq = (int(v) for v in list(err)[:5])
   if not flag:
     return None
-  name = OP_NAMES.get(op, f"op {op}")
-  return (f"jax_ep {name}: rank {rank} timed out waiting for rank {peer} (op sequence number "
-          f"{seq}). A peer rank did not reach the same op: every rank must run the same "
-          f"sequence of jax_ep ops; raise EPConfig.timeout_s if a peer is just slow.")
+  name = OP_NAMES.get(code % 8, f"op {code % 8}")
+  phase = PHASE_NAMES.get(code // 8, f"phase {code // 8}")
+  if code // 8 == 2:
+    return (f"jax_ep.{name}: rank {rank} timed out {phase} (program {peer}, op sequence "
+            f"number {seq}): the GPU did not run all of the op's programs at once; lower "
+            f"EPConfig.num_sms.")
+  return (f"jax_ep.{name} ({phase}): rank {rank} timed out waiting for rank {peer} (op "
+          f"sequence number {seq}). A peer rank did not reach the same op: every rank must run "
+          f"the same sequence of jax_ep ops; raise EPConfig.timeout_s if a peer is just slow.")
 
 
 def _align(n: int) -> int:
@@ -179,26 +190,27 @@ def _now(USE_TIMER: tl.constexpr):
 
 
 @triton.jit
-def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, op, rank, peer, seq,
-               USE_TIMER: tl.constexpr, BLOCK: tl.constexpr):
+def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, code, rank, peer, seq,
+               USE_TIMER: tl.constexpr, BLOCK: tl.constexpr, SCOPE: tl.constexpr):
   """Spin until ``flag_ptr[i] >= target`` for all i < n (n <= BLOCK); True when all arrived.
 
-  Every thread of the CTA loads a part of the flags (acquire, system scope); the loop ends when
-  all arrived or ``timeout_ns`` passed (with ``USE_TIMER=False``, the interpreter path, it spins
-  ``timeout_ns // 1000`` times instead). On timeout it records (1, op, rank, peer, seq) in ERR
-  (``peer < 0``: the first missing flag index) and stores ``op`` at ``status_ptr``.
+  Works for int32 and int64 flags. Every thread of the CTA loads a part of the flags (acquire,
+  ``SCOPE``); the loop ends when all arrived or ``timeout_ns`` passed (with ``USE_TIMER=False``,
+  the interpreter path, it spins ``timeout_ns // 1000`` times instead). On timeout it records
+  (1, code, rank, peer, seq) in ERR (``peer < 0``: the first missing flag index) and stores
+  ``code`` at ``status_ptr``. Ends with a CTA barrier, so the whole CTA may read what the
+  flags guard.
   """
   offs = tl.arange(0, BLOCK)
   mask = offs < n
-  vals = tl.atomic_add(flag_ptr + offs, tl.zeros([BLOCK], tl.int32), mask=mask, sem="acquire",
-                       scope="sys")
+  zero = tl.zeros([BLOCK], flag_ptr.dtype.element_ty)
+  vals = tl.atomic_add(flag_ptr + offs, zero, mask=mask, sem="acquire", scope=SCOPE)
   missing = tl.sum(((vals < target) & mask).to(tl.int32), axis=0)
   t0 = _now(USE_TIMER)
   spins = tl.full([], 0, tl.int64)
   expired = tl.full([], 0, tl.int32)
   while (missing > 0) & (expired == 0):
-    vals = tl.atomic_add(flag_ptr + offs, tl.zeros([BLOCK], tl.int32), mask=mask,
-                         sem="acquire", scope="sys")
+    vals = tl.atomic_add(flag_ptr + offs, zero, mask=mask, sem="acquire", scope=SCOPE)
     missing = tl.sum(((vals < target) & mask).to(tl.int32), axis=0)
     spins += 1
     if USE_TIMER:
@@ -208,19 +220,20 @@ def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, op, rank, p
   if missing > 0:
     first = tl.min(tl.where((vals < target) & mask, offs, BLOCK), axis=0)
     who = tl.where(peer >= 0, peer, first)
-    tl.atomic_cas(err_ptr, 0, 1, sem="relaxed", scope="gpu")
-    tl.store(err_ptr + 1, op)
-    tl.store(err_ptr + 2, rank)
-    tl.store(err_ptr + 3, who)
-    tl.store(err_ptr + 4, seq)
-    tl.store(status_ptr, op)
+    if tl.atomic_cas(err_ptr, 0, 1, sem="relaxed", scope="gpu") == 0:  # keep the first one
+      tl.store(err_ptr + 1, code)
+      tl.store(err_ptr + 2, rank)
+      tl.store(err_ptr + 3, who)
+      tl.store(err_ptr + 4, seq)
+    tl.store(status_ptr, code)
   tl.debug_barrier()
   return missing == 0
 
 
 @triton.jit
 def signal_peers(sym_table, rank, world, flag_index, seq):
-  """``ARRIVE_FLAG[rank, flag_index] = seq`` in every rank's region (after a CTA barrier)."""
+  """``ARRIVE_FLAG[rank, flag_index] = seq`` in every rank's region (after a CTA barrier, so
+  the CTA's earlier stores are ordered before it)."""
   tl.debug_barrier()
   for r in range(world):
     flag = sym_ptr(sym_table, r, _ARRIVE_FLAG_OFF, tl.int32) + rank * _MAX_PROGRAMS + flag_index
@@ -228,23 +241,30 @@ def signal_peers(sym_table, rank, world, flag_index, seq):
 
 
 @triton.jit
-def wait_arrivals(sym_table, rank, world, num_programs, seq, timeout_ns, status_ptr, op,
+def wait_arrivals(sym_table, rank, s, num_senders, seq, timeout_ns, status_ptr, op,
                   USE_TIMER: tl.constexpr, BLOCK_P: tl.constexpr):
-  """Wait until ``ARRIVE_FLAG[s, p] >= seq`` in this rank's region for all s < world,
-  p < num_programs (<= BLOCK_P). True when everything arrived."""
+  """Wait until ``ARRIVE_FLAG[s, p] >= seq`` here for every sender p < num_senders of rank s."""
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
-  flags = sym_ptr(sym_table, rank, _ARRIVE_FLAG_OFF, tl.int32)
+  flags = sym_ptr(sym_table, rank, _ARRIVE_FLAG_OFF, tl.int32) + s * _MAX_PROGRAMS
+  return wait_flags(flags, num_senders, seq, timeout_ns, err, status_ptr, op + 8, rank, s,
+                    seq, USE_TIMER, BLOCK_P, "sys")
+
+
+@triton.jit
+def wait_all_arrivals(sym_table, rank, world, num_senders, seq, timeout_ns, status_ptr, op,
+                      USE_TIMER: tl.constexpr, BLOCK_P: tl.constexpr):
+  """``wait_arrivals`` for every rank s < world."""
   ok = True
   for s in range(world):
-    ok = ok & wait_flags(flags + s * _MAX_PROGRAMS, num_programs, seq, timeout_ns, err,
-                         status_ptr, op, rank, s, seq, USE_TIMER, BLOCK_P)
+    ok = ok & wait_arrivals(sym_table, rank, s, num_senders, seq, timeout_ns, status_ptr, op,
+                            USE_TIMER, BLOCK_P)
   return ok
 
 
 @triton.jit
-def announce_start(sym_table, rank, world):
-  """First half of an op's start barrier: seq = SEQ + 1; ``SYNC_FLAG[rank] = seq`` in every
-  rank's region (after a CTA barrier, so earlier stores of this CTA to peers go first)."""
+def leader_announce(sym_table, rank, world):
+  """Leader, first half of the start barrier: seq = SEQ + 1; ``SYNC_FLAG[rank] = seq`` in
+  every rank's region (after a CTA barrier: the CTA's earlier stores to peers go first)."""
   seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32)) + 1
   tl.debug_barrier()
   for r in range(world):
@@ -253,38 +273,46 @@ def announce_start(sym_table, rank, world):
 
 
 @triton.jit
-def wait_start(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
-               USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr):
-  """Second half: wait until every rank announced ``seq`` here; then SEQ = seq."""
+def leader_wait(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
+                USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr):
+  """Leader, second half: wait until every rank announced ``seq`` here."""
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
   flags = sym_ptr(sym_table, rank, _SYNC_FLAG_OFF, tl.int32)
-  ok = wait_flags(flags, world, seq, timeout_ns, err, status_ptr, op, rank, -1, seq, USE_TIMER,
-                  BLOCK_W)
+  return wait_flags(flags, world, seq, timeout_ns, err, status_ptr, op, rank, -1, seq,
+                    USE_TIMER, BLOCK_W, "sys")
+
+
+@triton.jit
+def leader_go(sym_table, rank, seq, epoch):
+  """Leader: SEQ = seq, then GO = epoch (release, GPU scope): the launch's other programs may
+  start (they read SEQ after they see GO)."""
   tl.store(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), seq)
-  return ok
+  tl.debug_barrier()
+  tl.atomic_xchg(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), epoch, sem="release", scope="gpu")
 
 
 @triton.jit
-def current_seq(sym_table, rank):
-  """The seq of the op in progress (written by its start kernel, an earlier launch)."""
-  return tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32))
+def wait_go(sym_table, rank, epoch, timeout_ns, status_ptr, op, USE_TIMER: tl.constexpr):
+  """Wait for this launch's leader (GO >= epoch); returns the op's seq. The leader itself may
+  wait up to ``timeout_ns`` for its peers (and for this GPU's programs), so this waits 3x."""
+  err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
+  wait_flags(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), 1, epoch, 3 * timeout_ns, err,
+             status_ptr, op + 16, rank, 0, 0, USE_TIMER, 2, "gpu")
+  return tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), cache_modifier=".cg")
 
 
 @triton.jit
-def barrier_kernel(token_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
-                   USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr, ANNOUNCE: tl.constexpr = True,
-                   FINISH: tl.constexpr = True):
-  """Start barrier of combine / dispatch_rows / gather_slots. Grid (1,).
+def leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op,
+                   USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr, PHASE: tl.constexpr):
+  """The start barrier of combine / dispatch_rows / gather_slots, run by program 0.
 
-  Inputs: ``token_in [1] int32`` (orders this launch after the data it follows; not read).
-  Outputs: ``status [1] int32``: 0, or ``op`` when a peer did not arrive within ``timeout_ns``.
-  Memory traffic: W flag stores to peers and W flag loads.
-  ANNOUNCE / FINISH: both on GPUs; the CPU interpreter, which runs simulated ranks one after
-  another, launches the two halves separately.
+  PHASE 0 (GPU): announce, wait, go. The interpreter runs PHASE 2 (announce) on every rank,
+  then PHASE 3 (wait, go).
   """
-  if ANNOUNCE:
+  if PHASE == 0 or PHASE == 2:
     tl.store(status_ptr, 0)
-    announce_start(sym_table, rank, world)
-  if FINISH:
-    seq = current_seq(sym_table, rank) + 1
-    wait_start(sym_table, rank, world, seq, timeout_ns, status_ptr, op, USE_TIMER, BLOCK_W)
+    leader_announce(sym_table, rank, world)
+  if PHASE == 0 or PHASE == 3:
+    seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32)) + 1
+    leader_wait(sym_table, rank, world, seq, timeout_ns, status_ptr, op, USE_TIMER, BLOCK_W)
+    leader_go(sym_table, rank, seq, epoch)

@@ -6,19 +6,21 @@ Each function launches stock-Triton kernels (``kernels/``) as XLA FFI custom cal
 the time goes: docs/KERNELS.md. It reproduces the xla backend (jax_ep/backends/xla.py) bit for
 bit for dispatch and up to float rounding for combine.
 
-Kernels per op (at most config.num_sms programs for every row-moving kernel):
+Each op is ONE kernel launch (at most ``config.num_sms`` programs, all resident together):
+program 0 runs the op's start barrier across the ranks (dispatch: the expert-count exchange),
+then the launch's programs move rows (docs/KERNELS.md):
 
-  dispatch       layout_histogram [NB] -> layout_exchange [1] (count exchange + start barrier)
-                 -> dispatch [senders + receivers = num_sms]
-  dispatch_rows  barrier [1] -> dispatch_rows [senders + receivers]
-  combine_rows   barrier [1] -> combine_push [NP] -> combine_reduce [NP]
-  gather_slots   barrier [1] -> gather_push [NP] -> gather_reduce [NP]
+  dispatch       dispatch_kernel       histograms -> leader: counts exchange + layout -> senders
+                                       push rows, receivers expand them (overlapped)
+  dispatch_rows  dispatch_rows_kernel  leader: barrier -> senders push, receivers expand
+  combine_rows   combine_kernel        leader: barrier -> every program pushes partial rows,
+                                       then reduces tokens
+  gather_slots   gather_kernel         leader: barrier -> push slot values, then pick
 
-Ordering. The kernels of one op are chained by data (each takes a token the previous one
-outputs). Ops must also run one after another on a device, in the same order on every rank:
-they share the staging areas. Every op's first kernel therefore takes the previous op's last
-output as an input (a per-trace chain kept in this module), so XLA cannot interleave two ops
-of one jitted program. Ops in different jitted programs run in program order anyway.
+Ordering. One launch per op means XLA cannot interleave the work of two ops on a GPU; ops run
+in the order of the compiled program, the same on every rank (every rank runs the same
+program), and each op's start barrier makes sure every peer finished the previous one before
+its staging areas are reused.
 
 Timeouts. A wait that exceeds ``config.timeout_s`` gives up and returns a nonzero status (the
 op's code); with ``JAX_EP_CHECK_TIMEOUTS=1`` (the default) a ``jax.debug.callback`` turns that
@@ -135,6 +137,9 @@ def _timeout_ns(config: EPConfig):
 def _varying(x, axis_name: str):
   """Mark a custom call's output as varying over the EP axis (shard_map's type check: every
   rank's output differs, as the xla backend's all_to_all outputs do)."""
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  if axis_name not in manual:  # e.g. under vmap(axis_name=...): nothing to mark
+    return x
   aval = jax.typeof(x)
   mat = getattr(aval, "mat", None)          # jax >= 0.11
   varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
@@ -156,24 +161,6 @@ def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-# -- op ordering: a per-trace chain of tokens ----------------------------------------------------
-
-_chain: list = [None]
-
-
-def _chain_in() -> jax.Array:
-  """The last output of the previous jax_ep op traced in the current trace, else a constant."""
-  from jax._src import core
-  tok = _chain[0]
-  if isinstance(tok, core.Tracer) and getattr(tok, "_trace", None) is core.trace_ctx.trace:
-    return tok
-  return jnp.zeros((1,), jnp.int32)
-
-
-def _chain_out(tok: jax.Array) -> None:
-  _chain[0] = tok
-
-
 # -- timeouts ------------------------------------------------------------------------------------
 
 def _check_enabled() -> bool:
@@ -183,12 +170,12 @@ def _check_enabled() -> bool:
 def _raise_timeout(status, rank, *, op: str, timeout_s: float):
   code = int(np.max(status)) if np.size(status) else 0
   if code:
-    from jax_ep.kernels.ep_sync import OP_NAMES
+    from jax_ep.kernels.ep_sync import PHASE_NAMES
     raise TimeoutError(
-        f"{op}: rank {int(rank)} timed out after {timeout_s} s in phase "
-        f"'{OP_NAMES.get(code, code)}' waiting for a peer rank. Every rank must run the same "
-        f"sequence of jax_ep ops; raise EPConfig.timeout_s if a peer is only slow. "
-        f"jax_ep.backends.triton.check_timeouts() names the peer.")
+        f"{op}: rank {int(rank)} timed out after {timeout_s} s ({PHASE_NAMES.get(code // 8)}) "
+        f"waiting for a peer rank. Every rank must run the same sequence of jax_ep ops; raise "
+        f"EPConfig.timeout_s if a peer is only slow. jax_ep.backends.triton.check_timeouts() "
+        f"names the peer.")
 
 
 def _report(op: str, config: EPConfig, *statuses):
@@ -219,61 +206,44 @@ def _world(config: EPConfig) -> int:
 
 
 def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
-  kl, kd, _, ks, _ = _kernels()
+  _, kd, _, ks, _ = _kernels()
   world = _world(config)
   t = x.shape[0]
   p = _plan(config, world, t, x.dtype)
-  nb, e, el = p.num_blocks, p.num_experts, p.e_local
-  topk_idx = topk_idx.astype(jnp.int32)
-  topk_weights = topk_weights.astype(jnp.float32)
-  axis = config.axis_name
-  (hist,) = _call(axis, kl.layout_histogram_kernel, topk_idx,
-                  out_shapes=(_sds((nb, e), jnp.int32),), grid=(nb,),
-                  constexprs=p.histogram(), symmetric=False)
-  # symmetric=True kernels: the launcher appends sym_table, rank, world, epoch. The previous
-  # op's last output goes in first, so XLA runs this op after it (the per-trace chain).
-  base, gs, go, nrecv, ndrop, st_layout = _call(
-      axis, kl.layout_exchange_kernel, hist, _chain_in(),
-      out_shapes=(_sds((nb, e), jnp.int32), _sds((el,), jnp.int32), _sds((el,), jnp.int32),
-                  _sds((1,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32)),
-      grid=(1,), constexprs=p.exchange(), scalars=(_timeout_ns(config),))
-  # One launch: sender programs push rows, receiver programs expand them (docs/KERNELS.md).
-  recv_x, recv_w, recv_pos, st_expand = _call(
-      axis, kd.dispatch_kernel, x, topk_idx, topk_weights, base, go, gs,
-      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.capacity,), jnp.float32),
-                  _sds((world, t, p.topk), jnp.int32), _sds((p.num_receivers,), jnp.int32)),
-      grid=(p.dispatch_grid(),), constexprs=p.dispatch(False),
+  nb, e, el, c = p.num_blocks, p.num_experts, p.e_local, p.capacity
+  name = "dispatch_kernel"
+  # The launcher appends sym_table, rank, world, epoch, then the scalars.
+  recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _, status = _call(
+      config.axis_name, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
+      topk_weights.astype(jnp.float32),
+      out_shapes=(_sds((c, p.hidden), x.dtype), _sds((c,), jnp.float32),
+                  _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
+                  _sds((el,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32),
+                  _sds((nb, e), jnp.int32), _sds((nb, e), jnp.int32),      # hist, base: scratch
+                  _sds((p.status_size(name),), jnp.int32)),
+      grid=(p.grid(name),), constexprs=p.dispatch(False),
       scalars=(_timeout_ns(config), (ks.OP_DISPATCH, "i32")), num_warps=_NUM_WARPS_ROWS)
-  _chain_out(st_expand)
-  _report("jax_ep.dispatch", config, st_layout, st_expand)
+  _report("jax_ep.dispatch", config, status)
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
-      num_invalid=num_invalid, topk_idx=topk_idx, recv_pos=recv_pos, row_weights=recv_w)
+      num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32), recv_pos=recv_pos,
+      row_weights=recv_w)
   return recv_x, recv_w, layout
-
-
-def _barrier(config: EPConfig, p, op: int):
-  _, _, _, ks, _ = _kernels()
-  (st,) = _call(config.axis_name, ks.barrier_kernel, _chain_in(),
-                out_shapes=(_sds((1,), jnp.int32),), grid=(1,), constexprs=p.barrier(),
-                scalars=(_timeout_ns(config), (op, "i32")))
-  return st
 
 
 def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
-  t = x.shape[0]
-  p = _plan(config, world, t, x.dtype)
-  st0 = _barrier(config, p, ks.OP_DROWS_SYNC)
-  recv_x, st = _call(
+  p = _plan(config, world, x.shape[0], x.dtype)
+  name = "dispatch_rows_kernel"
+  recv_x, status = _call(
       config.axis_name, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
-      layout.group_offsets, layout.group_sizes, st0,
-      out_shapes=(_sds((p.capacity, p.hidden), x.dtype), _sds((p.num_receivers,), jnp.int32)),
-      grid=(p.dispatch_grid(),), constexprs=p.dispatch(True),
+      layout.group_offsets, layout.group_sizes,
+      out_shapes=(_sds((p.capacity, p.hidden), x.dtype),
+                  _sds((p.status_size(name),), jnp.int32)),
+      grid=(p.grid(name),), constexprs=p.dispatch(True),
       scalars=(_timeout_ns(config), (ks.OP_DROWS, "i32")), num_warps=_NUM_WARPS_ROWS)
-  _chain_out(st)
-  _report("jax_ep.dispatch_rows", config, st0, st)
+  _report("jax_ep.dispatch_rows", config, status)
   return recv_x
 
 
@@ -282,18 +252,13 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   world = _world(config)
   t = layout.num_tokens
   p = _plan(config, world, t, y.dtype)
-  st0 = _barrier(config, p, ks.OP_COMBINE_SYNC)
-  (token,) = _call(config.axis_name, kc.combine_push_kernel, y,
-                   row_weights.astype(jnp.float32), layout.recv_pos, st0,
-                   out_shapes=(_sds((1,), jnp.int32),), grid=(p.num_programs,),
-                   constexprs=p.combine_push(), num_warps=_NUM_WARPS_ROWS)
-  out, st = _call(config.axis_name, kc.combine_reduce_kernel, token,
-                  out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.num_programs,), jnp.int32)),
-                  grid=(p.num_programs,), constexprs=p.combine_reduce(),
-                  scalars=(_timeout_ns(config), (ks.OP_COMBINE, "i32")),
-                  num_warps=_NUM_WARPS_ROWS)
-  _chain_out(st)
-  _report("jax_ep.combine", config, st0, st)
+  name = "combine_kernel"
+  out, status = _call(
+      config.axis_name, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
+      out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.status_size(name),), jnp.int32)),
+      grid=(p.grid(name),), constexprs=p.combine(),
+      scalars=(_timeout_ns(config), (ks.OP_COMBINE, "i32")), num_warps=_NUM_WARPS_ROWS)
+  _report("jax_ep.combine", config, status)
   return out
 
 
@@ -302,14 +267,12 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   world = _world(config)
   t = layout.num_tokens
   p = _plan(config, world, t, jnp.float32)
-  st0 = _barrier(config, p, ks.OP_GATHER_SYNC)
-  (token,) = _call(config.axis_name, kc.gather_push_kernel, values.astype(jnp.float32),
-                   layout.recv_pos, st0, out_shapes=(_sds((1,), jnp.int32),),
-                   grid=(p.num_programs,), constexprs=p.gather_push())
-  out, st = _call(config.axis_name, kc.gather_reduce_kernel, layout.topk_idx, token,
-                  out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.num_programs,), jnp.int32)),
-                  grid=(p.num_programs,), constexprs=p.gather_reduce(),
-                  scalars=(_timeout_ns(config), (ks.OP_GATHER, "i32")))
-  _chain_out(st)
-  _report("jax_ep.gather_slots", config, st0, st)
+  name = "gather_kernel"
+  out, status = _call(
+      config.axis_name, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
+      layout.topk_idx,
+      out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.status_size(name),), jnp.int32)),
+      grid=(p.grid(name),), constexprs=p.gather(),
+      scalars=(_timeout_ns(config), (ks.OP_GATHER, "i32")))
+  _report("jax_ep.gather_slots", config, status)
   return out

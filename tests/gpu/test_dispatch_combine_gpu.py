@@ -240,35 +240,46 @@ def test_many_steps_in_one_program(peer_world):
 
 
 def test_timeout_is_an_error_not_a_hang(peer_world, monkeypatch):
-  """Rank 0 alone enters a barrier (its peers never do): after ~timeout its status output names
-  the op and ``check_timeouts()`` raises a TimeoutError naming op, rank and peer; no hang. The
-  runtime is re-initialized afterwards (its flags are out of step)."""
+  """Rank 0 alone launches a combine (its peers never do): after ~2 x timeout (start barrier,
+  then row arrival) its status output names the op, and ``check_timeouts()`` raises a
+  TimeoutError naming op, rank and peer; no hang. The runtime is re-initialized afterwards
+  (the ranks' op counters are out of step)."""
+  import time
+
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
   from jax_ep import EPConfig, launch, runtime
   from jax_ep.backends import triton as tb
   from jax_ep.kernels import ep_sync
+  from jax_ep.kernels.ep_plan import EPPlan
   mesh, world = peer_world
   one = jax.sharding.Mesh(np.array(list(mesh.devices)[:1]), ("ep",))
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "0")  # a raising host callback may abort
+  t, h, k, c = 8, 128, 2, 32
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=8,
+                capacity=c, alignment=1, num_sms=4)
 
-  def alone(tok):
-    (st,) = launch.triton_call(
-        ep_sync.barrier_kernel, tok, out_shapes=(jax.ShapeDtypeStruct((1,), jnp.int32),),
-        grid=(1,), constexprs=dict(USE_TIMER=True, BLOCK_W=8, ANNOUNCE=True, FINISH=True),
-        scalars=((int(0.5e9), "i64"), (ep_sync.OP_COMBINE_SYNC, "i32")), symmetric=True)
+  def alone(y, rw, pos):
+    out, st = launch.triton_call(
+        tb._kernels()[2].combine_kernel, y, rw, pos,
+        out_shapes=(jax.ShapeDtypeStruct((t, h), jnp.float32),
+                    jax.ShapeDtypeStruct((plan.status_size("combine_kernel"),), jnp.int32)),
+        grid=(plan.grid("combine_kernel"),), constexprs=plan.combine(),
+        scalars=((int(0.5e9), "i64"), (ep_sync.OP_COMBINE, "i32")), symmetric=True)
     return st
 
-  f = jax.jit(jax.shard_map(alone, mesh=one, in_specs=P("ep"), out_specs=P("ep"),
+  f = jax.jit(jax.shard_map(alone, mesh=one, in_specs=(P(), P(), P()), out_specs=P(),
                             check_vma=False))
-  import time
   t0 = time.time()
-  status = np.asarray(jax.device_get(f(jnp.zeros((1,), jnp.int32))))
-  assert time.time() - t0 < 30
-  assert status[0] == ep_sync.OP_COMBINE_SYNC, status
-  with pytest.raises(TimeoutError, match=r"combine \(start barrier\): rank 0 timed out waiting "
-                                         r"for rank 1"):
+  status = np.asarray(jax.device_get(f(jnp.zeros((c, h), jnp.float32),
+                                       jnp.zeros((c,), jnp.float32),
+                                       -jnp.ones((world, t, k), jnp.int32))))
+  assert time.time() - t0 < 60
+  assert status[0] == ep_sync.OP_COMBINE, status                  # leader: start barrier
+  assert (status[1:] == ep_sync.OP_COMBINE + 8).any(), status      # receivers: row arrival
+  with pytest.raises(TimeoutError, match=r"jax_ep.combine \(start barrier\): rank 0 timed out "
+                                         r"waiting for rank 1"):
     tb.check_timeouts()
   with pytest.raises(TimeoutError, match=r"jax_ep.combine: rank 0 timed out"):
     tb._raise_timeout(status, 0, op="jax_ep.combine", timeout_s=0.5)
