@@ -47,5 +47,10 @@ def test_two_processes_match_single_process(tmp_path, rng):
   config, x, idx, weights, w1 = make_problem(seed, ep_size=4)
   single = jax.jit(step_fn(config, cpu_mesh(4)))(x, idx, weights, w1)
   assert len(multi.files) == len(single)
-  for i, a in enumerate(single):
-    np.testing.assert_array_equal(multi[f"arr_{i}"], np.asarray(a), err_msg=f"output {i}")
+  names = ("out", "recv_x", "group_sizes", "num_dropped", "dx", "d_topk_weights", "d_w1")
+  for i, (name, a) in enumerate(zip(names, single)):
+    if name in ("recv_x", "group_sizes", "num_dropped"):  # pure data movement: exact
+      np.testing.assert_array_equal(multi[f"arr_{i}"], np.asarray(a), err_msg=name)
+    else:  # through matmuls, whose CPU kernels may block differently per process layout
+      np.testing.assert_allclose(multi[f"arr_{i}"], np.asarray(a), rtol=1e-5, atol=1e-6,
+                                 err_msg=name)
