@@ -561,8 +561,11 @@ def _maybe_start_runtime(cfg: TrainConfig, model_opt, mesh, log) -> bool:
 
   if cfg.backend == "xla" or (cfg.backend == "auto" and jax.default_backend() != "gpu"):
     return False
+  # One process: the peer provider over exactly the mesh's GPUs, in mesh (= rank) order.
+  # Several processes: the NVSHMEM provider, one GPU per process.
+  devices = list(mesh.devices.flat) if jax.process_count() == 1 else None
   try:
-    jax_ep.runtime.initialize(_moe_configs(cfg, model_opt, mesh))
+    jax_ep.runtime.initialize(_moe_configs(cfg, model_opt, mesh), devices=devices)
   except Exception as e:  # noqa: BLE001 - "auto" falls back, "triton" re-raises
     if cfg.backend == "triton":
       raise

@@ -3,7 +3,9 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -95,3 +97,54 @@ def test_command_line_writes_plot_and_metrics(tmp_path, monkeypatch):
   metrics = json.loads((tmp_path / "metrics.json").read_text())
   assert metrics["losses"] == result.losses and metrics["ep_size"] == 2
   assert (tmp_path / "checkpoint.npz").exists()
+
+
+# -- GPUs: the example with the triton backend in both runtime modes -----------------------------
+
+def _num_gpus() -> int:
+  """GPUs on this host, without starting a GPU client in the test process (it would take
+  the memory the training processes need)."""
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.SubprocessError):
+    return 0
+  if out.returncode != 0:
+    return 0
+  return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("mode", ["one_process", "process_per_gpu"])
+def test_gpu_example_trains_with_triton(mode, tmp_path):
+  """The gpu preset trains with the triton backend; tokens/s of xla and triton are recorded.
+
+  Results land in $OUT/train_moe_<mode>/metrics.json when OUT is set (device runs), else in a
+  temporary folder; the test prints both backends' tokens/s.
+  """
+  gpus = _num_gpus()
+  if gpus < 2:
+    pytest.skip(f"needs 2 or more GPUs, found {gpus}")
+  out = pathlib.Path(os.environ["OUT"]) / f"train_moe_{mode}" if os.environ.get("OUT") \
+      else tmp_path
+  args = [str(ROOT / "examples" / "train_moe.py"), "--preset", "gpu", "--steps", "60",
+          "--log-every", "20", "--no-progress", "--backend", "triton",
+          "--compare-backends", "xla,triton", "--bench-steps", "10", "--out-dir", str(out)]
+  if mode == "one_process":
+    cmd = [sys.executable, *args]
+  else:
+    cmd = [sys.executable, str(ROOT / "examples" / "multihost" / "launch.py"), "--gpus",
+           "--num-processes", str(gpus), "--timeout", "900", "--", *args]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1000, env=env, cwd=ROOT)
+  print(proc.stdout[-3000:])
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["backend"] == "triton" and metrics["ep_size"] == gpus
+  losses = np.asarray(metrics["losses"])
+  assert np.all(np.isfinite(losses)) and losses[-5:].mean() < losses[0] - 1.0
+  rates = metrics["backend_tokens_per_s"]
+  assert set(rates) == {"xla", "triton"} and min(rates.values()) > 0
+  print(f"{mode}: {gpus} GPUs, tokens/s triton {rates['triton']:,.0f}, xla {rates['xla']:,.0f}, "
+        f"training {metrics['tokens_per_s']:,.0f}")

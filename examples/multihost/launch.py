@@ -7,7 +7,8 @@ Each process gets the environment a multi-process JAX job needs, and the script 
   JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES - 1
   JAX_LOCAL_DEVICE_IDS     GPU mode: the local GPU ids this process drives (e.g. "2"); also
                            NVSHMEM_DISABLE_NVLS=1, XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 and,
-                           on one host, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo (unless set)
+                           on one host, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo and
+                           NVSHMEM_REMOTE_TRANSPORT=none (unless set)
   JAX_NUM_CPU_DEVICES      CPU mode: virtual CPU devices of this process
   JAX_PLATFORMS            CPU mode: "cpu"
 
@@ -63,6 +64,7 @@ def process_env(base: dict[str, str], *, coordinator: str, total: int, process_i
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     if single_host:
       env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+      env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
   else:
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_NUM_CPU_DEVICES"] = str(cpu_devices)
