@@ -369,8 +369,8 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   # Mesh order = device order: the triton runtime numbers its ranks the same way.
   mesh = jax.sharding.Mesh(np.array(devices), ("ep",),
                            axis_types=(jax.sharding.AxisType.Auto,))
-  main = _is_main()
-  log = (lambda s: print(s, flush=True)) if main else (lambda s: None)
+  is_main = _is_main()
+  log = (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
 
   corpus = load_corpus(cfg.corpus_bytes)
   if jax.process_count() > 1:
@@ -443,11 +443,11 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   log(f"jax_ep backend: {backend} (asked for {cfg.backend!r})")
   train_step = make_step(graphdef)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  bar = _progress(cfg.steps, start_step, progress and main)
-  if not main:
+  bar = _progress(cfg.steps, start_step, progress and is_main)
+  if not is_main:
     bar.write = lambda s: None
   pending = []  # device scalars not yet fetched (fetching every step would sync every step)
-  t_mark, steps_timed, time_timed, t_compiled = None, 0, 0.0, None
+  t_mark, steps_timed, time_timed = None, 0, 0.0
 
   def flush():
     nonlocal pending
