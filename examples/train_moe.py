@@ -422,14 +422,17 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
     logits, aux = model(batch[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
     aux_loss = jnp.sum(aux.loss)
-    return ce + aux_loss, (ce, aux_loss, jnp.sum(aux.num_dropped))
+    # Expert load balance: busiest expert / mean expert, averaged over layers (1 = perfect).
+    load = aux.tokens_per_expert.astype(jnp.float32)  # [layers, experts]
+    imbalance = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1.0))
+    return ce + aux_loss, (ce, aux_loss, jnp.sum(aux.num_dropped), imbalance)
 
   def make_step(graphdef):
     def step(state, batch):
       model, optimizer = nnx.merge(graphdef, state)
-      grads, (ce, aux_loss, dropped) = nnx.grad(loss_fn, has_aux=True)(model, batch)
+      grads, metrics = nnx.grad(loss_fn, has_aux=True)(model, batch)
       optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), (ce, aux_loss, dropped)
+      return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated))
 
@@ -453,8 +456,8 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
     nonlocal pending
     if pending:
       fetched = jax.device_get(pending)
-      losses.extend(float(ce) for ce, _, _ in fetched)
-      aux_losses.extend(float(a) for _, a, _ in fetched)
+      losses.extend(float(m[0]) for m in fetched)
+      aux_losses.extend(float(m[1]) for m in fetched)
       pending = []
 
   with jax.set_mesh(mesh):
@@ -476,9 +479,10 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
         flush()
         tok_s = (n - steps_timed) * tokens_per_step / max(now - t_mark - time_timed, 1e-9)
         steps_timed, time_timed = n, now - t_mark
-        dropped = int(jax.device_get(metrics[2]))
+        dropped, imbalance = jax.device_get((metrics[2], metrics[3]))
         msg = (f"step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | aux "
-               f"{aux_losses[-1]:.4f} | {tok_s:,.0f} tok/s | dropped {dropped}")
+               f"{aux_losses[-1]:.4f} | {tok_s:,.0f} tok/s | expert load max/mean "
+               f"{float(imbalance):.2f} | dropped {int(dropped)}")
         bar.set_postfix_str(f"loss {losses[-1]:.3f}, {tok_s:,.0f} tok/s")
         bar.write(msg)
       if out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and not last:
