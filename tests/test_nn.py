@@ -261,3 +261,32 @@ def test_explicit_mesh_under_set_mesh(rng):
   g = nnx.to_pure_dict(grads)
   for name in ref_grads:
     _close(g[name], ref_grads[name], f"d {name}")
+
+
+def test_nnx_jit_optimizer_step_keeps_expert_sharding(rng):
+  """The usual NNX loop: nnx.jit + nnx.value_and_grad + nnx.Optimizer on the layer itself."""
+  optax = pytest.importorskip("optax")
+  mesh = _mesh(4)
+  layer = _layer(mesh, seed=int(rng.integers(1 << 30)))
+  optimizer = nnx.Optimizer(layer, optax.sgd(0.1), wrt=nnx.Param)
+  x = jnp.asarray(rng.standard_normal((32, HIDDEN)), jnp.float32)
+  before = nnx.to_pure_dict(nnx.state(layer))
+  ref_loss, ref_grads = jax.value_and_grad(
+      lambda p: jnp.sum(dense_moe(p, x)[0] ** 2) + dense_moe(p, x)[1])(before)
+
+  @nnx.jit
+  def step(layer, optimizer, x):
+    def loss_fn(layer):
+      y, aux = layer(x)
+      return jnp.sum(y ** 2) + aux.loss
+    loss, grads = nnx.value_and_grad(loss_fn)(layer)
+    optimizer.update(layer, grads)
+    return loss
+
+  loss = step(layer, optimizer, x)
+  _close(loss, ref_loss, "loss")
+  after = nnx.to_pure_dict(nnx.state(layer))
+  for name in before:  # plain SGD: new = old - 0.1 * dense gradient
+    _close(after[name], before[name] - 0.1 * ref_grads[name], f"updated {name}")
+  expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep", None, None))
+  assert layer.w_down[...].sharding.is_equivalent_to(expected, 3)
