@@ -160,7 +160,7 @@ def build_model(cfg: TrainConfig, mesh, seed: int):
       self.mlp_norm = nnx.RMSNorm(d, dtype=dtype, rngs=rngs)
       self.moe = jax_ep.nn.MoE(
           d, cfg.d_ff, num_experts=cfg.num_experts, topk=cfg.topk, mesh=mesh,
-          shared_intermediate=cfg.shared_ff or None,
+          data_axes=("data",), shared_intermediate=cfg.shared_ff or None,
           capacity_factor=cfg.capacity_factor or None, backend=cfg.backend,
           load_balancing_coef=cfg.load_balancing_coef, z_loss_coef=cfg.z_loss_coef,
           dtype=dtype, rngs=rngs)
@@ -234,6 +234,7 @@ class TrainResult:
   eval_loss: float  # cross-entropy on held-out batches after training
   tokens_per_s: float  # after the first (compiling) step
   ep_size: int
+  data_parallel: int
   num_processes: int
   backend: str  # the backend the MoE blocks were configured with
   start_step: int  # > 0 when resumed from a checkpoint
@@ -334,13 +335,13 @@ def _load_checkpoint(out_dir: str, abstract_state, shardings, cfg: TrainConfig):
 def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume: bool = False,
           log_every: int = 50, ckpt_every: int = 0, progress: bool = True,
           compare_backends: tp.Sequence[str] = (), bench_steps: int = 20,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, data_parallel: int = 1) -> TrainResult:
   """Train on ``devices`` (default: every device of every process) and return the loss curve.
 
   Args:
     cfg: model / data / optimisation settings.
-    devices: the devices of the EP axis (a subset of ``jax.devices()``); the batch and the
-      experts are split over them.
+    devices: the devices to train on (a subset of ``jax.devices()``); the batch is split
+      over all of them, the experts over each EP group.
     out_dir: where checkpoints go (None: no checkpoints).
     resume: continue from ``out_dir``'s checkpoint when there is one.
     log_every: print loss and tokens/s every this many steps.
@@ -351,6 +352,8 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
     bench_steps: steps timed per backend in ``compare_backends``.
     stop_after: stop (with a checkpoint) after this step although the schedule runs to
       ``cfg.steps``; a later ``resume`` continues exactly as if never stopped.
+    data_parallel: D, EP groups: the devices form a (D, len(devices) / D) mesh ("data", "ep");
+      every group holds all experts once (expert parallel inside, data parallel across).
   """
   import jax
   import jax.numpy as jnp
@@ -359,16 +362,23 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   devices = list(jax.devices() if devices is None else devices)
-  ep_size = len(devices)
-  if cfg.batch_size % ep_size:
+  if data_parallel < 1 or len(devices) % data_parallel:
+    raise ValueError(f"train_moe: data_parallel={data_parallel} must divide the "
+                     f"{len(devices)} devices; change --data-parallel or --devices.")
+  ep_size = len(devices) // data_parallel
+  if cfg.batch_size % len(devices):
     raise ValueError(f"train_moe: batch_size={cfg.batch_size} must be a multiple of the "
-                     f"{ep_size} devices; change --batch-size.")
+                     f"{len(devices)} devices; change --batch-size.")
   if cfg.num_experts % ep_size:
-    raise ValueError(f"train_moe: num_experts={cfg.num_experts} must be a multiple of the "
-                     f"{ep_size} devices; change --num-experts.")
-  # Mesh order = device order: the triton runtime numbers its ranks the same way.
-  mesh = jax.sharding.Mesh(np.array(devices), ("ep",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+    raise ValueError(f"train_moe: num_experts={cfg.num_experts} must be a multiple of the EP "
+                     f"size {ep_size}; change --num-experts.")
+  if data_parallel > 1 and cfg.backend == "triton":
+    raise ValueError("train_moe: the triton backend's runtime spans one EP group; use "
+                     "--data-parallel 1 with it, or --backend xla.")
+  # Rows of the mesh are EP groups of consecutive devices; mesh order = device order (the
+  # triton runtime numbers its ranks the same way).
+  mesh = jax.sharding.Mesh(np.array(devices).reshape(data_parallel, ep_size), ("data", "ep"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
   is_main = _is_main()
   log = (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
 
@@ -412,7 +422,7 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
       # Parameters are created directly in their shards (the same values on any mesh).
       state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
 
-  batch_sharding = NamedSharding(mesh, P("ep"))
+  batch_sharding = NamedSharding(mesh, P(("data", "ep")))
   replicated = NamedSharding(mesh, P())
 
   def to_global(batch: np.ndarray):
@@ -503,6 +513,7 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
     tokens_per_s = (steps_timed * tokens_per_step / time_timed) if time_timed > 0 else 0.0
     result = TrainResult(losses=losses, aux_losses=aux_losses, eval_loss=eval_loss,
                          tokens_per_s=tokens_per_s, ep_size=ep_size,
+                         data_parallel=data_parallel,
                          num_processes=jax.process_count(), backend=backend,
                          start_step=start_step)
 
@@ -541,7 +552,7 @@ def _moe_configs(cfg: TrainConfig, model_opt, mesh):
   from flax import nnx
 
   import jax_ep.nn
-  return sorted({module.ep_config(cfg.batch_size * cfg.seq_len, mesh.shape["ep"])
+  return sorted({module.ep_config(cfg.batch_size * cfg.seq_len, mesh)
                  for _, module in nnx.iter_modules(model_opt)
                  if isinstance(module, jax_ep.nn.MoE)}, key=repr)
 
@@ -564,6 +575,9 @@ def _maybe_start_runtime(cfg: TrainConfig, model_opt, mesh, log) -> bool:
   import jax_ep
 
   if cfg.backend == "xla" or (cfg.backend == "auto" and jax.default_backend() != "gpu"):
+    return False
+  if mesh.shape["data"] > 1:  # the runtime spans one EP group ("triton" was refused earlier)
+    log("jax_ep triton runtime not started: --data-parallel > 1; using the xla backend")
     return False
   # One process: the peer provider over exactly the mesh's GPUs, in mesh (= rank) order.
   # Several processes: the NVSHMEM provider, one GPU per process.
@@ -645,8 +659,11 @@ def parse_args(argv=None):
     else:
       kind = {"int": int, "float": float, "str": str}[str(field.type)]
       p.add_argument(flag, type=kind, default=None)
-  p.add_argument("--ep-size", type=int, default=None,
-                 help="devices on the EP axis (default: all devices of all processes)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="train on the first N devices (default: all devices of all processes)")
+  p.add_argument("--data-parallel", type=int, default=1,
+                 help="D EP groups of devices / D consecutive devices each (default 1: "
+                      "one EP group over all devices)")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="virtual CPU devices per process (default: $JAX_NUM_CPU_DEVICES or 8)")
   p.add_argument("--out-dir", default="runs/train_moe")
@@ -685,22 +702,27 @@ def main(argv=None) -> TrainResult:
 
   import jax
   devices = jax.devices()
-  if args.ep_size is not None:
-    devices = devices[:args.ep_size]
+  if args.devices is not None:
+    devices = devices[:args.devices]
   if _is_main():
+    groups = (f"{args.data_parallel} EP groups of {len(devices) // args.data_parallel}"
+              if args.data_parallel > 1 else f"EP over {len(devices)} device(s)")
     print(f"jax {jax.__version__} on {jax.default_backend()}: {jax.process_count()} process(es), "
-          f"EP over {len(devices)} device(s); config {dataclasses.asdict(cfg)}", flush=True)
+          f"{groups}; config {dataclasses.asdict(cfg)}", flush=True)
   result = train(cfg, devices=devices, out_dir=args.out_dir, resume=args.resume,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
                  progress=not args.no_progress,
                  compare_backends=[b for b in args.compare_backends.split(",") if b],
-                 bench_steps=args.bench_steps, stop_after=args.stop_after)
+                 bench_steps=args.bench_steps, stop_after=args.stop_after,
+                 data_parallel=args.data_parallel)
   if _is_main():
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
       json.dump(dict(config=dataclasses.asdict(cfg), **dataclasses.asdict(result)), f)
     title = (f"MoE LM, {cfg.num_layers}x{cfg.d_model}, {cfg.num_experts} experts top-"
-             f"{cfg.topk}, EP={result.ep_size}, {result.backend}")
+             f"{cfg.topk}, EP={result.ep_size}"
+             f"{f' x DP={result.data_parallel}' if result.data_parallel > 1 else ''}, "
+             f"{result.backend}")
     png = os.path.join(args.out_dir, "loss.png")
     if _plot(result, png, title):
       print(f"loss plot: {png}")

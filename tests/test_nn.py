@@ -203,13 +203,17 @@ def test_capacity_factor_drops_the_tail_and_counts_it(rng):
 
 
 def test_bfloat16_compute_is_close(rng):
+  """bf16 experts: within bf16 rounding of the float32 dense MoE on the same (bf16) tokens."""
   mesh = _mesh(4)
   layer = _layer(mesh, seed=int(rng.integers(1 << 30)), dtype=jnp.bfloat16)
-  x = jnp.asarray(rng.standard_normal((32, HIDDEN)), jnp.float32)
+  # Tokens exactly representable in bf16, so the float32 router picks the same experts.
+  x = jnp.asarray(rng.standard_normal((32, HIDDEN)), jnp.bfloat16).astype(jnp.float32)
   y, _ = jax.jit(lambda x: layer(x))(x)
   assert y.dtype == jnp.bfloat16
   ref, _, _, _ = dense_moe(nnx.to_pure_dict(nnx.state(layer)), x)
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=0.05, atol=0.05)
+  y, ref = np.asarray(y, np.float32), np.asarray(ref)
+  assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 2e-2
+  np.testing.assert_allclose(y, ref, rtol=0.1, atol=0.1)
 
 
 def test_errors_name_the_problem():
@@ -290,3 +294,34 @@ def test_nnx_jit_optimizer_step_keeps_expert_sharding(rng):
     _close(after[name], before[name] - 0.1 * ref_grads[name], f"updated {name}")
   expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("ep", None, None))
   assert layer.w_down[...].sharding.is_equivalent_to(expected, 3)
+
+
+def test_data_axes_around_expert_parallelism(rng):
+  """Mesh (data=2, ep=4): tokens over both axes, experts over ep, replicated over data."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((2, 4), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:8])
+  layer = _layer(mesh, seed=int(rng.integers(1 << 30)), data_axes=("data",))
+  assert layer.ep_config(64).max_tokens_per_rank == 8
+  x = jnp.asarray(rng.standard_normal((8, 8, HIDDEN)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((8, 8, HIDDEN)), jnp.float32)
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * ct) + aux.loss
+
+  def dense_loss(p, x):
+    y, aux_loss, _, _ = dense_moe(p, x)
+    return jnp.sum(y * ct) + aux_loss
+
+  value, (grads, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  ref, (ref_grads, ref_g_x) = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1)))(
+      nnx.to_pure_dict(params), x)
+  _close(value, ref, "loss")
+  _close(g_x, ref_g_x, "d x")
+  g = nnx.to_pure_dict(grads)
+  for name in ref_grads:
+    _close(g[name], ref_grads[name], f"d {name}")
+  assert params["w_up"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)

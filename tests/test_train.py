@@ -63,6 +63,15 @@ def test_single_device_follows_the_same_curve(ep_run):
   np.testing.assert_allclose(single.losses, ep_result.losses, rtol=0, atol=1e-4)
 
 
+def test_data_parallel_ep_groups_follow_the_same_curve(ep_run):
+  """Mesh (data=2, ep=4): two EP groups, each holding every expert, train like one EP group."""
+  ep_result, _ = ep_run
+  dp = train_moe.train(CFG, devices=_devices(8), data_parallel=2, progress=False,
+                       log_every=STEPS)
+  assert (dp.ep_size, dp.data_parallel) == (4, 2)
+  np.testing.assert_allclose(dp.losses, ep_result.losses, rtol=0, atol=1e-4)
+
+
 def test_resume_continues_exactly(ep_run, tmp_path):
   ep_result, _ = ep_run
   first = train_moe.train(CFG, devices=_devices(4), out_dir=str(tmp_path), progress=False,
@@ -89,7 +98,7 @@ def test_command_line_writes_plot_and_metrics(tmp_path, monkeypatch):
   """main(): the same code path users run, with its outputs (plot, metrics, checkpoint)."""
   pytest.importorskip("matplotlib")
   monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")  # leave the session's device count alone
-  result = train_moe.main(["--preset", "tiny", "--steps", "3", "--ep-size", "2",
+  result = train_moe.main(["--preset", "tiny", "--steps", "3", "--devices", "2",
                            "--backend", "xla", "--out-dir", str(tmp_path), "--no-progress",
                            "--log-every", "1"])
   assert len(result.losses) == 3

@@ -141,6 +141,10 @@ class MoE(nnx.Module):
     mesh: the device mesh holding ``axis_name``. None: use the mesh set with
       ``jax.set_mesh`` when the layer is created and called.
     axis_name: the mesh axis that experts and tokens are split over.
+    data_axes: further mesh axes the tokens (not the experts) are split over: plain data
+      parallelism around expert parallelism. Each group of devices that shares these axes'
+      coordinates is one EP group holding every expert once; expert weights are replicated
+      over these axes (their gradients are summed over them).
     renormalize: rescale each token's top-k weights to sum to 1.
     shared_intermediate: hidden width of a shared expert every token goes through; None for
       no shared expert.
@@ -169,6 +173,7 @@ class MoE(nnx.Module):
       topk: int,
       mesh: jax.sharding.Mesh | None = None,
       axis_name: str = "ep",
+      data_axes: tp.Sequence[str] = (),
       renormalize: bool = True,
       shared_intermediate: int | None = None,
       capacity_factor: float | None = None,
@@ -201,11 +206,20 @@ class MoE(nnx.Module):
     # Validates backend / alignment / axis_name with EPConfig's own messages.
     EPConfig(num_experts=num_experts, topk=topk, hidden=hidden, max_tokens_per_rank=1,
              axis_name=axis_name, expert_alignment=expert_alignment, backend=backend)
+    data_axes = tuple(data_axes)
+    if axis_name in data_axes or len(set(data_axes)) != len(data_axes):
+      raise ValueError(
+          f"jax_ep.nn.MoE: data_axes={data_axes!r} must be distinct mesh axes other than "
+          f"axis_name={axis_name!r}.")
     if mesh is not None:
       if axis_name not in mesh.axis_names:
         raise ValueError(
             f"jax_ep.nn.MoE: axis_name={axis_name!r} is not an axis of the mesh "
             f"{dict(mesh.shape)}; pass the name of the mesh axis to split experts over.")
+      missing = [a for a in data_axes if a not in mesh.axis_names]
+      if missing:
+        raise ValueError(
+            f"jax_ep.nn.MoE: data_axes {missing} are not axes of the mesh {dict(mesh.shape)}.")
       EPConfig(num_experts=num_experts, topk=topk, hidden=hidden, max_tokens_per_rank=1,
                axis_name=axis_name).check_ep_size(mesh.shape[axis_name])
 
@@ -215,6 +229,7 @@ class MoE(nnx.Module):
     self.topk = topk
     self.mesh = mesh
     self.axis_name = axis_name
+    self.data_axes = data_axes
     self.renormalize = renormalize
     self.shared_intermediate = shared_intermediate
     self.capacity_factor = capacity_factor
@@ -250,28 +265,34 @@ class MoE(nnx.Module):
 
   def _resolve_mesh(self):
     mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
-    if mesh.empty or self.axis_name not in mesh.axis_names:
+    needed = (self.axis_name, *self.data_axes)
+    if mesh.empty or any(a not in mesh.axis_names for a in needed):
       raise ValueError(
-          f"jax_ep.nn.MoE: no mesh with an axis {self.axis_name!r} (got "
+          f"jax_ep.nn.MoE: no mesh with the axes {needed} (got "
           f"{dict(mesh.shape) if not mesh.empty else 'no mesh'}); pass mesh= to MoE(...) or "
           f"call it under `with jax.set_mesh(mesh):`.")
     return mesh
 
-  def ep_config(self, num_tokens: int, ep_size: int | None = None) -> EPConfig:
+  def ep_config(self, num_tokens: int, mesh=None) -> EPConfig:
     """The ``EPConfig`` a call on ``num_tokens`` (global) tokens uses.
 
     Pass it to ``jax_ep.runtime.initialize([...])`` before using the triton backend.
+
+    Args:
+      num_tokens: tokens of the whole call (all devices), e.g. batch x sequence.
+      mesh: the mesh (default: the layer's, or the one set with ``jax.set_mesh``).
     """
-    if ep_size is None:
-      ep_size = self._resolve_mesh().shape[self.axis_name]
-    if num_tokens % ep_size:
+    mesh = self._resolve_mesh() if mesh is None else mesh
+    ep_size = mesh.shape[self.axis_name]
+    shards = ep_size * math.prod(mesh.shape[a] for a in self.data_axes)
+    if num_tokens % shards:
+      axes = (*self.data_axes, self.axis_name)
       raise ValueError(
-          f"jax_ep.nn.MoE: {num_tokens} tokens do not split evenly over the {ep_size} devices "
-          f"of axis {self.axis_name!r}; make batch x sequence a multiple of {ep_size}.")
-    tokens_per_rank = num_tokens // ep_size
+          f"jax_ep.nn.MoE: {num_tokens} tokens do not split evenly over the {shards} devices "
+          f"of axes {axes}; make batch x sequence a multiple of {shards}.")
     config = EPConfig(
         num_experts=self.num_experts, topk=self.topk, hidden=self.hidden,
-        max_tokens_per_rank=tokens_per_rank, axis_name=self.axis_name,
+        max_tokens_per_rank=num_tokens // shards, axis_name=self.axis_name,
         expert_alignment=self.expert_alignment, backend=self.backend)
     if self.capacity_factor is not None:
       capacity = config.balanced_capacity(ep_size, self.capacity_factor)
@@ -285,8 +306,8 @@ class MoE(nnx.Module):
 
     Args:
       x: ``[..., hidden]`` tokens (e.g. ``[batch, seq, hidden]``); the token count (product of
-        the leading dimensions) must be a multiple of the EP axis size. Sharding the leading
-        dimension over the EP axis beforehand avoids a reshuffle.
+        the leading dimensions) must be a multiple of the devices on the EP and data axes.
+        Sharding the leading dimension over those axes beforehand avoids a reshuffle.
 
     Returns:
       (``[..., hidden]`` output in the compute dtype, ``MoEAux``).
@@ -297,7 +318,7 @@ class MoE(nnx.Module):
     mesh = self._resolve_mesh()
     ep = self.axis_name
     num_tokens = math.prod(x.shape[:-1])
-    config = self.ep_config(num_tokens, mesh.shape[ep])
+    config = self.ep_config(num_tokens, mesh)
     dtype = self.dtype if self.dtype is not None else x.dtype
     tokens = x.reshape(num_tokens, self.hidden).astype(dtype)
 
@@ -308,22 +329,24 @@ class MoE(nnx.Module):
     gmm_backend = "xla" if self.backend == "xla" else "auto"
 
     def experts(x, topk_idx, topk_weights, w_gate, w_up, w_down):
-      # Per shard: x [N/W, H], topk_* [N/W, K], w_* [E/W, ...].
+      # Per shard: x [N/(D*W), H], topk_* [N/(D*W), K], w_* [E/W, ...] (D: data shards).
       recv_x, _, layout = jax_ep.dispatch(x, topk_idx, topk_weights, config=config)
       y = jax_ep.experts.swiglu(recv_x, w_gate, w_up, w_down, layout, backend=gmm_backend)
       out = jax_ep.combine(y.astype(recv_x.dtype), layout, config=config)
-      return out, lax.psum(layout.num_dropped, ep)
+      return out, lax.psum(layout.num_dropped, (*self.data_axes, ep))
 
     weights = [self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
                self.w_down[...].astype(dtype)]
     operands = [tokens, topk_idx, topk_weights, *weights]
-    sharded = P(ep)
-    if dict(zip(mesh.axis_names, mesh.axis_types))[ep] == jax.sharding.AxisType.Explicit:
+    token_spec = P((*self.data_axes, ep)) if self.data_axes else P(ep)
+    specs = (token_spec,) * 3 + (P(ep),) * 3
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(axis_types[a] == jax.sharding.AxisType.Explicit for a in (ep, *self.data_axes)):
       # Explicit axes: shard_map takes inputs only as already sharded as its in_specs.
-      operands = [jax.sharding.reshard(a, NamedSharding(mesh, sharded)) for a in operands]
+      operands = [jax.sharding.reshard(a, NamedSharding(mesh, spec))
+                  for a, spec in zip(operands, specs)]
     out, num_dropped = jax.shard_map(
-        experts, mesh=mesh, in_specs=(sharded,) * 6, out_specs=(sharded, P()),
-        check_vma=False,
+        experts, mesh=mesh, in_specs=specs, out_specs=(token_spec, P()), check_vma=False,
     )(*operands)
 
     if self.shared_intermediate is not None:
