@@ -3,14 +3,15 @@
 The corpus is the Python standard library's own source code, read byte by byte (a character-
 level model over 256 byte values), so it is on every machine that runs this script and needs no
 download. Every MoE block splits its experts and the batch over one mesh axis ("ep") spanning
-all devices of all processes; attention and embeddings are replicated (data parallel over the
-same axis). One jit-compiled step: forward, cross-entropy + MoE auxiliary losses, backward,
-AdamW.
+all devices of all processes (``--data-parallel D``: D such EP groups side by side); attention
+and embeddings are replicated (data parallel over the same devices). One jit-compiled step:
+forward, cross-entropy + MoE auxiliary losses, backward, AdamW.
 
   CPU, 8 virtual devices, a few minutes:
     python examples/train_moe.py --preset cpu
-  GPUs, one process driving every local GPU (xla backend, or triton when its runtime starts):
-    python examples/train_moe.py --preset gpu --backend auto
+  GPUs, one process driving every local GPU (xla backend, or triton when its runtime starts),
+  then tokens/s of both backends in the same run:
+    python examples/train_moe.py --preset gpu --backend auto --compare-backends xla,triton
   One process per device (CPU or GPU), here or on a cluster: see examples/multihost/README.md
     python examples/multihost/launch.py --num-processes 4 --gpus -- \
         examples/train_moe.py --preset gpu --backend auto
