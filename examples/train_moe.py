@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -682,6 +683,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> TrainResult:
   args = parse_args(argv)
+  if importlib.util.find_spec("jax_ep") is None:
+    # Run from a source checkout without installing: use the checkout's jax_ep (found
+    # without importing it: jax must not start before the settings below).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if getattr(args, f.name) is not None}
   cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})

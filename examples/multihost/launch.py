@@ -32,6 +32,7 @@ processes it started and exits with the failed process's status.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -69,9 +70,10 @@ def process_env(base: dict[str, str], *, coordinator: str, total: int, process_i
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_NUM_CPU_DEVICES"] = str(cpu_devices)
     env.setdefault("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo")
-  # Make `import jax_ep` work from a source checkout without installing it.
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, base.get("PYTHONPATH")) if p)
+  if importlib.util.find_spec("jax_ep") is None:
+    # Not installed: let the processes import the source checkout this launcher belongs to.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, base.get("PYTHONPATH")) if p)
   env.setdefault("PYTHONUNBUFFERED", "1")
   return env
 
