@@ -57,6 +57,18 @@ QUICK = [("small_512_uniform", 512, 1024, 64, 4, "uniform", "balanced")]
 RAGGED_MAX_TOKENS = 4096
 
 
+def selected_shapes(args):
+  """QUICK with --quick, else SHAPES, filtered by --shapes (comma-separated names)."""
+  shapes = QUICK if args.quick else SHAPES
+  if args.shapes:
+    names = args.shapes.split(",")
+    unknown = set(names) - {s[0] for s in shapes}
+    if unknown:
+      raise SystemExit(f"--shapes: unknown {sorted(unknown)}; choose from {[s[0] for s in shapes]}")
+    shapes = [s for s in shapes if s[0] in names]
+  return shapes
+
+
 # -- inputs and byte counts ----------------------------------------------------------------------
 
 def make_inputs(world, t, h, e, k, routing, seed=0):
@@ -158,7 +170,7 @@ def run_mode(args, rank=0, world_override=None) -> dict:
   from jax_ep.backends import triton as tb
 
   os.environ["JAX_EP_CHECK_TIMEOUTS"] = "0"  # no host callback per op; checked at the end
-  shapes = QUICK if args.quick else SHAPES
+  shapes = selected_shapes(args)
   if args.mode_run == "nvshmem":
     devices = sorted(jax.devices(), key=lambda d: d.process_index)
   else:
@@ -338,7 +350,8 @@ def orchestrate(args) -> list[dict]:
   script = os.path.abspath(__file__)
   common = ["--iters", str(args.iters), "--inner", str(args.inner), "--num-sms",
             str(args.num_sms)] + (["--quick"] if args.quick else []) + (
-                ["--no-ragged"] if args.no_ragged else [])
+                ["--no-ragged"] if args.no_ragged else []) + (
+                ["--shapes", args.shapes] if args.shapes else [])
   runs = []
   if args.mode in ("peer", "both"):
     p = subprocess.Popen([sys.executable, script, "--child", "peer"] + common,
@@ -393,7 +406,7 @@ def run_nccl(args) -> dict:
                           device_id=torch.device("cuda", args.rank))
   world = args.world
   results = []
-  for name, t, h, e, k, routing, _ in (QUICK if args.quick else SHAPES):
+  for name, t, h, e, k, routing, _ in selected_shapes(args):
     _, idx, _ = make_inputs(world, t, h, e, k, routing)
     nbytes = byte_counts(idx, world, t, h, e)
     rows = max(1, int(round(nbytes["nvl"] / (h * 2) / world)))
@@ -466,6 +479,7 @@ def main():
   ap.add_argument("--num-sms", type=int, default=32)
   ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
   ap.add_argument("--no-ragged", action="store_true")
+  ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
   ap.add_argument("--no-nccl", action="store_true", help="skip the PyTorch NCCL reference")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))

@@ -5,6 +5,7 @@
 #
 #   scripts/gpu_tests.sh                # both GPU counts
 #   GPU_COUNTS="2" scripts/gpu_tests.sh # only 2 GPUs
+#   TESTS="tests/gpu" PYTEST_TIMEOUT=500 PYTEST_ARGS="-x" SKIP_EXAMPLE=1 scripts/gpu_tests.sh
 #
 # Environment it sets (see docs/RUNTIME.md): NVSHMEM_DISABLE_NVLS=1 (never use NVLink
 # multicast), a lower XLA_PYTHON_CLIENT_MEM_FRACTION so NVSHMEM's heap fits, and the NVSHMEM
@@ -49,15 +50,15 @@ for n in ${GPU_COUNTS:-2 4}; do
   if [ "$n" -gt "$NGPU" ]; then summary+=("gpus=$n: skipped (host has $NGPU)"); continue; fi
   devs=$(seq -s, 0 $((n - 1)))
   echo "== tests on $n GPUs (CUDA_VISIBLE_DEVICES=$devs)"
-  CUDA_VISIBLE_DEVICES=$devs timeout 280 $PY -m pytest -m gpu $TESTS -q -rA -s \
-      -p no:cacheprovider > "$LOGS/pytest_gpus$n.log" 2>&1
+  CUDA_VISIBLE_DEVICES=$devs timeout ${PYTEST_TIMEOUT:-280} $PY -m pytest -m gpu $TESTS -q -rA -s \
+      -p no:cacheprovider ${PYTEST_ARGS:-} > "$LOGS/pytest_gpus$n.log" 2>&1
   rc=$?
   [ $rc -ne 0 ] && status=1
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|^E |\"(init_s|calls_s)\"" "$LOGS/pytest_gpus$n.log" | head -40
   summary+=("gpus=$n: rc=$rc $(tail -1 "$LOGS/pytest_gpus$n.log")")
 done
 for n in ${GPU_COUNTS:-2 4}; do
-  [ "$n" -le "$NGPU" ] || continue
+  [ "$n" -le "$NGPU" ] && [ -z "${SKIP_EXAMPLE:-}" ] || continue
   echo "== example on $n GPUs: scripts/launch_multiprocess.sh examples/multiprocess/allgather.py"
   GPUS_PER_NODE=$n timeout 180 scripts/launch_multiprocess.sh examples/multiprocess/allgather.py \
       --calls 200 --loop 1000 > "$LOGS/example_gpus$n.log" 2>&1

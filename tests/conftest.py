@@ -4,7 +4,12 @@ import os
 # Must happen before jax creates its CPU client. GPU platforms are unaffected.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+  # On a loaded 2-core machine a virtual device can miss XLA:CPU's default 40 s collective
+  # deadline, which aborts the whole process.
+  _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
