@@ -93,6 +93,24 @@ def _gpu_present() -> bool:
     return False
 
 
+def unavailable_reason() -> str | None:
+  """None when Triton kernels can be launched here (triton, a CUDA GPU, our FFI library), else why.
+
+  The triton backend and its grouped matmul both start from this check.
+  """
+  try:
+    import triton  # noqa: F401
+  except ImportError:
+    return "triton is not installed (pip install 'jax_ep[gpu]')"
+  if not _gpu_present():
+    return "no CUDA GPU is visible to JAX"
+  from jax_ep import _ffi
+  if not _ffi.available():
+    return ("the jax_ep FFI library (libjax_ep_ffi.so) is not built or failed to load; build the "
+            "package with CUDA present or set JAX_EP_FFI_LIB")
+  return None
+
+
 def _grid3(grid) -> tuple[int, int, int]:
   g = (grid,) if isinstance(grid, (int, np.integer)) else tuple(grid)
   if not 1 <= len(g) <= 3 or any(not isinstance(v, (int, np.integer)) or v < 0 for v in g):

@@ -74,20 +74,10 @@ def symmetric_bytes(config: EPConfig, world: int) -> int:
 
 
 def _why_not_usable(config: EPConfig) -> str | None:
-  try:
-    import triton  # noqa: F401
-  except ImportError:
-    return "triton is not installed (pip install 'jax_ep[gpu]')"
-  try:
-    gpus = jax.devices("gpu")
-  except RuntimeError:
-    gpus = []
-  if not gpus:
-    return "no CUDA GPU is visible to JAX"
-  from jax_ep import _ffi, runtime
-  if not _ffi.available():
-    return ("the jax_ep FFI library (libjax_ep_ffi.so) is not built or failed to load; build the "
-            "package with CUDA present or set JAX_EP_FFI_LIB")
+  from jax_ep import launch, runtime
+  why = launch.unavailable_reason()
+  if why is not None:
+    return why
   if not runtime.is_initialized():
     return ("its runtime is not initialized: call jax_ep.runtime.initialize([config]) first "
             "(after jax.distributed.initialize() when running one process per GPU)")

@@ -33,21 +33,8 @@ _DTYPES = ("bfloat16", "float16", "float32")
 
 def _why_not_usable() -> str | None:
   """None when the Triton grouped matmul can run here, else the reason."""
-  try:
-    import triton  # noqa: F401
-  except ImportError:
-    return "triton is not installed (pip install 'jax_ep[gpu]')"
-  try:
-    gpus = jax.devices("gpu")
-  except RuntimeError:
-    gpus = []
-  if not gpus:
-    return "no CUDA GPU is visible to JAX"
-  from jax_ep import _ffi
-  if not _ffi.available():
-    return ("the jax_ep FFI library (libjax_ep_ffi.so) is not built or failed to load; build the "
-            "package with CUDA present or set JAX_EP_FFI_LIB")
-  return None
+  from jax_ep import launch
+  return launch.unavailable_reason()
 
 
 def gmm_usable() -> bool:
