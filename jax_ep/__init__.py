@@ -21,14 +21,13 @@ from jax_ep import experts, runtime
 
 
 def __getattr__(name):
-  # jax_ep.nn needs flax (the optional "flax" extra); import it only when asked for.
-  if name == "nn":
+  # jax_ep.nn needs flax (the optional "flax" extra) and jax_ep.testing is for tests: import
+  # them only when asked for.
+  if name in ("nn", "testing"):
     import importlib
-    return importlib.import_module("jax_ep.nn")
-  if name == "testing":
-    import importlib
-    return importlib.import_module("jax_ep.testing")
+    return importlib.import_module(f"jax_ep.{name}")
   raise AttributeError(f"module 'jax_ep' has no attribute {name!r}")
+
 
 __all__ = [
     "EPConfig",

@@ -41,16 +41,7 @@ from jax import lax
 from jax_ep.config import EPConfig
 from jax_ep.layout import DispatchLayout
 
-try:  # grouped matmul: helper C's Triton kernels, else the xla one.
-  from jax_ep.backends.triton_gemm import check_gmm_usable, gmm_usable, grouped_matmul
-except ImportError:  # pragma: no cover
-  from jax_ep.backends.xla import grouped_matmul  # noqa: F401
-
-  def gmm_usable() -> bool:
-    return True
-
-  def check_gmm_usable() -> None:
-    return None
+from jax_ep.backends.triton_gemm import check_gmm_usable, gmm_usable, grouped_matmul  # noqa: F401
 
 _API = "jax_ep (triton backend)"
 ROW_ITEMSIZE = 4  # staged rows are sized for float32 so combine can take float32 expert outputs

@@ -189,9 +189,8 @@ def grouped_matmul(recv_x, w, layout: DispatchLayout):
   offsets = layout.group_offsets
   # ragged_dot wants contiguous groups from row 0: let each group span up to the next offset
   # (alignment gaps included), then zero the rows outside groups.
+  # (group 0 starts at row 0: dispatch's first offset is always 0)
   spans = jnp.diff(offsets, append=jnp.array([c], offsets.dtype)).astype(jnp.int32)
-  lead = offsets[0]  # rows before the first group (always 0 for dispatch's layout)
-  spans = spans.at[0].add(lead)
   y = lax.ragged_dot(recv_x, w, spans, preferred_element_type=jnp.float32)
   mask = row_group_mask(layout)
   return jnp.where(mask[:, None], y, 0.0).astype(jnp.result_type(recv_x.dtype, w.dtype))
