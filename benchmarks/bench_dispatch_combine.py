@@ -279,6 +279,19 @@ def run_mode(args, rank=0, world_override=None) -> dict:
                                    / inner - row["ragged_dispatch_s"] / inner)
       except Exception as ex:  # noqa: BLE001 -- a baseline that cannot run is reported, not fatal
         row["ragged_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+    if not args.no_profile:
+      row["profile"] = profile_triton(mesh, xs, idxs, ws, dict(
+          num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
+          num_sms=args.num_sms))
+      print_profile(name, row["profile"])
+    for frac, sms in sweep_points(args):
+      key = f"sweep_sms{sms}_senders{frac}"
+      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, frac, dict(
+          num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
+          num_sms=sms))
+      print(f"  sweep num_sms={sms} sender_fraction={frac}: dispatch "
+            f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
+            flush=True)
     for path in ("triton", "xla", "ragged"):
       for op in ("dispatch", "combine"):
         s = row.get(f"{path}_{op}_s")
@@ -290,6 +303,136 @@ def run_mode(args, rank=0, world_override=None) -> dict:
   runtime.shutdown()
   return {"device": str(devices[0].device_kind), "world": world, "mode": args.mode_run,
           "results": results}
+
+
+def sweep_points(args):
+  """(sender_fraction, num_sms) pairs of ``--sweep`` (tuning; the triton backend only)."""
+  if not args.sweep:
+    return []
+  pts = []
+  for item in args.sweep.split(","):
+    frac, sms = item.split("@")
+    pts.append((float(frac), int(sms)))
+  return pts
+
+
+def _with_env(name, value, fn):
+  old = os.environ.get(name)
+  os.environ[name] = value
+  try:
+    return fn()
+  finally:
+    if old is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = old
+
+
+def time_triton(mesh, xs, idxs, ws, inner, iters, sender_fraction, cfg_kw) -> dict:
+  """Dispatch and combine times of the triton backend at one (sender_fraction, num_sms)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+  cfg = jax_ep.EPConfig(backend="triton", timeout_s=120.0, **cfg_kw)
+  spec = P("ep")
+
+  def zero():
+    return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
+
+  def d_loop(x, idx, w):
+    def body(i, acc):
+      recv_x, _, _ = jax_ep.dispatch(x, idx, w, config=cfg)
+      return acc + recv_x[:1, :1].astype(jnp.float32)
+    return lax.fori_loop(0, inner, body, zero())
+
+  def c_loop(x, idx, w):
+    recv_x, _, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+
+    def body(i, acc):
+      return acc + jax_ep.combine(recv_x, layout, config=cfg)[:1, :1].astype(jnp.float32)
+    return lax.fori_loop(0, inner, body, zero())
+
+  def build():
+    f_d = jax.jit(jax.shard_map(d_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    f_c = jax.jit(jax.shard_map(c_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    jax.block_until_ready((f_d(xs, idxs, ws), f_c(xs, idxs, ws)))  # traced under the env var
+    return f_d, f_c
+
+  f_d, f_c = _with_env("JAX_EP_SENDER_FRACTION", str(sender_fraction), build)
+  d = time_fn(f_d, (xs, idxs, ws), iters) / inner
+  # c_loop runs one dispatch too: subtract it.
+  c = (time_fn(f_c, (xs, idxs, ws), iters) - d) / inner
+  return {"dispatch_s": d, "combine_s": c}
+
+
+def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
+  """Where the time of one triton dispatch and one combine goes: the kernels compiled with
+  PROFILE=1 stamp %globaltimer at their phase boundaries (kernels/ep_sync.py PROF_*); per
+  device, the median / max over the launch's programs, in microseconds from the launch's first
+  program start."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+  from jax_ep.backends import triton as tb
+  from jax_ep.kernels.ep_plan import EPPlan
+  cfg = jax_ep.EPConfig(backend="triton", timeout_s=120.0, **cfg_kw)
+  spec = P("ep")
+  world = mesh.devices.size
+  t = xs.shape[0] // world
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=cfg.max_tokens_per_rank,
+                hidden=cfg.hidden, topk=cfg.topk, num_experts=cfg.num_experts,
+                capacity=cfg.capacity_rows(world), alignment=cfg.expert_alignment,
+                num_sms=cfg.num_sms)
+
+  def build():
+    f_d = jax.jit(jax.shard_map(
+        lambda x, i, w: jax.tree.map(lambda a: a[None], jax_ep.dispatch(x, i, w, config=cfg)),
+        mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+    f_c = jax.jit(jax.shard_map(
+        lambda y, lay: jax_ep.combine(y[0], jax.tree.map(lambda a: a[0], lay), config=cfg),
+        mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+    return f_d, f_c
+
+  f_d, f_c = _with_env("JAX_EP_PROFILE", "1", build)
+  res = {}
+  ns, nr = plan.num_senders, plan.num_receivers
+
+  def stats(v):
+    v = v[v > 0] / 1e3
+    return [round(float(np.median(v)), 1), round(float(v.max()), 1)] if v.size else None
+
+  recv_x, recv_w, layout = _with_env("JAX_EP_PROFILE", "1", lambda: f_d(xs, idxs, ws))
+  for _ in range(3):  # warm, then the last launch is the one read back
+    recv_x, recv_w, layout = f_d(xs, idxs, ws)
+  jax.block_until_ready(recv_x)
+  prof = tb.read_profile(ns + nr)
+  res["dispatch"] = [{
+      "senders": {n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
+      "receivers": {n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "self_rows", "end")},
+  } for p in prof]
+  out = _with_env("JAX_EP_PROFILE", "1", lambda: f_c(recv_x, layout))
+  for _ in range(3):
+    out = f_c(recv_x, layout)
+  jax.block_until_ready(out)
+  npg = plan.num_programs
+  prof = tb.read_profile(npg)
+  res["combine"] = [{n: stats(p[n][:npg]) for n in ("go", "push_done", "arrived", "end")}
+                    for p in prof]
+  res["plan"] = {"senders": ns, "receivers": nr, "programs": npg, "block_t": plan.block_t,
+                 "block_h": plan.block_h, "combine_block": [plan.combine_block_t,
+                                                            plan.combine_block_hc,
+                                                            plan.combine_block_hr]}
+  return res
+
+
+def print_profile(name, prof):
+  print(f"  profile {name} (us from launch start, [median, max] over programs; device 0 .. "
+        f"{len(prof['dispatch']) - 1}): plan {prof['plan']}", flush=True)
+  for d, (pd, pc) in enumerate(zip(prof["dispatch"], prof["combine"])):
+    print(f"    dev{d} dispatch senders {pd['senders']} receivers {pd['receivers']}", flush=True)
+    print(f"    dev{d} combine {pc}", flush=True)
 
 
 def print_row(r):
@@ -351,7 +494,9 @@ def orchestrate(args) -> list[dict]:
   common = ["--iters", str(args.iters), "--inner", str(args.inner), "--num-sms",
             str(args.num_sms)] + (["--quick"] if args.quick else []) + (
                 ["--no-ragged"] if args.no_ragged else []) + (
-                ["--shapes", args.shapes] if args.shapes else [])
+                ["--shapes", args.shapes] if args.shapes else []) + (
+                ["--no-profile"] if args.no_profile else []) + (
+                ["--sweep", args.sweep] if args.sweep else [])
   runs = []
   if args.mode in ("peer", "both"):
     p = subprocess.Popen([sys.executable, script, "--child", "peer"] + common,
@@ -481,6 +626,11 @@ def main():
   ap.add_argument("--no-ragged", action="store_true")
   ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
   ap.add_argument("--no-nccl", action="store_true", help="skip the PyTorch NCCL reference")
+  ap.add_argument("--no-profile", action="store_true",
+                  help="skip the per-phase profile of the triton kernels (JAX_EP_PROFILE=1)")
+  ap.add_argument("--sweep", default="",
+                  help="tuning: extra triton timings at sender_fraction@num_sms points, e.g. "
+                       "0.375@32,0.625@32,0.5@64")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
   ap.add_argument("--child", choices=("peer", "nvshmem", "nccl"), help=argparse.SUPPRESS)

@@ -3,18 +3,23 @@
 combine_kernel: program 0 first runs the op's start barrier (``leader_barrier``); then every
 program pushes its share of partial rows and afterwards reduces its share of tokens:
 
-push (expert rank; persistent over (source rank, token block) items)
-  For each token t of source rank s with at least one row here, it sums its rows in k order:
+push (expert rank; persistent over (token block, owner rank) items, block-major)
+  For each token t of owner s with at least one row here, it sums its rows in k order:
   ``partial = sum_k f32(row_weights[p_k]) * f32(y[p_k])`` (p_k = recv_pos[s, t, k] >= 0) in
   float32, casts to y's dtype, and stores that single row into ROWS[me, t] of rank s's region
   plus ROW_MARK[me, t] = seq. Then ARRIVE_FLAG[me, pid] = seq in every rank.
+  The K slots of a token are compacted in registers first: level j holds each token's j-th
+  present slot (in k order, so the sum order is unchanged), and levels 0..J_UNROLL-1 load
+  their rows together. With top-8 of 256 experts on 4 ranks a token has ~2 rows here, so
+  the dense levels carry the traffic instead of 8 mostly-masked loads.
   Traffic per rank: reads every received row of y once (C x H at most), writes one row per
-  (source rank, token) that sent something here (over NVLink unless s is this rank).
+  (owner rank, token) that sent something here (over NVLink unless s is this rank).
 
 reduce (token owner)
   Waits for all ARRIVE_FLAGs of the op, then ``out[t] = sum_{r = 0..W-1, in order}
   f32(ROWS[r, t])`` over the ranks r whose ROW_MARK[r, t] == seq (no partial = 0), cast to
-  y's dtype. Traffic per rank: reads one row per (token, rank it reached), writes T rows.
+  y's dtype; the marks are loaded once per block and the ranks' rows of a chunk together.
+  Traffic per rank: reads one row per (token, rank it reached), writes T rows.
 
 gather_kernel: the same pattern for ``[T, K]`` float32 values:
   the expert rank sends ``values[recv_pos[s, t, k]]`` (0 where absent) to SLOT_VAL[me, t, k] of
@@ -25,7 +30,40 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import leader_barrier, signal_peers, sym_ptr, wait_all_arrivals, wait_go
+from .ep_sync import (PROF_ARRIVED, PROF_END, PROF_GO, PROF_PUSH, PROF_START, leader_barrier,
+                      prof_mark, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
+
+_PROF_START = tl.constexpr(PROF_START)
+_PROF_GO = tl.constexpr(PROF_GO)
+_PROF_PUSH = tl.constexpr(PROF_PUSH)
+_PROF_ARRIVED = tl.constexpr(PROF_ARRIVED)
+_PROF_END = tl.constexpr(PROF_END)
+
+
+@triton.jit
+def _present_rank(present, k, TOPK_P: tl.constexpr):
+  """For ``present [BLOCK_T, TOPK_P]``: index of each slot among its token's present slots (an
+  exclusive prefix count along k, unrolled; tl.cumsum's lowering fails for narrow tiles at
+  16 warps in Triton 3.6)."""
+  p = present.to(tl.int32)
+  rnk = tl.zeros_like(p)
+  running = tl.sum(p * 0, axis=1)
+  for kk in tl.static_range(TOPK_P):
+    rnk = tl.where(k[None, :] == kk, running[:, None], rnk)
+    running += tl.sum(tl.where(k[None, :] == kk, p, 0), axis=1)
+  return rnk
+
+
+@triton.jit
+def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.constexpr):
+  """``acc += w * y`` for each token's j-th present slot (tokens with fewer slots add 0)."""
+  sel = present & (rnk == j)
+  has = tl.sum(sel.to(tl.int32), axis=1) > 0
+  pj = tl.sum(tl.where(sel, pos, 0), axis=1)
+  wj = tl.sum(tl.where(sel, wts, 0.0), axis=1)
+  yj = tl.load(y_ptr + pj[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+               mask=has[:, None] & hmask[None, :], other=0.0)
+  return acc + wj[:, None] * yj.to(tl.float32)
 
 
 @triton.jit
@@ -33,34 +71,39 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HC: tl.constexpr):
-  """Expert side: one weighted partial row per (source rank, token) into the owner's ROWS."""
+                  BLOCK_HC: tl.constexpr, J_UNROLL: tl.constexpr):
+  """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_HC)
   for item in range(pid, world * num_blocks, num_programs):
-    s = item // num_blocks
-    blk = item % num_blocks
+    blk = item // world
+    s = (item + rank) % world  # consecutive items of a program go to different owners
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < NUM_TOKENS
     smask = tmask[:, None] & (k < TOPK)[None, :]
     pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], mask=smask,
                   other=-1)
-    have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
-    if tl.max(have.to(tl.int32), axis=0) > 0:
+    present = pos >= 0
+    cnt = tl.sum(present.to(tl.int32), axis=1)
+    jmax = tl.max(cnt, axis=0)
+    if jmax > 0:
+      rnk = _present_rank(present, k, TOPK_P)
+      wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
+      have = cnt > 0
       dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
              + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
       for h0 in range(0, HIDDEN, BLOCK_HC):
-        hmask = (h0 + h) < HIDDEN
+        cols = h0 + h
+        hmask = cols < HIDDEN
         acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-        for kk in tl.static_range(TOPK):  # unrolled: the K row loads are in flight together
-          pk = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t) * TOPK + kk, mask=tmask, other=-1)
-          wk = tl.load(row_weights_ptr + pk, mask=pk >= 0, other=0.0)
-          yk = tl.load(y_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
-                       mask=(pk >= 0)[:, None] & hmask[None, :], other=0.0)
-          acc += wk[:, None] * yk.to(tl.float32)
-        tl.store(dst + (h0 + h)[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
+        for j in tl.static_range(J_UNROLL):  # unrolled: these row loads are in flight together
+          acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+        for j0 in range(J_UNROLL, jmax, J_UNROLL):  # tokens with more rows here (rarer)
+          for j in tl.static_range(J_UNROLL):
+            acc = _level(acc, j0 + j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+        tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
   signal_peers(sym_table, rank, world, pid, seq)
@@ -69,80 +112,98 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 @triton.jit
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
+                    R_UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived."""
   dtype = out_ptr.dtype.element_ty
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  h = tl.arange(0, BLOCK_H)
+  h = tl.arange(0, BLOCK_HR)
+  r = tl.arange(0, W_P)
   for blk in range(pid, num_blocks, num_programs):
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < NUM_TOKENS
-    for h0 in range(0, HIDDEN, BLOCK_H):
-      hmask = (h0 + h) < HIDDEN
-      acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-      for r in range(world):
-        got = tl.load(marks + r * MAX_TOKENS + t, mask=tmask, other=0, cache_modifier=".cg")
-        got = tmask & (got == seq)
-        v = tl.load(rows + (r * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-                    + (h0 + h)[None, :], mask=got[:, None] & hmask[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc += v.to(tl.float32)
-      tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :], acc.to(dtype),
+    m2 = (r < world)[:, None] & tmask[None, :]
+    got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
+                  cache_modifier=".cg")
+    got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
+    for h0 in range(0, HIDDEN, BLOCK_HR):
+      cols = h0 + h
+      hmask = cols < HIDDEN
+      acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
+      for r0 in range(0, world, R_UNROLL):
+        for rr in tl.static_range(R_UNROLL):  # these ranks' rows are loaded together
+          g = tl.sum(tl.where(r[:, None] == r0 + rr, got, 0), axis=0) > 0
+          v = tl.load(rows + ((r0 + rr) * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+                      + cols[None, :], mask=g[:, None] & hmask[None, :], other=0.0,
+                      cache_modifier=".cg")
+          acc += v.to(tl.float32)
+      tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
                mask=tmask[:, None] & hmask[None, :])
 
 
 @triton.jit
 def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    out_ptr, status_ptr,
-                   sym_table, rank, world, epoch, timeout_ns, op,
+                   sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                    TOPK: tl.constexpr, TOPK_P: tl.constexpr, ROWS_OFF: tl.constexpr,
                    ROW_MARK_OFF: tl.constexpr, NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_HC: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr):
+                   BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
+                   BLOCK_HR: tl.constexpr, J_UNROLL: tl.constexpr, R_UNROLL: tl.constexpr,
+                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
   Outputs: out ``[T, H]`` (y's dtype), status ``[1 + NUM_PROGRAMS] int32`` (0, or the code of
-    a timed-out wait: slot 0 the leader's barrier, 1 + pid the others).
+    a failed wait / check: slot 0 the leader's barrier, 1 + pid the others).
+  Scalars: timeout_ns (i64), op (i32), fingerprint (i32; see dispatch_kernel).
   PHASE: 0 = everything (GPU; all NUM_PROGRAMS programs resident together). The interpreter
     launches 2 and 3 (leader: announce; wait + GO; grid 1), 4 (push) and 5 (reduce), each over
     every rank before the next.
   """
   pid = tl.program_id(0)
+  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
   if PHASE == 0:
     if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                     0)
+      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                     USE_TIMER, W_P, 0)
   if PHASE == 2 or PHASE == 3:
-    leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                   PHASE)
+    leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                   USE_TIMER, W_P, PHASE)
   st = status_ptr + 1 + pid
   if PHASE == 0 or PHASE == 4:
     tl.store(st, 0)
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
-                  world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, ROWS_OFF,
-                  ROW_MARK_OFF, BLOCK_T, BLOCK_HC)
+    prof_mark(sym_table, rank, pid, _PROF_GO, PROFILE)
+    if seq > 0:
+      _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
+                    world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, ROWS_OFF,
+                    ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
+    prof_mark(sym_table, rank, pid, _PROF_PUSH, PROFILE)
   if PHASE == 0 or PHASE == 5:
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op, USE_TIMER,
-                      BLOCK_P)
-    _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
-                    MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_H)
+    if seq > 0:
+      ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
+                             USE_TIMER, BLOCK_P)
+      prof_mark(sym_table, rank, pid, _PROF_ARRIVED, PROFILE)
+      if ok:
+        _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                        MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, R_UNROLL, BLOCK_T,
+                        BLOCK_HR)
+    prof_mark(sym_table, rank, pid, _PROF_END, PROFILE)
 
 
 @triton.jit
 def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
                   out_ptr, status_ptr,
-                  sym_table, rank, world, epoch, timeout_ns, op,
+                  sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, TOPK: tl.constexpr,
                   TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                   NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_T: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr):
+                  BLOCK_T: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
+                  PROFILE: tl.constexpr):
   """The gather_slots op (weight gradients): ``out [T, K] f32`` = values[row(t, k)] from the
   rank of slot (t, k)'s expert, or 0 for slots not delivered.
 
@@ -152,39 +213,42 @@ def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
   pid = tl.program_id(0)
   if PHASE == 0:
     if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                     0)
+      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                     USE_TIMER, W_P, 0)
   if PHASE == 2 or PHASE == 3:
-    leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                   PHASE)
+    leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                   USE_TIMER, W_P, PHASE)
   st = status_ptr + 1 + pid
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
   if PHASE == 0 or PHASE == 4:
     tl.store(st, 0)
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    for item in range(pid, world * num_blocks, NUM_PROGRAMS):
-      s = item // num_blocks
-      blk = item % num_blocks
-      t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-      smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
-      pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
-                    mask=smask, other=-1)
-      v = tl.load(values_ptr + pos, mask=pos >= 0, other=0.0)
-      dst = sym_ptr(sym_table, s, SLOT_VAL_OFF, tl.float32)
-      tl.store(dst + (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :], v, mask=smask)
-    signal_peers(sym_table, rank, world, pid, seq)
+    if seq > 0:
+      for item in range(pid, world * num_blocks, NUM_PROGRAMS):
+        s = item // num_blocks
+        blk = item % num_blocks
+        t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
+        pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
+                      mask=smask, other=-1)
+        v = tl.load(values_ptr + pos, mask=pos >= 0, other=0.0)
+        dst = sym_ptr(sym_table, s, SLOT_VAL_OFF, tl.float32)
+        tl.store(dst + (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :], v, mask=smask)
+      signal_peers(sym_table, rank, world, pid, seq)
   if PHASE == 0 or PHASE == 5:
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op, USE_TIMER,
-                      BLOCK_P)
-    vals = sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32)
-    for blk in range(pid, num_blocks, NUM_PROGRAMS):
-      t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-      smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
-      sl = t[:, None] * TOPK + k[None, :]
-      g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
-      dest = tl.where(g >= 0, g // E_LOCAL, 0)
-      v = tl.load(vals + (dest * MAX_TOKENS + t[:, None]) * TOPK + k[None, :], mask=g >= 0,
-                  other=0.0, cache_modifier=".cg")
-      tl.store(out_ptr + sl, tl.where(g >= 0, v, 0.0), mask=smask)
+    if seq > 0:
+      ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
+                             USE_TIMER, BLOCK_P)
+      if ok:
+        vals = sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32)
+        for blk in range(pid, num_blocks, NUM_PROGRAMS):
+          t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+          smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
+          sl = t[:, None] * TOPK + k[None, :]
+          g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
+          dest = tl.where(g >= 0, g // E_LOCAL, 0)
+          v = tl.load(vals + (dest * MAX_TOKENS + t[:, None]) * TOPK + k[None, :], mask=g >= 0,
+                      other=0.0, cache_modifier=".cg")
+          tl.store(out_ptr + sl, tl.where(g >= 0, v, 0.0), mask=smask)

@@ -6,23 +6,25 @@ dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS pr
 the layout and raises GO; then senders push and receivers expand, so the receivers' HBM work
 overlaps the senders' NVLink work.
 
-  senders (``_push_body``; persistent over blocks of BLOCK_T tokens)
+  senders (``_push_body``; persistent over blocks of BLOCK_T tokens: blocks pid, pid + NS, ...)
     For a block it loads topk_idx [BLOCK_T, K] and finishes the layout: the rank of each slot
     among the block's earlier slots choosing the same expert (an [N, N] comparison, N =
     BLOCK_T x K, no atomics) added to ``base[b, g]`` gives the slot's row on its destination;
     rows >= C are dropped (-1). For every rank r it stores SLOT_POS[me, t, :] (row or -1) and
     SLOT_VAL[me, t, :] (weights) into r's region, and copies x[t] into ROWS[me, t] of every
-    *other* rank that keeps one of t's slots (16-byte stores): a token row crosses NVLink at
-    most once per destination; tokens that select nothing, or only this rank, send nothing.
-    Then ARRIVE_FLAG[me, sender] = seq in every rank (release, system scope).
+    *other* rank that keeps one of t's slots (16-byte stores of [BLOCK_T, BLOCK_H] tiles): a
+    token row crosses NVLink at most once per destination; tokens that select nothing, or only
+    this rank, send nothing. Then BLOCK_FLAG[me, block] = seq in every rank (release, system
+    scope), so receivers start on a block as soon as it is there.
     Traffic: reads x once per block, writes one row (H x itemsize) per (token, remote
     destination) plus 8 K bytes of metadata per (token, rank).
 
-  receivers (``_expand_body``)
+  receivers (``_expand_body``; blocks pid, pid + NR, ... of every source)
     First zero the rows outside the expert groups (and their weights): nothing to wait for.
-    Then, source by source starting with this rank (whose rows are read straight from x), wait
-    for that source's sender flags and, per token block, load SLOT_POS / SLOT_VAL, write
-    recv_pos and recv_weights, load each staged row once and store it to its up to K rows.
+    Then this rank's own blocks (rows read straight from x), then block by block the other
+    sources', each after its BLOCK_FLAG: load SLOT_POS / SLOT_VAL once, write recv_pos and
+    recv_weights, and per row chunk load the staged rows once and store them to their up to K
+    rows (the K row indices are taken from the loaded tile in registers, not reloaded).
     Traffic: reads one row per (source, token) received, writes C rows of H.
 
 dispatch_rows_kernel: the same for ``dispatch_rows`` (combine's backward): senders copy rows to
@@ -33,8 +35,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import leader_barrier, signal_peers, sym_ptr, wait_arrivals, wait_go
+from .ep_sync import (PROF_END, PROF_GO, PROF_PUSH, PROF_SELF, PROF_START, PROF_ZERO,
+                      leader_barrier, prof_mark, signal_block, sym_ptr, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout
+
+_PROF_START = tl.constexpr(PROF_START)
+_PROF_GO = tl.constexpr(PROF_GO)
+_PROF_ZERO = tl.constexpr(PROF_ZERO)
+_PROF_SELF = tl.constexpr(PROF_SELF)
+_PROF_PUSH = tl.constexpr(PROF_PUSH)
+_PROF_END = tl.constexpr(PROF_END)
 
 
 @triton.jit
@@ -48,13 +58,20 @@ def _in_block_rank(g, BLOCK_T: tl.constexpr, TOPK_P: tl.constexpr):
 
 
 @triton.jit
+def column(tile, k, kk: tl.constexpr):
+  """Column ``kk`` of a ``[BLOCK_T, TOPK_P]`` int tile, in registers (``k = arange(TOPK_P)``)."""
+  return tl.sum(tl.where(k[None, :] == kk, tile, 0), axis=1)
+
+
+@triton.jit
 def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                sym_table, rank, world, seq,
                NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                TOPK: tl.constexpr, TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
-               SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+               SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
+               BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_H: tl.constexpr):
   """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
@@ -85,17 +102,49 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     # Rows: load each chunk of the block once, store it to every remote rank that needs it.
     remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
     if tl.max(remote.to(tl.int32), axis=0) > 0:
+      src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
+      dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
       for h0 in range(0, HIDDEN, BLOCK_H):
         hmask = (h0 + h) < HIDDEN
-        rows = tl.load(x_ptr + t[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
-                       mask=remote[:, None] & hmask[None, :])
+        rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
           if r != rank:
             send = tl.max((dest == r).to(tl.int32), axis=1) > 0
             dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
-            tl.store(dst + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-                     + (h0 + h)[None, :], rows, mask=send[:, None] & hmask[None, :])
-  signal_peers(sym_table, rank, world, pid, seq)
+            tl.store(dst + dst_row + (h0 + h)[None, :], rows,
+                     mask=send[:, None] & hmask[None, :])
+    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
+
+
+@triton.jit
+def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                  recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+  """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
+  recv_pos). Row chunks are loaded once and stored to each of their up to K rows."""
+  k = tl.arange(0, TOPK_P)
+  h = tl.arange(0, BLOCK_H)
+  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+  tmask = t < NUM_TOKENS
+  smask = tmask[:, None] & (k < TOPK)[None, :]
+  slot = (s * pos_stride + t)[:, None] * TOPK + k[None, :]
+  pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
+  if WITH_META:
+    w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
+    tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=smask)
+    tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
+  have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
+  if tl.max(have.to(tl.int32), axis=0) > 0:
+    src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
+    for h0 in range(0, HIDDEN, BLOCK_H):
+      hmask = (h0 + h) < HIDDEN
+      rows = tl.load(src + (h0 + h)[None, :], mask=have[:, None] & hmask[None, :],
+                     cache_modifier=".cg")
+      for kk in tl.static_range(TOPK):
+        pk = column(pos, k, kk)
+        tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
+                 rows, mask=(pk >= 0)[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -104,19 +153,19 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
                  seq, timeout_ns, op,
                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
-                 EL_P: tl.constexpr, CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
-                 WITH_META: tl.constexpr, NUM_SENDERS: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                 USE_TIMER: tl.constexpr):
+                 EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
+                 ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
+                 PROF_ID, PROFILE: tl.constexpr):
   """Receiver program ``pid`` of ``num_programs``.
 
   1. Zero rows outside the groups (needs nothing from peers, so it overlaps their pushes).
-  2. For s = rank, rank + 1, ... (mod W): wait for source s's NUM_SENDERS arrival flags, then
-     expand its token blocks pid, pid + num_programs, ...
+  2. This rank's own token blocks pid, pid + num_programs, ... (rows from x).
+  3. The same blocks of every other source s = rank + 1, ... (mod W), block-major, each after
+     its BLOCK_FLAG says it arrived (rows from ROWS[s] of this rank's region).
   """
   dtype = recv_x_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   # 1. Zeros for every row outside the groups [go[e], go[e] + gs[e]).
   el = tl.arange(0, EL_P)
@@ -134,71 +183,100 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
         hmask = (h0 + h) < HIDDEN
         tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                  tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
-  # 2. Rows that arrived, source by source (this rank's own first: they are ready soonest).
-  for i in range(world):
-    s = (rank + i) % world
-    wait_arrivals(sym_table, rank, s, NUM_SENDERS, seq, timeout_ns, status_ptr, op, USE_TIMER,
-                  BLOCK_P)
-    if s == rank:
-      src_base = x_ptr
-      src_row = 0
+  prof_mark(sym_table, rank, PROF_ID, _PROF_ZERO, PROFILE)
+  # 2. This rank's own blocks: ready soonest (no NVLink), rows straight from x.
+  for blk in range(pid, num_blocks, num_programs):
+    wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+               status_ptr, op, USE_TIMER)
+    _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                  recv_pos_ptr, NUM_TOKENS, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+  prof_mark(sym_table, rank, PROF_ID, _PROF_SELF, PROFILE)
+  # 3. The other sources' blocks, in the order the senders produce them.
+  staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
+  for blk in range(pid, num_blocks, num_programs):
+    for i in range(1, world):
+      s = (rank + i) % world
+      wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+                 status_ptr, op, USE_TIMER)
+      _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, HIDDEN, TOPK, TOPK_P, WITH_META,
+                    BLOCK_T, BLOCK_H)
+
+
+@triton.jit
+def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_stride, val_ptr,
+           group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
+           status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
+           NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+           TOPK: tl.constexpr, TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+           E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
+           FROM_LAYOUT: tl.constexpr, SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
+           BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
+           NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+           BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
+           PROFILE: tl.constexpr):
+  """Senders (pid < NUM_SENDERS) push, receivers expand; both after GO (PHASE 0, 4 or 5)."""
+  if PHASE == 0:
+    sender = pid < NUM_SENDERS
+    rid = pid - NUM_SENDERS
+  else:
+    sender = tl.full([], PHASE == 4, tl.int1)
+    rid = pid
+  prof_id = tl.where(sender, pid, NUM_SENDERS + rid)
+  st = status_ptr + 1 + prof_id
+  tl.store(st, 0)
+  seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
+  prof_mark(sym_table, rank, prof_id, _PROF_GO, PROFILE)
+  if seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
+    if sender:
+      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
+                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
+                 E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_FLAG_OFF,
+                 ROWS_OFF, BLOCK_T, BLOCK_H)
+      prof_mark(sym_table, rank, prof_id, _PROF_PUSH, PROFILE)
     else:
-      src_base = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
-      src_row = s * MAX_TOKENS
-    for blk in range(pid, num_blocks, num_programs):
-      t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-      tmask = t < NUM_TOKENS
-      smask = tmask[:, None] & (k < TOPK)[None, :]
-      slot = (s * pos_stride + t)[:, None] * TOPK + k[None, :]
-      pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
-      if WITH_META:
-        w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
-        tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos,
-                 mask=smask)
-        tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
-      have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
-      if tl.max(have.to(tl.int32), axis=0) > 0:
-        src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
-        for h0 in range(0, HIDDEN, BLOCK_H):
-          hmask = (h0 + h) < HIDDEN
-          rows = tl.load(src + (h0 + h)[None, :], mask=have[:, None] & hmask[None, :],
-                         cache_modifier=".cg")
-          for kk in range(TOPK):
-            pk = tl.load(pos_ptr + (s * pos_stride + t) * TOPK + kk, mask=tmask, other=-1,
-                         cache_modifier=".cg")
-            tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :], rows,
-                     mask=(pk >= 0)[:, None] & hmask[None, :])
+      _expand_body(rid, NUM_RECEIVERS, x_ptr, pos_ptr, pos_stride, val_ptr, group_offsets_ptr,
+                   group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st, sym_table, rank,
+                   world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                   E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, not FROM_LAYOUT,
+                   BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, prof_id, PROFILE)
+  prof_mark(sym_table, rank, prof_id, _PROF_END, PROFILE)
 
 
 @triton.jit
 def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     recv_x_ptr, recv_w_ptr, recv_pos_ptr, group_sizes_ptr, group_offsets_ptr,
                     num_recv_ptr, num_dropped_ptr, hist_ptr, base_ptr, status_ptr,
-                    sym_table, rank, world, epoch, timeout_ns, op,
+                    sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                     E_P: tl.constexpr, E_LOCAL: tl.constexpr, EL_P: tl.constexpr,
                     CAPACITY: tl.constexpr, ALIGNMENT: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                     COUNTS_OFF: tl.constexpr, SLOT_POS_OFF: tl.constexpr,
-                    SLOT_VAL_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
-                    NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr,
-                    W_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_PROG: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr):
+                    SLOT_VAL_OFF: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
+                    ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
+                    NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
+                    PROFILE: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
   Outputs: recv_x ``[C, H]``, recv_weights ``[C] f32``, recv_pos ``[W, T, K] int32``,
     group_sizes / group_offsets ``[E_local] int32``, num_recv_rows / num_dropped ``[1] int32``,
     hist / base ``[NB, E] int32`` (scratch), status ``[1 + NUM_SENDERS + NUM_RECEIVERS]
-    int32`` (0, or the code of a timed-out wait: slot 0 leader, 1 + pid the others).
+    int32`` (0, or the code of a failed wait / check: slot 0 leader, 1 + pid the others).
+  Scalars: timeout_ns (i64), op (i32), fingerprint (i32, the same on every rank for the same
+    op, config and shapes; the start barrier refuses a mismatch).
   PHASE: 0 = everything (GPU; every program of the launch must be resident, which a grid of
     <= num_sms programs is). The interpreter, which runs programs one after another, launches
     1 (histograms; all programs), 2 and 3 (leader: announce, then wait + layout; grid 1),
     4 (senders) and 5 (receivers), each over every rank before the next.
+  PROFILE: stamp %globaltimer into PROF[pid] at the phase boundaries (``ep_sync.PROF_*``).
   """
   pid = tl.program_id(0)
   num_programs: tl.constexpr = NUM_SENDERS + NUM_RECEIVERS
+  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
   if PHASE == 0 or PHASE == 1:
     hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch, NUM_TOKENS,
                 NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T)
@@ -206,53 +284,37 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
     if pid == 0:
       leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                     num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
-                    num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P, CAPACITY,
-                    ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, 0)
+                    fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
+                    CAPACITY, ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, 0)
   if PHASE == 2 or PHASE == 3:
     leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
-                  num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P, CAPACITY,
-                  ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, PHASE)
+                  fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
+                  CAPACITY, ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, PHASE)
   if PHASE == 0 or PHASE == 4 or PHASE == 5:
-    if PHASE == 0:
-      sender = pid < NUM_SENDERS
-      rid = pid - NUM_SENDERS
-    else:
-      sender = tl.full([], PHASE == 4, tl.int1)
-      rid = pid
-    if sender:
-      st = status_ptr + 1 + pid
-      tl.store(st, 0)
-      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
-                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
-                 E_LOCAL, CAPACITY, True, SLOT_POS_OFF, SLOT_VAL_OFF, ROWS_OFF, BLOCK_T,
-                 BLOCK_H)
-    else:
-      st = status_ptr + 1 + NUM_SENDERS + rid
-      tl.store(st, 0)
-      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-      _expand_body(rid, NUM_RECEIVERS, x_ptr, sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32),
-                   MAX_TOKENS, sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32),
-                   group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
-                   st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
-                   HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, True, NUM_SENDERS,
-                   BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
+    _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
+           sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,
+           sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32), group_offsets_ptr,
+           group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+           world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+           NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
+           BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, BLOCK_R,
+           USE_TIMER, PHASE, PROFILE)
 
 
 @triton.jit
 def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr,
                          group_sizes_ptr,
                          recv_x_ptr, status_ptr,
-                         sym_table, rank, world, epoch, timeout_ns, op,
+                         sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                          NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                          HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                          NUM_EXPERTS: tl.constexpr, E_LOCAL: tl.constexpr, EL_P: tl.constexpr,
-                         CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
-                         NUM_SENDERS: tl.constexpr, NUM_RECEIVERS: tl.constexpr,
-                         W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
+                         ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
+                         NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                         PHASE: tl.constexpr):
+                         PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -264,33 +326,18 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   PHASE as in dispatch_kernel (without 1).
   """
   pid = tl.program_id(0)
+  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
   if PHASE == 0:
     if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                     0)
+      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                     USE_TIMER, W_P, 0)
   if PHASE == 2 or PHASE == 3:
-    leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op, USE_TIMER, W_P,
-                   PHASE)
+    leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
+                   USE_TIMER, W_P, PHASE)
   if PHASE == 0 or PHASE == 4 or PHASE == 5:
-    if PHASE == 0:
-      sender = pid < NUM_SENDERS
-      rid = pid - NUM_SENDERS
-    else:
-      sender = tl.full([], PHASE == 4, tl.int1)
-      rid = pid
-    if sender:
-      st = status_ptr + 1 + pid
-      tl.store(st, 0)
-      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, sym_table,
-                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
-                 E_LOCAL, CAPACITY, False, 0, 0, ROWS_OFF, BLOCK_T, BLOCK_H)
-    else:
-      st = status_ptr + 1 + NUM_SENDERS + rid
-      tl.store(st, 0)
-      seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-      _expand_body(rid, NUM_RECEIVERS, x_ptr, recv_pos_in_ptr, NUM_TOKENS, recv_pos_in_ptr,
-                   group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr, recv_pos_in_ptr,
-                   st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
-                   HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, ROWS_OFF, False, NUM_SENDERS,
-                   BLOCK_P, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER)
+    _roles(pid, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, recv_pos_in_ptr, NUM_TOKENS,
+           recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr,
+           recv_pos_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
+           NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
+           True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
+           BLOCK_R, USE_TIMER, PHASE, PROFILE)

@@ -10,6 +10,15 @@ import dataclasses
 from .ep_sync import RegionSpec, next_pow2
 
 MAX_RESIDENT = 128
+ROWS_WARPS = 16            # warps of the row-moving kernels (one program per SM)
+TILE_BYTES = 32 * 1024     # dispatch: bytes of one row tile (loaded once, stored up to K times)
+ACC_BYTES = 128 * 1024     # combine: register budget of its row tiles plus the f32 accumulator
+
+
+def _pow2_floor(n: int, lo: int, hi: int) -> int:
+  """The largest power of two <= n, clamped to [lo, hi] (hi itself a power of two)."""
+  n = max(n, 1)
+  return max(lo, min(1 << (n.bit_length() - 1), hi)) if hi >= lo else hi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +32,8 @@ class EPPlan:
     row_itemsize: bytes per staged element the region was sized for.
     use_timer: read %globaltimer for timeouts (False in the interpreter).
     itemsize: bytes per element of the rows this op moves (sizes the row tiles).
+    profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
+    sender_fraction: share of a dispatch launch's programs that push (the rest expand).
   """
 
   world: int
@@ -37,6 +48,8 @@ class EPPlan:
   row_itemsize: int = 4
   use_timer: bool = True
   itemsize: int = 2
+  profile: bool = False
+  sender_fraction: float = 0.5
 
   @property
   def region(self) -> RegionSpec:
@@ -63,9 +76,10 @@ class EPPlan:
 
   @property
   def block_h(self) -> int:
-    """Row chunk: a [BLOCK_T, BLOCK_H] tile of about 32 KB (16-byte vectors, no spills)."""
-    target = max(64, 32768 // (self.block_t * self.itemsize))
-    return min(1 << (target.bit_length() - 1), 1024, next_pow2(self.hidden))
+    """Dispatch's row chunk: a [BLOCK_T, BLOCK_H] tile of about TILE_BYTES (16-byte vectors,
+    no spills at ROWS_WARPS warps): the bytes a program keeps in flight per load."""
+    return _pow2_floor(TILE_BYTES // (self.block_t * self.itemsize), 64,
+                       next_pow2(self.hidden))
 
   @property
   def block_r(self) -> int:
@@ -84,8 +98,10 @@ class EPPlan:
 
   @property
   def num_senders(self) -> int:
-    """Sender programs of the dispatch launches: half of the programs (at least 1)."""
-    return max(1, min(self.max_programs // 2, self.num_blocks))
+    """Sender programs of the dispatch launches: ``sender_fraction`` of the programs (at
+    least 1, at most one per token block)."""
+    want = int(round(self.max_programs * self.sender_fraction))
+    return max(1, min(want, self.max_programs - 1, self.num_blocks))
 
   @property
   def num_receivers(self) -> int:
@@ -116,15 +132,15 @@ class EPPlan:
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,
                 TOPK_P=self.topk_p, BLOCK_T=self.block_t, W_P=next_pow2(self.world),
-                USE_TIMER=self.use_timer)
+                USE_TIMER=self.use_timer, PROFILE=self.profile)
 
   def dispatch(self, from_layout: bool, phase: int = 0) -> dict:
     """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""
     r = self.region
     d = dict(**self._common(), HIDDEN=self.hidden, NUM_EXPERTS=self.num_experts,
              E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
-             ROWS_OFF=r.rows_off, NUM_SENDERS=self.num_senders,
-             NUM_RECEIVERS=self.num_receivers, BLOCK_P=next_pow2(self.num_senders),
+             ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
+             NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
              BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
@@ -135,17 +151,41 @@ class EPPlan:
     return d
 
   @property
-  def combine_block_h(self) -> int:
-    """Combine's row chunk: K unrolled [BLOCK_T, BLOCK_H] loads of ~8 KB each in flight."""
-    target = max(64, 8192 // (self.block_t * self.itemsize))
-    return min(1 << (target.bit_length() - 1), 1024, next_pow2(self.hidden))
+  def combine_block_t(self) -> int:
+    """Tokens per combine block (any size works: combine reads the layout, not its blocks)."""
+    return max(16, 64 // self.topk_p)
+
+  @property
+  def j_unroll(self) -> int:
+    """Combine push: slot levels whose rows are loaded together (a token's j-th present slot
+    for j < J_UNROLL; tokens with more rows here take further rounds)."""
+    return min(4, self.topk_p)
+
+  @property
+  def r_unroll(self) -> int:
+    """Combine reduce: ranks whose partial rows are loaded together."""
+    return min(4, next_pow2(self.world))
+
+  @property
+  def combine_block_hc(self) -> int:
+    """Push chunk: J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES."""
+    per_col = self.combine_block_t * (self.j_unroll * self.itemsize + 4)
+    return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
+
+  @property
+  def combine_block_hr(self) -> int:
+    """Reduce chunk: R_UNROLL [BLOCK_T, BLOCK_HR] row tiles + an f32 accumulator."""
+    per_col = self.combine_block_t * (self.r_unroll * self.itemsize + 4)
+    return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
 
   def combine(self, phase: int = 0) -> dict:
     r = self.region
-    return dict(**self._common(), HIDDEN=self.hidden, ROWS_OFF=r.rows_off,
-                ROW_MARK_OFF=r.row_mark_off, NUM_PROGRAMS=self.num_programs,
-                BLOCK_P=next_pow2(self.num_programs), BLOCK_H=self.block_h,
-                BLOCK_HC=self.combine_block_h, PHASE=phase)
+    return {**self._common(), **dict(
+        HIDDEN=self.hidden, ROWS_OFF=r.rows_off, ROW_MARK_OFF=r.row_mark_off,
+        NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
+        BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
+        BLOCK_HR=self.combine_block_hr, J_UNROLL=self.j_unroll, R_UNROLL=self.r_unroll,
+        PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, SLOT_VAL_OFF=self.region.slot_val_off,

@@ -8,15 +8,23 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
 ``CONTROL_BYTES`` are the same for every config, so one region serves several configs:
 
   SEQ          int32 [1]               this rank's op counter (written only by this rank)
+  ABORT        int32 [1]               = 1 when this op's start barrier found a fingerprint
+                                       mismatch (the launch's programs then skip their work)
   GO           int64 [1]               = epoch once this launch's leader passed the barrier
-  ERR          int32 [8]               first timeout seen: (1, op, rank, peer, seq, 0, 0, 0)
-  HIST_FLAG    int64 [MAX_PROGRAMS]    dispatch: = epoch when program p wrote its histograms
+  ERR          int32 [8]               first failure seen: (1, code, rank, peer, seq, 0, 0, 0)
   SYNC_FLAG    int32 [MAX_WORLD]       SYNC_FLAG[s] = seq of the last op rank s announced
+  FINGERPRINT  int32 [MAX_WORLD]       FINGERPRINT[s] = hash of rank s's (op, config, shapes)
+                                       for the op it announced (written before SYNC_FLAG[s])
   ARRIVE_FLAG  int32 [MAX_WORLD, MAX_PROGRAMS]
                                        ARRIVE_FLAG[s, p] = seq when program p of rank s finished
                                        writing its rows/metadata for that op into this region
+  HIST_FLAG    int64 [MAX_PROGRAMS]    dispatch: = epoch when program p wrote its histograms
+  PROF         int64 [MAX_PROGRAMS, 8] %globaltimer stamps of the last profiled launch
+                                       (kernels compiled with PROFILE=1 only; see ``PROF_*``)
   --- config-dependent part (``RegionSpec``) ---
   COUNTS       int32 [2, W, E]         per-source expert histograms, double-buffered by seq parity
+  BLOCK_FLAG   int32 [W, T_max]        dispatch: BLOCK_FLAG[s, b] = seq when source s's token
+                                       block b (rows and slot metadata) is in this region
   SLOT_POS     int32 [W, T_max, K]     dispatch: row of recv_x for each slot sent here (or -1)
   SLOT_VAL     f32   [W, T_max, K]     dispatch: routing weight of each slot; gather_slots: values
   ROW_MARK     int32 [W, T_max]        combine: seq when rank s's partial row for token t arrived
@@ -25,15 +33,19 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
 
 Every op (dispatch, dispatch_rows, combine, gather_slots) is ONE kernel launch, so XLA can
 never interleave the work of two ops on a GPU's stream. Its programs take roles:
-  * leader (program 0): the op's start barrier. seq = SEQ + 1; it writes SYNC_FLAG[me] = seq
-    into every rank (release, system scope) and waits until SYNC_FLAG[s] >= seq for every s.
-    A peer that announced seq has finished its earlier ops (stream order), so every staging
-    area is free. Then SEQ = seq and GO = epoch (the launcher's per-device launch counter, so
-    the program-to-program flags of this launch never need a reset).
+  * leader (program 0): the op's start barrier. seq = SEQ + 1; it writes its fingerprint and
+    then SYNC_FLAG[me] = seq into every rank (release, system scope) and waits until
+    SYNC_FLAG[s] >= seq for every s. A peer that announced seq has finished its earlier ops
+    (stream order), so every staging area is free. It compares the peers' fingerprints with
+    its own (a rank running another op, config or token count is refused: ABORT = 1 and an
+    error record, on every rank, since every rank sees the same fingerprints). Then SEQ = seq
+    and GO = epoch (the launcher's per-device launch counter, so the program-to-program flags
+    of this launch never need a reset).
   * senders: wait for GO >= epoch, write rows/metadata into peers with plain stores, then
-    ``__syncthreads`` + ARRIVE_FLAG[me, sender] = seq in every rank (release, system scope).
-  * receivers: wait for GO >= epoch, then spin (acquire, system scope) until the
-    ARRIVE_FLAG[s, p] of the senders they need reach seq.
+    ``__syncthreads`` + a flag (ARRIVE_FLAG per program, or BLOCK_FLAG per token block) = seq
+    in every rank (release, system scope).
+  * receivers: wait for GO >= epoch, then spin (acquire, system scope) until the flags they
+    need reach seq.
   Dispatch's programs first build the per-block expert histogram (HIST_FLAG[pid] = epoch when
   done); its leader sums them and exchanges counts as part of the start barrier.
   Every wait is bounded by ``timeout_ns``: on expiry the kernel records (op, rank, peer, seq) in
@@ -55,27 +67,42 @@ MAX_WORLD = 64
 MAX_PROGRAMS = 256
 ALIGN = 256
 SEQ_OFF = 0
+ABORT_OFF = 64
 GO_OFF = 128
 ERR_OFF = 256
 SYNC_FLAG_OFF = 512
-ARRIVE_FLAG_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
+FINGERPRINT_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
+ARRIVE_FLAG_OFF = FINGERPRINT_OFF + 4 * MAX_WORLD
 HIST_FLAG_OFF = ARRIVE_FLAG_OFF + 4 * MAX_WORLD * MAX_PROGRAMS
-CONTROL_BYTES = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
+PROF_OFF = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
+PROF_SLOTS = 8
+CONTROL_BYTES = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
+
+# Profile stamps (PROF[pid, slot], ns of %globaltimer), written only by kernels compiled with
+# PROFILE=1 (``JAX_EP_PROFILE=1`` at trace time; ``jax_ep.backends.triton.read_profile``).
+PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH, PROF_ARRIVED, PROF_END, PROF_LEADER = range(8)
+PROF_NAMES = ("start", "go", "zero_fill", "self_rows", "push_done", "arrived", "end",
+              "leader_layout")
 
 _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _SEQ_OFF = tl.constexpr(SEQ_OFF)
+_ABORT_OFF = tl.constexpr(ABORT_OFF)
 _ERR_OFF = tl.constexpr(ERR_OFF)
 _SYNC_FLAG_OFF = tl.constexpr(SYNC_FLAG_OFF)
+_FINGERPRINT_OFF = tl.constexpr(FINGERPRINT_OFF)
 _ARRIVE_FLAG_OFF = tl.constexpr(ARRIVE_FLAG_OFF)
 _GO_OFF = tl.constexpr(GO_OFF)
 _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
+_PROF_OFF = tl.constexpr(PROF_OFF)
+_PROF_SLOTS = tl.constexpr(PROF_SLOTS)
 
-# Op codes recorded in ERR[1] on a timeout.
-# Op codes (what a launch is): recorded in ERR[1] and the status outputs on a timeout, with
-# the phase (start barrier / row arrival / local) in the text.
+# Op codes (what a launch is): recorded in ERR[1] and the status outputs as op + 8 * phase,
+# the phase saying what failed (a wait that timed out, or the fingerprint check).
 OP_NAMES = {1: "dispatch", 2: "dispatch_rows", 3: "combine", 4: "gather_slots"}
 OP_DISPATCH, OP_DROWS, OP_COMBINE, OP_GATHER = 1, 2, 3, 4
-PHASE_NAMES = {0: "start barrier", 1: "row arrival", 2: "waiting for this GPU's programs"}
+PHASE_NAMES = {0: "start barrier", 1: "row arrival", 2: "waiting for this GPU's programs",
+               3: "fingerprint mismatch"}
+PHASE_MISMATCH = 3
 
 
 def describe_error(err) -> str | None:
@@ -90,9 +117,21 @@ def describe_error(err) -> str | None:
     return (f"jax_ep.{name}: rank {rank} timed out {phase} (program {peer}, op sequence "
             f"number {seq}): the GPU did not run all of the op's programs at once; lower "
             f"EPConfig.num_sms.")
+  if code // 8 == PHASE_MISMATCH:
+    return (f"jax_ep.{name}: rank {rank} and rank {peer} disagree about op number {seq}: a "
+            f"different op, EPConfig, token count or dtype (their fingerprints differ). Every "
+            f"rank must run the same sequence of jax_ep ops with the same EPConfig and shapes; "
+            f"the op was skipped on every rank (its outputs are garbage).")
   return (f"jax_ep.{name} ({phase}): rank {rank} timed out waiting for rank {peer} (op "
           f"sequence number {seq}). A peer rank did not reach the same op: every rank must run "
           f"the same sequence of jax_ep ops; raise EPConfig.timeout_s if a peer is just slow.")
+
+
+def fingerprint(*parts) -> int:
+  """A 31-bit hash of an op's identity (op code, config, shapes) that is the same in every
+  process (Python's ``hash`` of str is salted per process; this is not)."""
+  import zlib
+  return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
 def _align(n: int) -> int:
@@ -132,8 +171,12 @@ class RegionSpec:
     return _align(CONTROL_BYTES)
 
   @property
-  def slot_pos_off(self) -> int:
+  def block_flag_off(self) -> int:
     return _align(self.counts_off + 4 * 2 * self.world * self.num_experts)
+
+  @property
+  def slot_pos_off(self) -> int:
+    return _align(self.block_flag_off + 4 * self.world * self.max_tokens)
 
   @property
   def slot_val_off(self) -> int:
@@ -262,10 +305,41 @@ def wait_all_arrivals(sym_table, rank, world, num_senders, seq, timeout_ns, stat
 
 
 @triton.jit
-def leader_announce(sym_table, rank, world):
-  """Leader, first half of the start barrier: seq = SEQ + 1; ``SYNC_FLAG[rank] = seq`` in
-  every rank's region (after a CTA barrier: the CTA's earlier stores to peers go first)."""
+def signal_block(sym_table, rank, world, block_flag_off, max_tokens, blk, seq):
+  """``BLOCK_FLAG[rank, blk] = seq`` in every rank's region (after a CTA barrier, so the CTA's
+  earlier stores, the block's rows and slot metadata, are ordered before it)."""
+  tl.debug_barrier()
+  for r in range(world):
+    flag = sym_ptr(sym_table, r, block_flag_off, tl.int32) + rank * max_tokens + blk
+    store_release(flag, seq)
+
+
+@triton.jit
+def wait_block(sym_table, rank, s, block_flag_off, max_tokens, blk, seq, timeout_ns, status_ptr,
+               op, USE_TIMER: tl.constexpr):
+  """Wait until ``BLOCK_FLAG[s, blk] >= seq`` here: source s's token block blk has arrived."""
+  err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
+  flag = sym_ptr(sym_table, rank, block_flag_off, tl.int32) + s * max_tokens + blk
+  return wait_flags(flag, 1, seq, timeout_ns, err, status_ptr, op + 8, rank, s, seq, USE_TIMER,
+                    2, "sys")
+
+
+@triton.jit
+def prof_mark(sym_table, rank, pid, slot: tl.constexpr, PROFILE: tl.constexpr):
+  """PROF[pid, slot] = %globaltimer (kernels compiled with PROFILE=1 only)."""
+  if PROFILE:
+    ptr = sym_ptr(sym_table, rank, _PROF_OFF, tl.int64) + pid * _PROF_SLOTS + slot
+    tl.store(ptr, _now(True))
+
+
+@triton.jit
+def leader_announce(sym_table, rank, world, fingerprint):
+  """Leader, first half of the start barrier: seq = SEQ + 1; ``FINGERPRINT[rank] =
+  fingerprint`` and then ``SYNC_FLAG[rank] = seq`` in every rank's region (after a CTA barrier:
+  the CTA's earlier stores to peers go first)."""
   seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32)) + 1
+  for r in range(world):
+    tl.store(sym_ptr(sym_table, r, _FINGERPRINT_OFF, tl.int32) + rank, fingerprint)
   tl.debug_barrier()
   for r in range(world):
     store_release(sym_ptr(sym_table, r, _SYNC_FLAG_OFF, tl.int32) + rank, seq)
@@ -273,36 +347,58 @@ def leader_announce(sym_table, rank, world):
 
 
 @triton.jit
-def leader_wait(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
+def leader_wait(sym_table, rank, world, seq, fingerprint, timeout_ns, status_ptr, op,
                 USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr):
-  """Leader, second half: wait until every rank announced ``seq`` here."""
+  """Leader, second half: wait until every rank announced ``seq`` here, then compare their
+  fingerprints with ours. Returns 1 when the op must be skipped (a wait timed out or a
+  fingerprint differs; ERR and the status say which), else 0."""
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
   flags = sym_ptr(sym_table, rank, _SYNC_FLAG_OFF, tl.int32)
-  return wait_flags(flags, world, seq, timeout_ns, err, status_ptr, op, rank, -1, seq,
-                    USE_TIMER, BLOCK_W, "sys")
+  ok = wait_flags(flags, world, seq, timeout_ns, err, status_ptr, op, rank, -1, seq,
+                  USE_TIMER, BLOCK_W, "sys")
+  s = tl.arange(0, BLOCK_W)
+  fps = tl.load(sym_ptr(sym_table, rank, _FINGERPRINT_OFF, tl.int32) + s, mask=s < world,
+                other=0, cache_modifier=".cg")
+  bad = (s < world) & (fps != fingerprint)
+  abort = (1 - ok.to(tl.int32))
+  if ok & (tl.sum(bad.to(tl.int32), axis=0) > 0):
+    code = op + 8 * 3
+    first = tl.min(tl.where(bad, s, BLOCK_W), axis=0)
+    if tl.atomic_cas(err, 0, 1, sem="relaxed", scope="gpu") == 0:
+      tl.store(err + 1, code)
+      tl.store(err + 2, rank)
+      tl.store(err + 3, first)
+      tl.store(err + 4, seq)
+    tl.store(status_ptr, code)
+    abort = 1
+  return abort
 
 
 @triton.jit
-def leader_go(sym_table, rank, seq, epoch):
-  """Leader: SEQ = seq, then GO = epoch (release, GPU scope): the launch's other programs may
-  start (they read SEQ after they see GO)."""
+def leader_go(sym_table, rank, seq, epoch, abort):
+  """Leader: SEQ = seq, ABORT = abort, then GO = epoch (release, GPU scope): the launch's other
+  programs may start (they read SEQ and ABORT after they see GO)."""
   tl.store(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), seq)
+  tl.store(sym_ptr(sym_table, rank, _ABORT_OFF, tl.int32), abort)
   tl.debug_barrier()
   tl.atomic_xchg(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), epoch, sem="release", scope="gpu")
 
 
 @triton.jit
 def wait_go(sym_table, rank, epoch, timeout_ns, status_ptr, op, USE_TIMER: tl.constexpr):
-  """Wait for this launch's leader (GO >= epoch); returns the op's seq. The leader itself may
-  wait up to ``timeout_ns`` for its peers (and for this GPU's programs), so this waits 3x."""
+  """Wait for this launch's leader (GO >= epoch); returns the op's seq, or -1 when the op is
+  skipped (the leader's barrier failed, or this wait timed out). The leader itself may wait up
+  to ``timeout_ns`` for its peers (and for this GPU's programs), so this waits 3x."""
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
-  wait_flags(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), 1, epoch, 3 * timeout_ns, err,
-             status_ptr, op + 16, rank, 0, 0, USE_TIMER, 2, "gpu")
-  return tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), cache_modifier=".cg")
+  ok = wait_flags(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), 1, epoch, 3 * timeout_ns, err,
+                  status_ptr, op + 16, rank, 0, 0, USE_TIMER, 2, "gpu")
+  seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), cache_modifier=".cg")
+  abort = tl.load(sym_ptr(sym_table, rank, _ABORT_OFF, tl.int32), cache_modifier=".cg")
+  return tl.where(ok & (abort == 0), seq, -1)
 
 
 @triton.jit
-def leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op,
+def leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr, PHASE: tl.constexpr):
   """The start barrier of combine / dispatch_rows / gather_slots, run by program 0.
 
@@ -311,8 +407,9 @@ def leader_barrier(sym_table, rank, world, epoch, timeout_ns, status_ptr, op,
   """
   if PHASE == 0 or PHASE == 2:
     tl.store(status_ptr, 0)
-    leader_announce(sym_table, rank, world)
+    leader_announce(sym_table, rank, world, fingerprint)
   if PHASE == 0 or PHASE == 3:
     seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32)) + 1
-    leader_wait(sym_table, rank, world, seq, timeout_ns, status_ptr, op, USE_TIMER, BLOCK_W)
-    leader_go(sym_table, rank, seq, epoch)
+    abort = leader_wait(sym_table, rank, world, seq, fingerprint, timeout_ns, status_ptr, op,
+                        USE_TIMER, BLOCK_W)
+    leader_go(sym_table, rank, seq, epoch, abort)

@@ -18,8 +18,9 @@ These run inside ``dispatch_kernel`` (one launch per op):
       Traffic: reads T x K int32, writes NB x E int32.
   ``leader_layout`` program 0: waits for every program's histograms, sums them, writes the
       counts into every peer's COUNTS[seq % 2, me] and announces seq (the op's start barrier);
-      waits for all peers; derives this rank's group_sizes / group_offsets / num_recv_rows /
-      num_dropped and ``base[b, g] = sender_base[g] + block_prefix[b, g]``; then GO.
+      waits for all peers and compares their fingerprints; derives this rank's group_sizes /
+      group_offsets / num_recv_rows / num_dropped and
+      ``base[b, g] = sender_base[g] + block_prefix[b, g]``; then GO.
       Traffic: reads NB x E (twice) + W x E int32, writes NB x E int32 and W x E to peers.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoc
 @triton.jit
 def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
-                  num_programs,
+                  fingerprint, num_programs,
                   NUM_BLOCKS: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_P: tl.constexpr,
                   E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
                   ALIGNMENT: tl.constexpr, COUNTS_OFF: tl.constexpr, W_P: tl.constexpr,
@@ -95,9 +96,10 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
     for r in range(world):
       dst = sym_ptr(sym_table, r, COUNTS_OFF + slot_bytes, tl.int32) + rank * NUM_EXPERTS
       tl.store(dst + e, counts, mask=emask)
-    ep_sync.leader_announce(sym_table, rank, world)
+    ep_sync.leader_announce(sym_table, rank, world, fingerprint)
   if PHASE == 0 or PHASE == 3:
-    ep_sync.leader_wait(sym_table, rank, world, seq, timeout_ns, status_ptr, op, USE_TIMER, W_P)
+    abort = ep_sync.leader_wait(sym_table, rank, world, seq, fingerprint, timeout_ns, status_ptr,
+                                op, USE_TIMER, W_P)
     # 3. The [W, E] counts matrix (written by peers: bypass L1).
     s = tl.arange(0, W_P)
     src = sym_ptr(sym_table, rank, COUNTS_OFF + slot_bytes, tl.int32)
@@ -145,5 +147,5 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
       tl.store(base_ptr + (b0 + bb)[:, None] * NUM_EXPERTS + e[None, :],
                running[None, :] + incl - tile, mask=m)
       running += tl.sum(tile, axis=0)
-    # 6. The layout is out: let the launch's senders and receivers go.
-    ep_sync.leader_go(sym_table, rank, seq, epoch)
+    # 6. The layout is out: let the launch's senders and receivers go (or skip the op).
+    ep_sync.leader_go(sym_table, rank, seq, epoch, abort)

@@ -155,13 +155,15 @@ class SimWorld:
   def err(self, rank):
     return self.regions[rank][ep_sync.ERR_OFF:ep_sync.ERR_OFF + 32].view(np.int32)
 
-  def launch(self, kernel, per_rank_args, cx, op, ranks=None, phases=None):
-    """per_rank_args[r]: the kernel's inputs and outputs on rank r (Arr's)."""
+  def launch(self, kernel, per_rank_args, cx, op, ranks=None, phases=None, fingerprints=None):
+    """per_rank_args[r]: the kernel's inputs and outputs on rank r (Arr's); fingerprints[r]:
+    rank r's op fingerprint (default: the same on every rank)."""
     self.epoch += 1
     for phase, grid in (phases or self.plan.interpreter_phases(kernel.__name__)):
       for r in (range(self.plan.world) if ranks is None else ranks):
+        fp = 1234 if fingerprints is None else fingerprints[r]
         kernel[(grid,)](*per_rank_args[r], self.table, r, self.plan.world, self.epoch,
-                        self.timeout_ns, op, **{**cx, "PHASE": phase})
+                        self.timeout_ns, op, fp, **{**cx, "PHASE": phase})
 
   # -- ops ----------------------------------------------------------------------------------------
 
@@ -389,6 +391,44 @@ def test_timeout_is_recorded_not_hung(interp):
   assert list(err[:5]) == [1, ep_sync.OP_COMBINE, 0, 1, 1]
   msg = ep_sync.describe_error(err)
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
+
+
+def test_fingerprint_mismatch_skips_the_op_on_every_rank(interp):
+  """Ranks that disagree about an op (another config, token count or op: another fingerprint)
+  are refused by the start barrier on every rank: an error record naming both ranks, the op's
+  programs skip their work (nothing written, no wait), and the next agreeing op works."""
+  plan = EPPlan(world=3, num_tokens=6, max_tokens=6, hidden=16, topk=2, num_experts=6,
+                capacity=40, alignment=1, num_sms=3, use_timer=False)
+  sim = SimWorld(plan)
+  rng = np.random.default_rng(7)
+  idxs = routing(rng, "uniform", 3, 6, 2, 6)
+  xs = [rng.standard_normal((6, 16)).astype(np.float32) for _ in range(3)]
+  ws = [rng.random((6, 2)).astype(np.float32) for _ in range(3)]
+  outs = [dict(recv_x=empty((40, 16), np.float32), recv_w=empty((40,), np.float32),
+               recv_pos=empty((3, 6, 2), np.int32), gs=empty((3,), np.int32),
+               go=empty((3,), np.int32), nrecv=empty((1,), np.int32),
+               ndrop=empty((1,), np.int32), hist=empty((plan.num_blocks, 6), np.int32),
+               base=empty((plan.num_blocks, 6), np.int32),
+               status=empty((plan.status_size("dispatch_kernel"),), np.int32)) for _ in range(3)]
+  names = ("recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")
+  args = [[Arr(xs[r]), Arr(idxs[r]), Arr(ws[r])] + [outs[r][n] for n in names] for r in range(3)]
+  sim.launch(kd.dispatch_kernel, args, plan.dispatch(False), ep_sync.OP_DISPATCH,
+             fingerprints=[11, 11, 12])
+  code = ep_sync.OP_DISPATCH + 8 * ep_sync.PHASE_MISMATCH
+  for r in range(3):
+    assert outs[r]["status"].a[0] == code, outs[r]["status"].a
+    assert not outs[r]["status"].a[1:].any()               # the programs skipped, no timeout
+    assert (outs[r]["recv_x"].a.view(np.uint8) == 0x5A).all()  # nothing written
+    err = sim.err(r)
+    assert list(err[:3]) == [1, code, r] and err[3] == (2 if r < 2 else 0), list(err)
+  msg = ep_sync.describe_error(sim.err(0))
+  assert "jax_ep.dispatch: rank 0 and rank 2 disagree" in msg and "EPConfig" in msg, msg
+  # The ranks' counters stayed in step: an agreeing op afterwards is correct.
+  got = sim.dispatch(xs, idxs, ws)
+  want = ref_dispatch(xs, idxs, ws, 3, 2, 40, 1)
+  for r in range(3):
+    assert not got[r]["status"].a.any()
+    np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
 
 
 # -- the JAX backend: lowering for CUDA on this machine (no GPU needed) -------------------------

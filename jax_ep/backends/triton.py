@@ -45,7 +45,6 @@ from jax_ep.backends.triton_gemm import check_gmm_usable, gmm_usable, grouped_ma
 
 _API = "jax_ep (triton backend)"
 ROW_ITEMSIZE = 4  # staged rows are sized for float32 so combine can take float32 expert outputs
-_NUM_WARPS_ROWS = 8
 
 
 def _kernels():
@@ -108,7 +107,36 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
-                itemsize=jnp.dtype(dtype).itemsize)
+                itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
+                sender_fraction=_sender_fraction())
+
+
+def _profile_enabled() -> bool:
+  """``JAX_EP_PROFILE=1`` at trace time: kernels stamp phase times (``read_profile``)."""
+  return os.environ.get("JAX_EP_PROFILE", "0") == "1"
+
+
+def _sender_fraction() -> float:
+  """``JAX_EP_SENDER_FRACTION`` (tuning, default 0.5): share of dispatch's programs that push."""
+  raw = os.environ.get("JAX_EP_SENDER_FRACTION", "0.5")
+  try:
+    v = float(raw)
+  except ValueError:
+    v = -1.0
+  if not 0.0 < v < 1.0:
+    raise ValueError(f"{_API}: JAX_EP_SENDER_FRACTION={raw!r} must be a number in (0, 1).")
+  return v
+
+
+def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
+  """(timeout_ns, op, fingerprint): the fingerprint hashes everything the ranks of one op must
+  agree on, so the start barrier refuses an op whose ranks disagree (EPConfig, token count,
+  dtype, world, op)."""
+  from jax_ep.kernels.ep_sync import fingerprint
+  fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
+                   plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
+                   plan.num_senders, jnp.dtype(x_dtype).name)
+  return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
 
 def _timeout_ns(config: EPConfig):
@@ -129,9 +157,11 @@ def _varying(x, axis_name: str):
   return lax.pcast(x, axis_name, to="varying")
 
 
-def _call(axis_name, kernel, *inputs, out_shapes, grid, constexprs, scalars=(), num_warps=4,
+def _call(axis_name, kernel, *inputs, out_shapes, grid, constexprs, scalars=(), num_warps=None,
           symmetric=True):
+  from jax_ep.kernels.ep_plan import ROWS_WARPS
   from jax_ep.launch import triton_call
+  num_warps = ROWS_WARPS if num_warps is None else num_warps
   outs = triton_call(kernel, *inputs, out_shapes=out_shapes, grid=grid, num_warps=num_warps,
                      num_stages=1, constexprs=constexprs, scalars=scalars,
                      symmetric=symmetric)
@@ -151,7 +181,13 @@ def _check_enabled() -> bool:
 def _raise_timeout(status, rank, *, op: str, timeout_s: float):
   code = int(np.max(status)) if np.size(status) else 0
   if code:
-    from jax_ep.kernels.ep_sync import PHASE_NAMES
+    from jax_ep.kernels.ep_sync import PHASE_MISMATCH, PHASE_NAMES
+    if code // 8 == PHASE_MISMATCH:
+      raise ValueError(
+          f"{op}: rank {int(rank)} found that its peers run a different op, EPConfig, token "
+          f"count or dtype at this point (fingerprint mismatch); the op was skipped on every "
+          f"rank. Every rank must run the same sequence of jax_ep ops with the same EPConfig "
+          f"and shapes. jax_ep.backends.triton.check_timeouts() names the rank.")
     raise TimeoutError(
         f"{op}: rank {int(rank)} timed out after {timeout_s} s ({PHASE_NAMES.get(code // 8)}) "
         f"waiting for a peer rank. Every rank must run the same sequence of jax_ep ops; raise "
@@ -168,16 +204,36 @@ def _report(op: str, config: EPConfig, *statuses):
 
 
 def check_timeouts() -> None:
-  """Raise TimeoutError if any local device recorded a timed-out wait (reads and syncs)."""
+  """Raise if any local device recorded a failed op: TimeoutError for a timed-out wait,
+  ValueError for ranks that disagreed about an op (reads the error records; syncs)."""
   from jax_ep import runtime
-  from jax_ep.kernels.ep_sync import ERR_OFF, describe_error
+  from jax_ep.kernels.ep_sync import ERR_OFF, PHASE_MISMATCH, describe_error
   if not runtime.is_initialized():
     return
   for dev in runtime.devices():
     err = np.frombuffer(runtime.read_symmetric(dev, ERR_OFF, 32), np.int32)
     msg = describe_error(err)
     if msg:
-      raise TimeoutError(msg)
+      raise (ValueError if int(err[1]) // 8 == PHASE_MISMATCH else TimeoutError)(msg)
+
+
+def read_profile(num_programs: int) -> list[dict]:
+  """Phase stamps of the last launch on every local device that ran with ``JAX_EP_PROFILE=1``.
+
+  Returns, per device, ``{name: int64 [num_programs] ns}`` for ``ep_sync.PROF_NAMES``, relative
+  to the earliest ``start`` of the launch (0 where a program wrote no stamp: read only the
+  slots the kernel writes, see ``ep_sync.PROF_*``). Sync the devices first.
+  """
+  from jax_ep import runtime
+  from jax_ep.kernels.ep_sync import PROF_NAMES, PROF_OFF, PROF_SLOTS
+  out = []
+  for dev in runtime.devices():
+    raw = np.frombuffer(runtime.read_symmetric(dev, PROF_OFF, 8 * PROF_SLOTS * num_programs),
+                        np.int64).reshape(num_programs, PROF_SLOTS)
+    t0 = raw[:, 0][raw[:, 0] > 0].min() if (raw[:, 0] > 0).any() else 0
+    out.append({name: np.where(raw[:, i] > 0, raw[:, i] - t0, 0)
+                for i, name in enumerate(PROF_NAMES)})
+  return out
 
 
 # -- the backend functions -----------------------------------------------------------------------
@@ -203,7 +259,7 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
                   _sds((nb, e), jnp.int32), _sds((nb, e), jnp.int32),      # hist, base: scratch
                   _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.dispatch(False),
-      scalars=(_timeout_ns(config), (ks.OP_DISPATCH, "i32")), num_warps=_NUM_WARPS_ROWS)
+      scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
   _report("jax_ep.dispatch", config, status)
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
@@ -223,7 +279,7 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype),
                   _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.dispatch(True),
-      scalars=(_timeout_ns(config), (ks.OP_DROWS, "i32")), num_warps=_NUM_WARPS_ROWS)
+      scalars=_scalars(config, ks.OP_DROWS, p, x.dtype))
   _report("jax_ep.dispatch_rows", config, status)
   return recv_x
 
@@ -238,7 +294,7 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
       config.axis_name, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
       out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.combine(),
-      scalars=(_timeout_ns(config), (ks.OP_COMBINE, "i32")), num_warps=_NUM_WARPS_ROWS)
+      scalars=_scalars(config, ks.OP_COMBINE, p, y.dtype))
   _report("jax_ep.combine", config, status)
   return out
 
@@ -254,6 +310,6 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
       layout.topk_idx,
       out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.gather(),
-      scalars=(_timeout_ns(config), (ks.OP_GATHER, "i32")))
+      scalars=_scalars(config, ks.OP_GATHER, p, jnp.float32), num_warps=4)
   _report("jax_ep.gather_slots", config, status)
   return out

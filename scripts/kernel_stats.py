@@ -1,0 +1,118 @@
+"""Compile the dispatch/combine kernels for sm_90 at one shape and print registers, spills and
+shared memory per kernel (no GPU needed: Triton and its bundled ptxas run on the CPU).
+
+  python scripts/kernel_stats.py                               # the benchmark's DeepSeek-V3 shape
+  python scripts/kernel_stats.py --tokens 512 --hidden 1024 --experts 64 --topk 4 --dtype f32
+
+Spills (local memory) in these kernels mean a row tile too big for the registers: shrink the
+tile budgets in kernels/ep_plan.py (TILE_BYTES, ACC_BYTES) or the warps (ROWS_WARPS).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ptxas_stats(ptx: str, arch: str = "sm_90a") -> str:
+  """ptxas -v's resource line for the PTX's kernel ("N registers, M bytes spill ...")."""
+  from triton.backends.nvidia.compiler import get_ptxas
+  ptxas = get_ptxas(90).path
+  with tempfile.TemporaryDirectory() as d:
+    src = os.path.join(d, "k.ptx")
+    with open(src, "w") as f:
+      f.write(ptx)
+    res = subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                         capture_output=True, text=True, check=True)
+  lines = [l.split("info    :")[-1].strip() for l in res.stderr.splitlines()
+           if "registers" in l or "spill" in l]
+  return "; ".join(lines)
+
+
+def cubin_usage(cubin: bytes) -> str:
+  """cuobjdump's resource line of the cubin Triton built ("REG:n STACK:m ..."): STACK > 0
+  means spills or local arrays."""
+  from triton.backends.nvidia.compiler import get_ptxas
+  tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+  with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(cubin)
+    f.flush()
+    res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                         text=True, check=True)
+  line = [l for l in res.stdout.splitlines() if "REG:" in l][-1]
+  return " ".join(line.split()[:3])
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--world", type=int, default=4)
+  p.add_argument("--tokens", type=int, default=4096)
+  p.add_argument("--hidden", type=int, default=7168)
+  p.add_argument("--experts", type=int, default=256)
+  p.add_argument("--topk", type=int, default=8)
+  p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+  p.add_argument("--num-sms", type=int, default=32)
+  p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
+  p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
+  p.add_argument("--acc-bytes", type=int, help="override ep_plan.ACC_BYTES")
+  args = p.parse_args()
+  from jax_ep.kernels import ep_plan
+  for name, v in (("ROWS_WARPS", args.warps), ("TILE_BYTES", args.tile_bytes),
+                  ("ACC_BYTES", args.acc_bytes)):
+    if v:
+      setattr(ep_plan, name, v)
+
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  from jax_ep.kernels import combine, dispatch
+  from jax_ep.kernels.ep_plan import EPPlan
+  ROWS_WARPS = ep_plan.ROWS_WARPS
+
+  itemsize = 2 if args.dtype == "bf16" else 4
+  cap = int(1.25 * args.tokens * args.topk)
+  plan = EPPlan(world=args.world, num_tokens=args.tokens, max_tokens=args.tokens,
+                hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
+                alignment=1, num_sms=args.num_sms, itemsize=itemsize)
+  row = "*bf16" if args.dtype == "bf16" else "*fp32"
+  sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
+  kernels = {
+      "dispatch_kernel": (dispatch.dispatch_kernel, [row, "*i32", "*fp32", row, "*fp32", "*i32",
+                                                     "*i32", "*i32", "*i32", "*i32", "*i32",
+                                                     "*i32", "*i32"], plan.dispatch(False),
+                          ROWS_WARPS),
+      "dispatch_rows_kernel": (dispatch.dispatch_rows_kernel, [row, "*i32", "*i32", "*i32",
+                                                               "*i32", row, "*i32"],
+                               plan.dispatch(True), ROWS_WARPS),
+      "combine_kernel": (combine.combine_kernel, [row, "*fp32", "*i32", row, "*i32"],
+                         plan.combine(), ROWS_WARPS),
+      "gather_kernel": (combine.gather_kernel, ["*fp32", "*i32", "*i32", "*fp32", "*i32"],
+                        plan.gather(), 4),
+  }
+  print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
+        f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
+        f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}) / reduce "
+        f"{plan.combine_block_hr} (R {plan.r_unroll})")
+  for name, (fn, types, cx, warps) in kernels.items():
+    free = [a for a in fn.arg_names if a not in cx]
+    sig = {a: t for a, t in zip(free, types + sym)}
+    sig.update({a: "constexpr" for a in cx})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": 1})
+    ptx = k.asm["ptx"]
+    vec = len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx))
+    print(f"{name:22s} warps {warps:2d} shared {k.metadata.shared:6d} B  16-byte ld/st {vec:4d}  "
+          f"{cubin_usage(k.asm['cubin'])}")
+
+
+if __name__ == "__main__":
+  main()
