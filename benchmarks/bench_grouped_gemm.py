@@ -2,28 +2,37 @@
 
 Protocol (docs/GROUPED_GEMM.md):
   1. Correctness first: for every shape, the triton forward and backward (dx, dw) are compared
-     with the xla backend (``jax.lax.ragged_dot`` + masking) on the benchmark's own inputs; a
-     mismatch is printed as FAILED and recorded (``"correct": false``) next to the timings.
+     with a per-group ``jnp.dot`` reference on the benchmark's own inputs; a mismatch is printed
+     as FAILED and recorded (``"correct": false``) next to the timings.
   2. Timing, all three in the same run on the same device: each sample is one jitted call that
      runs the op ``inner`` times in a ``fori_loop`` (the input changes by one element per
      iteration so nothing is hoisted), divided by ``inner``; median of ``--iters`` (>= 20)
-     samples after warm-up. Forward and backward (dx + dw) are timed separately.
+     samples after warm-up. Forward and backward (dx + dw) are timed separately. Group sizes
+     and offsets are arguments of the jitted call (as in a model: the tile table that the
+     triton path computes beside its launch is timed, not constant-folded).
        triton     jax_ep.backends.triton_gemm (our kernels via the FFI launch path)
        dense      one ``jnp.dot`` [R, K] @ [K, N] of the same FLOPs (cuBLAS), R = rows in groups
        ragged_dot ``jax.lax.ragged_dot`` on the same groups
      TFLOP/s = 2*R*K*N (forward) or 4*R*K*N (backward) / time.
-  3. Results: a table on stdout, JSON + PNG in ``benchmarks/results/`` named with the device and
-     the UTC date. ``--sweep`` also times a few tile configurations per shape (forward and dw) so
-     the tile table in kernels/grouped_gemm.py can be checked against measurements: forward
-     persistent (the default) / one program per tile / TMA descriptors / half-height partial
-     tiles on (the default) and off, dw pointer / TMA; each
-     variant is checked against the xla backend before it is timed. Sweeps run after the main
-     results are written.
+  3. Results: a table on stdout, JSON + PNG in ``--out`` named with the device and the UTC date.
+
+``--sweep`` then times candidate tile configurations (``SWEEP_FWD`` for the forward and dx
+products, ``SWEEP_DW`` for dw; pointer loads and, where the launcher provides TMA scratch, TMA /
+warp-specialized / flattened variants) on every shape, within ``--sweep-budget`` seconds:
+  * every candidate kernel is compiled first, in parallel worker processes (``--jobs``) that
+    only trace (CPU JAX, no GPU), into the kernel cache; a compiler crash costs one worker and
+    marks that candidate failed instead of ending the run;
+  * each candidate is timed like the main protocol but with a fixed ``inner`` per shape and
+    ``--sweep-iters`` samples, and its output (after the same perturbations) is checked on the
+    device against the default configuration's, which step 1 checked against the reference;
+  * the table gives TFLOP/s and the ratio to the dense ``jnp.dot`` of the same size; the
+    fastest correct candidate per (shape, product, TMA) is printed as a ``TUNED`` entry of
+    kernels/grouped_gemm.py, ready to paste.
 
 Shapes (rows, local experts, K, N): DeepSeek-V3-like per rank at EP=4 (4096 tokens x top-8 =
 32768 rows, 64 local experts, hidden 7168, expert FFN 2048: up = gate|up fused N=4096, down
-K=2048 -> N=7168) and Qwen3-MoE-like (hidden 2048, FFN 768, 128 experts, 32768 rows).
-Targets on H200: triton >= 0.8x dense TFLOP/s and >= 1.5x ragged_dot.
+K=2048 -> N=7168) and Qwen3-MoE-like (hidden 2048, FFN 768, 128 experts, 32768 rows; up =
+gate|up N=1536). Targets on H200: triton >= 0.8x dense TFLOP/s and >= 1.5x ragged_dot.
 
 ``--swiglu`` also times the expert block as models run it (``jax_ep.experts.swiglu``: gate, up,
 down; forward and forward+backward), triton vs xla.
@@ -33,6 +42,7 @@ Run (one GPU):  python benchmarks/bench_grouped_gemm.py [--swiglu] [--sweep] [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -62,15 +72,41 @@ QUICK_SHAPES = {
     "small_up": (4096, 16, 1024, 1024),
     "small_down": (4096, 16, 512, 1024),
 }
-SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages)
-    (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 3),   # small enough for 2 programs per SM (overlaps epilogues)
-    (64, 256, 64, 4, 4),
-    (256, 128, 64, 8, 3),
-    (128, 128, 128, 8, 3),
-]
+
+
+def _sweep_candidates():
+  """(label, TileConfig, tma) per product, most promising first (the time budget cuts from the
+  end of each list). None as the config: the shape's default from kernels/grouped_gemm.py; the
+  first entry is the product's reference for the correctness check."""
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+
+  fwd = [
+      ("default", None, False),
+      ("tma default", None, True),
+      ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
+      ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
+      ("128x256x64 w8 s3 nohalf", T(128, 256, 64, 8, 3, half_tiles=False), False),
+      ("128x128x64 w4 s3 (2/SM)", T(128, 128, 64, 4, 3), False),
+      ("tma 128x256x64 w8 s3", T(128, 256, 64, 8, 3), True),
+      ("256x128x64 w8 s3", T(256, 128, 64, 8, 3), False),
+      ("tma 128x256x64 w4 s3 ws", T(128, 256, 64, 4, 3, half_tiles=False, warp_spec=True), True),
+      ("128x256x64 w8 s3 per-tile", T(128, 256, 64, 8, 3, persistent=False), False),
+      ("tma 128x128x64 w4 s4 ws", T(128, 128, 64, 4, 4, half_tiles=False, warp_spec=True), True),
+      ("128x128x64 w8 s4", T(128, 128, 64, 8, 4), False),
+      ("64x256x64 w4 s4", T(64, 256, 64, 4, 4, half_tiles=False), False),
+      ("tma 128x256x64 w8 s4", T(128, 256, 64, 8, 4), True),
+  ]
+  dw = [
+      ("default", None, False),
+      ("tma default", None, True),
+      ("tma 128x256x64 w4 s3 ws", T(128, 256, 64, 4, 3, warp_spec=True), True),
+      ("128x128x64 w8 s3 (2/SM)", T(128, 128, 64, 8, 3), False),
+      ("128x128x64 w4 s3 (2/SM)", T(128, 128, 64, 4, 3), False),
+      ("128x256x64 w8 s4", T(128, 256, 64, 8, 4), False),
+      ("256x128x64 w8 s3", T(256, 128, 64, 8, 3), False),
+      ("128x256x32 w8 s4", T(128, 256, 32, 8, 4), False),
+  ]
+  return {"fwd": fwd, "dx": fwd, "dw": dw}
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -141,6 +177,23 @@ def time_op(fn, args, iters: int, max_inner: int) -> dict:
               iters=iters)
 
 
+def time_fixed(fn, args, inner: int, iters: int):
+  """(output of the last call, timings): like ``time_op`` with a given ``inner`` and one compile.
+
+  The output is ``fn``'s after the loop's ``inner`` perturbations of ``args[0]``: equal for two
+  implementations of the same op called with the same ``inner``.
+  """
+  f = _looped(fn, inner)
+  out = jax.block_until_ready(f(*args))  # compile + warm up
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    samples.append((time.perf_counter() - t0) / inner)
+  return out, dict(median_s=statistics.median(samples), min_s=min(samples), inner=inner,
+                   iters=iters)
+
+
 def _try(label, thunk):
   try:
     return thunk()
@@ -167,7 +220,7 @@ def make_inputs(rows, experts, k, n, args, seed: int):
 
 
 def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
-  from jax_ep.backends import triton_gemm, xla
+  from jax_ep.backends import triton_gemm
   from jax_ep.kernels import grouped_gemm as gg
 
   dtype = jnp.dtype(args.dtype)
@@ -179,27 +232,29 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
              routing=args.routing, rows_in_groups=r, seed=seed,
              group_sizes=dict(min=int(sizes.min()), max=int(sizes.max()),
                               mean=float(sizes.mean()), zeros=int((sizes == 0).sum())),
-             fwd_config=str(gg.forward_config(k, n, dtype.name, "tf32")),
-             dx_config=str(gg.forward_config(n, k, dtype.name, "tf32")),
-             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32")),
              tma_default=triton_gemm._use_tma_default())
+  tma = res["tma_default"]
+  res.update(fwd_config=str(gg.forward_config(k, n, dtype.name, "tf32", tma=tma)),
+             dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma)),
+             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32", tma=tma)))
   fwd_flops = 2.0 * r * k * n
   print(f"\n== {name}: R={r} rows, E={experts}, K={k}, N={n}, {dtype.name}, {args.routing} "
         f"(group sizes {sizes.min()}..{sizes.max()}, {int((sizes == 0).sum())} empty)",
         flush=True)
 
-  # The ops (each takes x first: the timing loop perturbs it).
-  def tri_fwd(x, w):
-    return triton_gemm.grouped_matmul(x, w, layout)
+  # The ops (each takes x first: the timing loop perturbs it; group sizes and offsets are
+  # arguments, as in a model, so nothing derived from them is constant-folded).
+  def tri_fwd(x, w, s, o):
+    return triton_gemm._gmm(x, w, s, o)
 
-  def tri_bwd(x, w, dy):
-    return triton_gemm._gmm_bwd((x, w, sizes_d, offsets_d), dy)
+  def tri_bwd(x, w, dy, s, o):
+    return triton_gemm._gmm_bwd((x, w, s, o), dy)
 
-  def rag_fwd(x, w):
-    return lax.ragged_dot(x, w, sizes_d)
+  def rag_fwd(x, w, s):
+    return lax.ragged_dot(x, w, s)
 
-  def rag_bwd(x, w, dy):
-    return jax.vjp(lambda x, w: lax.ragged_dot(x, w, sizes_d), x, w)[1](dy)
+  def rag_bwd(x, w, dy, s):
+    return jax.vjp(lambda x, w: lax.ragged_dot(x, w, s), x, w)[1](dy)
 
   def dense_fwd(x, w):
     return jnp.dot(x, w)
@@ -251,9 +306,9 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   x_dense = x[:r]
   dy_dense = dy[:r]
   impls = {
-      "triton": ((tri_fwd, (x, w)), (tri_bwd, (x, w, dy))),
+      "triton": ((tri_fwd, (x, w, sizes_d, offsets_d)), (tri_bwd, (x, w, dy, sizes_d, offsets_d))),
       "dense": ((dense_fwd, (x_dense, w_dense)), (dense_bwd, (x_dense, w_dense, dy_dense))),
-      "ragged_dot": ((rag_fwd, (x, w)), (rag_bwd, (x, w, dy))),
+      "ragged_dot": ((rag_fwd, (x, w, sizes_d)), (rag_bwd, (x, w, dy, sizes_d))),
   }
   # ragged_dot's backward on this XLA materialises [E, R, max(K, N)] in f32; skip it when that
   # cannot fit (it is recorded as skipped, with the reason, in the JSON).
@@ -286,53 +341,259 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   return res
 
 
-def sweep_shape(name, rows, experts, k, n, args, seed: int) -> list[dict]:
-  """Time candidate tile configs (forward: persistent/per-tile, pointer/TMA; dw: pointer/TMA),
-  each checked against the xla backend on the same inputs first."""
-  from jax_ep.backends import triton_gemm, xla
+# -- sweep ---------------------------------------------------------------------------------------
 
+PHASE_NOTES = {"fwd": "y = x @ w[e]", "dx": "dx = dy @ w[e]^T", "dw": "dw[e] = x^T dy"}
+
+
+def _phase_kn(phase, k, n):
+  """(K, N) as the phase's kernel sees them (the ``TUNED`` key): dx swaps the forward's."""
+  return (n, k) if phase == "dx" else (k, n)
+
+
+def _phase_op(phase, cfg, tma, experts):
+  """The product as a function of (perturbed input, other operand, sizes, offsets)."""
+  from jax_ep.backends import triton_gemm
+
+  if phase == "dw":
+    return lambda x, dy, s, o: triton_gemm._grouped_dw(x, dy, s, o, experts, config=cfg,
+                                                       use_tma=tma)
+  return lambda a, w, s, o: triton_gemm._grouped(a, w, s, o, transpose_w=phase == "dx",
+                                                 config=cfg, use_tma=tma)
+
+
+def _phase_specs(phase, rows, experts, k, n, dtype):
+  """ShapeDtypeStructs of the phase's (a, b, sizes, offsets)."""
+  sd = jax.ShapeDtypeStruct
+  a = {"fwd": (rows, k), "dx": (rows, n), "dw": (rows, k)}[phase]
+  b = (rows, n) if phase == "dw" else (experts, k, n)
+  i32 = jnp.dtype(jnp.int32)
+  return sd(a, dtype), sd(b, dtype), sd((experts,), i32), sd((experts,), i32)
+
+
+def _resolve(phase, cfg, tma, k, n, experts, dtype):
+  """The candidate's actual TileConfig, or None when the shape cannot take it (TMA rules)."""
   from jax_ep.kernels import grouped_gemm as gg
 
-  sizes, layout, x, w, dy, _ = make_inputs(rows, experts, k, n, args, seed)
-  s_d, o_d = layout.group_sizes, layout.group_offsets
-  flops = 2.0 * int(sizes.sum()) * k * n
-  tol = 3e-2 if jnp.dtype(args.dtype) == jnp.bfloat16 else 1e-2
-  y_ref = np.asarray(jax.jit(lambda x, w: xla.grouped_matmul(x, w, layout))(x, w), np.float32)
-  dw_ref = np.asarray(jax.jit(lambda x, w, dy: jax.vjp(
-      lambda w: xla.grouped_matmul(x, w, layout), w)[1](dy)[0])(x, w, dy), np.float32)
-  print(f"\n== sweep {name}", flush=True)
-  out = []
-  for cfg_t in SWEEP:
-    cfg = gg.TileConfig(*cfg_t)
-    runs = []
-    for pers, tma, half in ((True, False, True), (True, False, False), (False, False, True),
-                            (True, True, True)):
-      runs.append((f"fwd persistent={pers} tma={tma} half={half}", y_ref,
-                   lambda x, w, c=cfg, p=pers, t=tma, h=half: triton_gemm._grouped(
-                       x, w, s_d, o_d, transpose_w=False, config=c, persistent=p, use_tma=t,
-                       half_tiles=h),
-                   (x, w)))
-    for tma in (False, True):
-      runs.append((f"dw tma={tma}", dw_ref,
-                   lambda x, dy, c=cfg, t=tma: triton_gemm._grouped_dw(
-                       x, dy, s_d, o_d, experts, config=c, use_tma=t), (x, dy)))
-    for kind, ref, fn, fargs in runs:
-      def run():
-        got = np.asarray(jax.jit(fn)(*fargs), np.float32)
-        rel = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-        t = time_op(fn, fargs, args.iters, args.inner)
-        t.update(rel_err=rel, correct=bool(np.isfinite(got).all() and rel < tol))
-        return t
-      t = _try(f"sweep {kind} {cfg_t}", run)
-      if "median_s" in t:
-        t["tflops"] = flops / t["median_s"] / 1e12
-        print(f"  {kind:<40} {str(cfg_t):<24} {t['median_s'] * 1e3:8.3f} ms  "
-              f"{t['tflops']:7.1f} TFLOP/s  {'ok' if t['correct'] else 'WRONG'}", flush=True)
-      out.append(dict(shape=name, kind=kind, config=list(cfg_t), **t))
+  kk, nn = _phase_kn(phase, k, n)
+  if phase == "dw":
+    cfg = cfg or gg.dw_config(kk, nn, dtype.name, tma=tma)
+    ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=(kk * nn, nn, 1),
+                                     elem_bytes=dtype.itemsize, dw=True)
+  else:
+    cfg = cfg or gg.forward_config(kk, nn, dtype.name, phase=phase, tma=tma)
+    w_strides = (k * n, 1, kk) if phase == "dx" else (k * n, n, 1)
+    ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=w_strides,
+                                     elem_bytes=dtype.itemsize)
+  return cfg if ok else None
+
+
+def sweep_jobs(names, table, dtype, with_tma: bool):
+  """Every (shape, phase, label, config, tma) the sweep will time: per shape, the products'
+  candidate lists interleaved by priority, each deduplicated."""
+  jobs = []
+  for name in names:
+    rows, experts, k, n = table[name]
+    per_phase = []
+    for phase, cands in _sweep_candidates().items():
+      seen, mine = set(), []
+      for label, cfg, tma in cands:
+        if tma and not with_tma:
+          continue
+        cfg = _resolve(phase, cfg, tma, k, n, experts, dtype)
+        if cfg is None or (cfg, tma) in seen:
+          continue
+        seen.add((cfg, tma))
+        mine.append(dict(shape=name, phase=phase, label=label, cfg=cfg, tma=tma))
+      per_phase.append(mine)
+    for rank in range(max(map(len, per_phase))):
+      jobs += [mine[rank] for mine in per_phase if rank < len(mine)]
+  return jobs
+
+
+def _job_key(j):
+  return (j["shape"], j["phase"], j["cfg"], j["tma"])
+
+
+def _compile_worker(spec_path: str, start: int) -> None:
+  """Worker process: trace jobs[start:] (compiling their kernels into the cache); one line each."""
+  from jax_ep import _ffi
+
+  _ffi.available = lambda: False  # trace only: no cubin registration, no GPU
+  from jax_ep.kernels import grouped_gemm as gg
+
+  with open(spec_path) as f:
+    spec = json.load(f)
+  dtype = jnp.dtype(spec["dtype"])
+  for i, j in enumerate(spec["jobs"][start:], start):
+    rows, experts, k, n = spec["shapes"][j["shape"]]
+    cfg = gg.TileConfig(**j["cfg"])
+    t0 = time.perf_counter()
+    try:
+      jax.eval_shape(_phase_op(j["phase"], cfg, j["tma"], experts),
+                     *_phase_specs(j["phase"], rows, experts, k, n, dtype))
+      status = "ok"
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which skips the job
+      status = f"error {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    print(f"JOB {i} {time.perf_counter() - t0:.1f}s {status}", flush=True)
+
+
+def precompile(jobs, table, dtype, workers: int, log_dir: str):
+  """Compile every job's kernels in ``workers`` CPU-only processes; returns a Popen-like handle
+  whose ``wait()`` gives {job index: "ok" | error}. A crashed worker's current job is marked
+  crashed and the worker restarted after it."""
+  import subprocess
+  import tempfile
+  import threading
+
+  spec = dict(dtype=dtype.name, shapes={s: table[s] for s in {j["shape"] for j in jobs}},
+              jobs=[dict(shape=j["shape"], phase=j["phase"], tma=j["tma"],
+                         cfg=dataclasses.asdict(j["cfg"])) for j in jobs])
+  os.makedirs(log_dir, exist_ok=True)
+  results: dict[int, str] = {}
+  lock = threading.Lock()
+  # Interleave the jobs over the workers so each gets a mix of shapes (and compile times).
+  slices = [list(range(w, len(jobs), workers)) for w in range(workers)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+
+  def run(w, idx):
+    if not idx:
+      return
+    fd, path = tempfile.mkstemp(suffix=".json", prefix=f"gmm_sweep_{w}_", dir=log_dir)
+    sub = dict(spec, jobs=[spec["jobs"][i] for i in idx])
+    with os.fdopen(fd, "w") as f:
+      json.dump(sub, f)
+    start = 0
+    while start < len(idx):
+      p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_compile-worker", path,
+                          str(start)], env=env, capture_output=True, text=True)
+      done = start
+      for line in p.stdout.splitlines():
+        if line.startswith("JOB "):
+          _, i, _, status = line.split(" ", 3)
+          with lock:
+            results[idx[int(i)]] = status
+          done = int(i) + 1
+      if done < len(idx):  # the worker died on job `done` (a compiler abort, say)
+        with lock:
+          results[idx[done]] = f"crashed (exit {p.returncode}): {p.stderr.strip()[-200:]}"
+        done += 1
+      start = done
+
+  threads = [threading.Thread(target=run, args=(w, idx), daemon=True)
+             for w, idx in enumerate(slices)]
+  for t in threads:
+    t.start()
+
+  class Handle:
+    def wait(self):
+      for t in threads:
+        t.join()
+      return results
+
+  return Handle()
+
+
+def tma_probe():
+  """None when the TMA variant launches here (the FFI launcher gave Triton its aligned global
+  scratch), else the error: a tiny forward through device-side descriptors."""
+  from jax_ep.backends import triton_gemm
+
+  x = jnp.ones((256, 64), jnp.bfloat16)
+  w = jnp.ones((2, 64, 64), jnp.bfloat16)
+  s = jnp.array([100, 150], jnp.int32)
+  o = jnp.array([0, 100], jnp.int32)
+  try:
+    y = jax.jit(lambda x, w: triton_gemm._grouped(x, w, s, o, transpose_w=False,
+                                                   use_tma=True))(x, w)
+    y = np.asarray(y, np.float32)
+    if not (np.all(y[:250] == 64) and np.all(y[250:] == 0)):
+      return "wrong results"
+    return None
+  except Exception as e:  # noqa: BLE001
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def sweep(names, table, args, seeds, results, compiled, jobs, deadline, save=None):
+  """Time every compiled job (see the module docstring); returns (rows, winners). ``save(rows,
+  winners)`` runs after each shape, so a run cut short keeps what it measured."""
+  dtype = jnp.dtype(args.dtype)
+  tol = 3e-2 if dtype == jnp.bfloat16 else 1e-2
+  by_shape = {}
+  for i, j in enumerate(jobs):
+    by_shape.setdefault(j["shape"], []).append((i, j))
+  out, winners = [], {}
+  check = jax.jit(lambda a, b: jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                  / jnp.maximum(jnp.max(jnp.abs(b.astype(jnp.float32))), 1e-30))
+  for si, name in enumerate(names):
+    rows, experts, k, n = table[name]
+    res = next((r for r in results if r["name"] == name), {})
+    dense = res.get("dense", {}).get("fwd", {}).get("tflops")
+    sizes, layout, x, w, dy, _ = make_inputs(rows, experts, k, n, args, seeds[name])
+    s_d, o_d = layout.group_sizes, layout.group_offsets
+    flops = 2.0 * int(sizes.sum()) * k * n
+    # One inner count per shape (same perturbations for every candidate): ~15 ms samples at
+    # about 0.6x the dense rate.
+    est = flops / (0.6 * (dense or 400.0) * 1e12)
+    inner = int(min(args.inner, max(1, round(0.015 / est))))
+    shape_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(names) - si)
+    print(f"\n== sweep {name} (R={int(sizes.sum())}, E={experts}, K={k}, N={n}; inner {inner}, "
+          f"{args.sweep_iters} samples; dense {dense or float('nan'):.1f} TFLOP/s)", flush=True)
+    refs = {}
+    for i, j in by_shape.get(name, []):
+      phase, cfg, tma, label = j["phase"], j["cfg"], j["tma"], j["label"]
+      row = dict(shape=name, phase=phase, label=label, config=cfg.table_entry(), tma=tma,
+                 K=_phase_kn(phase, k, n)[0], N=_phase_kn(phase, k, n)[1])
+      status = compiled.get(i, "not compiled")
+      if status != "ok":
+        row["error"] = f"compile: {status}"
+      elif time.monotonic() > shape_deadline and label != "default":
+        row["error"] = "skipped: sweep budget"
+      else:
+        a, b = {"fwd": (x, w), "dx": (dy, w), "dw": (x, dy)}[phase]
+
+        def run():
+          got, t = time_fixed(_phase_op(phase, cfg, tma, experts), (a, b, s_d, o_d), inner,
+                              args.sweep_iters)
+          if phase not in refs:  # the first (default) candidate is the phase's reference
+            refs[phase] = got
+            t["rel_err"] = 0.0
+          else:
+            t["rel_err"] = float(check(got, refs[phase]))
+          t["correct"] = bool(np.isfinite(t["rel_err"]) and t["rel_err"] < tol)
+          t["tflops"] = flops / t["median_s"] / 1e12
+          if dense:
+            t["vs_dense"] = t["tflops"] / dense
+          return t
+
+        row.update(_try(f"sweep {name} {phase} {label}", run))
+      if "median_s" in row:
+        vd = f"{row['vs_dense']:5.2f}x" if "vs_dense" in row else "     "
+        print(f"  {phase:<3} {label:<30} {row['config']:<58} {row['median_s'] * 1e3:8.3f} ms "
+              f"{row['tflops']:7.1f} TFLOP/s {vd} {'ok' if row['correct'] else 'WRONG'}",
+              flush=True)
+        key = (phase, row["K"], row["N"], dtype.name, tma)
+        if row["correct"] and (key not in winners or row["tflops"] > winners[key]["tflops"]):
+          winners[key] = dict(row, shape=name)
+      else:
+        print(f"  {phase:<3} {label:<30} {row['config']:<58} {row.get('error', '')[:90]}",
+              flush=True)
+      out.append(row)
       gc.collect()
-  del x, w, dy, y_ref, dw_ref
-  gc.collect()
-  return out
+    del x, w, dy, refs
+    gc.collect()
+    if save is not None:
+      save(out, winners)
+  return out, winners
+
+
+def print_winners(winners):
+  print("\nFastest correct candidate per shape and product (paste into TUNED in "
+        "kernels/grouped_gemm.py):")
+  for key, r in sorted(winners.items(), key=lambda kv: (kv[1]["shape"], kv[0])):
+    vd = f"{r['vs_dense']:.2f}x dense" if "vs_dense" in r else ""
+    print(f"    {key!r}: {r['config']},  # {r['shape']} {r['phase']}: {r['tflops']:.0f} "
+          f"TFLOP/s {vd} ({r['label']})")
 
 
 SWIGLU_SHAPES = {
@@ -441,12 +702,21 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=20, help="timed samples per op (>= 20)")
   p.add_argument("--inner", type=int, default=50, help="max ops per timed sample")
   p.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
+  p.add_argument("--sweep-budget", type=float, default=150.0,
+                 help="seconds for the sweep's timing (compiles run in parallel before)")
+  p.add_argument("--sweep-iters", type=int, default=5, help="timed samples per sweep candidate")
+  p.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                 help="parallel compile workers for the sweep")
   p.add_argument("--swiglu", action="store_true",
                  help="also time the SwiGLU expert block (jax_ep.experts.swiglu), triton vs xla")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
+  p.add_argument("--_compile-worker", nargs=2, metavar=("SPEC", "START"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args._compile_worker:
+    _compile_worker(args._compile_worker[0], int(args._compile_worker[1]))
+    return
   if args.iters < 20:
     p.error(f"--iters={args.iters} must be >= 20 (benchmark protocol)")
 
@@ -469,6 +739,20 @@ def main(argv=None):
   print(f"{meta['device']} | jax {jax.__version__} | triton {triton.__version__} | "
         f"{meta['date_utc']}", flush=True)
   seeds = {s: args.seed + i for i, s in enumerate(names)}
+
+  compiling = None
+  if args.sweep:
+    # Compile the sweep's kernels in the background while the main benchmark runs.
+    import tempfile
+    meta["tma_probe"] = tma_probe()
+    print(f"TMA variant: {'available' if meta['tma_probe'] is None else meta['tma_probe']}",
+          flush=True)
+    jobs = sweep_jobs(names, table, jnp.dtype(args.dtype), meta["tma_probe"] is None)
+    t_compile = time.monotonic()
+    compiling = precompile(jobs, table, jnp.dtype(args.dtype), args.jobs,
+                           tempfile.mkdtemp(prefix="gmm_sweep_"))
+    print(f"compiling {len(jobs)} sweep candidates in {args.jobs} worker processes", flush=True)
+
   results = [bench_shape(s, *table[s], args, seeds[s]) for s in names]
   print_table(results)
 
@@ -485,17 +769,29 @@ def main(argv=None):
     with open(stem + ".json", "w") as f:
       json.dump(record, f, indent=1)
   if args.sweep:  # after the main results are on disk: a failing variant cannot lose them
-    record["sweep"] = []
-    for s in names:
-      record["sweep"] += sweep_shape(s, *table[s], args, seeds[s])
+    deadline = time.monotonic() + args.sweep_budget
+    compiled = compiling.wait()
+    bad = {i: st for i, st in compiled.items() if st != "ok"}
+    print(f"\nsweep kernels compiled in {time.monotonic() - t_compile:.0f} s "
+          f"({len(compiled) - len(bad)} ok, {len(bad)} failed)", flush=True)
+    for i, st in sorted(bad.items()):
+      j = jobs[i]
+      print(f"  compile failed: {j['shape']} {j['phase']} {j['label']}: {st[:160]}")
+    def save(rows, winners):
+      record["sweep"] = rows
+      record["sweep_winners"] = [dict(key=list(k), **v) for k, v in winners.items()]
       with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
+
+    rows, winners = sweep(names, table, args, seeds, results, compiled, jobs, deadline, save)
+    print_winners(winners)
   try:
     plot(results, stem + ".png",
          f"grouped GEMM, {args.dtype}, {args.routing} routing - {meta['device']} - "
          f"{meta['date_utc']}")
   except Exception as e:  # matplotlib missing: the JSON still stands
     print(f"plot skipped: {e}")
+  print_table(results)
   print(f"\nwrote {stem}.json and .png")
 
 

@@ -23,41 +23,46 @@ Cost, with R = sum(size) rows in groups:
                both re-reads are meant to hit L2 (see "tile order" below).
                dw: R*K + R*N read, E_local*K*N written.
 
-Forward tiling and the static grid (``grouped_gemm_kernel``)
-  Rows 0..C are cut into *segments*, in order: for each expert e, the gap before its group
-  ``[end of group e-1, offset[e])`` then the group ``[offset[e], offset[e]+size[e])``; finally the
-  tail ``[end of group E_local-1, C)``. Each segment is covered by ceil(len / BLOCK_M) M tiles
-  that start at the segment's first row, so a tile never straddles two experts. Group tiles run
-  the K loop; gap and tail tiles run zero K iterations and store zeros. Since
-  sum(ceil(len_s / BLOCK_M)) < C / BLOCK_M + (2 E_local + 1), the grid
-  ``(cdiv(C, BLOCK_M) + 2 * E_local) * cdiv(N, BLOCK_N)`` always suffices. Program p handles
-  tiles p, p + P, p + 2P, ... of the real tile count (computed on the device), so the same
-  kernel runs either one tile per program (P = that bound; programs past the real count exit
-  at once) or persistently (P = the programs resident on the GPU; none idle, no tail of empty
-  launches), which is the default (``resident_programs``).
+Forward tiling: the tile table and the static grid (``grouped_gemm_kernel``)
+  Rows 0..C are cut into *group tiles* and *zero tiles*. Group e is covered by
+  ceil(size[e] / BLOCK_M) M tiles starting at its first row, so a tile never straddles two
+  experts; the rows in no group (the gap before each group and the tail after the last) are
+  covered, segment by segment, by zero tiles. ``tile_table`` lists both, as (row_start, row_end,
+  expert) records: it is a few vector ops over E_local values that run beside the launch (XLA, on
+  the device, from the device-resident sizes and offsets: no host sync). Each program then finds
+  its tile with three scalar loads instead of a search over the experts (the in-kernel search it
+  replaces cost about twenty CTA barriers per tile, which mattered at short K).
 
-  Each program finds its segment on the device: it loads the E_local sizes and offsets, computes
-  every segment's tile count, takes an inclusive cumsum and counts the entries <= its M tile
-  index (an in-register search over at most a few hundred values: no prologue kernel, no host
-  sync). Offsets are clamped to [0, C] and sizes to [0, C - offset], so even a corrupt layout
-  can never address a row outside ``[0, C)``.
+  Program p handles group tiles p, p + P, p + 2P, ... of the real count (read from the table),
+  then zero tiles in reverse program order (P-1-p, 2P-1-p, ...: the programs that got one group
+  tile fewer take the zero tiles first). Group tiles all run the same constant-trip-count K loop
+  (``K / BLOCK_K`` iterations), which is what lets Triton flatten the tile and K loops (FLATTEN)
+  and warp-specialize the K loop (WARP_SPEC). The grid is either one program per possible tile
+  (P = ``forward_grid``'s bound; programs past the real count exit at once) or persistent
+  (P = the programs resident on the GPU, ``resident_programs``), the default.
 
-  Tile order: tile = m_tile * num_n_tiles + n_tile (N fastest). The ~130-260 programs resident
-  at once cover a few M tiles across all N tiles: each x row tile is fetched from HBM once and
-  re-read by the other N tiles from L2, and a group's M tiles run together so w[e] is fetched
-  about once.
+  Tile order: group tile = m_tile * num_n_tiles + n_tile (N fastest). The ~130-260 programs
+  resident at once cover a few M tiles across all N tiles: each x row tile is fetched from HBM
+  once and re-read by the other N tiles from L2, and a group's M tiles run together, so each
+  column block of w[e] is streamed through L2 about once.
 
   Inside a group tile the x rows past the group's end are loaded anyway (row indices clamped to
   C-1, so loads need no row mask and stay in bounds) and computed, but never stored; this keeps
-  the K loop free of row masks. The output store is masked to the segment's rows. That wasted
-  work is the partial last tile of each group (half a tile per group on average: ~12% of the
-  MMA work at 512 rows per group and BLOCK_M = 128). With HALF_TILES a tile holding at most
-  BLOCK_M/2 rows runs a second, half-height copy of the K loop, which halves that waste.
+  the K loop free of row masks. The output store is masked to the group's rows. That wasted
+  work is the partial last tile of each group (half a tile per group on average: ~11% of the
+  MMA work at 512 rows per group and BLOCK_M = 128, ~18% at 256). With HALF_TILES a tile holding
+  at most BLOCK_M/2 rows runs a second, half-height copy of the K loop, which halves that waste
+  (it needs an if/else around two loops, so it excludes FLATTEN and WARP_SPEC).
 
   Operand loads: pointer tensors + ``cp.async`` multi-stage pipelining (default), or, with
   USE_TMA, device-side TMA descriptors made once per program (x as [C, K]; w as one
   [E*K, N] or [E*N, K] matrix, so B tiles must not cross experts along the reduction:
-  ``tma_supported`` checks that on the host).
+  ``tma_supported`` checks that on the host). Device-side descriptors live in Triton's global
+  scratch (128-byte aligned), which the FFI launcher must provide. WARP_SPEC (TMA only; 4 warps
+  per group) lets Triton's Hopper warp specialization split each program into a producer
+  warpgroup issuing the TMA loads and two consumer warpgroups (64 rows of the tile each,
+  ``setmaxnreg`` 232/40): 12 warps in all, and the producer runs ahead into the next tile while
+  the consumers store the current one.
 
 dw tiling (``grouped_gemm_dw_kernel``)
   Grid ``E_local * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N)``: one program per (expert, K tile, N tile)
@@ -68,7 +73,11 @@ dw tiling (``grouped_gemm_dw_kernel``)
   registers/shared memory (``tl.trans``), which Hopper's wgmma takes as an MN-major operand.
   With USE_TMA each program makes descriptors whose row count ends at its group's last row,
   so TMA zero-fills the rows past the group instead of a mask. dw programs are not persistent:
-  their work varies with the group size, and the hardware scheduler balances them.
+  their work varies with the group size, and the hardware scheduler balances them. A group of
+  256-512 rows gives each program only 4-8 steps of its loop, so the prologue and the store of
+  every tile weigh; tiles small enough for two programs per SM (128 x 128, 3 stages: 96 KiB,
+  ~100 registers at 8 warps) would overlap one program's store with another's loop, at 4/3 the
+  L2 bytes per FLOP of 128 x 256 (the benchmark's sweep weighs the two).
 
 Numerics: ``tl.dot`` accumulates in float32; bf16/fp16 inputs use tensor cores (wgmma on sm_90);
 float32 inputs use ``INPUT_PRECISION`` ("ieee": exact float32 products; "tf32": tensor cores,
@@ -85,86 +94,20 @@ import dataclasses
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _segment_table(sizes_ptr, offsets_ptr, C: tl.constexpr, E: tl.constexpr,
-                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-  """Per-expert segment vectors (``[E_POW2]``, lanes >= E are empty) and the real M-tile count.
-
-  Segment pair e = (gap before group e, group e); after the last pair comes the tail.
-  Returns ``(cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles)``:
-  ``cum`` is the inclusive cumsum of ``seg_tiles`` (tiles of pair e), ``pair_tiles`` their sum,
-  ``num_m_tiles`` all real M tiles, tail included.
-  """
-  idx = tl.arange(0, E_POW2)
-  valid = idx < E
-  # Sanitized layout: 0 <= off <= C, 0 <= size <= C - off. Invalid lanes are empty groups at C.
-  off = tl.load(offsets_ptr + idx, mask=valid, other=C)
-  off = tl.minimum(tl.maximum(off, 0), C)
-  size = tl.load(sizes_ptr + idx, mask=valid, other=0)
-  size = tl.minimum(tl.maximum(size, 0), C - off)
-  end = off + size
-  # End of the previous group (0 before the first), loaded shifted by one lane.
-  has_prev = valid & (idx > 0)
-  prev_off = tl.load(offsets_ptr + idx - 1, mask=has_prev, other=0)
-  prev_off = tl.minimum(tl.maximum(prev_off, 0), C)
-  prev_size = tl.load(sizes_ptr + idx - 1, mask=has_prev, other=0)
-  prev_size = tl.minimum(tl.maximum(prev_size, 0), C - prev_off)
-  prev_end = prev_off + prev_size
-  gap = tl.maximum(off - prev_end, 0)
-
-  gap_tiles = tl.where(valid, (gap + BLOCK_M - 1) // BLOCK_M, 0)
-  group_tiles = tl.where(valid, (size + BLOCK_M - 1) // BLOCK_M, 0)
-  seg_tiles = gap_tiles + group_tiles
-  cum = tl.cumsum(seg_tiles, axis=0)  # inclusive
-  pair_tiles = tl.sum(seg_tiles, axis=0)
-  last_end = tl.max(tl.where(valid, end, 0), axis=0)
-  num_m_tiles = pair_tiles + (C - last_end + BLOCK_M - 1) // BLOCK_M
-  return cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles
+# Tile table: int32 [1 + max_group_tiles + max_zero_tiles, TABLE_COLS] (see ``tile_table``).
+TABLE_COLS = 4
 
 
 @triton.jit
-def _locate(m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end,
-            C: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-  """Map real M tile ``m_tile`` to ``(row_start, row_end, expert, is_group)``.
-
-  The tile covers rows ``[row_start, min(row_start + BLOCK_M, row_end))``; ``is_group`` says
-  whether they belong to expert ``expert`` (then the K loop runs) or to a gap/the tail (zeros
-  are stored). The search is a count over the inclusive cumsum: the pair holding the tile is
-  the number of pairs that end at or before it.
-  """
-  idx = tl.arange(0, E_POW2)
-  e = tl.sum((cum <= m_tile).to(tl.int32), axis=0)
-  sel = idx == e
-  first = tl.sum(tl.where(sel, cum - seg_tiles, 0), axis=0)  # first tile of pair e
-  e_gap_tiles = tl.sum(tl.where(sel, gap_tiles, 0), axis=0)
-  e_off = tl.sum(tl.where(sel, off, 0), axis=0)
-  e_end = tl.sum(tl.where(sel, end, 0), axis=0)
-  e_prev_end = tl.sum(tl.where(sel, prev_end, 0), axis=0)
-
-  in_pairs = e < E  # else: the tail [end of the last group, C)
-  local = m_tile - tl.where(in_pairs, first, pair_tiles)
-  in_gap = local < e_gap_tiles
-  is_group = in_pairs & (local >= e_gap_tiles)
-  seg_start = tl.where(in_pairs, tl.where(in_gap, e_prev_end, e_off), last_end)
-  seg_end = tl.where(in_pairs, tl.where(in_gap, e_off, e_end), C)
-  local = tl.where(is_group, local - e_gap_tiles, local)
-  row_start = tl.minimum(seg_start + local * BLOCK_M, seg_end)
-  return row_start, seg_end, e, is_group
-
-
-@triton.jit
-def _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_group, n_tile,
-               C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+def _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, n_tile,
+               C: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
                STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
                STRIDE_WE: tl.constexpr, STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr,
                STRIDE_YM: tl.constexpr, STRIDE_YN: tl.constexpr,
                TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-  """One output tile: rows ``[row_start, min(row_start + TILE_M, row_end))`` x N tile ``n_tile``.
-
-  Group tiles run the K loop over ``x @ B[e]``; gap/tail tiles (``is_group`` false) store zeros.
-  """
+               INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+  """One group tile: rows ``[row_start, min(row_start + TILE_M, row_end))`` x N tile ``n_tile``
+  of ``x @ B[e]`` (K loop of constant length), stored masked to those rows."""
   offs_m = row_start + tl.arange(0, TILE_M)
   offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
   offs_k = tl.arange(0, BLOCK_K)
@@ -174,21 +117,20 @@ def _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_gr
     cols = offs_n
   else:
     cols = tl.minimum(offs_n, N - 1)  # columns >= N are computed but never stored
-  e_safe = tl.minimum(e, E - 1).to(tl.int64)
   a_ptrs = x_ptr + rows[:, None] * STRIDE_XM + offs_k[None, :] * STRIDE_XK
-  b_ptrs = (w_ptr + e_safe * STRIDE_WE + offs_k[:, None] * STRIDE_WK
+  b_ptrs = (w_ptr + e.to(tl.int64) * STRIDE_WE + offs_k[:, None] * STRIDE_WK
             + cols[None, :] * STRIDE_WN)
 
-  k_iters = tl.where(is_group, (K + BLOCK_K - 1) // BLOCK_K, 0)
+  K_ITERS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
   acc = tl.zeros((TILE_M, BLOCK_N), dtype=tl.float32)
-  for ki in range(0, k_iters):
+  for ki in tl.range(0, K_ITERS, warp_specialize=WARP_SPEC):
     if USE_TMA:
       k0 = ki * BLOCK_K
       a = x_desc.load([row_start, k0])
       if STRIDE_WN == 1:
-        b = w_desc.load([e_safe.to(tl.int32) * K + k0, n_tile * BLOCK_N])
+        b = w_desc.load([e * K + k0, n_tile * BLOCK_N])
       else:
-        b = tl.trans(w_desc.load([e_safe.to(tl.int32) * N + n_tile * BLOCK_N, k0]))
+        b = tl.trans(w_desc.load([e * N + n_tile * BLOCK_N, k0]))
     elif K % BLOCK_K == 0:
       a = tl.load(a_ptrs)
       b = tl.load(b_ptrs)
@@ -209,33 +151,28 @@ def _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_gr
 def grouped_gemm_kernel(
     x_ptr,        # [C, K] rows grouped by expert (recv_x, or dy for the dx product)
     w_ptr,        # [E, ...] expert weights; B[e][k, n] = w_ptr[e*STRIDE_WE + k*STRIDE_WK + n*STRIDE_WN]
-    sizes_ptr,    # [E] int32 group sizes
-    offsets_ptr,  # [E] int32 group offsets (non-decreasing, groups disjoint)
+    tiles_ptr,    # int32 tile table from ``tile_table`` (same C, E, BLOCK_M)
     y_ptr,        # [C, N] output; rows in no group get zeros
     C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
     STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
     STRIDE_WE: tl.constexpr, STRIDE_WK: tl.constexpr, STRIDE_WN: tl.constexpr,
     STRIDE_YM: tl.constexpr, STRIDE_YN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    E_POW2: tl.constexpr,             # next power of two >= E (tl.arange needs one)
+    MAX_GROUP_TILES: tl.constexpr,    # table rows of group tiles (``table_bounds``)
+    MAX_ZERO_TILES: tl.constexpr,     # table rows of zero tiles
     INPUT_PRECISION: tl.constexpr,    # "ieee" | "tf32": only used for float32 inputs
     USE_TMA: tl.constexpr = False,    # operands through TMA descriptors (see ``tma_supported``)
     HALF_TILES: tl.constexpr = False,  # run tiles with <= BLOCK_M/2 rows as BLOCK_M/2-row tiles
+    WARP_SPEC: tl.constexpr = False,  # Hopper warp specialization of the K loop (USE_TMA only)
+    FLATTEN: tl.constexpr = False,    # fuse the tile and K loops into one pipelined loop
 ):
-  """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring.
-
-  Program p handles tiles p, p + P, p + 2P, ... of the real tile count (P = programs launched):
-  with P = the static upper bound each program has at most one tile; with P = #SMs the kernel
-  is persistent and no program is idle. With HALF_TILES, a tile holding at most BLOCK_M/2 rows
-  (typically a group's last, partial tile) runs a second, half-height copy of the tile loop:
-  the MMA work wasted on rows past the group's end halves.
-  """
+  """y[rows of e] = x[rows of e] @ B[e]; zeros elsewhere. Grid: see the module docstring."""
   pid = tl.program_id(0)
   num_programs = tl.num_programs(0)
-  num_n_tiles: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-  cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end, num_m_tiles = (
-      _segment_table(sizes_ptr, offsets_ptr, C, E, E_POW2, BLOCK_M))
-  num_tiles = num_m_tiles * num_n_tiles
+  NUM_N: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+  # Counts from the table's header, clamped to its size: a corrupt table stays in bounds.
+  num_group = tl.minimum(tl.maximum(tl.load(tiles_ptr), 0), MAX_GROUP_TILES)
+  num_zero = tl.minimum(tl.maximum(tl.load(tiles_ptr + 1), 0), MAX_ZERO_TILES)
   x_desc = 0  # placeholders when USE_TMA is off (never read)
   x_desc_half = 0
   w_desc = 0
@@ -256,20 +193,34 @@ def grouped_gemm_kernel(
       w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[STRIDE_WN, 1],
                                          block_shape=[BLOCK_N, BLOCK_K])
 
-  for tile in range(pid, num_tiles, num_programs):
-    m_tile = tile // num_n_tiles
-    n_tile = tile % num_n_tiles
-    row_start, row_end, e, is_group = _locate(
-        m_tile, cum, seg_tiles, gap_tiles, off, end, prev_end, pair_tiles, last_end,
-        C, E, E_POW2, BLOCK_M)
+  for tile in tl.range(pid, num_group * NUM_N, num_programs, flatten=FLATTEN):
+    m_tile = tile // NUM_N
+    n_tile = tile % NUM_N
+    rec = tiles_ptr + (1 + m_tile) * 4
+    row_start = tl.minimum(tl.maximum(tl.load(rec), 0), C)
+    row_end = tl.minimum(tl.maximum(tl.load(rec + 1), row_start), C)
+    e = tl.minimum(tl.maximum(tl.load(rec + 2), 0), E - 1)
     if HALF_TILES and (row_end - row_start <= BLOCK_M // 2):
-      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc_half, w_desc, row_start, row_end, e, is_group,
-                 n_tile, C, K, N, E, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
-                 STRIDE_YM, STRIDE_YN, BLOCK_M // 2, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA)
+      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc_half, w_desc, row_start, row_end, e, n_tile,
+                 C, K, N, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
+                 STRIDE_YM, STRIDE_YN, BLOCK_M // 2, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA,
+                 WARP_SPEC)
     else:
-      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, is_group,
-                 n_tile, C, K, N, E, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
-                 STRIDE_YM, STRIDE_YN, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA)
+      _gemm_tile(x_ptr, w_ptr, y_ptr, x_desc, w_desc, row_start, row_end, e, n_tile,
+                 C, K, N, STRIDE_XM, STRIDE_XK, STRIDE_WE, STRIDE_WK, STRIDE_WN,
+                 STRIDE_YM, STRIDE_YN, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, USE_TMA,
+                 WARP_SPEC)
+
+  # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
+  zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+  for z in range(num_programs - 1 - pid, num_zero * NUM_N, num_programs):
+    rec = tiles_ptr + (1 + MAX_GROUP_TILES + z // NUM_N) * 4
+    row_start = tl.minimum(tl.maximum(tl.load(rec), 0), C)
+    row_end = tl.minimum(tl.maximum(tl.load(rec + 1), row_start), C)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = (z % NUM_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * STRIDE_YM + offs_n[None, :] * STRIDE_YN
+    tl.store(y_ptrs, zeros, mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -289,6 +240,7 @@ def grouped_gemm_dw_kernel(
     BLOCK_K: tl.constexpr,   # rows reduced per step
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,  # TMA descriptors whose row count ends at the group's end
+    WARP_SPEC: tl.constexpr = False,  # Hopper warp specialization of the row loop (USE_TMA only)
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N).
 
@@ -328,7 +280,7 @@ def grouped_gemm_dw_kernel(
                                         block_shape=[BLOCK_K, BLOCK_N])
 
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-  for ri in range(0, (size + BLOCK_K - 1) // BLOCK_K):
+  for ri in tl.range(0, (size + BLOCK_K - 1) // BLOCK_K, warp_specialize=WARP_SPEC):
     if USE_TMA:
       r0 = off + ri * BLOCK_K
       xt = x_desc.load([r0, k_tile * BLOCK_M])
@@ -349,19 +301,102 @@ def grouped_gemm_dw_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Host-side helpers (plain ints; no framework): tile table, grid sizes and compile-time constants.
+# Host-side helpers (plain ints, or array code generic over numpy / jax.numpy): the tile table,
+# tile configurations, grid sizes and compile-time constants.
 # ---------------------------------------------------------------------------------------------
+
+
+def table_bounds(C: int, E: int, block_m: int) -> tuple[int, int]:
+  """(max group tiles, max zero tiles) of ``tile_table``: sum(ceil(len / BLOCK_M)) over E groups
+  is < C / BLOCK_M + E, and over the E gaps and the tail < C / BLOCK_M + E + 1."""
+  m = triton.cdiv(C, block_m)
+  return m + E, m + E + 1
+
+
+def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
+  """The forward kernel's tile table, computed with ``xp`` (numpy, or jax.numpy on the device).
+
+  Returns int32 ``[1 + max_group_tiles + max_zero_tiles, 4]``:
+    row 0                        (number of group tiles, number of zero tiles, 0, 0)
+    row 1 + m                    group M tile m: (row_start, row_end, expert, 0); the tile
+                                 covers rows [row_start, min(row_start + BLOCK_M, row_end))
+    row 1 + max_group_tiles + z  zero M tile z: (row_start, row_end, 0, 0)
+  Group tiles are in expert order, each group cut from its first row; zero tiles cover the gap
+  before each group and the tail after the last, in row order. Offsets are clamped to [0, C] and
+  sizes to [0, C - offset] (a corrupt layout never yields a row outside [0, C)); groups must be
+  in expert order and disjoint, as dispatch lays them out. Rows past the counts are zeros.
+  """
+  max_g, max_z = table_bounds(C, E, block_m)
+  off = xp.clip(xp.asarray(offsets).astype(xp.int32), 0, C)
+  size = xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
+  end = off + size
+
+  def locate(seg_tiles, count):
+    """For each of ``count`` tiles: (segment index, tile index within the segment, valid)."""
+    cum = xp.cumsum(seg_tiles)
+    t = xp.arange(count, dtype=xp.int32)
+    seg = xp.sum((cum[None, :] <= t[:, None]).astype(xp.int32), axis=1)  # searchsorted right
+    seg = xp.minimum(seg, seg_tiles.shape[0] - 1)
+    return seg, t - (cum[seg] - seg_tiles[seg]), t < cum[-1], cum[-1]
+
+  g_tiles = (size + block_m - 1) // block_m
+  ge, g_local, g_valid, num_g = locate(g_tiles, max_g)
+  g_start = xp.where(g_valid, off[ge] + g_local * block_m, 0)
+  g_end = xp.where(g_valid, end[ge], 0)
+  group_rows = xp.stack([g_start, g_end, xp.where(g_valid, ge, 0), xp.zeros_like(ge)], axis=1)
+
+  # Segments in no group: the gap before each group (from the previous group's end), the tail.
+  prev_end = xp.concatenate([xp.zeros((1,), xp.int32), end[:-1]])
+  seg_start = xp.concatenate([prev_end, xp.max(end, keepdims=True)])
+  seg_end = xp.concatenate([off, xp.full((1,), C, xp.int32)])
+  z_len = xp.maximum(seg_end - seg_start, 0)
+  zs, z_local, z_valid, num_z = locate((z_len + block_m - 1) // block_m, max_z)
+  z_start = xp.where(z_valid, seg_start[zs] + z_local * block_m, 0)
+  z_end = xp.where(z_valid, seg_end[zs], 0)
+  zero = xp.zeros_like(zs)
+  zero_rows = xp.stack([z_start, z_end, zero, zero], axis=1)
+
+  header = xp.stack([xp.minimum(num_g, max_g), xp.minimum(num_z, max_z),
+                     xp.zeros_like(num_g), xp.zeros_like(num_g)])[None, :]
+  return xp.concatenate([header, group_rows, zero_rows], axis=0).astype(xp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-  """One launch configuration of a grouped GEMM kernel."""
+  """One launch configuration of a grouped GEMM kernel.
+
+  ``half_tiles``, ``warp_spec``, ``flatten`` and ``persistent`` are forward-kernel switches
+  (dw has ``warp_spec`` only); ``warp_spec`` and ``flatten`` take effect only on the TMA path,
+  never together, and ``half_tiles`` excludes both (see the module docstring). ``persistent``:
+  one program per resident CTA looping over tiles, else one program per possible tile.
+  """
 
   block_m: int
   block_n: int
   block_k: int
   num_warps: int
   num_stages: int
+  half_tiles: bool = True
+  warp_spec: bool = False
+  flatten: bool = False
+  persistent: bool = True
+
+  def table_entry(self) -> str:
+    """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
+    extra = "".join(f", {f}={getattr(self, f)}" for f, d in (("half_tiles", True),
+                                                             ("warp_spec", False),
+                                                             ("flatten", False),
+                                                             ("persistent", True))
+                    if getattr(self, f) != d)
+    return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
+            f"{self.num_stages}{extra})")
+
+
+# Measured winners for exact shapes, checked before the rules in ``_base_config``:
+# (phase, K, N, dtype, tma) -> TileConfig, phase "fwd" | "dx" | "dw" (K, N as the kernel sees
+# them: dx of an [E, H, F] weight is K=F, N=H; dw's K is H). ``benchmarks/bench_grouped_gemm.py
+# --sweep`` prints its winners in this format.
+TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {}
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
@@ -376,43 +411,61 @@ def _clamp_block(block: int, extent: int, floor: int = 16) -> int:
   return min(block, _pow2_at_least(extent, floor))
 
 
-def _base_config(N: int, dtype: str, input_precision: str) -> TileConfig:
+def _base_config(phase: str, N: int, dtype: str, input_precision: str, tma: bool) -> TileConfig:
   if dtype in ("float32", "fp32"):
     if input_precision == "ieee":  # CUDA-core FMA products: small tiles
       return TileConfig(64, 64, 32, 4, 3)
     return TileConfig(128, 128, 32, 8, 3)  # tf32 tensor cores: half the bf16 K depth
+  if phase == "dw":
+    # 128 x 256 (K x N of dw) over 64 rows a step: the widest tile one program can hold, so
+    # the fewest L2 bytes per FLOP (48 KiB per 4.2 MFLOP); 3 stages = 144 KiB, one per SM.
+    return TileConfig(128, 256, 64, 8, 3) if N >= 256 else TileConfig(128, 128, 64, 8, 4)
+  if tma and N >= 256:
+    # Producer warpgroup + two consumer warpgroups (64 x 256 wgmma each); 3 stages of
+    # 128x64 + 64x256 bf16 = 144 KiB plus the epilogue buffer (~176 KiB in all).
+    return TileConfig(128, 256, 64, 4, 3, half_tiles=False, warp_spec=True)
   if N >= 256:
-    # Two consumer warpgroups, each a 64x256 wgmma; 3 stages x (128x64 + 64x256) x 2 B = 144 KiB.
-    return TileConfig(128, 256, 64, 8, 3)
+    # Two consumer warpgroups, each a 64x256 wgmma; 4 stages x (128x64 + 64x256) x 2 B = 192 KiB
+    # (three loads in flight while one stage is consumed; 227 KiB per SM).
+    return TileConfig(128, 256, 64, 8, 4)
   return TileConfig(128, 128, 64, 8, 4)
 
 
-def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee") -> TileConfig:
-  """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (also used for dx, with K and N swapped).
+def _config(phase: str, K: int, N: int, dtype: str, input_precision: str,
+            tma: bool) -> TileConfig:
+  tuned = TUNED.get((phase, K, N, dtype, tma))
+  return tuned if tuned is not None else _base_config(phase, N, dtype, input_precision, tma)
 
-  Hopper, 16-bit inputs: 128x256x64 with 8 warps when N is wide, 128x128x64 / 4 stages
-  otherwise; blocks shrink to the next power of two >= the dimension for small shapes.
+
+def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee", *,
+                   phase: str = "fwd", tma: bool = False) -> TileConfig:
+  """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (``phase="dx"``: the dx product, K and N swapped).
+
+  ``TUNED`` first, then Hopper rules for 16-bit inputs: 128x256x64 with 8 warps and 4 stages
+  when N is wide (TMA: warp-specialized, 4 warps per group), 128x128x64 otherwise; blocks
+  shrink to the next power of two >= the dimension for small shapes.
   """
-  cfg = _base_config(N, dtype, input_precision)
-  return TileConfig(cfg.block_m, _clamp_block(cfg.block_n, N), _clamp_block(cfg.block_k, K),
-                    cfg.num_warps, cfg.num_stages)
+  cfg = _config(phase, K, N, dtype, input_precision, tma)
+  return dataclasses.replace(cfg, block_n=_clamp_block(cfg.block_n, N),
+                             block_k=_clamp_block(cfg.block_k, K))
 
 
-def dw_config(K: int, N: int, dtype: str, input_precision: str = "ieee") -> TileConfig:
+def dw_config(K: int, N: int, dtype: str, input_precision: str = "ieee", *,
+              tma: bool = False) -> TileConfig:
   """Tiles for dw[e][K, N] = x_e^T @ dy_e (block_m tiles K, block_k runs over the group's rows)."""
-  cfg = _base_config(N, dtype, input_precision)
-  return TileConfig(_clamp_block(cfg.block_m, K), _clamp_block(cfg.block_n, N), cfg.block_k,
-                    cfg.num_warps, cfg.num_stages)
+  cfg = _config("dw", K, N, dtype, input_precision, tma)
+  return dataclasses.replace(cfg, block_m=_clamp_block(cfg.block_m, K),
+                             block_n=_clamp_block(cfg.block_n, N))
 
 
 def forward_grid(C: int, N: int, E: int, cfg: TileConfig, max_programs: int | None = None) -> int:
   """Programs of ``grouped_gemm_kernel``.
 
-  The static upper bound on the real tiles (M tiles of all segments x N tiles), or, when
+  The static upper bound on the tiles of either kind (table rows x N tiles), or, when
   ``max_programs`` is given (e.g. resident CTAs on the GPU, see ``resident_programs``), at most
   that many: the kernel is then persistent, each program looping over tiles.
   """
-  bound = (triton.cdiv(C, cfg.block_m) + 2 * E) * triton.cdiv(N, cfg.block_n)
+  bound = max(table_bounds(C, E, cfg.block_m)) * triton.cdiv(N, cfg.block_n)
   return bound if max_programs is None else max(1, min(bound, max_programs))
 
 
@@ -421,8 +474,11 @@ def resident_programs(num_sms: int, cfg: TileConfig, elem_bytes: int) -> int:
   more: the extra programs would only start after the first ones finish all their tiles).
 
   Bounded by shared memory (227 KiB per Hopper SM) and, conservatively, registers (64 Ki per
-  SM; the f32 accumulator tile plus ~96 registers a thread), at most 2 per SM.
+  SM; the f32 accumulator tile plus ~96 registers a thread), at most 2 per SM. A
+  warp-specialized program (producer + two consumer warpgroups, ``setmaxnreg``) takes a whole SM.
   """
+  if cfg.warp_spec:
+    return num_sms
   smem = cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
   by_smem = (227 * 1024) // max(smem, 1)
   threads = cfg.num_warps * 32
@@ -455,20 +511,29 @@ def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[i
 def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
                        x_strides: tuple[int, int], w_strides: tuple[int, int, int],
                        y_strides: tuple[int, int], input_precision: str = "ieee",
-                       use_tma: bool = False, half_tiles: bool = False) -> dict:
+                       use_tma: bool = False, half_tiles: bool | None = None) -> dict:
   """Compile-time constants of ``grouped_gemm_kernel`` (strides in elements).
 
   ``w_strides`` are (expert, k, n) strides of the B operand: for the forward product on a
   row-major ``w [E, K, N]`` they are ``(K*N, N, 1)``; for dx = dy @ w[e]^T on the same ``w
-  [E, H, N]`` (now K = N_fwd and N = H) they are ``(H*N_fwd, 1, N_fwd)``.
+  [E, H, N]`` (now K = N_fwd and N = H) they are ``(H*N_fwd, 1, N_fwd)``. ``half_tiles``
+  overrides ``cfg.half_tiles``. Warp specialization and loop flattening apply on the TMA path
+  only, and not together with half tiles (an if/else around two K loops).
   """
+  half = cfg.half_tiles if half_tiles is None else half_tiles
+  half = half and cfg.block_m >= 32  # tl.dot needs M >= 16
+  max_g, max_z = table_bounds(C, E, cfg.block_m)
   return dict(C=C, K=K, N=N, E=E,
               STRIDE_XM=x_strides[0], STRIDE_XK=x_strides[1],
               STRIDE_WE=w_strides[0], STRIDE_WK=w_strides[1], STRIDE_WN=w_strides[2],
               STRIDE_YM=y_strides[0], STRIDE_YN=y_strides[1],
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-              E_POW2=_pow2_at_least(E, 2), INPUT_PRECISION=input_precision, USE_TMA=use_tma,
-              HALF_TILES=half_tiles and cfg.block_m >= 32)  # tl.dot needs M >= 16
+              MAX_GROUP_TILES=max_g, MAX_ZERO_TILES=max_z,
+              INPUT_PRECISION=input_precision, USE_TMA=use_tma, HALF_TILES=half,
+              WARP_SPEC=bool(use_tma and cfg.warp_spec and not half),
+              # Triton 3.6 aborts (an assertion in its Hopper warp-specialization pass) on a
+              # flattened, warp-specialized loop nest: one or the other.
+              FLATTEN=bool(use_tma and cfg.flatten and not half and not cfg.warp_spec))
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
@@ -478,4 +543,5 @@ def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
               STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-              INPUT_PRECISION=input_precision, USE_TMA=use_tma)
+              INPUT_PRECISION=input_precision, USE_TMA=use_tma,
+              WARP_SPEC=bool(use_tma and cfg.warp_spec))

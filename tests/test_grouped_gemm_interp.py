@@ -18,6 +18,7 @@ NumPy-backed stand-in tensor and patches those spots for the duration of this mo
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -227,21 +228,24 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "programs,use_tma,half", [(None, False, False), (3, False, True), (3, True, True)],
-    ids=["tile-per-program", "persistent3-half", "persistent3-half-tma"])
+    "programs,use_tma,half,ws", [(None, False, False, False), (3, False, True, False),
+                                 (3, True, True, False), (3, True, False, True)],
+    ids=["tile-per-program", "persistent3-half", "persistent3-half-tma", "persistent3-tma-ws"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma, half):
+def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma, half, ws):
   """programs=None: one program per possible tile; 3: three programs loop over all tiles.
   use_tma: operands through device-side TMA descriptors (where ``tma_supported``); half: tiles
-  with <= BLOCK_M/2 rows run the half-height loop."""
+  with <= BLOCK_M/2 rows run the half-height loop; ws: the warp-specialized, flattened
+  configuration (the interpreter runs its loops plainly: this checks the tile logic it uses)."""
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = make_layout(rng, kind, c, e, align)
   x = _inputs(rng, (c, k), dtype)
   w = _inputs(rng, (e, k, n), dtype)
   # Half tiles need BLOCK_M / 2 >= 16 (the smallest tl.dot M).
-  cfg = gg.TileConfig(**dict(SMALL_TILE, block_m=32 if half else 16))
+  cfg = gg.TileConfig(**dict(SMALL_TILE, block_m=32 if half else 16), half_tiles=half,
+                      warp_spec=ws, flatten=ws)
 
   itemsize = np.dtype(dtype).itemsize
   tma_fwd = gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1), elem_bytes=itemsize)
@@ -249,12 +253,14 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
   if use_tma and not (tma_fwd or tma_dx):
     pytest.skip("shape not eligible for the TMA variant")
 
+  table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, np)
+
   # Forward: y = x @ w[e] per group.
   y = np.full((c, n), np.nan, dtype)
   ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
                              y_strides=(n, 1), use_tma=use_tma and tma_fwd, half_tiles=half)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg, programs),
-                  (x, w, sizes, offsets, y), ce)
+                  (x, w, table, y), ce)
   assert_close(y, ref_forward(x, w, sizes, offsets), np.dtype(dtype), np.sqrt(k))
 
   # dx = dy @ w[e]^T per group: the same kernel, w read through swapped strides.
@@ -263,7 +269,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
   ce = gg.forward_constexprs(c, n, k, e, cfg, x_strides=(n, 1), w_strides=(k * n, 1, n),
                              y_strides=(k, 1), use_tma=use_tma and tma_dx, half_tiles=half)
   run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, k, e, cfg, programs),
-                  (dy, w, sizes, offsets, dx), ce)
+                  (dy, w, table, dx), ce)
   assert_close(dx, ref_forward(dy, np.swapaxes(w, 1, 2), sizes, offsets), np.dtype(dtype),
                np.sqrt(n))
 
@@ -312,11 +318,63 @@ def test_tile_search_covers_every_row_once(interp, rng):
     ce = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=(k * n, n, 1),
                                y_strides=(n, 1))
     run_interpreted(gg.grouped_gemm_kernel, gg.forward_grid(c, n, e, cfg),
-                    (x, w, sizes, offsets, y), ce)
+                    (x, w, gg.tile_table(sizes, offsets, c, e, cfg.block_m, np), y), ce)
     want = np.zeros(c)
     for o, s in zip(offsets, sizes):
       want[o:o + s] = k
     np.testing.assert_array_equal(y, np.broadcast_to(want[:, None], y.shape), err_msg=kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
+def test_tile_table_covers_every_row_once(rng, kind):
+  """Group tiles cover each group's rows once, one expert per tile, in expert order; zero tiles
+  cover exactly the rows in no group; jax.numpy (as the backend runs it) gives the same table."""
+  import jax.numpy as jnp
+  from kernels import grouped_gemm as gg
+
+  c, e, bm = 200, 9, 16
+  sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
+  table = gg.tile_table(sizes, offsets, c, e, bm, np)
+  max_g, max_z = gg.table_bounds(c, e, bm)
+  assert table.shape == (1 + max_g + max_z, gg.TABLE_COLS) and table.dtype == np.int32
+  num_g, num_z = table[0, :2]
+  owner = np.full(c, -1)
+  covered = np.zeros(c, int)
+  experts = []
+  for rs, end, ex, _ in table[1:1 + num_g]:
+    assert offsets[ex] <= rs < end == offsets[ex] + sizes[ex]
+    rows = np.arange(rs, min(rs + bm, end))
+    covered[rows] += 1
+    owner[rows] = ex
+    experts.append(ex)
+  for rs, end, _, _ in table[1 + max_g:1 + max_g + num_z]:
+    rows = np.arange(rs, min(rs + bm, end))
+    covered[rows] += 1
+    owner[rows] = -2
+  np.testing.assert_array_equal(covered, 1)
+  want = np.full(c, -2)
+  for ex, (o, s) in enumerate(zip(offsets, sizes)):
+    want[o:o + s] = ex
+  np.testing.assert_array_equal(owner, want)
+  assert experts == sorted(experts)
+  on_device = gg.tile_table(jnp.asarray(sizes), jnp.asarray(offsets), c, e, bm, jnp)
+  np.testing.assert_array_equal(np.asarray(on_device), table)
+
+
+def test_tile_table_of_a_corrupt_layout_stays_in_bounds(rng):
+  """Negative, overflowing and overlapping groups: every listed row is inside [0, C] and the
+  counts never exceed the table (the kernel clamps them again)."""
+  from kernels import grouped_gemm as gg
+
+  c, e, bm = 100, 6, 16
+  for _ in range(20):
+    sizes = rng.integers(-50, 3 * c, e).astype(np.int32)
+    offsets = rng.integers(-50, 2 * c, e).astype(np.int32)
+    table = gg.tile_table(sizes, offsets, c, e, bm, np)
+    max_g, max_z = gg.table_bounds(c, e, bm)
+    assert 0 <= table[0, 0] <= max_g and 0 <= table[0, 1] <= max_z
+    assert table[1:, :2].min() >= 0 and table[1:, :2].max() <= c
+    assert 0 <= table[1:1 + max_g, 2].min() and table[1:1 + max_g, 2].max() < e
 
 
 # -- sm_90 compile ----------------------------------------------------------------------------------
@@ -334,27 +392,38 @@ def _compile(kernel, pointer_types, constexprs, cfg):
                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-@pytest.mark.parametrize("variant", ["ptr", "tma"])
+@pytest.mark.parametrize("variant", ["ptr", "tma", "tma-ws"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_compiles_for_sm90(dtype, variant):
+  """Every product compiles for sm_90 with the Hopper instructions it is meant to use: wgmma
+  for 16-bit inputs, cp.async or TMA loads, and (tma-ws) warp specialization: a producer and
+  two consumer warpgroups (12 warps) with setmaxnreg."""
   from kernels import grouped_gemm as gg  # the compiled (not interpreted) kernels
 
-  tma = variant == "tma"
+  tma = variant != "ptr"
+  ws = variant == "tma-ws"
+  if ws and dtype == "float32":
+    pytest.skip("the warp-specialized tiles are for 16-bit inputs")
   t = {"bfloat16": "*bf16", "float32": "*fp32"}[dtype]
   c, h, n, e = 1024, 512, 256, 8  # Hopper-sized tiles, small enough to compile quickly
-  ptxs = []
-  cfg = gg.forward_config(h, n, dtype)
+  kernels = []
+  # "tma": the pointer path's tiles with TMA loads; "tma-ws": the TMA default (warp-specialized).
+  cfg = gg.forward_config(h, n, dtype, tma=ws)
+  assert cfg.warp_spec == ws
   ce = gg.forward_constexprs(c, h, n, e, cfg, x_strides=(h, 1), w_strides=(h * n, n, 1),
-                             y_strides=(n, 1), use_tma=tma, half_tiles=True)
-  ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
-  cfg = gg.forward_config(n, h, dtype)  # dx
+                             y_strides=(n, 1), use_tma=tma)
+  kernels.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", t], ce, cfg))
+  cfg = gg.forward_config(n, h, dtype, phase="dx", tma=ws)
   ce = gg.forward_constexprs(c, n, h, e, cfg, x_strides=(n, 1), w_strides=(h * n, 1, n),
-                             y_strides=(h, 1), use_tma=tma, half_tiles=True)
-  ptxs.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", "*i32", t], ce, cfg).asm["ptx"])
-  cfg = gg.dw_config(h, n, dtype)
-  ptxs.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],
-                       gg.dw_constexprs(c, h, n, e, cfg, use_tma=tma), cfg).asm["ptx"])
-  for ptx in ptxs:
+                             y_strides=(h, 1), use_tma=tma)
+  kernels.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", t], ce, cfg))
+  cfg = gg.dw_config(h, n, dtype, tma=ws)
+  if ws:
+    cfg = dataclasses.replace(cfg, num_warps=4, warp_spec=True)
+  kernels.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],
+                          gg.dw_constexprs(c, h, n, e, cfg, use_tma=tma), cfg))
+  for k in kernels:
+    ptx = k.asm["ptx"]
     assert ".target sm_90a" in ptx
     if dtype == "bfloat16":
       # Hopper MMA path: asynchronous warpgroup MMA on bf16 operands with f32 accumulators.
@@ -363,6 +432,10 @@ def test_compiles_for_sm90(dtype, variant):
       assert "cp.async.bulk.tensor" in ptx  # TMA loads
     elif dtype == "bfloat16":
       assert "cp.async.cg" in ptx or "cp.async.ca" in ptx  # pipelined global->shared copies
+    if ws:
+      assert k.metadata.num_warps == 12 and "setmaxnreg" in ptx
+    # The grid's residency estimate relies on these: no spills, shared memory within an SM.
+    assert k.metadata.shared <= 227 * 1024
 
 
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------

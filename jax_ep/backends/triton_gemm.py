@@ -90,20 +90,25 @@ def _num_sms() -> int:
 
 
 def _use_tma_default() -> bool:
-  """TMA descriptor variant: opt-in with JAX_EP_GMM_TMA=1 until it has run on a GPU."""
+  """TMA descriptor variant: opt-in with JAX_EP_GMM_TMA=1. Its device-side descriptors need
+  128-byte aligned global scratch from the FFI launcher (docs/GROUPED_GEMM.md, "Status")."""
   return os.environ.get("JAX_EP_GMM_TMA", "0") not in ("", "0", "false", "False")
 
 
-def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent: bool = True,
-             use_tma: bool | None = None, half_tiles: bool = True):
+def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
+             persistent: bool | None = None, use_tma: bool | None = None,
+             half_tiles: bool | None = None):
   """``y[rows of e] = x[rows of e] @ (w[e]^T if transpose_w else w[e])``; zeros elsewhere.
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
-  ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``:
-  launch one program per resident CTA, each looping over tiles (default), instead of one
-  program per possible tile. ``use_tma``: load operands through TMA descriptors where the shape
-  allows (default: ``$JAX_EP_GMM_TMA``, off). ``half_tiles``: tiles holding at most half a
-  block of rows (a group's partial last tile) run a half-height MMA loop.
+  ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``
+  (default: the config's, on): launch one program per resident CTA, each looping over tiles,
+  instead of one program per possible tile. ``use_tma``: load operands through TMA descriptors where the shape
+  allows (default: ``$JAX_EP_GMM_TMA``, off). ``half_tiles``: overrides the config's switch
+  (tiles holding at most half a block of rows run a half-height MMA loop).
+
+  The tile table (``tile_table``: which rows and expert each program's tiles cover) is computed
+  here, beside the launch, from the device-resident sizes and offsets: a few small XLA ops.
   """
   gg = _kernels()
   c, k = x.shape
@@ -118,17 +123,22 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None, persistent
   if c == 0 or n == 0 or k == 0:
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
-  cfg = config or gg.forward_config(k, n, jnp.dtype(x.dtype).name, precision)
-  max_programs = (gg.resident_programs(_num_sms(), cfg, jnp.dtype(x.dtype).itemsize)
-                  if persistent else None)
+  dtype = jnp.dtype(x.dtype).name
   itemsize = jnp.dtype(x.dtype).itemsize
-  use_tma = _use_tma_default() if use_tma is None else use_tma
-  use_tma = use_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
+  phase = "dx" if transpose_w else "fwd"
+  want_tma = _use_tma_default() if use_tma is None else use_tma
+  cfg = config or gg.forward_config(k, n, dtype, precision, phase=phase, tma=want_tma)
+  use_tma = want_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
+  if want_tma and not use_tma and config is None:  # the TMA tiles do not suit the pointer path
+    cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
+  persistent = cfg.persistent if persistent is None else persistent
+  max_programs = gg.resident_programs(_num_sms(), cfg, itemsize) if persistent else None
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
                                      y_strides=(n, 1), input_precision=precision,
                                      use_tma=use_tma, half_tiles=half_tiles)
+  table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
   (y,) = _triton_call(
-      gg.grouped_gemm_kernel, x, w, sizes, offsets, out_shapes=out,
+      gg.grouped_gemm_kernel, x, w, table, out_shapes=out,
       grid=gg.forward_grid(c, n, e, cfg, max_programs), num_warps=cfg.num_warps,
       num_stages=cfg.num_stages,
       constexprs=constexprs, name="jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm")
@@ -145,10 +155,13 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
   if c == 0 or h == 0 or n == 0:
     return jnp.zeros(out.shape, out.dtype)
   precision = _input_precision(x.dtype)
-  cfg = config or gg.dw_config(h, n, jnp.dtype(x.dtype).name, precision)
-  use_tma = _use_tma_default() if use_tma is None else use_tma
-  use_tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
-                                         elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
+  dtype = jnp.dtype(x.dtype).name
+  want_tma = _use_tma_default() if use_tma is None else use_tma
+  cfg = config or gg.dw_config(h, n, dtype, precision, tma=want_tma)
+  use_tma = want_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
+                                          elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
+  if want_tma and not use_tma and config is None:
+    cfg = gg.dw_config(h, n, dtype, precision, tma=False)
   # Largest groups first: their long reductions start before the short ones (a stable sort,
   # so the order, and with it every result, is deterministic).
   order = jnp.argsort(-sizes, stable=True).astype(jnp.int32)

@@ -206,32 +206,89 @@ def test_swiglu_experts_match_xla(rng):
     assert_close(f"swiglu {name}", a, b, jnp.bfloat16, scale)
 
 
+@pytest.mark.parametrize("product", ["fwd", "dx", "dw"])
+def test_other_tile_configs_match_default(rng, product):
+  """A few of the benchmark sweep's candidate configurations (tile shapes, warps, stages, no
+  half tiles) give the default configuration's results."""
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+
+  c, h, n, e = 3000, 512, 384, 24
+  sizes, offsets = make_layout(rng, "random", c, e, 32)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((c, n), np.float32), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(h), jnp.bfloat16)
+
+  def run(cfg):
+    if product == "dw":
+      f = lambda: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg)  # noqa: E731
+    else:
+      a = x if product == "fwd" else dy
+      f = lambda: triton_gemm._grouped(a, w, s, o, transpose_w=product == "dx",  # noqa: E731
+                                       config=cfg)
+    return np.asarray(jax.jit(f)(), np.float32)
+
+  base = run(None)
+  scale = np.abs(base).max() + 1e-6
+  for cfg in (T(128, 128, 64, 4, 3), T(256, 128, 64, 8, 3), T(64, 256, 64, 4, 4, half_tiles=False)):
+    assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
+
+
 # Last in the file: a fault in the opt-in TMA variant should not take the tests above with it.
-# On its first GPU run (nvidia-h200-x4, 2026-11-21) fwd and dx failed for both dtypes with
-# "RESOURCE_EXHAUSTED: jax_ep: scratch allocation failed" (its descriptors need global scratch that
-# the handler could not allocate); dw passed. Strict xfail: it must be fixed, not ignored, and
-# the marker goes once it passes. The default (pointer) path does not use TMA.
-_TMA_KNOWN_BROKEN = pytest.mark.xfail(
-    strict=True, reason="TMA variant's scratch allocation fails in the FFI handler (2026-11-21)")
+# Its device-side descriptors live in Triton's global scratch, which Triton wants 128-byte
+# aligned; XLA's FFI scratch allocator refuses alignments above 16 ("Unsupported alignment"),
+# so on a launcher that passes the alignment through, every TMA launch fails with
+# "RESOURCE_EXHAUSTED: jax_ep: scratch allocation failed" (first seen on nvidia-h200-x4,
+# 2026-11-21, for fwd and dx; dw was never reached: --maxfail=4). Such a launcher makes these
+# tests xfail; one that over-allocates and aligns the base itself makes them run.
+_SCRATCH_ERROR = "scratch allocation failed"
+
+
+@pytest.fixture(scope="module")
+def tma_error():
+  """None when a TMA launch works here, else its error message."""
+  x = jnp.ones((256, 64), jnp.bfloat16)
+  w = jnp.ones((2, 64, 64), jnp.bfloat16)
+  s, o = jnp.array([100, 150], jnp.int32), jnp.array([0, 100], jnp.int32)
+  try:
+    jax.block_until_ready(jax.jit(lambda: triton_gemm._grouped(x, w, s, o, transpose_w=False,
+                                                               use_tma=True))())
+    return None
+  except Exception as e:  # noqa: BLE001 - reported by the tests below
+    return str(e)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("product", [pytest.param("fwd", marks=_TMA_KNOWN_BROKEN),
-                                     pytest.param("dx", marks=_TMA_KNOWN_BROKEN), "dw"])
-def test_tma_variant_matches_pointer_variant(rng, product, dtype):
-  """Same tiles, same K order: the TMA-descriptor kernels give bit-equal results."""
+@pytest.mark.parametrize("product", ["fwd", "dx", "dw"])
+def test_tma_variant_matches_pointer_variant(rng, product, dtype, tma_error):
+  """Same tiles, same K order: the TMA-descriptor kernels give bit-equal results; the TMA
+  default (warp-specialized for 16-bit inputs) agrees to rounding."""
+  if tma_error is not None and _SCRATCH_ERROR in tma_error:
+    pytest.xfail(f"the FFI launcher cannot give Triton 128-byte aligned scratch: {tma_error}")
+  assert tma_error is None, tma_error
   c, h, n, e = 3000, 512, 384, 24
   sizes, offsets = make_layout(rng, "random", c, e, 32)
   s, o = jnp.asarray(sizes), jnp.asarray(offsets)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), dtype)
   dy = jnp.asarray(rng.standard_normal((c, n), np.float32), dtype)
   w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(h), dtype)
+  gg = triton_gemm._kernels()
+  name = jnp.dtype(dtype).name
   if product == "fwd":
-    f = lambda tma: triton_gemm._grouped(x, w, s, o, transpose_w=False, use_tma=tma)  # noqa: E731
+    cfg = gg.forward_config(h, n, name, "tf32")
+    f = lambda tma, cfg: triton_gemm._grouped(x, w, s, o, transpose_w=False,  # noqa: E731
+                                              use_tma=tma, config=cfg)
   elif product == "dx":
-    f = lambda tma: triton_gemm._grouped(dy, w, s, o, transpose_w=True, use_tma=tma)  # noqa: E731
+    cfg = gg.forward_config(n, h, name, "tf32", phase="dx")
+    f = lambda tma, cfg: triton_gemm._grouped(dy, w, s, o, transpose_w=True,  # noqa: E731
+                                              use_tma=tma, config=cfg)
   else:
-    f = lambda tma: triton_gemm._grouped_dw(x, dy, s, o, e, use_tma=tma)  # noqa: E731
-  a = np.asarray(jax.jit(lambda: f(True))())
-  b = np.asarray(jax.jit(lambda: f(False))())
+    cfg = gg.dw_config(h, n, name, "tf32")
+    f = lambda tma, cfg: triton_gemm._grouped_dw(x, dy, s, o, e, use_tma=tma,  # noqa: E731
+                                                 config=cfg)
+  a = np.asarray(jax.jit(lambda: f(True, cfg))())
+  b = np.asarray(jax.jit(lambda: f(False, cfg))())
   np.testing.assert_array_equal(a, b)
+  default = np.asarray(jax.jit(lambda: f(True, None))(), np.float32)
+  scale = float(np.abs(b.astype(np.float32)).max()) + 1e-6
+  assert_close(f"{product} TMA default", default, b, dtype, scale)
