@@ -446,7 +446,7 @@ def precompile(jobs, table, dtype, workers: int, log_dir: str):
   import tempfile
   import threading
 
-  spec = dict(dtype=dtype.name, shapes={s: table[s] for s in {j["shape"] for j in jobs}},
+  spec = dict(dtype=dtype.name, shapes={s: table[s] for s in {j["shape"] for j in jobs} if s in table},
               jobs=[dict(shape=j["shape"], phase=j["phase"], tma=j["tma"],
                          cfg=dataclasses.asdict(j["cfg"])) for j in jobs])
   os.makedirs(log_dir, exist_ok=True)
@@ -567,17 +567,16 @@ def sweep(names, table, args, seeds, results, compiled, jobs, deadline, save=Non
           return t
 
         row.update(_try(f"sweep {name} {phase} {label}", run))
+      what = f"{label} = {row['config'][11:-1]}" if "default" in label else label
       if "median_s" in row:
         vd = f"{row['vs_dense']:5.2f}x" if "vs_dense" in row else "     "
-        print(f"  {phase:<3} {label:<30} {row['config']:<58} {row['median_s'] * 1e3:8.3f} ms "
-              f"{row['tflops']:7.1f} TFLOP/s {vd} {'ok' if row['correct'] else 'WRONG'}",
-              flush=True)
+        print(f"  {phase:<3} {what:<44} {row['median_s'] * 1e3:7.3f} ms {row['tflops']:6.1f} "
+              f"TFLOP/s {vd} {'ok' if row['correct'] else 'WRONG'}", flush=True)
         key = (phase, row["K"], row["N"], dtype.name, tma)
         if row["correct"] and (key not in winners or row["tflops"] > winners[key]["tflops"]):
           winners[key] = dict(row, shape=name)
       else:
-        print(f"  {phase:<3} {label:<30} {row['config']:<58} {row.get('error', '')[:90]}",
-              flush=True)
+        print(f"  {phase:<3} {what:<44} {row.get('error', '')[:70]}", flush=True)
       out.append(row)
       gc.collect()
     del x, w, dy, refs
