@@ -5,7 +5,9 @@ Protocol (DESIGN.md "Benchmark protocol", docs/KERNELS.md):
      and layout must equal the xla backend's bit for bit and its combine must match within bf16
      tolerance; a mismatch is printed as FAILED and recorded (``"correct": false``).
   2. Timing, all paths in the same run on the same GPUs: each sample is one jitted call running
-     the op ``--inner`` times in a ``fori_loop`` (divided by ``--inner``), median of ``--iters``
+     the op ``--inner`` times (unrolled in the program, each repetition's inputs chained to the
+     previous one's output through an optimization barrier, so there is no per-iteration host
+     sync of a while loop and no overlap; divided by ``--inner``), median of ``--iters``
      (>= 20) samples after warm-up; dispatch and combine separately.
        triton  jax_ep.dispatch / jax_ep.combine with EPConfig(backend="triton")
        xla     the same with backend="xla" (lax.all_to_all of [W, T, H] buckets)
@@ -146,6 +148,18 @@ def ragged_fns(world, t, h, e, k, axis="ep"):
 
 # -- timing ----------------------------------------------------------------------------------------
 
+def repeat(n, op, inputs, acc):
+  """``acc + op(*inputs)[:1, :1]``, n times, unrolled: each repetition's inputs pass through an
+  optimization barrier with the running ``acc``, so XLA keeps the repetitions in order and
+  cannot overlap them, and no while loop makes the host wait on every iteration."""
+  from jax import lax
+  import jax.numpy as jnp
+  for _ in range(n):
+    inputs, acc = lax.optimization_barrier((inputs, acc))
+    acc = acc + op(*inputs)[:1, :1].astype(jnp.float32)
+  return acc
+
+
 def time_fn(f, args, iters, warmup=3):
   import jax
   for _ in range(warmup):
@@ -210,23 +224,19 @@ def run_mode(args, rank=0, world_override=None) -> dict:
     for backend in ("triton", "xla"):
       cfg = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
                             capacity=capacity, backend=backend, num_sms=args.num_sms,
-                            timeout_s=120.0)  # processes may start seconds apart (compiles)
+                            timeout_s=args.op_timeout)  # ranks may start seconds apart
 
       def d_once(x, idx, w, cfg=cfg):
         recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
         return recv_x, recv_w, layout
 
       def d_loop(x, idx, w, cfg=cfg):
-        def body(i, acc):
-          recv_x, _, _ = jax_ep.dispatch(x, idx, w, config=cfg)
-          return acc + recv_x[:1, :1].astype(jnp.float32)
-        return lax.fori_loop(0, inner, body, _zero())
+        return repeat(inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, idx, w),
+                      _zero())
 
       def c_loop(y, layout, cfg=cfg):
-        def body(i, acc):
-          out = jax_ep.combine(y, layout, config=cfg)
-          return acc + out[:1, :1].astype(jnp.float32)
-        return lax.fori_loop(0, inner, body, _zero())
+        return repeat(inner, lambda y, lay: jax_ep.combine(y, lay, config=cfg), (y, layout),
+                      _zero())
 
       spec = P("ep")
       stacked = jax.jit(jax.shard_map(
@@ -244,8 +254,11 @@ def run_mode(args, rank=0, world_override=None) -> dict:
       f_c = jax.jit(jax.shard_map(lambda y, lay, cfg=cfg: c_loop(
           y[0], jax.tree.map(lambda a: a[0], lay), cfg), mesh=mesh, in_specs=(spec, spec),
           out_specs=spec))
+      print(f"  {name}: {backend} ran once; timing", flush=True)
       row[f"{backend}_dispatch_s"] = time_fn(f_d, (xs, idxs, ws), args.iters) / inner
       row[f"{backend}_combine_s"] = time_fn(f_c, (recv_x, layout), args.iters) / inner
+      print(f"  {name}: {backend} dispatch {row[f'{backend}_dispatch_s'] * 1e6:.1f} us, combine "
+            f"{row[f'{backend}_combine_s'] * 1e6:.1f} us", flush=True)
     ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
              for a, b in zip(outs["triton"][:4], outs["xla"][:4]))
     ok = ok and np.allclose(np.asarray(outs["triton"][4], np.float32),
@@ -257,18 +270,11 @@ def run_mode(args, rank=0, world_override=None) -> dict:
       rd, rc = ragged_fns(world, t, h, e, k)
 
       def r_d(x, idx):
-        def body(i, acc):
-          got, _ = rd(x, idx)
-          return acc + got[:1, :1].astype(jnp.float32)
-        return lax.fori_loop(0, inner, body, _zero())
+        return repeat(inner, lambda x, idx: rd(x, idx)[0], (x, idx), _zero())
 
       def r_c(x, idx, w):
         got, perm = rd(x, idx)
-
-        def body(i, acc):
-          out = rc(got, perm, idx, w)
-          return acc + out[:1, :1].astype(jnp.float32)
-        return lax.fori_loop(0, inner, body, _zero())
+        return repeat(inner, rc, (got, perm, idx, w), _zero())
 
       spec = P("ep")
       f_rd = jax.jit(jax.shard_map(r_d, mesh=mesh, in_specs=(spec,) * 2, out_specs=spec))
@@ -282,13 +288,13 @@ def run_mode(args, rank=0, world_override=None) -> dict:
     if not args.no_profile:
       row["profile"] = profile_triton(mesh, xs, idxs, ws, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
-          num_sms=args.num_sms))
+          num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
     for frac, sms in sweep_points(args):
       key = f"sweep_sms{sms}_senders{frac}"
       row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, frac, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
-          num_sms=sms))
+          num_sms=sms, timeout_s=args.op_timeout))
       print(f"  sweep num_sms={sms} sender_fraction={frac}: dispatch "
             f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
             flush=True)
@@ -335,24 +341,19 @@ def time_triton(mesh, xs, idxs, ws, inner, iters, sender_fraction, cfg_kw) -> di
   from jax import lax
   from jax.sharding import PartitionSpec as P
   import jax_ep
-  cfg = jax_ep.EPConfig(backend="triton", timeout_s=120.0, **cfg_kw)
+  cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
   spec = P("ep")
 
   def zero():
     return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
 
   def d_loop(x, idx, w):
-    def body(i, acc):
-      recv_x, _, _ = jax_ep.dispatch(x, idx, w, config=cfg)
-      return acc + recv_x[:1, :1].astype(jnp.float32)
-    return lax.fori_loop(0, inner, body, zero())
+    return repeat(inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, idx, w), zero())
 
   def c_loop(x, idx, w):
     recv_x, _, layout = jax_ep.dispatch(x, idx, w, config=cfg)
-
-    def body(i, acc):
-      return acc + jax_ep.combine(recv_x, layout, config=cfg)[:1, :1].astype(jnp.float32)
-    return lax.fori_loop(0, inner, body, zero())
+    return repeat(inner, lambda y, lay: jax_ep.combine(y, lay, config=cfg), (recv_x, layout),
+                  zero())
 
   def build():
     f_d = jax.jit(jax.shard_map(d_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
@@ -377,7 +378,7 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   import jax_ep
   from jax_ep.backends import triton as tb
   from jax_ep.kernels.ep_plan import EPPlan
-  cfg = jax_ep.EPConfig(backend="triton", timeout_s=120.0, **cfg_kw)
+  cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
   spec = P("ep")
   world = mesh.devices.size
   t = xs.shape[0] // world
@@ -492,7 +493,7 @@ def _result_of(out, echo=True):
 def orchestrate(args) -> list[dict]:
   script = os.path.abspath(__file__)
   common = ["--iters", str(args.iters), "--inner", str(args.inner), "--num-sms",
-            str(args.num_sms)] + (["--quick"] if args.quick else []) + (
+            str(args.num_sms), "--op-timeout", str(args.op_timeout)] + (["--quick"] if args.quick else []) + (
                 ["--no-ragged"] if args.no_ragged else []) + (
                 ["--shapes", args.shapes] if args.shapes else []) + (
                 ["--no-profile"] if args.no_profile else []) + (
@@ -632,6 +633,8 @@ def main():
                   help="tuning: extra triton timings at sender_fraction@num_sms points, e.g. "
                        "0.375@32,0.625@32,0.5@64")
   ap.add_argument("--timeout", type=int, default=540)
+  ap.add_argument("--op-timeout", type=float, default=120.0,
+                  help="EPConfig.timeout_s of the measured ops (seconds a rank waits for a peer)")
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
   ap.add_argument("--child", choices=("peer", "nvshmem", "nccl"), help=argparse.SUPPRESS)
   ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
