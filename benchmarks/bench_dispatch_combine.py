@@ -477,7 +477,7 @@ def _collect(procs, timeout):
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      out = "TIMEOUT"
+      out = (p.communicate()[0] or "") + "\nTIMEOUT"  # what the run printed before the kill
     outs.append(out)
   return outs
 
@@ -488,6 +488,7 @@ def _result_of(out, echo=True):
     sys.stdout.write("".join(l + "\n" for l in out.splitlines()
                              if not l.startswith("RESULT ")))
   return json.loads(lines[-1][len("RESULT "):]) if lines else {"error": out[-3000:]}
+
 
 
 def orchestrate(args) -> list[dict]:

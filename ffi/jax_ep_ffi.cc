@@ -506,15 +506,22 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
   const int64_t programs = grid_x * grid_y * grid_z * num_ctas;
   CUdeviceptr global_scratch = 0, profile_scratch = 0;
   if (global_scratch_size > 0) {
-    auto p = scratch.Allocate(static_cast<size_t>(programs * global_scratch_size),
-                              static_cast<size_t>(std::max<int64_t>(global_scratch_align, 1)));
-    if (!p.has_value()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_ep: scratch allocation failed");
-    global_scratch = reinterpret_cast<CUdeviceptr>(*p);
+    // XLA's FFI allocator refuses alignments above 16 bytes ("Unsupported alignment"), and
+    // Triton asks for 128 (TMA descriptors made on the device): over-allocate by the alignment
+    // and round the base up ourselves. Each program's slice starts at a multiple of
+    // global_scratch_size, which Triton keeps a multiple of the alignment.
+    const size_t align = static_cast<size_t>(std::max<int64_t>(global_scratch_align, 1));
+    const size_t bytes = static_cast<size_t>(programs * global_scratch_size) + (align > 16 ? align : 0);
+    auto p = scratch.Allocate(bytes, std::min<size_t>(align, 16));
+    if (!p.has_value())
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "jax_ep: global scratch allocation of " + std::to_string(bytes) + " bytes failed");
+    global_scratch = (reinterpret_cast<CUdeviceptr>(*p) + align - 1) & ~static_cast<CUdeviceptr>(align - 1);
   }
-  if (profile_scratch_size > 0) {
-    auto p = scratch.Allocate(static_cast<size_t>(programs * profile_scratch_size), 128);
-    if (!p.has_value()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_ep: scratch allocation failed");
-    profile_scratch = reinterpret_cast<CUdeviceptr>(*p);
+  if (profile_scratch_size > 0) {  // same 16-byte limit: align the base to 128 by hand
+    auto p = scratch.Allocate(static_cast<size_t>(programs * profile_scratch_size) + 128, 16);
+    if (!p.has_value()) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_ep: profile scratch allocation failed");
+    profile_scratch = (reinterpret_cast<CUdeviceptr>(*p) + 127) & ~static_cast<CUdeviceptr>(127);
   }
   params.push_back(&global_scratch);
   params.push_back(&profile_scratch);
