@@ -59,3 +59,114 @@ def test_nan_in_one_token_stays_in_that_token(rng, bad):
   np.testing.assert_array_equal(np.asarray(g_bad)[others], np.asarray(g_clean)[others])
   if np.any(idx[poisoned] >= 0):
     assert not np.all(np.isfinite(np.asarray(out_bad)[poisoned]))
+
+
+# -- the device-side comparison and the GPU soak's code path, run on CPU devices ---------------
+
+def test_compare_on_device_names_the_array_count_and_first_rows(rng):
+  mesh = cpu_mesh(4)
+  sharding = jax.sharding.NamedSharding(mesh, P("ep"))
+  a = rng.standard_normal((4, 10, 6)).astype(np.float32)
+  b = a.copy()
+  b[2, 7, 3] += 1.0
+  b[0, 1, 0] = np.nan
+  i = np.arange(8, dtype=np.int32)
+  pairs = {"recv_x": (jax.device_put(b, sharding), jax.device_put(a, sharding), None),
+           "recv_pos": (jax.device_put(i + (i == 5), sharding), jax.device_put(i, sharding), None),
+           "same": (jax.device_put(a, sharding), jnp.asarray(a), None),
+           "empty": (jnp.zeros((4, 0, 3)), jnp.zeros((4, 0, 3)), (1e-3, 1e-3))}
+  with pytest.raises(AssertionError) as info:
+    testing.assert_same(pairs, context="case X")
+  msg = str(info.value)
+  assert msg.startswith("case X: mismatch:")
+  assert "recv_x [4, 10, 6] float32: 2 of 40 rows" in msg and "[(0, 1), (2, 7)]" in msg
+  assert "recv_pos [8] int32: 1 of 8 rows" in msg and "[(5,)]" in msg
+  assert "same" not in msg and "empty" not in msg
+  # within tolerance passes, bit equality is still reported
+  close = a * (1 + 1e-7)
+  diffs = testing.assert_same({"combine": (jnp.asarray(close), jnp.asarray(a), (1e-5, 1e-5))})
+  assert diffs["combine"].ok and not diffs["combine"].bit_equal
+  # digests: equal arrays (however sharded) agree, one changed element does not
+  d1 = testing.device_digest((jax.device_put(a, sharding), i))
+  d2 = testing.device_digest((jnp.asarray(a), jnp.asarray(i)))
+  d3 = testing.device_digest((jnp.asarray(b), jnp.asarray(i)))
+  np.testing.assert_array_equal(d1, d2)
+  assert not np.array_equal(d1[0], d3[0]) and np.array_equal(d1[1], d3[1])
+
+
+@pytest.fixture(scope="module")
+def cpu_soak():
+  return testing.DeviceSoak(jax.devices()[:4], "xla", testing.DEVICE_SOAK_SMALL_SHAPES)
+
+
+def test_soak_routings_are_what_they_say():
+  rng = np.random.default_rng(0)
+  for kind in testing.DEVICE_SOAK_KINDS:
+    for w, t, e, k in ((4, 5, 16, 3), (4, 0, 16, 2), (2, 9, 8, 8), (1, 3, 8, 2), (8, 6, 16, 4)):
+      idx = testing.soak_routing(rng, kind, w, t, e, k)
+      assert idx.shape == (w, t, k) and idx.dtype == np.int32
+      flat = idx.reshape(-1, k)
+      if kind in ("uniform", "zipf", "empty_rank", "overflow", "all_dropped"):
+        assert ((flat >= 0) & (flat < e)).all(), kind
+        if kind != "overflow" or e // w >= k:
+          assert all(len(set(row)) == k for row in flat), kind
+      if kind == "empty_rank" and w > 1 and t and e - e // w >= k:
+        assert len(set((flat // (e // w)).ravel())) <= w - 1
+      if kind == "overflow" and t:
+        assert len(set((flat // (e // w)).ravel())) == 1
+      if kind == "empty":
+        assert (flat == -1).all()
+      if kind == "invalid" and t * k >= 40:
+        assert ((flat < -1) | (flat >= e)).any()
+
+
+def test_device_soak_path_on_cpu(cpu_soak):
+  """The GPU soak's path (xla against xla): every kind runs, nothing differs, repeats hash once."""
+  res = testing.device_soak(60, 5, devices=cpu_soak.devices, soak=cpu_soak)
+  assert res["error"] is None, res["error"]
+  assert res["mismatches"] == 0 and res["rounds"] == 60
+  assert res["combine"]["bit_for_bit"] and res["self_repeats"]["identical"] == 6
+  assert res["dropped_rows"] > 0 and res["invalid_ids"] > 0
+  hashes = testing.device_repeat_hashes(cpu_soak, 3, 5, shape=testing.DEVICE_SOAK_SMALL_SHAPES[2])
+  assert len(set(hashes)) == 1
+  again = testing.device_soak(60, 5, devices=cpu_soak.devices, soak=cpu_soak)
+  assert again["soak_digest"] == res["soak_digest"]
+
+
+def test_device_soak_reports_a_difference(cpu_soak, monkeypatch):
+  shape = testing.DEVICE_SOAK_SMALL_SHAPES[1]
+  fns = cpu_soak._get(shape)
+  good = fns["test"]
+
+  def bad(*args):
+    out = list(good(*args))
+    j = testing.OUTPUT_NAMES.index("group_sizes")
+    out[j] = out[j] + 1
+    return tuple(out)
+
+  monkeypatch.setitem(fns, "test", bad)
+  soak = testing.DeviceSoak(cpu_soak.devices, "xla", (shape,))
+  soak._fns = cpu_soak._fns
+  res = testing.device_soak(3, 0, devices=soak.devices, soak=soak)
+  assert res["mismatches"] == 3 and res["error"] is None
+  assert "group_sizes" in res["mismatch_details"][0]["arrays"][0]
+
+
+def test_resource_check_with_a_stand_in_runtime(cpu_soak, monkeypatch):
+  """resource_check's cycles and memory records run with a stand-in runtime (the real one needs
+  GPUs): every cycle re-initializes and is followed by a correct op; errors say what to raise."""
+  from jax_ep import runtime
+  calls = []
+  monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+  monkeypatch.setattr(runtime, "initialize", lambda *a, **k: calls.append("initialize"))
+  monkeypatch.setattr(runtime, "shutdown", lambda: calls.append("shutdown"))
+  monkeypatch.setattr(runtime, "device_info", lambda d: {"bytes": 1 << 21, "epoch": 7})
+  res = testing.resource_check(cpu_soak, shape=testing.DEVICE_SOAK_SMALL_SHAPES[1], steps=12,
+                               cycles=2)
+  assert not res["failures"], res["failures"]
+  assert calls == ["shutdown", "initialize"] * 2
+  assert len(res["cycles"]) == 2 and all(c["ok"] for c in res["cycles"])
+  assert res["delta"]["symmetric_bytes"] == [0] * 4
+  assert res["symmetric_launches_per_step"] == [0] * 4
+  assert res["errors"]["max_tokens_per_rank"]["says_what_to_raise"]
+  assert res["errors"]["capacity"]["dropped_rows"] > 0
