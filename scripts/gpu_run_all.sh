@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build the FFI library, then run the chosen stages, each under
+# its own time limit, logs into $OUT (default build/gpu_logs). Prints a SUMMARY line per stage.
+#
+#   STAGES="bench dc_tests" scripts/gpu_run_all.sh          # 4x H200: benchmark + GPU tests
+#   STAGES="soak faults train gemm" scripts/gpu_run_all.sh
+#
+# Stages (all GPUs of the host unless said):
+#   bench     benchmarks/bench_dispatch_combine.py, DeepSeek-V3 shape, one process (peer) [BENCH_ARGS]
+#   bench_mp  the same, one process per GPU (nvshmem)
+#   dc_tests  tests/gpu/test_dispatch_combine_gpu.py (peer + one process per GPU)
+#   soak      tests/gpu/test_soak_gpu.py: 2,000 triton-vs-xla rounds, 20-repeat hash, resources
+#   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
+#   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
+#   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu_logs}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
+export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
+export JAX_EP_CACHE_DIR=${JAX_EP_CACHE_DIR:-$PWD/build/kernel_cache}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+summary=()
+
+stage() {  # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s) $(date -u +%T)"
+  timeout -s INT -k 10 "$limit" bash -c "$*" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name rc=$rc $(( $(date +%s) - t0 ))s: $(grep -E '[0-9]+ (passed|failed)' "$OUT/$name.log" | tail -1)")
+  tail -n "${TAIL:-15}" "$OUT/$name.log"
+}
+
+if [ ! -f build/gpu/jax_ep/libjax_ep_ffi.so ] || [ ffi/jax_ep_ffi.cc -nt build/gpu/jax_ep/libjax_ep_ffi.so ]; then
+  echo "== build $(date -u +%T)"
+  if ! { cmake -S . -B build/gpu -DPython_EXECUTABLE="$(command -v $PY)" > "$OUT/build.log" 2>&1 &&
+         cmake --build build/gpu -j 16 >> "$OUT/build.log" 2>&1; }; then
+    tail -30 "$OUT/build.log"; echo "SUMMARY build failed"; exit 1
+  fi
+fi
+export JAX_EP_FFI_LIB=$PWD/build/gpu/jax_ep/libjax_ep_ffi.so
+PT="$PY -m pytest -m gpu -q -rA -s -p no:cacheprovider"
+
+for s in ${STAGES:-bench dc_tests}; do
+  case $s in
+    bench) stage bench 240 "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
+        ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 220 --out $OUT \
+        ${BENCH_ARGS:-}" ;;
+    bench_mp) stage bench_mp 300 "$PY benchmarks/bench_dispatch_combine.py --mode nvshmem \
+        --shapes ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --timeout 280 --out $OUT \
+        ${BENCH_ARGS:-}" ;;
+    dc_tests) stage dc_tests 300 "JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py \
+        --timeout=150" ;;
+    soak) stage soak 270 "JAX_EP_SOAK_ROUNDS=${SOAK_ROUNDS:-2000} JAX_EP_SOAK_TIMEOUT=240 \
+        JAX_EP_SOAK_OUT=$OUT/soak_gpu.json $PT tests/gpu/test_soak_gpu.py --timeout=250" ;;
+    faults) stage faults 330 "mkdir -p $OUT/faults; JAX_EP_FAULT_LOGS=$OUT/faults $PT \
+        tests/gpu/test_faults_gpu.py --timeout=300" ;;
+    train) stage train 420 "bash scripts/gpu_train.sh" ;;
+    gemm) stage gemm 330 "CUDA_VISIBLE_DEVICES=0 $PT tests/gpu/test_grouped_gemm_gpu.py \
+        --timeout=120; CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_grouped_gemm.py \
+        ${GEMM_ARGS:---sweep --sweep-budget 60} --out $OUT" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+echo "== SUMMARY $(date -u +%FT%TZ) $(nvidia-smi -L | head -1) x $(nvidia-smi -L | wc -l)"
+for s in "${summary[@]}"; do echo "SUMMARY $s"; done
