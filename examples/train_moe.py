@@ -9,16 +9,22 @@ forward, cross-entropy + MoE auxiliary losses, backward, AdamW.
 
   CPU, 8 virtual devices, a few minutes:
     python examples/train_moe.py --preset cpu
-  GPUs, one process driving every local GPU (xla backend, or triton when its runtime starts),
-  then tokens/s of both backends in the same run:
-    python examples/train_moe.py --preset gpu --backend auto --compare-backends xla,triton
+  GPUs, one process driving every local GPU: train with the xla backend, then with the triton
+  backend (same initial parameters, same batches), and compare tokens/s:
+    python examples/train_moe.py --preset gpu --compare-backends xla,triton
   One process per device (CPU or GPU), here or on a cluster: see examples/multihost/README.md
     python examples/multihost/launch.py --num-processes 4 --gpus -- \
-        examples/train_moe.py --preset gpu --backend auto
+        examples/train_moe.py --preset gpu --compare-backends xla,triton
 
-Output (``--out-dir``): ``loss.png`` (training loss curve), ``metrics.json`` (per-step loss,
-tokens/s, final held-out loss), ``checkpoint.npz`` + ``checkpoint.json`` (resume with
-``--resume``).
+Output (``--out-dir``): ``loss.png`` (training loss curves, one per backend), ``metrics.json``
+(per-step losses, tokens/s after ``--warmup-steps``, compile and first-step times of every run,
+errors with the triton runtime's diagnosis), ``checkpoint.npz`` + ``checkpoint.json`` (resume
+with ``--resume``); a table of backend, mode, tokens/s and final loss at the end of the log.
+
+Triton backend knobs: ``--timeout-s`` (how long a kernel waits for a peer GPU, default 120 s),
+``--check-timeouts {0,1}`` (``JAX_EP_CHECK_TIMEOUTS``), ``--warmup-kernels`` (launch each
+jax_ep op alone once before training), ``--watchdog-s`` / ``--stall-abort-s`` (report / end a
+run that makes no progress). docs/TRAINING.md explains them.
 
 Multi-process jobs read ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``
 (and optionally ``JAX_LOCAL_DEVICE_IDS``) from the environment, as the launcher sets them.
@@ -69,6 +75,10 @@ class TrainConfig:
   z_loss_coef: float = 1e-3
   seed: int = 0
   backend: str = "auto"
+  # How long a triton kernel waits for a peer GPU before it reports a timeout. Generous: the
+  # GPUs can reach the first step's ops seconds apart (module loads, compiles in other
+  # processes); a real hang then takes this long to report.
+  timeout_s: float = 120.0
 
 
 PRESETS: dict[str, dict[str, tp.Any]] = {
@@ -164,6 +174,7 @@ def build_model(cfg: TrainConfig, mesh, seed: int):
           d, cfg.d_ff, num_experts=cfg.num_experts, topk=cfg.topk, mesh=mesh,
           data_axes=("data",), shared_intermediate=cfg.shared_ff or None,
           capacity_factor=cfg.capacity_factor or None, backend=cfg.backend,
+          timeout_s=cfg.timeout_s,
           load_balancing_coef=cfg.load_balancing_coef, z_loss_coef=cfg.z_loss_coef,
           dtype=dtype, rngs=rngs)
 
@@ -228,19 +239,53 @@ def set_backend(model, backend: str) -> None:
 
 
 @dataclasses.dataclass
+class RunResult:
+  """One training run with one jax_ep backend (``TrainResult.runs`` holds one per backend)."""
+
+  backend: str  # as asked for: "xla", "triton" or "auto"
+  resolved: str  # the backend the MoE blocks really used ("xla" or "triton")
+  gmm_backend: str  # the grouped matmul's backend inside the experts
+  losses: list[float] = dataclasses.field(default_factory=list)
+  aux_losses: list[float] = dataclasses.field(default_factory=list)
+  tokens_per_s: float = 0.0  # over the steps after the warm-up steps (this process's clock)
+  timed_steps: int = 0  # steps in tokens_per_s
+  compile_s: float = 0.0  # lowering + compiling the training step
+  first_step_s: float = 0.0  # the first step's run time, compilation excluded
+  eval_loss: float | None = None  # held-out loss (the primary run only)
+  per_process_tokens_per_s: list[float] = dataclasses.field(default_factory=list)
+  error: str | None = None  # why the run failed
+  skipped: str | None = None  # why the run did not run (e.g. no GPUs for triton)
+  diagnosis: str | None = None  # triton runtime's error records and launch counts on failure
+
+  @property
+  def final_loss(self) -> float | None:
+    return self.losses[-1] if self.losses else None
+
+
+@dataclasses.dataclass
 class TrainResult:
-  """What ``train`` returns (and ``metrics.json`` holds)."""
+  """What ``train`` returns (and ``metrics.json`` holds).
+
+  The top-level fields describe the primary run (``backend``); ``runs`` has every backend's
+  run of a ``compare_backends`` job (same initial parameters, same batches, same process).
+  """
 
   losses: list[float]  # cross-entropy (nats/byte) of each step's training batch
   aux_losses: list[float]  # sum over layers of the MoE auxiliary loss
   eval_loss: float  # cross-entropy on held-out batches after training
-  tokens_per_s: float  # after the first (compiling) step
+  tokens_per_s: float  # over the steps after the warm-up steps
   ep_size: int
   data_parallel: int
   num_processes: int
-  backend: str  # the backend the MoE blocks were configured with
+  backend: str  # the backend the primary run's MoE blocks really used
   start_step: int  # > 0 when resumed from a checkpoint
   backend_tokens_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
+  mode: str = ""  # e.g. "1 process x 4 GPUs (peer)", "4 processes x 1 GPU (nvshmem)"
+  warmup_steps: int = 0  # steps left out of tokens_per_s at the start of every run
+  runs: dict[str, dict] = dataclasses.field(default_factory=dict)  # RunResult fields per backend
+  tokens_per_s_ratio: float | None = None  # triton / xla when both ran
+  failed: bool = False  # some run failed (see runs[...]["error"])
+  gpu_state_unknown: bool = False  # a triton run failed: its kernels may still run
 
 
 def _is_main() -> bool:
@@ -299,6 +344,10 @@ def _save_checkpoint(out_dir: str, state, step: int, cfg: TrainConfig, losses, a
              os.path.join(out_dir, "checkpoint.json"))
 
 
+# Settings that do not change the computation: a checkpoint written with others still resumes.
+_RUN_ONLY_FIELDS = ("steps", "backend", "timeout_s")
+
+
 def _load_checkpoint(out_dir: str, abstract_state, shardings, cfg: TrainConfig):
   """(state, step, losses, aux_losses) from ``out_dir``, or None when there is no checkpoint."""
   import jax
@@ -308,8 +357,8 @@ def _load_checkpoint(out_dir: str, abstract_state, shardings, cfg: TrainConfig):
     return None
   with open(meta_path) as f:
     meta = json.load(f)
-  saved = {k: v for k, v in meta["config"].items() if k not in ("steps", "backend")}
-  now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "backend")}
+  saved = {k: v for k, v in meta["config"].items() if k not in _RUN_ONLY_FIELDS}
+  now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_ONLY_FIELDS}
   if saved != now:
     diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
     raise ValueError(
@@ -334,28 +383,343 @@ def _load_checkpoint(out_dir: str, abstract_state, shardings, cfg: TrainConfig):
   return state, meta["step"], meta["losses"], meta["aux_losses"]
 
 
+# -- diagnosing the triton backend ---------------------------------------------------------------
+
+
+def _call_with_timeout(fn, seconds: float):
+  """(True, fn()) or (False, exception / None when ``fn`` did not return within ``seconds``).
+
+  Runs ``fn`` in a daemon thread: probes of the jax_ep runtime take the FFI library's lock,
+  which a launch blocked inside the handler may hold.
+  """
+  import threading
+  box = {}
+
+  def target():
+    try:
+      box["value"] = fn()
+    except Exception as e:  # noqa: BLE001 - reported to the caller
+      box["error"] = e
+
+  t = threading.Thread(target=target, daemon=True)
+  t.start()
+  t.join(seconds)
+  if t.is_alive():
+    return False, None
+  return ("error" not in box), box.get("value", box.get("error"))
+
+
+def _launch_counts(wait_s: float = 5.0) -> str:
+  """Symmetric launches per local GPU so far (the FFI handler's epochs), in rank order."""
+  from jax_ep import runtime
+  if not runtime.is_initialized():
+    return "jax_ep runtime not initialized"
+  ok, value = _call_with_timeout(
+      lambda: [runtime.device_info(d)["epoch"] for d in runtime.devices()], wait_s)
+  if ok:
+    return f"jax_ep launches per GPU (rank order): {value}"
+  if value is None:
+    return (f"jax_ep FFI lock held for > {wait_s:.0f} s: a launch is blocked inside the "
+            f"jax_ep FFI handler (first use of a kernel: its module load waiting for a "
+            f"running kernel?)")
+  return f"jax_ep launch counts unavailable ({type(value).__name__}: {value})"
+
+
+def _triton_errors(wait_s: float) -> str | None:
+  """The triton backend's recorded error (timeout / op mismatch) on any local GPU, or None.
+
+  Reading the records synchronizes the GPUs, i.e. waits for running kernels to finish or
+  time out; gives up after ``wait_s``.
+  """
+  from jax_ep import backends, runtime
+  if not runtime.is_initialized():
+    return None
+  ok, value = _call_with_timeout(backends.get("triton").check_timeouts, wait_s)
+  if ok:
+    return None
+  if value is None:
+    return f"(error records not readable within {wait_s:.0f} s: the GPUs are still busy)"
+  return f"{type(value).__name__}: {value}"
+
+
+def _diagnose(wait_s: float) -> str:
+  """What the triton runtime knows after a failure: error records and launch counts.
+
+  The error records can only be read once the GPUs are idle (running kernels end by their
+  own timeout); waits up to ``wait_s`` for that.
+  """
+  counts = _launch_counts()
+  errors = _triton_errors(wait_s)
+  return f"{errors or 'no error recorded by the kernels'}; {counts}"
+
+
+class _Watchdog:
+  """Prints what the jax_ep runtime is doing when the training loop makes no progress.
+
+  ``beat(label)`` marks progress (``label`` names what the loop waits for next); ``pause()``
+  stops the clock (compiling). Every ``period_s`` without a beat it prints the launch counts
+  per GPU (or that the FFI lock is held); after ``abort_s`` it prints the kernels' error
+  records and ends the process with status 3 (a hung GPU job never ends by itself).
+  """
+
+  def __init__(self, period_s: float, abort_s: float, timeout_s: float):
+    import threading
+    self.period_s, self.abort_s, self.timeout_s = period_s, abort_s, timeout_s
+    self.label, self.since, self.reported = None, time.monotonic(), 0
+    self.on_abort = None  # called with a message before the process ends
+    self._stop = threading.Event()
+    if period_s > 0 or abort_s > 0:
+      threading.Thread(target=self._loop, daemon=True).start()
+
+  def beat(self, label: str) -> None:
+    self.label, self.since, self.reported = label, time.monotonic(), 0
+
+  def pause(self) -> None:
+    self.label = None
+
+  def close(self) -> None:
+    self._stop.set()
+
+  def _say(self, msg: str) -> None:
+    import jax
+    print(f"[watchdog p{jax.process_index()}] {msg}", flush=True)
+
+  def _loop(self) -> None:
+    while not self._stop.wait(1.0):
+      label = self.label
+      if label is None:
+        continue
+      idle = time.monotonic() - self.since
+      if self.period_s > 0 and idle >= (self.reported + 1) * self.period_s:
+        self.reported += 1
+        self._say(f"no progress for {idle:.0f} s (waiting for {label}); {_launch_counts()}")
+      if self.abort_s > 0 and idle >= self.abort_s:
+        msg = (f"no progress for {idle:.0f} s (waiting for {label}): aborting; "
+               f"{_diagnose(min(self.timeout_s, 20.0))}")
+        self._say(msg)
+        try:
+          if self.on_abort is not None:
+            self.on_abort(f"watchdog: {msg}")
+        finally:
+          sys.stdout.flush()
+          os._exit(3)
+
+
+# -- warming up the triton kernels ---------------------------------------------------------------
+
+
+def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
+                    gmm_backend: str = "auto", lower_only: bool = False) -> None:
+  """Run every jax_ep op of a training step once, each alone in its own program.
+
+  The FFI handler loads a kernel's module into a GPU's context at its first launch. In one
+  process driving several GPUs, that first launch can come while the same GPU still runs an
+  earlier jax_ep kernel that waits for its peers, and the module load may wait for that kernel
+  (a CUDA lazy-loading context synchronization) while holding the handler's lock, which the
+  peers' threads need to launch: the op then only ends by its timeout. Launching each op alone
+  first loads every module with no jax_ep kernel running.
+
+  Args:
+    model_opt: the (abstract) model; every ``jax_ep.nn.MoE`` in it is warmed up.
+    mesh: the training mesh (axes "data", "ep").
+    num_tokens: global tokens of one call of the blocks (batch x sequence).
+    dtype: the compute dtype of the experts.
+    backend: the jax_ep backend module (default: the triton backend).
+    gmm_backend: the grouped matmul backend of the experts ("auto", "xla", "triton").
+    lower_only: only trace and lower each program for CUDA (tests: which kernels it launches).
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import jax_ep.experts
+  import jax_ep.nn
+  from jax_ep import backends
+
+  be = backend if backend is not None else backends.get("triton")
+  spec = P(("data", "ep"))
+  sharding = NamedSharding(mesh, spec)
+  w_spec = P("ep")
+  ep = mesh.shape["ep"]
+  shards = mesh.shape["data"] * ep
+  dtype = jnp.dtype(dtype)
+
+  def stack(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+  def unstack(tree):
+    return jax.tree.map(lambda a: a[0], tree)
+
+  def run(fn, in_specs, out_specs, *args):
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                              check_vma=False))
+    if lower_only:
+      f.trace(*args).lower(lowering_platforms=("cuda",))
+      return jax.eval_shape(f, *args)
+    return jax.block_until_ready(f(*args))
+
+  def put(a, sharding):  # a: the same numpy array on every process
+    if lower_only:
+      return jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  seen = set()
+  for _, moe in nnx.iter_modules(model_opt):
+    if not isinstance(moe, jax_ep.nn.MoE):
+      continue
+    config = moe.ep_config(num_tokens, mesh)
+    key = (config, moe.intermediate)
+    if key in seen:
+      continue
+    seen.add(key)
+    t, h, k, e = config.max_tokens_per_rank, config.hidden, config.topk, config.num_experts
+    n = t * shards
+    # Every token picks k different experts, spread over all ranks; weights 1/k.
+    idx = (np.arange(n)[:, None] * k + np.arange(k)[None, :]) % e
+    x = put(np.full((n, h), 0.01, np.float32).astype(dtype), sharding)
+    ids = put(idx.astype(np.int32), sharding)
+    weights = put(np.full((n, k), 1.0 / k, np.float32), sharding)
+
+    def dispatch(x, ids, w, config=config):
+      return stack(be.dispatch(x, ids, w, jnp.zeros((), jnp.int32), config))
+
+    recv_x, _, layout = run(dispatch, (spec,) * 3, spec, x, ids, weights)
+    # combine (forward; also dispatch's backward with unit weights)
+    run(lambda y, lay, config=config: be.combine_rows(
+        y[0], lay.row_weights[0], unstack(lay), config), (spec, spec), spec, recv_x, layout)
+    run(lambda y, lay, config=config: be.combine_rows(
+        y[0], jnp.ones_like(lay.row_weights[0]), unstack(lay), config), (spec, spec), spec,
+        recv_x, layout)
+    # combine's backward: rows of d_out along the layout
+    run(lambda d, lay, config=config: stack(be.dispatch_rows(d, unstack(lay), config)),
+        (spec, spec), spec, x, layout)
+    # dispatch's backward for the routing weights: per-slot gather
+    run(lambda v, lay, config=config: be.gather_slots(v[0], unstack(lay), config),
+        (spec, spec), spec, layout.row_weights, layout)
+    # experts, forward and backward (no jax_ep communication in this program)
+    f = moe.intermediate
+    e_w = np.full((e, h, f), 0.01, np.float32).astype(dtype)
+    e_d = np.full((e, f, h), 0.01, np.float32).astype(dtype)
+    w_sharding = NamedSharding(mesh, w_spec)
+    wg, wu, wd = (put(a, w_sharding) for a in (e_w, e_w, e_d))
+
+    def experts(y, lay, wg, wu, wd):
+      lay = unstack(lay)
+
+      def loss(y, wg, wu, wd):
+        out = jax_ep.experts.swiglu(y, wg, wu, wd, lay, backend=gmm_backend)
+        return jnp.sum(out.astype(recv_x.dtype).astype(jnp.float32))
+
+      grads = jax.grad(loss, argnums=(0, 1, 2, 3))(y[0], wg, wu, wd)
+      return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32))[None], grads)
+
+    run(experts, (spec, spec, w_spec, w_spec, w_spec), spec, recv_x, layout, wg, wu, wd)
+
+
+class _KernelRecorder:
+  """Records the Triton kernels that jax_ep compiles while tracing (``with recorder:``)."""
+
+  def __init__(self):
+    self.keys: dict[str, str] = {}
+
+  def __enter__(self):
+    from jax_ep import _compile
+    self._module, self._original = _compile, _compile.compile_kernel
+
+    def compile_kernel(*args, **kwargs):
+      compiled = self._original(*args, **kwargs)
+      self.keys[compiled.key] = compiled.name
+      return compiled
+
+    _compile.compile_kernel = compile_kernel
+    return self
+
+  def __exit__(self, *exc):
+    self._module.compile_kernel = self._original
+    return False
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def loss_fn(model, batch):
+  """Cross-entropy of next-byte prediction + the MoE auxiliary losses, and metrics:
+  (loss, (cross-entropy, auxiliary loss, dropped rows, expert load busiest / mean))."""
+  import jax.numpy as jnp
+  import optax
+  logits, aux = model(batch[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  aux_loss = jnp.sum(aux.loss)
+  # Expert load balance: busiest expert / mean expert, averaged over layers (1 = perfect).
+  load = aux.tokens_per_expert.astype(jnp.float32)  # [layers, experts]
+  imbalance = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1.0))
+  return ce + aux_loss, (ce, aux_loss, jnp.sum(aux.num_dropped), imbalance)
+
+
+def make_train_step(graphdef, shardings, metrics_sharding):
+  """The jitted training step ``(state, batch) -> (state, metrics)``: forward, backward, AdamW;
+  ``state`` = (model, optimizer) state, donated and returned in ``shardings``."""
+  import jax
+  from flax import nnx
+
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    grads, metrics = nnx.grad(loss_fn, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, metrics_sharding))
+
+
+def _mode(mesh, provider: str | None) -> str:
+  """How the job drives its devices, e.g. "1 process x 4 GPUs (peer)"."""
+  import jax
+  devices = list(mesh.devices.flat)
+  local = sum(d.process_index == jax.process_index() for d in devices)
+  kind = "GPU" if devices[0].platform == "gpu" else devices[0].platform.upper()
+  procs = jax.process_count()
+  text = (f"{procs} process{'es' if procs > 1 else ''} x {local} {kind}"
+          f"{'s' if local > 1 else ''}")
+  return f"{text} ({provider})" if provider else text
+
+
 def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume: bool = False,
           log_every: int = 50, ckpt_every: int = 0, progress: bool = True,
-          compare_backends: tp.Sequence[str] = (), bench_steps: int = 20,
-          stop_after: int | None = None, data_parallel: int = 1) -> TrainResult:
+          compare_backends: tp.Sequence[str] = (), stop_after: int | None = None,
+          data_parallel: int = 1, warmup_steps: int = 5, warmup_kernels: bool = False,
+          watchdog_s: float = 0.0, stall_abort_s: float = 0.0,
+          eval_batches: int = 4) -> TrainResult:
   """Train on ``devices`` (default: every device of every process) and return the loss curve.
 
   Args:
     cfg: model / data / optimisation settings.
     devices: the devices to train on (a subset of ``jax.devices()``); the batch is split
       over all of them, the experts over each EP group.
-    out_dir: where checkpoints go (None: no checkpoints).
+    out_dir: where checkpoints and ``metrics.json`` go (None: nowhere).
     resume: continue from ``out_dir``'s checkpoint when there is one.
     log_every: print loss and tokens/s every this many steps.
     ckpt_every: write a checkpoint every this many steps (0: only at the end).
     progress: show a progress bar (main process only).
-    compare_backends: after training, time ``bench_steps`` steps with each of these jax_ep
-      backends (e.g. ``("xla", "triton")``) in this process and report tokens/s.
-    bench_steps: steps timed per backend in ``compare_backends``.
+    compare_backends: jax_ep backends to train with one after the other in this process, e.g.
+      ``("xla", "triton")``: each run starts from the same parameters and sees the same
+      batches; ``TrainResult.runs`` has each one's losses and tokens/s. The run with
+      ``cfg.backend`` (else the last one) is the primary run: it alone resumes, checkpoints
+      and evaluates. A failing run is recorded (``error``, ``diagnosis``) and the next one
+      runs. Empty: one run with ``cfg.backend``.
     stop_after: stop (with a checkpoint) after this step although the schedule runs to
       ``cfg.steps``; a later ``resume`` continues exactly as if never stopped.
     data_parallel: D, EP groups: the devices form a (D, len(devices) / D) mesh ("data", "ep");
       every group holds all experts once (expert parallel inside, data parallel across).
+    warmup_steps: steps at the start of each run left out of its tokens/s (at least the
+      first, which includes module loads and first collectives).
+    warmup_kernels: before a triton run, launch each jax_ep op once on its own
+      (``warm_up_kernels``), so no kernel module is loaded while another kernel runs.
+    watchdog_s: print the jax_ep runtime's state every this many seconds without progress
+      (0: off).
+    stall_abort_s: end the process (status 3) after this many seconds without progress
+      (0: never); compilation does not count.
+    eval_batches: held-out batches the primary run is evaluated on at the end (0: none).
   """
   import jax
   import jax.numpy as jnp
@@ -364,6 +728,11 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   devices = list(jax.devices() if devices is None else devices)
+  names = list(dict.fromkeys(compare_backends)) or [cfg.backend]
+  for name in names:
+    if name not in ("auto", "xla", "triton"):
+      raise ValueError(f"train_moe: backend {name!r} must be one of auto, xla, triton.")
+  primary = cfg.backend if cfg.backend in names else names[-1]
   if data_parallel < 1 or len(devices) % data_parallel:
     raise ValueError(f"train_moe: data_parallel={data_parallel} must divide the "
                      f"{len(devices)} devices; change --data-parallel or --devices.")
@@ -374,7 +743,7 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
   if cfg.num_experts % ep_size:
     raise ValueError(f"train_moe: num_experts={cfg.num_experts} must be a multiple of the EP "
                      f"size {ep_size}; change --num-experts.")
-  if data_parallel > 1 and cfg.backend == "triton":
+  if data_parallel > 1 and "triton" in names:
     raise ValueError("train_moe: the triton backend's runtime spans one EP group; use "
                      "--data-parallel 1 with it, or --backend xla.")
   # Rows of the mesh are EP groups of consecutive devices; mesh order = device order (the
@@ -409,144 +778,257 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
 
   with jax.set_mesh(mesh):
     abstract_model_opt = nnx.eval_shape(init)
-    graphdef, abstract_state = nnx.split(abstract_model_opt)
+    _, abstract_state = nnx.split(abstract_model_opt)
     specs = nnx.get_partition_spec(abstract_state)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                              is_leaf=lambda x: isinstance(x, P))
-    state = None
-    start_step, losses, aux_losses = 0, [], []
-    if resume and out_dir:
-      restored = _load_checkpoint(out_dir, abstract_state, shardings, cfg)
-      if restored is not None:
-        state, start_step, losses, aux_losses = restored
-        log(f"resumed from {out_dir} at step {start_step}")
-    if state is None:
-      # Parameters are created directly in their shards (the same values on any mesh).
-      state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
 
   batch_sharding = NamedSharding(mesh, P(("data", "ep")))
   replicated = NamedSharding(mesh, P())
+  tokens_per_step = cfg.batch_size * cfg.seq_len
 
   def to_global(batch: np.ndarray):
     return jax.make_array_from_callback(batch.shape, batch_sharding, lambda i: batch[i])
 
-  def loss_fn(model, batch):
-    logits, aux = model(batch[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    aux_loss = jnp.sum(aux.loss)
-    # Expert load balance: busiest expert / mean expert, averaged over layers (1 = perfect).
-    load = aux.tokens_per_expert.astype(jnp.float32)  # [layers, experts]
-    imbalance = jnp.mean(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1.0))
-    return ce + aux_loss, (ce, aux_loss, jnp.sum(aux.num_dropped), imbalance)
-
   def make_step(graphdef):
-    def step(state, batch):
-      model, optimizer = nnx.merge(graphdef, state)
-      grads, metrics = nnx.grad(loss_fn, has_aux=True)(model, batch)
-      optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), metrics
+    return make_train_step(graphdef, shardings, replicated)
 
-    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated))
+  def make_eval(graphdef):
+    @jax.jit
+    def eval_step(state, batch):
+      model, _ = nnx.merge(graphdef, state)
+      return loss_fn(model, batch)[1][0]
 
-  @jax.jit
-  def eval_step(state, batch):
-    model, _ = nnx.merge(graphdef, state)
-    return loss_fn(model, batch)[1][0]
+    return eval_step
 
-  runtime_started = _maybe_start_runtime(cfg, abstract_model_opt, mesh, log)
-  backend = _resolved_backend(cfg, abstract_model_opt, mesh, runtime_started)
-  log(f"jax_ep backend: {backend} (asked for {cfg.backend!r})")
-  train_step = make_step(graphdef)
-  tokens_per_step = cfg.batch_size * cfg.seq_len
-  bar = _progress(cfg.steps, start_step, progress and is_main)
-  if not is_main:
-    bar.write = lambda s: None
-  pending = []  # device scalars not yet fetched (fetching every step would sync every step)
-  t_mark, steps_timed, time_timed = None, 0, 0.0
-
-  def flush():
-    nonlocal pending
-    if pending:
-      fetched = jax.device_get(pending)
-      losses.extend(float(m[0]) for m in fetched)
-      aux_losses.extend(float(m[1]) for m in fetched)
-      pending = []
-
-  with jax.set_mesh(mesh):
-    end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    for step in range(start_step, end_step):
-      batch = to_global(sample_batch(train_data, step, cfg))
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      bar.update(1)
-      if step == start_step:
-        jax.block_until_ready(metrics)  # the first step compiles: time from here on
-        t_mark = time.perf_counter()
-        flush()
-      last = step + 1 == end_step
-      if (step + 1) % log_every == 0 or last:
-        jax.block_until_ready(metrics)
-        now = time.perf_counter()
-        n = step - start_step  # steps since the timer started
-        flush()
-        tok_s = (n - steps_timed) * tokens_per_step / max(now - t_mark - time_timed, 1e-9)
-        steps_timed, time_timed = n, now - t_mark
-        dropped, imbalance = jax.device_get((metrics[2], metrics[3]))
-        msg = (f"step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | aux "
-               f"{aux_losses[-1]:.4f} | {tok_s:,.0f} tok/s | expert load max/mean "
-               f"{float(imbalance):.2f} | dropped {int(dropped)}")
-        bar.set_postfix_str(f"loss {losses[-1]:.3f}, {tok_s:,.0f} tok/s")
-        bar.write(msg)
-      if out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and not last:
-        flush()
-        _save_checkpoint(out_dir, state, step + 1, cfg, losses, aux_losses)
-    flush()
-    bar.close()
-    if out_dir and end_step > start_step:
-      _save_checkpoint(out_dir, state, end_step, cfg, losses, aux_losses)
-
-    eval_losses = []
-    for i in range(4):
-      batch = sample_batch(eval_data, 10_000_000 + i, cfg)
-      eval_losses.append(float(jax.device_get(eval_step(state, to_global(batch)))))
-    eval_loss = float(np.mean(eval_losses))
-    log(f"held-out loss {eval_loss:.4f} nats/byte ({eval_loss / math.log(2):.3f} bits/byte)")
-
-    tokens_per_s = (steps_timed * tokens_per_step / time_timed) if time_timed > 0 else 0.0
-    result = TrainResult(losses=losses, aux_losses=aux_losses, eval_loss=eval_loss,
-                         tokens_per_s=tokens_per_s, ep_size=ep_size,
-                         data_parallel=data_parallel,
-                         num_processes=jax.process_count(), backend=backend,
-                         start_step=start_step)
-
-    for name in compare_backends:
-      if name == "triton" and not runtime_started:
-        log("backend triton: not timed (its runtime is not initialized; run with "
-            "--backend triton or auto on GPUs)")
-        continue
-      model_opt = nnx.merge(graphdef, jax.eval_shape(lambda s: s, state))
-      set_backend(model_opt, name)
-      bench_graphdef, _ = nnx.split(model_opt)
-      bench_step = make_step(bench_graphdef)
-      try:
-        state, metrics = bench_step(state, to_global(sample_batch(train_data, 0, cfg)))
-        jax.block_until_ready(metrics)  # compile + one step
-        t0 = time.perf_counter()
-        for i in range(bench_steps):
-          state, metrics = bench_step(state, to_global(sample_batch(train_data, i + 1, cfg)))
-        jax.block_until_ready(metrics)
-      except Exception as e:  # noqa: BLE001 - report and time the other backends
-        log(f"backend {name}: failed ({type(e).__name__}: {e})")
-        continue
-      rate = bench_steps * tokens_per_step / (time.perf_counter() - t0)
-      result.backend_tokens_per_s[name] = rate
-      log(f"backend {name}: {rate:,.0f} tokens/s ({bench_steps} steps after training, "
-          f"loss {float(jax.device_get(metrics[0])):.4f})")
-
+  runtime_started = _maybe_start_runtime(cfg, names, abstract_model_opt, mesh, log)
+  provider = None
   if runtime_started:
     import jax_ep
-    jax_ep.runtime.shutdown()
+    provider = jax_ep.runtime.provider()
+  mode = _mode(mesh, provider)
+  result = TrainResult(losses=[], aux_losses=[], eval_loss=float("nan"), tokens_per_s=0.0,
+                       ep_size=ep_size, data_parallel=data_parallel,
+                       num_processes=jax.process_count(), backend=primary, start_step=0,
+                       mode=mode, warmup_steps=warmup_steps)
+  watchdog = _Watchdog(watchdog_s, stall_abort_s, cfg.timeout_s)
+  # Set when a triton run failed: its kernels may still wait for each other until they time
+  # out, so the process runs nothing more on the GPUs (and does not shut the runtime down,
+  # which would wait for them too); main() ends it with os._exit.
+  poisoned = None
+
+  def run_one(name: str) -> RunResult:
+    nonlocal poisoned
+    is_primary = name == primary
+    resolved = _resolved_backend(name, cfg, abstract_model_opt, mesh, runtime_started)
+    run = RunResult(backend=name, resolved=resolved, gmm_backend=_gmm_backend(resolved))
+    if name == "triton" and not runtime_started:
+      run.skipped = ("the triton runtime is not initialized here (needs GPUs and the jax_ep "
+                     "FFI library)")
+      log(f"backend triton: not run: {run.skipped}")
+      return run
+    if poisoned:
+      run.skipped = f"a triton run failed before ({poisoned})"
+      log(f"backend {name}: not run: {run.skipped}")
+      return run
+    log(f"== run: backend {name} -> dispatch/combine {resolved}, grouped matmul "
+        f"{run.gmm_backend}; {mode}")
+    set_backend(abstract_model_opt, name)
+    graphdef, _ = nnx.split(abstract_model_opt)
+    train_step, eval_step = make_step(graphdef), make_eval(graphdef)
+    state, start_step, losses, aux_losses = None, 0, [], []
+    try:
+      with jax.set_mesh(mesh):
+        if is_primary and resume and out_dir:
+          restored = _load_checkpoint(out_dir, abstract_state, shardings, cfg)
+          if restored is not None:
+            state, start_step, losses, aux_losses = restored
+            log(f"resumed from {out_dir} at step {start_step}")
+        if state is None:
+          # Parameters are created directly in their shards (the same values on any mesh).
+          state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
+        run.losses, run.aux_losses = losses, aux_losses
+        if is_primary:
+          result.start_step = start_step
+        if resolved == "triton" and warmup_kernels:
+          watchdog.beat(f"kernel warm-up ({name})")
+          t0 = time.perf_counter()
+          warm = _KernelRecorder()
+          with warm:
+            warm_up_kernels(abstract_model_opt, mesh, tokens_per_step, cfg.dtype,
+                            gmm_backend="xla" if run.gmm_backend == "xla" else "auto")
+          log(f"kernels warmed up one op at a time ({len(warm.keys)} kernels, "
+              f"{time.perf_counter() - t0:.1f} s)")
+        end_step = cfg.steps if (stop_after is None or not is_primary) else min(cfg.steps,
+                                                                                 stop_after)
+        num_steps = end_step - start_step
+        skip = max(1, min(warmup_steps, num_steps - 1))  # steps left out of tokens/s
+        batch = to_global(sample_batch(train_data, start_step, cfg))
+        t0 = time.perf_counter()
+        lowered = _KernelRecorder()
+        with lowered:
+          step_fn = train_step.lower(state, batch).compile()
+        run.compile_s = time.perf_counter() - t0
+        if resolved == "triton" and warmup_kernels:
+          missing = sorted(set(lowered.keys) - set(warm.keys))
+          if missing:
+            log(f"warning: the warm-up did not launch {len(missing)} kernel(s) of the "
+                f"training step: {[lowered.keys[k] for k in missing]}")
+        log(f"training step compiled in {run.compile_s:.1f} s")
+        bar = _progress(cfg.steps, start_step, progress and is_main)
+        if not is_main:
+          bar.write = lambda s: None
+        pending = []  # device scalars not yet fetched (fetching every step syncs every step)
+        t_log = t_timed = None
+        steps_logged = 0
+
+        def flush():
+          nonlocal pending
+          if pending:
+            fetched = jax.device_get(pending)
+            losses.extend(float(m[0]) for m in fetched)
+            aux_losses.extend(float(m[1]) for m in fetched)
+            pending = []
+
+        def on_abort(msg, run=run, name=name):
+          run.error = msg
+          result.runs[name] = dataclasses.asdict(run)
+          if out_dir and is_main:
+            write_metrics(out_dir, cfg, result)
+
+        watchdog.on_abort = on_abort
+        for step in range(start_step, end_step):
+          if step > start_step:
+            batch = to_global(sample_batch(train_data, step, cfg))
+          watchdog.beat(f"step {step + 1} ({name})")
+          state, metrics = step_fn(state, batch)
+          pending.append(metrics)
+          bar.update(1)
+          done = step + 1 - start_step  # steps run so far in this run
+          if done == 1:
+            jax.block_until_ready(metrics)
+            run.first_step_s = time.perf_counter() - t0 - run.compile_s
+            if resolved == "triton":
+              err = _triton_errors(3 * cfg.timeout_s + 10)
+              if err:
+                raise TimeoutError(f"after the first step: {err}")
+            log(f"first step ran in {run.first_step_s:.2f} s")
+            flush()
+            t_log, steps_logged = time.perf_counter(), done
+          if done == skip and num_steps > 1:
+            jax.block_until_ready(metrics)
+            t_timed = time.perf_counter()
+          last = step + 1 == end_step
+          if (step + 1) % log_every == 0 or last:
+            jax.block_until_ready(metrics)
+            now = time.perf_counter()
+            flush()
+            tok_s = (done - steps_logged) * tokens_per_step / max(now - t_log, 1e-9)
+            t_log, steps_logged = now, done
+            dropped, imbalance = jax.device_get((metrics[2], metrics[3]))
+            msg = (f"step {step + 1:5d}/{cfg.steps} | loss {losses[-1]:.4f} | aux "
+                   f"{aux_losses[-1]:.4f} | {tok_s:,.0f} tok/s | expert load max/mean "
+                   f"{float(imbalance):.2f} | dropped {int(dropped)}")
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}, {tok_s:,.0f} tok/s")
+            bar.write(msg)
+          if is_primary and out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and not last:
+            flush()
+            _save_checkpoint(out_dir, state, step + 1, cfg, losses, aux_losses)
+        jax.block_until_ready(state)
+        t_end = time.perf_counter()
+        flush()
+        bar.close()
+        watchdog.pause()
+        if resolved == "triton":
+          err = _triton_errors(3 * cfg.timeout_s + 10)
+          if err:
+            raise TimeoutError(f"after training: {err}")
+        if t_timed is not None and num_steps > skip:
+          run.timed_steps = num_steps - skip
+          run.tokens_per_s = run.timed_steps * tokens_per_step / max(t_end - t_timed, 1e-9)
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+          every = multihost_utils.process_allgather(np.array([run.tokens_per_s], np.float64))
+          run.per_process_tokens_per_s = [float(v) for v in np.asarray(every).reshape(-1)]
+        print(f"process {jax.process_index()}: backend {name}: {run.tokens_per_s:,.0f} tokens/s "
+              f"over {run.timed_steps} steps after {skip} warm-up step(s)", flush=True)
+        if is_primary and out_dir and end_step > start_step:
+          _save_checkpoint(out_dir, state, end_step, cfg, losses, aux_losses)
+        if is_primary and eval_batches > 0:
+          watchdog.beat(f"held-out evaluation ({name})")
+          eval_losses = []
+          for i in range(eval_batches):
+            batch = sample_batch(eval_data, 10_000_000 + i, cfg)
+            eval_losses.append(float(jax.device_get(eval_step(state, to_global(batch)))))
+          run.eval_loss = float(np.mean(eval_losses))
+          watchdog.pause()
+          log(f"held-out loss {run.eval_loss:.4f} nats/byte "
+              f"({run.eval_loss / math.log(2):.3f} bits/byte)")
+    except Exception as e:  # noqa: BLE001 - recorded; re-raised below when nothing else runs
+      watchdog.pause()
+      run.error = f"{type(e).__name__}: {e}"[:4000]
+      if resolved == "triton":
+        poisoned = run.error[:200]
+        run.diagnosis = _diagnose(min(cfg.timeout_s, 20.0))
+      print(f"process {jax.process_index()}: backend {name} failed: {run.error}", flush=True)
+      if run.diagnosis:
+        print(f"process {jax.process_index()}: diagnosis: {run.diagnosis}", flush=True)
+      if jax.process_count() > 1:
+        # The other processes may wait in a collective that this one will never reach: end
+        # now (the launcher stops the rest). No atexit hooks: NVSHMEM's would wait for peers.
+        if out_dir and is_main:
+          result.runs[name] = dataclasses.asdict(run)
+          result.failed = True
+          write_metrics(out_dir, cfg, result)
+        sys.stdout.flush()
+        os._exit(1)
+      if len(names) == 1 and not poisoned:
+        raise  # a failed triton run is returned instead (result.gpu_state_unknown)
+    return run
+
+  try:
+    for name in names:
+      run = run_one(name)
+      result.runs[name] = dataclasses.asdict(run)
+      if run.error is None and run.timed_steps:
+        result.backend_tokens_per_s[name] = run.tokens_per_s
+      # The top-level fields: the primary run, else (skipped) the first run that trained.
+      if run.losses and (name == primary or not result.losses):
+        result.losses, result.aux_losses = run.losses, run.aux_losses
+        result.tokens_per_s = run.tokens_per_s
+        result.backend = run.resolved
+        if run.eval_loss is not None:
+          result.eval_loss = run.eval_loss
+      rates = result.backend_tokens_per_s
+      if "triton" in rates and "xla" in rates and rates["xla"] > 0:
+        result.tokens_per_s_ratio = rates["triton"] / rates["xla"]
+      if out_dir and is_main:  # after every run, so a job stopped later keeps what ran
+        write_metrics(out_dir, cfg, result)
+  finally:
+    watchdog.close()
+    set_backend(abstract_model_opt, cfg.backend)
+    if runtime_started and not poisoned:
+      import jax_ep
+      jax_ep.runtime.shutdown()
+  result.failed = poisoned is not None or any(r["error"] for r in result.runs.values())
+  result.gpu_state_unknown = poisoned is not None
   return result
+
+
+def write_metrics(out_dir: str, cfg: TrainConfig, result: TrainResult) -> str:
+  """``metrics.json`` in ``out_dir``: the config, the result and the environment of the run."""
+  os.makedirs(out_dir, exist_ok=True)
+  env = {k: os.environ.get(k) for k in _REPORTED_ENV}
+  path = os.path.join(out_dir, "metrics.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(dict(config=dataclasses.asdict(cfg), env=env, **dataclasses.asdict(result)), f)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+_REPORTED_ENV = ("JAX_EP_CHECK_TIMEOUTS", "CUDA_MODULE_LOADING", "CUDA_LAUNCH_BLOCKING",
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION", "NVSHMEM_DISABLE_NVLS", "NCCL_NVLS_ENABLE",
+                 "XLA_FLAGS")
 
 
 def _moe_configs(cfg: TrainConfig, model_opt, mesh):
@@ -559,10 +1041,11 @@ def _moe_configs(cfg: TrainConfig, model_opt, mesh):
                  if isinstance(module, jax_ep.nn.MoE)}, key=repr)
 
 
-def _resolved_backend(cfg: TrainConfig, model_opt, mesh, runtime_started: bool) -> str:
+def _resolved_backend(name: str, cfg: TrainConfig, model_opt, mesh,
+                      runtime_started: bool) -> str:
   """The backend the MoE blocks will really use ("auto" resolved as jax_ep resolves it)."""
-  if cfg.backend != "auto":
-    return cfg.backend
+  if name != "auto":
+    return name
   if not runtime_started:
     return "xla"
   from jax_ep import backends
@@ -570,13 +1053,27 @@ def _resolved_backend(cfg: TrainConfig, model_opt, mesh, runtime_started: bool) 
   return "triton" if all(triton.usable(c) for c in _moe_configs(cfg, model_opt, mesh)) else "xla"
 
 
-def _maybe_start_runtime(cfg: TrainConfig, model_opt, mesh, log) -> bool:
-  """Initialize jax_ep's triton runtime when asked for ("triton") or possible ("auto" on GPU)."""
+def _gmm_backend(resolved: str) -> str:
+  """The grouped matmul's backend inside the experts (the MoE layer picks "auto" unless xla)."""
+  import jax
+  if resolved == "xla" or jax.default_backend() != "gpu":
+    return "xla"
+  try:
+    from jax_ep import backends
+    return "triton" if backends.get("triton").gmm_usable() else "xla"
+  except Exception:  # noqa: BLE001 - no triton here
+    return "xla"
+
+
+def _maybe_start_runtime(cfg: TrainConfig, names, model_opt, mesh, log) -> bool:
+  """Initialize jax_ep's triton runtime when a run asks for it ("triton") or may use it ("auto"
+  on GPU). Raises when it cannot start and ``cfg.backend`` is "triton" and the only run."""
   import jax
 
   import jax_ep
 
-  if cfg.backend == "xla" or (cfg.backend == "auto" and jax.default_backend() != "gpu"):
+  on_gpu = jax.default_backend() == "gpu"
+  if not any(n == "triton" or (n == "auto" and on_gpu) for n in names):
     return False
   if mesh.shape["data"] > 1:  # the runtime spans one EP group ("triton" was refused earlier)
     log("jax_ep triton runtime not started: --data-parallel > 1; using the xla backend")
@@ -587,12 +1084,31 @@ def _maybe_start_runtime(cfg: TrainConfig, model_opt, mesh, log) -> bool:
   try:
     jax_ep.runtime.initialize(_moe_configs(cfg, model_opt, mesh), devices=devices)
   except Exception as e:  # noqa: BLE001 - "auto" falls back, "triton" re-raises
-    if cfg.backend == "triton":
+    if names == ["triton"]:
       raise
     log(f"jax_ep triton runtime not started ({type(e).__name__}: {e}); using the xla backend")
     return False
-  log("jax_ep triton runtime initialized")
+  log(f"jax_ep triton runtime initialized ({jax_ep.runtime.provider()} provider, "
+      f"{jax_ep.runtime.world_size()} ranks, kernel timeout {cfg.timeout_s} s, "
+      f"JAX_EP_CHECK_TIMEOUTS={os.environ.get('JAX_EP_CHECK_TIMEOUTS', '1')})")
   return True
+
+
+def results_table(result: TrainResult) -> str:
+  """A text table: backend, mode, tokens/s, final loss, first step and compile times, status."""
+  rows = [("backend", "dispatch/gmm", "mode", "tokens/s", "final loss", "first step s",
+           "compile s", "status")]
+  for name, r in result.runs.items():
+    final = r["losses"][-1] if r["losses"] else float("nan")
+    rows.append((name, f"{r['resolved']}/{r['gmm_backend']}", result.mode,
+                 f"{r['tokens_per_s']:,.0f}", f"{final:.4f}", f"{r['first_step_s']:.2f}",
+                 f"{r['compile_s']:.1f}",
+                 "FAILED" if r["error"] else ("skipped" if r["skipped"] else "ok")))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+  if result.tokens_per_s_ratio is not None:
+    lines.append(f"tokens/s triton / xla: {result.tokens_per_s_ratio:.3f}")
+  return "\n".join(lines)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -625,25 +1141,34 @@ def _initialize_processes(cpu_devices: int | None) -> None:
 
 
 def _plot(result: TrainResult, path: str, title: str) -> bool:
+  """Training loss per step of every run (one curve per backend), smoothed, and held-out."""
   try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
     return False
-  losses = np.asarray(result.losses)
-  window = max(1, len(losses) // 50)
-  smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
   fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-  ax.plot(np.arange(1, len(losses) + 1), losses, alpha=0.3, label="loss per step")
-  ax.plot(np.arange(window, len(losses) + 1), smooth, label=f"mean of {window} steps")
-  ax.axhline(result.eval_loss, color="k", ls="--", lw=1,
-             label=f"held-out {result.eval_loss:.3f}")
+  for i, (name, run) in enumerate(result.runs.items()):
+    losses = np.asarray(run["losses"])
+    if not len(losses):
+      continue
+    color = f"C{i}"
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    rate = f", {run['tokens_per_s']:,.0f} tok/s" if run["tokens_per_s"] else ""
+    failed = " (FAILED)" if run["error"] else ""
+    ax.plot(np.arange(1, len(losses) + 1), losses, color=color, alpha=0.25)
+    ax.plot(np.arange(window, len(losses) + 1), smooth, color=color,
+            label=f"{name}: {run['resolved']} dispatch, {run['gmm_backend']} gmm{rate}{failed}")
+  if np.isfinite(result.eval_loss):
+    ax.axhline(result.eval_loss, color="k", ls="--", lw=1,
+               label=f"held-out {result.eval_loss:.3f}")
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats / byte)")
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -676,8 +1201,25 @@ def parse_args(argv=None):
                  help="stop after this step (checkpointed); --resume later continues")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--compare-backends", default="",
-                 help="comma list of backends to time after training, e.g. xla,triton")
-  p.add_argument("--bench-steps", type=int, default=20)
+                 help="comma list of backends to train with one after the other in this "
+                      "process (same initial parameters, same batches), e.g. xla,triton")
+  p.add_argument("--eval-batches", type=int, default=4,
+                 help="held-out batches evaluated at the end (0: no evaluation)")
+  p.add_argument("--warmup-steps", type=int, default=5,
+                 help="steps at the start of each run left out of its tokens/s (default 5)")
+  p.add_argument("--check-timeouts", type=int, choices=(0, 1), default=None,
+                 help="JAX_EP_CHECK_TIMEOUTS: 1 raises a timed-out triton op at once (a host "
+                      "callback and stream sync per op), 0 checks the kernels' error records "
+                      "after the first step and at the end (default: the environment's, else 1)")
+  p.add_argument("--warmup-kernels", action="store_true",
+                 help="before a triton run, launch each jax_ep op once on its own, so that no "
+                      "kernel module is loaded while another jax_ep kernel runs")
+  p.add_argument("--watchdog-s", type=float, default=60.0,
+                 help="print the jax_ep runtime's launch counts every this many seconds "
+                      "without progress (0: off)")
+  p.add_argument("--stall-abort-s", type=float, default=0.0,
+                 help="end the process (status 3) after this many seconds without progress, "
+                      "with the kernels' error records (0: never)")
   return p.parse_args(argv)
 
 
@@ -690,11 +1232,15 @@ def main(argv=None) -> TrainResult:
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if getattr(args, f.name) is not None}
   cfg = TrainConfig(**{**PRESETS[args.preset], **overrides})
-  if cfg.backend != "xla":
+  compare = [b for b in args.compare_backends.split(",") if b]
+  if args.check_timeouts is not None:
+    os.environ["JAX_EP_CHECK_TIMEOUTS"] = str(args.check_timeouts)
+  if any(b != "xla" for b in [cfg.backend, *compare]):
     # The triton runtime's symmetric memory lives outside XLA's pool (docs/RUNTIME.md); these
     # must be set before jax starts. No effect on CPU.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
     # Virtual CPU devices are threads: on a busy machine with few cores one of them can miss
@@ -717,25 +1263,34 @@ def main(argv=None) -> TrainResult:
           f"{groups}; config {dataclasses.asdict(cfg)}", flush=True)
   result = train(cfg, devices=devices, out_dir=args.out_dir, resume=args.resume,
                  log_every=args.log_every, ckpt_every=args.ckpt_every,
-                 progress=not args.no_progress,
-                 compare_backends=[b for b in args.compare_backends.split(",") if b],
-                 bench_steps=args.bench_steps, stop_after=args.stop_after,
-                 data_parallel=args.data_parallel)
+                 progress=not args.no_progress, compare_backends=compare,
+                 stop_after=args.stop_after, data_parallel=args.data_parallel,
+                 warmup_steps=args.warmup_steps, warmup_kernels=args.warmup_kernels,
+                 watchdog_s=args.watchdog_s, stall_abort_s=args.stall_abort_s,
+                 eval_batches=args.eval_batches)
   if _is_main():
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-      json.dump(dict(config=dataclasses.asdict(cfg), **dataclasses.asdict(result)), f)
+    write_metrics(args.out_dir, cfg, result)
     title = (f"MoE LM, {cfg.num_layers}x{cfg.d_model}, {cfg.num_experts} experts top-"
              f"{cfg.topk}, EP={result.ep_size}"
              f"{f' x DP={result.data_parallel}' if result.data_parallel > 1 else ''}, "
-             f"{result.backend}")
+             f"{result.mode}")
     png = os.path.join(args.out_dir, "loss.png")
     if _plot(result, png, title):
       print(f"loss plot: {png}")
     else:
       print("matplotlib is not installed: no plot (metrics.json has the losses)")
-    print(f"final loss {result.losses[-1]:.4f}, held-out {result.eval_loss:.4f}, "
-          f"{result.tokens_per_s:,.0f} tokens/s", flush=True)
+    print(results_table(result), flush=True)
+    if result.losses:
+      held_out = f", held-out {result.eval_loss:.4f}" if np.isfinite(result.eval_loss) else ""
+      print(f"final loss {result.losses[-1]:.4f}{held_out}, {result.tokens_per_s:,.0f} "
+            f"tokens/s", flush=True)
+  if result.gpu_state_unknown:
+    # A failed triton run may leave kernels waiting on the GPUs: skip the exit hooks (the
+    # runtime's shutdown would wait for them); the driver ends them with the process.
+    sys.stdout.flush()
+    os._exit(1)
+  if result.failed and __name__ == "__main__":
+    sys.exit(1)
   return result
 
 

@@ -235,6 +235,23 @@ def test_errors_name_the_problem():
     unplaced(jnp.ones((8, 8)))
 
 
+def test_ep_config_carries_the_triton_knobs():
+  """timeout_s and num_sms reach the EPConfig a call uses (and the runtime is sized with)."""
+  mesh = _mesh(4)
+  layer = _layer(mesh, 0, timeout_s=45.0, num_sms=24, capacity_factor=2.0)
+  config = layer.ep_config(64)
+  assert (config.timeout_s, config.num_sms, config.max_tokens_per_rank) == (45.0, 24, 16)
+  assert config.capacity == config.balanced_capacity(4, 2.0)
+  default = _layer(mesh, 0).ep_config(64)
+  reference = jax_ep.EPConfig(num_experts=EXPERTS, topk=TOPK, hidden=HIDDEN,
+                              max_tokens_per_rank=16)
+  assert (default.timeout_s, default.num_sms) == (reference.timeout_s, reference.num_sms)
+  with pytest.raises(ValueError, match="timeout_s=0 must be a positive number"):
+    _layer(mesh, 0, timeout_s=0)
+  with pytest.raises(ValueError, match="num_sms=0 must be a positive int"):
+    _layer(mesh, 0, num_sms=0)
+
+
 def test_explicit_mesh_under_set_mesh(rng):
   """A mesh with Explicit axes (jax.make_mesh's default in jax >= 0.11), unsharded input."""
   devices = jax.devices()[:4]

@@ -6,7 +6,8 @@ Each process gets the environment a multi-process JAX job needs, and the script 
   JAX_NUM_PROCESSES        processes in the whole job (all hosts)
   JAX_PROCESS_ID           this process's id, 0 .. JAX_NUM_PROCESSES - 1
   JAX_LOCAL_DEVICE_IDS     GPU mode: the local GPU ids this process drives (e.g. "2"); also
-                           NVSHMEM_DISABLE_NVLS=1, XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 and,
+                           NVSHMEM_DISABLE_NVLS=1, NCCL_NVLS_ENABLE=0,
+                           XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 and,
                            on one host, NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo and
                            NVSHMEM_REMOTE_TRANSPORT=none (unless set)
   JAX_NUM_CPU_DEVICES      CPU mode: virtual CPU devices of this process
@@ -27,7 +28,8 @@ On a cluster, run one launcher per host with the same coordinator (host 0's addr
                --coordinator host0:12355 -- examples/train_moe.py --preset gpu
 
 Output lines are prefixed with ``[p<id>]``. If a process fails, the launcher stops the other
-processes it started and exits with the failed process's status.
+processes it started and exits with the failed process's status; so it does when it is itself
+stopped (SIGTERM / SIGINT, e.g. by ``timeout``) or ``--timeout`` passes (status 124).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def process_env(base: dict[str, str], *, coordinator: str, total: int, process_i
     # jax_ep's triton runtime (docs/RUNTIME.md): no NVLink multicast, and room beside XLA's
     # pool for the NVSHMEM symmetric heap.
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     if single_host:
       env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
@@ -116,6 +119,28 @@ def launch(command: list[str], *, num_processes: int, total_processes: int | Non
     pumps.append(t)
 
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
+  stopped = []
+
+  def on_signal(signum, frame):  # the children run in their own sessions: stop them too
+    stopped.append(signum)
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      previous[sig] = signal.signal(sig, on_signal)
+  try:
+    status = _wait(procs, deadline, timeout_s, stopped)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  for t in pumps:
+    t.join(timeout=5)
+  return status
+
+
+def _wait(procs: list[subprocess.Popen], deadline: float | None, timeout_s: float | None,
+          stopped: list) -> int:
+  """Waits for ``procs``; stops them all on the first failure, the deadline or a signal."""
   status = 0
   while True:
     codes = [p.poll() for p in procs]
@@ -124,6 +149,10 @@ def launch(command: list[str], *, num_processes: int, total_processes: int | Non
       status = failed[0]
     if all(c is not None for c in codes):
       break
+    if stopped:
+      print(f"[launch] stopped by signal {stopped[0]}: stopping the processes", flush=True)
+      _stop([p for p in procs if p.poll() is None])
+      return 128 + stopped[0]
     if failed or (deadline is not None and time.monotonic() > deadline):
       if not failed:
         print(f"[launch] timeout after {timeout_s} s", flush=True)
@@ -131,8 +160,6 @@ def launch(command: list[str], *, num_processes: int, total_processes: int | Non
       _stop([p for p in procs if p.poll() is None])
       break
     time.sleep(0.2)
-  for t in pumps:
-    t.join(timeout=5)
   return status
 
 

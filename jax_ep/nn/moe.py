@@ -112,6 +112,11 @@ def router_losses(logits: jax.Array, probs: jax.Array, topk_idx: jax.Array):
   return load_balancing, z_loss, tokens_per_expert
 
 
+def _ep_options(timeout_s, num_sms) -> dict:
+  """The EPConfig fields the layer sets only when given (else EPConfig's defaults)."""
+  return {k: v for k, v in (("timeout_s", timeout_s), ("num_sms", num_sms)) if v is not None}
+
+
 def _swiglu(x, w_gate, w_up, w_down):
   """Dense SwiGLU: ``[N, H] -> [N, H]`` with ``[H, F]``, ``[H, F]``, ``[F, H]`` weights."""
   return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
@@ -154,6 +159,11 @@ class MoE(nnx.Module):
     expert_alignment: each local expert's rows start at a multiple of this (GEMM tiles).
     backend: jax_ep backend: "auto" (triton when its runtime is initialized on GPU, else xla),
       "xla" or "triton".
+    timeout_s: how long the triton backend's kernels wait for a peer GPU before they give up
+      and report a timeout (``EPConfig.timeout_s``; None: EPConfig's default). Raise it where
+      GPUs can reach an op seconds apart (first steps, one process per GPU).
+    num_sms: programs (SMs) the triton backend's communication kernels may take
+      (``EPConfig.num_sms``; None: EPConfig's default).
     load_balancing_coef: weight of the load-balancing loss in ``MoEAux.loss``.
     z_loss_coef: weight of the router z-loss in ``MoEAux.loss``.
     dtype: compute dtype of the experts (None: the input's dtype). The router always
@@ -179,6 +189,8 @@ class MoE(nnx.Module):
       capacity_factor: float | None = None,
       expert_alignment: int = 1,
       backend: str = "auto",
+      timeout_s: float | None = None,
+      num_sms: int | None = None,
       load_balancing_coef: float = 1e-2,
       z_loss_coef: float = 1e-3,
       dtype: tp.Any = None,
@@ -203,9 +215,10 @@ class MoE(nnx.Module):
       raise ValueError(
           f"jax_ep.nn.MoE: capacity_factor={capacity_factor!r} must be > 0, or None for "
           f"buffers that never drop.")
-    # Validates backend / alignment / axis_name with EPConfig's own messages.
+    # Validates backend / alignment / axis_name / timeout / SMs with EPConfig's own messages.
     EPConfig(num_experts=num_experts, topk=topk, hidden=hidden, max_tokens_per_rank=1,
-             axis_name=axis_name, expert_alignment=expert_alignment, backend=backend)
+             axis_name=axis_name, expert_alignment=expert_alignment, backend=backend,
+             **_ep_options(timeout_s, num_sms))
     data_axes = tuple(data_axes)
     if axis_name in data_axes or len(set(data_axes)) != len(data_axes):
       raise ValueError(
@@ -235,6 +248,8 @@ class MoE(nnx.Module):
     self.capacity_factor = capacity_factor
     self.expert_alignment = expert_alignment
     self.backend = backend
+    self.timeout_s = timeout_s
+    self.num_sms = num_sms
     self.load_balancing_coef = load_balancing_coef
     self.z_loss_coef = z_loss_coef
     self.dtype = dtype
@@ -293,7 +308,8 @@ class MoE(nnx.Module):
     config = EPConfig(
         num_experts=self.num_experts, topk=self.topk, hidden=self.hidden,
         max_tokens_per_rank=num_tokens // shards, axis_name=self.axis_name,
-        expert_alignment=self.expert_alignment, backend=self.backend)
+        expert_alignment=self.expert_alignment, backend=self.backend,
+        **_ep_options(self.timeout_s, self.num_sms))
     if self.capacity_factor is not None:
       capacity = config.balanced_capacity(ep_size, self.capacity_factor)
       config = dataclasses.replace(config, capacity=capacity)
