@@ -509,7 +509,8 @@ class _Watchdog:
 
 
 def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
-                    gmm_backend: str = "auto", lower_only: bool = False) -> None:
+                    gmm_backend: str = "auto", lower_only: bool = False,
+                    on_phase=None) -> None:
   """Run every jax_ep op of a training step once, each alone in its own program.
 
   The FFI handler loads a kernel's module into a GPU's context at its first launch. In one
@@ -527,6 +528,8 @@ def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
     backend: the jax_ep backend module (default: the triton backend).
     gmm_backend: the grouped matmul backend of the experts ("auto", "xla", "triton").
     lower_only: only trace and lower each program for CUDA (tests: which kernels it launches).
+    on_phase: called as ``on_phase("compile" | "run", op)`` before each program is compiled
+      and run (a watchdog's clock).
   """
   import jax
   import jax.numpy as jnp
@@ -551,13 +554,18 @@ def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
   def unstack(tree):
     return jax.tree.map(lambda a: a[0], tree)
 
-  def run(fn, in_specs, out_specs, *args):
+  def run(op, fn, in_specs, out_specs, *args):
     f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                               check_vma=False))
     if lower_only:
       f.trace(*args).lower(lowering_platforms=("cuda",))
       return jax.eval_shape(f, *args)
-    return jax.block_until_ready(f(*args))
+    if on_phase:
+      on_phase("compile", op)
+    compiled = f.lower(*args).compile()
+    if on_phase:
+      on_phase("run", op)
+    return jax.block_until_ready(compiled(*args))
 
   def put(a, sharding):  # a: the same numpy array on every process
     if lower_only:
@@ -584,18 +592,19 @@ def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
     def dispatch(x, ids, w, config=config):
       return stack(be.dispatch(x, ids, w, jnp.zeros((), jnp.int32), config))
 
-    recv_x, _, layout = run(dispatch, (spec,) * 3, spec, x, ids, weights)
+    recv_x, _, layout = run("dispatch", dispatch, (spec,) * 3, spec, x, ids, weights)
     # combine (forward; also dispatch's backward with unit weights)
-    run(lambda y, lay, config=config: be.combine_rows(
+    run("combine", lambda y, lay, config=config: be.combine_rows(
         y[0], lay.row_weights[0], unstack(lay), config), (spec, spec), spec, recv_x, layout)
-    run(lambda y, lay, config=config: be.combine_rows(
+    run("combine (unit weights)", lambda y, lay, config=config: be.combine_rows(
         y[0], jnp.ones_like(lay.row_weights[0]), unstack(lay), config), (spec, spec), spec,
         recv_x, layout)
     # combine's backward: rows of d_out along the layout
-    run(lambda d, lay, config=config: stack(be.dispatch_rows(d, unstack(lay), config)),
+    run("dispatch_rows",
+        lambda d, lay, config=config: stack(be.dispatch_rows(d, unstack(lay), config)),
         (spec, spec), spec, x, layout)
     # dispatch's backward for the routing weights: per-slot gather
-    run(lambda v, lay, config=config: be.gather_slots(v[0], unstack(lay), config),
+    run("gather_slots", lambda v, lay, config=config: be.gather_slots(v[0], unstack(lay), config),
         (spec, spec), spec, layout.row_weights, layout)
     # experts, forward and backward (no jax_ep communication in this program)
     f = moe.intermediate
@@ -614,7 +623,8 @@ def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
       grads = jax.grad(loss, argnums=(0, 1, 2, 3))(y[0], wg, wu, wd)
       return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32))[None], grads)
 
-    run(experts, (spec, spec, w_spec, w_spec, w_spec), spec, recv_x, layout, wg, wu, wd)
+    run("experts", experts, (spec, spec, w_spec, w_spec, w_spec), spec, recv_x, layout, wg, wu,
+        wd)
 
 
 class _KernelRecorder:
@@ -851,12 +861,20 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
         if is_primary:
           result.start_step = start_step
         if resolved == "triton" and warmup_kernels:
-          watchdog.beat(f"kernel warm-up ({name})")
           t0 = time.perf_counter()
           warm = _KernelRecorder()
+
+          def on_phase(phase, op):
+            if phase == "compile":
+              watchdog.pause()
+            else:
+              watchdog.beat(f"kernel warm-up: {op} ({name})")
+
           with warm:
             warm_up_kernels(abstract_model_opt, mesh, tokens_per_step, cfg.dtype,
-                            gmm_backend="xla" if run.gmm_backend == "xla" else "auto")
+                            gmm_backend="xla" if run.gmm_backend == "xla" else "auto",
+                            on_phase=on_phase)
+          watchdog.pause()
           log(f"kernels warmed up one op at a time ({len(warm.keys)} kernels, "
               f"{time.perf_counter() - t0:.1f} s)")
         end_step = cfg.steps if (stop_after is None or not is_primary) else min(cfg.steps,
@@ -955,11 +973,11 @@ def train(cfg: TrainConfig, *, devices=None, out_dir: str | None = None, resume:
         if is_primary and out_dir and end_step > start_step:
           _save_checkpoint(out_dir, state, end_step, cfg, losses, aux_losses)
         if is_primary and eval_batches > 0:
+          batches = [to_global(sample_batch(eval_data, 10_000_000 + i, cfg))
+                     for i in range(eval_batches)]
+          eval_fn = eval_step.lower(state, batches[0]).compile()
           watchdog.beat(f"held-out evaluation ({name})")
-          eval_losses = []
-          for i in range(eval_batches):
-            batch = sample_batch(eval_data, 10_000_000 + i, cfg)
-            eval_losses.append(float(jax.device_get(eval_step(state, to_global(batch)))))
+          eval_losses = [float(jax.device_get(eval_fn(state, b))) for b in batches]
           run.eval_loss = float(np.mean(eval_losses))
           watchdog.pause()
           log(f"held-out loss {run.eval_loss:.4f} nats/byte "
