@@ -70,8 +70,8 @@ def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.conste
 def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                  ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HC: tl.constexpr, J_UNROLL: tl.constexpr):
+                  CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, J_UNROLL: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
@@ -85,7 +85,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
     smask = tmask[:, None] & (k < TOPK)[None, :]
     pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], mask=smask,
                   other=-1)
-    present = pos >= 0
+    present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
     cnt = tl.sum(present.to(tl.int32), axis=1)
     jmax = tl.max(cnt, axis=0)
     if jmax > 0:
@@ -148,8 +148,9 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    out_ptr, status_ptr,
                    sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, ROWS_OFF: tl.constexpr,
-                   ROW_MARK_OFF: tl.constexpr, NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
+                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+                   NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                    BLOCK_HR: tl.constexpr, J_UNROLL: tl.constexpr, R_UNROLL: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
@@ -168,10 +169,10 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   if PHASE == 0:
     if pid == 0:
       leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                     USE_TIMER, W_P, 0)
+                     USE_TIMER, W_P, 0, ROW_MARK_OFF, MAX_TOKENS)
   if PHASE == 2 or PHASE == 3:
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                   USE_TIMER, W_P, PHASE)
+                   USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS)
   st = status_ptr + 1 + pid
   if PHASE == 0 or PHASE == 4:
     tl.store(st, 0)
@@ -179,8 +180,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     prof_mark(sym_table, rank, pid, _PROF_GO, PROFILE)
     if seq > 0:
       _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
-                    world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, ROWS_OFF,
-                    ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
+                    world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
+                    ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
     prof_mark(sym_table, rank, pid, _PROF_PUSH, PROFILE)
   if PHASE == 0 or PHASE == 5:
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
@@ -200,7 +201,8 @@ def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
                   out_ptr, status_ptr,
                   sym_table, rank, world, epoch, timeout_ns, op, fingerprint,
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, TOPK: tl.constexpr,
-                  TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
+                  TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr,
+                  SLOT_VAL_OFF: tl.constexpr,
                   NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_T: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                   PROFILE: tl.constexpr):
@@ -232,7 +234,7 @@ def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
         smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
         pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
                       mask=smask, other=-1)
-        v = tl.load(values_ptr + pos, mask=pos >= 0, other=0.0)
+        v = tl.load(values_ptr + pos, mask=(pos >= 0) & (pos < CAPACITY), other=0.0)
         dst = sym_ptr(sym_table, s, SLOT_VAL_OFF, tl.float32)
         tl.store(dst + (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :], v, mask=smask)
       signal_peers(sym_table, rank, world, pid, seq)

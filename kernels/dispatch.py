@@ -118,7 +118,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
 
 @triton.jit
 def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                  recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                  recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
+                  HIDDEN: tl.constexpr,
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
   """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
@@ -130,6 +131,7 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   smask = tmask[:, None] & (k < TOPK)[None, :]
   slot = (s * pos_stride + t)[:, None] * TOPK + k[None, :]
   pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
+  pos = tl.where(pos < CAPACITY, pos, -1)  # a corrupt layout cannot address past recv_x
   if WITH_META:
     w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
     tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=smask)
@@ -189,7 +191,7 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
     wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                status_ptr, op, USE_TIMER)
     _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                  recv_pos_ptr, NUM_TOKENS, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+                  recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
   prof_mark(sym_table, rank, PROF_ID, _PROF_SELF, PROFILE)
   # 3. The other sources' blocks, in the order the senders produce them.
   staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -199,7 +201,7 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
       wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                  status_ptr, op, USE_TIMER)
       _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, HIDDEN, TOPK, TOPK_P, WITH_META,
+                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
                     BLOCK_T, BLOCK_H)
 
 
@@ -285,12 +287,14 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
       leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                     num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                     fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
-                    CAPACITY, ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, 0)
+                    CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
+                    BLOCK_PROG, USE_TIMER, 0)
   if PHASE == 2 or PHASE == 3:
     leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
-                  CAPACITY, ALIGNMENT, COUNTS_OFF, W_P, BLOCK_B, BLOCK_PROG, USE_TIMER, PHASE)
+                  CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
+                  BLOCK_PROG, USE_TIMER, PHASE)
   if PHASE == 0 or PHASE == 4 or PHASE == 5:
     _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
            sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,
@@ -330,10 +334,10 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   if PHASE == 0:
     if pid == 0:
       leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                     USE_TIMER, W_P, 0)
+                     USE_TIMER, W_P, 0, BLOCK_FLAG_OFF, MAX_TOKENS)
   if PHASE == 2 or PHASE == 3:
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                   USE_TIMER, W_P, PHASE)
+                   USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS)
   if PHASE == 0 or PHASE == 4 or PHASE == 5:
     _roles(pid, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, recv_pos_in_ptr, NUM_TOKENS,
            recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr,

@@ -181,13 +181,15 @@ class EPPlan:
   def combine(self, phase: int = 0) -> dict:
     r = self.region
     return {**self._common(), **dict(
-        HIDDEN=self.hidden, ROWS_OFF=r.rows_off, ROW_MARK_OFF=r.row_mark_off,
+        HIDDEN=self.hidden, CAPACITY=self.capacity, ROWS_OFF=r.rows_off,
+        ROW_MARK_OFF=r.row_mark_off,
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HR=self.combine_block_hr, J_UNROLL=self.j_unroll, R_UNROLL=self.r_unroll,
         PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
-    return dict(**self._common(), E_LOCAL=self.e_local, SLOT_VAL_OFF=self.region.slot_val_off,
+    return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,
+                SLOT_VAL_OFF=self.region.slot_val_off,
                 NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
                 PHASE=phase)

@@ -59,7 +59,8 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
                   fingerprint, num_programs,
                   NUM_BLOCKS: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_P: tl.constexpr,
                   E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
-                  ALIGNMENT: tl.constexpr, COUNTS_OFF: tl.constexpr, W_P: tl.constexpr,
+                  ALIGNMENT: tl.constexpr, COUNTS_OFF: tl.constexpr,
+                  BLOCK_FLAG_OFF: tl.constexpr, MAX_TOKENS: tl.constexpr, W_P: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_PROG: tl.constexpr, USE_TIMER: tl.constexpr,
                   PHASE: tl.constexpr):
   """The count exchange, the start barrier and every position base (program 0 only).
@@ -92,7 +93,10 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
       tile = tl.load(hist_ptr + (b0 + bb)[:, None] * NUM_EXPERTS + e[None, :], mask=m, other=0,
                      cache_modifier=".cg")
       counts += tl.sum(tile, axis=0)
-    # 2. Exchange: counts into every peer's COUNTS[seq % 2, rank], then announce seq.
+    # 2. This op's block flags start from 0 (the area may hold another config's bytes; peers
+    #    write them only after our announce). Then counts into every peer's
+    #    COUNTS[seq % 2, rank], then announce seq.
+    ep_sync.zero_own(sym_table, rank, BLOCK_FLAG_OFF, world * MAX_TOKENS, 1024)
     for r in range(world):
       dst = sym_ptr(sym_table, r, COUNTS_OFF + slot_bytes, tl.int32) + rank * NUM_EXPERTS
       tl.store(dst + e, counts, mask=emask)

@@ -147,7 +147,12 @@ class SimWorld:
   def __init__(self, plan: EPPlan):
     self.plan = plan
     w = plan.world
-    self.regions = [np.zeros(plan.region.total_bytes, np.uint8) for _ in range(w)]
+    # The control block starts zeroed (as runtime.initialize leaves it); the config-dependent
+    # part holds garbage whose int32 view is a huge positive number, as another config's rows
+    # may leave it: a flag there that is not reset would read as "arrived".
+    self.regions = [np.full(plan.region.total_bytes, 0x7F, np.uint8) for _ in range(w)]
+    for r in self.regions:
+      r[:ep_sync.CONTROL_BYTES] = 0
     self.table = Arr(np.array([r.ctypes.data for r in self.regions], np.int64))
     self.timeout_ns = 2_000_000  # interpreter: spins = timeout_ns // 1000
     self.epoch = 0
@@ -392,6 +397,35 @@ def test_timeout_is_recorded_not_hung(interp):
   assert list(err[:5]) == [1, ep_sync.OP_COMBINE, 0, 1, 1]
   msg = ep_sync.describe_error(err)
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
+
+
+def test_receivers_do_not_take_stale_bytes_for_arrived_blocks(interp):
+  """The block flags live in the config-dependent part of the region, which another config's
+  rows may have filled: run the receivers BEFORE the senders (as a slow peer would let them on
+  a GPU) and they must wait (and here time out), not expand garbage."""
+  plan = EPPlan(world=2, num_tokens=8, max_tokens=8, hidden=16, topk=2, num_experts=4,
+                capacity=32, alignment=1, num_sms=4, use_timer=False)
+  sim = SimWorld(plan)
+  sim.timeout_ns = 5_000
+  rng = np.random.default_rng(3)
+  idxs = routing(rng, "uniform", 2, 8, 2, 4)
+  outs = [dict(recv_x=empty((32, 16), np.float32), recv_w=empty((32,), np.float32),
+               recv_pos=empty((2, 8, 2), np.int32), gs=empty((2,), np.int32),
+               go=empty((2,), np.int32), nrecv=empty((1,), np.int32),
+               ndrop=empty((1,), np.int32), hist=empty((plan.num_blocks, 4), np.int32),
+               base=empty((plan.num_blocks, 4), np.int32),
+               status=empty((plan.status_size("dispatch_kernel"),), np.int32)) for _ in range(2)]
+  names = ("recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")
+  args = [[Arr(np.ones((8, 16), np.float32)), Arr(idxs[r]), Arr(np.ones((8, 2), np.float32))]
+          + [outs[r][n] for n in names] for r in range(2)]
+  ns, nr = plan.num_senders, plan.num_receivers
+  sim.launch(kd.dispatch_kernel, args, plan.dispatch(False), ep_sync.OP_DISPATCH,
+             phases=[(1, ns + nr), (2, 1), (3, 1), (5, nr)])
+  for r in range(2):
+    st = outs[r]["status"].a
+    # The receiver owning the (only) block waited for it and timed out; none expanded garbage.
+    assert (st[1 + ns:] == ep_sync.OP_DISPATCH + 8).any(), st
+    assert set(st[1 + ns:]) <= {0, ep_sync.OP_DISPATCH + 8}, st
 
 
 def test_fingerprint_mismatch_skips_the_op_on_every_rank(interp):
