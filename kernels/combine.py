@@ -38,6 +38,8 @@ _PROF_GO = tl.constexpr(PROF_GO)
 _PROF_PUSH = tl.constexpr(PROF_PUSH)
 _PROF_ARRIVED = tl.constexpr(PROF_ARRIVED)
 _PROF_END = tl.constexpr(PROF_END)
+# Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES chunks deep).
+STAGES = tl.constexpr(2)
 
 
 @triton.jit
@@ -94,16 +96,25 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       have = cnt > 0
       dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
              + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
-      for h0 in range(0, HIDDEN, BLOCK_HC):
-        cols = h0 + h
-        hmask = cols < HIDDEN
-        acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-        for j in tl.static_range(J_UNROLL):  # unrolled: these row loads are in flight together
-          acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-        for j0 in range(J_UNROLL, jmax, J_UNROLL):  # tokens with more rows here (rarer)
-          for j in tl.static_range(J_UNROLL):
-            acc = _level(acc, j0 + j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-        tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
+      # Two versions of the chunk loop, each with a static level count so Triton can
+      # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
+      # token of the block has more rows here.
+      if jmax <= J_UNROLL:
+        for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
+          cols = h0 + h
+          hmask = cols < HIDDEN
+          acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
+          for j in tl.static_range(J_UNROLL):  # unrolled: these row loads are in flight together
+            acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+          tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
+      else:
+        for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
+          cols = h0 + h
+          hmask = cols < HIDDEN
+          acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
+          for j in tl.static_range(TOPK):
+            acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+          tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
   signal_peers(sym_table, rank, world, pid, seq)
@@ -128,17 +139,16 @@ def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
     got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
                   cache_modifier=".cg")
     got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
-    for h0 in range(0, HIDDEN, BLOCK_HR):
+    for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
       cols = h0 + h
       hmask = cols < HIDDEN
       acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
-      for r0 in range(0, world, R_UNROLL):
-        for rr in tl.static_range(R_UNROLL):  # these ranks' rows are loaded together
-          g = tl.sum(tl.where(r[:, None] == r0 + rr, got, 0), axis=0) > 0
-          v = tl.load(rows + ((r0 + rr) * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-                      + cols[None, :], mask=g[:, None] & hmask[None, :], other=0.0,
-                      cache_modifier=".cg")
-          acc += v.to(tl.float32)
+      for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
+        g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
+        v = tl.load(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+                    + cols[None, :], mask=g[:, None] & hmask[None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc += v.to(tl.float32)
       tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
                mask=tmask[:, None] & hmask[None, :])
 

@@ -45,6 +45,10 @@ _PROF_ZERO = tl.constexpr(PROF_ZERO)
 _PROF_SELF = tl.constexpr(PROF_SELF)
 _PROF_PUSH = tl.constexpr(PROF_PUSH)
 _PROF_END = tl.constexpr(PROF_END)
+# Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
+# shared memory, STAGES chunks in flight (3 x 32 KB tiles), so a program no longer waits one
+# full memory latency per chunk.
+STAGES = tl.constexpr(3)
 
 
 @triton.jit
@@ -104,7 +108,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     if tl.max(remote.to(tl.int32), axis=0) > 0:
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      for h0 in range(0, HIDDEN, BLOCK_H):
+      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES deep
         hmask = (h0 + h) < HIDDEN
         rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
@@ -139,7 +143,7 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
-    for h0 in range(0, HIDDEN, BLOCK_H):
+    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES deep
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(src + (h0 + h)[None, :], mask=have[:, None] & hmask[None, :],
                      cache_modifier=".cg")

@@ -308,6 +308,7 @@ CASES = [
     (3, 9, 16, 2, 6, None, 2, "empty", np.float32),          # nothing selected
     (2, 7, 300, 2, 4, None, 1, "uniform", np.float32),        # rows in 3 chunks (128 + tail)
     (4, 40, 64, 8, 256, 200, 1, "uniform", ml_dtypes.bfloat16),  # DeepSeek-V3 routing, 3 blocks
+    (2, 24, 32, 8, 8, None, 2, "skewed", np.float32),  # > 4 of a token's 8 rows on one rank
 ]
 
 
