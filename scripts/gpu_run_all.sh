@@ -48,13 +48,13 @@ PT="$PY -m pytest -m gpu -q -rA -s -p no:cacheprovider"
 
 for s in ${STAGES:-bench dc_tests}; do
   case $s in
-    bench) stage bench 240 "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
+    bench) stage bench ${BENCH_LIMIT:-240} "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
         ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 220 --out $OUT \
         ${BENCH_ARGS:-}" ;;
     bench_mp) stage bench_mp 300 "$PY benchmarks/bench_dispatch_combine.py --mode nvshmem \
         --shapes ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --timeout 280 --out $OUT \
         ${BENCH_ARGS:-}" ;;
-    dc_tests) stage dc_tests 300 "JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py \
+    dc_tests) stage dc_tests ${DC_LIMIT:-300} "JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py \
         --timeout=150" ;;
     soak) stage soak 270 "JAX_EP_SOAK_ROUNDS=${SOAK_ROUNDS:-2000} JAX_EP_SOAK_TIMEOUT=240 \
         JAX_EP_SOAK_OUT=$OUT/soak_gpu.json $PT tests/gpu/test_soak_gpu.py --timeout=250" ;;
