@@ -58,7 +58,7 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 // ------------------------------------------------------------------------------------------
 // Errors
@@ -351,18 +351,28 @@ bool CubinUsesNvshmem(const std::string& cubin) {
   return cubin.find("nvshmemi_device_state_d") != std::string::npos;
 }
 
-// Returns the loaded kernel for (ctx, key), loading it on first use. Caller holds rt.mu.
-ffi::ErrorOr<LoadedKernel> GetKernelLocked(Runtime& rt, CUcontext ctx, std::string_view key,
-                                           std::string_view path, std::string_view name,
-                                           int64_t shared_mem) {
-  auto it = rt.kernels.find({ctx, std::string(key)});
-  if (it != rt.kernels.end()) return it->second;
+// Returns the loaded kernel for (ctx, key), loading it on first use. Takes rt.mu only to look
+// up and to insert: the module load runs WITHOUT the lock. A load may wait until the device is
+// idle, and in one process driving several GPUs, a jax_ep kernel spinning on GPU A for its
+// peers must not keep GPU B's thread from launching the kernel it waits for (B's launch needs
+// the lock). Kernels are preloaded at trace time (jep_preload_kernel), so a launch rarely loads.
+ffi::ErrorOr<LoadedKernel> GetKernel(Runtime& rt, CUcontext ctx, std::string_view key,
+                                     std::string_view path, std::string_view name,
+                                     int64_t shared_mem) {
   auto& cu = Cuda();
   std::string cubin;
-  auto reg = rt.cubins.find(std::string(key));
-  if (reg != rt.cubins.end()) {
-    cubin = reg->second;
-  } else {
+  bool have_cubin = false;
+  {
+    std::lock_guard<std::mutex> lock(rt.mu);
+    auto it = rt.kernels.find({ctx, std::string(key)});
+    if (it != rt.kernels.end()) return it->second;
+    auto reg = rt.cubins.find(std::string(key));
+    if (reg != rt.cubins.end()) {
+      cubin = reg->second;
+      have_cubin = true;
+    }
+  }
+  if (!have_cubin) {
     std::ifstream f(std::string(path), std::ios::binary);
     if (!f)
       return ffi::Unexpected(ffi::Error(
@@ -371,6 +381,7 @@ ffi::ErrorOr<LoadedKernel> GetKernelLocked(Runtime& rt, CUcontext ctx, std::stri
           "readable at " + std::string(path) + "; the jax_ep kernel cache (JAX_EP_CACHE_DIR) must be "
           "shared by every process that runs this executable"));
     cubin.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    std::lock_guard<std::mutex> lock(rt.mu);
     rt.cubins.emplace(std::string(key), cubin);
   }
   LoadedKernel k;
@@ -410,8 +421,10 @@ ffi::ErrorOr<LoadedKernel> GetKernelLocked(Runtime& rt, CUcontext ctx, std::stri
                                         "jax_ep: kernel " + fname + " needs " + std::to_string(shared_mem) +
                                             " bytes of shared memory: " + CuErr(r)));
   }
-  rt.kernels.emplace(std::make_pair(ctx, std::string(key)), k);
-  return k;
+  std::lock_guard<std::mutex> lock(rt.mu);
+  auto [it, inserted] = rt.kernels.emplace(std::make_pair(ctx, std::string(key)), k);
+  if (!inserted) cu.cuModuleUnload(k.module);  // another thread loaded it first: use theirs
+  return it->second;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -441,10 +454,12 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
   LoadedKernel kernel;
   DeviceState* dev = nullptr;
   {
-    std::lock_guard<std::mutex> lock(rt.mu);
-    auto k = GetKernelLocked(rt, ctx, kernel_key, kernel_path, kernel_name, shared_mem);
+    auto k = GetKernel(rt, ctx, kernel_key, kernel_path, kernel_name, shared_mem);
     if (k.has_error()) return k.error();
     kernel = k.value();
+  }
+  {
+    std::lock_guard<std::mutex> lock(rt.mu);
     if (symmetric) {
       dev = FindDevice(rt, ctx);
       if (dev == nullptr) {
@@ -622,16 +637,41 @@ JEP_EXPORT int jep_device_info(int ordinal, int64_t* out) {
 // Copies `size` bytes at `offset` of device `ordinal`'s symmetric region to `dst` (tests, debug).
 JEP_EXPORT int jep_read_symmetric(int ordinal, size_t offset, void* dst, size_t size) {
   auto& rt = State();
-  std::lock_guard<std::mutex> lock(rt.mu);
-  for (auto& d : rt.devices) {
-    if (d->ordinal != ordinal) continue;
-    if (offset + size > d->bytes) return Fail("read past the end of the symmetric region");
-    jax_ep::ScopedContext scope(d->ctx);
-    JEP_CU(jax_ep::Cuda().cuCtxSynchronize(), "cuCtxSynchronize");
-    JEP_CU(jax_ep::Cuda().cuMemcpyDtoH(dst, d->base + offset, size), "cuMemcpyDtoH");
-    return 0;
+  CUcontext ctx = nullptr;
+  CUdeviceptr base = 0;
+  {
+    std::lock_guard<std::mutex> lock(rt.mu);
+    for (auto& d : rt.devices) {
+      if (d->ordinal != ordinal) continue;
+      if (offset + size > d->bytes) return Fail("read past the end of the symmetric region");
+      ctx = d->ctx;
+      base = d->base;
+    }
   }
-  return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
+  if (ctx == nullptr)
+    return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
+  // Synchronize without the lock: other GPUs' launches (which take it) may be what this
+  // device's kernels are waiting for.
+  jax_ep::ScopedContext scope(ctx);
+  JEP_CU(jax_ep::Cuda().cuCtxSynchronize(), "cuCtxSynchronize");
+  JEP_CU(jax_ep::Cuda().cuMemcpyDtoH(dst, base + offset, size), "cuMemcpyDtoH");
+  return 0;
+}
+
+// Loads a registered kernel into every runtime device's context now (at trace time), so no
+// launch has to load a module while jax_ep kernels run (see GetKernel).
+JEP_EXPORT int jep_preload_kernel(const char* key, const char* name, int64_t shared_mem) {
+  auto& rt = State();
+  std::vector<CUcontext> ctxs;
+  {
+    std::lock_guard<std::mutex> lock(rt.mu);
+    for (auto& d : rt.devices) ctxs.push_back(d->ctx);
+  }
+  for (CUcontext ctx : ctxs) {
+    auto k = jax_ep::GetKernel(rt, ctx, key, "", name, shared_mem);
+    if (k.has_error()) return Fail(std::string(k.error().message()));
+  }
+  return 0;
 }
 
 // Peer provider: one region of `bytes` on each of the `n` CUDA devices `ordinals` (rank i is

@@ -184,6 +184,11 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
     data = compiled.cubin()
     lib.jep_register_cubin(compiled.key.encode(), data, len(data))
     _ffi.register_target()
+    if runtime.is_initialized():
+      # Load the module on every runtime GPU now, not inside a launch while other jax_ep
+      # kernels run (a module load can wait for the device to go idle).
+      _ffi.check(lib.jep_preload_kernel(compiled.key.encode(), compiled.name.encode(),
+                                        compiled.shared), "jax_ep.launch.triton_call (preload)")
 
   call = jax.ffi.ffi_call(_ffi.TARGET_NAME, out_shapes, has_side_effect=symmetric,
                           vmap_method="sequential")

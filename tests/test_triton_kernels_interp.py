@@ -582,6 +582,7 @@ class _InterpretedLauncher:
 @pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype", [
     (2, 12, 64, 2, 4, None, 1, "float32"),
     (4, 9, 40, 3, 8, 10, 4, "bfloat16"),       # drops + alignment
+    (2, 20, 32, 8, 8, None, 1, "float32"),     # K = 8: tokens with > 4 rows on one rank
 ])
 def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, interp,
                                         monkeypatch):
