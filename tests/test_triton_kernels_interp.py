@@ -643,3 +643,53 @@ def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, in
   np.testing.assert_allclose(np.asarray(out_t, np.float32), np.asarray(out_x, np.float32), **tol)
   for a, b in zip(g_t, g_x):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+
+
+def test_zero_tokens_run_no_kernel_and_match_xla(monkeypatch):
+  """T = 0 on every rank (static shapes): the triton backend launches nothing (XLA's sharding
+  passes reject custom calls on zero-size operands on GPU) and returns the xla backend's
+  outputs: empty groups, zero rows, and empty combine / gradients."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import jax_ep
+  from jax_ep import launch, runtime
+  from jax_ep.backends import triton as tb
+
+  world = 2
+  if len(jax.devices()) < world:
+    pytest.skip(f"needs {world} devices")
+  calls = []
+  monkeypatch.setattr(launch, "triton_call", lambda *a, **k: calls.append(a) or 1 / 0)
+  monkeypatch.setattr(tb, "check_usable", lambda config: None)
+  monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+  monkeypatch.setattr(runtime, "world_size", lambda: world)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:world]), ("ep",))
+  base = jax_ep.EPConfig(num_experts=4, topk=2, hidden=16, max_tokens_per_rank=4,
+                         expert_alignment=2)
+
+  def run(backend):
+    cfg = dataclasses.replace(base, backend=backend)
+
+    def step(x, idx, w):
+      def loss(x, w):
+        recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+        out = jax_ep.combine(recv_x * 2, layout, config=cfg)
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(recv_w)
+      recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
+      gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+      return jax.tree.map(lambda a: a[None], (recv_x, recv_w, layout, gx, gw))
+
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
+    return jax.tree.map(np.asarray, f(jnp.zeros((0, 16), jnp.bfloat16),
+                                      jnp.zeros((0, 2), jnp.int32),
+                                      jnp.zeros((0, 2), jnp.float32)))
+
+  want, got = run("xla"), run("triton")
+  assert not calls
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)

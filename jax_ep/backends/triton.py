@@ -242,10 +242,26 @@ def _world(config: EPConfig) -> int:
   return lax.axis_size(config.axis_name)
 
 
+def _empty_dispatch(x, topk_idx, num_invalid, config: EPConfig, world: int):
+  """T = 0 on every rank (shapes are static and equal across ranks): nothing moves, so no
+  kernel runs (XLA's sharding passes also reject custom calls on zero-size operands)."""
+  c, el = config.capacity_rows(world), config.num_experts // world
+  zi = lambda *shape: _varying(jnp.zeros(shape, jnp.int32), config.axis_name)
+  recv_x = _varying(jnp.zeros((c, x.shape[1]), x.dtype), config.axis_name)
+  recv_w = _varying(jnp.zeros((c,), jnp.float32), config.axis_name)
+  layout = DispatchLayout(
+      group_sizes=zi(el), group_offsets=zi(el), num_recv_rows=zi(), num_dropped=zi(),
+      num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32),
+      recv_pos=zi(world, 0, config.topk), row_weights=recv_w)
+  return recv_x, recv_w, layout
+
+
 def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
   t = x.shape[0]
+  if t == 0:
+    return _empty_dispatch(x, topk_idx, num_invalid, config, world)
   p = _plan(config, world, t, x.dtype)
   nb, e, el, c = p.num_blocks, p.num_experts, p.e_local, p.capacity
   name = "dispatch_kernel"
@@ -271,6 +287,9 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
 def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
+  if x.shape[0] == 0:  # T = 0 on every rank: no rows anywhere
+    return _varying(jnp.zeros((config.capacity_rows(world), x.shape[1]), x.dtype),
+                    config.axis_name)
   p = _plan(config, world, x.shape[0], x.dtype)
   name = "dispatch_rows_kernel"
   recv_x, status = _call(
@@ -288,6 +307,8 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
+  if t == 0:
+    return _varying(jnp.zeros((0, y.shape[1]), y.dtype), config.axis_name)
   p = _plan(config, world, t, y.dtype)
   name = "combine_kernel"
   out, status = _call(
@@ -303,6 +324,8 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
+  if t == 0:
+    return _varying(jnp.zeros((0, config.topk), jnp.float32), config.axis_name)
   p = _plan(config, world, t, jnp.float32)
   name = "gather_kernel"
   out, status = _call(
