@@ -675,18 +675,33 @@ def device_soak_config(shape, world: int, backend: str, timeout_s: float = 20.0)
   t, t_max, h, e, k, cap, align, _ = shape
   base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t_max,
                          expert_alignment=align, backend=backend, timeout_s=timeout_s)
-  if cap is None:
-    return base
-  if cap == "balanced":
-    capacity = base.balanced_capacity(world)
-  elif cap == "half":
-    capacity = base.balanced_capacity(world, 0.5)
-  elif cap == "tiny":
-    capacity = align
-  else:
-    raise ValueError(f"device_soak_config: capacity={cap!r} must be None, 'balanced', 'half' "
-                     f"or 'tiny'.")
-  return dataclasses.replace(base, capacity=capacity)
+  return with_capacity(base, world, cap)
+
+
+def with_capacity(base, world: int, kind):
+  """``base`` (an EPConfig) with the capacity named by ``kind``: None (the no-drop default),
+  'balanced' (1.25 x the mean), 'half' (0.5 x the mean: drops), 'tiny' (one alignment unit) or
+  'one' (a single row)."""
+  import dataclasses
+  capacities = {None: lambda: None, "balanced": lambda: base.balanced_capacity(world),
+                "half": lambda: base.balanced_capacity(world, 0.5),
+                "tiny": lambda: base.expert_alignment, "one": lambda: 1}
+  if kind not in capacities:
+    raise ValueError(f"jax_ep.testing.with_capacity: kind={kind!r} must be one of "
+                     f"{sorted(capacities, key=str)}.")
+  return dataclasses.replace(base, capacity=capacities[kind]())
+
+
+def ffi_gpu_count() -> int:
+  """CUDA devices the jax_ep FFI library sees (0 without it); starts no JAX GPU client, so GPU
+  tests can decide to skip (or how many processes to launch) before importing JAX's backend."""
+  try:
+    from jax_ep import _ffi
+    if not _ffi.available():
+      return 0
+    return max(_ffi.library().jep_cuda_device_count(), 0)
+  except Exception:  # noqa: BLE001 -- no library, no driver: no GPUs
+    return 0
 
 
 def device_fwd_fn(config, mesh):

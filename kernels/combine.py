@@ -30,14 +30,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (PROF_ARRIVED, PROF_END, PROF_GO, PROF_PUSH, PROF_START, leader_barrier,
+from .ep_sync import (P_ARRIVED, P_END, P_GO, P_PUSH, P_START, leader_barrier, leader_turn,
                       prof_mark, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
 
-_PROF_START = tl.constexpr(PROF_START)
-_PROF_GO = tl.constexpr(PROF_GO)
-_PROF_PUSH = tl.constexpr(PROF_PUSH)
-_PROF_ARRIVED = tl.constexpr(PROF_ARRIVED)
-_PROF_END = tl.constexpr(PROF_END)
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES chunks deep).
 STAGES = tl.constexpr(2)
 
@@ -175,35 +170,31 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     every rank before the next.
   """
   pid = tl.program_id(0)
-  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
-  if PHASE == 0:
-    if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                     USE_TIMER, W_P, 0, ROW_MARK_OFF, MAX_TOKENS)
-  if PHASE == 2 or PHASE == 3:
+  prof_mark(sym_table, rank, pid, P_START, PROFILE)
+  if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS)
   st = status_ptr + 1 + pid
   if PHASE == 0 or PHASE == 4:
     tl.store(st, 0)
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    prof_mark(sym_table, rank, pid, _PROF_GO, PROFILE)
+    prof_mark(sym_table, rank, pid, P_GO, PROFILE)
     if seq > 0:
       _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                     world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                     ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
-    prof_mark(sym_table, rank, pid, _PROF_PUSH, PROFILE)
+    prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
   if PHASE == 0 or PHASE == 5:
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
     if seq > 0:
       ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
                              USE_TIMER, BLOCK_P)
-      prof_mark(sym_table, rank, pid, _PROF_ARRIVED, PROFILE)
+      prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
       if ok:
         _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
                         MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, R_UNROLL, BLOCK_T,
                         BLOCK_HR)
-    prof_mark(sym_table, rank, pid, _PROF_END, PROFILE)
+    prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 
 @triton.jit
@@ -223,11 +214,7 @@ def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
   Outputs: out ``[T, K] f32``, status ``[1 + NUM_PROGRAMS] int32``. PHASE as in combine.
   """
   pid = tl.program_id(0)
-  if PHASE == 0:
-    if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                     USE_TIMER, W_P, 0)
-  if PHASE == 2 or PHASE == 3:
+  if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE)
   st = status_ptr + 1 + pid

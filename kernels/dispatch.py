@@ -35,16 +35,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (PROF_END, PROF_GO, PROF_PUSH, PROF_SELF, PROF_START, PROF_ZERO,
-                      leader_barrier, prof_mark, signal_block, sym_ptr, wait_block, wait_go)
+from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barrier,
+                      leader_turn, prof_mark, signal_block, sym_ptr, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout
 
-_PROF_START = tl.constexpr(PROF_START)
-_PROF_GO = tl.constexpr(PROF_GO)
-_PROF_ZERO = tl.constexpr(PROF_ZERO)
-_PROF_SELF = tl.constexpr(PROF_SELF)
-_PROF_PUSH = tl.constexpr(PROF_PUSH)
-_PROF_END = tl.constexpr(PROF_END)
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
 # shared memory, STAGES chunks in flight (3 x 32 KB tiles), so a program no longer waits one
 # full memory latency per chunk.
@@ -189,14 +183,14 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
         hmask = (h0 + h) < HIDDEN
         tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                  tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
-  prof_mark(sym_table, rank, PROF_ID, _PROF_ZERO, PROFILE)
+  prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
   # 2. This rank's own blocks: ready soonest (no NVLink), rows straight from x.
   for blk in range(pid, num_blocks, num_programs):
     wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                status_ptr, op, USE_TIMER)
     _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
                   recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
-  prof_mark(sym_table, rank, PROF_ID, _PROF_SELF, PROFILE)
+  prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
   # 3. The other sources' blocks, in the order the senders produce them.
   staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   for blk in range(pid, num_blocks, num_programs):
@@ -232,21 +226,21 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
   st = status_ptr + 1 + prof_id
   tl.store(st, 0)
   seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-  prof_mark(sym_table, rank, prof_id, _PROF_GO, PROFILE)
+  prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
   if seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
                  rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
                  E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_FLAG_OFF,
                  ROWS_OFF, BLOCK_T, BLOCK_H)
-      prof_mark(sym_table, rank, prof_id, _PROF_PUSH, PROFILE)
+      prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
     else:
       _expand_body(rid, NUM_RECEIVERS, x_ptr, pos_ptr, pos_stride, val_ptr, group_offsets_ptr,
                    group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st, sym_table, rank,
                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, not FROM_LAYOUT,
                    BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, prof_id, PROFILE)
-  prof_mark(sym_table, rank, prof_id, _PROF_END, PROFILE)
+  prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
 @triton.jit
@@ -282,18 +276,11 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   """
   pid = tl.program_id(0)
   num_programs: tl.constexpr = NUM_SENDERS + NUM_RECEIVERS
-  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
+  prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if PHASE == 0 or PHASE == 1:
     hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch, NUM_TOKENS,
                 NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T)
-  if PHASE == 0:
-    if pid == 0:
-      leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
-                    num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
-                    fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
-                    CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
-                    BLOCK_PROG, USE_TIMER, 0)
-  if PHASE == 2 or PHASE == 3:
+  if leader_turn(pid, PHASE):
     leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
@@ -334,12 +321,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   PHASE as in dispatch_kernel (without 1).
   """
   pid = tl.program_id(0)
-  prof_mark(sym_table, rank, pid, _PROF_START, PROFILE)
-  if PHASE == 0:
-    if pid == 0:
-      leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                     USE_TIMER, W_P, 0, BLOCK_FLAG_OFF, MAX_TOKENS)
-  if PHASE == 2 or PHASE == 3:
+  prof_mark(sym_table, rank, pid, P_START, PROFILE)
+  if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS)
   if PHASE == 0 or PHASE == 4 or PHASE == 5:

@@ -95,6 +95,10 @@ _GO_OFF = tl.constexpr(GO_OFF)
 _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
+# The profile slots as constexprs, for the kernels' prof_mark calls.
+P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END = (
+    tl.constexpr(v) for v in (PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH,
+                              PROF_ARRIVED, PROF_END))
 
 # Op codes (what a launch is): recorded in ERR[1] and the status outputs as op + 8 * phase,
 # the phase saying what failed (a wait that timed out, or the fingerprint check).
@@ -341,6 +345,17 @@ def zero_own(sym_table, rank, byte_off, n, BLOCK: tl.constexpr):
   i = tl.arange(0, BLOCK)
   for i0 in range(0, n, BLOCK):
     tl.store(ptr + i0 + i, tl.zeros([BLOCK], tl.int32), mask=(i0 + i) < n)
+
+
+@triton.jit
+def leader_turn(pid, PHASE: tl.constexpr):
+  """Whether this program runs the leader's part of a launch: program 0 on the GPU (PHASE 0);
+  the interpreter's leader phases 2 and 3 run with a grid of one."""
+  if PHASE == 0:
+    turn = pid == 0
+  else:
+    turn = tl.full([], PHASE == 2 or PHASE == 3, tl.int1)
+  return turn
 
 
 @triton.jit

@@ -58,23 +58,12 @@ def _case_id(c):
 
 def _config(case, world, backend):
   import jax_ep
+  from jax_ep import testing
   t, h, e, k, cap, align, _, _ = case
   # timeout_s: generous, as processes may reach their first kernel seconds apart (compiles).
   base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
                          expert_alignment=align, backend=backend, timeout_s=120.0)
-  if cap == "balanced":
-    capacity = base.balanced_capacity(world)
-  elif cap == "half":
-    capacity = base.balanced_capacity(world, 0.5)
-  elif cap == "tiny":
-    capacity = align
-  elif cap == "one":
-    capacity = 1
-  else:
-    capacity = None
-  return jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=max(t, 1),
-                         expert_alignment=align, backend=backend, capacity=capacity,
-                         timeout_s=120.0)
+  return testing.with_capacity(base, world, cap)
 
 
 def _inputs(case, world, seed):
@@ -305,13 +294,8 @@ def test_timeout_is_an_error_not_a_hang(peer_world, monkeypatch):
 # -- one process per GPU (NVSHMEM provider) --------------------------------------------------------
 
 def _num_gpus() -> int:
-  try:
-    from jax_ep import _ffi
-    if not _ffi.available():
-      return 0
-    return max(_ffi.library().jep_cuda_device_count(), 0)
-  except Exception:  # noqa: BLE001
-    return 0
+  from jax_ep import testing
+  return testing.ffi_gpu_count()
 
 
 def _free_port() -> int:
