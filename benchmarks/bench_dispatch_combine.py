@@ -494,7 +494,8 @@ def _result_of(out, echo=True):
 def orchestrate(args) -> list[dict]:
   script = os.path.abspath(__file__)
   common = ["--iters", str(args.iters), "--inner", str(args.inner), "--num-sms",
-            str(args.num_sms), "--op-timeout", str(args.op_timeout)] + (["--quick"] if args.quick else []) + (
+            str(args.num_sms), "--op-timeout", str(args.op_timeout)] + (
+                ["--quick"] if args.quick else []) + (
                 ["--no-ragged"] if args.no_ragged else []) + (
                 ["--shapes", args.shapes] if args.shapes else []) + (
                 ["--no-profile"] if args.no_profile else []) + (

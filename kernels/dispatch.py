@@ -189,7 +189,8 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
     wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                status_ptr, op, USE_TIMER)
     _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                  recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+                  recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T,
+                  BLOCK_H)
   prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
   # 3. The other sources' blocks, in the order the senders produce them.
   staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -199,8 +200,8 @@ def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
       wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                  status_ptr, op, USE_TIMER)
       _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                    BLOCK_T, BLOCK_H)
+                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
+                    WITH_META, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
