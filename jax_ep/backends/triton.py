@@ -207,9 +207,9 @@ def check_timeouts() -> None:
   """Raise if any local device recorded a failed op: TimeoutError for a timed-out wait,
   ValueError for ranks that disagreed about an op (reads the error records; syncs)."""
   from jax_ep import runtime
-  from jax_ep.kernels.ep_sync import ERR_OFF, PHASE_MISMATCH, describe_error
-  if not runtime.is_initialized():
+  if not runtime.is_initialized():  # before importing the kernels: triton may be absent
     return
+  from jax_ep.kernels.ep_sync import ERR_OFF, PHASE_MISMATCH, describe_error
   for dev in runtime.devices():
     err = np.frombuffer(runtime.read_symmetric(dev, ERR_OFF, 32), np.int32)
     msg = describe_error(err)
