@@ -995,6 +995,22 @@ def _grad_step_fn(config, mesh):
 GRAD_TOL = {"bfloat16": (3e-2, 3e-2), "float32": (1e-4, 1e-4)}
 
 
+def weight_grad_tolerance(hidden: int, dtype: str) -> tuple[float, float]:
+  """(rtol, atol) for comparing d_topk_weights of two backends.
+
+  Each entry is a dot product of two rows over ``hidden`` (largely cancelling sums in the
+  tests: ~N(0, H/5) for N(0, 1) rows), summed in float32 from bfloat16 factors. XLA may keep an
+  expert output such as ``tanh(recv_x)`` in float32 inside one backend's fused backward and
+  round it to bfloat16 in the other's (custom calls need it materialized), which moves the dot
+  by about bf16_eps * sqrt(H): measured on 4x H200 at H = 7168, up to 0.19; numpy reproduces
+  0.17 on 1.6 % of tokens past a 3e-2 bound. 2^-7 sqrt(H) covers that rounding (5 sigma) while a
+  row of another token moves the dot by ~sqrt(H)."""
+  rtol, atol = GRAD_TOL[dtype]
+  if dtype != "bfloat16":
+    return rtol, atol
+  return rtol, max(atol, 2.0 ** -7 * hidden ** 0.5)
+
+
 def resource_check(soak: DeviceSoak, *, shape=RESOURCE_SHAPE, init_configs=None,
                    steps: int = 1000, cycles: int = 5, seed: int = 0,
                    device_bound: int = 1 << 20, gpu_bound_mib: int = 64, log=None) -> dict:
@@ -1038,7 +1054,8 @@ def resource_check(soak: DeviceSoak, *, shape=RESOURCE_SHAPE, init_configs=None,
   def grads_match(out, ref, what):
     tol = GRAD_TOL[dtype]
     pairs = {"loss": (out[0], ref[0], tol), "num_dropped": (out[1], ref[1], None),
-             "dx": (out[2], ref[2], tol), "d_topk_weights": (out[3], ref[3], tol)}
+             "dx": (out[2], ref[2], tol),
+             "d_topk_weights": (out[3], ref[3], weight_grad_tolerance(shape[2], dtype))}
     diffs, _ = compare_on_device(pairs, 3)
     bad = [d.message() for d in diffs.values() if not d.ok]
     if bad:

@@ -173,20 +173,15 @@ def test_resource_check_with_a_stand_in_runtime(cpu_soak, monkeypatch):
 
 
 def test_weight_gradient_tolerance_separates_rounding_from_misrouting():
-  """The GPU test's d_topk_weights bound (tests/gpu/test_dispatch_combine_gpu.py
-  ``_dw_tolerance``): bfloat16 rounding of the expert output y, which XLA may or may not keep
-  in one backend's fused backward, stays inside it; a row of the wrong token does not."""
-  import importlib.util
-  import pathlib
-
+  """``testing.weight_grad_tolerance`` (the GPU tests' d_topk_weights bound): bfloat16 rounding
+  of the expert output y, which XLA may or may not keep in one backend's fused backward, stays
+  inside it; a row of the wrong token does not."""
   import ml_dtypes
 
-  path = pathlib.Path(__file__).parent / "gpu" / "test_dispatch_combine_gpu.py"
-  spec = importlib.util.spec_from_file_location("_dc_gpu", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  from jax_ep import testing
+
   h = 2048
-  rtol, atol = mod._dw_tolerance((3e-2, 3e-2), h, True)
+  rtol, atol = testing.weight_grad_tolerance(h, "bfloat16")
   rng = np.random.default_rng(5)
   bf = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)
   x = bf(rng.standard_normal((1024, h), dtype=np.float32))
@@ -197,3 +192,4 @@ def test_weight_gradient_tolerance_separates_rounding_from_misrouting():
   assert np.mean(np.abs(exact - rounded) > 3e-2 + 3e-2 * np.abs(rounded)) > 0  # old bound failed
   misrouted = np.sum(dout * np.tanh(np.roll(x, 1, axis=0)), axis=1)
   assert np.mean(np.abs(misrouted - exact) > atol + rtol * np.abs(exact)) > 0.9
+  assert testing.weight_grad_tolerance(h, "float32") == testing.GRAD_TOL["float32"]
