@@ -290,12 +290,14 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
-    for frac, sms in sweep_points(args):
-      key = f"sweep_sms{sms}_senders{frac}"
-      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, frac, dict(
+    for frac, sms, order, share in sweep_points(args):
+      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}"
+      knobs = {"JAX_EP_SENDER_FRACTION": frac, "JAX_EP_EXPAND_ORDER": order,
+               "JAX_EP_RECEIVER_SHARE": share}
+      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=sms, timeout_s=args.op_timeout))
-      print(f"  sweep num_sms={sms} sender_fraction={frac}: dispatch "
+      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share}: dispatch "
             f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
             flush=True)
     for path in ("triton", "xla", "ragged"):
@@ -312,30 +314,43 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 
 
 def sweep_points(args):
-  """(sender_fraction, num_sms) pairs of ``--sweep`` (tuning; the triton backend only)."""
+  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
+  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER and
+  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs")."""
   if not args.sweep:
     return []
   pts = []
   for item in args.sweep.split(","):
-    frac, sms = item.split("@")
-    pts.append((float(frac), int(sms)))
+    parts = item.split("@")
+    if not 2 <= len(parts) <= 4:
+      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share]]")
+    frac, sms = float(parts[0]), int(parts[1])
+    order = int(parts[2]) if len(parts) > 2 else 0
+    share = float(parts[3]) if len(parts) > 3 else 1.0
+    pts.append((frac, sms, order, share))
   return pts
 
 
 def _with_env(name, value, fn):
-  old = os.environ.get(name)
-  os.environ[name] = value
+  return _with_envs({name: value}, fn)
+
+
+def _with_envs(values: dict, fn):
+  old = {n: os.environ.get(n) for n in values}
+  os.environ.update({n: str(v) for n, v in values.items()})
   try:
     return fn()
   finally:
-    if old is None:
-      del os.environ[name]
-    else:
-      os.environ[name] = old
+    for n, v in old.items():
+      if v is None:
+        del os.environ[n]
+      else:
+        os.environ[n] = v
 
 
-def time_triton(mesh, xs, idxs, ws, inner, iters, sender_fraction, cfg_kw) -> dict:
-  """Dispatch and combine times of the triton backend at one (sender_fraction, num_sms)."""
+def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw) -> dict:
+  """Dispatch and combine times of the triton backend with the dispatch knobs ``knobs`` (env
+  variables read at trace time) and EPConfig fields ``cfg_kw``."""
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -361,7 +376,7 @@ def time_triton(mesh, xs, idxs, ws, inner, iters, sender_fraction, cfg_kw) -> di
     jax.block_until_ready((f_d(xs, idxs, ws), f_c(xs, idxs, ws)))  # traced under the env var
     return f_d, f_c
 
-  f_d, f_c = _with_env("JAX_EP_SENDER_FRACTION", str(sender_fraction), build)
+  f_d, f_c = _with_envs(knobs, build)
   d = time_fn(f_d, (xs, idxs, ws), iters) / inner
   # c_loop runs one dispatch too: subtract it.
   c = (time_fn(f_c, (xs, idxs, ws), iters) - d) / inner
@@ -632,8 +647,9 @@ def main():
   ap.add_argument("--no-profile", action="store_true",
                   help="skip the per-phase profile of the triton kernels (JAX_EP_PROFILE=1)")
   ap.add_argument("--sweep", default="",
-                  help="tuning: extra triton timings at sender_fraction@num_sms points, e.g. "
-                       "0.375@32,0.625@32,0.5@64")
+                  help="tuning: extra triton timings at frac@sms[@order[@share]] points (dispatch "
+                       "sender fraction, num_sms, expansion order, receivers' block share), "
+                       "e.g. 0.5@32@1,0.5@32@1@0.6,0.375@32@1@0.7")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--op-timeout", type=float, default=120.0,
                   help="EPConfig.timeout_s of the measured ops (seconds a rank waits for a peer)")

@@ -148,60 +148,77 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
 
 
 @triton.jit
-def _expand_body(pid, num_programs, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr,
-                 recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, world,
-                 seq, timeout_ns, op,
+def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
+                 gs_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                 world, seq, timeout_ns, op,
                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
                  EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                 PROF_ID, PROFILE: tl.constexpr):
-  """Receiver program ``pid`` of ``num_programs``.
+                 ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
+  """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
-  1. Zero rows outside the groups (needs nothing from peers, so it overlaps their pushes).
-  2. This rank's own token blocks pid, pid + num_programs, ... (rows from x).
-  3. The same blocks of every other source s = rank + 1, ... (mod W), block-major, each after
-     its BLOCK_FLAG says it arrived (rows from ROWS[s] of this rank's region).
+  1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
+     overlaps their pushes.
+  2. ORDER 0: this rank's own blocks pid, pid + num_programs, ... (rows from x), then the same
+     blocks of every other source s = rank + 1, ... (mod W), block-major. ORDER 1: block-major
+     over all sources, own first in each block (no program waits for its own senders while
+     other sources' blocks are there). Each block after its BLOCK_FLAG says it arrived.
   """
   dtype = recv_x_ptr.dtype.element_ty
-  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   h = tl.arange(0, BLOCK_H)
-  # 1. Zeros for every row outside the groups [go[e], go[e] + gs[e]).
-  el = tl.arange(0, EL_P)
-  go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
-  ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
-  for rb in range(pid, (CAPACITY + BLOCK_R - 1) // BLOCK_R, num_programs):
-    row = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    inside = tl.max(((row[:, None] >= go[None, :]) & (row[:, None] < ge[None, :])).to(tl.int32),
-                    axis=1) > 0
-    zero = (~inside) & (row < CAPACITY)
-    if WITH_META:
-      tl.store(recv_w_ptr + row, tl.zeros([BLOCK_R], tl.float32), mask=zero)
-    if tl.max(zero.to(tl.int32), axis=0) > 0:
-      for h0 in range(0, HIDDEN, BLOCK_H):
-        hmask = (h0 + h) < HIDDEN
-        tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
-                 tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
-  prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
-  # 2. This rank's own blocks: ready soonest (no NVLink), rows straight from x.
-  for blk in range(pid, num_blocks, num_programs):
-    wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-               status_ptr, op, USE_TIMER)
-    _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                  recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META, BLOCK_T,
-                  BLOCK_H)
-  prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
-  # 3. The other sources' blocks, in the order the senders produce them.
+  if ZERO_FILL:  # 1. Zeros for every row outside the groups [go[e], go[e] + gs[e]).
+    el = tl.arange(0, EL_P)
+    go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
+    ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
+    for rb in range(pid, (CAPACITY + BLOCK_R - 1) // BLOCK_R, num_programs):
+      row = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+      inside = tl.max(((row[:, None] >= go[None, :]) & (row[:, None] < ge[None, :])
+                       ).to(tl.int32), axis=1) > 0
+      zero = (~inside) & (row < CAPACITY)
+      if WITH_META:
+        tl.store(recv_w_ptr + row, tl.zeros([BLOCK_R], tl.float32), mask=zero)
+      if tl.max(zero.to(tl.int32), axis=0) > 0:
+        for h0 in range(0, HIDDEN, BLOCK_H):
+          hmask = (h0 + h) < HIDDEN
+          tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
+                   tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
+    prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
   staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
-  for blk in range(pid, num_blocks, num_programs):
-    for i in range(1, world):
-      s = (rank + i) % world
-      wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+  if ORDER == 0:
+    # 2a. This rank's own blocks (no NVLink), rows straight from x; then the others'.
+    for blk in range(blk_lo + pid, blk_hi, num_programs):
+      wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
                  status_ptr, op, USE_TIMER)
-      _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
-                    WITH_META, BLOCK_T, BLOCK_H)
+      _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                    recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
+                    BLOCK_T, BLOCK_H)
+    if ZERO_FILL:
+      prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
+    for blk in range(blk_lo + pid, blk_hi, num_programs):
+      for i in range(1, world):
+        s = (rank + i) % world
+        wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+                   status_ptr, op, USE_TIMER)
+        _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr,
+                      recv_x_ptr, recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK,
+                      TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+  else:
+    # 2b. Block-major over every source, this rank first within a block.
+    for blk in range(blk_lo + pid, blk_hi, num_programs):
+      for i in range(world):
+        s = (rank + i) % world
+        wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+                   status_ptr, op, USE_TIMER)
+        if i == 0:
+          _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                        recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
+                        WITH_META, BLOCK_T, BLOCK_H)
+        else:
+          _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr,
+                        recv_x_ptr, recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN,
+                        TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -215,32 +232,45 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-           PROFILE: tl.constexpr):
-  """Senders (pid < NUM_SENDERS) push, receivers expand; both after GO (PHASE 0, 4 or 5)."""
+           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
+  """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
+  then expand the rest [RECV_BLOCKS, NB), which arrive last (none by default). All after GO.
+  PHASE 0 (GPU) or the interpreter's 4 (push), 5 (receivers), 6 (senders' expansion)."""
+  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   if PHASE == 0:
     sender = pid < NUM_SENDERS
     rid = pid - NUM_SENDERS
   else:
-    sender = tl.full([], PHASE == 4, tl.int1)
+    sender = tl.full([], PHASE == 4 or PHASE == 6, tl.int1)
     rid = pid
   prof_id = tl.where(sender, pid, NUM_SENDERS + rid)
   st = status_ptr + 1 + prof_id
-  tl.store(st, 0)
+  if PHASE != 6:  # phase 6 continues phase 4's programs: keep their status
+    tl.store(st, 0)
   seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
   prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
   if seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
-      _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
-                 rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS,
-                 E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_FLAG_OFF,
-                 ROWS_OFF, BLOCK_T, BLOCK_H)
-      prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
+      if PHASE != 6:
+        _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
+                   sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                   NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H)
+        prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
+      if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
+        _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
+                     val_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
+                     recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
+                     MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
+                     ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, False,
+                     ORDER, prof_id, PROFILE)
     else:
-      _expand_body(rid, NUM_RECEIVERS, x_ptr, pos_ptr, pos_stride, val_ptr, group_offsets_ptr,
-                   group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st, sym_table, rank,
-                   world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                   E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, not FROM_LAYOUT,
-                   BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, prof_id, PROFILE)
+      _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
+                   group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
+                   sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                   TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
+                   not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, True, ORDER, prof_id,
+                   PROFILE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -259,7 +289,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-                    PROFILE: tl.constexpr):
+                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -287,7 +317,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
                   CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
                   BLOCK_PROG, USE_TIMER, PHASE)
-  if PHASE == 0 or PHASE == 4 or PHASE == 5:
+  if PHASE == 0 or PHASE >= 4:
     _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
            sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,
            sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32), group_offsets_ptr,
@@ -295,7 +325,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, BLOCK_R,
-           USE_TIMER, PHASE, PROFILE)
+           USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
 @triton.jit
@@ -310,7 +340,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                          NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                         PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                         PHASE: tl.constexpr, PROFILE: tl.constexpr, ORDER: tl.constexpr,
+                         RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -326,10 +357,10 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS)
-  if PHASE == 0 or PHASE == 4 or PHASE == 5:
+  if PHASE == 0 or PHASE >= 4:
     _roles(pid, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, recv_pos_in_ptr, NUM_TOKENS,
            recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr,
            recv_pos_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

@@ -34,6 +34,10 @@ class EPPlan:
     itemsize: bytes per element of the rows this op moves (sizes the row tiles).
     profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
+    expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
+      others' (block-major); 1 = block-major over every source.
+    receiver_share: share of the token blocks the receivers expand (the first ones); the
+      senders expand the rest after their push (1.0: receivers expand everything).
   """
 
   world: int
@@ -50,6 +54,8 @@ class EPPlan:
   itemsize: int = 2
   profile: bool = False
   sender_fraction: float = 0.5
+  expand_order: int = 0
+  receiver_share: float = 1.0
 
   @property
   def region(self) -> RegionSpec:
@@ -109,6 +115,13 @@ class EPPlan:
     work = max(self.world * self.num_blocks, -(-self.capacity // self.block_r))
     return max(1, min(self.max_programs - self.num_senders, work))
 
+  @property
+  def receiver_blocks(self) -> int:
+    """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand (the kernels' own
+    block count, 0 when T = 0)."""
+    nb = -(-self.num_tokens // self.block_t)
+    return nb if self.receiver_share >= 1.0 else int(round(nb * self.receiver_share))
+
   def grid(self, kernel: str) -> int:
     """Programs of one GPU launch (PHASE 0) of ``kernel``."""
     if kernel in ("dispatch_kernel", "dispatch_rows_kernel"):
@@ -123,10 +136,12 @@ class EPPlan:
     """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
     programs of a launch run one after another (each phase runs on every rank in turn)."""
     ns, nr, npg = self.num_senders, self.num_receivers, self.num_programs
+    senders_expand = [(6, ns)] if self.receiver_blocks < -(-self.num_tokens // self.block_t) \
+        else []
     if kernel == "dispatch_kernel":
-      return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)]
+      return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
     if kernel == "dispatch_rows_kernel":
-      return [(2, 1), (3, 1), (4, ns), (5, nr)]
+      return [(2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
     return [(2, 1), (3, 1), (4, npg), (5, npg)]
 
   def _common(self) -> dict:
@@ -141,7 +156,8 @@ class EPPlan:
              E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
-             BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase)
+             BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase,
+             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,

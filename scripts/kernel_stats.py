@@ -60,6 +60,9 @@ def main() -> None:
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
   p.add_argument("--acc-bytes", type=int, help="override ep_plan.ACC_BYTES")
+  p.add_argument("--sender-fraction", type=float, default=0.5)
+  p.add_argument("--expand-order", type=int, default=0, choices=(0, 1))
+  p.add_argument("--receiver-share", type=float, default=1.0)
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
   for name, v in (("ROWS_WARPS", args.warps), ("TILE_BYTES", args.tile_bytes),
@@ -79,7 +82,9 @@ def main() -> None:
   cap = int(1.25 * args.tokens * args.topk)
   plan = EPPlan(world=args.world, num_tokens=args.tokens, max_tokens=args.tokens,
                 hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
-                alignment=1, num_sms=args.num_sms, itemsize=itemsize)
+                alignment=1, num_sms=args.num_sms, itemsize=itemsize,
+                sender_fraction=args.sender_fraction, expand_order=args.expand_order,
+                receiver_share=args.receiver_share)
   row = "*bf16" if args.dtype == "bf16" else "*fp32"
   sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
   kernels = {

@@ -130,12 +130,12 @@ def empty(shape, dtype) -> Arr:
 
 def phases_of(kernel_name: str, cx: dict) -> list[tuple[int, int]]:
   """The interpreter's (PHASE, grid) launches for one GPU launch (EPPlan.interpreter_phases)."""
-  if kernel_name == "dispatch_kernel":
+  if kernel_name in ("dispatch_kernel", "dispatch_rows_kernel"):
     ns, nr = cx["NUM_SENDERS"], cx["NUM_RECEIVERS"]
-    return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)]
-  if kernel_name == "dispatch_rows_kernel":
-    ns, nr = cx["NUM_SENDERS"], cx["NUM_RECEIVERS"]
-    return [(2, 1), (3, 1), (4, ns), (5, nr)]
+    blocks = -(-cx["NUM_TOKENS"] // cx["BLOCK_T"])
+    tail = [(6, ns)] if cx["RECV_BLOCKS"] < blocks else []  # senders expand the last blocks
+    head = [(1, ns + nr)] if kernel_name == "dispatch_kernel" else []
+    return head + [(2, 1), (3, 1), (4, ns), (5, nr)] + tail
   return [(2, 1), (3, 1), (4, cx["NUM_PROGRAMS"]), (5, cx["NUM_PROGRAMS"])]
 
 
@@ -378,6 +378,37 @@ def test_dispatch_combine_against_numpy(case, interp):
           p = recv_pos[g // e_local][s, tt, kk]
           want_slots[tt, kk] = values[g // e_local][p] if p >= 0 else 0.0
     np.testing.assert_array_equal(slots[s], want_slots)
+
+
+@pytest.mark.parametrize("order,share", [(1, 1.0), (0, 0.5), (1, 0.25)])
+def test_dispatch_variants_match_numpy(order, share, interp):
+  """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
+  expansion, senders expanding the last blocks after their push) give the same bits."""
+  world, t, h, k, e = 3, 50, 40, 4, 12
+  rng = np.random.default_rng(order * 10 + int(share * 8))
+  capacity = _capacity(world, t, k, e, None, 2)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
+                expand_order=order, receiver_share=share)
+  assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
+  idxs = routing(rng, "skewed", world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  sim = SimWorld(plan)
+  got = sim.dispatch(xs, idxs, ws)
+  want = ref_dispatch(xs, idxs, ws, world, e // world, capacity, 2)
+  for r in range(world):
+    assert not got[r]["status"].a.any(), got[r]["status"].a
+    np.testing.assert_array_equal(got[r]["recv_pos"].a, want[r]["recv_pos"])
+    np.testing.assert_array_equal(got[r]["recv_w"].a, want[r]["recv_w"])
+    np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
+  recv_pos = [g["recv_pos"].a for g in got]
+  douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
+                           [g["gs"].a for g in got])
+  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 2)
+  for r in range(world):
+    np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
 
 
 def test_timeout_is_recorded_not_hung(interp):

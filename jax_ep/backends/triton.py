@@ -108,7 +108,9 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                sender_fraction=_sender_fraction())
+                sender_fraction=_env_float("JAX_EP_SENDER_FRACTION", 0.5, 0.0, 1.0),
+                expand_order=int(_env_float("JAX_EP_EXPAND_ORDER", 0, -1, 2)),
+                receiver_share=_env_float("JAX_EP_RECEIVER_SHARE", 1.0, 0.0, 1.0, closed=True))
 
 
 def _profile_enabled() -> bool:
@@ -116,15 +118,25 @@ def _profile_enabled() -> bool:
   return os.environ.get("JAX_EP_PROFILE", "0") == "1"
 
 
-def _sender_fraction() -> float:
-  """``JAX_EP_SENDER_FRACTION`` (tuning, default 0.5): share of dispatch's programs that push."""
-  raw = os.environ.get("JAX_EP_SENDER_FRACTION", "0.5")
+def _env_float(name: str, default: float, lo: float, hi: float, closed: bool = False) -> float:
+  """A tuning knob of the dispatch kernels read at trace time (docs/KERNELS.md "Knobs"):
+  JAX_EP_SENDER_FRACTION (share of dispatch's programs that push, in (0, 1), default 0.5),
+  JAX_EP_EXPAND_ORDER (0 own blocks first, 1 block-major over all sources; default 0),
+  JAX_EP_RECEIVER_SHARE (share of token blocks the receivers expand, the senders expanding the
+  rest after their push, in (0, 1]; default 1)."""
+  raw = os.environ.get(name)
+  if raw is None:
+    return default
   try:
     v = float(raw)
   except ValueError:
-    v = -1.0
-  if not 0.0 < v < 1.0:
-    raise ValueError(f"{_API}: JAX_EP_SENDER_FRACTION={raw!r} must be a number in (0, 1).")
+    v = float("nan")
+  if name == "JAX_EP_EXPAND_ORDER" and v not in (0.0, 1.0):
+    raise ValueError(f"{_API}: {name}={raw!r} must be 0 (own blocks first) or 1 (block-major "
+                     f"over every source).")
+  if not (lo < v < hi or (closed and v == hi)):
+    raise ValueError(f"{_API}: {name}={raw!r} must be a number in ({lo:g}, {hi:g}"
+                     f"{']' if closed else ')'}.")
   return v
 
 
@@ -135,7 +147,8 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   from jax_ep.kernels.ep_sync import fingerprint
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
-                   plan.num_senders, jnp.dtype(x_dtype).name)
+                   plan.num_senders, plan.expand_order, plan.receiver_blocks,
+                   jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
 
