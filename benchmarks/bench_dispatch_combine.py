@@ -425,6 +425,8 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   jax.block_until_ready(recv_x)
   prof = tb.read_profile(ns + nr)
   res["dispatch"] = [{
+      "leader": {"peers_arrived": stats(p["peers_arrived"][:1]), "go": stats(p["go"][:1])},
+      "histograms_done": stats(p["arrived"][:ns + nr]),  # slot 5 = PROF_HIST in dispatch
       "senders": {n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
       "receivers": {n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "self_rows", "end")},
   } for p in prof]
@@ -447,7 +449,8 @@ def print_profile(name, prof):
   print(f"  profile {name} (us from launch start, [median, max] over programs; device 0 .. "
         f"{len(prof['dispatch']) - 1}): plan {prof['plan']}", flush=True)
   for d, (pd, pc) in enumerate(zip(prof["dispatch"], prof["combine"])):
-    print(f"    dev{d} dispatch senders {pd['senders']} receivers {pd['receivers']}", flush=True)
+    print(f"    dev{d} dispatch histograms {pd['histograms_done']} leader {pd['leader']} "
+          f"senders {pd['senders']} receivers {pd['receivers']}", flush=True)
     print(f"    dev{d} combine {pc}", flush=True)
 
 

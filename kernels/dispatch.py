@@ -310,13 +310,13 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if PHASE == 0 or PHASE == 1:
     hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch, NUM_TOKENS,
-                NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T)
+                NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T, PROFILE)
   if leader_turn(pid, PHASE):
     leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
                   CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
-                  BLOCK_PROG, USE_TIMER, PHASE)
+                  BLOCK_PROG, USE_TIMER, PHASE, PROFILE)
   if PHASE == 0 or PHASE >= 4:
     _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
            sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,

@@ -81,8 +81,9 @@ CONTROL_BYTES = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
 # Profile stamps (PROF[pid, slot], ns of %globaltimer), written only by kernels compiled with
 # PROFILE=1 (``JAX_EP_PROFILE=1`` at trace time; ``jax_ep.backends.triton.read_profile``).
 PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH, PROF_ARRIVED, PROF_END, PROF_LEADER = range(8)
+PROF_HIST = PROF_ARRIVED  # dispatch programs: their histograms are written (slot 5 is free there)
 PROF_NAMES = ("start", "go", "zero_fill", "self_rows", "push_done", "arrived", "end",
-              "leader_layout")
+              "peers_arrived")  # slot 7: the leader passed the start barrier
 
 _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _SEQ_OFF = tl.constexpr(SEQ_OFF)
@@ -96,9 +97,9 @@ _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
 # The profile slots as constexprs, for the kernels' prof_mark calls.
-P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END = (
+P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END, P_LEADER, P_HIST = (
     tl.constexpr(v) for v in (PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH,
-                              PROF_ARRIVED, PROF_END))
+                              PROF_ARRIVED, PROF_END, PROF_LEADER, PROF_HIST))
 
 # Op codes (what a launch is): recorded in ERR[1] and the status outputs as op + 8 * phase,
 # the phase saying what failed (a wait that timed out, or the fingerprint check).

@@ -48,9 +48,9 @@ PT="$PY -m pytest -m gpu -q -rA -s -p no:cacheprovider"
 
 for s in ${STAGES:-bench dc_tests}; do
   case $s in
-    bench) stage bench ${BENCH_LIMIT:-240} "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
-        ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 220 --out $OUT \
-        ${BENCH_ARGS:-}" ;;
+    bench) stage bench ${BENCH_LIMIT:-300} "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
+        ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 280 --out $OUT \
+        ${BENCH_ARGS:---sweep 0.5@32@1,0.5@32@1@0.6,0.375@32@1@0.75,0.5@64@1@0.6}" ;;
     bench_mp) stage bench_mp 300 "$PY benchmarks/bench_dispatch_combine.py --mode nvshmem \
         --shapes ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --timeout 280 --out $OUT \
         ${BENCH_ARGS:-}" ;;
