@@ -198,7 +198,9 @@ class Worker:
     self.res["setup_s"] = round(time.time() - self.t_start, 2)
 
   def barrier(self, name: str, timeout_s: float = 180.0):
+    self.progress(f"barrier {name}")
     self.client.wait_at_barrier(f"{self.a.job}/{name}", int(timeout_s * 1000))
+    self.progress(f"passed barrier {name}")
 
   def kv_set(self, key: str):
     self.client.key_value_set(f"{self.a.job}/{key}", "1")
@@ -212,7 +214,9 @@ class Worker:
 
   def compile(self, cfg):
     t0 = time.time()
+    self.progress(f"compile (capacity {cfg.capacity}, backend {cfg.backend})")
     compiled = _step(self.mesh, cfg).lower(*self.args).compile()
+    self.progress(f"compiled in {time.time() - t0:.1f} s")
     self.res.setdefault("compile_s", []).append(round(time.time() - t0, 2))
     return compiled
 
@@ -276,9 +280,16 @@ class Worker:
 
   # -- scenarios -------------------------------------------------------------------------------
 
+  def progress(self, what: str):
+    """One line per stage on stderr (kept in the rank's log even if the process is killed)."""
+    print(f"[rank {self.a.rank} {time.time() - self.t_start:7.2f} s] {what}", file=sys.stderr,
+          flush=True)
+
   def run(self):
     a = self.a
+    self.progress("setup")
     self.setup()
+    self.progress(f"run_{a.scenario}")
     getattr(self, f"run_{a.scenario}")()
 
   def run_healthy(self):

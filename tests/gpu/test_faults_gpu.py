@@ -92,6 +92,11 @@ def _env(world: int) -> dict:
   # tests/conftest.py asks for 8 virtual CPU devices; each worker wants its own one device.
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if "xla_force_host_platform_device_count" not in f]
+  # The config scenario is the only one whose processes compile different programs; XLA shares
+  # autotuning results between processes by module fingerprint, which can wait for ever for a
+  # module the other process never compiles. (Its first GPU run hung before any output; which
+  # stage is not known yet: the workers now log each stage.)
+  flags.append("--xla_gpu_shard_autotuning=false")
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["PYTHONUNBUFFERED"] = "1"
