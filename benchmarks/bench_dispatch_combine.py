@@ -160,6 +160,35 @@ def repeat(n, op, inputs, acc):
   return acc
 
 
+def zero_carry():
+  """A [1, 1] float32 zero that varies over the EP axis, like the ops' outputs (the carry of
+  ``repeat``)."""
+  import jax.numpy as jnp
+  from jax import lax
+  return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
+
+
+def op_fns(mesh, cfg, inner):
+  """Jitted functions of one EPConfig over the mesh's "ep" axis (traced at their first call,
+  so environment knobs apply then): ``dispatch(x, idx, w)`` once (outputs with a leading rank
+  axis), ``combine(recv_x, layout)`` once on those, and the timed loops ``dispatch_loop(x, idx,
+  w)`` and ``combine_loop(recv_x, layout)`` (``inner`` repetitions each)."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+  spec = P("ep")
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  smap = lambda f, n: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec,) * n, out_specs=spec))
+  dispatch = smap(lambda x, i, w: jax.tree.map(lambda a: a[None],
+                                               jax_ep.dispatch(x, i, w, config=cfg)), 3)
+  combine = smap(lambda y, lay: jax_ep.combine(y[0], first(lay), config=cfg), 2)
+  dispatch_loop = smap(lambda x, i, w: repeat(
+      inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, i, w), zero_carry()), 3)
+  combine_loop = smap(lambda y, lay: repeat(
+      inner, lambda y, l: jax_ep.combine(y, l, config=cfg), (y[0], first(lay)), zero_carry()), 2)
+  return dispatch, combine, dispatch_loop, combine_loop
+
+
 def time_fn(f, args, iters, warmup=3):
   import jax
   for _ in range(warmup):
@@ -175,8 +204,6 @@ def time_fn(f, args, iters, warmup=3):
 def run_mode(args, rank=0, world_override=None) -> dict:
   """Runs every shape in this process (peer: all GPUs; nvshmem: this process's GPU)."""
   import jax
-  import jax.numpy as jnp
-  from jax import lax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import jax_ep
@@ -206,9 +233,6 @@ def run_mode(args, rank=0, world_override=None) -> dict:
     return np.asarray(a.addressable_shards[0].data) if args.mode_run == "nvshmem" else \
         np.asarray(jax.device_get(a))
 
-  def _zero():  # a fori_loop carry that varies over the EP axis, like the ops' outputs
-    return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
-
   results = []
   for name, t, h, e, k, routing, cap_kind in shapes:
     x, idx, w = make_inputs(world, t, h, e, k, routing)
@@ -226,34 +250,11 @@ def run_mode(args, rank=0, world_override=None) -> dict:
                             capacity=capacity, backend=backend, num_sms=args.num_sms,
                             timeout_s=args.op_timeout)  # ranks may start seconds apart
 
-      def d_once(x, idx, w, cfg=cfg):
-        recv_x, recv_w, layout = jax_ep.dispatch(x, idx, w, config=cfg)
-        return recv_x, recv_w, layout
-
-      def d_loop(x, idx, w, cfg=cfg):
-        return repeat(inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, idx, w),
-                      _zero())
-
-      def c_loop(y, layout, cfg=cfg):
-        return repeat(inner, lambda y, lay: jax_ep.combine(y, lay, config=cfg), (y, layout),
-                      _zero())
-
-      spec = P("ep")
-      stacked = jax.jit(jax.shard_map(
-          lambda x, i, w, cfg=cfg: jax.tree.map(lambda a: a[None], d_once(x, i, w, cfg)),
-          mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-      recv_x, recv_w, layout = stacked(xs, idxs, ws)
-      comb = jax.jit(jax.shard_map(
-          lambda y, lay, cfg=cfg: jax_ep.combine(y[0], jax.tree.map(lambda a: a[0], lay),
-                                                 config=cfg),
-          mesh=mesh, in_specs=(spec, spec), out_specs=spec))
+      f_once, comb, f_d, f_c = op_fns(mesh, cfg, inner)
+      recv_x, recv_w, layout = f_once(xs, idxs, ws)
       out = comb(recv_x, layout)
       outs[backend] = [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes,
                                           out)]
-      f_d = jax.jit(jax.shard_map(d_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-      f_c = jax.jit(jax.shard_map(lambda y, lay, cfg=cfg: c_loop(
-          y[0], jax.tree.map(lambda a: a[0], lay), cfg), mesh=mesh, in_specs=(spec, spec),
-          out_specs=spec))
       print(f"  {name}: {backend} ran once; timing", flush=True)
       row[f"{backend}_dispatch_s"] = time_fn(f_d, (xs, idxs, ws), args.iters) / inner
       row[f"{backend}_combine_s"] = time_fn(f_c, (recv_x, layout), args.iters) / inner
@@ -270,11 +271,11 @@ def run_mode(args, rank=0, world_override=None) -> dict:
       rd, rc = ragged_fns(world, t, h, e, k)
 
       def r_d(x, idx):
-        return repeat(inner, lambda x, idx: rd(x, idx)[0], (x, idx), _zero())
+        return repeat(inner, lambda x, idx: rd(x, idx)[0], (x, idx), zero_carry())
 
       def r_c(x, idx, w):
         got, perm = rd(x, idx)
-        return repeat(inner, rc, (got, perm, idx, w), _zero())
+        return repeat(inner, rc, (got, perm, idx, w), zero_carry())
 
       spec = P("ep")
       f_rd = jax.jit(jax.shard_map(r_d, mesh=mesh, in_specs=(spec,) * 2, out_specs=spec))
@@ -352,35 +353,18 @@ def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw) -> dict:
   """Dispatch and combine times of the triton backend with the dispatch knobs ``knobs`` (env
   variables read at trace time) and EPConfig fields ``cfg_kw``."""
   import jax
-  import jax.numpy as jnp
-  from jax import lax
-  from jax.sharding import PartitionSpec as P
   import jax_ep
   cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
-  spec = P("ep")
 
-  def zero():
-    return lax.pcast(jnp.zeros((1, 1), jnp.float32), "ep", to="varying")
+  def first_calls():  # trace (and compile) under the knobs
+    f_once, _, f_d, f_c = op_fns(mesh, cfg, inner)
+    recv_x, _, layout = f_once(xs, idxs, ws)
+    jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout)))
+    return f_d, f_c, recv_x, layout
 
-  def d_loop(x, idx, w):
-    return repeat(inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, idx, w), zero())
-
-  def c_loop(x, idx, w):
-    recv_x, _, layout = jax_ep.dispatch(x, idx, w, config=cfg)
-    return repeat(inner, lambda y, lay: jax_ep.combine(y, lay, config=cfg), (recv_x, layout),
-                  zero())
-
-  def build():
-    f_d = jax.jit(jax.shard_map(d_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-    f_c = jax.jit(jax.shard_map(c_loop, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-    jax.block_until_ready((f_d(xs, idxs, ws), f_c(xs, idxs, ws)))  # traced under the env var
-    return f_d, f_c
-
-  f_d, f_c = _with_envs(knobs, build)
-  d = time_fn(f_d, (xs, idxs, ws), iters) / inner
-  # c_loop runs one dispatch too: subtract it.
-  c = (time_fn(f_c, (xs, idxs, ws), iters) - d) / inner
-  return {"dispatch_s": d, "combine_s": c}
+  f_d, f_c, recv_x, layout = _with_envs(knobs, first_calls)
+  return {"dispatch_s": time_fn(f_d, (xs, idxs, ws), iters) / inner,
+          "combine_s": time_fn(f_c, (recv_x, layout), iters) / inner}
 
 
 def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
@@ -389,29 +373,17 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   device, the median / max over the launch's programs, in microseconds from the launch's first
   program start."""
   import jax
-  from jax.sharding import PartitionSpec as P
   import jax_ep
   from jax_ep.backends import triton as tb
   from jax_ep.kernels.ep_plan import EPPlan
   cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
-  spec = P("ep")
   world = mesh.devices.size
   t = xs.shape[0] // world
   plan = EPPlan(world=world, num_tokens=t, max_tokens=cfg.max_tokens_per_rank,
                 hidden=cfg.hidden, topk=cfg.topk, num_experts=cfg.num_experts,
                 capacity=cfg.capacity_rows(world), alignment=cfg.expert_alignment,
                 num_sms=cfg.num_sms)
-
-  def build():
-    f_d = jax.jit(jax.shard_map(
-        lambda x, i, w: jax.tree.map(lambda a: a[None], jax_ep.dispatch(x, i, w, config=cfg)),
-        mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
-    f_c = jax.jit(jax.shard_map(
-        lambda y, lay: jax_ep.combine(y[0], jax.tree.map(lambda a: a[0], lay), config=cfg),
-        mesh=mesh, in_specs=(spec, spec), out_specs=spec))
-    return f_d, f_c
-
-  f_d, f_c = _with_env("JAX_EP_PROFILE", "1", build)
+  f_d, f_c, _, _ = op_fns(mesh, cfg, 1)
   res = {}
   ns, nr = plan.num_senders, plan.num_receivers
 
