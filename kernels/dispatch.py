@@ -185,40 +185,52 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
           tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                    tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
     prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
-  staged = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   if ORDER == 0:
-    # 2a. This rank's own blocks (no NVLink), rows straight from x; then the others'.
-    for blk in range(blk_lo + pid, blk_hi, num_programs):
-      wait_block(sym_table, rank, rank, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-                 status_ptr, op, USE_TIMER)
-      _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                    recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                    BLOCK_T, BLOCK_H)
+    # 2a. This rank's own blocks (no NVLink, rows straight from x), then the others'.
+    _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, 1, x_ptr, pos_ptr, pos_stride,
+                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
     if ZERO_FILL:
       prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
-    for blk in range(blk_lo + pid, blk_hi, num_programs):
-      for i in range(1, world):
-        s = (rank + i) % world
-        wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-                   status_ptr, op, USE_TIMER)
-        _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr,
-                      recv_x_ptr, recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK,
-                      TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+    _expand_sources(pid, num_programs, blk_lo, blk_hi, 1, world, x_ptr, pos_ptr, pos_stride,
+                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
   else:
     # 2b. Block-major over every source, this rank first within a block.
-    for blk in range(blk_lo + pid, blk_hi, num_programs):
-      for i in range(world):
-        s = (rank + i) % world
-        wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-                   status_ptr, op, USE_TIMER)
-        if i == 0:
-          _expand_block(rank, blk, x_ptr, 0, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                        recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
-                        WITH_META, BLOCK_T, BLOCK_H)
-        else:
-          _expand_block(s, blk, staged, s * MAX_TOKENS, pos_ptr, pos_stride, val_ptr,
-                        recv_x_ptr, recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN,
-                        TOPK, TOPK_P, WITH_META, BLOCK_T, BLOCK_H)
+    _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, world, x_ptr, pos_ptr, pos_stride,
+                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+
+
+@triton.jit
+def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_ptr, pos_stride,
+                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                    world, seq, timeout_ns, op, NUM_TOKENS: tl.constexpr,
+                    MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                    TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
+                    ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
+  """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
+  s = rank + i (mod W) for i in [i_lo, i_hi), each after its BLOCK_FLAG: this rank's rows come
+  from x, the others' from ROWS[s] of this rank's region."""
+  staged = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
+  for blk in range(blk_lo + pid, blk_hi, num_programs):
+    for i in range(i_lo, i_hi):
+      s = (rank + i) % world
+      if i == 0:
+        src_base = x_ptr
+        src_row = 0
+      else:
+        src_base = staged
+        src_row = s * MAX_TOKENS
+      wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+                 status_ptr, op, USE_TIMER)
+      _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
+                    WITH_META, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
