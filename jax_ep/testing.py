@@ -692,6 +692,35 @@ def with_capacity(base, world: int, kind):
   return dataclasses.replace(base, capacity=capacities[kind]())
 
 
+def group_layout(rng, kind: str, capacity: int, num_experts: int, alignment: int = 1):
+  """Random (group_sizes, group_offsets) int32 as dispatch lays them out, for grouped-matmul
+  tests: in expert order, each group at the next multiple of ``alignment``, clamped to
+  ``capacity`` (the tail is dropped). ``kind``: 'random' (some groups empty), 'giant' (one
+  group of about C rows), 'empty', 'overflow' (more rows than C)."""
+  e = num_experts
+  if kind == "random":
+    want = rng.integers(0, 2 * capacity // e + 1, e)
+    want[rng.random(e) < 0.3] = 0
+  elif kind == "giant":
+    want = np.zeros(e, np.int64)
+    want[rng.integers(e)] = capacity - rng.integers(0, 3)
+  elif kind == "empty":
+    want = np.zeros(e, np.int64)
+  elif kind == "overflow":
+    want = rng.integers(capacity // e, 3 * capacity // e + 2, e)
+  else:
+    raise ValueError(f"jax_ep.testing.group_layout: unknown kind={kind!r}")
+  sizes = np.zeros(e, np.int32)
+  offsets = np.zeros(e, np.int32)
+  pos = 0
+  for i in range(e):
+    off = min(-(-pos // alignment) * alignment, capacity)
+    size = min(int(want[i]), capacity - off)
+    offsets[i], sizes[i] = off, size
+    pos = off + size
+  return sizes, offsets
+
+
 def ffi_gpu_count() -> int:
   """CUDA devices the jax_ep FFI library sees (0 without it); starts no JAX GPU client, so GPU
   tests can decide to skip (or how many processes to launch) before importing JAX's backend."""

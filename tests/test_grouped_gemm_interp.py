@@ -26,6 +26,9 @@ import sys
 
 import numpy as np
 import pytest
+from triton_interp import patch_interpreter
+
+from jax_ep import testing
 
 triton = pytest.importorskip("triton")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -110,44 +113,14 @@ def interp_module():
 @pytest.fixture
 def interp(interp_module, monkeypatch):
   """The interpreted kernel module, with the interpreter patched for this test only."""
-  import triton.runtime.interpreter as ti
-  try:  # the interpreter imports gluon lazily, which must see the unpatched triton.language
-    import triton.experimental.gluon.language  # noqa: F401
-  except ImportError:
-    pass
-
-  orig_patch = ti._patch_lang_tensor
+  ti = patch_interpreter(monkeypatch)
   orig_dot = ti.InterpreterBuilder.create_dot
-
-  def patch_lang_tensor(tensor, scope):
-    orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
   def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     return orig_dot(self, _as_f32(a, ti), _as_f32(b, ti), d, input_precision,
                     max_num_imprecise_acc)
 
-  # triton.language's own @jit helpers (tl.cdiv, tl.cumsum, tl.sum, ...) were compiled-mode
-  # functions when triton was imported; give the interpreted kernels interpreted ones.
-  for lang in (tl, tl.standard):
-    for name, obj in list(vars(lang).items()):
-      if isinstance(obj, triton.runtime.jit.JITFunction):
-        monkeypatch.setattr(lang, name, ti.InterpretedFunction(obj.fn))
-  monkeypatch.setattr(ti, "_patch_lang_tensor", patch_lang_tensor)
   monkeypatch.setattr(ti.InterpreterBuilder, "create_dot", create_dot)
-
-  def device_call(self, *args, **kwargs):
-    # Triton 3.6 patches triton.language on every @jit device-function call and never undoes
-    # it, which breaks later compiled-mode use in this process: undo it on return.
-    scope = ti._patch_lang(self.fn)
-    try:
-      return self.rewrite()(*args, **kwargs)
-    except Exception as e:
-      raise ti.InterpreterError(repr(e)) from e
-    finally:
-      scope.restore()
-
-  monkeypatch.setattr(ti.InterpretedFunction, "__call__", device_call)
   return interp_module
 
 
@@ -158,32 +131,6 @@ def run_interpreted(kernel, grid: int, arrays, constexprs):
 
 # -- layouts and references -----------------------------------------------------------------------
 
-def make_layout(rng: np.random.Generator, kind: str, capacity: int, num_experts: int,
-                alignment: int = 1):
-  """(group_sizes, group_offsets) int32 as dispatch lays them out: in expert order, each group at
-  the next multiple of ``alignment``, clamped to ``capacity`` (the tail is dropped)."""
-  e = num_experts
-  if kind == "random":
-    want = rng.integers(0, 2 * capacity // e + 1, e)
-    want[rng.random(e) < 0.3] = 0
-  elif kind == "giant":
-    want = np.zeros(e, np.int64)
-    want[rng.integers(e)] = capacity - rng.integers(0, 3)
-  elif kind == "empty":
-    want = np.zeros(e, np.int64)
-  elif kind == "overflow":
-    want = rng.integers(capacity // e, 3 * capacity // e + 2, e)
-  else:
-    raise ValueError(kind)
-  sizes = np.zeros(e, np.int32)
-  offsets = np.zeros(e, np.int32)
-  pos = 0
-  for i in range(e):
-    off = min(-(-pos // alignment) * alignment, capacity)
-    size = min(int(want[i]), capacity - off)
-    offsets[i], sizes[i] = off, size
-    pos = off + size
-  return sizes, offsets
 
 
 def ref_forward(x, w, sizes, offsets):
@@ -240,7 +187,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
   configuration (the interpreter runs its loops plainly: this checks the tile logic it uses)."""
   c, k, n, e, align, kind = case
   gg = interp
-  sizes, offsets = make_layout(rng, kind, c, e, align)
+  sizes, offsets = testing.group_layout(rng, kind, c, e, align)
   x = _inputs(rng, (c, k), dtype)
   w = _inputs(rng, (e, k, n), dtype)
   # Half tiles need BLOCK_M / 2 >= 16 (the smallest tl.dot M).
@@ -280,7 +227,7 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
 def test_dw_interpreted(interp, rng, case, dtype, use_tma):
   c, k, n, e, align, kind = case
   gg = interp
-  sizes, offsets = make_layout(rng, kind, c, e, align)
+  sizes, offsets = testing.group_layout(rng, kind, c, e, align)
   x = _inputs(rng, (c, k), dtype)
   dy = _inputs(rng, (c, n), dtype)
   # Rows outside groups hold NaN: the kernel must never let them into any dw[e].
@@ -309,7 +256,7 @@ def test_tile_search_covers_every_row_once(interp, rng):
   gg = interp
   c, k, n, e = 96, 16, 16, 7
   for kind in ("random", "giant", "empty", "overflow"):
-    sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
+    sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
     # x = 1, w = 1, K = 16: every in-group output equals 16 exactly; gaps give 0.
     x = np.ones((c, k), np.float32)
     w = np.ones((e, k, n), np.float32)
@@ -333,7 +280,7 @@ def test_tile_table_covers_every_row_once(rng, kind):
   from kernels import grouped_gemm as gg
 
   c, e, bm = 200, 9, 16
-  sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
+  sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
   table = gg.tile_table(sizes, offsets, c, e, bm, np)
   max_g, max_z = gg.table_bounds(c, e, bm)
   assert table.shape == (1 + max_g + max_z, gg.TABLE_COLS) and table.dtype == np.int32
@@ -491,7 +438,7 @@ def test_backend_value_and_grad_match_xla(interp, rng, monkeypatch, kind, tma, d
   monkeypatch.setattr(triton_gemm, "_triton_call", _interpreter_launcher(interp))
   monkeypatch.setenv("JAX_EP_GMM_TMA", "1" if tma else "0")
   c, h, n, e = 200, 40, 24, 5
-  sizes, offsets = make_layout(rng, kind, c, e, alignment=8)
+  sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
   layout = _layout(sizes, offsets, c)
   x = jnp.asarray(_inputs(rng, (c, h), np.float32), dtype)
   w = jnp.asarray(_inputs(rng, (e, h, n), np.float32), dtype)

@@ -20,6 +20,7 @@ import types
 
 import numpy as np
 import pytest
+from triton_interp import patch_interpreter
 
 triton = pytest.importorskip("triton")
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -67,45 +68,11 @@ def kernels():
 @pytest.fixture
 def interp(kernels, monkeypatch):
   """The interpreter, patched for this test only."""
-  from triton.runtime import interpreter as ti
-  try:  # the interpreter imports gluon lazily; it must see the unpatched triton.language
-    import triton.experimental.gluon.language  # noqa: F401
-  except ImportError:
-    pass
+  ti = patch_interpreter(monkeypatch)
   # It copies torch tensors to the host around a launch; our arrays already live on the host
   # (and peers' regions are reached through raw addresses), so pass them through as they are.
   monkeypatch.setattr(ti.GridExecutor, "_init_args_hst", lambda self, args, kwargs: (args, kwargs))
   monkeypatch.setattr(ti.GridExecutor, "_restore_args_dev", lambda self, *a, **k: None)
-  # Triton 3.6 turns a run-time scalar into an int with int(1-element array), which numpy >= 2.5
-  # refuses (``range(world)`` in a kernel); take the element instead.
-  orig = ti._patch_lang_tensor
-
-  def patch_tensor(tensor, scope):
-    orig(tensor, scope)
-    scope.set_attr(tensor, "__index__",
-                   lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-  monkeypatch.setattr(ti, "_patch_lang_tensor", patch_tensor)
-  # triton.language's own @jit helpers (tl.zeros, tl.cumsum, ...) are compiled-mode functions
-  # when triton was imported without TRITON_INTERPRET: give the kernels interpreted ones.
-  tl = triton.language
-  for lang in (tl, tl.standard):
-    for name, obj in list(vars(lang).items()):
-      if isinstance(obj, triton.runtime.jit.JITFunction):
-        monkeypatch.setattr(lang, name, ti.InterpretedFunction(obj.fn))
-
-  def device_call(self, *args, **kwargs):
-    # Triton 3.6 patches triton.language on every device-function call and never undoes it,
-    # which breaks later compiled-mode use in this process: undo it on return.
-    scope = ti._patch_lang(self.fn)
-    try:
-      return self.rewrite()(*args, **kwargs)
-    except Exception as e:
-      raise ti.InterpreterError(repr(e)) from e
-    finally:
-      scope.restore()
-
-  monkeypatch.setattr(ti.InterpretedFunction, "__call__", device_call)
   return kernels
 
 

@@ -29,6 +29,7 @@ def _gpus():
 if not _gpus():
   pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from jax_ep import testing  # noqa: E402
 from jax_ep.backends import triton_gemm, xla  # noqa: E402
 from jax_ep.layout import DispatchLayout  # noqa: E402
 
@@ -37,29 +38,6 @@ if not triton_gemm.gmm_usable():
               allow_module_level=True)
 
 
-def make_layout(rng, kind: str, capacity: int, num_experts: int, alignment: int = 1):
-  """(sizes, offsets) laid out as dispatch does: expert order, aligned starts, clamped to C."""
-  e = num_experts
-  if kind == "random":
-    want = rng.integers(0, 2 * capacity // e + 1, e)
-    want[rng.random(e) < 0.25] = 0
-  elif kind == "giant":
-    want = np.zeros(e, np.int64)
-    want[rng.integers(e)] = capacity
-  elif kind == "empty":
-    want = np.zeros(e, np.int64)
-  elif kind == "overflow":
-    want = rng.integers(capacity // e, 3 * capacity // e + 2, e)
-  else:
-    raise ValueError(kind)
-  sizes = np.zeros(e, np.int32)
-  offsets = np.zeros(e, np.int32)
-  pos = 0
-  for i in range(e):
-    off = min(-(-pos // alignment) * alignment, capacity)
-    offsets[i], sizes[i] = off, min(int(want[i]), capacity - off)
-    pos = off + sizes[i]
-  return sizes, offsets
 
 
 def as_layout(sizes, offsets, capacity) -> DispatchLayout:
@@ -123,7 +101,7 @@ def test_matches_xla_backend(rng, shape, kind, dtype, precision):
   """f32-highest: both sides exact f32 (jax.default_matmul_precision("highest") makes our
   kernels use ieee products); f32-tf32: the default, TF32 tensor cores on our side."""
   c, h, n, e, align = shape
-  sizes, offsets = make_layout(rng, kind, c, e, align)
+  sizes, offsets = testing.group_layout(rng, kind, c, e, align)
   layout = as_layout(sizes, offsets, c)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), dtype)
   w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(h), dtype)
@@ -147,7 +125,7 @@ def test_matches_xla_backend(rng, shape, kind, dtype, precision):
 
 def test_deterministic_and_public_api(rng):
   c, h, n, e = 4096, 1024, 512, 16
-  sizes, offsets = make_layout(rng, "random", c, e, 64)
+  sizes, offsets = testing.group_layout(rng, "random", c, e, 64)
   layout = as_layout(sizes, offsets, c)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / 32, jnp.bfloat16)
@@ -168,7 +146,7 @@ def test_launch_modes_agree(rng, transpose_w):
   """Persistent vs one program per tile run the same per-tile code: bit-equal. Half-height
   tiles for partial tiles: equal up to the MMA's accumulation order (one bf16 ulp)."""
   c, h, n, e = 3000, 512, 384, 24
-  sizes, offsets = make_layout(rng, "random", c, e, 32)
+  sizes, offsets = testing.group_layout(rng, "random", c, e, 32)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((e, n, h) if transpose_w else (e, h, n), np.float32)
                   / np.sqrt(h), jnp.bfloat16)
@@ -185,7 +163,7 @@ def test_swiglu_experts_match_xla(rng):
   from jax_ep import experts
 
   c, h, f, e = 2048, 512, 384, 8
-  sizes, offsets = make_layout(rng, "random", c, e, 16)
+  sizes, offsets = testing.group_layout(rng, "random", c, e, 16)
   layout = as_layout(sizes, offsets, c)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
   wg, wu = (jnp.asarray(rng.standard_normal((e, h, f), np.float32) / np.sqrt(h), jnp.bfloat16)
@@ -213,7 +191,7 @@ def test_other_tile_configs_match_default(rng, product):
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 384, 24
-  sizes, offsets = make_layout(rng, "random", c, e, 32)
+  sizes, offsets = testing.group_layout(rng, "random", c, e, 32)
   s, o = jnp.asarray(sizes), jnp.asarray(offsets)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((c, n), np.float32), jnp.bfloat16)
@@ -267,7 +245,7 @@ def test_tma_variant_matches_pointer_variant(rng, product, dtype, tma_error):
     pytest.xfail(f"the FFI launcher cannot give Triton 128-byte aligned scratch: {tma_error}")
   assert tma_error is None, tma_error
   c, h, n, e = 3000, 512, 384, 24
-  sizes, offsets = make_layout(rng, "random", c, e, 32)
+  sizes, offsets = testing.group_layout(rng, "random", c, e, 32)
   s, o = jnp.asarray(sizes), jnp.asarray(offsets)
   x = jnp.asarray(rng.standard_normal((c, h), np.float32), dtype)
   dy = jnp.asarray(rng.standard_normal((c, n), np.float32), dtype)
