@@ -108,9 +108,13 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                sender_fraction=_env_float("JAX_EP_SENDER_FRACTION", 0.5, 0.0, 1.0),
-                expand_order=int(_env_float("JAX_EP_EXPAND_ORDER", 0, -1, 2)),
-                receiver_share=_env_float("JAX_EP_RECEIVER_SHARE", 1.0, 0.0, 1.0, closed=True))
+                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", 0.5, lambda v: 0 < v < 1,
+                                          "a share of the programs in (0, 1)"),
+                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", 0, lambda v: v in (0, 1),
+                                           "0 (own blocks first) or 1 (block-major over every "
+                                           "source)")),
+                receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", 1.0, lambda v: 0 < v <= 1,
+                                         "a share of the token blocks in (0, 1]"))
 
 
 def _profile_enabled() -> bool:
@@ -118,12 +122,9 @@ def _profile_enabled() -> bool:
   return os.environ.get("JAX_EP_PROFILE", "0") == "1"
 
 
-def _env_float(name: str, default: float, lo: float, hi: float, closed: bool = False) -> float:
-  """A tuning knob of the dispatch kernels read at trace time (docs/KERNELS.md "Knobs"):
-  JAX_EP_SENDER_FRACTION (share of dispatch's programs that push, in (0, 1), default 0.5),
-  JAX_EP_EXPAND_ORDER (0 own blocks first, 1 block-major over all sources; default 0),
-  JAX_EP_RECEIVER_SHARE (share of token blocks the receivers expand, the senders expanding the
-  rest after their push, in (0, 1]; default 1)."""
+def _env_knob(name: str, default, valid, expected: str):
+  """A tuning knob of the dispatch kernels, read from the environment at trace time
+  (docs/KERNELS.md "Knobs"); ``valid(value)`` says whether a float value is allowed."""
   raw = os.environ.get(name)
   if raw is None:
     return default
@@ -131,12 +132,8 @@ def _env_float(name: str, default: float, lo: float, hi: float, closed: bool = F
     v = float(raw)
   except ValueError:
     v = float("nan")
-  if name == "JAX_EP_EXPAND_ORDER" and v not in (0.0, 1.0):
-    raise ValueError(f"{_API}: {name}={raw!r} must be 0 (own blocks first) or 1 (block-major "
-                     f"over every source).")
-  if not (lo < v < hi or (closed and v == hi)):
-    raise ValueError(f"{_API}: {name}={raw!r} must be a number in ({lo:g}, {hi:g}"
-                     f"{']' if closed else ')'}.")
+  if not valid(v):
+    raise ValueError(f"{_API}: {name}={raw!r} must be {expected}.")
   return v
 
 
