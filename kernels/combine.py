@@ -173,7 +173,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                   USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS)
+                   USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
   st = status_ptr + 1 + pid
   if PHASE == 0 or PHASE == 4:
     tl.store(st, 0)

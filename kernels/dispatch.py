@@ -368,7 +368,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                   USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS)
+                   USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS,
+                   (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T)
   if PHASE == 0 or PHASE >= 4:
     _roles(pid, x_ptr, topk_idx_ptr, topk_idx_ptr, topk_idx_ptr, recv_pos_in_ptr, NUM_TOKENS,
            recv_pos_in_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_x_ptr,

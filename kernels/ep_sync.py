@@ -338,14 +338,16 @@ def prof_mark(sym_table, rank, pid, slot: tl.constexpr, PROFILE: tl.constexpr):
 
 
 @triton.jit
-def zero_own(sym_table, rank, byte_off, n, BLOCK: tl.constexpr):
-  """Zero ``n`` int32 at ``byte_off`` of this rank's region (the leader, before it announces:
-  the flags of the config-dependent part may hold another config's bytes, and a peer writes
-  them only after the announce)."""
-  ptr = sym_ptr(sym_table, rank, byte_off, tl.int32)
+def zero_own(sym_table, rank, byte_off, rows, stride, n, BLOCK: tl.constexpr):
+  """Zero the first ``n`` int32 of each of ``rows`` rows (``stride`` int32 apart) at
+  ``byte_off`` of this rank's region: the flags an op will read (the leader, before it
+  announces: the config-dependent part may hold another config's bytes, and a peer writes the
+  flags only after the announce)."""
   i = tl.arange(0, BLOCK)
-  for i0 in range(0, n, BLOCK):
-    tl.store(ptr + i0 + i, tl.zeros([BLOCK], tl.int32), mask=(i0 + i) < n)
+  for r in range(rows):
+    ptr = sym_ptr(sym_table, rank, byte_off, tl.int32) + r * stride
+    for i0 in range(0, n, BLOCK):
+      tl.store(ptr + i0 + i, tl.zeros([BLOCK], tl.int32), mask=(i0 + i) < n)
 
 
 @triton.jit
@@ -427,18 +429,19 @@ def wait_go(sym_table, rank, epoch, timeout_ns, status_ptr, op, USE_TIMER: tl.co
 @triton.jit
 def leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER: tl.constexpr, BLOCK_W: tl.constexpr, PHASE: tl.constexpr,
-                   ZERO_OFF: tl.constexpr = 0, ZERO_ROWS: tl.constexpr = 0):
+                   ZERO_OFF: tl.constexpr = 0, ZERO_STRIDE: tl.constexpr = 0,
+                   ZERO_N: tl.constexpr = 0):
   """The start barrier of combine / dispatch_rows / gather_slots, run by program 0.
 
-  ZERO_ROWS > 0: first zero ``world x ZERO_ROWS`` int32 flags at ZERO_OFF of this rank's region
-  (the op's flags in the config-dependent part; see ``zero_own``).
+  ZERO_N > 0: first zero the op's flags at ZERO_OFF of this rank's region: ``ZERO_N`` int32 per
+  source rank, rows ``ZERO_STRIDE`` apart (in the config-dependent part; see ``zero_own``).
   PHASE 0 (GPU): announce, wait, go. The interpreter runs PHASE 2 (announce) on every rank,
   then PHASE 3 (wait, go).
   """
   if PHASE == 0 or PHASE == 2:
     tl.store(status_ptr, 0)
-    if ZERO_ROWS > 0:
-      zero_own(sym_table, rank, ZERO_OFF, world * ZERO_ROWS, 1024)
+    if ZERO_N > 0:
+      zero_own(sym_table, rank, ZERO_OFF, world, ZERO_STRIDE, ZERO_N, 1024)
     leader_announce(sym_table, rank, world, fingerprint)
   if PHASE == 0 or PHASE == 3:
     seq = tl.load(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32)) + 1

@@ -97,7 +97,7 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
     # 2. This op's block flags start from 0 (the area may hold another config's bytes; peers
     #    write them only after our announce). Then counts into every peer's
     #    COUNTS[seq % 2, rank], then announce seq.
-    ep_sync.zero_own(sym_table, rank, BLOCK_FLAG_OFF, world * MAX_TOKENS, 1024)
+    ep_sync.zero_own(sym_table, rank, BLOCK_FLAG_OFF, world, MAX_TOKENS, NUM_BLOCKS, 1024)
     for r in range(world):
       dst = sym_ptr(sym_table, r, COUNTS_OFF + slot_bytes, tl.int32) + rank * NUM_EXPERTS
       tl.store(dst + e, counts, mask=emask)
