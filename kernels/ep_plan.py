@@ -116,10 +116,15 @@ class EPPlan:
     return max(1, min(self.max_programs - self.num_senders, work))
 
   @property
+  def kernel_blocks(self) -> int:
+    """The token blocks the kernels loop over: ceil(T / BLOCK_T), 0 when T = 0 (``num_blocks``
+    is at least 1 for the layout arrays' shapes)."""
+    return -(-self.num_tokens // self.block_t)
+
+  @property
   def receiver_blocks(self) -> int:
-    """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand (the kernels' own
-    block count, 0 when T = 0)."""
-    nb = -(-self.num_tokens // self.block_t)
+    """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand."""
+    nb = self.kernel_blocks
     return nb if self.receiver_share >= 1.0 else int(round(nb * self.receiver_share))
 
   def grid(self, kernel: str) -> int:
@@ -136,8 +141,7 @@ class EPPlan:
     """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
     programs of a launch run one after another (each phase runs on every rank in turn)."""
     ns, nr, npg = self.num_senders, self.num_receivers, self.num_programs
-    senders_expand = [(6, ns)] if self.receiver_blocks < -(-self.num_tokens // self.block_t) \
-        else []
+    senders_expand = [(6, ns)] if self.receiver_blocks < self.kernel_blocks else []
     if kernel == "dispatch_kernel":
       return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
     if kernel == "dispatch_rows_kernel":
