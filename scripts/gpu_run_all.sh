@@ -9,6 +9,7 @@
 #   bench     benchmarks/bench_dispatch_combine.py, DeepSeek-V3 shape, one process (peer) [BENCH_ARGS]
 #   bench_mp  the same, one process per GPU (nvshmem)
 #   dc_tests  tests/gpu/test_dispatch_combine_gpu.py (peer + one process per GPU)
+#   dc_tests2 the same on GPUs 0 and 1 only (the 2-GPU runs)
 #   soak      tests/gpu/test_soak_gpu.py: 2,000 triton-vs-xla rounds, 20-repeat hash, resources
 #   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
 #   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
@@ -56,6 +57,8 @@ for s in ${STAGES:-bench dc_tests}; do
         ${BENCH_ARGS:-}" ;;
     dc_tests) stage dc_tests ${DC_LIMIT:-300} "JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py \
         --timeout=150" ;;
+    dc_tests2) stage dc_tests2 ${DC_LIMIT:-300} "CUDA_VISIBLE_DEVICES=0,1 JAX_EP_MP_TIMEOUT=140 \
+        $PT tests/gpu/test_dispatch_combine_gpu.py --timeout=150" ;;
     # 2,000 rounds took ~230 s after compiles on 4 H200 (8.6 rounds/s), plus the 20-repeat
     # hash and the resource checks: give it 420 s.
     soak) stage soak 450 "JAX_EP_SOAK_ROUNDS=${SOAK_ROUNDS:-2000} JAX_EP_SOAK_TIMEOUT=420 \
