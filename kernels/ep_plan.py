@@ -37,7 +37,9 @@ class EPPlan:
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
       others' (block-major); 1 = block-major over every source.
     receiver_share: share of the token blocks the receivers expand (the first ones); the
-      senders expand the rest after their push (1.0: receivers expand everything).
+      senders expand the rest after their push (1.0: receivers expand everything). 0.6 by
+      default: the fastest measured on 4x H200 at 32 SMs (2026-11-21, DeepSeek-V3 shape:
+      dispatch 1.38 ms vs 1.73 ms at 1.0).
   """
 
   world: int
@@ -55,7 +57,7 @@ class EPPlan:
   profile: bool = False
   sender_fraction: float = 0.5
   expand_order: int = 0
-  receiver_share: float = 1.0
+  receiver_share: float = 0.6
 
   @property
   def region(self) -> RegionSpec:

@@ -421,13 +421,17 @@ def _base_config(phase: str, N: int, dtype: str, input_precision: str, tma: bool
     # the fewest L2 bytes per FLOP (48 KiB per 4.2 MFLOP); 3 stages = 144 KiB, one per SM.
     return TileConfig(128, 256, 64, 8, 3) if N >= 256 else TileConfig(128, 128, 64, 8, 4)
   if tma and N >= 256:
-    # Producer warpgroup + two consumer warpgroups (64 x 256 wgmma each); 3 stages of
-    # 128x64 + 64x256 bf16 = 144 KiB plus the epilogue buffer (~176 KiB in all).
-    return TileConfig(128, 256, 64, 4, 3, half_tiles=False, warp_spec=True)
+    # Tile and K loops flattened into one pipelined loop (the next tile's TMA loads overlap
+    # this tile's store); 3 stages of 128x64 + 64x256 bf16 = 144 KiB. Measured on H200
+    # (2026-11-21, DeepSeek-V3 shapes): 0.80-0.84x cuBLAS, the sweep's best. The
+    # warp-specialized variant (warp_spec=True) was faster still but gave wrong rows under
+    # Triton 3.6 (tests/gpu/test_grouped_gemm_gpu.py caught it): not a default.
+    return TileConfig(128, 256, 64, 8, 3, half_tiles=False, flatten=True)
   if N >= 256:
-    # Two consumer warpgroups, each a 64x256 wgmma; 4 stages x (128x64 + 64x256) x 2 B = 192 KiB
-    # (three loads in flight while one stage is consumed; 227 KiB per SM).
-    return TileConfig(128, 256, 64, 8, 4)
+    # Two consumer warpgroups, each a 64x256 wgmma; 3 stages x (128x64 + 64x256) x 2 B =
+    # 144 KiB; one program per tile (the sweep's best pointer variant on H200, 2026-11-21:
+    # 0.76-0.81x cuBLAS vs 0.67-0.74x for the persistent 4-stage one).
+    return TileConfig(128, 256, 64, 8, 3, persistent=False)
   return TileConfig(128, 128, 64, 8, 4)
 
 

@@ -347,7 +347,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(slots[s], want_slots)
 
 
-@pytest.mark.parametrize("order,share", [(1, 1.0), (0, 0.5), (1, 0.25)])
+@pytest.mark.parametrize("order,share", [(1, 1.0), (0, 1.0), (0, 0.5), (1, 0.25)])
 def test_dispatch_variants_match_numpy(order, share, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push) give the same bits."""

@@ -113,7 +113,8 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", 0, lambda v: v in (0, 1),
                                            "0 (own blocks first) or 1 (block-major over every "
                                            "source)")),
-                receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", 1.0, lambda v: 0 < v <= 1,
+                receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", EPPlan.receiver_share,
+                                         lambda v: 0 < v <= 1,
                                          "a share of the token blocks in (0, 1]"))
 
 
