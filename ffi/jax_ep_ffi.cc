@@ -58,7 +58,7 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 // ------------------------------------------------------------------------------------------
 // Errors
@@ -437,7 +437,8 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                         int64_t grid_y, int64_t grid_z, int64_t num_warps, int64_t num_ctas,
                         int64_t shared_mem, int64_t global_scratch_size,
                         int64_t global_scratch_align, int64_t profile_scratch_size,
-                        bool symmetric, ffi::Span<const int64_t> scalars,
+                        bool symmetric, int64_t symmetric_bytes,
+                        ffi::Span<const int64_t> scalars,
                         ffi::Span<const int64_t> scalar_bits) {
   auto& cu = Cuda();
   if (!cu.loaded) return ffi::Error(ffi::ErrorCode::kUnavailable, "jax_ep: " + cu.load_error);
@@ -473,6 +474,17 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                               "' runs on a device that jax_ep.runtime.initialize did not set up; "
                               "initialize with every device of the EP mesh axis");
       }
+      // The region may have been re-sized (shutdown + initialize) after this executable was
+      // compiled for a larger one: writing past it would corrupt other memory, so refuse.
+      if (symmetric_bytes > 0 && static_cast<size_t>(symmetric_bytes) > dev->bytes)
+        return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                          "jax_ep: kernel '" + std::string(kernel_name) + "' was compiled for " +
+                              std::to_string(symmetric_bytes) +
+                              " bytes of symmetric memory per rank but the jax_ep runtime now has " +
+                              std::to_string(dev->bytes) +
+                              " (it was re-initialized with smaller configs after this step was "
+                              "compiled): call jax_ep.runtime.initialize with every config you use, "
+                              "or re-trace the step");
     }
   }
 
@@ -575,6 +587,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_triton_launch, jax_ep::TritonLaunch,
                                   .Attr<int64_t>("global_scratch_align")
                                   .Attr<int64_t>("profile_scratch_size")
                                   .Attr<bool>("symmetric")
+                                  .Attr<int64_t>("symmetric_bytes")
                                   .Attr<ffi::Span<const int64_t>>("scalars")
                                   .Attr<ffi::Span<const int64_t>>("scalar_bits"));
 #pragma GCC visibility pop

@@ -122,7 +122,7 @@ def _grid3(grid) -> tuple[int, int, int]:
 
 def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stages: int = 3,
                 constexprs: dict[str, Any] | None = None, scalars: Sequence = (),
-                symmetric: bool = False, name: str | None = None,
+                symmetric: bool = False, symmetric_bytes: int = 0, name: str | None = None,
                 extern_libs: dict[str, str] | None = None) -> tuple[jax.Array, ...]:
   """Runs ``kernel`` on XLA's stream as one FFI custom call; returns its outputs.
 
@@ -138,6 +138,10 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
     scalars: run-time integer parameters (see the ABI); they are HLO attributes, not constants
       of the cubin, so changing them does not recompile the kernel.
     symmetric: pass ``sym_table, rank, world, epoch`` (needs ``jax_ep.runtime.initialize``).
+    symmetric_bytes: bytes of each rank's symmetric memory, from its start (the runtime's
+      exchange area included), that the kernel may touch. The handler refuses the launch with
+      an error when the runtime's region is smaller, e.g. re-initialized for smaller configs
+      after this step was compiled. 0: not checked.
     name: a name scope for the custom call in the HLO (default: the kernel's name).
     extern_libs: LLVM bitcode to link, e.g. ``{"libnvshmem_device":
       kernels.nvshmem_device.bitcode_path()}`` for NVSHMEM device calls (then the kernel needs
@@ -206,6 +210,7 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
         global_scratch_align=compiled.global_scratch_align,
         profile_scratch_size=compiled.profile_scratch_size,
         symmetric=bool(symmetric),
+        symmetric_bytes=np.int64(symmetric_bytes if symmetric else 0),
         scalars=np.array([v for v, _ in scalar_items], dtype=np.int64),
         scalar_bits=np.array([_SCALAR_TYPES[t] for _, t in scalar_items], dtype=np.int64),
     )
@@ -270,5 +275,5 @@ def all_gather_int32(x: jax.Array, *, world: int | None = None, timeout_s: float
                       FLAGS_OFF_=exchange.FLAGS_OFF, DATA_OFF_=exchange.DATA_OFF,
                       SEQ_OFF_=exchange.SEQ_OFF),
       scalars=((runtime.EXCHANGE_OFFSET, "i64"), (int(timeout_s * 1e9), "i64")),
-      symmetric=True, name="jax_ep_all_gather_int32")
+      symmetric=True, symmetric_bytes=runtime.EXCHANGE_BYTES, name="jax_ep_all_gather_int32")
   return out, status

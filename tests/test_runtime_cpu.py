@@ -183,6 +183,8 @@ def test_all_gather_lowers_for_cuda_without_addresses():
   assert len(calls) == 1 and "@jax_ep_triton_launch" in calls[0], calls
   call = calls[0]
   assert "has_side_effect = true" in call and "symmetric = true" in call
+  # It touches the exchange area only: the handler refuses it on a smaller region.
+  assert f"symmetric_bytes = {runtime.EXCHANGE_BYTES} : i64" in call
   assert 'kernel_name = "all_gather_kernel"' in call
   assert "(tensor<16xi32>) -> (tensor<4x16xi32>, tensor<4xi32>)" in call
   # The only large integers are the kernel's documented scalars (exchange offset, timeout):
@@ -211,6 +213,7 @@ def test_triton_call_lowers_inside_jit():
       lowering_platforms=("cuda",)).as_text()
   (call,) = _custom_calls(text)
   assert "@jax_ep_triton_launch" in call and "symmetric = false" in call
+  assert "symmetric_bytes = 0 : i64" in call
   assert "grid_x = 3" in call and "scalars = dense<[5, 3000]>" in call
   assert "scalar_bits = dense<32>" in call
   assert "has_side_effect" not in call

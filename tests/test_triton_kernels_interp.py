@@ -545,8 +545,14 @@ class _InterpretedLauncher:
     raise KeyError(kernel.__name__)
 
   def __call__(self, kernel, *inputs, out_shapes, grid, num_warps=4, num_stages=3,
-               constexprs=None, scalars=(), symmetric=False, name=None):
+               constexprs=None, scalars=(), symmetric=False, symmetric_bytes=0, name=None):
     import jax
+    from jax_ep import runtime
+    # The handler's rule: the launch names the bytes it may touch (exchange area + region);
+    # a runtime region smaller than that is refused. Here the region is exactly what the
+    # config needs, so the launch must ask for more than the exchange area and fit.
+    need = symmetric_bytes - runtime.EXCHANGE_BYTES
+    assert 0 < need <= self.regions[0].size, (kernel.__name__, symmetric_bytes)
     if isinstance(out_shapes, jax.ShapeDtypeStruct):
       out_shapes = (out_shapes,)
     out_shapes = tuple(out_shapes)

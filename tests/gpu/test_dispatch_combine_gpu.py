@@ -293,6 +293,36 @@ def test_timeout_is_an_error_not_a_hang(peer_world, monkeypatch):
   runtime.initialize([EPConfig(**SIZING)], provider="peer", devices=list(mesh.devices))
 
 
+def test_step_compiled_for_a_larger_region_is_refused(peer_world):
+  """A step compiled while the runtime had a large region, run after shutdown() and
+  initialize() with a smaller config, is refused by the FFI handler (the launch carries the
+  bytes it needs) with an error saying what to do, instead of writing past the region; a step
+  traced for the new region then runs and equals xla."""
+  import jax
+  from jax_ep import EPConfig, runtime, testing
+  mesh, world = peer_world
+  devices = list(mesh.devices)
+  put = _put(mesh)
+  big = (128, 7168, 256, 8, None, 1, "uniform", "bfloat16")
+  small = (128, 128, 64, 4, None, 1, "uniform", "bfloat16")
+  x, idx, w = _inputs(big, world, 11)
+  args = tuple(put(v) for v in (x, idx, w))
+  f_big = testing.device_fwd_fn(_config(big, world, "triton"), mesh)
+  jax.block_until_ready(f_big(*args))  # runs on the large region
+  runtime.shutdown()
+  try:
+    sizing = dict(num_experts=small[2], topk=small[3], hidden=small[1],
+                  max_tokens_per_rank=small[0])
+    runtime.initialize([EPConfig(**sizing)], provider="peer", devices=devices)
+    with pytest.raises(Exception, match=r"symmetric memory per rank but the jax_ep runtime "
+                                        r"now has"):
+      jax.block_until_ready(f_big(*args))
+    compare_case(small, mesh, world, put, seed=12, repeats=2)
+  finally:
+    runtime.shutdown()
+    runtime.initialize([EPConfig(**SIZING)], provider="peer", devices=devices)
+
+
 # -- one process per GPU (NVSHMEM provider) --------------------------------------------------------
 
 def _num_gpus() -> int:
