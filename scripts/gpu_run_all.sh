@@ -14,6 +14,7 @@
 #   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
 #   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
 #   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
+#   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_ARGS' shapes (default the Qwen3 ones)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -66,9 +67,14 @@ for s in ${STAGES:-bench dc_tests}; do
     faults) stage faults 330 "mkdir -p $OUT/faults; JAX_EP_FAULT_LOGS=$OUT/faults $PT \
         tests/gpu/test_faults_gpu.py --timeout=300" ;;
     train) stage train 430 "mkdir -p $OUT/train; OUT=$OUT/train bash scripts/gpu_train.sh" ;;
-    gemm) stage gemm 330 "CUDA_VISIBLE_DEVICES=0 $PT tests/gpu/test_grouped_gemm_gpu.py \
+    # Tests ~125 s, then the benchmark ~50 s per shape (4 shapes) on one H200.
+    gemm) stage gemm ${GEMM_LIMIT:-420} "CUDA_VISIBLE_DEVICES=0 $PT tests/gpu/test_grouped_gemm_gpu.py \
         --timeout=120; CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_grouped_gemm.py \
-        ${GEMM_ARGS:---sweep --sweep-budget 60} --out $OUT" ;;
+        ${GEMM_ARGS:---iters 20} --out $OUT" ;;
+    # Compiling the ~136 candidates alone took 186 s (12 workers): one or two shapes per call.
+    gemm_sweep) stage gemm_sweep ${GEMM_LIMIT:-540} "CUDA_VISIBLE_DEVICES=0 $PY \
+        benchmarks/bench_grouped_gemm.py --sweep --sweep-budget 120 \
+        ${GEMM_ARGS:---shapes qwen3_up,qwen3_down} --out $OUT" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
