@@ -212,7 +212,8 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-# Last in the file: a fault in the opt-in TMA variant should not take the tests above with it.
+# Last in the file: a fault in a TMA variant should not take the tests above with it (the
+# forward tests above already run the TMA default; these compare it with the pointer path).
 # Its device-side descriptors live in Triton's global scratch, which Triton wants 128-byte
 # aligned; XLA's FFI scratch allocator refuses alignments above 16 ("Unsupported alignment"),
 # so on a launcher that passes the alignment through, every TMA launch fails with
