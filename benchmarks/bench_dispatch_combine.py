@@ -316,7 +316,7 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 
 def sweep_points(args):
   """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
-  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER and
+  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
   JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs")."""
   if not args.sweep:
     return []

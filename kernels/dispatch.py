@@ -26,6 +26,11 @@ overlaps the senders' NVLink work.
     recv_weights, and per row chunk load the staged rows once and store them to their up to K
     rows (the K row indices are taken from the loaded tile in registers, not reloaded).
     Traffic: reads one row per (source, token) received, writes C rows of H.
+    Expand order 2 (``EPPlan.expand_order``, opt-in): no static share; every program (the
+    receivers after their zero fill, the senders after their push) takes (source, block) items
+    from one atomic counter per launch, own blocks first, then block-major over the other
+    sources, until none are left: the work balances itself whatever the shape. Which program
+    expands a block never changes what is written where.
 
 dispatch_rows_kernel: the same for ``dispatch_rows`` (combine's backward): senders copy rows to
 every rank a slot is addressed to (no positions), receivers expand with the layout's recv_pos.
@@ -36,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barrier,
-                      leader_turn, prof_mark, signal_block, sym_ptr, wait_block, wait_go)
+                      leader_turn, prof_mark, signal_block, sym_ptr, take_item, wait_block,
+                      wait_go)
 from .layout import hist_blocks, leader_layout
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
@@ -164,7 +170,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
   2. ORDER 0: this rank's own blocks pid, pid + num_programs, ... (rows from x), then the same
      blocks of every other source s = rank + 1, ... (mod W), block-major. ORDER 1: block-major
      over all sources, own first in each block (no program waits for its own senders while
-     other sources' blocks are there). Each block after its BLOCK_FLAG says it arrived.
+     other sources' blocks are there). ORDER 2: items from the launch's queue (``_expand_queue``;
+     blk_lo, blk_hi and pid are not used). Each block after its BLOCK_FLAG says it arrived.
   """
   dtype = recv_x_ptr.dtype.element_ty
   h = tl.arange(0, BLOCK_H)
@@ -197,12 +204,53 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
-  else:
+  elif ORDER == 1:
     # 2b. Block-major over every source, this rank first within a block.
     _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, world, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+  else:
+    # 2c. Work queue over (source, block) items, shared by every program of the launch.
+    _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
+                  status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
+                  MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
+                  WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+
+
+@triton.jit
+def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
+                  status_ptr, sym_table, rank, world, seq, timeout_ns, op,
+                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
+                  WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                  USE_TIMER: tl.constexpr):
+  """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
+  own blocks (rows from x: nothing to wait for); then item NB + j is block j // (W-1) of source
+  rank + 1 + j % (W-1): block-major, the order in which the senders' blocks arrive."""
+  nb: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+  staged = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
+  n_items = nb * world
+  item = take_item(sym_table, rank)
+  while item < n_items:
+    if item < nb:
+      blk = item
+      s = rank
+      src_base = x_ptr
+      src_row = 0
+    else:
+      j = item - nb
+      blk = j // (world - 1)
+      s = (rank + 1 + j % (world - 1)) % world
+      src_base = staged
+      src_row = s * MAX_TOKENS
+    wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
+               status_ptr, op, USE_TIMER)
+    _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                  recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
+                  WITH_META, BLOCK_T, BLOCK_H)
+    item = take_item(sym_table, rank)
 
 
 @triton.jit
@@ -246,7 +294,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
-  then expand the rest [RECV_BLOCKS, NB), which arrive last (none by default). All after GO.
+  then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDER 2: receivers and then
+  senders take every block from the launch's queue instead. All after GO.
   PHASE 0 (GPU) or the interpreter's 4 (push), 5 (receivers), 6 (senders' expansion)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   if PHASE == 0:
@@ -269,7 +318,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
                    BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
-      if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
+      if (PHASE == 0 or PHASE == 6) and (ORDER == 2 or RECV_BLOCKS < num_blocks):
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
                      val_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,

@@ -35,7 +35,8 @@ class EPPlan:
     profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
-      others' (block-major); 1 = block-major over every source.
+      others' (block-major); 1 = block-major over every source; 2 = a work queue shared by
+      receivers and senders (``receiver_share`` is then not used).
     receiver_share: share of the token blocks the receivers expand (the first ones); the
       senders expand the rest after their push (1.0: receivers expand everything). 0.6 by
       default: the fastest measured on 4x H200 at 32 SMs (2026-11-21, DeepSeek-V3 shape:
@@ -143,7 +144,8 @@ class EPPlan:
     """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
     programs of a launch run one after another (each phase runs on every rank in turn)."""
     ns, nr, npg = self.num_senders, self.num_receivers, self.num_programs
-    senders_expand = [(6, ns)] if self.receiver_blocks < self.kernel_blocks else []
+    senders_expand = ([(6, ns)] if self.receiver_blocks < self.kernel_blocks
+                      or self.expand_order == 2 else [])
     if kernel == "dispatch_kernel":
       return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
     if kernel == "dispatch_rows_kernel":

@@ -11,6 +11,8 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
   ABORT        int32 [1]               = 1 when this op's start barrier found a fingerprint
                                        mismatch (the launch's programs then skip their work)
   GO           int64 [1]               = epoch once this launch's leader passed the barrier
+  QUEUE        int32 [1]               dispatch with expand order 2: the next expansion work item
+                                       (zeroed by the leader before GO, taken with atomics)
   ERR          int32 [8]               first failure seen: (1, code, rank, peer, seq, 0, 0, 0)
   SYNC_FLAG    int32 [MAX_WORLD]       SYNC_FLAG[s] = seq of the last op rank s announced
   FINGERPRINT  int32 [MAX_WORLD]       FINGERPRINT[s] = hash of rank s's (op, config, shapes)
@@ -69,6 +71,7 @@ ALIGN = 256
 SEQ_OFF = 0
 ABORT_OFF = 64
 GO_OFF = 128
+QUEUE_OFF = 192
 ERR_OFF = 256
 SYNC_FLAG_OFF = 512
 FINGERPRINT_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
@@ -93,6 +96,7 @@ _SYNC_FLAG_OFF = tl.constexpr(SYNC_FLAG_OFF)
 _FINGERPRINT_OFF = tl.constexpr(FINGERPRINT_OFF)
 _ARRIVE_FLAG_OFF = tl.constexpr(ARRIVE_FLAG_OFF)
 _GO_OFF = tl.constexpr(GO_OFF)
+_QUEUE_OFF = tl.constexpr(QUEUE_OFF)
 _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
@@ -405,12 +409,22 @@ def leader_wait(sym_table, rank, world, seq, fingerprint, timeout_ns, status_ptr
 
 @triton.jit
 def leader_go(sym_table, rank, seq, epoch, abort):
-  """Leader: SEQ = seq, ABORT = abort, then GO = epoch (release, GPU scope): the launch's other
-  programs may start (they read SEQ and ABORT after they see GO)."""
+  """Leader: SEQ = seq, ABORT = abort, QUEUE = 0, then GO = epoch (release, GPU scope): the
+  launch's other programs may start (they read SEQ and ABORT, and take QUEUE items, after they
+  see GO)."""
   tl.store(sym_ptr(sym_table, rank, _SEQ_OFF, tl.int32), seq)
   tl.store(sym_ptr(sym_table, rank, _ABORT_OFF, tl.int32), abort)
+  tl.store(sym_ptr(sym_table, rank, _QUEUE_OFF, tl.int32), 0)
   tl.debug_barrier()
   tl.atomic_xchg(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), epoch, sem="release", scope="gpu")
+
+
+@triton.jit
+def take_item(sym_table, rank):
+  """The next work item of this launch's queue (0, 1, 2, ... across its programs; atomic, so
+  every item is taken once). Which program takes an item never changes where data goes."""
+  return tl.atomic_add(sym_ptr(sym_table, rank, _QUEUE_OFF, tl.int32), 1, sem="relaxed",
+                       scope="gpu")
 
 
 @triton.jit

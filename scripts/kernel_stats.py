@@ -61,7 +61,7 @@ def main() -> None:
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
   p.add_argument("--acc-bytes", type=int, help="override ep_plan.ACC_BYTES")
   p.add_argument("--sender-fraction", type=float, default=0.5)
-  p.add_argument("--expand-order", type=int, default=0, choices=(0, 1))
+  p.add_argument("--expand-order", type=int, default=0, choices=(0, 1, 2))
   p.add_argument("--receiver-share", type=float, default=1.0)
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()

@@ -111,8 +111,9 @@ class SimWorld:
   phase by phase (each phase on every rank before the next), as EPPlan.interpreter_phases
   says. ``epoch`` counts launches, as the runtime's launcher does."""
 
-  def __init__(self, plan: EPPlan):
+  def __init__(self, plan: EPPlan, reorder=None):
     self.plan = plan
+    self.reorder = reorder  # optional: phases list -> the order to run them in
     w = plan.world
     # The control block starts zeroed (as runtime.initialize leaves it); the config-dependent
     # part holds garbage whose int32 view is a huge positive number, as another config's rows
@@ -131,7 +132,11 @@ class SimWorld:
     """per_rank_args[r]: the kernel's inputs and outputs on rank r (Arr's); fingerprints[r]:
     rank r's op fingerprint (default: the same on every rank)."""
     self.epoch += 1
-    for phase, grid in (phases or self.plan.interpreter_phases(kernel.__name__)):
+    if phases is None:
+      phases = self.plan.interpreter_phases(kernel.__name__)
+      if self.reorder is not None:
+        phases = self.reorder(phases)
+    for phase, grid in phases:
       for r in (range(self.plan.world) if ranks is None else ranks):
         fp = 1234 if fingerprints is None else fingerprints[r]
         kernel[(grid,)](*per_rank_args[r], self.table, r, self.plan.world, self.epoch,
@@ -347,23 +352,37 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(slots[s], want_slots)
 
 
-@pytest.mark.parametrize("order,share", [(1, 1.0), (0, 1.0), (0, 0.5), (1, 0.25)])
-def test_dispatch_variants_match_numpy(order, share, interp):
+def _senders_expand_first(phases):
+  """Run the senders' expansion (phase 6) before the receivers' (5): with the work queue the
+  senders then take every item and the receivers only zero-fill."""
+  return sorted(phases, key=lambda pg: {6: 5, 5: 6}.get(pg[0], pg[0]))
+
+
+@pytest.mark.parametrize("order,share,reorder", [
+    (1, 1.0, None), (0, 1.0, None), (0, 0.5, None), (1, 0.25, None), (2, 0.6, None),
+    (2, 1.0, _senders_expand_first)])
+def test_dispatch_variants_match_numpy(order, share, reorder, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
-  expansion, senders expanding the last blocks after their push) give the same bits."""
+  expansion, senders expanding the last blocks after their push, a work queue shared by every
+  program) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
                 expand_order=order, receiver_share=share)
-  assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
+  assert share == 1.0 or order == 2 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
   ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  sim = SimWorld(plan)
+  sim = SimWorld(plan, reorder)
   got = sim.dispatch(xs, idxs, ws)
   want = ref_dispatch(xs, idxs, ws, world, e // world, capacity, 2)
+  if order == 2:  # every (source, block) item was taken once, then one failed take per program
+    ns, nr = plan.num_senders, plan.num_receivers
+    for r in range(world):
+      queue = sim.regions[r][ep_sync.QUEUE_OFF:ep_sync.QUEUE_OFF + 4].view(np.int32)[0]
+      assert queue == plan.kernel_blocks * world + ns + nr, (queue, plan.kernel_blocks, ns, nr)
   for r in range(world):
     assert not got[r]["status"].a.any(), got[r]["status"].a
     np.testing.assert_array_equal(got[r]["recv_pos"].a, want[r]["recv_pos"])

@@ -110,9 +110,11 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
                 sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", 0.5, lambda v: 0 < v < 1,
                                           "a share of the programs in (0, 1)"),
-                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", 0, lambda v: v in (0, 1),
-                                           "0 (own blocks first) or 1 (block-major over every "
-                                           "source)")),
+                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", 0,
+                                           lambda v: v in (0, 1, 2),
+                                           "0 (own blocks first), 1 (block-major over every "
+                                           "source) or 2 (a work queue shared by all "
+                                           "programs)")),
                 receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", EPPlan.receiver_share,
                                          lambda v: 0 < v <= 1,
                                          "a share of the token blocks in (0, 1]"))
