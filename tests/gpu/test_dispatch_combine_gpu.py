@@ -207,6 +207,18 @@ def test_matches_xla_backend(case, peer_world):
   compare_case(case, mesh, world, _put(mesh), seed=zlib.crc32(_case_id(case).encode()))
 
 
+@pytest.mark.parametrize("order,share", [(0, 1.0), (1, 1.0), (2, 1.0)])
+def test_dispatch_tuning_variants_match_xla(order, share, peer_world, monkeypatch):
+  """The dispatch knobs other than the default (JAX_EP_EXPAND_ORDER 0/1/2 with
+  JAX_EP_RECEIVER_SHARE 1.0; 2 = the work queue) give the same results: the benchmark's
+  sweep times them without comparing."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_EXPAND_ORDER", str(order))
+  monkeypatch.setenv("JAX_EP_RECEIVER_SHARE", str(share))
+  case = (1024, 2048, 64, 8, None, 8, "zipf", "bfloat16")
+  compare_case(case, mesh, world, _put(mesh), seed=31 + order, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
