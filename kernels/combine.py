@@ -119,7 +119,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    R_UNROLL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived."""
   dtype = out_ptr.dtype.element_ty
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -157,7 +157,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                    NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                   BLOCK_HR: tl.constexpr, J_UNROLL: tl.constexpr, R_UNROLL: tl.constexpr,
+                   BLOCK_HR: tl.constexpr, J_UNROLL: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -175,26 +175,27 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
   st = status_ptr + 1 + pid
-  if PHASE == 0 or PHASE == 4:
-    tl.store(st, 0)
+  if PHASE == 0 or PHASE >= 4:
+    if PHASE != 5:  # phase 5 continues phase 4's programs: keep their status
+      tl.store(st, 0)
+    # One wait for GO per launch (in the interpreter phases 4 and 5 are separate launches).
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    prof_mark(sym_table, rank, pid, P_GO, PROFILE)
-    if seq > 0:
-      _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
-                    world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                    ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
-    prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
-  if PHASE == 0 or PHASE == 5:
-    seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    if seq > 0:
-      ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
-                             USE_TIMER, BLOCK_P)
-      prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
-      if ok:
-        _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
-                        MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, R_UNROLL, BLOCK_T,
-                        BLOCK_HR)
-    prof_mark(sym_table, rank, pid, P_END, PROFILE)
+    if PHASE != 5:  # push
+      prof_mark(sym_table, rank, pid, P_GO, PROFILE)
+      if seq > 0:
+        _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
+                      world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
+                      ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
+      prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
+    if PHASE != 4:  # reduce
+      if seq > 0:
+        ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
+                               USE_TIMER, BLOCK_P)
+        prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
+        if ok:
+          _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                          MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR)
+      prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 
 @triton.jit
@@ -220,34 +221,35 @@ def gather_kernel(values_ptr, recv_pos_ptr, topk_idx_ptr,
   st = status_ptr + 1 + pid
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
-  if PHASE == 0 or PHASE == 4:
-    tl.store(st, 0)
+  if PHASE == 0 or PHASE >= 4:
+    if PHASE != 5:  # phase 5 continues phase 4's programs: keep their status
+      tl.store(st, 0)
     seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    if seq > 0:
-      for item in range(pid, world * num_blocks, NUM_PROGRAMS):
-        s = item // num_blocks
-        blk = item % num_blocks
-        t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
-        pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
-                      mask=smask, other=-1)
-        v = tl.load(values_ptr + pos, mask=(pos >= 0) & (pos < CAPACITY), other=0.0)
-        dst = sym_ptr(sym_table, s, SLOT_VAL_OFF, tl.float32)
-        tl.store(dst + (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :], v, mask=smask)
-      signal_peers(sym_table, rank, world, pid, seq)
-  if PHASE == 0 or PHASE == 5:
-    seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-    if seq > 0:
-      ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
-                             USE_TIMER, BLOCK_P)
-      if ok:
-        vals = sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32)
-        for blk in range(pid, num_blocks, NUM_PROGRAMS):
+    if PHASE != 5:  # push
+      if seq > 0:
+        for item in range(pid, world * num_blocks, NUM_PROGRAMS):
+          s = item // num_blocks
+          blk = item % num_blocks
           t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
           smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
-          sl = t[:, None] * TOPK + k[None, :]
-          g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
-          dest = tl.where(g >= 0, g // E_LOCAL, 0)
-          v = tl.load(vals + (dest * MAX_TOKENS + t[:, None]) * TOPK + k[None, :], mask=g >= 0,
-                      other=0.0, cache_modifier=".cg")
-          tl.store(out_ptr + sl, tl.where(g >= 0, v, 0.0), mask=smask)
+          pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
+                        mask=smask, other=-1)
+          v = tl.load(values_ptr + pos, mask=(pos >= 0) & (pos < CAPACITY), other=0.0)
+          dst = sym_ptr(sym_table, s, SLOT_VAL_OFF, tl.float32)
+          tl.store(dst + (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :], v, mask=smask)
+        signal_peers(sym_table, rank, world, pid, seq)
+    if PHASE != 4:  # reduce
+      if seq > 0:
+        ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
+                               USE_TIMER, BLOCK_P)
+        if ok:
+          vals = sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32)
+          for blk in range(pid, num_blocks, NUM_PROGRAMS):
+            t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
+            sl = t[:, None] * TOPK + k[None, :]
+            g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
+            dest = tl.where(g >= 0, g // E_LOCAL, 0)
+            v = tl.load(vals + (dest * MAX_TOKENS + t[:, None]) * TOPK + k[None, :], mask=g >= 0,
+                        other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + sl, tl.where(g >= 0, v, 0.0), mask=smask)

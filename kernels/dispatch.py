@@ -227,29 +227,24 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   USE_TIMER: tl.constexpr):
   """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
-  own blocks (rows from x: nothing to wait for); then item NB + j is block j // (W-1) of source
-  rank + 1 + j % (W-1): block-major, the order in which the senders' blocks arrive."""
+  own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
+  the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
+  block-major, the order in which the senders' blocks arrive."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  staged = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
   n_items = nb * world
   item = take_item(sym_table, rank)
   while item < n_items:
     if item < nb:
       blk = item
       s = rank
-      src_base = x_ptr
-      src_row = 0
     else:
       j = item - nb
       blk = j // (world - 1)
       s = (rank + 1 + j % (world - 1)) % world
-      src_base = staged
-      src_row = s * MAX_TOKENS
-    wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-               status_ptr, op, USE_TIMER)
-    _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                  recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
-                  WITH_META, BLOCK_T, BLOCK_H)
+    _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                 recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op, NUM_TOKENS,
+                 MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
+                 WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
     item = take_item(sym_table, rank)
 
 
@@ -262,23 +257,35 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                     ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
   """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
-  s = rank + i (mod W) for i in [i_lo, i_hi), each after its BLOCK_FLAG: this rank's rows come
-  from x, the others' from ROWS[s] of this rank's region."""
-  staged = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
+  s = rank + i (mod W) for i in [i_lo, i_hi)."""
   for blk in range(blk_lo + pid, blk_hi, num_programs):
     for i in range(i_lo, i_hi):
-      s = (rank + i) % world
-      if i == 0:
-        src_base = x_ptr
-        src_row = 0
-      else:
-        src_base = staged
-        src_row = s * MAX_TOKENS
-      wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns,
-                 status_ptr, op, USE_TIMER)
-      _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                    recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P,
-                    WITH_META, BLOCK_T, BLOCK_H)
+      _expand_item((rank + i) % world, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                   recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
+                   NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
+                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+
+
+@triton.jit
+def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                 recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
+                 NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                 TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                 BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
+  """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
+  the others' from ROWS[s] of this rank's region."""
+  if s == rank:
+    src_base = x_ptr
+    src_row = 0
+  else:
+    src_base = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
+    src_row = s * MAX_TOKENS
+  wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns, status_ptr,
+             op, USE_TIMER)
+  _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
+                BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -294,8 +301,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
-  then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDER 2: receivers and then
-  senders take every block from the launch's queue instead. All after GO.
+  then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDER 2 (RECV_BLOCKS = 0):
+  receivers and senders take every block from the launch's queue instead. All after GO.
   PHASE 0 (GPU) or the interpreter's 4 (push), 5 (receivers), 6 (senders' expansion)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   if PHASE == 0:
@@ -318,7 +325,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
                    BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
-      if (PHASE == 0 or PHASE == 6) and (ORDER == 2 or RECV_BLOCKS < num_blocks):
+      if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
                      val_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,

@@ -21,6 +21,19 @@ def _pow2_floor(n: int, lo: int, hi: int) -> int:
   return max(lo, min(1 << (n.bit_length() - 1), hi)) if hi >= lo else hi
 
 
+def interpreter_phases(kernel: str, num_senders: int, num_receivers: int, num_programs: int,
+                       receiver_blocks: int, kernel_blocks: int) -> list[tuple[int, int]]:
+  """(PHASE, grid) launches that replace one GPU launch of ``kernel`` in the CPU interpreter
+  (``EPPlan.interpreter_phases``; also from a launch's constexprs alone, in the tests)."""
+  ns, nr, npg = num_senders, num_receivers, num_programs
+  senders_expand = [(6, ns)] if receiver_blocks < kernel_blocks else []
+  if kernel == "dispatch_kernel":
+    return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
+  if kernel == "dispatch_rows_kernel":
+    return [(2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
+  return [(2, 1), (3, 1), (4, npg), (5, npg)]
+
+
 @dataclasses.dataclass(frozen=True)
 class EPPlan:
   """Static launch parameters of dispatch / combine for one (config, world, T, dtype).
@@ -126,9 +139,11 @@ class EPPlan:
 
   @property
   def receiver_blocks(self) -> int:
-    """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand."""
-    nb = self.kernel_blocks
-    return nb if self.receiver_share >= 1.0 else int(round(nb * self.receiver_share))
+    """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand (the senders expand
+    the rest). 0 with expand order 2: nobody has a static share, all take from the queue."""
+    if self.expand_order == 2:
+      return 0
+    return min(self.kernel_blocks, int(round(self.kernel_blocks * self.receiver_share)))
 
   def grid(self, kernel: str) -> int:
     """Programs of one GPU launch (PHASE 0) of ``kernel``."""
@@ -143,14 +158,8 @@ class EPPlan:
   def interpreter_phases(self, kernel: str) -> list[tuple[int, int]]:
     """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
     programs of a launch run one after another (each phase runs on every rank in turn)."""
-    ns, nr, npg = self.num_senders, self.num_receivers, self.num_programs
-    senders_expand = ([(6, ns)] if self.receiver_blocks < self.kernel_blocks
-                      or self.expand_order == 2 else [])
-    if kernel == "dispatch_kernel":
-      return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
-    if kernel == "dispatch_rows_kernel":
-      return [(2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
-    return [(2, 1), (3, 1), (4, npg), (5, npg)]
+    return interpreter_phases(kernel, self.num_senders, self.num_receivers, self.num_programs,
+                              self.receiver_blocks, self.kernel_blocks)
 
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,
@@ -186,11 +195,6 @@ class EPPlan:
     return min(4, self.topk_p)
 
   @property
-  def r_unroll(self) -> int:
-    """Combine reduce: ranks whose partial rows are loaded together."""
-    return min(4, next_pow2(self.world))
-
-  @property
   def combine_block_hc(self) -> int:
     """Push chunk: J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES."""
     per_col = self.combine_block_t * (self.j_unroll * self.itemsize + 4)
@@ -198,8 +202,9 @@ class EPPlan:
 
   @property
   def combine_block_hr(self) -> int:
-    """Reduce chunk: R_UNROLL [BLOCK_T, BLOCK_HR] row tiles + an f32 accumulator."""
-    per_col = self.combine_block_t * (self.r_unroll * self.itemsize + 4)
+    """Reduce chunk: one [BLOCK_T, BLOCK_HR] row tile per rank (W_P, all loaded together) + an
+    f32 accumulator."""
+    per_col = self.combine_block_t * (next_pow2(self.world) * self.itemsize + 4)
     return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
 
   def combine(self, phase: int = 0) -> dict:
@@ -209,7 +214,7 @@ class EPPlan:
         ROW_MARK_OFF=r.row_mark_off,
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
-        BLOCK_HR=self.combine_block_hr, J_UNROLL=self.j_unroll, R_UNROLL=self.r_unroll,
+        BLOCK_HR=self.combine_block_hr, J_UNROLL=self.j_unroll,
         PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:

@@ -219,12 +219,6 @@ def sym_ptr(sym_table, rank, byte_off, dtype: tl.constexpr):
 
 
 @triton.jit
-def load_acquire(ptr):
-  """Acquire load at system scope (an atomic add of 0, which the interpreter also runs)."""
-  return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
-
-
-@triton.jit
 def store_release(ptr, value):
   """Release store at system scope; call ``tl.debug_barrier()`` first so that the whole CTA's
   earlier stores are ordered before it."""

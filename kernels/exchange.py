@@ -1,6 +1,7 @@
 """In-kernel barrier + all-gather of a small int32 vector across the ranks of the symmetric world.
 
-This is the exchange dispatch needs for its counts: every rank contributes ``x [N] int32`` and
+It backs ``jax_ep.launch.all_gather_int32`` (dispatch exchanges its counts inside its own launch,
+``kernels/layout.py``): every rank contributes ``x [N] int32`` and
 every rank receives ``out [world, N] int32`` with ``out[r] = x`` of rank r. It doubles as a
 barrier: a rank leaves only after every peer has arrived at the same call.
 
@@ -35,6 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .ep_sync import _now
+
 # Layout of the exchange area (bytes). Host code reads these Python ints.
 SEQ_OFF = 0
 FLAGS_OFF = 256
@@ -45,13 +48,6 @@ DATA_OFF = 4096
 def area_bytes(world: int, n: int) -> int:
   """Bytes of the exchange area needed for ``world`` ranks and vectors of ``n`` int32."""
   return DATA_OFF + 2 * world * n * 4
-
-
-@triton.jit
-def _globaltimer():
-  # Nanoseconds since an arbitrary start; the same clock on every SM of a GPU.
-  return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                   is_pure=False, pack=1)
 
 
 @triton.jit
@@ -117,12 +113,12 @@ def all_gather_kernel(
   flag_ptrs = my_flags + tl.where(mask_w, offs_w, 0)
   vals = _ld_acquire_sys(flag_ptrs)
   missing = tl.sum(((vals < epoch) & mask_w).to(tl.int32), axis=0)
-  t0 = _globaltimer()
+  t0 = _now(True)
   elapsed = t0 - t0
   while (missing > 0) & (elapsed < timeout_ns):
     vals = _ld_acquire_sys(flag_ptrs)
     missing = tl.sum(((vals < epoch) & mask_w).to(tl.int32), axis=0)
-    elapsed = _globaltimer() - t0
+    elapsed = _now(True) - t0
   tl.store(status_ptr + offs_w, ((vals < epoch) & mask_w).to(tl.int32), mask=mask_w)
   tl.debug_barrier()  # the acquiring threads' view is passed on to the whole CTA ...
   _fence_sys()        # ... and made visible to every thread's loads below

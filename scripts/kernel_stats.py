@@ -104,7 +104,7 @@ def main() -> None:
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}) / reduce "
-        f"{plan.combine_block_hr} (R {plan.r_unroll})")
+        f"{plan.combine_block_hr} (all {plan.world} ranks)")
   for name, (fn, types, cx, warps) in kernels.items():
     free = [a for a in fn.arg_names if a not in cx]
     sig = {a: t for a, t in zip(free, types + sym)}

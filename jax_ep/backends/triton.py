@@ -170,18 +170,19 @@ def _varying(x, axis_name: str):
   return lax.pcast(x, axis_name, to="varying")
 
 
-def _call(config: EPConfig, world: int, kernel, *inputs, out_shapes, grid, constexprs,
-          scalars=(), num_warps=None):
-  """One EP kernel launch over the symmetric region sized for ``config``; outputs varying over
-  the EP axis. The launch carries the region bytes it needs, so a step compiled before the
-  runtime was re-initialized smaller is refused instead of writing past the region."""
+def _call(config: EPConfig, plan, kernel, *inputs, out_shapes, grid, constexprs, scalars=(),
+          num_warps=None):
+  """One EP kernel launch over the symmetric region ``plan`` is sized for; outputs varying over
+  the EP axis. The launch carries the bytes it may touch (exchange area + region), so a step
+  compiled before the runtime was re-initialized smaller is refused instead of writing past
+  the region."""
   from jax_ep import runtime
   from jax_ep.kernels.ep_plan import ROWS_WARPS
   from jax_ep.launch import triton_call
-  need = runtime.EXCHANGE_BYTES + runtime.region_bytes_for(config, world)
   outs = triton_call(kernel, *inputs, out_shapes=out_shapes, grid=grid,
-                     num_warps=ROWS_WARPS if num_warps is None else num_warps, num_stages=1, constexprs=constexprs, scalars=scalars, symmetric=True,
-                     symmetric_bytes=need)
+                     num_warps=ROWS_WARPS if num_warps is None else num_warps, num_stages=1,
+                     constexprs=constexprs, scalars=scalars, symmetric=True,
+                     symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes)
   return tuple(_varying(o, config.axis_name) for o in outs)
 
 
@@ -284,7 +285,7 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   name = "dispatch_kernel"
   # The launcher appends sym_table, rank, world, epoch, then the scalars.
   recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _, status = _call(
-      config, world, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
+      config, p, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
       topk_weights.astype(jnp.float32),
       out_shapes=(_sds((c, p.hidden), x.dtype), _sds((c,), jnp.float32),
                   _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
@@ -310,7 +311,7 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   p = _plan(config, world, x.shape[0], x.dtype)
   name = "dispatch_rows_kernel"
   recv_x, status = _call(
-      config, world, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
+      config, p, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
       layout.group_offsets, layout.group_sizes,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype),
                   _sds((p.status_size(name),), jnp.int32)),
@@ -329,7 +330,7 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   p = _plan(config, world, t, y.dtype)
   name = "combine_kernel"
   out, status = _call(
-      config, world, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
+      config, p, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
       out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.combine(),
       scalars=_scalars(config, ks.OP_COMBINE, p, y.dtype))
@@ -346,7 +347,7 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   p = _plan(config, world, t, jnp.float32)
   name = "gather_kernel"
   out, status = _call(
-      config, world, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
+      config, p, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
       layout.topk_idx,
       out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.gather(),
