@@ -120,6 +120,9 @@ def _grid3(grid) -> tuple[int, int, int]:
   return g  # type: ignore[return-value]
 
 
+_registered: set[str] = set()  # kernel keys whose cubin the FFI library holds
+
+
 def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stages: int = 3,
                 constexprs: dict[str, Any] | None = None, scalars: Sequence = (),
                 symmetric: bool = False, symmetric_bytes: int = 0, name: str | None = None,
@@ -185,8 +188,10 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
                                      extern_libs=extern_libs)
   if _ffi.available():
     lib = _ffi.library()
-    data = compiled.cubin()
-    lib.jep_register_cubin(compiled.key.encode(), data, len(data))
+    if compiled.key not in _registered:  # the library keeps every cubin for the process
+      data = compiled.cubin()
+      lib.jep_register_cubin(compiled.key.encode(), data, len(data))
+      _registered.add(compiled.key)
     _ffi.register_target()
     if runtime.is_initialized():
       # Load the module on every runtime GPU now, not inside a launch while other jax_ep
@@ -217,10 +222,6 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
   return tuple(outs)
 
 
-def _next_pow2(n: int) -> int:
-  return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
 def all_gather_int32(x: jax.Array, *, world: int | None = None, timeout_s: float = 10.0,
                      axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Barrier + all-gather of a small int32 vector over the symmetric world (in-kernel).
@@ -240,6 +241,7 @@ def all_gather_int32(x: jax.Array, *, world: int | None = None, timeout_s: float
     1 where rank r did not arrive within ``timeout_s`` (its row is then stale), else 0.
   """
   from jax_ep.kernels import exchange
+  from jax_ep.kernels.ep_sync import next_pow2
 
   x = jnp.asarray(x)
   if x.ndim != 1 or x.dtype != jnp.int32:
@@ -271,7 +273,7 @@ def all_gather_int32(x: jax.Array, *, world: int | None = None, timeout_s: float
       out_shapes=(jax.ShapeDtypeStruct((world, n), jnp.int32),
                   jax.ShapeDtypeStruct((world,), jnp.int32)),
       grid=(1,), num_warps=4,
-      constexprs=dict(N=n, BLOCK_N=_next_pow2(n), BLOCK_W=_next_pow2(world),
+      constexprs=dict(N=n, BLOCK_N=next_pow2(n), BLOCK_W=next_pow2(world),
                       FLAGS_OFF_=exchange.FLAGS_OFF, DATA_OFF_=exchange.DATA_OFF,
                       SEQ_OFF_=exchange.SEQ_OFF),
       scalars=((runtime.EXCHANGE_OFFSET, "i64"), (int(timeout_s * 1e9), "i64")),

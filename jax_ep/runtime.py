@@ -37,6 +37,8 @@ import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
+from jax_ep.config import align_up
+
 EXCHANGE_BYTES = 1 << 20
 """Bytes of the runtime's own exchange area in each rank's region."""
 EXCHANGE_OFFSET = -EXCHANGE_BYTES
@@ -58,7 +60,6 @@ class _State:
   devices: tuple                    # jax devices, in rank order (peer) / this process's one
   ordinals: tuple[int, ...]         # their CUDA ordinals
   region_bytes: int                 # backend region bytes per rank
-  configs: tuple                    # the configs it was sized for
 
 
 _state: _State | None = None
@@ -82,39 +83,17 @@ def _require() -> _State:
 
 # -- sizes ---------------------------------------------------------------------------------------
 
-def _align(n: int, a: int = _REGION_ALIGN) -> int:
-  return -(-n // a) * a
-
-
 def region_bytes_for(config, world: int) -> int:
-  """Bytes of backend region one config needs per rank with ``world`` ranks.
-
-  Asked of the triton backend (``jax_ep.backends.triton.symmetric_bytes(config, world)``) when it
-  provides that; otherwise the layout of kernels/ep_sync.py (``RegionSpec``) with float32 rows;
-  otherwise a conservative formula (flags + float32 staging of every rank's tokens).
-  """
-  config.check_ep_size(world)
-  try:
-    from jax_ep.backends import triton as triton_backend  # noqa: PLC0415
-    fn = getattr(triton_backend, "symmetric_bytes", None)
-  except ImportError:
-    fn = None
-  if fn is not None:
-    return int(fn(config, world))
-  try:
-    from jax_ep.kernels.ep_sync import RegionSpec  # noqa: PLC0415
-    return int(RegionSpec(world=world, max_tokens=config.max_tokens_per_rank, topk=config.topk,
-                          num_experts=config.num_experts, hidden=config.hidden).total_bytes)
-  except (ImportError, TypeError, AttributeError):
-    pass
-  t, k, h = config.max_tokens_per_rank, config.topk, config.hidden
-  return (1 << 20) + world * (8 * t * k + 4 * t + 4 * t * h) + 8 * config.num_experts * world
+  """Bytes of backend region one config needs per rank with ``world`` ranks (the triton
+  backend's ``symmetric_bytes``: the layout of kernels/ep_sync.py's ``RegionSpec``)."""
+  from jax_ep.backends import triton as triton_backend  # noqa: PLC0415
+  return int(triton_backend.symmetric_bytes(config, world))
 
 
 def required_bytes(configs: Iterable, world: int) -> int:
   """Backend-region bytes per rank that serve every config (the largest of them, aligned)."""
   sizes = [region_bytes_for(c, world) for c in configs]
-  return _align(max(sizes, default=0) or _REGION_ALIGN)
+  return align_up(max(sizes, default=0) or _REGION_ALIGN, _REGION_ALIGN)
 
 
 def _parse_size(text: str) -> int:
@@ -265,7 +244,7 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
   Calling it again with configs that fit (and the same provider/devices) is a no-op; otherwise
   it raises, asking for ``shutdown()`` first.
   """
-  global _state, _atexit_registered, _nvshmem_generation
+  global _state, _atexit_registered
   import jax
 
   from jax_ep import _ffi
@@ -299,7 +278,6 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
     same = (_state.provider == provider and _state.world == world
             and tuple(_state.devices) == tuple(gpus))
     if same and region <= _state.region_bytes:
-      _state = dataclasses.replace(_state, configs=_state.configs + configs)
       return
     raise RuntimeError(
         f"jax_ep.runtime.initialize: already initialized ({_state.provider}, world "
@@ -322,7 +300,7 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
       raise ValueError(
           f"jax_ep.runtime.initialize: the configs need {total} bytes of NVSHMEM symmetric memory "
           f"per GPU (+{NVSHMEM_HEAP_RESERVE} for NVSHMEM itself) but NVSHMEM_SYMMETRIC_SIZE is "
-          f"{heap}: set NVSHMEM_SYMMETRIC_SIZE={_align(total + NVSHMEM_HEAP_RESERVE, 1 << 20)} "
+          f"{heap}: set NVSHMEM_SYMMETRIC_SIZE={align_up(total + NVSHMEM_HEAP_RESERVE, 1 << 20)} "
           f"(bytes) in the environment of every process before the first initialize")
     if not lib.jep_has_nvshmem_support():
       raise RuntimeError("jax_ep.runtime.initialize: this build of libjax_ep_ffi.so has no NVSHMEM "
@@ -336,7 +314,7 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
     _ffi.check(lib.jep_nvshmem_init(ordinals[0], this_rank, world, uid, total, EXCHANGE_BYTES),
                "jax_ep.runtime.initialize (nvshmem provider)")
   _state = _State(provider=provider, world=world, rank=this_rank, devices=tuple(gpus),
-                  ordinals=ordinals, region_bytes=region, configs=configs)
+                  ordinals=ordinals, region_bytes=region)
   if not _atexit_registered:
     atexit.register(_at_exit)
     _atexit_registered = True
@@ -357,12 +335,13 @@ _uid_bytes: bytes | None = None
 
 def _exchange_uid(lib, this_rank: int, world: int):
   """Rank 0 makes NVSHMEM's unique id; every rank reads it from JAX's key-value store (once)."""
+  from jax_ep import _ffi
   global _uid_bytes
   size = lib.jep_nvshmem_uniqueid_size()
   if _uid_bytes is None:
     if this_rank == 0:
       buf = (ctypes.c_char * size)()
-      _ffi_check(lib.jep_nvshmem_get_uniqueid(buf), "jax_ep.runtime.initialize (NVSHMEM uid)")
+      _ffi.check(lib.jep_nvshmem_get_uniqueid(buf), "jax_ep.runtime.initialize (NVSHMEM uid)")
       _uid_bytes = bytes(buf)
       if world > 1:
         _kv_client().key_value_set_bytes("jax_ep/nvshmem_uid", _uid_bytes)
@@ -370,11 +349,6 @@ def _exchange_uid(lib, this_rank: int, world: int):
       _uid_bytes = bytes(_kv_client().blocking_key_value_get_bytes("jax_ep/nvshmem_uid",
                                                                    300_000))
   return ctypes.create_string_buffer(_uid_bytes, size)
-
-
-def _ffi_check(rc, api):
-  from jax_ep import _ffi
-  return _ffi.check(rc, api)
 
 
 def _check_same_size(total: int, this_rank: int, world: int) -> None:

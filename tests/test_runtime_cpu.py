@@ -89,8 +89,8 @@ EXCHANGE_SIG = {"x_ptr": "*i32", "out_ptr": "*i32", "status_ptr": "*i32", "sym_t
 
 def _exchange_constexprs(world, n):
   from jax_ep.kernels import exchange
-  from jax_ep.launch import _next_pow2
-  return dict(N=n, BLOCK_N=_next_pow2(n), BLOCK_W=_next_pow2(world),
+  from jax_ep.kernels.ep_sync import next_pow2
+  return dict(N=n, BLOCK_N=next_pow2(n), BLOCK_W=next_pow2(world),
               FLAGS_OFF_=exchange.FLAGS_OFF, DATA_OFF_=exchange.DATA_OFF,
               SEQ_OFF_=exchange.SEQ_OFF)
 
