@@ -249,7 +249,6 @@ struct LoadedKernel {
 struct Runtime {
   std::mutex mu;
   Provider provider = Provider::kNone;
-  size_t bytes = 0;
   std::vector<std::unique_ptr<DeviceState>> devices;
   // Cubins registered by Python in this process, by kernel key.
   std::unordered_map<std::string, std::string> cubins;
@@ -336,7 +335,6 @@ int ReleaseLocked(Runtime& rt) {
   }
   rt.devices.clear();
   rt.provider = Provider::kNone;
-  rt.bytes = 0;
   if (!first_error.empty()) return Fail(first_error);
   return 0;
 }
@@ -453,16 +451,18 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
 
   Runtime& rt = State();
   LoadedKernel kernel;
-  DeviceState* dev = nullptr;
   {
     auto k = GetKernel(rt, ctx, kernel_key, kernel_path, kernel_name, shared_mem);
     if (k.has_error()) return k.error();
     kernel = k.value();
   }
+  CUdeviceptr sym_table = 0;  // symmetric launches: this device's table, rank, world, epoch
+  int32_t rank32 = 0, world32 = 0;
+  int64_t epoch = 0;
   {
     std::lock_guard<std::mutex> lock(rt.mu);
     if (symmetric) {
-      dev = FindDevice(rt, ctx);
+      DeviceState* dev = FindDevice(rt, ctx);
       if (dev == nullptr) {
         if (rt.provider == Provider::kNone)
           return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
@@ -485,13 +485,18 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                               " (it was re-initialized with smaller configs after this step was "
                               "compiled): call jax_ep.runtime.initialize with every config you use, "
                               "or re-trace the step");
+      // Copied under the lock: a concurrent shutdown frees `dev`.
+      sym_table = dev->table;
+      rank32 = dev->rank;
+      world32 = dev->world;
+      epoch = dev->epoch.fetch_add(1) + 1;  // 1, 2, 3, ...: flags start at 0
     }
   }
 
   // Parameter storage: every slot must stay put until cuLaunchKernel returns.
   const size_t n_buffers = args.size() + rets.size();
   std::vector<CUdeviceptr> buffers(n_buffers);
-  std::vector<int64_t> ints(scalars.size() + 4);
+  std::vector<int64_t> ints(scalars.size());
   std::vector<void*> params;
   params.reserve(n_buffers + scalars.size() + 6);
   for (size_t i = 0; i < args.size(); ++i) {
@@ -506,14 +511,7 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
     buffers[args.size() + i] = reinterpret_cast<CUdeviceptr>(b.value()->untyped_data());
     params.push_back(&buffers[args.size() + i]);
   }
-  CUdeviceptr sym_table = 0;
-  int32_t rank32 = 0, world32 = 0;
-  int64_t epoch = 0;
   if (symmetric) {
-    sym_table = dev->table;
-    rank32 = dev->rank;
-    world32 = dev->world;
-    epoch = dev->epoch.fetch_add(1) + 1;  // 1, 2, 3, ...: flags start at 0
     params.push_back(&sym_table);
     params.push_back(&rank32);
     params.push_back(&world32);
@@ -764,7 +762,6 @@ JEP_EXPORT int jep_peer_init(const int* ordinals, int n, size_t bytes, size_t ta
       return Fail(msg);
     }
   }
-  rt.bytes = bytes;
   return 0;
 }
 
@@ -842,6 +839,14 @@ JEP_EXPORT int jep_nvshmem_init(int ordinal, int rank, int world, const void* ui
   auto d = std::make_unique<jax_ep::DeviceState>();
   CUdevice dev;
   if (jax_ep::RetainPrimary(ordinal, &dev, &d->ctx) != 0) return -1;
+  // Until `d` joins rt.devices (ReleaseLocked's list), an early return releases the context here.
+  struct ReleaseUnlessKept {
+    CUdevice dev;
+    bool kept = false;
+    ~ReleaseUnlessKept() {
+      if (!kept) jax_ep::Cuda().cuDevicePrimaryCtxRelease(dev);
+    }
+  } retained{dev};
   d->ordinal = ordinal;
   jax_ep::ScopedContext scope(d->ctx);
   if (!jax_ep::g_nvshmem_initialized) {
@@ -876,8 +881,8 @@ JEP_EXPORT int jep_nvshmem_init(int ordinal, int rank, int world, const void* ui
     d->host_table[pe] = peer ? reinterpret_cast<int64_t>(peer) + static_cast<int64_t>(table_offset) : 0;
   }
   rt.devices.push_back(std::move(d));
+  retained.kept = true;
   rt.provider = Provider::kNvshmem;
-  rt.bytes = bytes;
   if (jax_ep::UploadTable(rt.devices[0].get()) != 0) {
     std::string msg = jax_ep::g_last_error;
     jax_ep::ReleaseLocked(rt);
