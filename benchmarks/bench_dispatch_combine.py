@@ -317,17 +317,18 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 def sweep_points(args):
   """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
   dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
-  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs")."""
+  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs"); order and share default to the library's."""
   if not args.sweep:
     return []
+  from jax_ep.kernels.ep_plan import EPPlan
   pts = []
   for item in args.sweep.split(","):
     parts = item.split("@")
     if not 2 <= len(parts) <= 4:
       raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share]]")
     frac, sms = float(parts[0]), int(parts[1])
-    order = int(parts[2]) if len(parts) > 2 else 0
-    share = float(parts[3]) if len(parts) > 3 else 1.0
+    order = int(parts[2]) if len(parts) > 2 else EPPlan.expand_order
+    share = float(parts[3]) if len(parts) > 3 else EPPlan.receiver_share
     pts.append((frac, sms, order, share))
   return pts
 
@@ -375,14 +376,9 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   import jax
   import jax_ep
   from jax_ep.backends import triton as tb
-  from jax_ep.kernels.ep_plan import EPPlan
   cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
   world = mesh.devices.size
-  t = xs.shape[0] // world
-  plan = EPPlan(world=world, num_tokens=t, max_tokens=cfg.max_tokens_per_rank,
-                hidden=cfg.hidden, topk=cfg.topk, num_experts=cfg.num_experts,
-                capacity=cfg.capacity_rows(world), alignment=cfg.expert_alignment,
-                num_sms=cfg.num_sms)
+  plan = tb._plan(cfg, world, xs.shape[0] // world, xs.dtype)  # the launches' plan, knobs included
   f_d, f_c, _, _ = op_fns(mesh, cfg, 1)
   res = {}
   ns, nr = plan.num_senders, plan.num_receivers

@@ -445,9 +445,10 @@ def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee", *,
                    phase: str = "fwd", tma: bool = False) -> TileConfig:
   """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (``phase="dx"``: the dx product, K and N swapped).
 
-  ``TUNED`` first, then Hopper rules for 16-bit inputs: 128x256x64 with 8 warps and 4 stages
-  when N is wide (TMA: warp-specialized, 4 warps per group), 128x128x64 otherwise; blocks
-  shrink to the next power of two >= the dimension for small shapes.
+  ``TUNED`` first, then Hopper rules for 16-bit inputs (``_base_config``): 128x256x64 with 8
+  warps and 3 stages when N is wide (TMA: tile and K loops flattened; pointer loads: one
+  program per tile), 128x128x64 otherwise; blocks shrink to the next power of two >= the
+  dimension for small shapes.
   """
   cfg = _config(phase, K, N, dtype, input_precision, tma)
   return dataclasses.replace(cfg, block_n=_clamp_block(cfg.block_n, N),

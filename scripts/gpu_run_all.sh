@@ -14,7 +14,7 @@
 #   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
 #   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
 #   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
-#   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_ARGS' shapes (default the Qwen3 ones)
+#   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -47,19 +47,18 @@ if [ ! -f build/gpu/jax_ep/libjax_ep_ffi.so ] || [ ffi/jax_ep_ffi.cc -nt build/g
 fi
 export JAX_EP_FFI_LIB=$PWD/build/gpu/jax_ep/libjax_ep_ffi.so
 PT="$PY -m pytest -m gpu -q -rA -s -p no:cacheprovider"
+DC="JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py --timeout=150"
 
 for s in ${STAGES:-bench dc_tests}; do
   case $s in
     bench) stage bench ${BENCH_LIMIT:-300} "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
         ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 280 --out $OUT \
-        ${BENCH_ARGS:---sweep 0.5@32@1,0.5@32@1@0.6,0.375@32@1@0.75,0.5@64@1@0.6}" ;;
+        ${BENCH_ARGS:---sweep 0.5@32@2,0.375@32@2,0.625@32@2,0.5@32@0@1.0,0.5@64,0.5@64@2}" ;;
     bench_mp) stage bench_mp 300 "$PY benchmarks/bench_dispatch_combine.py --mode nvshmem \
         --shapes ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --timeout 280 --out $OUT \
         ${BENCH_ARGS:-}" ;;
-    dc_tests) stage dc_tests ${DC_LIMIT:-300} "JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py \
-        --timeout=150" ;;
-    dc_tests2) stage dc_tests2 ${DC_LIMIT:-300} "CUDA_VISIBLE_DEVICES=0,1 JAX_EP_MP_TIMEOUT=140 \
-        $PT tests/gpu/test_dispatch_combine_gpu.py --timeout=150" ;;
+    dc_tests) stage dc_tests ${DC_LIMIT:-300} "$DC" ;;
+    dc_tests2) stage dc_tests2 ${DC_LIMIT:-300} "CUDA_VISIBLE_DEVICES=0,1 $DC" ;;
     # 2,000 rounds took ~230 s after compiles on 4 H200 (8.6 rounds/s), plus the 20-repeat
     # hash and the resource checks: give it 420 s.
     soak) stage soak 450 "JAX_EP_SOAK_ROUNDS=${SOAK_ROUNDS:-2000} JAX_EP_SOAK_TIMEOUT=420 \
@@ -68,13 +67,14 @@ for s in ${STAGES:-bench dc_tests}; do
         tests/gpu/test_faults_gpu.py --timeout=300" ;;
     train) stage train 430 "mkdir -p $OUT/train; OUT=$OUT/train bash scripts/gpu_train.sh" ;;
     # Tests ~125 s, then the benchmark ~50 s per shape (4 shapes) on one H200.
+    # (the stage's rc is the tests' when they fail, else the benchmark's)
     gemm) stage gemm ${GEMM_LIMIT:-420} "CUDA_VISIBLE_DEVICES=0 $PT tests/gpu/test_grouped_gemm_gpu.py \
-        --timeout=120; CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_grouped_gemm.py \
-        ${GEMM_ARGS:---iters 20} --out $OUT" ;;
+        --timeout=120; r=\$?; CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_grouped_gemm.py \
+        ${GEMM_ARGS:---iters 20} --out $OUT; b=\$?; exit \$(( r ? r : b ))" ;;
     # Compiling the ~136 candidates alone took 186 s (12 workers): one or two shapes per call.
-    gemm_sweep) stage gemm_sweep ${GEMM_LIMIT:-540} "CUDA_VISIBLE_DEVICES=0 $PY \
+    gemm_sweep) stage gemm_sweep ${GEMM_SWEEP_LIMIT:-540} "CUDA_VISIBLE_DEVICES=0 $PY \
         benchmarks/bench_grouped_gemm.py --sweep --sweep-budget 120 \
-        ${GEMM_ARGS:---shapes qwen3_up,qwen3_down} --out $OUT" ;;
+        ${GEMM_SWEEP_ARGS:---shapes qwen3_up,qwen3_down} --out $OUT" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

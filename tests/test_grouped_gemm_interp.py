@@ -374,7 +374,7 @@ def test_compiles_for_sm90(dtype, variant):
   ce = gg.forward_constexprs(c, n, h, e, cfg, x_strides=(n, 1), w_strides=(h * n, 1, n),
                              y_strides=(h, 1), use_tma=tma)
   kernels.append(_compile(gg.grouped_gemm_kernel, [t, t, "*i32", t], ce, cfg))
-  cfg = gg.dw_config(h, n, dtype, tma=ws)
+  cfg = gg.dw_config(h, n, dtype, tma=tma)
   if ws:
     cfg = dataclasses.replace(cfg, num_warps=4, warp_spec=True)
   kernels.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],

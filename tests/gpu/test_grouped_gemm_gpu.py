@@ -241,7 +241,7 @@ def tma_error():
 @pytest.mark.parametrize("product", ["fwd", "dx", "dw"])
 def test_tma_variant_matches_pointer_variant(rng, product, dtype, tma_error):
   """Same tiles, same K order: the TMA-descriptor kernels give bit-equal results; the TMA
-  default (warp-specialized for 16-bit inputs) agrees to rounding."""
+  default tiles (flattened loops for 16-bit inputs) agree to rounding."""
   if tma_error is not None and _SCRATCH_ERROR in tma_error:
     pytest.xfail(f"the FFI launcher cannot give Triton 128-byte aligned scratch: {tma_error}")
   assert tma_error is None, tma_error

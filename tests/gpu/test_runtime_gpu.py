@@ -193,12 +193,13 @@ def test_timeout_reports_missing_peer(fresh_runtime):
 
 
 def test_chained_loop_of_exchanges(fresh_runtime):
-  """1,000 exchanges chained in one jitted fori_loop: correct, and their latency printed."""
+  """1,001 exchanges chained in one jitted fori_loop: correct, and their latency printed (an odd
+  count, so the expected rotation is not the identity for W = 2, 4 or 8)."""
   import time
 
   mesh, w = _mesh()
   runtime.initialize(CONFIG)
-  steps = 1000
+  steps = 1001
 
   def per_shard(x):
     def body(_, c):
