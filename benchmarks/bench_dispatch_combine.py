@@ -291,14 +291,15 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
-    for frac, sms, order, share in sweep_points(args):
-      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}"
+    for frac, sms, order, share, pairs in sweep_points(args):
+      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}_pairs{pairs}"
       knobs = {"JAX_EP_SENDER_FRACTION": frac, "JAX_EP_EXPAND_ORDER": order,
-               "JAX_EP_RECEIVER_SHARE": share}
+               "JAX_EP_RECEIVER_SHARE": share, "JAX_EP_EXPAND_PAIRS": pairs}
       row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=sms, timeout_s=args.op_timeout))
-      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share}: dispatch "
+      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share} "
+            f"pairs={pairs}: dispatch "
             f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
             flush=True)
     for path in ("triton", "xla", "ragged"):
@@ -315,21 +316,23 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 
 
 def sweep_points(args):
-  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
-  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
-  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs"); order and share default to the library's."""
+  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share[@pairs]]]``
+  = the dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2),
+  JAX_EP_RECEIVER_SHARE and JAX_EP_EXPAND_PAIRS (0, 8, 16) (docs/KERNELS.md "Knobs"); the
+  omitted ones default to the library's."""
   if not args.sweep:
     return []
   from jax_ep.kernels.ep_plan import EPPlan
   pts = []
   for item in args.sweep.split(","):
     parts = item.split("@")
-    if not 2 <= len(parts) <= 4:
-      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share]]")
+    if not 2 <= len(parts) <= 5:
+      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share[@pairs]]]")
     frac, sms = float(parts[0]), int(parts[1])
     order = int(parts[2]) if len(parts) > 2 else EPPlan.expand_order
     share = float(parts[3]) if len(parts) > 3 else EPPlan.receiver_share
-    pts.append((frac, sms, order, share))
+    pairs = int(parts[4]) if len(parts) > 4 else EPPlan.expand_t
+    pts.append((frac, sms, order, share, pairs))
   return pts
 
 

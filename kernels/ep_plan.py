@@ -54,6 +54,10 @@ class EPPlan:
       senders expand the rest after their push (1.0: receivers expand everything). 0.6 by
       default: the fastest measured on 4x H200 at 32 SMs (2026-11-21, DeepSeek-V3 shape:
       dispatch 1.38 ms vs 1.73 ms at 1.0).
+    expand_t: how dispatch expands a token block into recv_x: 0 = by slot columns (each row
+      chunk loaded once, stored K times under masks); 8 or 16 = by (source row, destination
+      row) pairs, expand_t pairs per tile (every lane moves a kept byte; the repeats of a row
+      come from L2). See ``kernels/dispatch.py``.
   """
 
   world: int
@@ -72,6 +76,7 @@ class EPPlan:
   sender_fraction: float = 0.5
   expand_order: int = 0
   receiver_share: float = 0.6
+  expand_t: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -174,7 +179,7 @@ class EPPlan:
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
              BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase,
-             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
+             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks, EXPAND_T=self.expand_t)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,

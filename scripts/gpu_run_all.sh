@@ -15,6 +15,7 @@
 #   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
 #   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
 #   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
+#   copyrate  benchmarks/bench_copy_rate.py: the expansion's row copies alone, GPU 0, per programs
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -75,6 +76,8 @@ for s in ${STAGES:-bench dc_tests}; do
     gemm_sweep) stage gemm_sweep ${GEMM_SWEEP_LIMIT:-540} "CUDA_VISIBLE_DEVICES=0 $PY \
         benchmarks/bench_grouped_gemm.py --sweep --sweep-budget 120 \
         ${GEMM_SWEEP_ARGS:---shapes qwen3_up,qwen3_down} --out $OUT" ;;
+    copyrate) stage copyrate 120 "CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_copy_rate.py \
+        --out $OUT ${COPY_ARGS:-}" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
