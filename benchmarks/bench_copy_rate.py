@@ -7,6 +7,7 @@ of 256 experts, this rank's 64 experts: ~32,768 expert rows):
 
   zero      store zeros to every row of recv_x (the receivers' fill of rows outside groups)
   copy      contiguous copy of the source rows (a read and a write per row, no indexing)
+  *_tma_wN  the same through TMA descriptors (N warps), for the per-program ceiling of bulk copies
   columns   the expansion by slot columns (EPPlan.expand_t = 0; kernels/dispatch.py)
   pairs16   the expansion by row pairs, 16 per tile (expand_t = 16)
   pairs8    the same, 8 per tile
@@ -58,6 +59,36 @@ def copy_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
       m = ((rb * BLOCK_R + tl.arange(0, BLOCK_R)) < ROWS)[:, None] & ((h0 + h) < HIDDEN)[None, :]
       v = tl.load(src_ptr + row + (h0 + h)[None, :], mask=m, cache_modifier=".cg")
       tl.store(out_ptr + row + (h0 + h)[None, :], v, mask=m)
+
+
+@triton.jit
+def zero_tma_kernel(out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
+  """zero through TMA stores ([BLOCK_R, BLOCK_H] boxes; BLOCK_H <= 256 elements)."""
+  pid = tl.program_id(0)
+  desc = tl.make_tensor_descriptor(out_ptr, shape=[ROWS, HIDDEN], strides=[HIDDEN, 1],
+                                   block_shape=[BLOCK_R, BLOCK_H])
+  z = tl.zeros([BLOCK_R, BLOCK_H], out_ptr.dtype.element_ty)
+  for rb in range(pid, (ROWS + BLOCK_R - 1) // BLOCK_R, tl.num_programs(0)):
+    for h0 in range(0, HIDDEN, BLOCK_H):
+      desc.store([rb * BLOCK_R, h0], z)
+
+
+@triton.jit
+def copy_tma_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+  """copy through TMA loads and stores."""
+  pid = tl.program_id(0)
+  src = tl.make_tensor_descriptor(src_ptr, shape=[ROWS, HIDDEN], strides=[HIDDEN, 1],
+                                  block_shape=[BLOCK_R, BLOCK_H])
+  dst = tl.make_tensor_descriptor(out_ptr, shape=[ROWS, HIDDEN], strides=[HIDDEN, 1],
+                                  block_shape=[BLOCK_R, BLOCK_H])
+  n_h: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+  n_items = ((ROWS + BLOCK_R - 1) // BLOCK_R) * n_h
+  for it in tl.range(pid, n_items, tl.num_programs(0), num_stages=STAGES):
+    rb = it // n_h
+    h0 = (it % n_h) * BLOCK_H
+    dst.store([rb * BLOCK_R, h0], src.load([rb * BLOCK_R, h0]))
 
 
 @triton.jit
@@ -124,6 +155,14 @@ def main() -> None:
                                          ROWS=t, HIDDEN=h, BLOCK_R=bt, BLOCK_H=bh))[0],
                2 * t * row_b),
   }
+  for name, warps, br in (("zero_tma_w4", 4, 16), ("zero_tma_w16", 16, 32)):
+    variants[name] = (lambda g, warps=warps, br=br: triton_call(
+        zero_tma_kernel, out_shapes=out_rows, grid=g, num_warps=warps, constexprs=dict(
+            ROWS=rows, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], rows * row_b)
+  for name, warps, br in (("copy_tma_w4", 4, 16), ("copy_tma_w8", 8, 32)):
+    variants[name] = (lambda g, warps=warps, br=br: triton_call(
+        copy_tma_kernel, src, out_shapes=src_rows, grid=g, num_warps=warps, constexprs=dict(
+            ROWS=t, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], 2 * t * row_b)
   for name, et in (("columns", 0), ("pairs16", 16), ("pairs8", 8)):
     variants[name] = (
         lambda g, et=et: triton_call(expand_kernel, src, pos, out_shapes=out_rows, grid=g,

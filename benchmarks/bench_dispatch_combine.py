@@ -201,6 +201,58 @@ def time_fn(f, args, iters, warmup=3):
   return statistics.median(samples)
 
 
+def trace_ops(trace_dir, fn) -> dict:
+  """Run ``fn`` under ``jax.profiler`` and summarize the GPU activity of the trace: per device,
+  each kernel's count, median duration and median idle gap before it on its stream (what the
+  loop's period holds besides the kernels). Printed, and returned for the JSON."""
+  import glob
+  import gzip
+  import jax
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    fn()
+  files = glob.glob(os.path.join(trace_dir, "**", "*trace.json.gz"), recursive=True)
+  if not files:
+    print(f"  trace: no perfetto trace under {trace_dir}", flush=True)
+    return {}
+  with gzip.open(sorted(files)[-1], "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  pname = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  by_stream = {}
+  for e in events:
+    if e.get("ph") == "X" and "GPU" in pname.get(e.get("pid"), "") and e.get("dur") is not None:
+      by_stream.setdefault((e["pid"], e.get("tid")), []).append(e)
+  if not by_stream:
+    print(f"  trace: no GPU events; processes {sorted(set(pname.values()))}", flush=True)
+  out = {}
+  for (pid, tid), evs in sorted(by_stream.items()):
+    evs.sort(key=lambda e: float(e["ts"]))
+    stats = {}
+    prev_end = None
+    for e in evs:
+      ts, dur = float(e["ts"]), float(e["dur"])
+      s = stats.setdefault(e["name"][:60], {"n": 0, "dur": [], "gap": []})
+      s["n"] += 1
+      s["dur"].append(dur)
+      if prev_end is not None:
+        s["gap"].append(ts - prev_end)
+      prev_end = max(prev_end or 0.0, ts + dur)
+    dev = pname[pid].split()[0] + f"/{tid}"
+    span = float(evs[-1]["ts"]) + float(evs[-1]["dur"]) - float(evs[0]["ts"])
+    busy = sum(float(e["dur"]) for e in evs)
+    out[dev] = {"span_us": span, "busy_us": busy, "kernels": {
+        k: {"n": v["n"], "median_us": statistics.median(v["dur"]),
+            "median_gap_before_us": statistics.median(v["gap"]) if v["gap"] else None}
+        for k, v in sorted(stats.items(), key=lambda kv: -sum(kv[1]["dur"]))[:8]}}
+    print(f"  trace {dev}: span {span:.0f} us, busy {busy:.0f} us", flush=True)
+    for k, v in out[dev]["kernels"].items():
+      gap = v["median_gap_before_us"]
+      print(f"    {v['n']:4d} x {v['median_us']:9.1f} us  gap {gap if gap is None else round(gap, 1)}"
+            f"  {k}", flush=True)
+  return out
+
+
 def run_mode(args, rank=0, world_override=None) -> dict:
   """Runs every shape in this process (peer: all GPUs; nvshmem: this process's GPU)."""
   import jax
@@ -260,6 +312,10 @@ def run_mode(args, rank=0, world_override=None) -> dict:
       row[f"{backend}_combine_s"] = time_fn(f_c, (recv_x, layout), args.iters) / inner
       print(f"  {name}: {backend} dispatch {row[f'{backend}_dispatch_s'] * 1e6:.1f} us, combine "
             f"{row[f'{backend}_combine_s'] * 1e6:.1f} us", flush=True)
+      if args.trace and rank == 0:
+        row[f"{backend}_trace"] = trace_ops(
+            os.path.join(args.trace, f"{name}_{backend}"),
+            lambda: jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout))))
     ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
              for a, b in zip(outs["triton"][:4], outs["xla"][:4]))
     ok = ok and np.allclose(np.asarray(outs["triton"][4], np.float32),
@@ -620,6 +676,9 @@ def main():
   ap.add_argument("--no-nccl", action="store_true", help="skip the PyTorch NCCL reference")
   ap.add_argument("--no-profile", action="store_true",
                   help="skip the per-phase profile of the triton kernels (JAX_EP_PROFILE=1)")
+  ap.add_argument("--trace", default="",
+                  help="directory: profile one timed loop per backend with jax.profiler and "
+                       "print each GPU stream's kernels (duration, idle gap before)")
   ap.add_argument("--sweep", default="",
                   help="tuning: extra triton timings at frac@sms[@order[@share]] points (dispatch "
                        "sender fraction, num_sms, expansion order, receivers' block share), "
