@@ -124,6 +124,7 @@ def main() -> None:
   p.add_argument("--experts", type=int, default=256)
   p.add_argument("--world", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--variants", default="", help="comma-separated names (default: all)")
   p.add_argument("--out", default=None, help="directory for copy_rate_<time>.json")
   args = p.parse_args()
 
@@ -146,55 +147,67 @@ def main() -> None:
   touched = int((pos_np >= 0).any(axis=1).sum())
   row_b = h * 2
   variants = {
-      "zero": (lambda g: triton_call(zero_kernel, out_shapes=out_rows, grid=g,
+      "zero": (lambda g, src, pos: triton_call(zero_kernel, out_shapes=out_rows, grid=g,
                                      num_warps=ROWS_WARPS, constexprs=dict(
                                          ROWS=rows, HIDDEN=h, BLOCK_R=16, BLOCK_H=bh))[0],
                rows * row_b),
-      "copy": (lambda g: triton_call(copy_kernel, src, out_shapes=src_rows, grid=g,
+      "copy": (lambda g, src, pos: triton_call(copy_kernel, src, out_shapes=src_rows, grid=g,
                                      num_warps=ROWS_WARPS, constexprs=dict(
                                          ROWS=t, HIDDEN=h, BLOCK_R=bt, BLOCK_H=bh))[0],
                2 * t * row_b),
   }
   for name, warps, br in (("zero_tma_w4", 4, 16), ("zero_tma_w16", 16, 32)):
-    variants[name] = (lambda g, warps=warps, br=br: triton_call(
+    variants[name] = (lambda g, src, pos, warps=warps, br=br: triton_call(
         zero_tma_kernel, out_shapes=out_rows, grid=g, num_warps=warps, constexprs=dict(
             ROWS=rows, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], rows * row_b)
   for name, warps, br in (("copy_tma_w4", 4, 16), ("copy_tma_w8", 8, 32)):
-    variants[name] = (lambda g, warps=warps, br=br: triton_call(
+    variants[name] = (lambda g, src, pos, warps=warps, br=br: triton_call(
         copy_tma_kernel, src, out_shapes=src_rows, grid=g, num_warps=warps, constexprs=dict(
             ROWS=t, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], 2 * t * row_b)
   for name, et in (("columns", 0), ("pairs16", 16), ("pairs8", 8)):
-    variants[name] = (
-        lambda g, et=et: triton_call(expand_kernel, src, pos, out_shapes=out_rows, grid=g,
-                                     num_warps=ROWS_WARPS, constexprs=dict(
-                                         NUM_TOKENS=t, CAPACITY=rows, HIDDEN=h, TOPK=k,
-                                         TOPK_P=plan.topk_p, BLOCK_T=bt, BLOCK_H=bh,
-                                         EXPAND_T=et))[0],
-        (touched + rows) * row_b)
+    variants[name] = (lambda g, src, pos, et=et: triton_call(
+        expand_kernel, src, pos, out_shapes=out_rows, grid=g, num_warps=ROWS_WARPS,
+        constexprs=dict(NUM_TOKENS=t, CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p,
+                        BLOCK_T=bt, BLOCK_H=bh, EXPAND_T=et))[0], (touched + rows) * row_b)
+
+  # XLA's own kernels on every SM, for the device's ceiling: a zero fill, a copy, and the
+  # expansion as a row gather (what an XLA implementation of it runs).
+  src_of_row = np.zeros(rows, np.int32)
+  src_of_row[pos_np[pos_np >= 0]] = np.nonzero(pos_np >= 0)[0]
+  src_of_row = jnp.asarray(src_of_row)
+  xla = {"xla_zero": (lambda g, src, pos: jnp.zeros((rows, h), jnp.bfloat16), rows * row_b),
+         "xla_copy": (lambda g, src, pos: src + jnp.bfloat16(1), 2 * t * row_b),
+         "xla_gather": (lambda g, src, pos: jnp.take(src, pos, axis=0),
+                        (touched + rows) * row_b)}
 
   want = None
   results = []
-  for name, (fn, nbytes) in variants.items():
-    for g in [int(v) for v in args.programs.split(",")]:
-      f = jax.jit(lambda fn=fn, g=g: fn(g))
-      out = jax.block_until_ready(f())
-      if name in ("columns", "pairs16", "pairs8"):  # the expansions must agree bit for bit
-        got = np.asarray(out.view(jnp.uint16))
-        if want is None:
-          want = got
-        elif not np.array_equal(got, want):
-          raise SystemExit(f"{name} at {g} programs differs from the first expansion")
-      times = []
-      for _ in range(args.iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        times.append(time.perf_counter() - t0)
-      s = float(np.median(times))
-      r = dict(variant=name, programs=g, seconds=s, bytes=nbytes, gbps=nbytes / s / 1e9,
-               gbps_per_program=nbytes / s / 1e9 / g)
-      results.append(r)
-      print(f"{name:8s} programs {g:4d}: {s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  "
-            f"{r['gbps_per_program']:6.1f} GB/s per program", flush=True)
+  todo = [(n, fn, b, g) for n, (fn, b) in variants.items()
+          for g in [int(v) for v in args.programs.split(",")]]
+  todo += [(n, fn, b, 0) for n, (fn, b) in xla.items()]
+  if args.variants:
+    todo = [x for x in todo if x[0] in args.variants.split(",")]
+  for name, fn, nbytes, g in todo:
+    f = jax.jit(lambda src, pos, fn=fn, g=g: fn(g, src, pos))
+    args_ = (src, src_of_row if name == "xla_gather" else pos)
+    out = jax.block_until_ready(f(*args_))
+    if name in ("columns", "pairs16", "pairs8", "xla_gather"):  # expansions agree bitwise
+      got = np.asarray(out.view(jnp.uint16))
+      if want is None:
+        want = got
+      elif not np.array_equal(got, want):
+        raise SystemExit(f"{name} at {g} programs differs from the first expansion")
+    times = []
+    for _ in range(args.iters):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args_))
+      times.append(time.perf_counter() - t0)
+    s = float(np.median(times))
+    r = dict(variant=name, programs=g or "all", seconds=s, bytes=nbytes,
+             gbps=nbytes / s / 1e9, gbps_per_program=nbytes / s / 1e9 / (g or 132))
+    results.append(r)
+    print(f"{name:8s} programs {g or 'all':>4}: {s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  "
+          f"{r['gbps_per_program']:6.1f} GB/s per program", flush=True)
   src_expected = np.asarray(src.view(jnp.uint16))
   ok = all(np.array_equal(want[pos_np[i, j]], src_expected[i])
            for i, j in zip(*np.nonzero(pos_np >= 0)) if i % 97 == 0)

@@ -544,6 +544,7 @@ def orchestrate(args) -> list[dict]:
                 ["--no-ragged"] if args.no_ragged else []) + (
                 ["--shapes", args.shapes] if args.shapes else []) + (
                 ["--no-profile"] if args.no_profile else []) + (
+                ["--trace", args.trace] if args.trace else []) + (
                 ["--sweep", args.sweep] if args.sweep else [])
   runs = []
   if args.mode in ("peer", "both"):
