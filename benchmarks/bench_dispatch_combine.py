@@ -5,10 +5,15 @@ Protocol (DESIGN.md "Benchmark protocol", docs/KERNELS.md):
      and layout must equal the xla backend's bit for bit and its combine must match within bf16
      tolerance; a mismatch is printed as FAILED and recorded (``"correct": false``).
   2. Timing, all paths in the same run on the same GPUs: each sample is one jitted call running
-     the op ``--inner`` times (unrolled in the program, each repetition's inputs chained to the
-     previous one's output through an optimization barrier, so there is no per-iteration host
-     sync of a while loop and no overlap; divided by ``--inner``), median of ``--iters``
-     (>= 20) samples after warm-up; dispatch and combine separately.
+     the op n times (unrolled in the program, each repetition's inputs chained to the previous
+     one's output through an optimization barrier, so there is no per-iteration host sync of a
+     while loop and no overlap), median of ``--iters`` (>= 20) samples after warm-up; dispatch
+     and combine separately. The time per op is the slope between n = ``--inner`` and
+     n = 3 x ``--inner``: a call's fixed cost (the host launching the sharded program on every
+     GPU, the final sync: about 1 ms on 4x H200, measured with ``--trace``) cancels, and what
+     remains is the op's period on the GPUs. The per-call averages (``*_call_s``, that fixed
+     cost / n included) are in the JSON too. The ragged path (tens of ms per op) uses the
+     per-call average.
        triton  jax_ep.dispatch / jax_ep.combine with EPConfig(backend="triton")
        xla     the same with backend="xla" (lax.all_to_all of [W, T, H] buckets)
        ragged  MaxText style: one row per (token, expert) sorted by destination, exchanged by
@@ -189,6 +194,14 @@ def op_fns(mesh, cfg, inner):
   return dispatch, combine, dispatch_loop, combine_loop
 
 
+def time_per_op(loops, args, inner, iters) -> tuple[float, float]:
+  """(seconds per op, per-call average) of ``loops[n]`` = a jitted loop of n ops: the slope
+  between n = inner and n = 3 x inner (the call's fixed cost cancels), and T(inner) / inner."""
+  t1 = time_fn(loops[inner], args, iters)
+  t3 = time_fn(loops[3 * inner], args, iters)
+  return (t3 - t1) / (2 * inner), t1 / inner
+
+
 def time_fn(f, args, iters, warmup=3):
   import jax
   for _ in range(warmup):
@@ -303,13 +316,16 @@ def run_mode(args, rank=0, world_override=None) -> dict:
                             timeout_s=args.op_timeout)  # ranks may start seconds apart
 
       f_once, comb, f_d, f_c = op_fns(mesh, cfg, inner)
+      _, _, f_d3, f_c3 = op_fns(mesh, cfg, 3 * inner)
       recv_x, recv_w, layout = f_once(xs, idxs, ws)
       out = comb(recv_x, layout)
       outs[backend] = [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes,
                                           out)]
       print(f"  {name}: {backend} ran once; timing", flush=True)
-      row[f"{backend}_dispatch_s"] = time_fn(f_d, (xs, idxs, ws), args.iters) / inner
-      row[f"{backend}_combine_s"] = time_fn(f_c, (recv_x, layout), args.iters) / inner
+      for op, loops, a in (("dispatch", {inner: f_d, 3 * inner: f_d3}, (xs, idxs, ws)),
+                           ("combine", {inner: f_c, 3 * inner: f_c3}, (recv_x, layout))):
+        row[f"{backend}_{op}_s"], row[f"{backend}_{op}_call_s"] = time_per_op(
+            loops, a, inner, args.iters)
       print(f"  {name}: {backend} dispatch {row[f'{backend}_dispatch_s'] * 1e6:.1f} us, combine "
             f"{row[f'{backend}_combine_s'] * 1e6:.1f} us", flush=True)
       if args.trace and rank == 0:
@@ -418,13 +434,15 @@ def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw) -> dict:
 
   def first_calls():  # trace (and compile) under the knobs
     f_once, _, f_d, f_c = op_fns(mesh, cfg, inner)
+    _, _, f_d3, f_c3 = op_fns(mesh, cfg, 3 * inner)
     recv_x, _, layout = f_once(xs, idxs, ws)
-    jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout)))
-    return f_d, f_c, recv_x, layout
+    jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout), f_d3(xs, idxs, ws),
+                           f_c3(recv_x, layout)))
+    return {inner: f_d, 3 * inner: f_d3}, {inner: f_c, 3 * inner: f_c3}, recv_x, layout
 
-  f_d, f_c, recv_x, layout = _with_envs(knobs, first_calls)
-  return {"dispatch_s": time_fn(f_d, (xs, idxs, ws), iters) / inner,
-          "combine_s": time_fn(f_c, (recv_x, layout), iters) / inner}
+  d_loops, c_loops, recv_x, layout = _with_envs(knobs, first_calls)
+  return {"dispatch_s": time_per_op(d_loops, (xs, idxs, ws), inner, iters)[0],
+          "combine_s": time_per_op(c_loops, (recv_x, layout), inner, iters)[0]}
 
 
 def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
