@@ -110,7 +110,7 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
                 sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", 0.5, lambda v: 0 < v < 1,
                                           "a share of the programs in (0, 1)"),
-                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", 0,
+                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", EPPlan.expand_order,
                                            lambda v: v in (0, 1, 2),
                                            "0 (own blocks first), 1 (block-major over every "
                                            "source) or 2 (a work queue shared by all "
