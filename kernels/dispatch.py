@@ -24,9 +24,12 @@ overlaps the senders' NVLink work.
     Then this rank's own blocks (rows read straight from x), then block by block the other
     sources', each after its BLOCK_FLAG: load SLOT_POS / SLOT_VAL once, write recv_pos and
     recv_weights, and per row chunk load the staged rows once and store them to their up to K
-    rows (the K row indices are taken from the loaded tile in registers, not reloaded).
+    rows (the K row indices are taken from the loaded tile in registers, not reloaded). Opt-in
+    (``EPPlan.expand_t``): by (source row, destination row) pairs instead, the block's present
+    slots compacted without atomics, so no store lane is masked off; same bits, measured no
+    faster (the row copies are bound by the programs' HBM rate, ``bench_copy_rate.py``).
     Traffic: reads one row per (source, token) received, writes C rows of H.
-    Expand order 2 (``EPPlan.expand_order``, opt-in): no static share; every program (the
+    Expand order 2 (``EPPlan.expand_order``, the default): no static share; every program (the
     receivers after their zero fill, the senders after their push) takes (source, block) items
     from one atomic counter per launch, own blocks first, then block-major over the other
     sources, until none are left: the work balances itself whatever the shape. Which program
