@@ -78,6 +78,11 @@ dw tiling (``grouped_gemm_dw_kernel``)
   every tile weigh; tiles small enough for two programs per SM (128 x 128, 3 stages: 96 KiB,
   ~100 registers at 8 warps) would overlap one program's store with another's loop, at 4/3 the
   L2 bytes per FLOP of 128 x 256 (the benchmark's sweep weighs the two).
+  ``grouped_gemm_dw_flat_kernel`` (``TileConfig.flatten``, opt-in until measured) removes those
+  per-tile drains: program (expert segment, K tile, N tile) walks the row steps of every expert
+  of its segment in one pipelined loop (a step table beside the launch, like the forward's tile
+  table) and stores each expert's tile at its last step; segments split the experts only where
+  the dw tiles alone are too few to fill the GPU. Same per-expert steps, masks and order.
 
 Numerics: ``tl.dot`` accumulates in float32; bf16/fp16 inputs use tensor cores (wgmma on sm_90);
 float32 inputs use ``INPUT_PRECISION`` ("ieee": exact float32 products; "tf32": tensor cores,
@@ -300,6 +305,77 @@ def grouped_gemm_dw_kernel(
   tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def grouped_gemm_dw_flat_kernel(
+    x_ptr,        # [C, K] recv_x
+    dy_ptr,       # [C, N] output cotangent
+    steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table``
+    first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
+    dw_ptr,       # [E, K, N] weight cotangent
+    C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
+    STRIDE_XM: tl.constexpr, STRIDE_XK: tl.constexpr,
+    STRIDE_DYM: tl.constexpr, STRIDE_DYN: tl.constexpr,
+    STRIDE_DWE: tl.constexpr, STRIDE_DWK: tl.constexpr, STRIDE_DWN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_SEGS: tl.constexpr,   # expert segments (``dw_flat_segments``)
+    MAX_STEPS: tl.constexpr,  # rows of the step table
+    INPUT_PRECISION: tl.constexpr,
+):
+  """dw[e] = x[rows of e]^T @ dy[rows of e], one flat loop per program.
+
+  Grid: NUM_SEGS * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N). Program (segment s, K tile, N tile)
+  owns that dw tile of the experts [s * E // NUM_SEGS, (s + 1) * E // NUM_SEGS) and walks all
+  their row steps (BLOCK_K rows of one expert each) in one pipelined loop, storing and
+  clearing the accumulator at each expert's last step: the loads of the next expert's rows are
+  in flight while this one's tile is stored, where the per-expert kernel drains its pipeline
+  every 256-512 rows. Same steps, masks and order per expert as ``grouped_gemm_dw_kernel``.
+  """
+  pid = tl.program_id(0)
+  num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+  num_k: tl.constexpr = (K + BLOCK_M - 1) // BLOCK_M
+  seg = pid // (num_k * num_n)
+  rest = pid % (num_k * num_n)
+  k_tile = rest // num_n
+  n_tile = rest % num_n
+  e_lo = seg * E // NUM_SEGS
+  e_hi = (seg + 1) * E // NUM_SEGS
+
+  offs_k = k_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+  offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+  offs_r = tl.arange(0, BLOCK_K)
+  ks = offs_k if K % BLOCK_M == 0 else tl.minimum(offs_k, K - 1)
+  ns = offs_n if N % BLOCK_N == 0 else tl.minimum(offs_n, N - 1)
+  tile = offs_k.to(tl.int64)[:, None] * STRIDE_DWK + offs_n[None, :] * STRIDE_DWN
+  mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+
+  # Experts of the segment with no rows: a zero tile (their steps are empty).
+  zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=dw_ptr.dtype.element_ty)
+  for e in range(e_lo, e_hi):
+    if tl.load(first_ptr + e + 1) <= tl.load(first_ptr + e):
+      tl.store(dw_ptr + tl.cast(e, tl.int64) * STRIDE_DWE + tile, zeros, mask=mask)
+
+  # Step bounds clamped to the table: a corrupt table stays in bounds.
+  s_lo = tl.minimum(tl.maximum(tl.load(first_ptr + e_lo), 0), MAX_STEPS)
+  s_hi = tl.minimum(tl.maximum(tl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
+  acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  for st in tl.range(s_lo, s_hi):
+    rec = steps_ptr + st * 4
+    r0 = tl.minimum(tl.maximum(tl.load(rec), 0), C)
+    r1 = tl.minimum(tl.maximum(tl.load(rec + 1), r0), C)
+    rows = r0 + offs_r
+    in_step = (rows < r1)[:, None]
+    xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * STRIDE_XM + ks[None, :] * STRIDE_XK,
+                 mask=in_step, other=0.0)                                   # [BLOCK_K, BLOCK_M]
+    g = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * STRIDE_DYM + ns[None, :] * STRIDE_DYN,
+                mask=in_step, other=0.0)                                    # [BLOCK_K, BLOCK_N]
+    acc = tl.dot(tl.trans(xt), g, acc, input_precision=INPUT_PRECISION)
+    if tl.load(rec + 3) != 0:  # the expert's last step: store its tile, start the next
+      e = tl.minimum(tl.maximum(tl.load(rec + 2), 0), E - 1)
+      tl.store(dw_ptr + e.to(tl.int64) * STRIDE_DWE + tile, acc.to(dw_ptr.dtype.element_ty),
+               mask=mask)
+      acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host-side helpers (plain ints, or array code generic over numpy / jax.numpy): the tile table,
 # tile configurations, grid sizes and compile-time constants.
@@ -331,13 +407,7 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   size = xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
   end = off + size
 
-  def locate(seg_tiles, count):
-    """For each of ``count`` tiles: (segment index, tile index within the segment, valid)."""
-    cum = xp.cumsum(seg_tiles)
-    t = xp.arange(count, dtype=xp.int32)
-    seg = xp.sum((cum[None, :] <= t[:, None]).astype(xp.int32), axis=1)  # searchsorted right
-    seg = xp.minimum(seg, seg_tiles.shape[0] - 1)
-    return seg, t - (cum[seg] - seg_tiles[seg]), t < cum[-1], cum[-1]
+  locate = lambda seg_tiles, count: _locate(seg_tiles, count, xp)  # noqa: E731
 
   g_tiles = (size + block_m - 1) // block_m
   ge, g_local, g_valid, num_g = locate(g_tiles, max_g)
@@ -361,14 +431,52 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   return xp.concatenate([header, group_rows, zero_rows], axis=0).astype(xp.int32)
 
 
+def _locate(seg_tiles, count: int, xp):
+  """For each of ``count`` tiles laid out segment after segment (``seg_tiles[i]`` tiles in
+  segment i): (segment index, tile index within the segment, valid, total tiles)."""
+  cum = xp.cumsum(seg_tiles)
+  t = xp.arange(count, dtype=xp.int32)
+  seg = xp.sum((cum[None, :] <= t[:, None]).astype(xp.int32), axis=1)  # searchsorted right
+  seg = xp.minimum(seg, seg_tiles.shape[0] - 1)
+  return seg, t - (cum[seg] - seg_tiles[seg]), t < cum[-1], cum[-1]
+
+
+def dw_max_steps(C: int, E: int, block_k: int) -> int:
+  """Rows of ``dw_step_table``: sum(ceil(size / BLOCK_K)) over E disjoint groups in C rows."""
+  return triton.cdiv(C, block_k) + E
+
+
+def dw_step_table(sizes, offsets, C: int, E: int, block_k: int, xp):
+  """The row steps of ``grouped_gemm_dw_flat_kernel``, computed with ``xp`` beside the launch.
+
+  Returns (steps int32 ``[dw_max_steps, 4]``, first int32 ``[E + 1]``): expert e's steps are
+  rows first[e] .. first[e + 1] - 1 of ``steps``, each (row_start, row_end, e, last): rows
+  [row_start, min(row_start + BLOCK_K, row_end)) of its group, last = 1 on its final step.
+  Offsets and sizes are clamped as in ``tile_table``; rows past the real steps are zeros.
+  """
+  max_s = dw_max_steps(C, E, block_k)
+  off = xp.clip(xp.asarray(offsets).astype(xp.int32), 0, C)
+  size = xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
+  n_steps = (size + block_k - 1) // block_k
+  ge, local, valid, _ = _locate(n_steps, max_s, xp)
+  start = xp.where(valid, off[ge] + local * block_k, 0)
+  end = xp.where(valid, off[ge] + size[ge], 0)
+  last = xp.where(valid & (local == n_steps[ge] - 1), 1, 0)
+  steps = xp.stack([start, end, xp.where(valid, ge, 0), last], axis=1).astype(xp.int32)
+  first = xp.concatenate([xp.zeros((1,), xp.int32), xp.cumsum(n_steps).astype(xp.int32)])
+  return steps, xp.minimum(first, max_s).astype(xp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
   """One launch configuration of a grouped GEMM kernel.
 
-  ``half_tiles``, ``warp_spec``, ``flatten`` and ``persistent`` are forward-kernel switches
-  (dw has ``warp_spec`` only); ``warp_spec`` and ``flatten`` take effect only on the TMA path,
-  never together, and ``half_tiles`` excludes both (see the module docstring). ``persistent``:
-  one program per resident CTA looping over tiles, else one program per possible tile.
+  ``half_tiles``, ``warp_spec``, ``flatten`` and ``persistent`` are forward-kernel switches;
+  ``warp_spec`` and ``flatten`` take effect only on the TMA path, never together, and
+  ``half_tiles`` excludes both (see the module docstring). ``persistent``: one program per
+  resident CTA looping over tiles, else one program per possible tile. For dw, ``warp_spec``
+  (TMA only) and ``flatten``: ``grouped_gemm_dw_flat_kernel``, each program one flat loop over
+  the row steps of a segment of experts (pointer loads).
   """
 
   block_m: int
@@ -497,6 +605,18 @@ def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:
   return E * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
 
 
+def dw_flat_segments(K: int, N: int, E: int, cfg: TileConfig, num_sms: int) -> int:
+  """Expert segments of ``grouped_gemm_dw_flat_kernel``: enough programs for two per SM where
+  the dw tiles alone are fewer (Qwen3's 768 x 2048 dw has 48 tiles of 128 x 256), at most E."""
+  tiles = triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+  return max(1, min(E, triton.cdiv(2 * num_sms, tiles)))
+
+
+def dw_flat_grid(K: int, N: int, E: int, cfg: TileConfig, num_segs: int) -> int:
+  """Programs of ``grouped_gemm_dw_flat_kernel``."""
+  return num_segs * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+
+
 def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[int, int, int],
                   elem_bytes: int, dw: bool = False) -> bool:
   """Whether the TMA variant applies: 16-byte aligned strides, one contiguous dimension per
@@ -539,6 +659,17 @@ def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
               # Triton 3.6 aborts (an assertion in its Hopper warp-specialization pass) on a
               # flattened, warp-specialized loop nest: one or the other.
               FLATTEN=bool(use_tma and cfg.flatten and not half and not cfg.warp_spec))
+
+
+def dw_flat_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, num_segs: int, *,
+                       input_precision: str = "ieee") -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_flat_kernel`` (row-major x, dy, dw)."""
+  return dict(C=C, K=K, N=N, E=E,
+              STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
+              STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
+              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+              NUM_SEGS=num_segs, MAX_STEPS=dw_max_steps(C, E, cfg.block_k),
+              INPUT_PRECISION=input_precision)
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,

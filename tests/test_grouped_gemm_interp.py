@@ -221,10 +221,13 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
                np.sqrt(n))
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["ptr", "tma"])
+@pytest.mark.parametrize("variant", ["ptr", "tma", "flat1", "flat3"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
-def test_dw_interpreted(interp, rng, case, dtype, use_tma):
+def test_dw_interpreted(interp, rng, case, dtype, variant):
+  """dw per (expert, tile) program (ptr, tma), and the flat kernel with 1 or 3 expert
+  segments (every program walks its segment's row steps in one loop)."""
+  use_tma = variant == "tma"
   c, k, n, e, align, kind = case
   gg = interp
   sizes, offsets = testing.group_layout(rng, kind, c, e, align)
@@ -241,10 +244,16 @@ def test_dw_interpreted(interp, rng, case, dtype, use_tma):
   if use_tma and not gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1),
                                       elem_bytes=np.dtype(dtype).itemsize, dw=True):
     pytest.skip("shape not eligible for the TMA variant")
-  order = np.argsort(-sizes, kind="stable").astype(np.int32)
-  run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
-                  (x, dy, sizes, offsets, order, dw),
-                  gg.dw_constexprs(c, k, n, e, cfg, use_tma=use_tma))
+  if variant.startswith("flat"):
+    segs = min(e, int(variant[4:]))
+    steps, first = gg.dw_step_table(sizes, offsets, c, e, cfg.block_k, np)
+    run_interpreted(gg.grouped_gemm_dw_flat_kernel, gg.dw_flat_grid(k, n, e, cfg, segs),
+                    (x, dy, steps, first, dw), gg.dw_flat_constexprs(c, k, n, e, cfg, segs))
+  else:
+    order = np.argsort(-sizes, kind="stable").astype(np.int32)
+    run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
+                    (x, dy, sizes, offsets, order, dw),
+                    gg.dw_constexprs(c, k, n, e, cfg, use_tma=use_tma))
   x0 = np.where(inside[:, None], x.astype(np.float32), 0)
   dy0 = np.where(inside[:, None], dy.astype(np.float32), 0)
   assert_close(dw, ref_dw(x0, dy0, sizes, offsets), np.dtype(dtype),
@@ -379,6 +388,10 @@ def test_compiles_for_sm90(dtype, variant):
     cfg = dataclasses.replace(cfg, num_warps=4, warp_spec=True)
   kernels.append(_compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],
                           gg.dw_constexprs(c, h, n, e, cfg, use_tma=tma), cfg))
+  if variant == "ptr":  # the flat dw kernel (pointer loads only), two expert segments
+    cfg = dataclasses.replace(gg.dw_config(h, n, dtype), flatten=True)
+    kernels.append(_compile(gg.grouped_gemm_dw_flat_kernel, [t, t, "*i32", "*i32", t],
+                            gg.dw_flat_constexprs(c, h, n, e, cfg, 2), cfg))
   for k in kernels:
     ptx = k.asm["ptx"]
     assert ".target sm_90a" in ptx
@@ -433,6 +446,30 @@ def _layout(sizes, offsets, capacity):
       num_recv_rows=jnp.asarray(int(np.sum(sizes)), jnp.int32), num_dropped=z, num_invalid=z,
       topk_idx=jnp.zeros((1, 1), jnp.int32), recv_pos=jnp.zeros((1, 1, 1), jnp.int32),
       row_weights=jnp.zeros((capacity,), jnp.float32))
+
+
+@pytest.mark.parametrize("kind", ["random", "giant", "empty"])
+def test_backend_flat_dw_matches_default(interp, rng, monkeypatch, kind):
+  """``_grouped_dw`` with a ``flatten=True`` config (the flat kernel: step table beside the
+  launch, expert segments) equals the per-(expert, tile) kernel exactly, and numpy."""
+  import jax.numpy as jnp
+  from jax_ep.backends import triton_gemm
+
+  monkeypatch.setattr(triton_gemm, "_triton_call", _interpreter_launcher(interp))
+  monkeypatch.setattr(triton_gemm, "_num_sms", lambda: 9)  # 3 expert segments
+  c, h, n, e = 160, 32, 48, 6
+  sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
+  x = _inputs(rng, (c, h), np.float32)
+  dy = _inputs(rng, (c, n), np.float32)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  base = interp.TileConfig(**SMALL_TILE)
+  assert interp.dw_flat_segments(h, n, e, base, 9) == 3
+  flat = triton_gemm._grouped_dw(jnp.asarray(x), jnp.asarray(dy), s, o, e,
+                                 config=dataclasses.replace(base, flatten=True))
+  per_tile = triton_gemm._grouped_dw(jnp.asarray(x), jnp.asarray(dy), s, o, e, config=base)
+  np.testing.assert_array_equal(np.asarray(flat), np.asarray(per_tile))
+  assert_close(flat, ref_dw(x, dy, sizes, offsets), np.dtype(np.float32),
+               np.sqrt(max(int(sizes.max(initial=0)), 1)))
 
 
 @pytest.mark.parametrize("kind,tma,dtype", [

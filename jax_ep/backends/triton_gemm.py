@@ -147,7 +147,11 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
 
 def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
                 use_tma: bool | None = None):
-  """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``."""
+  """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``.
+
+  ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
+  kernel (``grouped_gemm_dw_flat_kernel``, pointer loads) runs instead of one program per
+  (expert, tile)."""
   gg = _kernels()
   c, h = x.shape
   n = dy.shape[1]
@@ -164,6 +168,17 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
                                           elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
   if want_tma and not use_tma and config is None:
     cfg = gg.dw_config(h, n, dtype, precision, tma=False)
+  if cfg.flatten:  # one flat loop over the row steps of a segment of experts per program
+    segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
+    steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
+    (dw,) = _triton_call(
+        gg.grouped_gemm_dw_flat_kernel, x, dy, steps, first, out_shapes=out,
+        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        constexprs=gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,
+                                         input_precision=precision),
+        name="jax_ep_grouped_gemm_dw")
+    return dw
   # Largest groups first: their long reductions start before the short ones (a stable sort,
   # so the order, and with it every result, is deterministic).
   order = jnp.argsort(-sizes, stable=True).astype(jnp.int32)

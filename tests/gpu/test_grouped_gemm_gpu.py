@@ -187,7 +187,8 @@ def test_swiglu_experts_match_xla(rng):
 @pytest.mark.parametrize("product", ["fwd", "dx", "dw"])
 def test_other_tile_configs_match_default(rng, product):
   """A few of the benchmark sweep's candidate configurations (tile shapes, warps, stages, no
-  half tiles) give the default configuration's results."""
+  half tiles, flattened loops: for dw the flat kernel over expert segments) give the default
+  configuration's results."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 384, 24
@@ -208,7 +209,8 @@ def test_other_tile_configs_match_default(rng, product):
 
   base = run(None)
   scale = np.abs(base).max() + 1e-6
-  for cfg in (T(128, 128, 64, 4, 3), T(256, 128, 64, 8, 3), T(64, 256, 64, 4, 4, half_tiles=False)):
+  for cfg in (T(128, 128, 64, 4, 3), T(256, 128, 64, 8, 3), T(64, 256, 64, 4, 4, half_tiles=False),
+              T(128, 256, 64, 8, 3, half_tiles=False, flatten=True)):  # dw: the flat kernel
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
