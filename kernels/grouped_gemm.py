@@ -82,7 +82,10 @@ dw tiling (``grouped_gemm_dw_kernel``)
   per-tile drains: program (expert segment, K tile, N tile) walks the row steps of every expert
   of its segment in one pipelined loop (a step table beside the launch, like the forward's tile
   table) and stores each expert's tile at its last step; segments split the experts only where
-  the dw tiles alone are too few to fill the GPU. Same per-expert steps, masks and order.
+  the dw tiles alone are too few to fill the GPU. Same per-expert steps, masks and order. Each
+  step's table record is loaded one step ahead into registers: with the load inside the step,
+  Triton 3.6 saw the tile addresses hang on it and prefetched tiles only one step ahead (2
+  buffers); now it keeps num_stages - 1 steps in flight (3 buffers at 3 stages).
 
 Numerics: ``tl.dot`` accumulates in float32; bf16/fp16 inputs use tensor cores (wgmma on sm_90);
 float32 inputs use ``INPUT_PRECISION`` ("ieee": exact float32 products; "tf32": tensor cores,
@@ -306,10 +309,16 @@ def grouped_gemm_dw_kernel(
 
 
 @triton.jit
+def _field(rec, col, i: tl.constexpr):
+  """Field ``i`` of a step record held in registers (``col = arange(4)``)."""
+  return tl.sum(tl.where(col == i, rec, 0), axis=0)
+
+
+@triton.jit
 def grouped_gemm_dw_flat_kernel(
     x_ptr,        # [C, K] recv_x
     dy_ptr,       # [C, N] output cotangent
-    steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table``
+    steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table`` (MAX_STEPS >= 1)
     first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
     dw_ptr,       # [E, K, N] weight cotangent
     C: tl.constexpr, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr,
@@ -358,10 +367,16 @@ def grouped_gemm_dw_flat_kernel(
   s_lo = tl.minimum(tl.maximum(tl.load(first_ptr + e_lo), 0), MAX_STEPS)
   s_hi = tl.minimum(tl.maximum(tl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+  # Each step's record is loaded one iteration ahead into registers, so the tile addresses of
+  # a step do not hang on a load of that step: Triton then prefetches the tiles STAGES - 1
+  # steps ahead (loading the record inside the step left it one step ahead).
+  col = tl.arange(0, 4)
+  nxt = tl.load(steps_ptr + tl.minimum(s_lo, MAX_STEPS - 1) * 4 + col)
   for st in tl.range(s_lo, s_hi):
-    rec = steps_ptr + st * 4
-    r0 = tl.minimum(tl.maximum(tl.load(rec), 0), C)
-    r1 = tl.minimum(tl.maximum(tl.load(rec + 1), r0), C)
+    rec = nxt
+    nxt = tl.load(steps_ptr + tl.minimum(st + 1, MAX_STEPS - 1) * 4 + col)
+    r0 = tl.minimum(tl.maximum(_field(rec, col, 0), 0), C)
+    r1 = tl.minimum(tl.maximum(_field(rec, col, 1), r0), C)
     rows = r0 + offs_r
     in_step = (rows < r1)[:, None]
     xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * STRIDE_XM + ks[None, :] * STRIDE_XK,
@@ -369,8 +384,8 @@ def grouped_gemm_dw_flat_kernel(
     g = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * STRIDE_DYM + ns[None, :] * STRIDE_DYN,
                 mask=in_step, other=0.0)                                    # [BLOCK_K, BLOCK_N]
     acc = tl.dot(tl.trans(xt), g, acc, input_precision=INPUT_PRECISION)
-    if tl.load(rec + 3) != 0:  # the expert's last step: store its tile, start the next
-      e = tl.minimum(tl.maximum(tl.load(rec + 2), 0), E - 1)
+    if _field(rec, col, 3) != 0:  # the expert's last step: store its tile, start the next
+      e = tl.minimum(tl.maximum(_field(rec, col, 2), 0), E - 1)
       tl.store(dw_ptr + e.to(tl.int64) * STRIDE_DWE + tile, acc.to(dw_ptr.dtype.element_ty),
                mask=mask)
       acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
