@@ -393,17 +393,23 @@ def _resolve(phase, cfg, tma, k, n, experts, dtype):
   return cfg if ok else None
 
 
-def sweep_jobs(names, table, dtype, with_tma: bool):
+def sweep_jobs(names, table, dtype, with_tma: bool, phases=None, labels=None):
   """Every (shape, phase, label, config, tma) the sweep will time: per shape, the products'
-  candidate lists interleaved by priority, each deduplicated."""
+  candidate lists interleaved by priority, each deduplicated. ``phases``: only these products;
+  ``labels``: only candidates whose label starts with one of these (the "default" reference
+  of each product is always kept)."""
   jobs = []
   for name in names:
     rows, experts, k, n = table[name]
     per_phase = []
     for phase, cands in _sweep_candidates().items():
+      if phases and phase not in phases:
+        continue
       seen, mine = set(), []
       for label, cfg, tma in cands:
         if tma and not with_tma:
+          continue
+        if labels and label != "default" and not any(label.startswith(x) for x in labels):
           continue
         cfg = _resolve(phase, cfg, tma, k, n, experts, dtype)
         if cfg is None or (cfg, tma) in seen:
@@ -709,6 +715,11 @@ def main(argv=None):
   p.add_argument("--sweep-budget", type=float, default=150.0,
                  help="seconds for the sweep's timing (compiles run in parallel before)")
   p.add_argument("--sweep-iters", type=int, default=5, help="timed samples per sweep candidate")
+  p.add_argument("--sweep-phases", default="", help="comma-separated products (fwd,dx,dw)")
+  p.add_argument("--sweep-labels", default="",
+                 help="comma-separated label prefixes of the candidates to time (e.g. flat)")
+  p.add_argument("--sweep-only", action="store_true",
+                 help="skip the main benchmark (the sweep then reports no ratio to dense)")
   p.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                  help="parallel compile workers for the sweep")
   p.add_argument("--swiglu", action="store_true",
@@ -751,13 +762,18 @@ def main(argv=None):
     meta["tma_probe"] = tma_probe()
     print(f"TMA variant: {'available' if meta['tma_probe'] is None else meta['tma_probe']}",
           flush=True)
-    jobs = sweep_jobs(names, table, jnp.dtype(args.dtype), meta["tma_probe"] is None)
+    jobs = sweep_jobs(names, table, jnp.dtype(args.dtype), meta["tma_probe"] is None,
+                      [x for x in args.sweep_phases.split(",") if x],
+                      [x for x in args.sweep_labels.split(",") if x])
     t_compile = time.monotonic()
     compiling = precompile(jobs, table, jnp.dtype(args.dtype), args.jobs,
                            tempfile.mkdtemp(prefix="gmm_sweep_"))
     print(f"compiling {len(jobs)} sweep candidates in {args.jobs} worker processes", flush=True)
 
-  results = [bench_shape(s, *table[s], args, seeds[s]) for s in names]
+  if args.sweep_only and not args.sweep:
+    p.error("--sweep-only needs --sweep")
+  results = [] if args.sweep_only else [bench_shape(s, *table[s], args, seeds[s])
+                                        for s in names]
   print_table(results)
 
   os.makedirs(args.out, exist_ok=True)
