@@ -8,11 +8,14 @@ of 256 experts, this rank's 64 experts: ~32,768 expert rows):
   zero      store zeros to every row of recv_x (the receivers' fill of rows outside groups)
   copy      contiguous copy of the source rows (a read and a write per row, no indexing)
   *_tma_wN  the same through TMA descriptors (N warps), for the per-program ceiling of bulk copies
-  columns   the expansion by slot columns (EPPlan.expand_t = 0; kernels/dispatch.py)
-  pairs16   the expansion by row pairs, 16 per tile (expand_t = 16)
-  pairs8    the same, 8 per tile
+  expand    dispatch's expansion (``_expand_block`` of kernels/dispatch.py), checked against the
+            rows it should write
+  xla_*     XLA's own zero fill, copy and row gather (the expansion) on every SM
 
-Bytes counted: what reaches HBM at least once (reads of distinct source rows + writes).
+Bytes counted: what reaches HBM at least once (reads of distinct source rows + writes). Each
+sample is one jitted call (median of --iters): a call's fixed cost on one GPU (tens of us) is
+included. An expansion by (source row, destination row) pairs, timed here on 2026-11-21
+(2390092), moved no more bytes per program than ``expand`` and was removed.
 
   python benchmarks/bench_copy_rate.py [--programs 16,32,132] [--out benchmarks/results]
 """
@@ -23,7 +26,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from jax_ep import testing  # noqa: E402
 from jax_ep.kernels.dispatch import STAGES, _expand_block  # noqa: E402
 
 
@@ -94,25 +97,22 @@ def copy_tma_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
 @triton.jit
 def expand_kernel(src_ptr, pos_ptr, out_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, EXPAND_T: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
   pid = tl.program_id(0)
   for blk in range(pid, (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T, tl.num_programs(0)):
     _expand_block(0, blk, src_ptr, 0, pos_ptr, 0, pos_ptr, out_ptr, out_ptr, pos_ptr,
-                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H, EXPAND_T)
+                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H)
 
 
 def expert_rows(rng, tokens, topk, experts, world):
-  """pos [tokens, topk]: rank 0's expert-major row of each slot (-1 for other ranks' experts),
-  rows of one expert in (token, slot) order, as dispatch lays them out."""
-  idx = np.stack([rng.choice(experts, topk, replace=False) for _ in range(tokens)])
-  local = experts // world
-  pos = np.full(idx.shape, -1, np.int32)
-  row = 0
-  for e in range(local):
-    hit = np.nonzero(idx == e)
-    pos[hit] = np.arange(row, row + len(hit[0]))
-    row += len(hit[0])
-  return pos, row
+  """(pos [tokens, topk], rows): rank 0's expert-major row of each slot (-1 for other ranks'
+  experts), the rows of one expert in (token, slot) order, as dispatch lays them out."""
+  idx = testing.make_routing(rng, "uniform", tokens, experts, topk)
+  kept = np.nonzero(idx.ravel() < experts // world)[0]
+  order = kept[np.argsort(idx.ravel()[kept], kind="stable")]
+  pos = np.full(idx.size, -1, np.int32)
+  pos[order] = np.arange(len(order), dtype=np.int32)
+  return pos.reshape(idx.shape), len(order)
 
 
 def main() -> None:
@@ -131,89 +131,76 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
+  from bench_dispatch_combine import time_fn
   from jax_ep.kernels.ep_plan import EPPlan, ROWS_WARPS
   from jax_ep.launch import triton_call
 
   rng = np.random.default_rng(0)
   t, h, k = args.tokens, args.hidden, args.topk
   pos_np, rows = expert_rows(rng, t, k, args.experts, args.world)
+  src_of_row = np.zeros(rows, np.int32)
+  src_of_row[pos_np[pos_np >= 0]] = np.nonzero(pos_np >= 0)[0]
   plan = EPPlan(world=args.world, num_tokens=t, max_tokens=t, hidden=h, topk=k,
                 num_experts=args.experts, capacity=rows, alignment=1)
   bt, bh = plan.block_t, plan.block_h
   src = jnp.asarray(rng.standard_normal((t, h)), jnp.bfloat16)
-  pos = jnp.asarray(pos_np)
+  pos, rows_src = jnp.asarray(pos_np), jnp.asarray(src_of_row)
   out_rows = jax.ShapeDtypeStruct((rows, h), jnp.bfloat16)
   src_rows = jax.ShapeDtypeStruct((t, h), jnp.bfloat16)
-  touched = int((pos_np >= 0).any(axis=1).sum())
   row_b = h * 2
+  zero_b, copy_b = rows * row_b, 2 * t * row_b
+  expand_b = (int((pos_np >= 0).any(axis=1).sum()) + rows) * row_b
+
+  ins = dict(src=src, pos=pos, rows_src=rows_src)  # passed as arguments, not constants
+
+  def launch(kernel, inputs, out, warps, **constexprs):
+    return lambda g, a: triton_call(kernel, *(a[n] for n in inputs), out_shapes=out, grid=g,
+                                    num_warps=warps, constexprs=constexprs)[0]
+
+  # name: (fn(programs, ins) -> output, bytes moved, XLA on every SM, is an expansion)
   variants = {
-      "zero": (lambda g, src, pos: triton_call(zero_kernel, out_shapes=out_rows, grid=g,
-                                     num_warps=ROWS_WARPS, constexprs=dict(
-                                         ROWS=rows, HIDDEN=h, BLOCK_R=16, BLOCK_H=bh))[0],
-               rows * row_b),
-      "copy": (lambda g, src, pos: triton_call(copy_kernel, src, out_shapes=src_rows, grid=g,
-                                     num_warps=ROWS_WARPS, constexprs=dict(
-                                         ROWS=t, HIDDEN=h, BLOCK_R=bt, BLOCK_H=bh))[0],
-               2 * t * row_b),
+      "zero": (launch(zero_kernel, (), out_rows, ROWS_WARPS, ROWS=rows, HIDDEN=h, BLOCK_R=16,
+                      BLOCK_H=bh), zero_b, False, False),
+      "copy": (launch(copy_kernel, ("src",), src_rows, ROWS_WARPS, ROWS=t, HIDDEN=h, BLOCK_R=bt,
+                      BLOCK_H=bh), copy_b, False, False),
+      "zero_tma_w4": (launch(zero_tma_kernel, (), out_rows, 4, ROWS=rows, HIDDEN=h,
+                             BLOCK_R=16, BLOCK_H=256), zero_b, False, False),
+      "zero_tma_w16": (launch(zero_tma_kernel, (), out_rows, 16, ROWS=rows, HIDDEN=h,
+                              BLOCK_R=32, BLOCK_H=256), zero_b, False, False),
+      "copy_tma_w4": (launch(copy_tma_kernel, ("src",), src_rows, 4, ROWS=t, HIDDEN=h,
+                             BLOCK_R=16, BLOCK_H=256), copy_b, False, False),
+      "copy_tma_w8": (launch(copy_tma_kernel, ("src",), src_rows, 8, ROWS=t, HIDDEN=h,
+                             BLOCK_R=32, BLOCK_H=256), copy_b, False, False),
+      "expand": (launch(expand_kernel, ("src", "pos"), out_rows, ROWS_WARPS, NUM_TOKENS=t,
+                        CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p, BLOCK_T=bt,
+                        BLOCK_H=bh), expand_b, False, True),
+      # XLA's own kernels on every SM, for the device's ceiling: a zero fill, a copy, and the
+      # expansion as a row gather (what an XLA implementation of it runs).
+      "xla_zero": (lambda g, a: jnp.zeros((rows, h), jnp.bfloat16), zero_b, True, False),
+      "xla_copy": (lambda g, a: a["src"] + jnp.bfloat16(1), copy_b, True, False),
+      "xla_gather": (lambda g, a: jnp.take(a["src"], a["rows_src"], axis=0), expand_b, True,
+                     True),
   }
-  for name, warps, br in (("zero_tma_w4", 4, 16), ("zero_tma_w16", 16, 32)):
-    variants[name] = (lambda g, src, pos, warps=warps, br=br: triton_call(
-        zero_tma_kernel, out_shapes=out_rows, grid=g, num_warps=warps, constexprs=dict(
-            ROWS=rows, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], rows * row_b)
-  for name, warps, br in (("copy_tma_w4", 4, 16), ("copy_tma_w8", 8, 32)):
-    variants[name] = (lambda g, src, pos, warps=warps, br=br: triton_call(
-        copy_tma_kernel, src, out_shapes=src_rows, grid=g, num_warps=warps, constexprs=dict(
-            ROWS=t, HIDDEN=h, BLOCK_R=br, BLOCK_H=256))[0], 2 * t * row_b)
-  for name, et in (("columns", 0), ("pairs16", 16), ("pairs8", 8)):
-    variants[name] = (lambda g, src, pos, et=et: triton_call(
-        expand_kernel, src, pos, out_shapes=out_rows, grid=g, num_warps=ROWS_WARPS,
-        constexprs=dict(NUM_TOKENS=t, CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p,
-                        BLOCK_T=bt, BLOCK_H=bh, EXPAND_T=et))[0], (touched + rows) * row_b)
-
-  # XLA's own kernels on every SM, for the device's ceiling: a zero fill, a copy, and the
-  # expansion as a row gather (what an XLA implementation of it runs).
-  src_of_row = np.zeros(rows, np.int32)
-  src_of_row[pos_np[pos_np >= 0]] = np.nonzero(pos_np >= 0)[0]
-  src_of_row = jnp.asarray(src_of_row)
-  xla = {"xla_zero": (lambda g, src, pos: jnp.zeros((rows, h), jnp.bfloat16), rows * row_b),
-         "xla_copy": (lambda g, src, pos: src + jnp.bfloat16(1), 2 * t * row_b),
-         "xla_gather": (lambda g, src, pos: jnp.take(src, pos, axis=0),
-                        (touched + rows) * row_b)}
-
-  want = None
+  wanted = [v for v in args.variants.split(",") if v] or list(variants)
+  unknown = sorted(set(wanted) - set(variants))
+  if unknown:
+    p.error(f"--variants: unknown {unknown}; choose from {list(variants)}")
+  want = np.asarray(src.view(jnp.uint16))[src_of_row]  # the expansion, on the host
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
   results = []
-  todo = [(n, fn, b, g) for n, (fn, b) in variants.items()
-          for g in [int(v) for v in args.programs.split(",")]]
-  todo += [(n, fn, b, 0) for n, (fn, b) in xla.items()]
-  if args.variants:
-    todo = [x for x in todo if x[0] in args.variants.split(",")]
-  for name, fn, nbytes, g in todo:
-    f = jax.jit(lambda src, pos, fn=fn, g=g: fn(g, src, pos))
-    args_ = (src, src_of_row if name == "xla_gather" else pos)
-    out = jax.block_until_ready(f(*args_))
-    if name in ("columns", "pairs16", "pairs8", "xla_gather"):  # expansions agree bitwise
-      got = np.asarray(out.view(jnp.uint16))
-      if want is None:
-        want = got
-      elif not np.array_equal(got, want):
-        raise SystemExit(f"{name} at {g} programs differs from the first expansion")
-    times = []
-    for _ in range(args.iters):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*args_))
-      times.append(time.perf_counter() - t0)
-    s = float(np.median(times))
-    r = dict(variant=name, programs=g or "all", seconds=s, bytes=nbytes,
-             gbps=nbytes / s / 1e9, gbps_per_program=nbytes / s / 1e9 / (g or 132))
-    results.append(r)
-    print(f"{name:8s} programs {g or 'all':>4}: {s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  "
-          f"{r['gbps_per_program']:6.1f} GB/s per program", flush=True)
-  src_expected = np.asarray(src.view(jnp.uint16))
-  ok = all(np.array_equal(want[pos_np[i, j]], src_expected[i])
-           for i, j in zip(*np.nonzero(pos_np >= 0)) if i % 97 == 0)
-  print(f"expansion rows equal their source rows (every 97th token checked): {ok}")
-  if not ok:
-    raise SystemExit(1)
+  for name in wanted:
+    fn, nbytes, xla, expands = variants[name]
+    for g in [0] if xla else [int(v) for v in args.programs.split(",")]:
+      f = jax.jit(lambda a, fn=fn, g=g: fn(g, a))
+      if expands and not np.array_equal(np.asarray(f(ins).view(jnp.uint16)), want):
+        raise SystemExit(f"{name} at {g or 'all'} programs: rows differ from their sources")
+      s = time_fn(f, (ins,), args.iters)
+      n = g or sms
+      r = dict(variant=name, programs=g or "all", seconds=s, bytes=nbytes,
+               gbps=nbytes / s / 1e9, gbps_per_sm=nbytes / s / 1e9 / n)
+      results.append(r)
+      print(f"{name:12s} programs {g or 'all':>4}: {s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  "
+            f"{r['gbps_per_sm']:6.1f} GB/s per SM", flush=True)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%MZ")

@@ -176,8 +176,9 @@ def zero_carry():
 def op_fns(mesh, cfg, inner):
   """Jitted functions of one EPConfig over the mesh's "ep" axis (traced at their first call,
   so environment knobs apply then): ``dispatch(x, idx, w)`` once (outputs with a leading rank
-  axis), ``combine(recv_x, layout)`` once on those, and the timed loops ``dispatch_loop(x, idx,
-  w)`` and ``combine_loop(recv_x, layout)`` (``inner`` repetitions each)."""
+  axis), ``combine(recv_x, layout)`` once on those, and the timed loops ``{n:
+  dispatch_loop(x, idx, w)}`` and ``{n: combine_loop(recv_x, layout)}`` of n = inner and
+  3 x inner repetitions (``time_per_op``)."""
   import jax
   from jax.sharding import PartitionSpec as P
   import jax_ep
@@ -187,11 +188,13 @@ def op_fns(mesh, cfg, inner):
   dispatch = smap(lambda x, i, w: jax.tree.map(lambda a: a[None],
                                                jax_ep.dispatch(x, i, w, config=cfg)), 3)
   combine = smap(lambda y, lay: jax_ep.combine(y[0], first(lay), config=cfg), 2)
-  dispatch_loop = smap(lambda x, i, w: repeat(
-      inner, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, i, w), zero_carry()), 3)
-  combine_loop = smap(lambda y, lay: repeat(
-      inner, lambda y, l: jax_ep.combine(y, l, config=cfg), (y[0], first(lay)), zero_carry()), 2)
-  return dispatch, combine, dispatch_loop, combine_loop
+  dispatch_loops = {n: smap(lambda x, i, w, n=n: repeat(
+      n, lambda *a: jax_ep.dispatch(*a, config=cfg)[0], (x, i, w), zero_carry()), 3)
+      for n in (inner, 3 * inner)}
+  combine_loops = {n: smap(lambda y, lay, n=n: repeat(
+      n, lambda y, l: jax_ep.combine(y, l, config=cfg), (y[0], first(lay)), zero_carry()), 2)
+      for n in (inner, 3 * inner)}
+  return dispatch, combine, dispatch_loops, combine_loops
 
 
 def time_per_op(loops, args, inner, iters) -> tuple[float, float]:
@@ -315,23 +318,26 @@ def run_mode(args, rank=0, world_override=None) -> dict:
                             capacity=capacity, backend=backend, num_sms=args.num_sms,
                             timeout_s=args.op_timeout)  # ranks may start seconds apart
 
-      f_once, comb, f_d, f_c = op_fns(mesh, cfg, inner)
-      _, _, f_d3, f_c3 = op_fns(mesh, cfg, 3 * inner)
+      f_once, comb, d_loops, c_loops = op_fns(mesh, cfg, inner)
       recv_x, recv_w, layout = f_once(xs, idxs, ws)
       out = comb(recv_x, layout)
       outs[backend] = [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes,
                                           out)]
       print(f"  {name}: {backend} ran once; timing", flush=True)
-      for op, loops, a in (("dispatch", {inner: f_d, 3 * inner: f_d3}, (xs, idxs, ws)),
-                           ("combine", {inner: f_c, 3 * inner: f_c3}, (recv_x, layout))):
+      for op, loops, a in (("dispatch", d_loops, (xs, idxs, ws)),
+                           ("combine", c_loops, (recv_x, layout))):
         row[f"{backend}_{op}_s"], row[f"{backend}_{op}_call_s"] = time_per_op(
             loops, a, inner, args.iters)
       print(f"  {name}: {backend} dispatch {row[f'{backend}_dispatch_s'] * 1e6:.1f} us, combine "
             f"{row[f'{backend}_combine_s'] * 1e6:.1f} us", flush=True)
-      if args.trace and rank == 0:
-        row[f"{backend}_trace"] = trace_ops(
-            os.path.join(args.trace, f"{name}_{backend}"),
-            lambda: jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout))))
+      if args.trace:  # every rank runs the loops (they are collective); rank 0 records them
+        loops = lambda: jax.block_until_ready((d_loops[inner](xs, idxs, ws),  # noqa: E731
+                                               c_loops[inner](recv_x, layout)))
+        if rank == 0:
+          row[f"{backend}_trace"] = trace_ops(os.path.join(args.trace, f"{name}_{backend}"),
+                                              loops)
+        else:
+          loops()
     ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
              for a, b in zip(outs["triton"][:4], outs["xla"][:4]))
     ok = ok and np.allclose(np.asarray(outs["triton"][4], np.float32),
@@ -363,17 +369,16 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
-    for frac, sms, order, share, pairs in sweep_points(args):
-      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}_pairs{pairs}"
+    for frac, sms, order, share in sweep_points(args):
+      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}"
       knobs = {"JAX_EP_SENDER_FRACTION": frac, "JAX_EP_EXPAND_ORDER": order,
-               "JAX_EP_RECEIVER_SHARE": share, "JAX_EP_EXPAND_PAIRS": pairs}
+               "JAX_EP_RECEIVER_SHARE": share}
       row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=sms, timeout_s=args.op_timeout))
-      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share} "
-            f"pairs={pairs}: dispatch "
-            f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
-            flush=True)
+      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share}: "
+            f"dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, combine "
+            f"{row[key]['combine_s'] * 1e6:.1f} us", flush=True)
     for path in ("triton", "xla", "ragged"):
       for op in ("dispatch", "combine"):
         s = row.get(f"{path}_{op}_s")
@@ -388,28 +393,22 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 
 
 def sweep_points(args):
-  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share[@pairs]]]``
-  = the dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2),
-  JAX_EP_RECEIVER_SHARE and JAX_EP_EXPAND_PAIRS (0, 8, 16) (docs/KERNELS.md "Knobs"); the
-  omitted ones default to the library's."""
+  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
+  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
+  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs"); order and share default to the library's."""
   if not args.sweep:
     return []
   from jax_ep.kernels.ep_plan import EPPlan
   pts = []
   for item in args.sweep.split(","):
     parts = item.split("@")
-    if not 2 <= len(parts) <= 5:
-      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share[@pairs]]]")
+    if not 2 <= len(parts) <= 4:
+      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share]]")
     frac, sms = float(parts[0]), int(parts[1])
     order = int(parts[2]) if len(parts) > 2 else EPPlan.expand_order
     share = float(parts[3]) if len(parts) > 3 else EPPlan.receiver_share
-    pairs = int(parts[4]) if len(parts) > 4 else EPPlan.expand_t
-    pts.append((frac, sms, order, share, pairs))
+    pts.append((frac, sms, order, share))
   return pts
-
-
-def _with_env(name, value, fn):
-  return _with_envs({name: value}, fn)
 
 
 def _with_envs(values: dict, fn):
@@ -433,12 +432,11 @@ def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw) -> dict:
   cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
 
   def first_calls():  # trace (and compile) under the knobs
-    f_once, _, f_d, f_c = op_fns(mesh, cfg, inner)
-    _, _, f_d3, f_c3 = op_fns(mesh, cfg, 3 * inner)
+    f_once, _, d_loops, c_loops = op_fns(mesh, cfg, inner)
     recv_x, _, layout = f_once(xs, idxs, ws)
-    jax.block_until_ready((f_d(xs, idxs, ws), f_c(recv_x, layout), f_d3(xs, idxs, ws),
-                           f_c3(recv_x, layout)))
-    return {inner: f_d, 3 * inner: f_d3}, {inner: f_c, 3 * inner: f_c3}, recv_x, layout
+    jax.block_until_ready([f(xs, idxs, ws) for f in d_loops.values()]
+                          + [f(recv_x, layout) for f in c_loops.values()])
+    return d_loops, c_loops, recv_x, layout
 
   d_loops, c_loops, recv_x, layout = _with_envs(knobs, first_calls)
   return {"dispatch_s": time_per_op(d_loops, (xs, idxs, ws), inner, iters)[0],
@@ -464,7 +462,7 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
     v = v[v > 0] / 1e3
     return [round(float(np.median(v)), 1), round(float(v.max()), 1)] if v.size else None
 
-  recv_x, recv_w, layout = _with_env("JAX_EP_PROFILE", "1", lambda: f_d(xs, idxs, ws))
+  recv_x, recv_w, layout = _with_envs({"JAX_EP_PROFILE": "1"}, lambda: f_d(xs, idxs, ws))
   for _ in range(3):  # warm, then the last launch is the one read back
     recv_x, recv_w, layout = f_d(xs, idxs, ws)
   jax.block_until_ready(recv_x)
@@ -475,7 +473,7 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
       "senders": {n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
       "receivers": {n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "self_rows", "end")},
   } for p in prof]
-  out = _with_env("JAX_EP_PROFILE", "1", lambda: f_c(recv_x, layout))
+  out = _with_envs({"JAX_EP_PROFILE": "1"}, lambda: f_c(recv_x, layout))
   for _ in range(3):
     out = f_c(recv_x, layout)
   jax.block_until_ready(out)

@@ -24,10 +24,7 @@ overlaps the senders' NVLink work.
     Then this rank's own blocks (rows read straight from x), then block by block the other
     sources', each after its BLOCK_FLAG: load SLOT_POS / SLOT_VAL once, write recv_pos and
     recv_weights, and per row chunk load the staged rows once and store them to their up to K
-    rows (the K row indices are taken from the loaded tile in registers, not reloaded). Opt-in
-    (``EPPlan.expand_t``): by (source row, destination row) pairs instead, the block's present
-    slots compacted without atomics, so no store lane is masked off; same bits, measured no
-    faster (the row copies are bound by the programs' HBM rate, ``bench_copy_rate.py``).
+    rows (the K row indices are taken from the loaded tile in registers, not reloaded).
     Traffic: reads one row per (source, token) received, writes C rows of H.
     Expand order 2 (``EPPlan.expand_order``, the default): no static share; every program (the
     receivers after their zero fill, the senders after their push) takes (source, block) items
@@ -128,10 +125,11 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
                   recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
                   HIDDEN: tl.constexpr,
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, EXPAND_T: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
   """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
-  recv_pos), by slot pairs (EXPAND_T > 0, ``_copy_pairs``) or by slot columns (0)."""
+  recv_pos). Row chunks are loaded once and stored to each of their up to K rows."""
   k = tl.arange(0, TOPK_P)
+  h = tl.arange(0, BLOCK_H)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
   smask = tmask[:, None] & (k < TOPK)[None, :]
@@ -142,20 +140,6 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
     tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=smask)
     tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
-  if EXPAND_T > 0:
-    _copy_pairs(pos, src_base + (src_row + blk * BLOCK_T).to(tl.int64) * HIDDEN, recv_x_ptr,
-                HIDDEN, BLOCK_T, TOPK_P, BLOCK_H, EXPAND_T)
-  else:
-    _store_columns(pos, t, src_base, src_row, recv_x_ptr, HIDDEN, TOPK, TOPK_P, BLOCK_H)
-
-
-@triton.jit
-def _store_columns(pos, t, src_base, src_row, recv_x_ptr, HIDDEN: tl.constexpr,
-                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-  """Expand by columns: load each [BLOCK_T, BLOCK_H] chunk of the block's rows once, store it
-  K times, slot column kk to the rows pos[:, kk] (masked where a slot is absent)."""
-  k = tl.arange(0, TOPK_P)
-  h = tl.arange(0, BLOCK_H)
   have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
@@ -170,36 +154,6 @@ def _store_columns(pos, t, src_base, src_row, recv_x_ptr, HIDDEN: tl.constexpr,
 
 
 @triton.jit
-def _copy_pairs(pos, src, recv_x_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
-                TOPK_P: tl.constexpr, BLOCK_H: tl.constexpr, EXPAND_T: tl.constexpr):
-  """Expand by (source row, destination row) pairs: the block's present slots, in slot order,
-  EXPAND_T at a time; every lane of a [EXPAND_T, BLOCK_H] tile moves a byte that is kept (a
-  row read once per slot, the repeats from L2), where the column stores are mostly masked off.
-
-  The i-th present slot is p_i = #{j : c_j <= i}, c the inclusive prefix count of present
-  slots: compaction by comparisons, no atomics, the same pairs in the same order every run.
-  ``src``: the block's first row (token blk * BLOCK_T of the source)."""
-  n: tl.constexpr = BLOCK_T * TOPK_P
-  pf = tl.reshape(pos, [n])
-  present = (pf >= 0).to(tl.int32)
-  c = tl.cumsum(present, axis=0)
-  total = tl.sum(present, axis=0)
-  j = tl.arange(0, n)
-  h = tl.arange(0, BLOCK_H)
-  for q in range(0, total, EXPAND_T):
-    i = q + tl.arange(0, EXPAND_T)
-    p = tl.sum((c[None, :] <= i[:, None]).to(tl.int32), axis=1)
-    live = i < total
-    dst = tl.sum(tl.where(j[None, :] == p[:, None], pf[None, :], 0), axis=1)
-    s_row = src + (p // TOPK_P)[:, None].to(tl.int64) * HIDDEN
-    d_row = recv_x_ptr + dst[:, None].to(tl.int64) * HIDDEN
-    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES deep
-      m = live[:, None] & ((h0 + h) < HIDDEN)[None, :]
-      rows = tl.load(s_row + (h0 + h)[None, :], mask=m, cache_modifier=".cg")
-      tl.store(d_row + (h0 + h)[None, :], rows, mask=m)
-
-
-@triton.jit
 def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr,
                  gs_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                  world, seq, timeout_ns, op,
@@ -208,8 +162,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                 ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr,
-                 EXPAND_T: tl.constexpr):
+                 ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
   1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
@@ -244,28 +197,25 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
     _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, 1, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER,
-                    EXPAND_T)
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
     if ZERO_FILL:
       prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
     _expand_sources(pid, num_programs, blk_lo, blk_hi, 1, world, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER,
-                    EXPAND_T)
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
   elif ORDER == 1:
     # 2b. Block-major over every source, this rank first within a block.
     _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, world, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER,
-                    EXPAND_T)
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
                   status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                   MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                  WITH_META, BLOCK_T, BLOCK_H, USE_TIMER, EXPAND_T)
+                  WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
 
 
 @triton.jit
@@ -275,7 +225,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  USE_TIMER: tl.constexpr, EXPAND_T: tl.constexpr):
+                  USE_TIMER: tl.constexpr):
   """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
@@ -294,7 +244,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
     _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
                  recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op, NUM_TOKENS,
                  MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                 WITH_META, BLOCK_T, BLOCK_H, USE_TIMER, EXPAND_T)
+                 WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
     item = take_item(sym_table, rank)
 
 
@@ -305,7 +255,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                     MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                     TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr, EXPAND_T: tl.constexpr):
+                    BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
   """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
   s = rank + i (mod W) for i in [i_lo, i_hi)."""
   for blk in range(blk_lo + pid, blk_hi, num_programs):
@@ -313,7 +263,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
       _expand_item((rank + i) % world, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                    NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
-                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER, EXPAND_T)
+                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
 
 
 @triton.jit
@@ -322,8 +272,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr,
-                 EXPAND_T: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
   the others' from ROWS[s] of this rank's region."""
   if s == rank:
@@ -336,7 +285,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
              op, USE_TIMER)
   _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                 recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                BLOCK_T, BLOCK_H, EXPAND_T)
+                BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -350,8 +299,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           EXPAND_T: tl.constexpr):
+           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDER 2 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -383,14 +331,14 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, False,
-                     ORDER, prof_id, PROFILE, EXPAND_T)
+                     ORDER, prof_id, PROFILE)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, True, ORDER, prof_id,
-                   PROFILE, EXPAND_T)
+                   PROFILE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -409,8 +357,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    EXPAND_T: tl.constexpr):
+                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -446,7 +393,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, BLOCK_R,
-           USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, EXPAND_T)
+           USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
 @triton.jit
@@ -462,7 +409,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
                          PHASE: tl.constexpr, PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, EXPAND_T: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -485,4 +432,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            recv_pos_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, EXPAND_T)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

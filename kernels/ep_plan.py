@@ -56,12 +56,6 @@ class EPPlan:
       (the first ones); the senders expand the rest after their push (1.0: receivers expand
       everything). 0.6 was the fastest static share (dispatch 1.38 ms vs 1.73 ms at 1.0,
       12:45, per-call timing).
-    expand_t: how dispatch expands a token block into recv_x: 0 = by slot columns (each row
-      chunk loaded once, stored K times under masks); 8 or 16 = by (source row, destination
-      row) pairs, expand_t pairs per tile (every lane moves a kept byte; the repeats of a row
-      come from L2). See ``kernels/dispatch.py``. 0 by default: pairs measured no faster
-      (1.153 vs 1.165 ms at 16; the row copies are bound by the device's write rate,
-      ``benchmarks/bench_copy_rate.py``).
   """
 
   world: int
@@ -80,7 +74,6 @@ class EPPlan:
   sender_fraction: float = 0.5
   expand_order: int = 2
   receiver_share: float = 0.6
-  expand_t: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -183,8 +176,7 @@ class EPPlan:
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
              BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase,
-             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
-             EXPAND_T=self.expand_t)
+             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,

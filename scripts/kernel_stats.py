@@ -49,6 +49,7 @@ def cubin_usage(cubin: bytes) -> str:
 
 
 def main() -> None:
+  from jax_ep.kernels.ep_plan import EPPlan
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--world", type=int, default=4)
   p.add_argument("--tokens", type=int, default=4096)
@@ -60,11 +61,9 @@ def main() -> None:
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
   p.add_argument("--acc-bytes", type=int, help="override ep_plan.ACC_BYTES")
-  p.add_argument("--sender-fraction", type=float, default=0.5)
-  p.add_argument("--expand-order", type=int, default=0, choices=(0, 1, 2))
-  p.add_argument("--receiver-share", type=float, default=1.0)
-  p.add_argument("--expand-t", type=int, default=0, choices=(0, 8, 16),
-                 help="dispatch expansion: 0 by slot columns, 8/16 by row pairs")
+  p.add_argument("--sender-fraction", type=float, default=EPPlan.sender_fraction)
+  p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2))
+  p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -78,7 +77,6 @@ def main() -> None:
   from triton.compiler import ASTSource
 
   from jax_ep.kernels import combine, dispatch
-  from jax_ep.kernels.ep_plan import EPPlan
   ROWS_WARPS = ep_plan.ROWS_WARPS
 
   itemsize = 2 if args.dtype == "bf16" else 4
@@ -87,8 +85,7 @@ def main() -> None:
                 hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
                 alignment=1, num_sms=args.num_sms, itemsize=itemsize,
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
-                receiver_share=args.receiver_share, expand_t=args.expand_t,
-                profile=args.profile)
+                receiver_share=args.receiver_share, profile=args.profile)
   row = "*bf16" if args.dtype == "bf16" else "*fp32"
   sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
   kernels = {

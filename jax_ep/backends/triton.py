@@ -108,7 +108,7 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", 0.5, lambda v: 0 < v < 1,
+                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", EPPlan.sender_fraction, lambda v: 0 < v < 1,
                                           "a share of the programs in (0, 1)"),
                 expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", EPPlan.expand_order,
                                            lambda v: v in (0, 1, 2),
@@ -117,11 +117,7 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                                            "programs)")),
                 receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", EPPlan.receiver_share,
                                          lambda v: 0 < v <= 1,
-                                         "a share of the token blocks in (0, 1]"),
-                expand_t=int(_env_knob("JAX_EP_EXPAND_PAIRS", EPPlan.expand_t,
-                                       lambda v: v in (0, 8, 16),
-                                       "0 (expand by slot columns) or 8 / 16 (by row pairs, "
-                                       "that many per tile)")))
+                                         "a share of the token blocks in (0, 1]"))
 
 
 def _profile_enabled() -> bool:
@@ -151,7 +147,7 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   from jax_ep.kernels.ep_sync import fingerprint
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
-                   plan.num_senders, plan.expand_order, plan.receiver_blocks, plan.expand_t,
+                   plan.num_senders, plan.expand_order, plan.receiver_blocks,
                    jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
