@@ -64,6 +64,22 @@ def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.conste
 
 
 @triton.jit
+def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, LEVELS: tl.constexpr):
+  """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
+  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together)."""
+  h = tl.arange(0, BLOCK_HC)
+  for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
+    cols = h0 + h
+    hmask = cols < HIDDEN
+    acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
+    for j in tl.static_range(LEVELS):
+      acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+    tl.store(dst + cols[None, :], acc.to(dst.dtype.element_ty),
+             mask=have[:, None] & hmask[None, :])
+
+
+@triton.jit
 def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
@@ -73,7 +89,6 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
-  h = tl.arange(0, BLOCK_HC)
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
@@ -95,21 +110,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
       # token of the block has more rows here.
       if jmax <= J_UNROLL:
-        for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
-          cols = h0 + h
-          hmask = cols < HIDDEN
-          acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-          for j in tl.static_range(J_UNROLL):  # unrolled: these row loads are in flight together
-            acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-          tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+                     J_UNROLL)
       else:
-        for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
-          cols = h0 + h
-          hmask = cols < HIDDEN
-          acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-          for j in tl.static_range(TOPK):
-            acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-          tl.store(dst + cols[None, :], acc.to(dtype), mask=have[:, None] & hmask[None, :])
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
   signal_peers(sym_table, rank, world, pid, seq)

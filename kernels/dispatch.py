@@ -192,24 +192,22 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
           tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                    tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
     prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
-  if ORDER == 0:
-    # 2a. This rank's own blocks (no NVLink, rows straight from x), then the others'.
-    _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, 1, x_ptr, pos_ptr, pos_stride,
+  if ORDER == 0 or ORDER == 1:
+    # 2a. ORDER 0: this rank's own blocks (no NVLink, rows straight from x), then the others'.
+    # 2b. ORDER 1: block-major over every source, this rank first within a block.
+    split = 1 if ORDER == 0 else world
+    _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, split, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
-    if ZERO_FILL:
-      prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
-    _expand_sources(pid, num_programs, blk_lo, blk_hi, 1, world, x_ptr, pos_ptr, pos_stride,
-                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
-                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
-  elif ORDER == 1:
-    # 2b. Block-major over every source, this rank first within a block.
-    _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, world, x_ptr, pos_ptr, pos_stride,
-                    val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
-                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+    if ORDER == 0:
+      if ZERO_FILL:
+        prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
+      _expand_sources(pid, num_programs, blk_lo, blk_hi, 1, world, x_ptr, pos_ptr, pos_stride,
+                      val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table,
+                      rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
+                      TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
+                      USE_TIMER)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
@@ -370,7 +368,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   PHASE: 0 = everything (GPU; every program of the launch must be resident, which a grid of
     <= num_sms programs is). The interpreter, which runs programs one after another, launches
     1 (histograms; all programs), 2 and 3 (leader: announce, then wait + layout; grid 1),
-    4 (senders) and 5 (receivers), each over every rank before the next.
+    4 (senders' push), 5 (receivers) and 6 (the senders' expansion of the blocks past
+    RECV_BLOCKS), each over every rank before the next (``EPPlan.interpreter_phases``).
   PROFILE: stamp %globaltimer into PROF[pid] at the phase boundaries (``ep_sync.PROF_*``).
   """
   pid = tl.program_id(0)

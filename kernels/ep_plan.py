@@ -193,12 +193,15 @@ class EPPlan:
   @property
   def j_unroll(self) -> int:
     """Combine push: slot levels whose rows are loaded together (a token's j-th present slot
-    for j < J_UNROLL; tokens with more rows here take further rounds)."""
+    for j < J_UNROLL). A block where some token has more rows on this rank runs all TOPK
+    levels instead (``_push_chunks``; rare at top-8 over 4+ ranks)."""
     return min(4, self.topk_p)
 
   @property
   def combine_block_hc(self) -> int:
-    """Push chunk: J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES."""
+    """Push chunk: J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES
+    (sized for the common J_UNROLL path; the all-TOPK path keeps more rows in flight: no spills
+    at the DeepSeek-V3 shape, ``scripts/kernel_stats.py``)."""
     per_col = self.combine_block_t * (self.j_unroll * self.itemsize + 4)
     return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
 

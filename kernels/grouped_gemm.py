@@ -54,8 +54,8 @@ Forward tiling: the tile table and the static grid (``grouped_gemm_kernel``)
   at most BLOCK_M/2 rows runs a second, half-height copy of the K loop, which halves that waste
   (it needs an if/else around two loops, so it excludes FLATTEN and WARP_SPEC).
 
-  Operand loads: pointer tensors + ``cp.async`` multi-stage pipelining (default), or, with
-  USE_TMA, device-side TMA descriptors made once per program (x as [C, K]; w as one
+  Operand loads: pointer tensors + ``cp.async`` multi-stage pipelining, or, with USE_TMA (the
+  default for 16-bit inputs where ``tma_supported``), device-side TMA descriptors made once per program (x as [C, K]; w as one
   [E*K, N] or [E*N, K] matrix, so B tiles must not cross experts along the reduction:
   ``tma_supported`` checks that on the host). Device-side descriptors live in Triton's global
   scratch (128-byte aligned), which the FFI launcher must provide. WARP_SPEC (TMA only; 4 warps
@@ -78,7 +78,7 @@ dw tiling (``grouped_gemm_dw_kernel``)
   every tile weigh; tiles small enough for two programs per SM (128 x 128, 3 stages: 96 KiB,
   ~100 registers at 8 warps) would overlap one program's store with another's loop, at 4/3 the
   L2 bytes per FLOP of 128 x 256 (the benchmark's sweep weighs the two).
-  ``grouped_gemm_dw_flat_kernel`` (``TileConfig.flatten``, opt-in until measured) removes those
+  ``grouped_gemm_dw_flat_kernel`` (``TileConfig.flatten``, opt-in) removes those
   per-tile drains: program (expert segment, K tile, N tile) walks the row steps of every expert
   of its segment in one pipelined loop (a step table beside the launch, like the forward's tile
   table) and stores each expert's tile at its last step; segments split the experts only where
@@ -418,14 +418,11 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   in expert order and disjoint, as dispatch lays them out. Rows past the counts are zeros.
   """
   max_g, max_z = table_bounds(C, E, block_m)
-  off = xp.clip(xp.asarray(offsets).astype(xp.int32), 0, C)
-  size = xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
+  off, size = _clamp_groups(sizes, offsets, C, xp)
   end = off + size
 
-  locate = lambda seg_tiles, count: _locate(seg_tiles, count, xp)  # noqa: E731
-
   g_tiles = (size + block_m - 1) // block_m
-  ge, g_local, g_valid, num_g = locate(g_tiles, max_g)
+  ge, g_local, g_valid, num_g = _locate(g_tiles, max_g, xp)
   g_start = xp.where(g_valid, off[ge] + g_local * block_m, 0)
   g_end = xp.where(g_valid, end[ge], 0)
   group_rows = xp.stack([g_start, g_end, xp.where(g_valid, ge, 0), xp.zeros_like(ge)], axis=1)
@@ -435,7 +432,7 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   seg_start = xp.concatenate([prev_end, xp.max(end, keepdims=True)])
   seg_end = xp.concatenate([off, xp.full((1,), C, xp.int32)])
   z_len = xp.maximum(seg_end - seg_start, 0)
-  zs, z_local, z_valid, num_z = locate((z_len + block_m - 1) // block_m, max_z)
+  zs, z_local, z_valid, num_z = _locate((z_len + block_m - 1) // block_m, max_z, xp)
   z_start = xp.where(z_valid, seg_start[zs] + z_local * block_m, 0)
   z_end = xp.where(z_valid, seg_end[zs], 0)
   zero = xp.zeros_like(zs)
@@ -444,6 +441,13 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   header = xp.stack([xp.minimum(num_g, max_g), xp.minimum(num_z, max_z),
                      xp.zeros_like(num_g), xp.zeros_like(num_g)])[None, :]
   return xp.concatenate([header, group_rows, zero_rows], axis=0).astype(xp.int32)
+
+
+def _clamp_groups(sizes, offsets, C: int, xp):
+  """(offsets clamped to [0, C], sizes to [0, C - offset]) as int32: a corrupt layout never
+  yields a row outside [0, C)."""
+  off = xp.clip(xp.asarray(offsets).astype(xp.int32), 0, C)
+  return off, xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
 
 
 def _locate(seg_tiles, count: int, xp):
@@ -470,8 +474,7 @@ def dw_step_table(sizes, offsets, C: int, E: int, block_k: int, xp):
   Offsets and sizes are clamped as in ``tile_table``; rows past the real steps are zeros.
   """
   max_s = dw_max_steps(C, E, block_k)
-  off = xp.clip(xp.asarray(offsets).astype(xp.int32), 0, C)
-  size = xp.clip(xp.asarray(sizes).astype(xp.int32), 0, C - off)
+  off, size = _clamp_groups(sizes, offsets, C, xp)
   n_steps = (size + block_k - 1) // block_k
   ge, local, valid, _ = _locate(n_steps, max_s, xp)
   start = xp.where(valid, off[ge] + local * block_k, 0)

@@ -36,7 +36,7 @@ from .ep_sync import _HIST_FLAG_OFF, _SEQ_OFF, sym_ptr
 def hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch,
                 NUM_TOKENS: tl.constexpr, NUM_BLOCKS: tl.constexpr, TOPK: tl.constexpr,
                 TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_P: tl.constexpr,
-                BLOCK_T: tl.constexpr, PROFILE: tl.constexpr = False):
+                BLOCK_T: tl.constexpr, PROFILE: tl.constexpr):
   """``hist[b, g]`` = slots of tokens [b*BLOCK_T, (b+1)*BLOCK_T) choosing global expert g, for
   b = pid, pid + num_programs, ...; then HIST_FLAG[pid] = epoch (release, GPU scope)."""
   k = tl.arange(0, TOPK_P)
@@ -63,7 +63,7 @@ def leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_re
                   ALIGNMENT: tl.constexpr, COUNTS_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, MAX_TOKENS: tl.constexpr, W_P: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_PROG: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PHASE: tl.constexpr, PROFILE: tl.constexpr = False):
+                  PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The count exchange, the start barrier and every position base (program 0 only).
 
   Args:

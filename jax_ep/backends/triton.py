@@ -170,12 +170,19 @@ def _varying(x, axis_name: str):
   return lax.pcast(x, axis_name, to="varying")
 
 
-def _call(config: EPConfig, plan, kernel, *inputs, out_shapes, grid, constexprs, scalars=(),
-          num_warps=None):
+def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, grid, constexprs,
+          scalars=(), num_warps=None):
   """One EP kernel launch over the symmetric region ``plan`` is sized for; outputs varying over
-  the EP axis. The launch carries the bytes it may touch (exchange area + region), so a step
+  the EP axis, the last one the launch's status (a failed wait is reported as ``op``'s error,
+  ``_report``). The launch carries the bytes it may touch (exchange area + region), so a step
   compiled before the runtime was re-initialized smaller is refused instead of writing past
-  the region."""
+  the region.
+
+  T = 0 on every rank (shapes are static and equal across ranks): nothing moves, so nothing is
+  launched (XLA's sharding passes also reject custom calls on zero-size operands) and every
+  output is zeros: empty groups, zero rows, no error."""
+  if plan.num_tokens == 0:
+    return tuple(_varying(jnp.zeros(s.shape, s.dtype), config.axis_name) for s in out_shapes)
   from jax_ep import runtime
   from jax_ep.kernels.ep_plan import ROWS_WARPS
   from jax_ep.launch import triton_call
@@ -183,7 +190,9 @@ def _call(config: EPConfig, plan, kernel, *inputs, out_shapes, grid, constexprs,
                      num_warps=ROWS_WARPS if num_warps is None else num_warps, num_stages=1,
                      constexprs=constexprs, scalars=scalars, symmetric=True,
                      symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes)
-  return tuple(_varying(o, config.axis_name) for o in outs)
+  outs = tuple(_varying(o, config.axis_name) for o in outs)
+  _report(op, config, outs[-1])
+  return outs
 
 
 def _sds(shape, dtype):
@@ -213,10 +222,9 @@ def _raise_timeout(status, rank, *, op: str, timeout_s: float):
         f"names the peer.")
 
 
-def _report(op: str, config: EPConfig, *statuses):
+def _report(op: str, config: EPConfig, status):
   if not _check_enabled():
     return
-  status = jnp.concatenate([s.reshape(-1) for s in statuses])
   jax.debug.callback(functools.partial(_raise_timeout, op=op, timeout_s=config.timeout_s),
                      status, lax.axis_index(config.axis_name))
 
@@ -260,32 +268,16 @@ def _world(config: EPConfig) -> int:
   return lax.axis_size(config.axis_name)
 
 
-def _empty_dispatch(x, topk_idx, num_invalid, config: EPConfig, world: int):
-  """T = 0 on every rank (shapes are static and equal across ranks): nothing moves, so no
-  kernel runs (XLA's sharding passes also reject custom calls on zero-size operands)."""
-  c, el = config.capacity_rows(world), config.num_experts // world
-  zi = lambda *shape: _varying(jnp.zeros(shape, jnp.int32), config.axis_name)
-  recv_x = _varying(jnp.zeros((c, x.shape[1]), x.dtype), config.axis_name)
-  recv_w = _varying(jnp.zeros((c,), jnp.float32), config.axis_name)
-  layout = DispatchLayout(
-      group_sizes=zi(el), group_offsets=zi(el), num_recv_rows=zi(), num_dropped=zi(),
-      num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32),
-      recv_pos=zi(world, 0, config.topk), row_weights=recv_w)
-  return recv_x, recv_w, layout
-
-
 def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
   t = x.shape[0]
-  if t == 0:
-    return _empty_dispatch(x, topk_idx, num_invalid, config, world)
   p = _plan(config, world, t, x.dtype)
   nb, e, el, c = p.num_blocks, p.num_experts, p.e_local, p.capacity
   name = "dispatch_kernel"
   # The launcher appends sym_table, rank, world, epoch, then the scalars.
-  recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _, status = _call(
-      config, p, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
+  recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _, _ = _call(
+      "jax_ep.dispatch", config, p, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
       topk_weights.astype(jnp.float32),
       out_shapes=(_sds((c, p.hidden), x.dtype), _sds((c,), jnp.float32),
                   _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
@@ -294,7 +286,6 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
                   _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.dispatch(False),
       scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
-  _report("jax_ep.dispatch", config, status)
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
       num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32), recv_pos=recv_pos,
@@ -305,19 +296,15 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
 def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
-  if x.shape[0] == 0:  # T = 0 on every rank: no rows anywhere
-    return _varying(jnp.zeros((config.capacity_rows(world), x.shape[1]), x.dtype),
-                    config.axis_name)
   p = _plan(config, world, x.shape[0], x.dtype)
   name = "dispatch_rows_kernel"
-  recv_x, status = _call(
-      config, p, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
+  recv_x, _ = _call(
+      "jax_ep.dispatch_rows", config, p, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
       layout.group_offsets, layout.group_sizes,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype),
                   _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.dispatch(True),
       scalars=_scalars(config, ks.OP_DROWS, p, x.dtype))
-  _report("jax_ep.dispatch_rows", config, status)
   return recv_x
 
 
@@ -325,16 +312,13 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
-  if t == 0:
-    return _varying(jnp.zeros((0, y.shape[1]), y.dtype), config.axis_name)
   p = _plan(config, world, t, y.dtype)
   name = "combine_kernel"
-  out, status = _call(
-      config, p, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
+  out, _ = _call(
+      "jax_ep.combine", config, p, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
       out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.combine(),
       scalars=_scalars(config, ks.OP_COMBINE, p, y.dtype))
-  _report("jax_ep.combine", config, status)
   return out
 
 
@@ -342,15 +326,12 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   _, _, kc, ks, _ = _kernels()
   world = _world(config)
   t = layout.num_tokens
-  if t == 0:
-    return _varying(jnp.zeros((0, config.topk), jnp.float32), config.axis_name)
   p = _plan(config, world, t, jnp.float32)
   name = "gather_kernel"
-  out, status = _call(
-      config, p, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
+  out, _ = _call(
+      "jax_ep.gather_slots", config, p, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
       layout.topk_idx,
       out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.status_size(name),), jnp.int32)),
       grid=(p.grid(name),), constexprs=p.gather(),
       scalars=_scalars(config, ks.OP_GATHER, p, jnp.float32), num_warps=4)
-  _report("jax_ep.gather_slots", config, status)
   return out

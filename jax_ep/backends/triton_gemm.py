@@ -102,9 +102,9 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
 
   x: ``[C, K]``; w: ``[E, K, N]`` (or ``[E, N, K]`` with ``transpose_w``); returns ``[C, N]``.
   ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``
-  (default: the config's, on): launch one program per resident CTA, each looping over tiles,
-  instead of one program per possible tile. ``use_tma``: load operands through TMA descriptors where the shape
-  allows (default: ``$JAX_EP_GMM_TMA``, on). ``half_tiles``: overrides the config's switch
+  (default: the config's): launch one program per resident CTA, each looping over tiles,
+  instead of one program per possible tile. ``use_tma``: load operands through TMA
+  descriptors where the shape allows (default: ``$JAX_EP_GMM_TMA``, on). ``half_tiles``: overrides the config's switch
   (tiles holding at most half a block of rows run a half-height MMA loop).
 
   The tile table (``tile_table``: which rows and expert each program's tiles cover) is computed
@@ -145,8 +145,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   return y
 
 
-def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
-                use_tma: bool | None = None):
+def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: bool = False):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``.
 
   ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
@@ -162,13 +161,8 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
   dtype = jnp.dtype(x.dtype).name
   # dw stays on pointer loads unless asked: its TMA variant measured slower on H200
   # (2026-11-21: 0.54x vs 0.57x cuBLAS on the DeepSeek-V3 up shape).
-  want_tma = bool(use_tma)
-  cfg = config or gg.dw_config(h, n, dtype, precision, tma=want_tma)
-  use_tma = want_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
-                                          elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
-  if want_tma and not use_tma and config is None:
-    cfg = gg.dw_config(h, n, dtype, precision, tma=False)
-  if cfg.flatten:  # one flat loop over the row steps of a segment of experts per program
+  cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
+  if cfg.flatten:  # one flat loop over the row steps of a segment of experts (pointer loads)
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
     (dw,) = _triton_call(
@@ -179,6 +173,10 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
                                          input_precision=precision),
         name="jax_ep_grouped_gemm_dw")
     return dw
+  tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
+                                     elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
+  if use_tma and not tma and config is None:
+    cfg = gg.dw_config(h, n, dtype, precision, tma=False)
   # Largest groups first: their long reductions start before the short ones (a stable sort,
   # so the order, and with it every result, is deterministic).
   order = jnp.argsort(-sizes, stable=True).astype(jnp.int32)
@@ -187,7 +185,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None,
       grid=gg.dw_grid(h, n, num_experts, cfg), num_warps=cfg.num_warps,
       num_stages=cfg.num_stages,
       constexprs=gg.dw_constexprs(c, h, n, num_experts, cfg, input_precision=precision,
-                                  use_tma=use_tma),
+                                  use_tma=tma),
       name="jax_ep_grouped_gemm_dw")
   return dw
 
