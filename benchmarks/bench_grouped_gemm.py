@@ -734,6 +734,11 @@ def main(argv=None):
     return
   if args.iters < 20:
     p.error(f"--iters={args.iters} must be >= 20 (benchmark protocol)")
+  if (args.sweep_only or args.sweep_phases or args.sweep_labels) and not args.sweep:
+    p.error("--sweep-only / --sweep-phases / --sweep-labels need --sweep")
+  bad = set(filter(None, args.sweep_phases.split(","))) - set(_sweep_candidates())
+  if bad:
+    p.error(f"--sweep-phases: unknown {sorted(bad)}; choose from {list(_sweep_candidates())}")
 
   from jax_ep.backends import triton_gemm
   why = triton_gemm._why_not_usable()
@@ -770,8 +775,6 @@ def main(argv=None):
                            tempfile.mkdtemp(prefix="gmm_sweep_"))
     print(f"compiling {len(jobs)} sweep candidates in {args.jobs} worker processes", flush=True)
 
-  if args.sweep_only and not args.sweep:
-    p.error("--sweep-only needs --sweep")
   results = [] if args.sweep_only else [bench_shape(s, *table[s], args, seeds[s])
                                         for s in names]
   print_table(results)

@@ -293,6 +293,14 @@ int UploadTable(DeviceState* d) {
   return 0;
 }
 
+// Unloads a kernel's module (finalizing NVSHMEM's state in it first). Its context is current.
+CUresult UnloadKernel(const LoadedKernel& k) {
+#if JAX_EP_WITH_NVSHMEM
+  if (k.uses_nvshmem && g_nvshmem_initialized) g_nvshmem.cumodule_finalize(k.module);
+#endif
+  return Cuda().cuModuleUnload(k.module);
+}
+
 // Releases every device resource (not NVSHMEM itself). Caller holds rt.mu.
 int ReleaseLocked(Runtime& rt) {
   auto& cu = Cuda();
@@ -308,10 +316,7 @@ int ReleaseLocked(Runtime& rt) {
   // Modules: unloaded so that the next initialize starts clean (NVSHMEM modules are finalized).
   for (auto& [key, k] : rt.kernels) {
     ScopedContext scope(key.first);
-#if JAX_EP_WITH_NVSHMEM
-    if (k.uses_nvshmem && g_nvshmem_initialized) g_nvshmem.cumodule_finalize(k.module);
-#endif
-    note(cu.cuModuleUnload(k.module), "cuModuleUnload");
+    note(UnloadKernel(k), "cuModuleUnload");
   }
   rt.kernels.clear();
 #if JAX_EP_WITH_NVSHMEM
@@ -421,7 +426,7 @@ ffi::ErrorOr<LoadedKernel> GetKernel(Runtime& rt, CUcontext ctx, std::string_vie
   }
   std::lock_guard<std::mutex> lock(rt.mu);
   auto [it, inserted] = rt.kernels.emplace(std::make_pair(ctx, std::string(key)), k);
-  if (!inserted) cu.cuModuleUnload(k.module);  // another thread loaded it first: use theirs
+  if (!inserted) UnloadKernel(k);  // another thread loaded it first: use theirs
   return it->second;
 }
 

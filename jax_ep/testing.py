@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from jax_ep.config import align_up
+
 ROUTINGS = ("uniform", "zipf", "one_expert", "empty", "empty_rank", "duplicates", "with_unselected")
 
 
@@ -682,7 +684,6 @@ def with_capacity(base, world: int, kind):
   """``base`` (an EPConfig) with the capacity named by ``kind``: None (the no-drop default),
   'balanced' (1.25 x the mean), 'half' (0.5 x the mean: drops), 'tiny' (one alignment unit) or
   'one' (a single row)."""
-  import dataclasses
   capacities = {None: lambda: None, "balanced": lambda: base.balanced_capacity(world),
                 "half": lambda: base.balanced_capacity(world, 0.5),
                 "tiny": lambda: base.expert_alignment, "one": lambda: 1}
@@ -714,7 +715,7 @@ def group_layout(rng, kind: str, capacity: int, num_experts: int, alignment: int
   offsets = np.zeros(e, np.int32)
   pos = 0
   for i in range(e):
-    off = min(-(-pos // alignment) * alignment, capacity)
+    off = min(align_up(pos, alignment), capacity)
     size = min(int(want[i]), capacity - off)
     offsets[i], sizes[i] = off, size
     pos = off + size

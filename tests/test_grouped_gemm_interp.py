@@ -132,7 +132,6 @@ def run_interpreted(kernel, grid: int, arrays, constexprs):
 # -- layouts and references -----------------------------------------------------------------------
 
 
-
 def ref_forward(x, w, sizes, offsets):
   """y[rows of e] = x[rows of e] @ w[e] in float64; zeros elsewhere."""
   y = np.zeros((x.shape[0], w.shape[2]), np.float64)

@@ -31,6 +31,7 @@ KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 # Filled by the ``kernels`` fixture: the kernel modules loaded afresh in interpreter mode.
 kl = kd = kc = ep_sync = None
 EPPlan = None
+interpreter_phases = None
 
 
 def _load_interpreted() -> types.SimpleNamespace:
@@ -58,11 +59,12 @@ def _load_interpreted() -> types.SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def kernels():
-  global kl, kd, kc, ep_sync, EPPlan
+  global kl, kd, kc, ep_sync, EPPlan, interpreter_phases
   m = _load_interpreted()
   if type(m.dispatch.dispatch_kernel).__name__ != "InterpretedFunction":
     pytest.skip("this Triton does not honour TRITON_INTERPRET at decoration time")
   kl, kd, kc, ep_sync, EPPlan = m.layout, m.dispatch, m.combine, m.ep_sync, m.ep_plan.EPPlan
+  interpreter_phases = m.ep_plan.interpreter_phases
   return m
 
 
@@ -98,7 +100,6 @@ def empty(shape, dtype) -> Arr:
 
 def phases_of(kernel_name: str, cx: dict) -> list[tuple[int, int]]:
   """The interpreter's (PHASE, grid) launches for one GPU launch, from its constexprs."""
-  interpreter_phases = sys.modules[EPPlan.__module__].interpreter_phases
   if kernel_name in ("dispatch_kernel", "dispatch_rows_kernel"):
     return interpreter_phases(kernel_name, cx["NUM_SENDERS"], cx["NUM_RECEIVERS"], 0,
                               cx["RECV_BLOCKS"], -(-cx["NUM_TOKENS"] // cx["BLOCK_T"]))

@@ -38,8 +38,6 @@ if not triton_gemm.gmm_usable():
               allow_module_level=True)
 
 
-
-
 def as_layout(sizes, offsets, capacity) -> DispatchLayout:
   z = jnp.zeros((), jnp.int32)
   return DispatchLayout(

@@ -9,20 +9,12 @@ import sys
 
 import pytest
 
+from jax_ep import testing
+
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-
-
-def _num_gpus() -> int:
-  try:
-    from jax_ep import _ffi
-    if not _ffi.available():
-      return 0
-    return max(_ffi.library().jep_cuda_device_count(), 0)  # no CUDA context is created
-  except Exception:  # noqa: BLE001
-    return 0
 
 
 def _free_port() -> int:
@@ -32,7 +24,7 @@ def _free_port() -> int:
 
 
 def test_nvshmem_all_gather_processes():
-  world = _num_gpus()
+  world = testing.ffi_gpu_count()  # no CUDA context is created
   if world < 2:
     pytest.skip("needs 2 or more CUDA GPUs and libjax_ep_ffi.so")
   calls = int(os.environ.get("JAX_EP_TEST_CALLS", "1000"))
