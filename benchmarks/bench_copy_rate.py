@@ -5,17 +5,20 @@ A diagnostic, not a target: dispatch at 32 SMs is bound by how fast a few progra
 SM, at the DeepSeek-V3 receiver's load (16,384 source rows of 7,168 bf16 from 4 sources, top-8
 of 256 experts, this rank's 64 experts: ~32,768 expert rows):
 
-  zero      store zeros to every row of recv_x (the receivers' fill of rows outside groups)
-  copy      contiguous copy of the source rows (a read and a write per row, no indexing)
-  *_tma_wN  the same through TMA descriptors (N warps), for the per-program ceiling of bulk copies
-  expand    dispatch's expansion (``_expand_block`` of kernels/dispatch.py), checked against the
-            rows it should write
-  xla_*     XLA's own zero fill, copy and row gather (the expansion) on every SM
+  zero       store zeros to every row of recv_x (the receivers' fill of rows outside groups)
+  copy       contiguous copy of the source rows (a read and a write per row, no indexing)
+  copy_sS    the copy with its loads pipelined S stages deep (S - 1 tiles in flight; copy = 3)
+  copy_flat  the copy as one pipelined loop over (row block, chunk) items (never drained)
+  *_wN       N warps (default 16, ROWS_WARPS); *_tma_* through TMA descriptors
+  expand     dispatch's expansion (``_expand_block`` of kernels/dispatch.py), checked against the
+             rows it should write
+  xla_*      XLA's own zero fill, copy and row gather (the expansion) on every SM
 
-Bytes counted: what reaches HBM at least once (reads of distinct source rows + writes). Each
-sample is one jitted call (median of --iters): a call's fixed cost on one GPU (tens of us) is
-included. An expansion by (source row, destination row) pairs, timed here on 2026-11-21
-(2390092), moved no more bytes per program than ``expand`` and was removed.
+Bytes counted: what reaches HBM at least once (reads of distinct source rows + writes). Time
+per op: the slope between jitted loops of --inner and 3 x --inner ops (median of --iters calls
+each), so a call's fixed cost cancels (the session-4 numbers were per-call medians). An
+expansion by (source row, destination row) pairs, timed here on 2026-11-21 (2390092), moved no
+more bytes per program than ``expand`` and was removed.
 
   python benchmarks/bench_copy_rate.py [--programs 16,32,132] [--out benchmarks/results]
 """
@@ -35,7 +38,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from jax_ep import testing  # noqa: E402
-from jax_ep.kernels.dispatch import STAGES, _expand_block  # noqa: E402
+from jax_ep.kernels.dispatch import _expand_block  # noqa: E402
 
 
 @triton.jit
@@ -53,7 +56,9 @@ def zero_kernel(out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_R: tl.c
 
 @triton.jit
 def copy_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+  """A contiguous copy; its loads software-pipelined STAGES deep (cp.async into shared memory,
+  STAGES - 1 tiles in flight), as dispatch's row loops are."""
   pid = tl.program_id(0)
   h = tl.arange(0, BLOCK_H)
   for rb in range(pid, (ROWS + BLOCK_R - 1) // BLOCK_R, tl.num_programs(0)):
@@ -62,6 +67,24 @@ def copy_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
       m = ((rb * BLOCK_R + tl.arange(0, BLOCK_R)) < ROWS)[:, None] & ((h0 + h) < HIDDEN)[None, :]
       v = tl.load(src_ptr + row + (h0 + h)[None, :], mask=m, cache_modifier=".cg")
       tl.store(out_ptr + row + (h0 + h)[None, :], v, mask=m)
+
+
+@triton.jit
+def copy_flat_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+  """copy over flattened (row block, chunk) items: one pipelined loop per program, so the
+  cp.async pipeline does not drain at every row block (``copy`` refills it HIDDEN / BLOCK_H
+  chunks at a time)."""
+  pid = tl.program_id(0)
+  h = tl.arange(0, BLOCK_H)
+  n_h: tl.constexpr = (HIDDEN + BLOCK_H - 1) // BLOCK_H
+  n_items = ((ROWS + BLOCK_R - 1) // BLOCK_R) * n_h
+  for it in tl.range(pid, n_items, tl.num_programs(0), num_stages=STAGES):
+    r = (it // n_h) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (it % n_h) * BLOCK_H + h
+    m = (r < ROWS)[:, None] & (c < HIDDEN)[None, :]
+    off = r[:, None].to(tl.int64) * HIDDEN + c[None, :]
+    tl.store(out_ptr + off, tl.load(src_ptr + off, mask=m, cache_modifier=".cg"), mask=m)
 
 
 @triton.jit
@@ -79,7 +102,7 @@ def zero_tma_kernel(out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_R: 
 
 @triton.jit
 def copy_tma_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
   """copy through TMA loads and stores."""
   pid = tl.program_id(0)
   src = tl.make_tensor_descriptor(src_ptr, shape=[ROWS, HIDDEN], strides=[HIDDEN, 1],
@@ -123,7 +146,8 @@ def main() -> None:
   p.add_argument("--topk", type=int, default=8)
   p.add_argument("--experts", type=int, default=256)
   p.add_argument("--world", type=int, default=4)
-  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--inner", type=int, default=5, help="ops per timed call (n and 3n)")
   p.add_argument("--variants", default="", help="comma-separated names (default: all)")
   p.add_argument("--out", default=None, help="directory for copy_rate_<time>.json")
   args = p.parse_args()
@@ -131,7 +155,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
-  from bench_dispatch_combine import time_fn
+  from bench_dispatch_combine import repeat, time_fn
   from jax_ep.kernels.ep_plan import EPPlan, ROWS_WARPS
   from jax_ep.launch import triton_call
 
@@ -153,24 +177,35 @@ def main() -> None:
 
   ins = dict(src=src, pos=pos, rows_src=rows_src)  # passed as arguments, not constants
 
-  def launch(kernel, inputs, out, warps, **constexprs):
+  def launch(kernel, inputs, out, warps, stages=3, **constexprs):
     return lambda g, a: triton_call(kernel, *(a[n] for n in inputs), out_shapes=out, grid=g,
-                                    num_warps=warps, constexprs=constexprs)[0]
+                                    num_warps=warps, num_stages=stages,
+                                    constexprs=constexprs)[0]
+
+  def copy(kernel, warps, stages, block_r, block_h=bh):
+    return (launch(kernel, ("src",), src_rows, warps, ROWS=t, HIDDEN=h, BLOCK_R=block_r,
+                   BLOCK_H=block_h, STAGES=stages), copy_b, False, False)
 
   # name: (fn(programs, ins) -> output, bytes moved, XLA on every SM, is an expansion)
   variants = {
       "zero": (launch(zero_kernel, (), out_rows, ROWS_WARPS, ROWS=rows, HIDDEN=h, BLOCK_R=16,
                       BLOCK_H=bh), zero_b, False, False),
-      "copy": (launch(copy_kernel, ("src",), src_rows, ROWS_WARPS, ROWS=t, HIDDEN=h, BLOCK_R=bt,
-                      BLOCK_H=bh), copy_b, False, False),
+      # dispatch's row loops: [BLOCK_T, BLOCK_H] tiles, 3 stages (2 tiles in flight), the
+      # pipeline refilled at every row block
+      "copy": copy(copy_kernel, ROWS_WARPS, 3, bt),
+      "copy_s5": copy(copy_kernel, ROWS_WARPS, 5, bt),
+      "copy_s7": copy(copy_kernel, ROWS_WARPS, 7, bt),
+      "copy_s5_w8": copy(copy_kernel, 8, 5, bt),
+      "copy_s5_w4": copy(copy_kernel, 4, 5, bt),
+      # one pipelined loop over (row block, chunk) items: never drained
+      "copy_flat_s3": copy(copy_flat_kernel, ROWS_WARPS, 3, bt),
+      "copy_flat_s5": copy(copy_flat_kernel, ROWS_WARPS, 5, bt),
+      "copy_flat_s5_w8": copy(copy_flat_kernel, 8, 5, bt),
+      "copy_flat_s7_w8_16k": copy(copy_flat_kernel, 8, 7, bt, bh // 2),
       "zero_tma_w4": (launch(zero_tma_kernel, (), out_rows, 4, ROWS=rows, HIDDEN=h,
                              BLOCK_R=16, BLOCK_H=256), zero_b, False, False),
-      "zero_tma_w16": (launch(zero_tma_kernel, (), out_rows, 16, ROWS=rows, HIDDEN=h,
-                              BLOCK_R=32, BLOCK_H=256), zero_b, False, False),
-      "copy_tma_w4": (launch(copy_tma_kernel, ("src",), src_rows, 4, ROWS=t, HIDDEN=h,
-                             BLOCK_R=16, BLOCK_H=256), copy_b, False, False),
-      "copy_tma_w8": (launch(copy_tma_kernel, ("src",), src_rows, 8, ROWS=t, HIDDEN=h,
-                             BLOCK_R=32, BLOCK_H=256), copy_b, False, False),
+      "copy_tma_w4_s3": copy(copy_tma_kernel, 4, 3, 16, 256),
+      "copy_tma_w4_s5": copy(copy_tma_kernel, 4, 5, 32, 256),
       "expand": (launch(expand_kernel, ("src", "pos"), out_rows, ROWS_WARPS, NUM_TOKENS=t,
                         CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p, BLOCK_T=bt,
                         BLOCK_H=bh), expand_b, False, True),
@@ -194,7 +229,11 @@ def main() -> None:
       f = jax.jit(lambda a, fn=fn, g=g: fn(g, a))
       if expands and not np.array_equal(np.asarray(f(ins).view(jnp.uint16)), want):
         raise SystemExit(f"{name} at {g or 'all'} programs: rows differ from their sources")
-      s = time_fn(f, (ins,), args.iters)
+      loops = [jax.jit(lambda a, fn=fn, g=g, n=n: repeat(n, lambda a: fn(g, a), (a,),
+                                                        jnp.zeros((1, 1), jnp.float32)))
+               for n in (args.inner, 3 * args.inner)]
+      t1, t3 = (time_fn(loop, (ins,), args.iters) for loop in loops)
+      s = (t3 - t1) / (2 * args.inner)
       n = g or sms
       r = dict(variant=name, programs=g or "all", seconds=s, bytes=nbytes,
                gbps=nbytes / s / 1e9, gbps_per_sm=nbytes / s / 1e9 / n)

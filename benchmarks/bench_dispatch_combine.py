@@ -156,12 +156,15 @@ def ragged_fns(world, t, h, e, k, axis="ep"):
 def repeat(n, op, inputs, acc):
   """``acc + op(*inputs)[:1, :1]``, n times, unrolled: each repetition's inputs pass through an
   optimization barrier with the running ``acc``, so XLA keeps the repetitions in order and
-  cannot overlap them, and no while loop makes the host wait on every iteration."""
+  cannot overlap them, and no while loop makes the host wait on every iteration. The op's
+  output passes through a barrier too before it is sliced, so XLA cannot shrink an op of its
+  own (the xla backend's gathers, a zero fill) to the one element kept."""
   from jax import lax
   import jax.numpy as jnp
   for _ in range(n):
     inputs, acc = lax.optimization_barrier((inputs, acc))
-    acc = acc + op(*inputs)[:1, :1].astype(jnp.float32)
+    out = lax.optimization_barrier(op(*inputs))
+    acc = acc + out[:1, :1].astype(jnp.float32)
   return acc
 
 
