@@ -11,7 +11,7 @@ of 256 experts, this rank's 64 experts: ~32,768 expert rows):
   copy_flat  the copy as one pipelined loop over (row block, chunk) items (never drained)
   *_wN       N warps (default 16, ROWS_WARPS); *_tma_* through TMA descriptors
   expand     dispatch's expansion (``_expand_block`` of kernels/dispatch.py), checked against the
-             rows it should write
+             rows it should write (expand_sS: S pipeline stages instead of the plan's)
   xla_*      XLA's own zero fill, copy and row gather (the expansion) on every SM
 
 Bytes counted: what reaches HBM at least once (reads of distinct source rows + writes). Time
@@ -120,11 +120,11 @@ def copy_tma_kernel(src_ptr, out_ptr, ROWS: tl.constexpr, HIDDEN: tl.constexpr,
 @triton.jit
 def expand_kernel(src_ptr, pos_ptr, out_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
   pid = tl.program_id(0)
   for blk in range(pid, (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T, tl.num_programs(0)):
     _expand_block(0, blk, src_ptr, 0, pos_ptr, 0, pos_ptr, out_ptr, out_ptr, pos_ptr,
-                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H)
+                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H, STAGES)
 
 
 def expert_rows(rng, tokens, topk, experts, world):
@@ -186,6 +186,11 @@ def main() -> None:
     return (launch(kernel, ("src",), src_rows, warps, ROWS=t, HIDDEN=h, BLOCK_R=block_r,
                    BLOCK_H=block_h, STAGES=stages), copy_b, False, False)
 
+  def expand(stages):
+    return (launch(expand_kernel, ("src", "pos"), out_rows, ROWS_WARPS, NUM_TOKENS=t,
+                   CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p, BLOCK_T=bt, BLOCK_H=bh,
+                   STAGES=stages), expand_b, False, True)
+
   # name: (fn(programs, ins) -> output, bytes moved, XLA on every SM, is an expansion)
   variants = {
       "zero": (launch(zero_kernel, (), out_rows, ROWS_WARPS, ROWS=rows, HIDDEN=h, BLOCK_R=16,
@@ -206,12 +211,14 @@ def main() -> None:
                              BLOCK_R=16, BLOCK_H=256), zero_b, False, False),
       "copy_tma_w4_s3": copy(copy_tma_kernel, 4, 3, 16, 256),
       "copy_tma_w4_s5": copy(copy_tma_kernel, 4, 5, 32, 256),
-      "expand": (launch(expand_kernel, ("src", "pos"), out_rows, ROWS_WARPS, NUM_TOKENS=t,
-                        CAPACITY=rows, HIDDEN=h, TOPK=k, TOPK_P=plan.topk_p, BLOCK_T=bt,
-                        BLOCK_H=bh), expand_b, False, True),
+      "expand": expand(plan.dispatch_stages),
+      "expand_s4": expand(4),
+      "expand_s5": expand(5),
       # XLA's own kernels on every SM, for the device's ceiling: a zero fill, a copy, and the
       # expansion as a row gather (what an XLA implementation of it runs).
-      "xla_zero": (lambda g, a: jnp.zeros((rows, h), jnp.bfloat16), zero_b, True, False),
+      # (a fill with a value read from the input: a constant zero array would be hoisted)
+      "xla_zero": (lambda g, a: jnp.broadcast_to(a["src"][0, 0] * 0, (rows, h)), zero_b, True,
+                   False),
       "xla_copy": (lambda g, a: a["src"] + jnp.bfloat16(1), copy_b, True, False),
       "xla_gather": (lambda g, a: jnp.take(a["src"], a["rows_src"], axis=0), expand_b, True,
                      True),

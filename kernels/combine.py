@@ -33,8 +33,8 @@ import triton.language as tl
 from .ep_sync import (P_ARRIVED, P_END, P_GO, P_PUSH, P_START, leader_barrier, leader_turn,
                       prof_mark, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
 
-# Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES chunks deep).
-STAGES = tl.constexpr(2)
+# Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
+# STAGES: ``EPPlan.combine_stages``).
 
 
 @triton.jit
@@ -65,7 +65,8 @@ def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.conste
 
 @triton.jit
 def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, LEVELS: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, STAGES: tl.constexpr,
+                 LEVELS: tl.constexpr):
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
   chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together)."""
   h = tl.arange(0, BLOCK_HC)
@@ -84,7 +85,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, J_UNROLL: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, STAGES: tl.constexpr,
+                  J_UNROLL: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
@@ -110,10 +112,11 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
       # token of the block has more rows here.
       if jmax <= J_UNROLL:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
                      J_UNROLL)
       else:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, TOPK)
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
+                     TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
   signal_peers(sym_table, rank, world, pid, seq)
@@ -123,7 +126,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived."""
   dtype = out_ptr.dtype.element_ty
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -161,7 +164,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                    NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                   BLOCK_HR: tl.constexpr, J_UNROLL: tl.constexpr,
+                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -189,7 +192,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
       if seq > 0:
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                      ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, J_UNROLL)
+                      ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
@@ -198,7 +201,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
         prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
         if ok:
           _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
-                          MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR)
+                          MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
+                          STAGES)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

@@ -46,9 +46,8 @@ from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barri
 from .layout import hist_blocks, leader_layout
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
-# shared memory, STAGES chunks in flight (3 x 32 KB tiles), so a program no longer waits one
-# full memory latency per chunk.
-STAGES = tl.constexpr(3)
+# shared memory, STAGES - 1 chunks in flight (STAGES: ``EPPlan.dispatch_stages``), so a program
+# does not wait one full memory latency per chunk.
 
 
 @triton.jit
@@ -75,7 +74,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr):
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
   """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
@@ -108,7 +107,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     if tl.max(remote.to(tl.int32), axis=0) > 0:
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES deep
+      # cp.async, STAGES - 1 chunks ahead
+      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
         hmask = (h0 + h) < HIDDEN
         rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
@@ -125,7 +125,7 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
                   recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
                   HIDDEN: tl.constexpr,
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
   """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
   recv_pos). Row chunks are loaded once and stored to each of their up to K rows."""
   k = tl.arange(0, TOPK_P)
@@ -143,7 +143,7 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
-    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES deep
+    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 chunks ahead
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(src + (h0 + h)[None, :], mask=have[:, None] & hmask[None, :],
                      cache_modifier=".cg")
@@ -161,7 +161,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
                  EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
+                 BLOCK_H: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr,
+                 USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
@@ -199,7 +200,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
     _expand_sources(pid, num_programs, blk_lo, blk_hi, 0, split, x_ptr, pos_ptr, pos_stride,
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+                    CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
+                    USE_TIMER)
     if ORDER == 0:
       if ZERO_FILL:
         prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
@@ -207,13 +209,13 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                       val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table,
                       rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
                       TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
-                      USE_TIMER)
+                      STAGES, USE_TIMER)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
                   status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                   MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                  WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+                  WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
 
 
 @triton.jit
@@ -223,7 +225,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  USE_TIMER: tl.constexpr):
+                  STAGES: tl.constexpr, USE_TIMER: tl.constexpr):
   """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
@@ -242,7 +244,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
     _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
                  recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op, NUM_TOKENS,
                  MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                 WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+                 WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
     item = take_item(sym_table, rank)
 
 
@@ -253,7 +255,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                     MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                     TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
+                    BLOCK_H: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr):
   """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
   s = rank + i (mod W) for i in [i_lo, i_hi)."""
   for blk in range(blk_lo + pid, blk_hi, num_programs):
@@ -261,7 +263,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
       _expand_item((rank + i) % world, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                    NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
-                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, USE_TIMER)
+                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
 
 
 @triton.jit
@@ -270,7 +272,8 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_TIMER: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
+                 USE_TIMER: tl.constexpr):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
   the others' from ROWS[s] of this rank's region."""
   if s == rank:
@@ -283,7 +286,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
              op, USE_TIMER)
   _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                 recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                BLOCK_T, BLOCK_H)
+                BLOCK_T, BLOCK_H, STAGES)
 
 
 @triton.jit
@@ -296,6 +299,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            FROM_LAYOUT: tl.constexpr, SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
            BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+           STAGES: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
@@ -321,21 +325,22 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
                      val_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
-                     ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, False,
+                     ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, BLOCK_R, USE_TIMER, False,
                      ORDER, prof_id, PROFILE)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                   not FROM_LAYOUT, BLOCK_T, BLOCK_H, BLOCK_R, USE_TIMER, True, ORDER, prof_id,
+                   not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, BLOCK_R, USE_TIMER, True, ORDER,
+                   prof_id,
                    PROFILE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
@@ -354,6 +359,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                     NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    STAGES: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
@@ -391,7 +397,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
-           BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, BLOCK_R,
+           BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES, BLOCK_R,
            USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
@@ -406,7 +412,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                          ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                          NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
+                         BLOCK_H: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr,
+                         USE_TIMER: tl.constexpr,
                          PHASE: tl.constexpr, PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
@@ -431,4 +438,5 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            recv_pos_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
+           STAGES,
            BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

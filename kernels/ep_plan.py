@@ -56,6 +56,8 @@ class EPPlan:
       (the first ones); the senders expand the rest after their push (1.0: receivers expand
       everything). 0.6 was the fastest static share (dispatch 1.38 ms vs 1.73 ms at 1.0,
       12:45, per-call timing).
+    dispatch_stages, combine_stages: software-pipeline depth of the row-chunk loops (Triton
+      ``num_stages``: STAGES - 1 chunks loaded ahead into shared memory, one row tile each).
   """
 
   world: int
@@ -74,6 +76,8 @@ class EPPlan:
   sender_fraction: float = 0.5
   expand_order: int = 2
   receiver_share: float = 0.6
+  dispatch_stages: int = 3
+  combine_stages: int = 2
 
   @property
   def region(self) -> RegionSpec:
@@ -175,7 +179,8 @@ class EPPlan:
              E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
-             BLOCK_H=self.block_h, BLOCK_R=self.block_r, PHASE=phase,
+             BLOCK_H=self.block_h, STAGES=self.dispatch_stages, BLOCK_R=self.block_r,
+             PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
@@ -219,7 +224,7 @@ class EPPlan:
         ROW_MARK_OFF=r.row_mark_off,
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
-        BLOCK_HR=self.combine_block_hr, J_UNROLL=self.j_unroll,
+        BLOCK_HR=self.combine_block_hr, STAGES=self.combine_stages, J_UNROLL=self.j_unroll,
         PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:

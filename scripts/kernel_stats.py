@@ -64,6 +64,8 @@ def main() -> None:
   p.add_argument("--sender-fraction", type=float, default=EPPlan.sender_fraction)
   p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2))
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
+  p.add_argument("--dispatch-stages", type=int, default=EPPlan.dispatch_stages)
+  p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -85,7 +87,8 @@ def main() -> None:
                 hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
                 alignment=1, num_sms=args.num_sms, itemsize=itemsize,
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
-                receiver_share=args.receiver_share, profile=args.profile)
+                receiver_share=args.receiver_share, profile=args.profile,
+                dispatch_stages=args.dispatch_stages, combine_stages=args.combine_stages)
   row = "*bf16" if args.dtype == "bf16" else "*fp32"
   sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
   kernels = {

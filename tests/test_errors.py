@@ -120,3 +120,31 @@ def test_triton_backend_without_runtime_says_what_to_call():
                            backend="triton")
   with pytest.raises(RuntimeError, match="call jax_ep.runtime.initialize"):
     _run(config, 2, jnp.ones((4, 4)), jnp.zeros((4, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("JAX_EP_DISPATCH_STAGES", "9", "an integer from 1 to 6"),
+    ("JAX_EP_COMBINE_STAGES", "2.5", "an integer from 1 to 6"),
+    ("JAX_EP_EXPAND_ORDER", "3", "0 \\(own blocks first\\)"),
+    ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
+])
+def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=f"{name}={value!r} must be {match}"):
+    tb._plan(config, 2, 2)
+
+
+def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  default = tb._plan(config, 2, 2)
+  monkeypatch.setenv("JAX_EP_DISPATCH_STAGES", "4")
+  monkeypatch.setenv("JAX_EP_COMBINE_STAGES", "1")
+  plan = tb._plan(config, 2, 2)
+  assert (plan.dispatch_stages, plan.combine_stages) == (4, 1)
+  assert plan.dispatch(False)["STAGES"] == 4 and plan.combine()["STAGES"] == 1
+  assert default.dispatch(False)["STAGES"] == default.dispatch_stages

@@ -108,7 +108,8 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", EPPlan.sender_fraction, lambda v: 0 < v < 1,
+                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", EPPlan.sender_fraction,
+                                          lambda v: 0 < v < 1,
                                           "a share of the programs in (0, 1)"),
                 expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", EPPlan.expand_order,
                                            lambda v: v in (0, 1, 2),
@@ -117,7 +118,16 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                                            "programs)")),
                 receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", EPPlan.receiver_share,
                                          lambda v: 0 < v <= 1,
-                                         "a share of the token blocks in (0, 1]"))
+                                         "a share of the token blocks in (0, 1]"),
+                dispatch_stages=_stages_knob("JAX_EP_DISPATCH_STAGES", EPPlan.dispatch_stages),
+                combine_stages=_stages_knob("JAX_EP_COMBINE_STAGES", EPPlan.combine_stages))
+
+
+def _stages_knob(name: str, default: int) -> int:
+  """A row loops' pipeline depth (Triton num_stages) from the environment: 1 to 6 (deeper
+  pipelines need more shared memory than an H100/H200 SM has at these tiles)."""
+  return int(_env_knob(name, default, lambda v: v == int(v) and 1 <= v <= 6,
+                       "an integer from 1 to 6"))
 
 
 def _profile_enabled() -> bool:
