@@ -384,6 +384,14 @@ def run_mode(args, rank=0, world_override=None) -> dict:
             f"stages={dst}/{cst}: "
             f"dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, combine "
             f"{row[key]['combine_s'] * 1e6:.1f} us", flush=True)
+    for point in sweep_env_points(args):
+      key = "sweep_env_" + "_".join(f"{n[len('JAX_EP_'):].lower()}{v}" for n, v in point.items())
+      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, point, dict(
+          num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
+          num_sms=args.num_sms, timeout_s=args.op_timeout))
+      print(f"  sweep {' '.join(f'{n}={v}' for n, v in point.items())}: dispatch "
+            f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
+            flush=True)
     for path in ("triton", "xla", "ragged"):
       for op in ("dispatch", "combine"):
         s = row.get(f"{path}_{op}_s")
@@ -416,6 +424,21 @@ def sweep_points(args):
       raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share[@dstages[@cstages]]]]")
     parts += [""] * (len(fields) - len(parts))
     pts.append(tuple(kind(v) if v else default for (kind, default), v in zip(fields, parts)))
+  return pts
+
+
+def sweep_env_points(args) -> list[dict]:
+  """``--sweep-env`` points: ``;``-separated, each ``+``-separated JAX_EP_* knob settings
+  (docs/KERNELS.md "Knobs"), e.g. ``JAX_EP_COMBINE_ACC_BYTES=65536+JAX_EP_COMBINE_STAGES=3``."""
+  pts = []
+  for item in filter(None, args.sweep_env.split(";")):
+    point = {}
+    for setting in item.split("+"):
+      name, eq, value = setting.partition("=")
+      if not eq or not name.startswith("JAX_EP_") or not value:
+        raise SystemExit(f"--sweep-env: {setting!r} is not JAX_EP_<KNOB>=<value>")
+      point[name] = value
+    pts.append(point)
   return pts
 
 
@@ -569,7 +592,8 @@ def orchestrate(args) -> list[dict]:
                 ["--shapes", args.shapes] if args.shapes else []) + (
                 ["--no-profile"] if args.no_profile else []) + (
                 ["--trace", args.trace] if args.trace else []) + (
-                ["--sweep", args.sweep] if args.sweep else [])
+                ["--sweep", args.sweep] if args.sweep else []) + (
+                ["--sweep-env", args.sweep_env] if args.sweep_env else [])
   runs = []
   if args.mode in ("peer", "both"):
     p = subprocess.Popen([sys.executable, script, "--child", "peer"] + common,
@@ -708,6 +732,11 @@ def main():
                   help="tuning: extra triton timings at frac@sms[@order[@share]] points (dispatch "
                        "sender fraction, num_sms, expansion order, receivers' block share), "
                        "e.g. 0.5@32@1,0.5@32@1@0.6,0.375@32@1@0.7")
+  ap.add_argument("--sweep-env", default="",
+                  help="tuning: extra triton timings with other JAX_EP_* knob values, points "
+                       "separated by ';', settings by '+', e.g. "
+                       "'JAX_EP_COMBINE_STAGES=1;JAX_EP_COMBINE_ACC_BYTES=65536+"
+                       "JAX_EP_COMBINE_STAGES=3'")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--op-timeout", type=float, default=120.0,
                   help="EPConfig.timeout_s of the measured ops (seconds a rank waits for a peer)")

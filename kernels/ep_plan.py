@@ -58,6 +58,8 @@ class EPPlan:
       12:45, per-call timing).
     dispatch_stages, combine_stages: software-pipeline depth of the row-chunk loops (Triton
       ``num_stages``: STAGES - 1 chunks loaded ahead into shared memory, one row tile each).
+    combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
+      leave shared memory for deeper pipelines (each stage holds one chunk's row tiles).
   """
 
   world: int
@@ -78,6 +80,7 @@ class EPPlan:
   receiver_share: float = 0.6
   dispatch_stages: int = 3
   combine_stages: int = 2
+  combine_acc_bytes: int = ACC_BYTES
 
   @property
   def region(self) -> RegionSpec:
@@ -208,14 +211,14 @@ class EPPlan:
     (sized for the common J_UNROLL path; the all-TOPK path keeps more rows in flight: no spills
     at the DeepSeek-V3 shape, ``scripts/kernel_stats.py``)."""
     per_col = self.combine_block_t * (self.j_unroll * self.itemsize + 4)
-    return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
+    return _pow2_floor(self.combine_acc_bytes // per_col, 32, next_pow2(self.hidden))
 
   @property
   def combine_block_hr(self) -> int:
     """Reduce chunk: one [BLOCK_T, BLOCK_HR] row tile per rank (W_P, all loaded together) + an
     f32 accumulator."""
     per_col = self.combine_block_t * (next_pow2(self.world) * self.itemsize + 4)
-    return _pow2_floor(ACC_BYTES // per_col, 32, next_pow2(self.hidden))
+    return _pow2_floor(self.combine_acc_bytes // per_col, 32, next_pow2(self.hidden))
 
   def combine(self, phase: int = 0) -> dict:
     r = self.region

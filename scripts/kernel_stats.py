@@ -60,7 +60,8 @@ def main() -> None:
   p.add_argument("--num-sms", type=int, default=32)
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
-  p.add_argument("--acc-bytes", type=int, help="override ep_plan.ACC_BYTES")
+  p.add_argument("--acc-bytes", type=int, default=EPPlan.combine_acc_bytes,
+                  help="combine's chunk budget (EPPlan.combine_acc_bytes)")
   p.add_argument("--sender-fraction", type=float, default=EPPlan.sender_fraction)
   p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2))
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
@@ -69,8 +70,7 @@ def main() -> None:
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
-  for name, v in (("ROWS_WARPS", args.warps), ("TILE_BYTES", args.tile_bytes),
-                  ("ACC_BYTES", args.acc_bytes)):
+  for name, v in (("ROWS_WARPS", args.warps), ("TILE_BYTES", args.tile_bytes)):
     if v:
       setattr(ep_plan, name, v)
 
@@ -88,7 +88,8 @@ def main() -> None:
                 alignment=1, num_sms=args.num_sms, itemsize=itemsize,
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
                 receiver_share=args.receiver_share, profile=args.profile,
-                dispatch_stages=args.dispatch_stages, combine_stages=args.combine_stages)
+                dispatch_stages=args.dispatch_stages, combine_stages=args.combine_stages,
+                combine_acc_bytes=args.acc_bytes)
   row = "*bf16" if args.dtype == "bf16" else "*fp32"
   sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
   kernels = {

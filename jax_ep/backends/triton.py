@@ -120,7 +120,11 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                                          lambda v: 0 < v <= 1,
                                          "a share of the token blocks in (0, 1]"),
                 dispatch_stages=_stages_knob("JAX_EP_DISPATCH_STAGES", EPPlan.dispatch_stages),
-                combine_stages=_stages_knob("JAX_EP_COMBINE_STAGES", EPPlan.combine_stages))
+                combine_stages=_stages_knob("JAX_EP_COMBINE_STAGES", EPPlan.combine_stages),
+                combine_acc_bytes=int(_env_knob(
+                    "JAX_EP_COMBINE_ACC_BYTES", EPPlan.combine_acc_bytes,
+                    lambda v: v == int(v) and 8192 <= v <= 262144,
+                    "a byte count from 8192 to 262144")))
 
 
 def _stages_knob(name: str, default: int) -> int:
