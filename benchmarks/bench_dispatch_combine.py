@@ -428,10 +428,11 @@ def sweep_points(args):
 
 
 def sweep_env_points(args) -> list[dict]:
-  """``--sweep-env`` points: ``;``-separated, each ``+``-separated JAX_EP_* knob settings
-  (docs/KERNELS.md "Knobs"), e.g. ``JAX_EP_COMBINE_ACC_BYTES=65536+JAX_EP_COMBINE_STAGES=3``."""
+  """``--sweep-env`` points: comma-separated, each ``+``-separated JAX_EP_* knob settings
+  (docs/KERNELS.md "Knobs"), e.g. ``JAX_EP_COMBINE_ACC_BYTES=65536+JAX_EP_COMBINE_STAGES=3``
+  (no ``;``: scripts/gpu_run_all.sh passes the options through a shell)."""
   pts = []
-  for item in filter(None, args.sweep_env.split(";")):
+  for item in filter(None, args.sweep_env.split(",")):
     point = {}
     for setting in item.split("+"):
       name, eq, value = setting.partition("=")
@@ -734,9 +735,9 @@ def main():
                        "e.g. 0.5@32@1,0.5@32@1@0.6,0.375@32@1@0.7")
   ap.add_argument("--sweep-env", default="",
                   help="tuning: extra triton timings with other JAX_EP_* knob values, points "
-                       "separated by ';', settings by '+', e.g. "
-                       "'JAX_EP_COMBINE_STAGES=1;JAX_EP_COMBINE_ACC_BYTES=65536+"
-                       "JAX_EP_COMBINE_STAGES=3'")
+                       "separated by ',', settings by '+', e.g. "
+                       "JAX_EP_COMBINE_STAGES=1,JAX_EP_COMBINE_ACC_BYTES=65536+"
+                       "JAX_EP_COMBINE_STAGES=3")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--op-timeout", type=float, default=120.0,
                   help="EPConfig.timeout_s of the measured ops (seconds a rank waits for a peer)")

@@ -70,16 +70,9 @@ def main() -> None:
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
-  for name, v in (("ROWS_WARPS", args.warps), ("TILE_BYTES", args.tile_bytes)):
-    if v:
-      setattr(ep_plan, name, v)
-
-  import triton
-  from triton.backends.compiler import GPUTarget
-  from triton.compiler import ASTSource
-
-  from jax_ep.kernels import combine, dispatch
-  ROWS_WARPS = ep_plan.ROWS_WARPS
+  from jax_ep.kernels.sm90 import compile_ep_kernels
+  if args.tile_bytes:
+    ep_plan.TILE_BYTES = args.tile_bytes
 
   itemsize = 2 if args.dtype == "bf16" else 4
   cap = int(1.25 * args.tokens * args.topk)
@@ -90,34 +83,11 @@ def main() -> None:
                 receiver_share=args.receiver_share, profile=args.profile,
                 dispatch_stages=args.dispatch_stages, combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes)
-  row = "*bf16" if args.dtype == "bf16" else "*fp32"
-  sym = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
-  kernels = {
-      "dispatch_kernel": (dispatch.dispatch_kernel, [row, "*i32", "*fp32", row, "*fp32", "*i32",
-                                                     "*i32", "*i32", "*i32", "*i32", "*i32",
-                                                     "*i32", "*i32"], plan.dispatch(False),
-                          ROWS_WARPS),
-      "dispatch_rows_kernel": (dispatch.dispatch_rows_kernel, [row, "*i32", "*i32", "*i32",
-                                                               "*i32", row, "*i32"],
-                               plan.dispatch(True), ROWS_WARPS),
-      "combine_kernel": (combine.combine_kernel, [row, "*fp32", "*i32", row, "*i32"],
-                         plan.combine(), ROWS_WARPS),
-      "gather_kernel": (combine.gather_kernel, ["*fp32", "*i32", "*i32", "*fp32", "*i32"],
-                        plan.gather(), 4),
-  }
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}) / reduce "
         f"{plan.combine_block_hr} (all {plan.world} ranks)")
-  for name, (fn, types, cx, warps) in kernels.items():
-    free = [a for a in fn.arg_names if a not in cx]
-    sig = {a: t for a, t in zip(free, types + sym)}
-    sig.update({a: "constexpr" for a in cx})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": 1})
+  for name, (k, warps) in compile_ep_kernels(plan, args.dtype, args.warps).items():
     ptx = k.asm["ptx"]
     vec = len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx))
     print(f"{name:22s} warps {warps:2d} shared {k.metadata.shared:6d} B  16-byte ld/st {vec:4d}  "

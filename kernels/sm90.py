@@ -1,0 +1,47 @@
+"""Compile the intra-node EP kernels of one ``EPPlan`` for sm_90 on any machine (Triton and its
+bundled ptxas run on the CPU): what ``scripts/kernel_stats.py`` prints and what the CPU tests
+check (shared memory within the SM's, 16-byte vectors, registers and stack)."""
+from __future__ import annotations
+
+from .ep_plan import ROWS_WARPS, EPPlan
+
+# The symmetric-memory tail every EP kernel takes: sym_table, rank, world, epoch, timeout_ns,
+# op, fingerprint (combine and gather: the same minus nothing; unused ones are never read).
+_SYM = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
+SHARED_LIMIT = 227 * 1024   # dynamic shared memory one H100/H200 block may have
+
+
+def compile_ep_kernels(plan: EPPlan, dtype: str = "bf16", warps: int | None = None) -> dict:
+  """{kernel name: (triton CompiledKernel, num_warps)} for dispatch, dispatch_rows, combine
+  and gather at ``plan`` (rows of ``dtype``: "bf16" or "f32")."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+
+  from . import combine, dispatch
+  rows_warps = warps or ROWS_WARPS
+  row = "*bf16" if dtype == "bf16" else "*fp32"
+  kernels = {
+      "dispatch_kernel": (dispatch.dispatch_kernel, [row, "*i32", "*fp32", row, "*fp32", "*i32",
+                                                     "*i32", "*i32", "*i32", "*i32", "*i32",
+                                                     "*i32", "*i32"], plan.dispatch(False),
+                          rows_warps),
+      "dispatch_rows_kernel": (dispatch.dispatch_rows_kernel, [row, "*i32", "*i32", "*i32",
+                                                               "*i32", row, "*i32"],
+                               plan.dispatch(True), rows_warps),
+      "combine_kernel": (combine.combine_kernel, [row, "*fp32", "*i32", row, "*i32"],
+                         plan.combine(), rows_warps),
+      "gather_kernel": (combine.gather_kernel, ["*fp32", "*i32", "*i32", "*fp32", "*i32"],
+                        plan.gather(), 4),
+  }
+  out = {}
+  for name, (fn, types, cx, nw) in kernels.items():
+    free = [a for a in fn.arg_names if a not in cx]
+    sig = {a: t for a, t in zip(free, types + _SYM)}
+    sig.update({a: "constexpr" for a in cx})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    out[name] = (triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": nw, "num_stages": 1}), nw)
+  return out

@@ -1,0 +1,49 @@
+"""The dispatch/combine kernels compile for sm_90 on the CPU (Triton's bundled ptxas) at the
+shapes the GPUs run, within an H100/H200 SM's shared memory, with 16-byte row vectors: a launch
+that asks for more shared memory than the SM has fails only on the GPU, so it is checked here.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("triton")
+
+from jax_ep.kernels.ep_plan import EPPlan  # noqa: E402
+from jax_ep.kernels.sm90 import SHARED_LIMIT, compile_ep_kernels  # noqa: E402
+
+
+def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
+  return EPPlan(world=world, num_tokens=tokens, max_tokens=tokens, hidden=hidden, topk=topk,
+                num_experts=experts, capacity=int(1.25 * tokens * topk), alignment=1,
+                itemsize=itemsize, **kw)
+
+
+@pytest.mark.parametrize("world, tokens, hidden, experts, topk, dtype, kw", [
+    (4, 4096, 7168, 256, 8, "bf16", {}),                          # the benchmark's shape
+    (8, 1024, 2048, 128, 8, "f32", {}),
+    (2, 512, 4096, 64, 16, "bf16", {"combine_stages": 6}),        # the clamp must hold
+    (16, 256, 1024, 256, 4, "bf16", {"dispatch_stages": 5, "expand_order": 0}),
+], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0"])
+def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
+  plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)
+  built = compile_ep_kernels(plan, dtype)
+  assert set(built) == {"dispatch_kernel", "dispatch_rows_kernel", "combine_kernel",
+                        "gather_kernel"}
+  for name, (k, _) in built.items():
+    assert 0 <= k.metadata.shared <= SHARED_LIMIT, (name, k.metadata.shared)
+    assert ".target sm_90" in k.asm["ptx"], name
+  for name in ("dispatch_kernel", "combine_kernel"):
+    ptx = built[name][0].asm["ptx"]
+    assert re.search(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx), f"{name}: no 16-byte vectors"
+    assert "cp.async" in ptx, f"{name}: row loops not software-pipelined"
+  assert plan.combine()["STAGES"] == plan.combine_pipeline <= plan.combine_stages
+
+
+def test_combine_pipeline_default_at_the_benchmark_shape():
+  """The measured default (64 KB chunks, 4 stages: ep_plan's docstring) is what the benchmark
+  shape gets, not lowered by the shared-memory clamp."""
+  plan = _plan(4, 4096, 7168, 256, 8, 2)
+  assert (plan.combine_acc_bytes, plan.combine_pipeline) == (64 * 1024, 4)
+  assert (plan.combine_block_hc, plan.combine_block_hr) == (256, 256)
