@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .ep_sync import (P_ARRIVED, P_END, P_GO, P_PUSH, P_START, leader_barrier, leader_turn,
-                      prof_mark, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
+                      prof_mark, row_align, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
 
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
 # STAGES: ``EPPlan.combine_stages``).
@@ -70,13 +70,14 @@ def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
   chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together)."""
   h = tl.arange(0, BLOCK_HC)
+  A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
   for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
     for j in tl.static_range(LEVELS):
       acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-    tl.store(dst + cols[None, :], acc.to(dst.dtype.element_ty),
+    tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
              mask=have[:, None] & hmask[None, :])
 
 
@@ -129,6 +130,7 @@ def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived."""
   dtype = out_ptr.dtype.element_ty
+  A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
@@ -147,9 +149,9 @@ def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
       acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
       for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
         g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
-        v = tl.load(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-                    + cols[None, :], mask=g[:, None] & hmask[None, :], other=0.0,
-                    cache_modifier=".cg")
+        v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+                                   + cols[None, :], [A, A]),
+                    mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
         acc += v.to(tl.float32)
       tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
                mask=tmask[:, None] & hmask[None, :])

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barrier,
-                      leader_turn, prof_mark, signal_block, sym_ptr, take_item, wait_block,
-                      wait_go)
+                      leader_turn, prof_mark, row_align, signal_block, sym_ptr, take_item,
+                      wait_block, wait_go)
 from .layout import hist_blocks, leader_layout
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
@@ -105,6 +105,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     # Rows: load each chunk of the block once, store it to every remote rank that needs it.
     remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
     if tl.max(remote.to(tl.int32), axis=0) > 0:
+      A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
       # cp.async, STAGES - 1 chunks ahead
@@ -115,7 +116,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
           if r != rank:
             send = tl.max((dest == r).to(tl.int32), axis=1) > 0
             dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
-            tl.store(dst + dst_row + (h0 + h)[None, :], rows,
+            tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
                      mask=send[:, None] & hmask[None, :])
     signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
 
@@ -142,11 +143,12 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
   have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
+    A: tl.constexpr = row_align(HIDDEN, recv_x_ptr.dtype.element_ty)
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
     for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 chunks ahead
       hmask = (h0 + h) < HIDDEN
-      rows = tl.load(src + (h0 + h)[None, :], mask=have[:, None] & hmask[None, :],
-                     cache_modifier=".cg")
+      rows = tl.load(tl.multiple_of(src + (h0 + h)[None, :], [A, A]),
+                     mask=have[:, None] & hmask[None, :], cache_modifier=".cg")
       for kk in tl.static_range(TOPK):
         pk = column(pos, k, kk)
         tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],

@@ -212,10 +212,23 @@ def sym_ptr(sym_table, rank, byte_off, dtype: tl.constexpr):
   """Pointer to ``byte_off`` bytes into rank ``rank``'s symmetric region, typed ``dtype``.
 
   Region bases are 2 MiB aligned and every area offset is a multiple of 256 bytes: say so, or
-  Triton cannot prove alignment and copies rows with 2-byte loads and stores.
+  Triton cannot prove alignment and copies rows with 2-byte loads and stores. (Triton 3.9 loses
+  this hint on the way to the row addresses: the row loops also declare ``row_align``.)
   """
   base = tl.multiple_of(tl.load(sym_table + rank), 256)
   return tl.multiple_of((base + byte_off).to(tl.pointer_type(dtype)), 16)
+
+
+@triton.constexpr_function
+def row_align(hidden, dtype):
+  """Bytes (at most 16) that every row start of a [rows, hidden] ``dtype`` array with a 16-byte
+  aligned base is aligned to: what the row loops declare with ``tl.multiple_of(ptrs, [a, a])``
+  on their address tiles (x, recv_x, a region's ROWS; chunks start at multiples of the chunk
+  width), so Triton moves 16-byte vectors. 3.6 proves it alone; 3.9 loses the alignment of
+  ``sym_ptr`` on the way and would move 2 bytes at a time. The hint must sit on the address
+  expression itself (a helper's argument drops it)."""
+  pitch = hidden * (dtype.primitive_bitwidth // 8)
+  return min(16, pitch & -pitch)
 
 
 @triton.jit
