@@ -221,6 +221,17 @@ def test_dispatch_tuning_variants_match_xla(frac, order, share, peer_world, monk
   compare_case(case, mesh, world, _put(mesh), seed=31 + order, repeats=3)
 
 
+@pytest.mark.parametrize("acc_bytes,stages", [(131072, 2), (65536, 3), (32768, 6)])
+def test_combine_tile_variants_match_xla(acc_bytes, stages, peer_world, monkeypatch):
+  """Combine's other chunk budgets and pipeline depths (the default is 64 KB x 4; 128 KB x 2 was
+  the default until 2026-11-21 16:25) give xla's results too, gradients included."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", str(acc_bytes))
+  monkeypatch.setenv("JAX_EP_COMBINE_STAGES", str(stages))
+  case = (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")
+  compare_case(case, mesh, world, _put(mesh), seed=47 + stages, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
