@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from .ep_plan import ROWS_WARPS, EPPlan
 
-# The symmetric-memory tail every EP kernel takes: sym_table, rank, world, epoch, timeout_ns,
-# op, fingerprint (combine and gather: the same minus nothing; unused ones are never read).
+# The runtime tail every EP kernel takes after its arrays: sym_table, rank, world, epoch,
+# timeout_ns, op, fingerprint.
 _SYM = ["*i64", "i32", "i32", "i64", "i64", "i32", "i32"]
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory one H100/H200 block may have
 
