@@ -14,6 +14,7 @@ ROWS_WARPS = 16            # warps of the row-moving kernels (one program per SM
 TILE_BYTES = 32 * 1024     # dispatch: bytes of one row tile (loaded once, stored up to K times)
 ACC_BYTES = 64 * 1024      # combine: register budget of its row tiles plus the f32 accumulator
 SMEM_BYTES = 200 * 1024    # shared memory the pipelined row loops may take (sm_90: 227 KB)
+REDUCE_MAX_BYTES = 128 * 1024  # combine's reduce: register budget when widened to 16-byte vectors
 
 
 def _pow2_floor(n: int, lo: int, hi: int) -> int:
@@ -220,9 +221,17 @@ class EPPlan:
   @property
   def combine_block_hr(self) -> int:
     """Reduce chunk: one [BLOCK_T, BLOCK_HR] row tile per rank (W_P, all loaded together) + an
-    f32 accumulator."""
+    f32 accumulator, in ``combine_acc_bytes``; widened, up to REDUCE_MAX_BYTES of registers,
+    until each thread moves 16-byte vectors (with 64 KB at W = 8 the tile would be 128 columns,
+    8 bytes a thread). Past W = 8 the W_P tiles do not all fit with 16-byte vectors: correct,
+    and narrower (no such machine measured)."""
     per_col = self.combine_block_t * (next_pow2(self.world) * self.itemsize + 4)
-    return _pow2_floor(self.combine_acc_bytes // per_col, 32, next_pow2(self.hidden))
+    cap = next_pow2(self.hidden)
+    hr = _pow2_floor(self.combine_acc_bytes // per_col, 32, cap)
+    vector_cols = 16 * 32 * ROWS_WARPS // (self.combine_block_t * self.itemsize)
+    if hr < vector_cols:
+      hr = max(hr, min(vector_cols, _pow2_floor(REDUCE_MAX_BYTES // per_col, 32, cap)))
+    return hr
 
   @property
   def combine_pipeline(self) -> int:

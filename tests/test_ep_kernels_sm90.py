@@ -41,8 +41,10 @@ def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtyp
     ptx = built[name][0].asm["ptx"]
     assert re.search(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx), f"{name}: no 16-byte vectors"
     assert "cp.async" in ptx, f"{name}: row loops not software-pipelined"
-    if dtype == "bf16":  # rows of 16-byte multiples: no row moved 2 bytes at a time (triton
-      # 3.9 did that to every row read from or written to a symmetric region without row_align)
+    # Rows of 16-byte multiples: no row moved 2 bytes at a time (triton 3.9 did that to every
+    # row read from or written to a symmetric region without row_align). Past W = 16 combine's
+    # reduce holds W_P row tiles at once, too many for wide vectors (docs/KERNELS.md "Limits").
+    if dtype == "bf16" and (name != "combine_kernel" or world <= 16):
       narrow = re.findall(r"\b(?:ld|st)\.global(?:\.cg)?\.b16\b", ptx)
       assert not narrow, f"{name}: {len(narrow)} 2-byte row loads/stores"
   assert plan.combine()["STAGES"] == plan.combine_pipeline <= plan.combine_stages
@@ -54,3 +56,15 @@ def test_combine_pipeline_default_at_the_benchmark_shape():
   plan = _plan(4, 4096, 7168, 256, 8, 2)
   assert (plan.combine_acc_bytes, plan.combine_pipeline) == (64 * 1024, 4)
   assert (plan.combine_block_hc, plan.combine_block_hr) == (256, 256)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_combine_reduce_moves_16_byte_vectors_up_to_8_ranks(world, itemsize):
+  """The reduce tile gives every thread of the 16 warps at least 16 bytes of a row (64 KB
+  chunks alone would give 8 at W = 8), at the push tile's pipeline depth."""
+  from jax_ep.kernels.ep_plan import ROWS_WARPS
+  plan = _plan(world, 4096, 7168, 256, 8, itemsize)
+  per_thread = plan.combine_block_t * plan.combine_block_hr * itemsize // (32 * ROWS_WARPS)
+  assert per_thread >= 16, (plan.combine_block_hr, per_thread)
+  assert plan.combine_pipeline == plan.combine_stages
