@@ -124,7 +124,7 @@ def expand_kernel(src_ptr, pos_ptr, out_ptr, NUM_TOKENS: tl.constexpr, CAPACITY:
   pid = tl.program_id(0)
   for blk in range(pid, (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T, tl.num_programs(0)):
     _expand_block(0, blk, src_ptr, 0, pos_ptr, 0, pos_ptr, out_ptr, out_ptr, pos_ptr,
-                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H, STAGES)
+                  NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, False, BLOCK_T, BLOCK_H, STAGES, 0)
 
 
 def expert_rows(rng, tokens, topk, experts, world):

@@ -126,9 +126,13 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
                   recv_w_ptr, recv_pos_ptr, NUM_TOKENS: tl.constexpr, CAPACITY: tl.constexpr,
                   HIDDEN: tl.constexpr,
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
+                  EXPAND_LEVELS: tl.constexpr):
   """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
-  recv_pos). Row chunks are loaded once and stored to each of their up to K rows."""
+  recv_pos). Row chunks are loaded once and stored to each of their up to K rows: by slot
+  (EXPAND_LEVELS = 0: K masked stores a chunk), or by level (EXPAND_LEVELS = L > 0: the j-th
+  kept slot of every token for j < L, then the other levels only when a token of the block
+  keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank)."""
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -141,18 +145,38 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
     tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=smask)
     tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
-  have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
+  kept = (pos >= 0).to(tl.int32)
+  have = tl.max(kept, axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     A: tl.constexpr = row_align(HIDDEN, recv_x_ptr.dtype.element_ty)
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
+    rnk = tl.cumsum(kept, axis=1) - 1                # level of each kept slot within its token
+    deep = tl.max(tl.sum(kept, axis=1), axis=0) > EXPAND_LEVELS
     for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 chunks ahead
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(tl.multiple_of(src + (h0 + h)[None, :], [A, A]),
                      mask=have[:, None] & hmask[None, :], cache_modifier=".cg")
-      for kk in tl.static_range(TOPK):
-        pk = column(pos, k, kk)
-        tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
-                 rows, mask=(pk >= 0)[:, None] & hmask[None, :])
+      if EXPAND_LEVELS == 0:
+        for kk in tl.static_range(TOPK):
+          pk = column(pos, k, kk)
+          tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
+                   rows, mask=(pk >= 0)[:, None] & hmask[None, :])
+      else:
+        for j in tl.static_range(EXPAND_LEVELS):
+          _store_level(rows, pos, rnk, j, recv_x_ptr, h0 + h, hmask, HIDDEN)
+        if deep:
+          for j in tl.static_range(EXPAND_LEVELS, TOPK):
+            _store_level(rows, pos, rnk, j, recv_x_ptr, h0 + h, hmask, HIDDEN)
+
+
+@triton.jit
+def _store_level(rows, pos, rnk, j: tl.constexpr, recv_x_ptr, cols, hmask, HIDDEN: tl.constexpr):
+  """Store each token's row chunk to the row of its j-th kept slot (tokens with fewer: none)."""
+  sel = (pos >= 0) & (rnk == j)
+  pj = tl.sum(tl.where(sel, pos, 0), axis=1)
+  has = tl.sum(sel.to(tl.int32), axis=1) > 0
+  tl.store(recv_x_ptr + pj[:, None].to(tl.int64) * HIDDEN + cols[None, :], rows,
+           mask=has[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -163,7 +187,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
                  EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_H: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
+                 BLOCK_R: tl.constexpr,
                  USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
@@ -203,6 +228,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
+                    EXPAND_LEVELS,
                     USE_TIMER)
     if ORDER == 0:
       if ZERO_FILL:
@@ -211,13 +237,13 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                       val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table,
                       rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
                       TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
-                      STAGES, USE_TIMER)
+                      STAGES, EXPAND_LEVELS, USE_TIMER)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
                   status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                   MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                  WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
+                  WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
 
 
 @triton.jit
@@ -227,7 +253,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  STAGES: tl.constexpr, USE_TIMER: tl.constexpr):
+                  STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr):
   """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
@@ -246,7 +272,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
     _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
                  recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op, NUM_TOKENS,
                  MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                 WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
+                 WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
     item = take_item(sym_table, rank)
 
 
@@ -257,7 +283,8 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                     MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                     TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr):
+                    BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
+                    USE_TIMER: tl.constexpr):
   """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
   s = rank + i (mod W) for i in [i_lo, i_hi)."""
   for blk in range(blk_lo + pid, blk_hi, num_programs):
@@ -265,7 +292,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
       _expand_item((rank + i) % world, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                    NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
-                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, USE_TIMER)
+                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
 
 
 @triton.jit
@@ -275,6 +302,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
+                 EXPAND_LEVELS: tl.constexpr,
                  USE_TIMER: tl.constexpr):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
   the others' from ROWS[s] of this rank's region."""
@@ -288,7 +316,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
              op, USE_TIMER)
   _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                 recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                BLOCK_T, BLOCK_H, STAGES)
+                BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS)
 
 
 @triton.jit
@@ -301,7 +329,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            FROM_LAYOUT: tl.constexpr, SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
            BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-           STAGES: tl.constexpr,
+           STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
@@ -334,14 +362,16 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      val_ptr, group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr,
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
-                     ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, BLOCK_R, USE_TIMER, False,
+                     ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
+                     USE_TIMER, False,
                      ORDER, prof_id, PROFILE)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                   not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, BLOCK_R, USE_TIMER, True, ORDER,
+                   not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
+                   True, ORDER,
                    prof_id,
                    PROFILE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
@@ -361,7 +391,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                     NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                    STAGES: tl.constexpr,
+                    STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
@@ -399,7 +429,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
-           BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES, BLOCK_R,
+           BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
+           EXPAND_LEVELS, BLOCK_R,
            USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
@@ -414,7 +445,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                          ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                          NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_H: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
+                         BLOCK_R: tl.constexpr,
                          USE_TIMER: tl.constexpr,
                          PHASE: tl.constexpr, PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr):
@@ -440,5 +472,5 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            recv_pos_in_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
-           STAGES,
+           STAGES, EXPAND_LEVELS,
            BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

@@ -61,6 +61,8 @@ class EPPlan:
     dispatch_stages, combine_stages: software-pipeline depth of the row-chunk loops (Triton
       ``num_stages``: STAGES - 1 chunks loaded ahead into shared memory, one row tile each);
       combine's is lowered to what fits in SMEM_BYTES (``combine_pipeline``).
+    expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
+      = by level (``_expand_block``); opt-in, not measured on a GPU yet.
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -84,6 +86,7 @@ class EPPlan:
   expand_order: int = 2
   receiver_share: float = 0.6
   dispatch_stages: int = 3
+  expand_levels: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
 
@@ -187,7 +190,8 @@ class EPPlan:
              E_LOCAL=self.e_local, EL_P=next_pow2(self.e_local), CAPACITY=self.capacity,
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
-             BLOCK_H=self.block_h, STAGES=self.dispatch_stages, BLOCK_R=self.block_r,
+             BLOCK_H=self.block_h, STAGES=self.dispatch_stages,
+             EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:

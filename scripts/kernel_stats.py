@@ -66,6 +66,7 @@ def main() -> None:
   p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2))
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
   p.add_argument("--dispatch-stages", type=int, default=EPPlan.dispatch_stages)
+  p.add_argument("--expand-levels", type=int, default=EPPlan.expand_levels)
   p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
@@ -81,7 +82,8 @@ def main() -> None:
                 alignment=1, num_sms=args.num_sms, itemsize=itemsize,
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
                 receiver_share=args.receiver_share, profile=args.profile,
-                dispatch_stages=args.dispatch_stages, combine_stages=args.combine_stages,
+                dispatch_stages=args.dispatch_stages, expand_levels=args.expand_levels,
+                combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "

@@ -358,19 +358,20 @@ def _senders_expand_first(phases):
   return sorted(phases, key=lambda pg: {6: 5, 5: 6}.get(pg[0], pg[0]))
 
 
-@pytest.mark.parametrize("order,share,reorder", [
-    (1, 1.0, None), (0, 1.0, None), (0, 0.5, None), (1, 0.25, None), (2, 0.6, None),
-    (2, 1.0, _senders_expand_first)])
-def test_dispatch_variants_match_numpy(order, share, reorder, interp):
+@pytest.mark.parametrize("order,share,reorder,levels", [
+    (1, 1.0, None, 0), (0, 1.0, None, 0), (0, 0.5, None, 1), (1, 0.25, None, 0),
+    (2, 0.6, None, 2), (2, 1.0, _senders_expand_first, 0)])
+def test_dispatch_variants_match_numpy(order, share, reorder, levels, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
-  program) give the same bits."""
+  program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
+  levels on a rank, given the skewed routing) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
-                expand_order=order, receiver_share=share)
+                expand_order=order, receiver_share=share, expand_levels=levels)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]

@@ -120,6 +120,9 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                                          lambda v: 0 < v <= 1,
                                          "a share of the token blocks in (0, 1]"),
                 dispatch_stages=_stages_knob("JAX_EP_DISPATCH_STAGES", EPPlan.dispatch_stages),
+                expand_levels=int(_env_knob("JAX_EP_EXPAND_LEVELS", EPPlan.expand_levels,
+                                            lambda v: v == int(v) and 0 <= v <= 64,
+                                            "an integer from 0 to 64 (0: store by slot)")),
                 combine_stages=_stages_knob("JAX_EP_COMBINE_STAGES", EPPlan.combine_stages),
                 combine_acc_bytes=int(_env_knob(
                     "JAX_EP_COMBINE_ACC_BYTES", EPPlan.combine_acc_bytes,

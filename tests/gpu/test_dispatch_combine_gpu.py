@@ -221,6 +221,16 @@ def test_dispatch_tuning_variants_match_xla(frac, order, share, peer_world, monk
   compare_case(case, mesh, world, _put(mesh), seed=31 + order, repeats=3)
 
 
+@pytest.mark.parametrize("levels", [1, 4])
+def test_expand_levels_match_xla(levels, peer_world, monkeypatch):
+  """Dispatch's expansion by levels (JAX_EP_EXPAND_LEVELS; opt-in) gives xla's results: with
+  one level most blocks take the all-levels path, with four few do."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", str(levels))
+  case = (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")
+  compare_case(case, mesh, world, _put(mesh), seed=61 + levels, repeats=3)
+
+
 @pytest.mark.parametrize("acc_bytes,stages", [(131072, 2), (65536, 3), (32768, 6)])
 def test_combine_tile_variants_match_xla(acc_bytes, stages, peer_world, monkeypatch):
   """Combine's other chunk budgets and pipeline depths (the default is 64 KB x 4; 128 KB x 2 was
