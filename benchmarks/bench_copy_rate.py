@@ -155,7 +155,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
-  from bench_dispatch_combine import repeat, time_fn
+  from bench_dispatch_combine import repeat, time_per_op
   from jax_ep.kernels.ep_plan import EPPlan, ROWS_WARPS
   from jax_ep.launch import triton_call
 
@@ -236,11 +236,10 @@ def main() -> None:
       f = jax.jit(lambda a, fn=fn, g=g: fn(g, a))
       if expands and not np.array_equal(np.asarray(f(ins).view(jnp.uint16)), want):
         raise SystemExit(f"{name} at {g or 'all'} programs: rows differ from their sources")
-      loops = [jax.jit(lambda a, fn=fn, g=g, n=n: repeat(n, lambda a: fn(g, a), (a,),
-                                                        jnp.zeros((1, 1), jnp.float32)))
-               for n in (args.inner, 3 * args.inner)]
-      t1, t3 = (time_fn(loop, (ins,), args.iters) for loop in loops)
-      s = (t3 - t1) / (2 * args.inner)
+      loops = {n: jax.jit(lambda a, fn=fn, g=g, n=n: repeat(n, lambda a: fn(g, a), (a,),
+                                                           jnp.zeros((1, 1), jnp.float32)))
+               for n in (args.inner, 3 * args.inner)}
+      s = time_per_op(loops, (ins,), args.inner, args.iters)[0]
       n = g or sms
       r = dict(variant=name, programs=g or "all", seconds=s, bytes=nbytes,
                gbps=nbytes / s / 1e9, gbps_per_sm=nbytes / s / 1e9 / n)

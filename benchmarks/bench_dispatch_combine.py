@@ -372,26 +372,12 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
-    for frac, sms, order, share, dst, cst in sweep_points(args):
-      key = f"sweep_sms{sms}_senders{frac}_order{order}_share{share}_stages{dst}_{cst}"
-      knobs = {"JAX_EP_SENDER_FRACTION": frac, "JAX_EP_EXPAND_ORDER": order,
-               "JAX_EP_RECEIVER_SHARE": share, "JAX_EP_DISPATCH_STAGES": dst,
-               "JAX_EP_COMBINE_STAGES": cst}
+    for key, knobs, sms in sweep_runs(args):
       row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, dict(
           num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
           num_sms=sms, timeout_s=args.op_timeout))
-      print(f"  sweep num_sms={sms} sender_fraction={frac} order={order} share={share} "
-            f"stages={dst}/{cst}: "
-            f"dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, combine "
+      print(f"  {key}: dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, combine "
             f"{row[key]['combine_s'] * 1e6:.1f} us", flush=True)
-    for point in sweep_env_points(args):
-      key = "sweep_env_" + "_".join(f"{n[len('JAX_EP_'):].lower()}{v}" for n, v in point.items())
-      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, point, dict(
-          num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
-          num_sms=args.num_sms, timeout_s=args.op_timeout))
-      print(f"  sweep {' '.join(f'{n}={v}' for n, v in point.items())}: dispatch "
-            f"{row[key]['dispatch_s'] * 1e6:.1f} us, combine {row[key]['combine_s'] * 1e6:.1f} us",
-            flush=True)
     for path in ("triton", "xla", "ragged"):
       for op in ("dispatch", "combine"):
         s = row.get(f"{path}_{op}_s")
@@ -405,25 +391,35 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           "results": results}
 
 
+def sweep_runs(args) -> list[tuple[str, dict, int]]:
+  """(JSON key, JAX_EP_* settings, num_sms) of every ``--sweep`` and ``--sweep-env`` point."""
+  runs = [(f"sweep_sms{sms}_senders{frac}_order{order}_share{share}",
+           {"JAX_EP_SENDER_FRACTION": frac, "JAX_EP_EXPAND_ORDER": order,
+            "JAX_EP_RECEIVER_SHARE": share}, sms)
+          for frac, sms, order, share in sweep_points(args)]
+  for point in sweep_env_points(args):
+    key = "sweep_env_" + "_".join(f"{n[len('JAX_EP_'):].lower()}{v}" for n, v in point.items())
+    runs.append((key, point, args.num_sms))
+  return runs
+
+
 def sweep_points(args):
-  """``--sweep`` points (tuning, the triton backend only):
-  ``frac@sms[@order[@share[@dstages[@cstages]]]]`` = the knobs JAX_EP_SENDER_FRACTION,
-  EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2), JAX_EP_RECEIVER_SHARE,
-  JAX_EP_DISPATCH_STAGES and JAX_EP_COMBINE_STAGES (docs/KERNELS.md "Knobs"); a field left
-  out or empty is the library's default."""
+  """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
+  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
+  JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs"); order and share default to the library's.
+  Other knobs: ``--sweep-env``."""
   if not args.sweep:
     return []
   from jax_ep.kernels.ep_plan import EPPlan
-  fields = ((float, None), (int, None), (int, EPPlan.expand_order),
-            (float, EPPlan.receiver_share), (int, EPPlan.dispatch_stages),
-            (int, EPPlan.combine_stages))
   pts = []
   for item in args.sweep.split(","):
     parts = item.split("@")
-    if not 2 <= len(parts) <= len(fields) or not parts[0] or not parts[1]:
-      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share[@dstages[@cstages]]]]")
-    parts += [""] * (len(fields) - len(parts))
-    pts.append(tuple(kind(v) if v else default for (kind, default), v in zip(fields, parts)))
+    if not 2 <= len(parts) <= 4:
+      raise SystemExit(f"--sweep: {item!r} is not frac@sms[@order[@share]]")
+    frac, sms = float(parts[0]), int(parts[1])
+    order = int(parts[2]) if len(parts) > 2 else EPPlan.expand_order
+    share = float(parts[3]) if len(parts) > 3 else EPPlan.receiver_share
+    pts.append((frac, sms, order, share))
   return pts
 
 

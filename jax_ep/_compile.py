@@ -109,6 +109,51 @@ def _atomic_write(path: str, data: bytes) -> None:
     raise
 
 
+def _signature(fn, signature: dict[str, str], constexprs: dict[str, Any],
+               pointer_alignment: int) -> tuple[dict[str, str], dict]:
+  """(Triton signature of every parameter, attrs declaring pointer alignment) of ``fn``."""
+  full_sig = {}
+  for name in fn.arg_names:
+    if name in constexprs:
+      full_sig[name] = "constexpr"
+    elif name in signature:
+      full_sig[name] = signature[name]
+    else:
+      raise TypeError(f"jax_ep: kernel {fn.__name__} parameter {name!r} has neither a type in "
+                      f"the signature nor a constexpr value")
+  unknown = set(constexprs) - set(fn.arg_names)
+  if unknown:
+    raise TypeError(f"jax_ep: kernel {fn.__name__} has no parameters {sorted(unknown)}")
+  attrs = {}
+  if pointer_alignment:
+    for i, name in enumerate(fn.arg_names):
+      if full_sig[name].startswith("*"):
+        attrs[(i,)] = [["tt.divisibility", pointer_alignment]]
+  return full_sig, attrs
+
+
+def _triton_compile(fn, full_sig, constexprs, attrs, num_warps, num_stages, arch, extern_libs):
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+  src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
+  options = {"num_warps": num_warps, "num_stages": num_stages}
+  if extern_libs:
+    options["extern_libs"] = tuple(sorted(extern_libs.items()))
+  return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def build(fn, signature: dict[str, str], constexprs: dict[str, Any] | None = None, *,
+          num_warps: int = 4, num_stages: int = 3, arch: int = 90, pointer_alignment: int = 16,
+          extern_libs: dict[str, str] | None = None):
+  """``compile_kernel`` without the cache: Triton's compiled kernel itself (``.asm["ptx"]``,
+  ``.asm["cubin"]``, ``.metadata``), for inspecting what a launch would run."""
+  constexprs = dict(constexprs or {})
+  full_sig, attrs = _signature(fn, signature, constexprs, pointer_alignment)
+  return _triton_compile(fn, full_sig, constexprs, attrs, num_warps, num_stages, arch,
+                         extern_libs)
+
+
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | None = None, *,
                    num_warps: int = 4, num_stages: int = 3, arch: int = 90,
                    pointer_alignment: int = 16,
@@ -127,28 +172,8 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | N
     extern_libs: LLVM bitcode libraries to link, by name, e.g.
       ``{"libnvshmem_device": kernels.nvshmem_device.bitcode_path()}``.
   """
-  import triton
-  from triton.backends.compiler import GPUTarget
-  from triton.compiler import ASTSource
-
   constexprs = dict(constexprs or {})
-  full_sig = {}
-  for name in fn.arg_names:
-    if name in constexprs:
-      full_sig[name] = "constexpr"
-    elif name in signature:
-      full_sig[name] = signature[name]
-    else:
-      raise TypeError(f"jax_ep: kernel {fn.__name__} parameter {name!r} has neither a type in "
-                      f"the signature nor a constexpr value")
-  unknown = set(constexprs) - set(fn.arg_names)
-  if unknown:
-    raise TypeError(f"jax_ep: kernel {fn.__name__} has no parameters {sorted(unknown)}")
-  attrs = {}
-  if pointer_alignment:
-    for i, name in enumerate(fn.arg_names):
-      if full_sig[name].startswith("*"):
-        attrs[(i,)] = [["tt.divisibility", pointer_alignment]]
+  full_sig, attrs = _signature(fn, signature, constexprs, pointer_alignment)
   key = kernel_key(fn, full_sig, constexprs, num_warps, num_stages, arch,
                    {str(k): v for k, v in attrs.items()}, extern_libs)
   with _lock:
@@ -164,11 +189,8 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, Any] | N
       if os.path.exists(k.path):
         _memory_cache[key] = k
         return k
-    src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if extern_libs:
-      options["extern_libs"] = tuple(sorted(extern_libs.items()))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = _triton_compile(fn, full_sig, constexprs, attrs, num_warps, num_stages, arch,
+                               extern_libs)
     md = compiled.metadata
     os.makedirs(folder, exist_ok=True)
     cubin_path = os.path.join(folder, f"{compiled.name}.cubin")

@@ -32,23 +32,10 @@ import triton.language as tl
 
 from .ep_sync import (P_ARRIVED, P_END, P_GO, P_PUSH, P_START, leader_barrier, leader_turn,
                       prof_mark, row_align, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
+from .slots import present_rank
 
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
 # STAGES: ``EPPlan.combine_stages``).
-
-
-@triton.jit
-def _present_rank(present, k, TOPK_P: tl.constexpr):
-  """For ``present [BLOCK_T, TOPK_P]``: index of each slot among its token's present slots (an
-  exclusive prefix count along k, unrolled; tl.cumsum's lowering fails for narrow tiles at
-  16 warps in Triton 3.6)."""
-  p = present.to(tl.int32)
-  rnk = tl.zeros_like(p)
-  running = tl.sum(p * 0, axis=1)
-  for kk in tl.static_range(TOPK_P):
-    rnk = tl.where(k[None, :] == kk, running[:, None], rnk)
-    running += tl.sum(tl.where(k[None, :] == kk, p, 0), axis=1)
-  return rnk
 
 
 @triton.jit
@@ -104,7 +91,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
     cnt = tl.sum(present.to(tl.int32), axis=1)
     jmax = tl.max(cnt, axis=0)
     if jmax > 0:
-      rnk = _present_rank(present, k, TOPK_P)
+      rnk = present_rank(present, k, TOPK_P)
       wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
       have = cnt > 0
       dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)

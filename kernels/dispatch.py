@@ -44,6 +44,7 @@ from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barri
                       leader_turn, prof_mark, row_align, signal_block, sym_ptr, take_item,
                       wait_block, wait_go)
 from .layout import hist_blocks, leader_layout
+from .slots import column, present_rank
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
 # shared memory, STAGES - 1 chunks in flight (STAGES: ``EPPlan.dispatch_stages``), so a program
@@ -58,12 +59,6 @@ def _in_block_rank(g, BLOCK_T: tl.constexpr, TOPK_P: tl.constexpr):
   i = tl.arange(0, n)
   same = (gf[:, None] == gf[None, :]) & (i[None, :] < i[:, None])
   return tl.reshape(tl.sum(same.to(tl.int32), axis=1), [BLOCK_T, TOPK_P])
-
-
-@triton.jit
-def column(tile, k, kk: tl.constexpr):
-  """Column ``kk`` of a ``[BLOCK_T, TOPK_P]`` int tile, in registers (``k = arange(TOPK_P)``)."""
-  return tl.sum(tl.where(k[None, :] == kk, tile, 0), axis=1)
 
 
 @triton.jit
@@ -108,8 +103,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      # cp.async, STAGES - 1 chunks ahead
-      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
+      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 ahead
         hmask = (h0 + h) < HIDDEN
         rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
@@ -145,13 +139,13 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
     tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=smask)
     tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
-  kept = (pos >= 0).to(tl.int32)
-  have = tl.max(kept, axis=1) > 0
+  have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     A: tl.constexpr = row_align(HIDDEN, recv_x_ptr.dtype.element_ty)
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
-    rnk = tl.cumsum(kept, axis=1) - 1                # level of each kept slot within its token
-    deep = tl.max(tl.sum(kept, axis=1), axis=0) > EXPAND_LEVELS
+    if EXPAND_LEVELS > 0:
+      rnk = present_rank(pos >= 0, k, TOPK_P)          # level of each kept slot in its token
+      deep = tl.max(tl.sum((pos >= 0).to(tl.int32), axis=1), axis=0) > EXPAND_LEVELS
     for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 chunks ahead
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(tl.multiple_of(src + (h0 + h)[None, :], [A, A]),
@@ -188,8 +182,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  EL_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
-                 BLOCK_R: tl.constexpr,
-                 USE_TIMER: tl.constexpr,
+                 BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
@@ -228,8 +221,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                    EXPAND_LEVELS,
-                    USE_TIMER)
+                    EXPAND_LEVELS, USE_TIMER)
     if ORDER == 0:
       if ZERO_FILL:
         prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
@@ -302,8 +294,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
-                 EXPAND_LEVELS: tl.constexpr,
-                 USE_TIMER: tl.constexpr):
+                 EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
   the others' from ROWS[s] of this rank's region."""
   if s == rank:
@@ -363,17 +354,14 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
-                     USE_TIMER, False,
-                     ORDER, prof_id, PROFILE)
+                     USE_TIMER, False, ORDER, prof_id, PROFILE)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
-                   True, ORDER,
-                   prof_id,
-                   PROFILE)
+                   True, ORDER, prof_id, PROFILE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -430,8 +418,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R,
-           USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
 @triton.jit
@@ -446,9 +433,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                          NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
-                         BLOCK_R: tl.constexpr,
-                         USE_TIMER: tl.constexpr,
-                         PHASE: tl.constexpr, PROFILE: tl.constexpr, ORDER: tl.constexpr,
+                         BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
+                         PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 

@@ -14,9 +14,7 @@ SHARED_LIMIT = 227 * 1024   # dynamic shared memory one H100/H200 block may have
 def compile_ep_kernels(plan: EPPlan, dtype: str = "bf16", warps: int | None = None) -> dict:
   """{kernel name: (triton CompiledKernel, num_warps)} for dispatch, dispatch_rows, combine
   and gather at ``plan`` (rows of ``dtype``: "bf16" or "f32")."""
-  import triton
-  from triton.backends.compiler import GPUTarget
-  from triton.compiler import ASTSource
+  from jax_ep import _compile
 
   from . import combine, dispatch
   rows_warps = warps or ROWS_WARPS
@@ -37,11 +35,6 @@ def compile_ep_kernels(plan: EPPlan, dtype: str = "bf16", warps: int | None = No
   out = {}
   for name, (fn, types, cx, nw) in kernels.items():
     free = [a for a in fn.arg_names if a not in cx]
-    sig = {a: t for a, t in zip(free, types + _SYM)}
-    sig.update({a: "constexpr" for a in cx})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    out[name] = (triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": nw, "num_stages": 1}), nw)
+    out[name] = (_compile.build(fn, dict(zip(free, types + _SYM)), cx, num_warps=nw,
+                                num_stages=1), nw)
   return out

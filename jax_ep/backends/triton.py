@@ -108,33 +108,40 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                sender_fraction=_env_knob("JAX_EP_SENDER_FRACTION", EPPlan.sender_fraction,
-                                          lambda v: 0 < v < 1,
-                                          "a share of the programs in (0, 1)"),
-                expand_order=int(_env_knob("JAX_EP_EXPAND_ORDER", EPPlan.expand_order,
-                                           lambda v: v in (0, 1, 2),
-                                           "0 (own blocks first), 1 (block-major over every "
-                                           "source) or 2 (a work queue shared by all "
-                                           "programs)")),
-                receiver_share=_env_knob("JAX_EP_RECEIVER_SHARE", EPPlan.receiver_share,
-                                         lambda v: 0 < v <= 1,
-                                         "a share of the token blocks in (0, 1]"),
-                dispatch_stages=_stages_knob("JAX_EP_DISPATCH_STAGES", EPPlan.dispatch_stages),
-                expand_levels=int(_env_knob("JAX_EP_EXPAND_LEVELS", EPPlan.expand_levels,
-                                            lambda v: v == int(v) and 0 <= v <= 64,
-                                            "an integer from 0 to 64 (0: store by slot)")),
-                combine_stages=_stages_knob("JAX_EP_COMBINE_STAGES", EPPlan.combine_stages),
-                combine_acc_bytes=int(_env_knob(
-                    "JAX_EP_COMBINE_ACC_BYTES", EPPlan.combine_acc_bytes,
-                    lambda v: v == int(v) and 8192 <= v <= 262144,
-                    "a byte count from 8192 to 262144")))
+                **_env_knobs(EPPlan))
 
 
-def _stages_knob(name: str, default: int) -> int:
-  """A row loops' pipeline depth (Triton num_stages) from the environment: 1 to 6 (deeper
-  pipelines need more shared memory than an H100/H200 SM has at these tiles)."""
-  return int(_env_knob(name, default, lambda v: v == int(v) and 1 <= v <= 6,
-                       "an integer from 1 to 6"))
+def _int_in(lo: int, hi: int):
+  return lambda v: v.is_integer() and lo <= v <= hi
+
+
+# Tuning knobs of the EP kernels, read from the environment at trace time (docs/KERNELS.md
+# "Knobs"): EPPlan field, variable, valid(value as a float), what a valid value is.
+_KNOBS = (
+    ("sender_fraction", "JAX_EP_SENDER_FRACTION", lambda v: 0 < v < 1,
+     "a share of the programs in (0, 1)"),
+    ("expand_order", "JAX_EP_EXPAND_ORDER", lambda v: v in (0, 1, 2),
+     "0 (own blocks first), 1 (block-major over every source) or 2 (a work queue shared by "
+     "all programs)"),
+    ("receiver_share", "JAX_EP_RECEIVER_SHARE", lambda v: 0 < v <= 1,
+     "a share of the token blocks in (0, 1]"),
+    # deeper pipelines need more shared memory than an H100/H200 SM has at these tiles
+    ("dispatch_stages", "JAX_EP_DISPATCH_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
+    ("expand_levels", "JAX_EP_EXPAND_LEVELS", _int_in(0, 64),
+     "an integer from 0 to 64 (0: store by slot)"),
+    ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
+    ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
+     "a byte count from 8192 to 262144"),
+)
+
+
+def _env_knobs(plan_cls) -> dict:
+  """EPPlan keyword arguments from the knobs set in the environment (defaults: the plan's)."""
+  out = {}
+  for field, name, valid, expected in _KNOBS:
+    default = getattr(plan_cls, field)
+    out[field] = type(default)(_env_knob(name, default, valid, expected))
+  return out
 
 
 def _profile_enabled() -> bool:
@@ -143,8 +150,8 @@ def _profile_enabled() -> bool:
 
 
 def _env_knob(name: str, default, valid, expected: str):
-  """A tuning knob of the dispatch kernels, read from the environment at trace time
-  (docs/KERNELS.md "Knobs"); ``valid(value)`` says whether a float value is allowed."""
+  """A tuning knob of the EP kernels (``_KNOBS``), read from the environment at trace time;
+  ``valid(value)`` says whether a float value is allowed."""
   raw = os.environ.get(name)
   if raw is None:
     return default
@@ -187,13 +194,13 @@ def _varying(x, axis_name: str):
   return lax.pcast(x, axis_name, to="varying")
 
 
-def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, grid, constexprs,
+def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexprs,
           scalars=(), num_warps=None):
-  """One EP kernel launch over the symmetric region ``plan`` is sized for; outputs varying over
-  the EP axis, the last one the launch's status (a failed wait is reported as ``op``'s error,
-  ``_report``). The launch carries the bytes it may touch (exchange area + region), so a step
-  compiled before the runtime was re-initialized smaller is refused instead of writing past
-  the region.
+  """One EP kernel launch over the symmetric region ``plan`` is sized for, on the plan's grid;
+  returns ``out_shapes``' arrays varying over the EP axis. The kernel's last output, the
+  launch's status, is added here and reported as ``op``'s error (``_report``). The launch
+  carries the bytes it may touch (exchange area + region), so a step compiled before the
+  runtime was re-initialized smaller is refused instead of writing past the region.
 
   T = 0 on every rank (shapes are static and equal across ranks): nothing moves, so nothing is
   launched (XLA's sharding passes also reject custom calls on zero-size operands) and every
@@ -203,13 +210,16 @@ def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, grid, co
   from jax_ep import runtime
   from jax_ep.kernels.ep_plan import ROWS_WARPS
   from jax_ep.launch import triton_call
-  outs = triton_call(kernel, *inputs, out_shapes=out_shapes, grid=grid,
+  name = kernel.__name__
+  outs = triton_call(kernel, *inputs,
+                     out_shapes=(*out_shapes, _sds((plan.status_size(name),), jnp.int32)),
+                     grid=(plan.grid(name),),
                      num_warps=ROWS_WARPS if num_warps is None else num_warps, num_stages=1,
                      constexprs=constexprs, scalars=scalars, symmetric=True,
                      symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes)
   outs = tuple(_varying(o, config.axis_name) for o in outs)
   _report(op, config, outs[-1])
-  return outs
+  return outs[:-1]
 
 
 def _sds(shape, dtype):
@@ -291,18 +301,15 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
   t = x.shape[0]
   p = _plan(config, world, t, x.dtype)
   nb, e, el, c = p.num_blocks, p.num_experts, p.e_local, p.capacity
-  name = "dispatch_kernel"
   # The launcher appends sym_table, rank, world, epoch, then the scalars.
-  recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _, _ = _call(
+  recv_x, recv_w, recv_pos, gs, go, nrecv, ndrop, _, _ = _call(
       "jax_ep.dispatch", config, p, kd.dispatch_kernel, x, topk_idx.astype(jnp.int32),
       topk_weights.astype(jnp.float32),
       out_shapes=(_sds((c, p.hidden), x.dtype), _sds((c,), jnp.float32),
                   _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
                   _sds((el,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32),
-                  _sds((nb, e), jnp.int32), _sds((nb, e), jnp.int32),      # hist, base: scratch
-                  _sds((p.status_size(name),), jnp.int32)),
-      grid=(p.grid(name),), constexprs=p.dispatch(False),
-      scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
+                  _sds((nb, e), jnp.int32), _sds((nb, e), jnp.int32)),     # hist, base: scratch
+      constexprs=p.dispatch(False), scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
       num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32), recv_pos=recv_pos,
@@ -314,13 +321,10 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   _, kd, _, ks, _ = _kernels()
   world = _world(config)
   p = _plan(config, world, x.shape[0], x.dtype)
-  name = "dispatch_rows_kernel"
-  recv_x, _ = _call(
-      "jax_ep.dispatch_rows", config, p, kd.dispatch_rows_kernel, x, layout.topk_idx, layout.recv_pos,
-      layout.group_offsets, layout.group_sizes,
-      out_shapes=(_sds((p.capacity, p.hidden), x.dtype),
-                  _sds((p.status_size(name),), jnp.int32)),
-      grid=(p.grid(name),), constexprs=p.dispatch(True),
+  recv_x, = _call(
+      "jax_ep.dispatch_rows", config, p, kd.dispatch_rows_kernel, x, layout.topk_idx,
+      layout.recv_pos, layout.group_offsets, layout.group_sizes,
+      out_shapes=(_sds((p.capacity, p.hidden), x.dtype),), constexprs=p.dispatch(True),
       scalars=_scalars(config, ks.OP_DROWS, p, x.dtype))
   return recv_x
 
@@ -330,11 +334,9 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
   world = _world(config)
   t = layout.num_tokens
   p = _plan(config, world, t, y.dtype)
-  name = "combine_kernel"
-  out, _ = _call(
-      "jax_ep.combine", config, p, kc.combine_kernel, y, row_weights.astype(jnp.float32), layout.recv_pos,
-      out_shapes=(_sds((t, p.hidden), y.dtype), _sds((p.status_size(name),), jnp.int32)),
-      grid=(p.grid(name),), constexprs=p.combine(),
+  out, = _call(
+      "jax_ep.combine", config, p, kc.combine_kernel, y, row_weights.astype(jnp.float32),
+      layout.recv_pos, out_shapes=(_sds((t, p.hidden), y.dtype),), constexprs=p.combine(),
       scalars=_scalars(config, ks.OP_COMBINE, p, y.dtype))
   return out
 
@@ -344,11 +346,9 @@ def gather_slots(values, layout: DispatchLayout, config: EPConfig):
   world = _world(config)
   t = layout.num_tokens
   p = _plan(config, world, t, jnp.float32)
-  name = "gather_kernel"
-  out, _ = _call(
-      "jax_ep.gather_slots", config, p, kc.gather_kernel, values.astype(jnp.float32), layout.recv_pos,
-      layout.topk_idx,
-      out_shapes=(_sds((t, p.topk), jnp.float32), _sds((p.status_size(name),), jnp.int32)),
-      grid=(p.grid(name),), constexprs=p.gather(),
-      scalars=_scalars(config, ks.OP_GATHER, p, jnp.float32), num_warps=4)
+  out, = _call(
+      "jax_ep.gather_slots", config, p, kc.gather_kernel, values.astype(jnp.float32),
+      layout.recv_pos, layout.topk_idx, out_shapes=(_sds((t, p.topk), jnp.float32),),
+      constexprs=p.gather(), scalars=_scalars(config, ks.OP_GATHER, p, jnp.float32),
+      num_warps=4)
   return out

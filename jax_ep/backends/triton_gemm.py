@@ -104,8 +104,9 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   ``config``: a ``TileConfig`` overriding the tile table (benchmark sweeps). ``persistent``
   (default: the config's): launch one program per resident CTA, each looping over tiles,
   instead of one program per possible tile. ``use_tma``: load operands through TMA
-  descriptors where the shape allows (default: ``$JAX_EP_GMM_TMA``, on). ``half_tiles``: overrides the config's switch
-  (tiles holding at most half a block of rows run a half-height MMA loop).
+  descriptors where the shape allows (default: ``$JAX_EP_GMM_TMA``, on). ``half_tiles``:
+  overrides the config's switch (tiles holding at most half a block of rows run a half-height
+  MMA loop).
 
   The tile table (``tile_table``: which rows and expert each program's tiles cover) is computed
   here, beside the launch, from the device-resident sizes and offsets: a few small XLA ops.
