@@ -498,8 +498,13 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   res["dispatch"] = [{
       "leader": {"peers_arrived": stats(p["peers_arrived"][:1]), "go": stats(p["go"][:1])},
       "histograms_done": stats(p["arrived"][:ns + nr]),  # slot 5 = PROF_HIST in dispatch
-      "senders": {n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
-      "receivers": {n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "self_rows", "end")},
+      # Expand order 2 (the default): slot 3 is the us a program waited for block flags
+      # (kernels/dispatch.py, prof_span), not a time stamp; else the end of its own rows.
+      "senders": {**{n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
+                  "waited": stats(p["self_rows"][:ns]) if plan.expand_order == 2 else None},
+      "receivers": {**{n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "end")},
+                    ("waited" if plan.expand_order == 2 else "self_rows"):
+                        stats(p["self_rows"][ns:ns + nr])},
   } for p in prof]
   out = _with_envs({"JAX_EP_PROFILE": "1"}, lambda: f_c(recv_x, layout))
   for _ in range(3):
@@ -507,8 +512,10 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   jax.block_until_ready(out)
   npg = plan.num_programs
   prof = tb.read_profile(npg)
-  res["combine"] = [{n: stats(p[n][:npg]) for n in ("go", "push_done", "arrived", "end")}
-                    for p in prof]
+  # With the reduce queue (the default) slot 5 is the us a program waited for DONE flags.
+  arrived = "waited" if plan.combine_queue else "arrived"
+  res["combine"] = [{**{n: stats(p[n][:npg]) for n in ("go", "push_done", "end")},
+                     arrived: stats(p["arrived"][:npg])} for p in prof]
   res["plan"] = {"senders": ns, "receivers": nr, "programs": npg, "block_t": plan.block_t,
                  "block_h": plan.block_h, "combine_block": [plan.combine_block_t,
                                                             plan.combine_block_hc,

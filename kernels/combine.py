@@ -30,8 +30,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (P_ARRIVED, P_END, P_GO, P_PUSH, P_START, leader_barrier, leader_turn,
-                      prof_mark, row_align, signal_peers, sym_ptr, wait_all_arrivals, wait_go)
+from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, leader_barrier,
+                      leader_turn, prof_mark, prof_span, row_align, signal_peers, store_release,
+                      sym_ptr, take_item, wait_all_arrivals, wait_flags, wait_go, zero_own)
 from .slots import present_rank
 
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
@@ -73,9 +74,11 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, STAGES: tl.constexpr,
-                  J_UNROLL: tl.constexpr):
-  """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS."""
+                  BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
+                  STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr):
+  """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
+  QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
+  block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
@@ -107,7 +110,11 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                      TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
-  signal_peers(sym_table, rank, world, pid, seq)
+    if QUEUE:
+      tl.debug_barrier()  # the item's rows and marks before its flag
+      store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+  if not QUEUE:
+    signal_peers(sym_table, rank, world, pid, seq)
 
 
 @triton.jit
@@ -115,33 +122,73 @@ def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
-  """Owner side: out[t] = sum over ranks in order of the partial rows that arrived."""
+  """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
+  pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
+  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+  for blk in range(pid, num_blocks, num_programs):
+    _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+
+
+@triton.jit
+def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
+                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                  ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+                  BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr,
+                  PROFILE: tl.constexpr):
+  """Owner side with the launch's work queue: take token blocks in order (the order the
+  pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
+  soon as its own push is over, while other programs still push. Returns the ns waited for
+  flags (PROFILE only). Stops at the first timed-out wait (the status says which)."""
+  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+  err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
+  flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
+  waited = tl.full([], 0, tl.int64)
+  ok = tl.full([], 1, tl.int1)
+  blk = take_item(sym_table, rank)
+  while (blk < num_blocks) & ok:
+    t0 = _now(PROFILE)
+    ok = wait_flags(flags + blk * world, world, seq, timeout_ns, err, status_ptr, op + 8, rank,
+                    -1, seq, USE_TIMER, W_P, "sys")
+    waited += _now(PROFILE) - t0
+    if ok:
+      _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+      blk = take_item(sym_table, rank)
+  return waited
+
+
+@triton.jit
+def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
+                  MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
+                  ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
+  """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
-  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   h = tl.arange(0, BLOCK_HR)
   r = tl.arange(0, W_P)
-  for blk in range(pid, num_blocks, num_programs):
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < NUM_TOKENS
-    m2 = (r < world)[:, None] & tmask[None, :]
-    got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
-                  cache_modifier=".cg")
-    got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
-    for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
-      cols = h0 + h
-      hmask = cols < HIDDEN
-      acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
-      for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
-        g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
-        v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-                                   + cols[None, :], [A, A]),
-                    mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
-        acc += v.to(tl.float32)
-      tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
-               mask=tmask[:, None] & hmask[None, :])
+  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+  tmask = t < NUM_TOKENS
+  m2 = (r < world)[:, None] & tmask[None, :]
+  got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
+                cache_modifier=".cg")
+  got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
+  for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
+    cols = h0 + h
+    hmask = cols < HIDDEN
+    acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
+    for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
+      g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
+      v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+                                 + cols[None, :], [A, A]),
+                  mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
+      acc += v.to(tl.float32)
+    tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
+             mask=tmask[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -151,10 +198,11 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                    TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
-                   NUM_PROGRAMS: tl.constexpr, W_P: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
-                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   BLOCK_FLAG_OFF: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                   W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_HC: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
+                   J_UNROLL: tl.constexpr, QUEUE: tl.constexpr, USE_TIMER: tl.constexpr,
+                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -168,6 +216,9 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   pid = tl.program_id(0)
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if leader_turn(pid, PHASE):
+    if QUEUE and (PHASE == 0 or PHASE == 2):  # this op's DONE flags start from 0
+      zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0,
+               world * ((NUM_TOKENS + BLOCK_T - 1) // BLOCK_T), 1024)
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
   st = status_ptr + 1 + pid
@@ -181,9 +232,18 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
       if seq > 0:
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                      ROWS_OFF, ROW_MARK_OFF, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+                      ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, STAGES,
+                      J_UNROLL, QUEUE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
-    if PHASE != 4:  # reduce
+    if PHASE != 4 and QUEUE:  # reduce, blocks from the queue as they are done
+      if seq > 0:
+        waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
+                               NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
+                               BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
+                               PROFILE)
+        prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
+      prof_mark(sym_table, rank, pid, P_END, PROFILE)
+    if PHASE != 4 and not QUEUE:  # reduce, after every program of every rank pushed
       if seq > 0:
         ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
                                USE_TIMER, BLOCK_P)

@@ -1,16 +1,16 @@
 """Dispatch kernels: each token row crosses NVLink once per destination; receivers expand it.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
-``EPConfig.num_sms``). Every program first histograms its token blocks; program 0 (the leader,
-``kernels/layout.py``) exchanges counts with the peers, which is the op's start barrier, derives
-the layout and raises GO; then senders push and receivers expand, so the receivers' HBM work
+``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
+columns of the histograms; program 0 (the leader, ``kernels/layout.py``) exchanges the counts
+with the peers, which is the op's start barrier, derives the layout and raises GO; then senders push and receivers expand, so the receivers' HBM work
 overlaps the senders' NVLink work.
 
   senders (``_push_body``; persistent over blocks of BLOCK_T tokens: blocks pid, pid + NS, ...)
     For a block it loads topk_idx [BLOCK_T, K] and finishes the layout: the rank of each slot
     among the block's earlier slots choosing the same expert (an [N, N] comparison, N =
-    BLOCK_T x K, no atomics) added to ``base[b, g]`` gives the slot's row on its destination;
-    rows >= C are dropped (-1). For every rank r it stores SLOT_POS[me, t, :] (row or -1) and
+    BLOCK_T x K, no atomics) added to ``base[b, g] + base[NB + 2, g]`` gives the slot's row
+    on its destination; rows >= C are dropped (-1). For every rank r it stores SLOT_POS[me, t, :] (row or -1) and
     SLOT_VAL[me, t, :] (weights) into r's region, and copies x[t] into ROWS[me, t] of every
     *other* rank that keeps one of t's slots (16-byte stores of [BLOCK_T, BLOCK_H] tiles): a
     token row crosses NVLink at most once per destination; tokens that select nothing, or only
@@ -40,10 +40,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, leader_barrier,
-                      leader_turn, prof_mark, row_align, signal_block, sym_ptr, take_item,
-                      wait_block, wait_go)
-from .layout import hist_blocks, leader_layout
+from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now, leader_barrier,
+                      leader_turn, prof_mark, prof_span, row_align, signal_block, sym_ptr,
+                      take_item, wait_block, wait_go)
+from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
@@ -84,7 +84,10 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     valid = g >= 0
     dest = tl.where(valid, g // E_LOCAL, -1)
     if COMPUTE_POS:
-      base = tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0, cache_modifier=".cg")
+      # base rows (kernels/layout.py): [blk] this block's prefix, [NB + 2] the sender base.
+      base = (tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0, cache_modifier=".cg")
+              + tl.load(base_ptr + (num_blocks + 2) * NUM_EXPERTS + g, mask=valid, other=0,
+                        cache_modifier=".cg"))
       pos = base + _in_block_rank(g, BLOCK_T, TOPK_P)
       kept = valid & (pos < CAPACITY)
       pos = tl.where(kept, pos, -1)
@@ -232,10 +235,13 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                       STAGES, EXPAND_LEVELS, USE_TIMER)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
-    _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
-                  status_ptr, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
-                  MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                  WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
+    #     Profiled: slot P_SELF holds start + the ns this program waited for block flags.
+    waited = _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                           recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns,
+                           op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
+                           BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
+                           EXPAND_LEVELS, USE_TIMER, PROFILE)
+    prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
 @triton.jit
@@ -245,14 +251,17 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr):
-  """Take items from the launch's queue until none are left. Items 0 .. NB-1 are this rank's
+                  STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
+                  PROFILE: tl.constexpr):
+  """Take items from the launch's queue until none are left (returns the ns this program
+  waited for block flags, PROFILE only). Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
   block-major, the order in which the senders' blocks arrive."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   n_items = nb * world
   item = take_item(sym_table, rank)
+  waited = tl.full([], 0, tl.int64)
   while item < n_items:
     if item < nb:
       blk = item
@@ -261,11 +270,13 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
       j = item - nb
       blk = j // (world - 1)
       s = (rank + 1 + j % (world - 1)) % world
-    _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                 recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op, NUM_TOKENS,
-                 MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
-                 WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
+    waited += _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                           recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq,
+                           timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                           CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
+                           STAGES, EXPAND_LEVELS, USE_TIMER, PROFILE)
     item = take_item(sym_table, rank)
+  return waited
 
 
 @triton.jit
@@ -294,20 +305,25 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
-                 EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr):
+                 EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
+                 PROFILE: tl.constexpr = False):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
-  the others' from ROWS[s] of this rank's region."""
+  the others' from ROWS[s] of this rank's region. Returns the ns spent waiting for the flag
+  (PROFILE only; else 0)."""
   if s == rank:
     src_base = x_ptr
     src_row = 0
   else:
     src_base = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
+  t0 = _now(PROFILE)
   wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns, status_ptr,
              op, USE_TIMER)
+  waited = _now(PROFILE) - t0
   _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                 recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
                 BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS)
+  return waited
 
 
 @triton.jit
@@ -377,8 +393,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     COUNTS_OFF: tl.constexpr, SLOT_POS_OFF: tl.constexpr,
                     SLOT_VAL_OFF: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
-                    NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, BLOCK_B: tl.constexpr,
-                    BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                    NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, COLS: tl.constexpr,
+                    BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                     STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
@@ -387,14 +403,14 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
   Outputs: recv_x ``[C, H]``, recv_weights ``[C] f32``, recv_pos ``[W, T, K] int32``,
     group_sizes / group_offsets ``[E_local] int32``, num_recv_rows / num_dropped ``[1] int32``,
-    hist / base ``[NB, E] int32`` (scratch), status ``[1 + NUM_SENDERS + NUM_RECEIVERS]
-    int32`` (0, or the code of a failed wait / check: slot 0 leader, 1 + pid the others).
+    hist ``[NB, E]`` / base ``[NB + 3, E] int32`` (scratch), status
+    ``[1 + NUM_SENDERS + NUM_RECEIVERS] int32`` (0, or the code of a failed wait / check: slot 0 leader, 1 + pid the others).
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32, the same on every rank for the same
     op, config and shapes; the start barrier refuses a mismatch).
   PHASE: 0 = everything (GPU; every program of the launch must be resident, which a grid of
     <= num_sms programs is). The interpreter, which runs programs one after another, launches
-    1 (histograms; all programs), 2 and 3 (leader: announce, then wait + layout; grid 1),
-    4 (senders' push), 5 (receivers) and 6 (the senders' expansion of the blocks past
+    1 (histograms; all programs), 7 (column scans; all programs), 2 and 3 (leader: announce,
+    then wait + layout; grid 1), 4 (senders' push), 5 (receivers) and 6 (the senders' expansion of the blocks past
     RECV_BLOCKS), each over every rank before the next (``EPPlan.interpreter_phases``).
   PROFILE: stamp %globaltimer into PROF[pid] at the phase boundaries (``ep_sync.PROF_*``).
   """
@@ -404,13 +420,16 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   if PHASE == 0 or PHASE == 1:
     hist_blocks(pid, num_programs, topk_idx_ptr, hist_ptr, sym_table, rank, epoch, NUM_TOKENS,
                 NUM_BLOCKS, TOPK, TOPK_P, NUM_EXPERTS, E_P, BLOCK_T, PROFILE)
+  if PHASE == 0 or PHASE == 7:
+    scan_columns(pid, num_programs, hist_ptr, base_ptr, status_ptr, sym_table, rank, epoch,
+                 timeout_ns, op, NUM_BLOCKS, NUM_EXPERTS, COLS, BLOCK_BC, BLOCK_PROG, USE_TIMER)
   if leader_turn(pid, PHASE):
-    leader_layout(hist_ptr, base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
+    leader_layout(base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
-                  CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P, BLOCK_B,
+                  CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P,
                   BLOCK_PROG, USE_TIMER, PHASE, PROFILE)
-  if PHASE == 0 or PHASE >= 4:
+  if PHASE == 0 or (PHASE >= 4 and PHASE <= 6):  # (7: the column scans, above)
     _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
            sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,
            sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32), group_offsets_ptr,

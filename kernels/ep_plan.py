@@ -30,7 +30,7 @@ def interpreter_phases(kernel: str, num_senders: int, num_receivers: int, num_pr
   ns, nr, npg = num_senders, num_receivers, num_programs
   senders_expand = [(6, ns)] if receiver_blocks < kernel_blocks else []
   if kernel == "dispatch_kernel":
-    return [(1, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
+    return [(1, ns + nr), (7, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
   if kernel == "dispatch_rows_kernel":
     return [(2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
   return [(2, 1), (3, 1), (4, npg), (5, npg)]
@@ -63,6 +63,10 @@ class EPPlan:
       combine's is lowered to what fits in SMEM_BYTES (``combine_pipeline``).
     expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
       = by level (``_expand_block``); opt-in, not measured on a GPU yet.
+    combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
+      soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
+      reduces while others still push; 0 = every program reduces its fixed blocks after all
+      programs of all ranks finished pushing.
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -89,6 +93,7 @@ class EPPlan:
   expand_levels: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
+  combine_queue: int = 1
 
   @property
   def region(self) -> RegionSpec:
@@ -112,6 +117,12 @@ class EPPlan:
   def num_blocks(self) -> int:
     """NB >= 1 (a T = 0 call still has one, empty, block so the layout arrays are non-empty)."""
     return max(1, -(-self.num_tokens // self.block_t))
+
+  @property
+  def base_rows(self) -> int:
+    """Rows of dispatch's ``base`` scratch: NB block prefixes, the counts, a scratch row and
+    the sender bases (``kernels/layout.py``)."""
+    return self.num_blocks + 3
 
   @property
   def block_h(self) -> int:
@@ -196,10 +207,13 @@ class EPPlan:
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
+      programs = self.num_senders + self.num_receivers
+      cols = next_pow2(-(-self.num_experts // programs))
       d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,
                COUNTS_OFF=r.counts_off, SLOT_POS_OFF=r.slot_pos_off,
-               SLOT_VAL_OFF=r.slot_val_off, BLOCK_B=max(1, 4096 // e_p),
-               BLOCK_PROG=next_pow2(self.num_senders + self.num_receivers))
+               SLOT_VAL_OFF=r.slot_val_off, COLS=cols,
+               BLOCK_BC=min(next_pow2(self.num_blocks), max(1, 4096 // cols)),
+               BLOCK_PROG=next_pow2(programs))
     return d
 
   @property
@@ -250,11 +264,11 @@ class EPPlan:
     r = self.region
     return {**self._common(), **dict(
         HIDDEN=self.hidden, CAPACITY=self.capacity, ROWS_OFF=r.rows_off,
-        ROW_MARK_OFF=r.row_mark_off,
+        ROW_MARK_OFF=r.row_mark_off, BLOCK_FLAG_OFF=r.block_flag_off,
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        PHASE=phase)}
+        QUEUE=bool(self.combine_queue), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -20,7 +20,8 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
   ARRIVE_FLAG  int32 [MAX_WORLD, MAX_PROGRAMS]
                                        ARRIVE_FLAG[s, p] = seq when program p of rank s finished
                                        writing its rows/metadata for that op into this region
-  HIST_FLAG    int64 [MAX_PROGRAMS]    dispatch: = epoch when program p wrote its histograms
+  HIST_FLAG    int64 [MAX_PROGRAMS]    dispatch: [p] = epoch when program p wrote its
+                                       histograms, [COL_FLAG + p] its column scan (p < 128)
   PROF         int64 [MAX_PROGRAMS, 8] %globaltimer stamps of the last profiled launch
                                        (kernels compiled with PROFILE=1 only; see ``PROF_*``)
   --- config-dependent part (``RegionSpec``) ---
@@ -49,7 +50,8 @@ never interleave the work of two ops on a GPU's stream. Its programs take roles:
   * receivers: wait for GO >= epoch, then spin (acquire, system scope) until the flags they
     need reach seq.
   Dispatch's programs first build the per-block expert histogram (HIST_FLAG[pid] = epoch when
-  done); its leader sums them and exchanges counts as part of the start barrier.
+  done) and scan their expert columns of it (HIST_FLAG[COL_FLAG + pid]; ``kernels/layout.py``);
+  its leader exchanges the counts as part of the start barrier.
   Every wait is bounded by ``timeout_ns``: on expiry the kernel records (op, rank, peer, seq) in
   ERR (and its status output), stops waiting and finishes; the host turns that into an error
   naming the op and rank.
@@ -77,6 +79,7 @@ SYNC_FLAG_OFF = 512
 FINGERPRINT_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
 ARRIVE_FLAG_OFF = FINGERPRINT_OFF + 4 * MAX_WORLD
 HIST_FLAG_OFF = ARRIVE_FLAG_OFF + 4 * MAX_WORLD * MAX_PROGRAMS
+COL_FLAG = MAX_PROGRAMS // 2   # HIST_FLAG index of program 0's column-scan flag
 PROF_OFF = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
 PROF_SLOTS = 8
 CONTROL_BYTES = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
@@ -98,6 +101,7 @@ _ARRIVE_FLAG_OFF = tl.constexpr(ARRIVE_FLAG_OFF)
 _GO_OFF = tl.constexpr(GO_OFF)
 _QUEUE_OFF = tl.constexpr(QUEUE_OFF)
 _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
+_COL_FLAG = tl.constexpr(COL_FLAG)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
 # The profile slots as constexprs, for the kernels' prof_mark calls.
@@ -346,6 +350,15 @@ def prof_mark(sym_table, rank, pid, slot: tl.constexpr, PROFILE: tl.constexpr):
   if PROFILE:
     ptr = sym_ptr(sym_table, rank, _PROF_OFF, tl.int64) + pid * _PROF_SLOTS + slot
     tl.store(ptr, _now(True))
+
+
+@triton.jit
+def prof_span(sym_table, rank, pid, slot: tl.constexpr, ns, PROFILE: tl.constexpr):
+  """PROF[pid, slot] = PROF[pid, START] + ns: a duration, read back like a stamp (relative to
+  the launch's start it is the duration itself, give or take the programs' start skew)."""
+  if PROFILE:
+    row = sym_ptr(sym_table, rank, _PROF_OFF, tl.int64) + pid * _PROF_SLOTS
+    tl.store(row + slot, tl.load(row) + ns)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ for sm_90) into our custom calls and no XLA all-to-all.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -152,7 +153,7 @@ class SimWorld:
                  recv_pos=empty((w, p.num_tokens, p.topk), np.int32),
                  gs=empty((el,), np.int32), go=empty((el,), np.int32),
                  nrecv=empty((1,), np.int32), ndrop=empty((1,), np.int32),
-                 hist=empty((nb, e), np.int32), base=empty((nb, e), np.int32),
+                 hist=empty((nb, e), np.int32), base=empty((p.base_rows, e), np.int32),
                  status=empty((p.status_size("dispatch_kernel"),), np.int32))
             for r in range(w)]
     args = [[Arr(xs[r]), Arr(idxs[r]), Arr(ws[r])] + [outs[r][n] for n in (
@@ -323,9 +324,12 @@ def test_dispatch_combine_against_numpy(case, interp):
   row_ws = [g["recv_w"].a for g in got]
   out1 = sim.combine(ys, row_ws, recv_pos)
   out2 = sim.combine(ys, row_ws, recv_pos)
+  # The reduce after all pushes (combine_queue=0) sums in the same order: the same bits.
+  out3 = SimWorld(dataclasses.replace(plan, combine_queue=0)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out3[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)
@@ -355,7 +359,10 @@ def test_dispatch_combine_against_numpy(case, interp):
 def _senders_expand_first(phases):
   """Run the senders' expansion (phase 6) before the receivers' (5): with the work queue the
   senders then take every item and the receivers only zero-fill."""
-  return sorted(phases, key=lambda pg: {6: 5, 5: 6}.get(pg[0], pg[0]))
+  i5, i6 = ([ph for ph, _ in phases].index(n) for n in (5, 6))
+  out = list(phases)
+  out[i5], out[i6] = phases[i6], phases[i5]
+  return out
 
 
 @pytest.mark.parametrize("order,share,reorder,levels", [
@@ -432,14 +439,14 @@ def test_receivers_do_not_take_stale_bytes_for_arrived_blocks(interp):
                recv_pos=empty((2, 8, 2), np.int32), gs=empty((2,), np.int32),
                go=empty((2,), np.int32), nrecv=empty((1,), np.int32),
                ndrop=empty((1,), np.int32), hist=empty((plan.num_blocks, 4), np.int32),
-               base=empty((plan.num_blocks, 4), np.int32),
+               base=empty((plan.base_rows, 4), np.int32),
                status=empty((plan.status_size("dispatch_kernel"),), np.int32)) for _ in range(2)]
   names = ("recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")
   args = [[Arr(np.ones((8, 16), np.float32)), Arr(idxs[r]), Arr(np.ones((8, 2), np.float32))]
           + [outs[r][n] for n in names] for r in range(2)]
   ns, nr = plan.num_senders, plan.num_receivers
   sim.launch(kd.dispatch_kernel, args, plan.dispatch(False), ep_sync.OP_DISPATCH,
-             phases=[(1, ns + nr), (2, 1), (3, 1), (5, nr)])
+             phases=[(1, ns + nr), (7, ns + nr), (2, 1), (3, 1), (5, nr)])
   for r in range(2):
     st = outs[r]["status"].a
     # The receiver owning the (only) block waited for it and timed out; none expanded garbage.
@@ -462,7 +469,7 @@ def test_fingerprint_mismatch_skips_the_op_on_every_rank(interp):
                recv_pos=empty((3, 6, 2), np.int32), gs=empty((3,), np.int32),
                go=empty((3,), np.int32), nrecv=empty((1,), np.int32),
                ndrop=empty((1,), np.int32), hist=empty((plan.num_blocks, 6), np.int32),
-               base=empty((plan.num_blocks, 6), np.int32),
+               base=empty((plan.base_rows, 6), np.int32),
                status=empty((plan.status_size("dispatch_kernel"),), np.int32)) for _ in range(3)]
   names = ("recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")
   args = [[Arr(xs[r]), Arr(idxs[r]), Arr(ws[r])] + [outs[r][n] for n in names] for r in range(3)]

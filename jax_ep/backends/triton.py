@@ -132,6 +132,8 @@ _KNOBS = (
     ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
      "a byte count from 8192 to 262144"),
+    ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 1),
+     "0 (reduce after every push) or 1 (reduce blocks from a queue as they are done)"),
 )
 
 
@@ -308,7 +310,7 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
       out_shapes=(_sds((c, p.hidden), x.dtype), _sds((c,), jnp.float32),
                   _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
                   _sds((el,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32),
-                  _sds((nb, e), jnp.int32), _sds((nb, e), jnp.int32)),     # hist, base: scratch
+                  _sds((nb, e), jnp.int32), _sds((p.base_rows, e), jnp.int32)),  # scratch
       constexprs=p.dispatch(False), scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
