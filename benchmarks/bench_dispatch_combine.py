@@ -501,9 +501,9 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
       # Expand order 2 (the default): slot 3 is the us a program waited for block flags
       # (kernels/dispatch.py, prof_span), not a time stamp; else the end of its own rows.
       "senders": {**{n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
-                  "waited": stats(p["self_rows"][:ns]) if plan.expand_order == 2 else None},
+                  "waited": stats(p["self_rows"][:ns]) if plan.expand_order >= 2 else None},
       "receivers": {**{n: stats(p[n][ns:ns + nr]) for n in ("go", "zero_fill", "end")},
-                    ("waited" if plan.expand_order == 2 else "self_rows"):
+                    ("waited" if plan.expand_order >= 2 else "self_rows"):
                         stats(p["self_rows"][ns:ns + nr])},
   } for p in prof]
   out = _with_envs({"JAX_EP_PROFILE": "1"}, lambda: f_c(recv_x, layout))

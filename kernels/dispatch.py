@@ -29,8 +29,11 @@ overlaps the senders' NVLink work.
     Expand order 2 (``EPPlan.expand_order``, the default): no static share; every program (the
     receivers after their zero fill, the senders after their push) takes (source, block) items
     from one atomic counter per launch, own blocks first, then block-major over the other
-    sources, until none are left: the work balances itself whatever the shape. Which program
-    expands a block never changes what is written where.
+    sources, until none are left: the work balances itself whatever the shape. Expand order 3:
+    the same queue, block-major over every source (own first within a block), so programs
+    expand whichever blocks the senders of all ranks have just finished instead of waiting for
+    this rank's own later blocks while the peers' earlier ones pile up. Which program expands
+    a block never changes what is written where.
 
 dispatch_rows_kernel: the same for ``dispatch_rows`` (combine's backward): senders copy rows to
 every rank a slot is addressed to (no positions), receivers expand with the layout's recv_pos.
@@ -194,8 +197,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
   2. ORDER 0: this rank's own blocks pid, pid + num_programs, ... (rows from x), then the same
      blocks of every other source s = rank + 1, ... (mod W), block-major. ORDER 1: block-major
      over all sources, own first in each block (no program waits for its own senders while
-     other sources' blocks are there). ORDER 2: items from the launch's queue (``_expand_queue``;
-     blk_lo, blk_hi and pid are not used). Each block after its BLOCK_FLAG says it arrived.
+     other sources' blocks are there). ORDERS 2 and 3: items from the launch's queue
+     (``_expand_queue``; blk_lo, blk_hi and pid are not used). Each block after its BLOCK_FLAG says it arrived.
   """
   dtype = recv_x_ptr.dtype.element_ty
   h = tl.arange(0, BLOCK_H)
@@ -240,7 +243,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                            recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns,
                            op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                            BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                           EXPAND_LEVELS, USE_TIMER, PROFILE)
+                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE)
     prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
@@ -252,18 +255,22 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PROFILE: tl.constexpr):
+                  ORDER: tl.constexpr, PROFILE: tl.constexpr):
   """Take items from the launch's queue until none are left (returns the ns this program
   waited for block flags, PROFILE only). Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
-  block-major, the order in which the senders' blocks arrive."""
+  block-major, the order in which the senders' blocks arrive. ORDER 3: item i is block
+  i // W of source rank + i % W: block-major over every source, this rank first."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   n_items = nb * world
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
   while item < n_items:
-    if item < nb:
+    if ORDER == 3:
+      blk = item // world
+      s = (rank + item % world) % world
+    elif item < nb:
       blk = item
       s = rank
     else:
@@ -340,7 +347,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
-  then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDER 2 (RECV_BLOCKS = 0):
+  then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
   PHASE 0 (GPU) or the interpreter's 4 (push), 5 (receivers), 6 (senders' expansion)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T

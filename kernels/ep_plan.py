@@ -51,7 +51,8 @@ class EPPlan:
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
       others' (block-major); 1 = block-major over every source; 2 = a work queue shared by
-      receivers and senders (``receiver_share`` is then not used). 2 by default: the fastest
+      receivers and senders, own blocks first (``receiver_share`` is then not used); 3 = the
+      same queue, block-major over every source (own first in a block). 2 by default: the fastest
       measured on 4x H200 at 32 SMs (2026-11-21 14:25, DeepSeek-V3 shape, per-op slope timing:
       dispatch 1.068 ms vs 1.165 ms for order 0 at share 0.6).
     receiver_share: with orders 0 and 1, the share of the token blocks the receivers expand
@@ -168,8 +169,9 @@ class EPPlan:
   @property
   def receiver_blocks(self) -> int:
     """RECV_BLOCKS: the token blocks [0, RECV_BLOCKS) the receivers expand (the senders expand
-    the rest). 0 with expand order 2: nobody has a static share, all take from the queue."""
-    if self.expand_order == 2:
+    the rest). 0 with expand orders 2 and 3: nobody has a static share, all take from the
+    queue."""
+    if self.expand_order >= 2:
       return 0
     return min(self.kernel_blocks, int(round(self.kernel_blocks * self.receiver_share)))
 

@@ -127,7 +127,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_DISPATCH_STAGES", "deep", "an integer from 1 to 6"),
     ("JAX_EP_COMBINE_STAGES", "2.5", "an integer from 1 to 6"),
     ("JAX_EP_COMBINE_ACC_BYTES", "1024", "a byte count from 8192 to 262144"),
-    ("JAX_EP_EXPAND_ORDER", "3", "0 \\(own blocks first\\)"),
+    ("JAX_EP_EXPAND_ORDER", "4", "0 \\(own blocks first\\)"),
     ("JAX_EP_EXPAND_LEVELS", "-1", "an integer from 0 to 64"),
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
     ("JAX_EP_COMBINE_QUEUE", "2", "0 \\(reduce after every push\\)"),

@@ -120,9 +120,9 @@ def _int_in(lo: int, hi: int):
 _KNOBS = (
     ("sender_fraction", "JAX_EP_SENDER_FRACTION", lambda v: 0 < v < 1,
      "a share of the programs in (0, 1)"),
-    ("expand_order", "JAX_EP_EXPAND_ORDER", lambda v: v in (0, 1, 2),
-     "0 (own blocks first), 1 (block-major over every source) or 2 (a work queue shared by "
-     "all programs)"),
+    ("expand_order", "JAX_EP_EXPAND_ORDER", lambda v: v in (0, 1, 2, 3),
+     "0 (own blocks first), 1 (block-major over every source), 2 (a work queue shared by "
+     "all programs, own blocks first) or 3 (the queue, block-major over every source)"),
     ("receiver_share", "JAX_EP_RECEIVER_SHARE", lambda v: 0 < v <= 1,
      "a share of the token blocks in (0, 1]"),
     # deeper pipelines need more shared memory than an H100/H200 SM has at these tiles
