@@ -49,12 +49,16 @@ class EPPlan:
     itemsize: bytes per element of the rows this op moves (sizes the row tiles).
     profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
+      0.4375 (14 of 32) by default: with expand order 3, dispatch 0.855 ms vs 0.928 ms at 0.5
+      and 0.921 ms at 0.625 (4x H200, DeepSeek-V3 shape, 2026-11-21 18:46, one run).
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
       others' (block-major); 1 = block-major over every source; 2 = a work queue shared by
       receivers and senders, own blocks first (``receiver_share`` is then not used); 3 = the
-      same queue, block-major over every source (own first in a block). 2 by default: the fastest
-      measured on 4x H200 at 32 SMs (2026-11-21 14:25, DeepSeek-V3 shape, per-op slope timing:
-      dispatch 1.068 ms vs 1.165 ms for order 0 at share 0.6).
+      same queue, block-major over every source (own first in a block). 3 by default since
+      2026-11-21 18:46: 0.928 ms vs 0.985 ms for order 2 in the same run (4x H200,
+      DeepSeek-V3 shape, 32 SMs; with order 2 the receivers waited ~200 us for this rank's
+      own later blocks while the peers' earlier ones queued behind them). Order 2 beat 0 and
+      1 on 2026-11-21 14:25 (1.068 ms vs 1.165 ms for order 0 at share 0.6).
     receiver_share: with orders 0 and 1, the share of the token blocks the receivers expand
       (the first ones); the senders expand the rest after their push (1.0: receivers expand
       everything). 0.6 was the fastest static share (dispatch 1.38 ms vs 1.73 ms at 1.0,
@@ -87,8 +91,8 @@ class EPPlan:
   use_timer: bool = True
   itemsize: int = 2
   profile: bool = False
-  sender_fraction: float = 0.5
-  expand_order: int = 2
+  sender_fraction: float = 0.4375
+  expand_order: int = 3
   receiver_share: float = 0.6
   dispatch_stages: int = 3
   expand_levels: int = 0

@@ -210,7 +210,7 @@ def test_matches_xla_backend(case, peer_world):
 
 @pytest.mark.parametrize("frac,order,share", [
     (0.5, 0, 1.0), (0.5, 1, 0.6), (0.375, 1, 0.75), (0.5, 0, 0.6), (0.625, 2, 1.0),
-    (0.5, 3, 1.0)])
+    (0.5, 2, 1.0), (0.5, 3, 1.0), (0.4375, 3, 1.0)])
 def test_dispatch_tuning_variants_match_xla(frac, order, share, peer_world, monkeypatch):
   """The dispatch knobs the benchmark's sweep times without comparing (sender fraction,
   expand order 0/1/2/3 with 2 and 3 = the work queue, receiver share) give xla's results too."""
