@@ -3,19 +3,21 @@
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
 columns of the histograms; program 0 (the leader, ``kernels/layout.py``) exchanges the counts
-with the peers, which is the op's start barrier, derives the layout and raises GO; then senders push and receivers expand, so the receivers' HBM work
-overlaps the senders' NVLink work.
+with the peers, which is the op's start barrier, derives the layout and raises GO; then
+senders push and receivers expand, so the receivers' HBM work overlaps the senders' NVLink
+work.
 
   senders (``_push_body``; persistent over blocks of BLOCK_T tokens: blocks pid, pid + NS, ...)
     For a block it loads topk_idx [BLOCK_T, K] and finishes the layout: the rank of each slot
     among the block's earlier slots choosing the same expert (an [N, N] comparison, N =
     BLOCK_T x K, no atomics) added to ``base[b, g] + base[NB + 2, g]`` gives the slot's row
-    on its destination; rows >= C are dropped (-1). For every rank r it stores SLOT_POS[me, t, :] (row or -1) and
-    SLOT_VAL[me, t, :] (weights) into r's region, and copies x[t] into ROWS[me, t] of every
-    *other* rank that keeps one of t's slots (16-byte stores of [BLOCK_T, BLOCK_H] tiles): a
-    token row crosses NVLink at most once per destination; tokens that select nothing, or only
-    this rank, send nothing. Then BLOCK_FLAG[me, block] = seq in every rank (release, system
-    scope), so receivers start on a block as soon as it is there.
+    on its destination; rows >= C are dropped (-1). For every rank r it stores
+    SLOT_POS[me, t, :] (row or -1) and SLOT_VAL[me, t, :] (weights) into r's region, and
+    copies x[t] into ROWS[me, t] of every *other* rank that keeps one of t's slots (16-byte
+    stores of [BLOCK_T, BLOCK_H] tiles): a token row crosses NVLink at most once per
+    destination; tokens that select nothing, or only this rank, send nothing. Then
+    BLOCK_FLAG[me, block] = seq in every rank (release, system scope), so receivers start on a
+    block as soon as it is there.
     Traffic: reads x once per block, writes one row (H x itemsize) per (token, remote
     destination) plus 8 K bytes of metadata per (token, rank).
 
@@ -198,7 +200,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
      blocks of every other source s = rank + 1, ... (mod W), block-major. ORDER 1: block-major
      over all sources, own first in each block (no program waits for its own senders while
      other sources' blocks are there). ORDERS 2 and 3: items from the launch's queue
-     (``_expand_queue``; blk_lo, blk_hi and pid are not used). Each block after its BLOCK_FLAG says it arrived.
+     (``_expand_queue``; blk_lo, blk_hi and pid are not used). Each block after its
+     BLOCK_FLAG says it arrived.
   """
   dtype = recv_x_ptr.dtype.element_ty
   h = tl.arange(0, BLOCK_H)
@@ -401,8 +404,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     SLOT_VAL_OFF: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, NUM_SENDERS: tl.constexpr,
                     NUM_RECEIVERS: tl.constexpr, W_P: tl.constexpr, COLS: tl.constexpr,
-                    BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                    STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
+                    BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
@@ -411,14 +414,16 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   Outputs: recv_x ``[C, H]``, recv_weights ``[C] f32``, recv_pos ``[W, T, K] int32``,
     group_sizes / group_offsets ``[E_local] int32``, num_recv_rows / num_dropped ``[1] int32``,
     hist ``[NB, E]`` / base ``[NB + 3, E] int32`` (scratch), status
-    ``[1 + NUM_SENDERS + NUM_RECEIVERS] int32`` (0, or the code of a failed wait / check: slot 0 leader, 1 + pid the others).
+    ``[1 + NUM_SENDERS + NUM_RECEIVERS] int32`` (0, or the code of a failed wait / check:
+    slot 0 leader, 1 + pid the others).
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32, the same on every rank for the same
     op, config and shapes; the start barrier refuses a mismatch).
   PHASE: 0 = everything (GPU; every program of the launch must be resident, which a grid of
     <= num_sms programs is). The interpreter, which runs programs one after another, launches
     1 (histograms; all programs), 7 (column scans; all programs), 2 and 3 (leader: announce,
-    then wait + layout; grid 1), 4 (senders' push), 5 (receivers) and 6 (the senders' expansion of the blocks past
-    RECV_BLOCKS), each over every rank before the next (``EPPlan.interpreter_phases``).
+    then wait + layout; grid 1), 4 (senders' push), 5 (receivers) and 6 (the senders'
+    expansion of the blocks past RECV_BLOCKS), each over every rank before the next
+    (``EPPlan.interpreter_phases``).
   PROFILE: stamp %globaltimer into PROF[pid] at the phase boundaries (``ep_sync.PROF_*``).
   """
   pid = tl.program_id(0)
