@@ -406,6 +406,31 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, interp):
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
 
 
+def test_column_scan_spans_several_tiles(interp):
+  """The layout's column scans (``scan_columns``, every program) with more token blocks than
+  one tile holds, as at T = 32K on a GPU (the other tests fit theirs in one): exclusive block
+  prefixes, column totals and each program's flag equal numpy's; programs past the last
+  column only raise their flag."""
+  nb, e, programs, cols, tile, epoch = 13, 10, 4, 4, 4, 7
+  rng = np.random.default_rng(5)
+  hist = rng.integers(0, 9, (nb, e)).astype(np.int32)
+  base = empty((nb + 3, e), np.int32)
+  status = Arr(np.zeros(1 + programs, np.int32))
+  region = np.zeros(ep_sync.CONTROL_BYTES, np.uint8)
+  flags = region[ep_sync.HIST_FLAG_OFF:ep_sync.HIST_FLAG_OFF + 8 * ep_sync.MAX_PROGRAMS]
+  flags.view(np.int64)[:programs] = epoch  # every program's histograms are in
+  table = Arr(np.array([region.ctypes.data], np.int64))
+  for pid in range(programs):  # one program per launch: the interpreter's grid is sequential
+    kl.scan_columns[(1,)](pid, programs, Arr(hist), base, status, table, 0, epoch, 1_000_000,
+                          ep_sync.OP_DISPATCH, NUM_BLOCKS=nb, NUM_EXPERTS=e, COLS=cols,
+                          BLOCK_BC=tile, BLOCK_PROG=programs, USE_TIMER=False)
+  np.testing.assert_array_equal(base.a[:nb], np.cumsum(hist, axis=0) - hist)
+  np.testing.assert_array_equal(base.a[nb], hist.sum(axis=0))
+  col = flags.view(np.int64)[ep_sync.COL_FLAG:ep_sync.COL_FLAG + programs]
+  np.testing.assert_array_equal(col, [epoch] * programs)
+  assert not status.a.any(), status.a
+
+
 def test_timeout_is_recorded_not_hung(interp):
   """A rank whose peer never arrives gives up after the timeout and records who it waited for."""
   plan = EPPlan(world=2, num_tokens=4, max_tokens=4, hidden=16, topk=2, num_experts=4,
