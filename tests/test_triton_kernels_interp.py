@@ -451,6 +451,38 @@ def test_timeout_is_recorded_not_hung(interp):
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
+@pytest.mark.parametrize("queue", [1, 0])
+def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
+  """Combine where rank 1's programs never push (they die after the start barrier): rank 0's
+  reducers wait for its rows (per-block DONE flags with the queue, ARRIVE_FLAGs without), time
+  out with the row-arrival code and an error record naming rank 0, and write no output row."""
+  plan = EPPlan(world=2, num_tokens=8, max_tokens=8, hidden=16, topk=2, num_experts=4,
+                capacity=32, alignment=1, num_sms=2, use_timer=False, combine_queue=queue)
+  sim = SimWorld(plan)
+  sim.timeout_ns = 5_000
+  rng = np.random.default_rng(11)
+  recv_pos = [np.where(rng.random((2, 8, 2)) < 0.7, rng.integers(0, 32, (2, 8, 2)), -1)
+              .astype(np.int32) for _ in range(2)]
+  outs = [empty((8, 16), np.float32) for _ in range(2)]
+  sts = [Arr(np.zeros(plan.status_size("combine_kernel"), np.int32)) for _ in range(2)]
+  args = [[Arr(rng.standard_normal((32, 16)).astype(np.float32)),
+           Arr(rng.random(32).astype(np.float32)), Arr(recv_pos[r]), outs[r], sts[r]]
+          for r in range(2)]
+  npg = plan.num_programs
+  sim.epoch += 1
+  for phase, grid, ranks in [(2, 1, (0, 1)), (3, 1, (0, 1)), (4, npg, (0,)), (5, npg, (0,))]:
+    for r in ranks:
+      kc.combine_kernel[(grid,)](*args[r], sim.table, r, 2, sim.epoch, sim.timeout_ns,
+                                 ep_sync.OP_COMBINE, 1234, **{**plan.combine(), "PHASE": phase})
+  st = sts[0].a
+  assert st[0] == 0, st                                     # the start barrier passed
+  assert (st[1:] == ep_sync.OP_COMBINE + 8).any(), st       # a reducer timed out on row arrival
+  assert set(st[1:]) <= {0, ep_sync.OP_COMBINE + 8}, st
+  err = sim.err(0)
+  assert err[0] == 1 and err[1] == ep_sync.OP_COMBINE + 8 and err[2] == 0, err
+  assert (outs[0].a.view(np.uint32) == 0x5A5A5A5A).all()   # nothing reduced from missing rows
+
+
 def test_receivers_do_not_take_stale_bytes_for_arrived_blocks(interp):
   """The block flags live in the config-dependent part of the region, which another config's
   rows may have filled: run the receivers BEFORE the senders (as a slow peer would let them on
