@@ -405,7 +405,7 @@ def sweep_runs(args) -> list[tuple[str, dict, int]]:
 
 def sweep_points(args):
   """``--sweep`` points (tuning, the triton backend only): ``frac@sms[@order[@share]]`` = the
-  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0, 1, 2) and
+  dispatch knobs JAX_EP_SENDER_FRACTION, EPConfig.num_sms, JAX_EP_EXPAND_ORDER (0-3) and
   JAX_EP_RECEIVER_SHARE (docs/KERNELS.md "Knobs"); order and share default to the library's.
   Other knobs: ``--sweep-env``."""
   if not args.sweep:
@@ -498,7 +498,7 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   res["dispatch"] = [{
       "leader": {"peers_arrived": stats(p["peers_arrived"][:1]), "go": stats(p["go"][:1])},
       "histograms_done": stats(p["arrived"][:ns + nr]),  # slot 5 = PROF_HIST in dispatch
-      # Expand order 2 (the default): slot 3 is the us a program waited for block flags
+      # Expand orders 2 and 3 (the queue): slot 3 is the us a program waited for block flags
       # (kernels/dispatch.py, prof_span), not a time stamp; else the end of its own rows.
       "senders": {**{n: stats(p[n][:ns]) for n in ("go", "push_done", "end")},
                   "waited": stats(p["self_rows"][:ns]) if plan.expand_order >= 2 else None},

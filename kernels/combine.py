@@ -235,23 +235,22 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, STAGES,
                       J_UNROLL, QUEUE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
-    if PHASE != 4 and QUEUE:  # reduce, blocks from the queue as they are done
+    if PHASE != 4:  # reduce
       if seq > 0:
-        waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
-                               NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
-                               BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
-                               PROFILE)
-        prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
-      prof_mark(sym_table, rank, pid, P_END, PROFILE)
-    if PHASE != 4 and not QUEUE:  # reduce, after every program of every rank pushed
-      if seq > 0:
-        ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
-                               USE_TIMER, BLOCK_P)
-        prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
-        if ok:
-          _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
-                          MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
-                          STAGES)
+        if QUEUE:  # blocks from the queue as every rank finishes them
+          waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
+                                 NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
+                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
+                                 PROFILE)
+          prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
+        else:  # fixed blocks, after every program of every rank pushed
+          ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
+                                 USE_TIMER, BLOCK_P)
+          prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
+          if ok:
+            _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
+                            NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
+                            BLOCK_T, BLOCK_HR, STAGES)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

@@ -28,14 +28,14 @@ work.
     recv_weights, and per row chunk load the staged rows once and store them to their up to K
     rows (the K row indices are taken from the loaded tile in registers, not reloaded).
     Traffic: reads one row per (source, token) received, writes C rows of H.
-    Expand order 2 (``EPPlan.expand_order``, the default): no static share; every program (the
-    receivers after their zero fill, the senders after their push) takes (source, block) items
-    from one atomic counter per launch, own blocks first, then block-major over the other
-    sources, until none are left: the work balances itself whatever the shape. Expand order 3:
-    the same queue, block-major over every source (own first within a block), so programs
-    expand whichever blocks the senders of all ranks have just finished instead of waiting for
-    this rank's own later blocks while the peers' earlier ones pile up. Which program expands
-    a block never changes what is written where.
+    Expand order 2 (``EPPlan.expand_order``): no static share; every program (the receivers
+    after their zero fill, the senders after their push) takes (source, block) items from one
+    atomic counter per launch, own blocks first, then block-major over the other sources,
+    until none are left: the work balances itself whatever the shape. Expand order 3 (the
+    default): the same queue, block-major over every source (own first within a block), so
+    programs expand whichever blocks the senders of all ranks have just finished instead of
+    waiting for this rank's own later blocks while the peers' earlier ones pile up. Which
+    program expands a block never changes what is written where.
 
 dispatch_rows_kernel: the same for ``dispatch_rows`` (combine's backward): senders copy rows to
 every rank a slot is addressed to (no positions), receivers expand with the layout's recv_pos.

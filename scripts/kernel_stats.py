@@ -61,7 +61,7 @@ def main() -> None:
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
   p.add_argument("--acc-bytes", type=int, default=EPPlan.combine_acc_bytes,
-                  help="combine's chunk budget (EPPlan.combine_acc_bytes)")
+                 help="combine's chunk budget (EPPlan.combine_acc_bytes)")
   p.add_argument("--sender-fraction", type=float, default=EPPlan.sender_fraction)
   p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2, 3))
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
