@@ -8,7 +8,7 @@
 # Stages (all GPUs of the host unless said):
 #   bench     benchmarks/bench_dispatch_combine.py, DeepSeek-V3 shape, one process (peer) [BENCH_ARGS]
 #   bench_mp  the same, one process per GPU (nvshmem)
-#   dc_tests  tests/gpu/test_dispatch_combine_gpu.py (peer + one process per GPU)
+#   dc_tests  tests/gpu/test_dispatch_combine_gpu.py (peer + one process per GPU) [DC_ARGS, e.g. -k ...]
 #   dc_tests2 the same on GPUs 0 and 1 only (the 2-GPU runs)
 #   soak      tests/gpu/test_soak_gpu.py: 2,000 triton-vs-xla rounds, 20-repeat hash, resources
 #   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
@@ -48,7 +48,7 @@ if [ ! -f build/gpu/jax_ep/libjax_ep_ffi.so ] || [ ffi/jax_ep_ffi.cc -nt build/g
 fi
 export JAX_EP_FFI_LIB=$PWD/build/gpu/jax_ep/libjax_ep_ffi.so
 PT="$PY -m pytest -m gpu -q -rA -s -p no:cacheprovider"
-DC="JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py --timeout=150"
+DC="JAX_EP_MP_TIMEOUT=140 $PT tests/gpu/test_dispatch_combine_gpu.py --timeout=150 ${DC_ARGS:-}"
 
 for s in ${STAGES:-bench dc_tests}; do
   case $s in

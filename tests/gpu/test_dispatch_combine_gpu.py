@@ -246,6 +246,21 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, peer_world, m
   compare_case(case, mesh, world, _put(mesh), seed=47 + stages, repeats=3)
 
 
+@pytest.mark.parametrize("case", [
+    (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16"),   # most blocks by TMA
+    (1024, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),    # skewed, half dropped, mixed paths
+    (512, 2048, 64, 4, None, 8, "uniform", "float32"),
+], ids=_case_id)
+def test_tma_pushes_match_xla(case, peer_world, monkeypatch):
+  """Pushes by TMA stores (JAX_EP_DISPATCH_TMA=1, JAX_EP_COMBINE_TMA=1; opt-in) give xla's
+  results, gradients included, identical over repeats."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_DISPATCH_TMA", "1")
+  monkeypatch.setenv("JAX_EP_COMBINE_TMA", "1")
+  compare_case(case, mesh, world, _put(mesh), seed=zlib.crc32(_case_id(case).encode()) + 7,
+               repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
