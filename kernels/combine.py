@@ -30,8 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, bulk_store_wait,
-                      leader_barrier,
+from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, leader_barrier,
                       leader_turn, prof_mark, prof_span, row_align, signal_peers, store_release,
                       sym_ptr, take_item, wait_all_arrivals, wait_flags, wait_go, zero_own)
 from .slots import present_rank
@@ -53,18 +52,11 @@ def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.conste
 
 
 @triton.jit
-def _push_chunks(dst, src_rows, t0, pos, present, rnk, wts, have, y_ptr,
-                 NUM_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr,
-                 TMA: tl.constexpr):
+def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, STAGES: tl.constexpr,
+                 LEVELS: tl.constexpr):
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
-  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together).
-  TMA: each chunk goes out as one TMA store of the [BLOCK_T, BLOCK_HC] tile at rows t0.. of
-  the source's staging rows ``src_rows`` (tokens without rows here write a zero row, which no
-  reducer reads: their ROW_MARK is not set); else masked stores of the tokens with rows here."""
-  if TMA:
-    desc = tl.make_tensor_descriptor(src_rows, shape=[NUM_TOKENS, HIDDEN], strides=[HIDDEN, 1],
-                                     block_shape=[BLOCK_T, BLOCK_HC])
+  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together)."""
   h = tl.arange(0, BLOCK_HC)
   A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
   for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
@@ -73,11 +65,8 @@ def _push_chunks(dst, src_rows, t0, pos, present, rnk, wts, have, y_ptr,
     acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
     for j in tl.static_range(LEVELS):
       acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
-    if TMA:
-      desc.store([t0, h0], acc.to(dst.dtype.element_ty))
-    else:
-      tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
-               mask=have[:, None] & hmask[None, :])
+    tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
+             mask=have[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -86,13 +75,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                  STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
-                  PUSH_TMA: tl.constexpr, USE_TIMER: tl.constexpr):
+                  STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
-  block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
-  PUSH_TMA: an item where at least 3/4 of the block's tokens have rows here is stored by TMA
-  (``_push_chunks``); the others as without."""
+  block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
@@ -111,27 +97,17 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       rnk = present_rank(present, k, TOPK_P)
       wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
       have = cnt > 0
-      rows = sym_ptr(sym_table, s, ROWS_OFF, dtype)
-      dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+      dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
+             + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
       # Two versions of the chunk loop, each with a static level count so Triton can
       # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
       # token of the block has more rows here.
-      src_rows = rows + (rank * MAX_TOKENS).to(tl.int64) * HIDDEN
-      if PUSH_TMA:
-        by_tma = tl.sum(have.to(tl.int32), axis=0) * 4 >= BLOCK_T * 3
-      else:
-        by_tma = False
       if jmax <= J_UNROLL:
-        if by_tma:
-          _push_chunks(dst, src_rows, blk * BLOCK_T, pos, present, rnk, wts, have, y_ptr,
-                       NUM_TOKENS, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL, True)
-        else:
-          _push_chunks(dst, src_rows, blk * BLOCK_T, pos, present, rnk, wts, have, y_ptr,
-                       NUM_TOKENS, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL, False)
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
+                     J_UNROLL)
       else:
-        _push_chunks(dst, src_rows, blk * BLOCK_T, pos, present, rnk, wts, have, y_ptr,
-                     NUM_TOKENS, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, TOPK, False)
-      bulk_store_wait(PUSH_TMA and USE_TIMER)
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
+                     TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
     if QUEUE:
@@ -225,8 +201,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_FLAG_OFF: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                    W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_HC: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
-                   J_UNROLL: tl.constexpr, QUEUE: tl.constexpr, PUSH_TMA: tl.constexpr,
-                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   J_UNROLL: tl.constexpr, QUEUE: tl.constexpr, USE_TIMER: tl.constexpr,
+                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -257,7 +233,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, STAGES,
-                      J_UNROLL, QUEUE, PUSH_TMA, USE_TIMER)
+                      J_UNROLL, QUEUE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:

@@ -45,8 +45,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now, bulk_store_wait,
-                      leader_barrier,
+from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now, leader_barrier,
                       leader_turn, prof_mark, prof_span, row_align, signal_block, sym_ptr,
                       take_item, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
@@ -75,15 +74,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PUSH_TMA: tl.constexpr,
-               USE_TIMER: tl.constexpr):
-  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ...
-
-  PUSH_TMA > 0: a destination that needs at least 3/4 of the block's tokens, in a block where
-  every token sends somewhere, gets the block's rows by TMA stores of [BLOCK_T, PUSH_TMA]
-  tiles (rank by rank, the tiles re-read from L2), rows it does not need included: they land
-  in its staging rows of those tokens, which nobody reads. The other destinations get masked
-  stores as without."""
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   k = tl.arange(0, TOPK_P)
@@ -114,39 +106,20 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
         tl.store(sym_ptr(sym_table, r, SLOT_VAL_OFF, tl.float32) + slot,
                  tl.where(to_r, wt, 0.0), mask=smask)
     # Rows: load each chunk of the block once, store it to every remote rank that needs it.
-    src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
-    tma_mask = tl.zeros([], tl.int32)  # bit r: rank r's rows went by TMA
-    if PUSH_TMA:
-      anywhere = tl.max((dest >= 0).to(tl.int32), axis=1) > 0
-      if tl.sum((tmask & ~anywhere).to(tl.int32), axis=0) == 0:
-        for r in range(world):
-          need = tl.sum((tl.max((dest == r).to(tl.int32), axis=1) > 0).to(tl.int32), axis=0)
-          if (r != rank) & (need * 4 >= BLOCK_T * 3):
-            tma_mask |= 1 << r
-            rows_r = sym_ptr(sym_table, r, ROWS_OFF, dtype)
-            desc = tl.make_tensor_descriptor(rows_r + (rank * MAX_TOKENS).to(tl.int64) * HIDDEN,
-                                             shape=[NUM_TOKENS, HIDDEN], strides=[HIDDEN, 1],
-                                             block_shape=[BLOCK_T, PUSH_TMA])
-            hb = tl.arange(0, PUSH_TMA)
-            for h0 in tl.range(0, HIDDEN, PUSH_TMA, num_stages=STAGES):
-              desc.store([blk * BLOCK_T, h0],
-                         tl.load(src + (h0 + hb)[None, :],
-                                 mask=tmask[:, None] & ((h0 + hb) < HIDDEN)[None, :]))
-    plain = (dest >= 0) & (dest != rank) & (((tma_mask >> tl.maximum(dest, 0)) & 1) == 0)
-    plain = tl.max(plain.to(tl.int32), axis=1) > 0    # [BLOCK_T]: rows some rank gets by stores
-    if tl.max(plain.to(tl.int32), axis=0) > 0:
+    remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
+    if tl.max(remote.to(tl.int32), axis=0) > 0:
       A: tl.constexpr = row_align(HIDDEN, dtype)
+      src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
       for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 ahead
         hmask = (h0 + h) < HIDDEN
-        rows = tl.load(src + (h0 + h)[None, :], mask=plain[:, None] & hmask[None, :])
+        rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
-          if (r != rank) & (((tma_mask >> r) & 1) == 0):
+          if r != rank:
             send = tl.max((dest == r).to(tl.int32), axis=1) > 0
             dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
             tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
                      mask=send[:, None] & hmask[None, :])
-    bulk_store_wait(PUSH_TMA > 0 and USE_TIMER)
     signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
 
 
@@ -375,8 +348,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           PUSH_TMA: tl.constexpr):
+           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -400,7 +372,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PUSH_TMA, USE_TIMER)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
@@ -435,8 +407,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PUSH_TMA: tl.constexpr):
+                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -478,7 +449,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PUSH_TMA)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
 @triton.jit
@@ -495,7 +466,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, PUSH_TMA: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -519,4 +490,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PUSH_TMA)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

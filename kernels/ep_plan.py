@@ -49,8 +49,9 @@ class EPPlan:
     itemsize: bytes per element of the rows this op moves (sizes the row tiles).
     profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
-      0.4375 (14 of 32) by default: with expand order 3, dispatch 0.855 ms vs 0.928 ms at 0.5
-      and 0.921 ms at 0.625 (4x H200, DeepSeek-V3 shape, 2026-11-21 18:46, one run).
+      0.375 (12 of 32) by default: with expand order 3, dispatch 0.787 / 0.826 ms vs 0.808 /
+      0.852 ms at 0.4375 in two runs (4x H200, DeepSeek-V3 shape, 2026-11-21 19:35 and
+      19:46), 0.830 ms at 0.5 (19:35); 0.4375 had beaten 0.5 and 0.625 at 18:46.
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
       others' (block-major); 1 = block-major over every source; 2 = a work queue shared by
       receivers and senders, own blocks first (``receiver_share`` is then not used); 3 = the
@@ -77,10 +78,6 @@ class EPPlan:
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
       16:24, same run); 64 KB 2 deep was slower (1.48 ms), 3 deep 0.966 ms.
-    dispatch_tma, combine_tma: 1 = the pushes store a block's rows to a destination by TMA
-      (``cp.async.bulk.tensor`` from shared memory, one [BLOCK_T, <= 256] tile per store)
-      where it needs most of the block's rows, instead of 16-byte stores from registers
-      (``push_tma``); 0 (default) = stores only.
   """
 
   world: int
@@ -96,7 +93,7 @@ class EPPlan:
   use_timer: bool = True
   itemsize: int = 2
   profile: bool = False
-  sender_fraction: float = 0.4375
+  sender_fraction: float = 0.375
   expand_order: int = 3
   receiver_share: float = 0.6
   dispatch_stages: int = 3
@@ -104,8 +101,6 @@ class EPPlan:
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
-  dispatch_tma: int = 0
-  combine_tma: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -202,18 +197,6 @@ class EPPlan:
     return interpreter_phases(kernel, self.num_senders, self.num_receivers, self.num_programs,
                               self.receiver_blocks, self.kernel_blocks)
 
-  def push_tma(self, op: str) -> int:
-    """PUSH_TMA of ``op`` ("dispatch" / "combine"): 0 = no TMA stores; else the column width of
-    dispatch's TMA tiles (combine's are its BLOCK_HC). TMA needs rows that start 16-byte
-    aligned (H x itemsize a multiple of 16) and tiles at most 256 columns wide."""
-    if not (self.dispatch_tma if op == "dispatch" else self.combine_tma):
-      return 0
-    if self.num_tokens == 0 or (self.hidden * self.itemsize) % 16:
-      return 0
-    if op == "dispatch":
-      return min(256, next_pow2(self.hidden))
-    return int(self.combine_block_hc <= 256)
-
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,
                 TOPK_P=self.topk_p, BLOCK_T=self.block_t, W_P=next_pow2(self.world),
@@ -229,8 +212,7 @@ class EPPlan:
              BLOCK_H=self.block_h, STAGES=self.dispatch_stages,
              EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
              PHASE=phase,
-             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
-             PUSH_TMA=self.push_tma("dispatch"))
+             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       programs = self.num_senders + self.num_receivers
@@ -294,8 +276,7 @@ class EPPlan:
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=bool(self.combine_queue), PUSH_TMA=bool(self.push_tma("combine")),
-        PHASE=phase)}
+        QUEUE=bool(self.combine_queue), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -243,18 +243,6 @@ def store_release(ptr, value):
 
 
 @triton.jit
-def bulk_store_wait(ON: tl.constexpr):
-  """Wait until this thread's TMA stores (bulk async-groups) have completed, and order their
-  writes before its later generic-proxy accesses; then a CTA barrier and a release store
-  publish them like ordinary stores. Every thread runs it (the one that issued the stores
-  waits). ON = False (the interpreter, whose stores complete at once): nothing."""
-  if ON:
-    tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;"
-                              "\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
 def _now(USE_TIMER: tl.constexpr):
   if USE_TIMER:
     t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,

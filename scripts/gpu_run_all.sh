@@ -54,7 +54,7 @@ for s in ${STAGES:-bench dc_tests}; do
   case $s in
     bench) stage bench ${BENCH_LIMIT:-300} "$PY benchmarks/bench_dispatch_combine.py --mode peer --shapes \
         ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --op-timeout 20 --timeout 280 --out $OUT \
-        ${BENCH_ARGS:---sweep 0.375@32,0.5@32,0.4375@32@2,0.4375@64}" ;;
+        ${BENCH_ARGS:---sweep 0.3125@32,0.4375@32,0.375@32@2,0.375@64}" ;;
     bench_mp) stage bench_mp 300 "$PY benchmarks/bench_dispatch_combine.py --mode nvshmem \
         --shapes ${BENCH_SHAPES:-dsv3_4096_uniform} --no-nccl --timeout 280 --out $OUT \
         ${BENCH_ARGS:-}" ;;

@@ -356,58 +356,6 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(slots[s], want_slots)
 
 
-@pytest.mark.parametrize("world,t,h,k,e,cap,kind,dtype", [
-    (2, 70, 40, 4, 8, None, "uniform", np.float32),     # most blocks by TMA, a partial last
-    (4, 40, 64, 8, 256, 200, "uniform", ml_dtypes.bfloat16),  # DeepSeek-V3 routing, drops
-    (3, 50, 40, 4, 12, 30, "skewed", np.float32),      # few blocks qualify; capacity drops
-    (2, 33, 24, 2, 4, None, "empty", np.float32),      # nothing selected: nothing sent
-])
-def test_tma_pushes_match_numpy(world, t, h, k, e, cap, kind, dtype, interp):
-  """``dispatch_tma`` / ``combine_tma`` (pushes by TMA tiles where a rank needs most of a
-  block): dispatch, dispatch_rows and combine give the bits of the default stores, and
-  dispatch equals numpy; on routings where the TMA path runs (checked here) and where a block
-  mixes both paths."""
-  rng = np.random.default_rng(zlib.crc32(repr((world, t, h, k, e, cap, kind)).encode()))
-  capacity = _capacity(world, t, k, e, cap, 1)
-  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
-                capacity=capacity, alignment=1, num_sms=4, use_timer=False,
-                itemsize=np.dtype(dtype).itemsize)
-  tma = dataclasses.replace(plan, dispatch_tma=1, combine_tma=1)
-  assert tma.push_tma("dispatch") and tma.push_tma("combine") and not plan.push_tma("dispatch")
-  idxs = routing(rng, kind, world, t, k, e)
-  e_local, bt = e // world, plan.block_t
-  by_tma = 0  # (source, block, destination) triples the dispatch push sends by TMA
-  for s in range(world):
-    for b0 in range(0, t, bt):
-      dest = np.where(idxs[s][b0:b0 + bt] >= 0, idxs[s][b0:b0 + bt] // e_local, -1)
-      if (dest >= 0).any(axis=1).all():
-        by_tma += sum(r != s and 4 * (dest == r).any(axis=1).sum() >= 3 * bt
-                      for r in range(world))
-  if kind == "uniform":
-    assert by_tma > 0
-  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
-  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  base, sim = SimWorld(plan), SimWorld(tma)
-  want, got = base.dispatch(xs, idxs, ws), sim.dispatch(xs, idxs, ws)
-  ref = ref_dispatch(xs, idxs, ws, world, e_local, capacity, 1)
-  for r in range(world):
-    assert not got[r]["status"].a.any(), got[r]["status"].a
-    for name in ("recv_pos", "recv_w", "recv_x", "gs", "go"):
-      np.testing.assert_array_equal(got[r][name].a.view(np.uint8), want[r][name].a.view(np.uint8))
-    np.testing.assert_array_equal(got[r]["recv_x"].a.view(np.uint8),
-                                  ref[r]["recv_x"].view(np.uint8))
-  recv_pos = [g["recv_pos"].a for g in got]
-  gos, gss = [g["go"].a for g in got], [g["gs"].a for g in got]
-  douts = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
-  rows, want_rows = (w.dispatch_rows(douts, idxs, recv_pos, gos, gss) for w in (sim, base))
-  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
-  row_ws = [g["recv_w"].a for g in got]
-  out, want_out = (w.combine(ys, row_ws, recv_pos) for w in (sim, base))
-  for r in range(world):
-    np.testing.assert_array_equal(rows[r].view(np.uint8), want_rows[r].view(np.uint8))
-    np.testing.assert_array_equal(out[r].view(np.uint8), want_out[r].view(np.uint8))
-
-
 def _senders_expand_first(phases):
   """Run the senders' expansion (phase 6) before the receivers' (5): with the work queue the
   senders then take every item and the receivers only zero-fill."""

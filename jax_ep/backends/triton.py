@@ -134,10 +134,6 @@ _KNOBS = (
      "a byte count from 8192 to 262144"),
     ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 1),
      "0 (reduce after every push) or 1 (reduce blocks from a queue as they are done)"),
-    ("dispatch_tma", "JAX_EP_DISPATCH_TMA", _int_in(0, 1),
-     "0 (push rows with stores) or 1 (with TMA stores where a rank needs most of a block)"),
-    ("combine_tma", "JAX_EP_COMBINE_TMA", _int_in(0, 1),
-     "0 (push partial rows with stores) or 1 (with TMA stores where most tokens have rows)"),
 )
 
 
