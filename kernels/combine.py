@@ -78,10 +78,14 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
-  block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end."""
+  block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
+  QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
+  program's earlier remote stores have landed: one such drain per two items)."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
+  prev_s = tl.full([], -1, tl.int32)  # QUEUE = 2: the owner whose DONE flag is still to raise
+  prev_at = tl.full([], 0, tl.int32)  # (or -1), and the flag's index there
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
@@ -110,9 +114,22 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                      TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
-    if QUEUE:
+    if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
       store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+    elif QUEUE == 2:
+      if prev_s >= 0:
+        tl.debug_barrier()  # both items' rows and marks before their flags
+        store_release(sym_ptr(sym_table, prev_s, BLOCK_FLAG_OFF, tl.int32) + prev_at, seq)
+        store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+        prev_s = -1
+      else:
+        prev_s = s
+        prev_at = blk * world + rank
+  if QUEUE == 2:
+    if prev_s >= 0:
+      tl.debug_barrier()
+      store_release(sym_ptr(sym_table, prev_s, BLOCK_FLAG_OFF, tl.int32) + prev_at, seq)
   if not QUEUE:
     signal_peers(sym_table, rank, world, pid, seq)
 

@@ -73,7 +73,9 @@ class EPPlan:
     combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
       soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
       reduces while others still push; 0 = every program reduces its fixed blocks after all
-      programs of all ranks finished pushing.
+      programs of all ranks finished pushing; 2 = the queue with each program's DONE flags
+      raised two items at a time (one system-scope release, which waits for the program's
+      remote stores to land, per two items instead of per item).
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -276,7 +278,7 @@ class EPPlan:
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=bool(self.combine_queue), PHASE=phase)}
+        QUEUE=int(self.combine_queue), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

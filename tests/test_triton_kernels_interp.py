@@ -324,12 +324,15 @@ def test_dispatch_combine_against_numpy(case, interp):
   row_ws = [g["recv_w"].a for g in got]
   out1 = sim.combine(ys, row_ws, recv_pos)
   out2 = sim.combine(ys, row_ws, recv_pos)
-  # The reduce after all pushes (combine_queue=0) sums in the same order: the same bits.
+  # The reduce after all pushes (combine_queue=0) sums in the same order: the same bits; so
+  # does the queue with its flags raised two items at a time (2).
   out3 = SimWorld(dataclasses.replace(plan, combine_queue=0)).combine(ys, row_ws, recv_pos)
+  out4 = SimWorld(dataclasses.replace(plan, combine_queue=2)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out3[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out4[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)
@@ -451,7 +454,7 @@ def test_timeout_is_recorded_not_hung(interp):
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
-@pytest.mark.parametrize("queue", [1, 0])
+@pytest.mark.parametrize("queue", [1, 0, 2])
 def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
   """Combine where rank 1's programs never push (they die after the start barrier): rank 0's
   reducers wait for its rows (per-block DONE flags with the queue, ARRIVE_FLAGs without), time

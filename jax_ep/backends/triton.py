@@ -132,8 +132,9 @@ _KNOBS = (
     ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
      "a byte count from 8192 to 262144"),
-    ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 1),
-     "0 (reduce after every push) or 1 (reduce blocks from a queue as they are done)"),
+    ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 2),
+     "0 (reduce after every push), 1 (reduce blocks from a queue as they are done) or 2 (the "
+     "queue, flags raised two items at a time)"),
 )
 
 

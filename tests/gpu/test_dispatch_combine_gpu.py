@@ -233,11 +233,12 @@ def test_expand_levels_match_xla(levels, peer_world, monkeypatch):
 
 
 @pytest.mark.parametrize("acc_bytes,stages,queue", [(131072, 2, 1), (65536, 3, 1), (32768, 6, 1),
-                                                    (65536, 4, 0)])
+                                                    (65536, 4, 0), (65536, 4, 2)])
 def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, peer_world, monkeypatch):
   """Combine's other chunk budgets and pipeline depths (the default is 64 KB x 4; 128 KB x 2 was
   the default until 2026-11-21 16:25), and its reduce after all pushes (JAX_EP_COMBINE_QUEUE=0,
-  the default before 2d6b274, 2026-11-21 18:38) give xla's results too, gradients included."""
+  the default before 2d6b274, 2026-11-21 18:38) and the queue with flags raised two items at a
+  time (2) give xla's results too, gradients included."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", str(acc_bytes))
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", str(stages))
