@@ -84,8 +84,9 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
-  prev_s = tl.full([], -1, tl.int32)  # QUEUE = 2: the owner whose DONE flag is still to raise
-  prev_at = tl.full([], 0, tl.int32)  # (or -1), and the flag's index there
+  # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its index
+  prev_s = tl.full([], -1, tl.int32)
+  prev_at = tl.full([], 0, tl.int32)
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners

@@ -49,9 +49,10 @@ class EPPlan:
     itemsize: bytes per element of the rows this op moves (sizes the row tiles).
     profile: compile the kernels with PROFILE=1 (phase timestamps; ``ep_sync.PROF_*``).
     sender_fraction: share of a dispatch launch's programs that push (the rest expand).
-      0.375 (12 of 32) by default: with expand order 3, dispatch 0.787 / 0.826 ms vs 0.808 /
-      0.852 ms at 0.4375 in two runs (4x H200, DeepSeek-V3 shape, 2026-11-21 19:35 and
-      19:46), 0.830 ms at 0.5 (19:35); 0.4375 had beaten 0.5 and 0.625 at 18:46.
+      0.375 (12 of 32) by default: with expand order 3, dispatch 0.787 / 0.826 / 0.802 ms vs
+      0.808 / 0.852 / 0.856 ms at 0.4375 in three runs (4x H200, DeepSeek-V3 shape,
+      2026-11-21 19:35, 19:46, 19:55), 0.830 ms at 0.5 (19:35); 0.4375 had beaten 0.5 and
+      0.625 at 18:46.
     expand_order: dispatch receivers' block order: 0 = this rank's blocks first, then the
       others' (block-major); 1 = block-major over every source; 2 = a work queue shared by
       receivers and senders, own blocks first (``receiver_share`` is then not used); 3 = the
