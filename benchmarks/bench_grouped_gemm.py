@@ -239,13 +239,18 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
                               mean=float(sizes.mean()), zeros=int((sizes == 0).sum())),
              tma_default=triton_gemm._use_tma_default())
   tma = res["tma_default"]
-  res.update(fwd_config=str(gg.forward_config(k, n, dtype.name, "tf32", tma=tma)),
+  fwd_cfg = gg.forward_config(k, n, dtype.name, "tf32", tma=tma)
+  res.update(fwd_config=str(fwd_cfg),
              dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma)),
              dw_config=str(gg.dw_config(k, n, dtype.name, "tf32", tma=tma)))
+  # Rows the forward tiles compute beyond the rows in groups (each group's partial last tile;
+  # half_tiles, where it applies, halves it): the MMA work the dense product does not do.
+  bm = fwd_cfg.block_m
+  res["tile_rows_overhead"] = float(np.ceil(sizes / bm).sum() * bm / max(r, 1) - 1)
   fwd_flops = 2.0 * r * k * n
   print(f"\n== {name}: R={r} rows, E={experts}, K={k}, N={n}, {dtype.name}, {args.routing} "
-        f"(group sizes {sizes.min()}..{sizes.max()}, {int((sizes == 0).sum())} empty)",
-        flush=True)
+        f"(group sizes {sizes.min()}..{sizes.max()}, {int((sizes == 0).sum())} empty; "
+        f"{bm}-row tiles compute {100 * res['tile_rows_overhead']:.1f}% extra rows)", flush=True)
 
   # The ops (each takes x first: the timing loop perturbs it; group sizes and offsets are
   # arguments, as in a model, so nothing derived from them is constant-folded).
