@@ -130,7 +130,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_EXPAND_ORDER", "4", "0 \\(own blocks first\\)"),
     ("JAX_EP_EXPAND_LEVELS", "-1", "an integer from 0 to 64"),
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
-    ("JAX_EP_COMBINE_QUEUE", "2", "0 \\(reduce after every push\\)"),
+    ("JAX_EP_COMBINE_QUEUE", "3", "0 \\(reduce after every push\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -152,7 +152,9 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "9")
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "0")
   plan = tb._plan(config, 2, 2)
-  assert default.combine()["QUEUE"] and not plan.combine()["QUEUE"]
+  assert default.combine()["QUEUE"] == 1 and plan.combine()["QUEUE"] == 0
+  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "2")
+  assert tb._plan(config, 2, 2).combine()["QUEUE"] == 2
   assert plan.expand_levels == 9 and plan.dispatch(False)["EXPAND_LEVELS"] == 2  # <= topk
   assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (4, 1, 65536)
   assert plan.dispatch(False)["STAGES"] == 4 and plan.combine()["STAGES"] == 1
