@@ -16,6 +16,7 @@
 #   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
 #   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
 #   copyrate  benchmarks/bench_copy_rate.py: the expansion's row copies alone, GPU 0, per programs
+#   nvlink    benchmarks/bench_nvlink_rate.py: remote stores vs remote loads per program [NVLINK_ARGS]
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -78,6 +79,8 @@ for s in ${STAGES:-bench dc_tests}; do
         ${GEMM_SWEEP_ARGS:---shapes qwen3_up,qwen3_down} --out $OUT" ;;
     copyrate) stage copyrate 120 "CUDA_VISIBLE_DEVICES=0 $PY benchmarks/bench_copy_rate.py \
         --out $OUT ${COPY_ARGS:-}" ;;
+    nvlink) stage nvlink ${NVLINK_LIMIT:-200} "$PY benchmarks/bench_nvlink_rate.py --out $OUT \
+        ${NVLINK_ARGS:-}" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
