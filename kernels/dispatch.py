@@ -75,12 +75,13 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
                BLOCK_H: tl.constexpr, STAGES: tl.constexpr, W_P: tl.constexpr,
-               PUSH_UNROLL: tl.constexpr):
+               PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
   """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ...
 
   PUSH_UNROLL: the chunk loop's stores to the other ranks unrolled over W_P ranks (masked),
   so Triton pipelines its loads (cp.async, STAGES - 1 chunks ahead); 0: a run-time loop over
-  the ranks, which Triton 3.6 does not pipeline (each chunk's load waited for in turn)."""
+  the ranks, which Triton 3.6 does not pipeline (each chunk's load waited for in turn).
+  PUSH_SIGNAL: 1 = each block's flags raised in every rank at once (``signal_block``)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   k = tl.arange(0, TOPK_P)
@@ -132,7 +133,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
               dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
               tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
                        mask=send[:, None] & hmask[None, :])
-    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
+    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, W_P,
+                 PUSH_SIGNAL == 1)
 
 
 @triton.jit
@@ -361,7 +363,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           W_P: tl.constexpr, PUSH_UNROLL: tl.constexpr):
+           W_P: tl.constexpr, PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -385,7 +387,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, W_P, PUSH_UNROLL)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, W_P, PUSH_UNROLL,
+                   PUSH_SIGNAL)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
@@ -421,7 +424,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PUSH_UNROLL: tl.constexpr):
+                    PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -464,7 +467,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
            EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, W_P,
-           PUSH_UNROLL)
+           PUSH_UNROLL, PUSH_SIGNAL)
 
 
 @triton.jit
@@ -481,7 +484,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, PUSH_UNROLL: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr, PUSH_UNROLL: tl.constexpr,
+                         PUSH_SIGNAL: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -505,4 +509,5 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, W_P, PUSH_UNROLL)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, W_P, PUSH_UNROLL,
+           PUSH_SIGNAL)

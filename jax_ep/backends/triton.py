@@ -138,6 +138,8 @@ _KNOBS = (
     ("push_unroll", "JAX_EP_PUSH_UNROLL", _int_in(0, 1),
      "1 (dispatch's push loop unrolled over the ranks, loads pipelined) or 0 (a run-time loop "
      "over the ranks)"),
+    ("push_signal", "JAX_EP_PUSH_SIGNAL", _int_in(0, 1),
+     "1 (a block's flags raised in every rank at once) or 0 (one rank after another)"),
 )
 
 
