@@ -74,14 +74,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, W_P: tl.constexpr,
-               PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
-  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ...
-
-  PUSH_UNROLL: the chunk loop's stores to the other ranks unrolled over W_P ranks (masked),
-  so Triton pipelines its loads (cp.async, STAGES - 1 chunks ahead); 0: a run-time loop over
-  the ranks, which Triton 3.6 does not pipeline (each chunk's load waited for in turn).
-  PUSH_SIGNAL: 1 = each block's flags raised in every rank at once (``signal_block``)."""
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   k = tl.arange(0, TOPK_P)
@@ -117,24 +111,16 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):
+      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 ahead
         hmask = (h0 + h) < HIDDEN
         rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
-        if PUSH_UNROLL:
-          for q in tl.static_range(W_P):  # ranks >= world: no dest, every store masked
-            send = (tl.max((dest == q).to(tl.int32), axis=1) > 0) & (q != rank)
-            dst = sym_ptr(sym_table, tl.where(q < world, q, rank), ROWS_OFF, dtype)
+        for r in range(world):
+          if r != rank:
+            send = tl.max((dest == r).to(tl.int32), axis=1) > 0
+            dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
             tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
                      mask=send[:, None] & hmask[None, :])
-        else:
-          for r in range(world):
-            if r != rank:
-              send = tl.max((dest == r).to(tl.int32), axis=1) > 0
-              dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
-              tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
-                       mask=send[:, None] & hmask[None, :])
-    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, W_P,
-                 PUSH_SIGNAL == 1)
+    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
 
 
 @triton.jit
@@ -362,8 +348,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           W_P: tl.constexpr, PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
+           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -387,8 +372,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, W_P, PUSH_UNROLL,
-                   PUSH_SIGNAL)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
@@ -423,8 +407,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PUSH_UNROLL: tl.constexpr, PUSH_SIGNAL: tl.constexpr):
+                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -466,8 +449,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, W_P,
-           PUSH_UNROLL, PUSH_SIGNAL)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
 
 
 @triton.jit
@@ -484,8 +466,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, PUSH_UNROLL: tl.constexpr,
-                         PUSH_SIGNAL: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -509,5 +490,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, W_P, PUSH_UNROLL,
-           PUSH_SIGNAL)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)

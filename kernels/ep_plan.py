@@ -78,15 +78,6 @@ class EPPlan:
       raised two items at a time (one system-scope release, which waits for the program's
       remote stores to land, per two items instead of per item); opt-in: 0.904 vs 0.947 ms
       and 0.922 vs 0.897 ms for mode 1 in two runs (4x H200, 2026-11-21 19:55, 20:00).
-    push_unroll: 1 = dispatch's senders store each row chunk to the other ranks in a loop
-      unrolled over W_P ranks, so Triton pipelines the chunk loads (cp.async); 0 (default) = a
-      run-time loop over the ranks, which Triton 3.6 does not pipeline (each chunk's load is
-      waited for). Opt-in: pipelined, dispatch took 0.877 ms vs 0.841 ms unpipelined in the
-      same run (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21 21:00): the push is bound by
-      NVLink and its flags, not by its loads.
-    push_signal: 1 (default) = dispatch's senders raise a token block's flag in every rank
-      with W release atomics issued at once from W threads; 0 = one thread's release atomics
-      in turn (each waits for the previous to land: W NVLink round trips per block).
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -114,8 +105,6 @@ class EPPlan:
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
-  push_unroll: int = 0
-  push_signal: int = 1
 
   @property
   def region(self) -> RegionSpec:
@@ -226,7 +215,7 @@ class EPPlan:
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
              BLOCK_H=self.block_h, STAGES=self.dispatch_stages,
              EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
-             PHASE=phase, PUSH_UNROLL=self.push_unroll, PUSH_SIGNAL=self.push_signal,
+             PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
     if not from_layout:
       e_p = next_pow2(self.num_experts)

@@ -325,25 +325,13 @@ def wait_all_arrivals(sym_table, rank, world, num_senders, seq, timeout_ns, stat
 
 
 @triton.jit
-def signal_block(sym_table, rank, world, block_flag_off, max_tokens, blk, seq, W_P: tl.constexpr,
-                 PARALLEL: tl.constexpr):
+def signal_block(sym_table, rank, world, block_flag_off, max_tokens, blk, seq):
   """``BLOCK_FLAG[rank, blk] = seq`` in every rank's region (after a CTA barrier, so the CTA's
-  earlier stores, the block's rows and slot metadata, are ordered before it).
-
-  PARALLEL: one release atomic per rank, from W_P threads at once (each waits for the CTA's
-  earlier stores once); otherwise one thread's release atomics in turn, each waiting for the
-  previous one to land (a round trip per rank)."""
+  earlier stores, the block's rows and slot metadata, are ordered before it)."""
   tl.debug_barrier()
-  if PARALLEL:
-    q = tl.arange(0, W_P)
-    base = tl.load(sym_table + tl.where(q < world, q, rank)) + block_flag_off
-    flag = base.to(tl.pointer_type(tl.int32)) + rank * max_tokens + blk
-    tl.atomic_xchg(flag, tl.full([W_P], 0, tl.int32) + seq, mask=q < world, sem="release",
-                   scope="sys")
-  else:
-    for r in range(world):
-      flag = sym_ptr(sym_table, r, block_flag_off, tl.int32) + rank * max_tokens + blk
-      store_release(flag, seq)
+  for r in range(world):
+    flag = sym_ptr(sym_table, r, block_flag_off, tl.int32) + rank * max_tokens + blk
+    store_release(flag, seq)
 
 
 @triton.jit

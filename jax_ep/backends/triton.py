@@ -135,11 +135,6 @@ _KNOBS = (
     ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 2),
      "0 (reduce after every push), 1 (reduce blocks from a queue as they are done) or 2 (the "
      "queue, flags raised two items at a time)"),
-    ("push_unroll", "JAX_EP_PUSH_UNROLL", _int_in(0, 1),
-     "1 (dispatch's push loop unrolled over the ranks, loads pipelined) or 0 (a run-time loop "
-     "over the ranks)"),
-    ("push_signal", "JAX_EP_PUSH_SIGNAL", _int_in(0, 1),
-     "1 (a block's flags raised in every rank at once) or 0 (one rank after another)"),
 )
 
 

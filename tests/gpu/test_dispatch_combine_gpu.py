@@ -222,19 +222,6 @@ def test_dispatch_tuning_variants_match_xla(frac, order, share, peer_world, monk
   compare_case(case, mesh, world, _put(mesh), seed=31 + order, repeats=3)
 
 
-@pytest.mark.parametrize("unroll,signal", [(1, 1), (0, 0), (1, 0)])
-def test_push_variants_match_xla(unroll, signal, peer_world, monkeypatch):
-  """Dispatch's push with its store loop unrolled over the ranks (JAX_EP_PUSH_UNROLL=1,
-  opt-in) and with its block flags raised one rank after another (JAX_EP_PUSH_SIGNAL=0, the
-  default until 2026-11-21 21:10) gives xla's results, dispatch_rows (combine's backward)
-  included."""
-  mesh, world = peer_world
-  monkeypatch.setenv("JAX_EP_PUSH_UNROLL", str(unroll))
-  monkeypatch.setenv("JAX_EP_PUSH_SIGNAL", str(signal))
-  case = (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")
-  compare_case(case, mesh, world, _put(mesh), seed=71 + 2 * unroll + signal, repeats=3)
-
-
 @pytest.mark.parametrize("levels", [1, 4])
 def test_expand_levels_match_xla(levels, peer_world, monkeypatch):
   """Dispatch's expansion by levels (JAX_EP_EXPAND_LEVELS; opt-in) gives xla's results: with
