@@ -111,7 +111,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 ahead
+      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # not pipelined (rank loop)
         hmask = (h0 + h) < HIDDEN
         rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
         for r in range(world):
