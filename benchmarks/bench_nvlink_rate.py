@@ -2,26 +2,29 @@
 remote loads (pull), per number of programs, warps and pipeline depth.
 
 A diagnostic, not a target. Dispatch and combine push their rows with plain 16-byte stores
-into the peers' symmetric regions, and at the default 32 SMs the push is their slowest part per
-byte (~18 GB/s per program; docs/KERNELS.md "Where the time goes"). This times the two ways a
-program can move rows over NVLink, alone, on every GPU at once (as in an all-to-all):
+into the peers' symmetric regions. This times the ways a program can move rows over NVLink,
+alone, on every GPU at once (as in an all-to-all):
 
   push   load rows of a local buffer, store them into the next ranks' regions (remote stores)
   pull   load rows from the next ranks' regions (remote loads), store them into a local buffer
   local  the same copy from this rank's own region (HBM to HBM, the baseline)
+  fan    dispatch's sender loop: each chunk loaded once and stored to every peer (the store
+         loop unrolled over the ranks, so the loads are pipelined), the pipeline drained per
+         row block; fan_rt: the ranks in a run-time loop, as dispatch has them (Triton then
+         does not pipeline the loads); *_sig1 / *_sig2 also raise a flag per row block in every
+         rank: 1 = a release atomic per rank in turn (what dispatch does), 2 = one release
+         store per rank from different threads at once
 
-Row block b goes to (from) rank (me + 1 + b % (W - 1)) % W, so every peer gets an equal share.
-Each program copies [BLOCK_R, BLOCK_H] tiles (32 KB at bf16 x 7168), loads pipelined STAGES
-deep (cp.async, STAGES - 1 tiles in flight), as the row loops of dispatch/combine do. The
-content is whatever the regions hold (no synchronization between ranks: a rate, not a
-transfer). Time per op: slope between jitted loops of --inner and 3 x --inner ops.
+push/pull/local: row block b goes to (from) rank (me + 1 + b % (W - 1)) % W, so every peer gets
+an equal share, in one pipelined loop over (row block, chunk) items. Tiles are [BLOCK_R,
+BLOCK_H] (32 KB of bf16 by default, as dispatch's), loads pipelined STAGES deep (cp.async,
+STAGES - 1 tiles in flight). The content is whatever the regions hold (no synchronization
+between ranks: a rate, not a transfer). Time per op: slope between jitted loops of --inner and
+3 x --inner ops.
 
-  fan       dispatch's sender loop: each chunk loaded once and stored to every peer (a loop
-            unrolled over the ranks, so the loads are pipelined), the pipeline drained per row
-            block; fan_rt: the ranks in a run-time loop (Triton then does not pipeline the
-            loads); *_sig1 / *_sig2 also raise a flag per row block in every rank: 1 = a release
-            atomic per rank in turn (what dispatch does), 2 = one release store per rank from
-            different threads at once
+Measured on 4x H200 (2026-11-21, docs/GPU_RUNS.md "Session 8"): 292-343 GB/s per GPU at 16-128
+programs for stores and loads alike, 269-294 GB/s at 8: the ceiling of SM-issued NVLink traffic
+in this pattern, which bounds what dispatch and combine can reach (docs/KERNELS.md).
 
   python benchmarks/bench_nvlink_rate.py [--programs 8,16,32] [--warps 8,16] [--stages 3,6]
 """
