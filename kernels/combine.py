@@ -75,8 +75,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                  STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr):
+                  BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
+                  QUEUE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
+  Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
@@ -111,8 +113,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
         _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
                      J_UNROLL)
       else:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
-                     TOPK)
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
+                     STAGES, TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
     if QUEUE == 1:
@@ -218,9 +220,9 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                    BLOCK_FLAG_OFF: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                    W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_HC: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
-                   J_UNROLL: tl.constexpr, QUEUE: tl.constexpr, USE_TIMER: tl.constexpr,
-                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
+                   STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
+                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -250,8 +252,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
       if seq > 0:
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                      ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, STAGES,
-                      J_UNROLL, QUEUE)
+                      ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
+                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:

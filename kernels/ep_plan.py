@@ -78,6 +78,10 @@ class EPPlan:
       raised two items at a time (one system-scope release, which waits for the program's
       remote stores to land, per two items instead of per item); opt-in: 0.904 vs 0.947 ms
       and 0.922 vs 0.897 ms for mode 1 in two runs (4x H200, 2026-11-21 19:55, 20:00).
+    combine_wide: 1 (default) = combine's common push path (J_UNROLL levels) takes chunks
+      TOPK_P / J_UNROLL times wider than the all-TOPK path's (512 vs 256 columns at top-8), in
+      the same shared memory per stage: each chunk iteration costs ~0.2 us beyond its bytes
+      (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -105,6 +109,7 @@ class EPPlan:
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
+  combine_wide: int = 1
 
   @property
   def region(self) -> RegionSpec:
@@ -241,12 +246,23 @@ class EPPlan:
     return min(4, self.topk_p)
 
   @property
-  def combine_block_hc(self) -> int:
-    """Push chunk: J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES
-    (sized for the common J_UNROLL path; the all-TOPK path keeps more rows in flight: no spills
-    at the DeepSeek-V3 shape, ``scripts/kernel_stats.py``)."""
+  def combine_block_hc_all(self) -> int:
+    """Push chunk of the all-TOPK path (and of both paths with ``combine_wide`` off):
+    J_UNROLL [BLOCK_T, BLOCK_HC] row tiles + an f32 accumulator in ACC_BYTES (sized for the
+    J_UNROLL path; the all-TOPK path keeps more rows in flight: no spills at the DeepSeek-V3
+    shape, ``scripts/kernel_stats.py``)."""
     per_col = self.combine_block_t * (self.j_unroll * self.itemsize + 4)
     return _pow2_floor(self.combine_acc_bytes // per_col, 32, next_pow2(self.hidden))
+
+  @property
+  def combine_block_hc(self) -> int:
+    """Push chunk of the J_UNROLL-level path: with ``combine_wide``, TOPK_P / J_UNROLL times
+    the all-TOPK path's, so a stage of either path holds the same bytes of rows (one shared
+    memory budget, half the chunk iterations at top-8)."""
+    hc = self.combine_block_hc_all
+    if self.combine_wide:
+      hc = min(hc * (self.topk_p // self.j_unroll), next_pow2(self.hidden))
+    return hc
 
   @property
   def combine_block_hr(self) -> int:
@@ -269,7 +285,8 @@ class EPPlan:
     loop fit in SMEM_BYTES (Triton reuses one buffer across the kernel's loops; the largest
     holds TOPK_P push rows or W_P partial rows of a chunk)."""
     per_stage = self.combine_block_t * self.itemsize * max(
-        self.topk_p * self.combine_block_hc, next_pow2(self.world) * self.combine_block_hr)
+        self.topk_p * self.combine_block_hc_all, self.j_unroll * self.combine_block_hc,
+        next_pow2(self.world) * self.combine_block_hr)
     return max(1, min(self.combine_stages, 1 + SMEM_BYTES // per_stage))
 
   def combine(self, phase: int = 0) -> dict:
@@ -279,6 +296,7 @@ class EPPlan:
         ROW_MARK_OFF=r.row_mark_off, BLOCK_FLAG_OFF=r.block_flag_off,
         NUM_PROGRAMS=self.num_programs, BLOCK_P=next_pow2(self.num_programs),
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
+        BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
         QUEUE=int(self.combine_queue), PHASE=phase)}
 

@@ -87,7 +87,8 @@ def main() -> None:
                 combine_acc_bytes=args.acc_bytes)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
-        f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}) / reduce "
+        f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "
+        f"{plan.combine_block_hc_all} all levels) / reduce "
         f"{plan.combine_block_hr} (all {plan.world} ranks)")
   for name, (k, warps) in compile_ep_kernels(plan, args.dtype, args.warps).items():
     ptx = k.asm["ptx"]

@@ -56,7 +56,8 @@ def test_combine_pipeline_default_at_the_benchmark_shape():
   shape gets, not lowered by the shared-memory clamp."""
   plan = _plan(4, 4096, 7168, 256, 8, 2)
   assert (plan.combine_acc_bytes, plan.combine_pipeline) == (64 * 1024, 4)
-  assert (plan.combine_block_hc, plan.combine_block_hr) == (256, 256)
+  assert (plan.combine_block_hc, plan.combine_block_hc_all, plan.combine_block_hr) == (
+      512, 256, 256)
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])

@@ -282,6 +282,8 @@ CASES = [
     (2, 7, 300, 2, 4, None, 1, "uniform", np.float32),        # rows in 3 chunks (128 + tail)
     (4, 40, 64, 8, 256, 200, 1, "uniform", ml_dtypes.bfloat16),  # DeepSeek-V3 routing, 3 blocks
     (2, 24, 32, 8, 8, None, 2, "skewed", np.float32),  # > 4 of a token's 8 rows on one rank
+    # both push paths of combine with different chunks: 512 columns (4 levels), 256 (all 8)
+    (2, 24, 600, 8, 8, None, 1, "skewed", ml_dtypes.bfloat16),
 ]
 
 
@@ -328,11 +330,14 @@ def test_dispatch_combine_against_numpy(case, interp):
   # does the queue with its flags raised two items at a time (2).
   out3 = SimWorld(dataclasses.replace(plan, combine_queue=0)).combine(ys, row_ws, recv_pos)
   out4 = SimWorld(dataclasses.replace(plan, combine_queue=2)).combine(ys, row_ws, recv_pos)
+  # One chunk width for both push paths (combine_wide=0): the same bits too.
+  out5 = SimWorld(dataclasses.replace(plan, combine_wide=0)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out3[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out4[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out5[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)
