@@ -70,6 +70,13 @@ def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
 
 
 @triton.jit
+def _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
+  """DONE[blk, rank] = seq in owner s's region (release, system scope; call after a CTA
+  barrier, so the item's rows and marks are ordered before it)."""
+  store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+
+
+@triton.jit
 def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                   world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
@@ -86,9 +93,9 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   k = tl.arange(0, TOPK_P)
-  # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its index
+  # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
-  prev_at = tl.full([], 0, tl.int32)
+  prev_blk = tl.full([], 0, tl.int32)
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
@@ -119,20 +126,20 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
-      store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+      _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
     elif QUEUE == 2:
       if prev_s >= 0:
         tl.debug_barrier()  # both items' rows and marks before their flags
-        store_release(sym_ptr(sym_table, prev_s, BLOCK_FLAG_OFF, tl.int32) + prev_at, seq)
-        store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+        _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
+        _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
         prev_s = -1
       else:
         prev_s = s
-        prev_at = blk * world + rank
+        prev_blk = blk
   if QUEUE == 2:
     if prev_s >= 0:
       tl.debug_barrier()
-      store_release(sym_ptr(sym_table, prev_s, BLOCK_FLAG_OFF, tl.int32) + prev_at, seq)
+      _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
   if not QUEUE:
     signal_peers(sym_table, rank, world, pid, seq)
 
