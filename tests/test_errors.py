@@ -131,6 +131,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_EXPAND_LEVELS", "-1", "an integer from 0 to 64"),
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
     ("JAX_EP_COMBINE_QUEUE", "3", "0 \\(reduce after every push\\)"),
+    ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -159,3 +160,17 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (4, 1, 65536)
   assert plan.dispatch(False)["STAGES"] == 4 and plan.combine()["STAGES"] == 1
   assert default.dispatch(False)["STAGES"] == default.dispatch_stages
+
+
+def test_combine_wide_knob_reaches_the_kernel(monkeypatch):
+  """JAX_EP_COMBINE_WIDE: by default the common push path takes 512-column chunks at top-8
+  (the all-TOPK path 256); 0 gives both paths one width."""
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=16, topk=8, hidden=7168, max_tokens_per_rank=64,
+                           backend="triton")
+  wide = tb._plan(config, 2, 64).combine()
+  monkeypatch.setenv("JAX_EP_COMBINE_WIDE", "0")
+  narrow = tb._plan(config, 2, 64).combine()
+  assert (wide["BLOCK_HC"], wide["BLOCK_HC_ALL"]) == (512, 256)
+  assert (narrow["BLOCK_HC"], narrow["BLOCK_HC_ALL"]) == (256, 256)
+  assert wide["STAGES"] == narrow["STAGES"]  # the same shared memory per stage

@@ -241,7 +241,7 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, peer_wo
   the default until 2026-11-21 16:25), its reduce after all pushes (JAX_EP_COMBINE_QUEUE=0,
   the default before 2d6b274, 2026-11-21 18:38), the queue with flags raised two items at a
   time (2), and one chunk width for both push paths (JAX_EP_COMBINE_WIDE=0, the default until
-  2026-11-21 22:00) give xla's results too, gradients included."""
+  2026-11-21 21:37) give xla's results too, gradients included."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", str(acc_bytes))
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", str(stages))
