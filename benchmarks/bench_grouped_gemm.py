@@ -710,7 +710,8 @@ def plot(results, path, title):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shapes", default=",".join(SHAPES),
-                 help=f"comma-separated names from {list(SHAPES) + list(QUICK_SHAPES)}")
+                 help=f"comma-separated names from {list(SHAPES) + list(QUICK_SHAPES)}, or "
+                 "ROWSxEXPERTSxKxN for any other shape")
   p.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
   p.add_argument("--routing", default="uniform", choices=["uniform", "zipf", "balanced"])
@@ -745,16 +746,20 @@ def main(argv=None):
   if bad:
     p.error(f"--sweep-phases: unknown {sorted(bad)}; choose from {list(_sweep_candidates())}")
 
+  table = dict(SHAPES, **QUICK_SHAPES)
+  names = list(QUICK_SHAPES) if args.quick else [s for s in args.shapes.split(",") if s]
+  for s in names:
+    custom = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)", s)
+    if custom and all(int(v) > 0 for v in custom.groups()):
+      table[s] = tuple(int(v) for v in custom.groups())
+    elif s not in table:
+      p.error(f"unknown shape {s!r}; choose from {list(table)} or give ROWSxEXPERTSxKxN "
+              f"(e.g. 32768x8x7168x4096)")
   from jax_ep.backends import triton_gemm
   why = triton_gemm._why_not_usable()
   if why:
     sys.exit(f"bench_grouped_gemm: the triton grouped matmul cannot run here: {why}")
 
-  table = dict(SHAPES, **QUICK_SHAPES)
-  names = list(QUICK_SHAPES) if args.quick else [s for s in args.shapes.split(",") if s]
-  for s in names:
-    if s not in table:
-      p.error(f"unknown shape {s!r}; choose from {list(table)}")
   device = jax.devices()[0]
   now = datetime.datetime.now(datetime.timezone.utc)
   import triton
