@@ -405,7 +405,7 @@ def test_compiles_for_sm90(dtype, variant):
       assert k.metadata.num_warps == 12 and "setmaxnreg" in ptx
     # The grid's residency estimate relies on these: no spills, shared memory within an SM.
     assert k.metadata.shared <= 227 * 1024
-  if tma:  # the flat dw kernel's tiles leave by bulk stores from shared memory
+  if variant == "tma":  # the flat dw kernel's tiles leave by bulk stores from shared memory
     assert "cp.async.bulk.tensor.2d.global.shared" in kernels[-1].asm["ptx"]
 
 
