@@ -99,10 +99,6 @@ def _sweep_candidates():
   dw = [
       ("default", None, False),
       ("tma default", None, True),
-      # The flat kernel storing each expert's tile by TMA (the bulk store drains while the
-      # next expert's steps run; 208 KiB and 160 KiB of shared memory).
-      ("flat tma-store 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), True),
-      ("flat tma-store 128x256x32 w8 s4", T(128, 256, 32, 8, 4, flatten=True), True),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
       # memory on sm_90: 176 KiB, 224 KiB, 224 KiB).
       ("flat 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), False),

@@ -329,7 +329,6 @@ def grouped_gemm_dw_flat_kernel(
     NUM_SEGS: tl.constexpr,   # expert segments (``dw_flat_segments``)
     MAX_STEPS: tl.constexpr,  # rows of the step table
     INPUT_PRECISION: tl.constexpr,
-    TMA_STORE: tl.constexpr = False,  # tiles stored by TMA from shared memory (K % BLOCK_M == 0)
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e], one flat loop per program.
 
@@ -339,11 +338,6 @@ def grouped_gemm_dw_flat_kernel(
   clearing the accumulator at each expert's last step: the loads of the next expert's rows are
   in flight while this one's tile is stored, where the per-expert kernel drains its pipeline
   every 256-512 rows. Same steps, masks and order per expert as ``grouped_gemm_dw_kernel``.
-
-  With TMA_STORE an expert's tile leaves through one descriptor over dw as ``[E * K, N]``
-  (rows of a tile never cross experts: K % BLOCK_M == 0): the bulk copy drains from shared
-  memory while the next expert's steps run, where per-thread stores hold the program until
-  its 64 KiB are issued.
   """
   pid = tl.program_id(0)
   num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -372,9 +366,6 @@ def grouped_gemm_dw_flat_kernel(
   # Step bounds clamped to the table: a corrupt table stays in bounds.
   s_lo = tl.minimum(tl.maximum(tl.load(first_ptr + e_lo), 0), MAX_STEPS)
   s_hi = tl.minimum(tl.maximum(tl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
-  if TMA_STORE:
-    dw_desc = tl.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[STRIDE_DWK, 1],
-                                        block_shape=[BLOCK_M, BLOCK_N])
   acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
   # Each step's record is loaded one iteration ahead into registers, so the tile addresses of
   # a step do not hang on a load of that step: Triton then prefetches the tiles STAGES - 1
@@ -395,12 +386,8 @@ def grouped_gemm_dw_flat_kernel(
     acc = tl.dot(tl.trans(xt), g, acc, input_precision=INPUT_PRECISION)
     if _field(rec, col, 3) != 0:  # the expert's last step: store its tile, start the next
       e = tl.minimum(tl.maximum(_field(rec, col, 2), 0), E - 1)
-      if TMA_STORE:
-        dw_desc.store([e * K + k_tile * BLOCK_M, n_tile * BLOCK_N],
-                      acc.to(dw_ptr.dtype.element_ty))
-      else:
-        tl.store(dw_ptr + e.to(tl.int64) * STRIDE_DWE + tile, acc.to(dw_ptr.dtype.element_ty),
-                 mask=mask)
+      tl.store(dw_ptr + e.to(tl.int64) * STRIDE_DWE + tile, acc.to(dw_ptr.dtype.element_ty),
+               mask=mask)
       acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
@@ -667,8 +654,8 @@ def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[i
   operand, B tiles that never cross experts along the reduction, int32 descriptor shapes."""
   if (K * elem_bytes) % 16 or (N * elem_bytes) % 16:
     return False
-  if dw:  # the flat kernel's TMA stores: one descriptor over dw as [E * K, N]
-    return not cfg.flatten or (K % cfg.block_m == 0 and E * K < 2**31)
+  if dw:
+    return True
   we, wk, wn = w_strides
   if wn == 1:
     return we == K * wk and K % cfg.block_k == 0 and E * K < 2**31
@@ -706,9 +693,9 @@ def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
 
 
 def dw_flat_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, num_segs: int, *,
-                       input_precision: str = "ieee", tma_store: bool = False) -> dict:
+                       input_precision: str = "ieee") -> dict:
   """Compile-time constants of ``grouped_gemm_dw_flat_kernel`` (row-major x, dy, dw)."""
-  return dict(C=C, K=K, N=N, E=E, TMA_STORE=tma_store,
+  return dict(C=C, K=K, N=N, E=E,
               STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

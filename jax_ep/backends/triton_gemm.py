@@ -151,8 +151,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
 
   ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
   kernel (``grouped_gemm_dw_flat_kernel``, pointer loads) runs instead of one program per
-  (expert, tile). ``use_tma``: TMA loads for the per-tile kernel, TMA stores of the tiles for
-  the flat one (where ``tma_supported``)."""
+  (expert, tile)."""
   gg = _kernels()
   c, h = x.shape
   n = dy.shape[1]
@@ -164,8 +163,6 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   # dw stays on pointer loads unless asked: its TMA variant measured slower on H200
   # (2026-11-21: 0.54x vs 0.57x cuBLAS on the DeepSeek-V3 up shape).
   cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
-  tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
-                                     elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
   if cfg.flatten:  # one flat loop over the row steps of a segment of experts (pointer loads)
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
@@ -174,9 +171,11 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
         grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         constexprs=gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,
-                                         input_precision=precision, tma_store=tma),
+                                         input_precision=precision),
         name="jax_ep_grouped_gemm_dw")
     return dw
+  tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
+                                     elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)
   if use_tma and not tma and config is None:
     cfg = gg.dw_config(h, n, dtype, precision, tma=False)
   # Largest groups first: their long reductions start before the short ones (a stable sort,
