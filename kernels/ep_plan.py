@@ -81,9 +81,9 @@ class EPPlan:
     combine_wide: 1 (default) = combine's common push path (J_UNROLL levels) takes chunks
       TOPK_P / J_UNROLL times wider than the all-TOPK path's (512 vs 256 columns at top-8), in
       the same shared memory per stage: each chunk iteration costs ~0.2 us beyond its bytes
-      (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width;
-      2 = 1 and the reduce's chunks widened too, until a stage of the W_P ranks' rows holds a
-      push stage's bytes (512 vs 256 columns at W = 4, top-8; the same shared memory).
+      (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
+      (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
+      0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -276,14 +276,9 @@ class EPPlan:
     per_col = self.combine_block_t * (next_pow2(self.world) * self.itemsize + 4)
     cap = next_pow2(self.hidden)
     hr = _pow2_floor(self.combine_acc_bytes // per_col, 32, cap)
-    widest = _pow2_floor(REDUCE_MAX_BYTES // per_col, 32, cap)
     vector_cols = 16 * 32 * ROWS_WARPS // (self.combine_block_t * self.itemsize)
     if hr < vector_cols:
-      hr = max(hr, min(vector_cols, widest))
-    if self.combine_wide >= 2:  # a stage of W_P row tiles as large as a push stage
-      push_cols = max(self.topk_p * self.combine_block_hc_all,
-                      self.j_unroll * self.combine_block_hc)
-      hr = max(hr, min(widest, _pow2_floor(push_cols // next_pow2(self.world), 32, cap)))
+      hr = max(hr, min(vector_cols, _pow2_floor(REDUCE_MAX_BYTES // per_col, 32, cap)))
     return hr
 
   @property

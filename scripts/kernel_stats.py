@@ -69,7 +69,7 @@ def main() -> None:
   p.add_argument("--expand-levels", type=int, default=EPPlan.expand_levels)
   p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--combine-queue", type=int, default=EPPlan.combine_queue, choices=(0, 1, 2))
-  p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1, 2))
+  p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1))
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan

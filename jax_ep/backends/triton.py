@@ -135,9 +135,8 @@ _KNOBS = (
     ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 2),
      "0 (reduce after every push), 1 (reduce blocks from a queue as they are done) or 2 (the "
      "queue, flags raised two items at a time)"),
-    ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 2),
-     "1 (the common push path in wider chunks), 2 (the reduce's chunks too) or 0 (one chunk "
-     "width)"),
+    ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 1),
+     "1 (the common push path in wider chunks) or 0 (one chunk width)"),
 )
 
 
