@@ -17,6 +17,7 @@
 #   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
 #   copyrate  benchmarks/bench_copy_rate.py: the expansion's row copies alone, GPU 0, per programs
 #   nvlink    benchmarks/bench_nvlink_rate.py: remote stores vs remote loads per program [NVLINK_ARGS]
+#   ncu_gemm  Nsight Compute on one grouped GEMM launch per shape [NCU_SHAPES, NCU_KERNEL, NCU_GEMM_ARGS]
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -81,6 +82,9 @@ for s in ${STAGES:-bench dc_tests}; do
         --out $OUT ${COPY_ARGS:-}" ;;
     nvlink) stage nvlink ${NVLINK_LIMIT:-200} "$PY benchmarks/bench_nvlink_rate.py --out $OUT \
         ${NVLINK_ARGS:-}" ;;
+    # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
+    # on Firecracker machines only, see the device notes): where a kernel's time goes.
+    ncu_gemm) stage ncu_gemm ${NCU_LIMIT:-300} "ncu --version | tail -1; for sh in         ${NCU_SHAPES:-dsv3_up 32768x8x7168x4096}; do echo \"== ncu \$sh\";         CUDA_VISIBLE_DEVICES=0 ncu --clock-control none --target-processes all         -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1         --section SpeedOfLight --section Occupancy --section LaunchStats         --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats         $PY benchmarks/bench_grouped_gemm.py --shapes \$sh --sweep --sweep-only --jobs 2         --sweep-iters 1 ${NCU_GEMM_ARGS:---sweep-phases dw --sweep-labels default}         --out $OUT/ncu; done" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
