@@ -755,6 +755,7 @@ def main(argv=None):
     elif s not in table:
       p.error(f"unknown shape {s!r}; choose from {list(table)} or give ROWSxEXPERTSxKxN "
               f"(e.g. 32768x8x7168x4096)")
+
   from jax_ep.backends import triton_gemm
   why = triton_gemm._why_not_usable()
   if why:
