@@ -99,6 +99,10 @@ def _sweep_candidates():
   dw = [
       ("default", None, False),
       ("tma default", None, True),
+      # Tiles stored with the streaming hint (st.global.cs): does dw's output evict its inputs?
+      ("stream-out 128x256x64 w8 s3", T(128, 256, 64, 8, 3, stream_out=True), False),
+      ("flat stream-out 128x256x64 w8 s3",
+       T(128, 256, 64, 8, 3, flatten=True, stream_out=True), False),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
       # memory on sm_90: 176 KiB, 224 KiB, 224 KiB).
       ("flat 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), False),
