@@ -103,6 +103,10 @@ def _sweep_candidates():
       ("stream-out 128x256x64 w8 s3", T(128, 256, 64, 8, 3, stream_out=True), False),
       ("flat stream-out 128x256x64 w8 s3",
        T(128, 256, 64, 8, 3, flatten=True, stream_out=True), False),
+      # Programs of the flat kernel starting 0-7 steps apart: their tile stores spread out.
+      ("flat stagger8 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True, stagger=8), False),
+      ("flat stagger8 stream-out 128x256x64 w8 s3",
+       T(128, 256, 64, 8, 3, flatten=True, stream_out=True, stagger=8), False),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
       # memory on sm_90: 176 KiB, 224 KiB, 224 KiB).
       ("flat 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), False),

@@ -317,6 +317,16 @@ def _field(rec, col, i: tl.constexpr):
 
 
 @triton.jit
+def _step_record(steps_ptr, s, s_lo, col, MAX_STEPS: tl.constexpr, STAGGER: tl.constexpr):
+  """Step ``s``'s record of the step table (index clamped to the table); with STAGGER, steps
+  before ``s_lo`` are empty: (0, 0, 0, 0) loads no rows and stores nothing."""
+  ptrs = steps_ptr + tl.minimum(tl.maximum(s, 0), MAX_STEPS - 1) * 4 + col
+  if STAGGER > 1:
+    return tl.load(ptrs, mask=(col >= 0) & (s >= s_lo), other=0)
+  return tl.load(ptrs)
+
+
+@triton.jit
 def grouped_gemm_dw_flat_kernel(
     x_ptr,        # [C, K] recv_x
     dy_ptr,       # [C, N] output cotangent
@@ -332,6 +342,7 @@ def grouped_gemm_dw_flat_kernel(
     MAX_STEPS: tl.constexpr,  # rows of the step table
     INPUT_PRECISION: tl.constexpr,
     STREAM_OUT: tl.constexpr = False,  # store dw tiles with the streaming hint (st.global.cs)
+    STAGGER: tl.constexpr = 0,  # program p first runs p % STAGGER empty steps (see below)
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e], one flat loop per program.
 
@@ -341,6 +352,12 @@ def grouped_gemm_dw_flat_kernel(
   clearing the accumulator at each expert's last step: the loads of the next expert's rows are
   in flight while this one's tile is stored, where the per-expert kernel drains its pipeline
   every 256-512 rows. Same steps, masks and order per expert as ``grouped_gemm_dw_kernel``.
+
+  The programs of a segment walk the same experts' steps, so they all reach an expert's last
+  step, and store a tile, at about the same moment. With STAGGER > 1 program p first runs
+  p % STAGGER empty steps (no loads, no store), which spreads those stores over STAGGER phases
+  of the loop (an experiment: does the burst of every program's tile store at once stall the
+  loads of the next steps?).
   """
   pid = tl.program_id(0)
   num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -374,10 +391,11 @@ def grouped_gemm_dw_flat_kernel(
   # a step do not hang on a load of that step: Triton then prefetches the tiles STAGES - 1
   # steps ahead (loading the record inside the step left it one step ahead).
   col = tl.arange(0, 4)
-  nxt = tl.load(steps_ptr + tl.minimum(s_lo, MAX_STEPS - 1) * 4 + col)
-  for st in tl.range(s_lo, s_hi):
+  s_first = s_lo - (pid % STAGGER if STAGGER > 1 else 0)
+  nxt = _step_record(steps_ptr, s_first, s_lo, col, MAX_STEPS, STAGGER)
+  for st in tl.range(s_first, s_hi):
     rec = nxt
-    nxt = tl.load(steps_ptr + tl.minimum(st + 1, MAX_STEPS - 1) * 4 + col)
+    nxt = _step_record(steps_ptr, st + 1, s_lo, col, MAX_STEPS, STAGGER)
     r0 = tl.minimum(tl.maximum(_field(rec, col, 0), 0), C)
     r1 = tl.minimum(tl.maximum(_field(rec, col, 1), r0), C)
     rows = r0 + offs_r
@@ -500,7 +518,8 @@ class TileConfig:
   the row steps of a segment of experts (pointer loads); ``stream_out``: dw's tiles stored with
   the streaming hint (``st.global.cs``, evict first), so the E x K x N output written in
   passing (3.76 GB at the DeepSeek-V3 up shape) need not push the operands' rows out of L2
-  (opt-in, not yet measured).
+  (opt-in, not yet measured); ``stagger`` (flat dw only): program p first runs p % stagger
+  empty steps, so the programs' tile stores do not all fall at once (opt-in, not yet measured).
   """
 
   block_m: int
@@ -513,6 +532,7 @@ class TileConfig:
   flatten: bool = False
   persistent: bool = True
   stream_out: bool = False
+  stagger: int = 0
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -520,7 +540,8 @@ class TileConfig:
                                                              ("warp_spec", False),
                                                              ("flatten", False),
                                                              ("persistent", True),
-                                                             ("stream_out", False))
+                                                             ("stream_out", False),
+                                                             ("stagger", 0))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")
@@ -708,7 +729,8 @@ def dw_flat_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, num_segs
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
               NUM_SEGS=num_segs, MAX_STEPS=dw_max_steps(C, E, cfg.block_k),
-              INPUT_PRECISION=input_precision, STREAM_OUT=cfg.stream_out)
+              INPUT_PRECISION=input_precision, STREAM_OUT=cfg.stream_out,
+              STAGGER=cfg.stagger)
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
