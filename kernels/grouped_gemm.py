@@ -322,7 +322,7 @@ def _step_record(steps_ptr, s, s_lo, col, MAX_STEPS: tl.constexpr, STAGGER: tl.c
   before ``s_lo`` are empty: (0, 0, 0, 0) loads no rows and stores nothing."""
   ptrs = steps_ptr + tl.minimum(tl.maximum(s, 0), MAX_STEPS - 1) * 4 + col
   if STAGGER > 1:
-    return tl.load(ptrs, mask=(col >= 0) & (s >= s_lo), other=0)
+    return tl.load(ptrs, mask=col < tl.where(s >= s_lo, 4, 0), other=0)
   return tl.load(ptrs)
 
 
