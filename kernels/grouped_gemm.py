@@ -57,8 +57,9 @@ Forward tiling: the tile table and the static grid (``grouped_gemm_kernel``)
   Operand loads: pointer tensors + ``cp.async`` multi-stage pipelining, or, with USE_TMA (the
   default for 16-bit inputs where ``tma_supported``), device-side TMA descriptors made once per
   program (x as [C, K]; w as one [E*K, N] or [E*N, K] matrix, so B tiles must not cross
-  experts along the reduction: ``tma_supported`` checks that on the host). Device-side descriptors live in Triton's global
-  scratch (128-byte aligned), which the FFI launcher must provide. WARP_SPEC (TMA only; 4 warps
+  experts along the reduction: ``tma_supported`` checks that on the host). Device-side
+  descriptors live in Triton's global scratch (128-byte aligned), which the FFI launcher must
+  provide. WARP_SPEC (TMA only; 4 warps
   per group) lets Triton's Hopper warp specialization split each program into a producer
   warpgroup issuing the TMA loads and two consumer warpgroups (64 rows of the tile each,
   ``setmaxnreg`` 232/40): 12 warps in all, and the producer runs ahead into the next tile while

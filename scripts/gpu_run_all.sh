@@ -84,7 +84,15 @@ for s in ${STAGES:-bench dc_tests}; do
         ${NVLINK_ARGS:-}" ;;
     # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
     # on Firecracker machines only, see the device notes): where a kernel's time goes.
-    ncu_gemm) stage ncu_gemm ${NCU_LIMIT:-300} "ncu --version | tail -1; for sh in         ${NCU_SHAPES:-dsv3_up 32768x8x7168x4096}; do echo \"== ncu \$sh\";         CUDA_VISIBLE_DEVICES=0 ncu --clock-control none --target-processes all         -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1         --section SpeedOfLight --section Occupancy --section LaunchStats         --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats         $PY benchmarks/bench_grouped_gemm.py --shapes \$sh --sweep --sweep-only --jobs 2         --sweep-iters 1 ${NCU_GEMM_ARGS:---sweep-phases dw --sweep-labels default}         --out $OUT/ncu; done" ;;
+    ncu_gemm) stage ncu_gemm ${NCU_LIMIT:-300} "ncu --version | tail -1; \
+        for sh in ${NCU_SHAPES:-dsv3_up 32768x8x7168x4096}; do echo \"== ncu \$sh\"; \
+        CUDA_VISIBLE_DEVICES=0 ncu --clock-control none --target-processes all \
+        -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+        $PY benchmarks/bench_grouped_gemm.py --shapes \$sh --sweep --sweep-only --jobs 2 \
+        --sweep-iters 1 ${NCU_GEMM_ARGS:---sweep-phases dw --sweep-labels default} \
+        --out $OUT/ncu; done" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
