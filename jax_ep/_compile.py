@@ -136,6 +136,8 @@ def _triton_compile(fn, full_sig, constexprs, attrs, num_warps, num_stages, arch
   import triton
   from triton.backends.compiler import GPUTarget
   from triton.compiler import ASTSource
+  if getattr(fn, "is_gluon", lambda: False)():  # a @gluon.jit kernel (explicit layouts)
+    from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
   src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
   options = {"num_warps": num_warps, "num_stages": num_stages}
   if extern_libs:

@@ -520,7 +520,10 @@ class TileConfig:
   the streaming hint (``st.global.cs``, evict first), so the E x K x N output written in
   passing (3.76 GB at the DeepSeek-V3 up shape) need not push the operands' rows out of L2
   (opt-in, not yet measured); ``stagger`` (flat dw only): program p first runs p % stagger
-  empty steps, so the programs' tile stores do not all fall at once (opt-in, not yet measured).
+  empty steps, so the programs' tile stores do not all fall at once (opt-in, not yet measured);
+  ``gluon`` (dw only): the Gluon kernel of kernels/grouped_gemm_gluon.py, the flat kernel's
+  loop with the tiles stored by TMA while the next steps compute (16-bit inputs, 128-row tiles
+  on 8 warps, K and N multiples of the tile; else the flat kernel runs).
   """
 
   block_m: int
@@ -534,6 +537,7 @@ class TileConfig:
   persistent: bool = True
   stream_out: bool = False
   stagger: int = 0
+  gluon: bool = False
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -542,7 +546,8 @@ class TileConfig:
                                                              ("flatten", False),
                                                              ("persistent", True),
                                                              ("stream_out", False),
-                                                             ("stagger", 0))
+                                                             ("stagger", 0),
+                                                             ("gluon", False))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

@@ -84,15 +84,22 @@ for s in ${STAGES:-bench dc_tests}; do
         ${NVLINK_ARGS:-}" ;;
     # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
     # on Firecracker machines only, see the device notes): where a kernel's time goes.
+    # NCU_SOURCE=1: the full section set with per-instruction (SASS) counters and stall
+    # samples, exported as $OUT/ncu_<shape>_sass.csv.gz (the report itself stays there).
     ncu_gemm) stage ncu_gemm ${NCU_LIMIT:-300} "ncu --version | tail -1; \
         for sh in ${NCU_SHAPES:-dsv3_up 32768x8x7168x4096}; do echo \"== ncu \$sh\"; \
+        if [ -n \"${NCU_SOURCE:-}\" ]; then what=\"--set full --import-source yes -f \
+        -o /tmp/ncu_\$sh\"; else what=\"--section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        --section SchedulerStats\"; fi; \
         CUDA_VISIBLE_DEVICES=0 ncu --clock-control none --target-processes all \
-        -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+        -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1 \$what \
         $PY benchmarks/bench_grouped_gemm.py --shapes \$sh --sweep --sweep-only --jobs 2 \
         --sweep-iters 1 ${NCU_GEMM_ARGS:---sweep-phases dw --sweep-labels default} \
-        --out $OUT/ncu; done" ;;
+        --out /tmp/ncu_bench; if [ -n \"${NCU_SOURCE:-}\" ]; then \
+        ncu -i /tmp/ncu_\$sh.ncu-rep --page details --print-details all | grep -v '^ *\$' \
+        > $OUT/ncu_\${sh}_details.txt; ncu -i /tmp/ncu_\$sh.ncu-rep --page source --csv \
+        --print-source sass | gzip > $OUT/ncu_\${sh}_sass.csv.gz; fi; done" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -146,12 +146,22 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   return y
 
 
+def _gluon_dw_why_not(h: int, n: int, dtype, cfg) -> str | None:
+  """None when ``cfg.gluon`` can run the Gluon dw kernel on this shape, else why not (then the
+  flat Triton kernel runs)."""
+  from jax_ep.kernels import grouped_gemm_gluon as ggl
+  if cfg.num_warps != 8 or cfg.block_m != 128:
+    return "the Gluon dw kernel runs 128-row tiles on two warpgroups (num_warps=8)"
+  return ggl.gluon_dw_supported(h, n, jnp.dtype(dtype).itemsize, cfg.block_m, cfg.block_n)
+
+
 def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: bool = False):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``.
 
   ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
   kernel (``grouped_gemm_dw_flat_kernel``, pointer loads) runs instead of one program per
-  (expert, tile)."""
+  (expert, tile), with ``gluon=True`` its Gluon counterpart (``grouped_gemm_dw_gluon_kernel``:
+  TMA-stored tiles) where the shape allows, else the flat kernel."""
   gg = _kernels()
   c, h = x.shape
   n = dy.shape[1]
@@ -163,16 +173,23 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   # dw stays on pointer loads unless asked: its TMA variant measured slower on H200
   # (2026-11-21: 0.54x vs 0.57x cuBLAS on the DeepSeek-V3 up shape).
   cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
-  if cfg.flatten:  # one flat loop over the row steps of a segment of experts (pointer loads)
+  gluon = cfg.gluon and _gluon_dw_why_not(h, n, x.dtype, cfg) is None
+  if cfg.flatten or gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
+    if gluon:
+      from jax_ep.kernels import grouped_gemm_gluon as ggl
+      kernel = ggl.grouped_gemm_dw_gluon_kernel
+      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs,
+                                           gg.dw_max_steps(c, num_experts, cfg.block_k))
+    else:
+      kernel = gg.grouped_gemm_dw_flat_kernel
+      constexprs = gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,
+                                         input_precision=precision)
     (dw,) = _triton_call(
-        gg.grouped_gemm_dw_flat_kernel, x, dy, steps, first, out_shapes=out,
+        kernel, x, dy, steps, first, out_shapes=out,
         grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        constexprs=gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,
-                                         input_precision=precision),
-        name="jax_ep_grouped_gemm_dw")
+        num_stages=cfg.num_stages, constexprs=constexprs, name="jax_ep_grouped_gemm_dw")
     return dw
   tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
                                      elem_bytes=jnp.dtype(x.dtype).itemsize, dw=True)

@@ -221,6 +221,46 @@ def test_other_tile_configs_match_default(rng, product):
       np.testing.assert_array_equal(run(cfg), want)
 
 
+@pytest.mark.parametrize("kind", ["random", "giant", "empty"])
+def test_gluon_dw_matches_xla(rng, kind):
+  """The Gluon dw kernel (TMA-stored tiles, kernels/grouped_gemm_gluon.py) against the xla
+  backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
+  (their tiles must come out zero), one giant group, no rows at all; several segments of
+  experts per tile (E = 40 > the segments the shape asks for) and alignment gaps."""
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+
+  c, h, n, e = 3000, 512, 768, 40
+  cfg = T(128, 256, 64, 8, 3, gluon=True)
+  why = triton_gemm._gluon_dw_why_not(h, n, jnp.bfloat16, cfg)
+  if why is not None:
+    pytest.skip(f"Gluon dw kernel unavailable: {why}")
+  sizes, offsets = testing.group_layout(rng, kind, c, e, 8)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((c, n), np.float32), jnp.bfloat16)
+  # NaN rows outside every group: a masked step must not read them into dw.
+  inside = np.zeros(c, bool)
+  for off, size in zip(offsets, sizes):
+    inside[off:off + size] = True
+  dy = jnp.where(jnp.asarray(inside)[:, None], dy, jnp.nan)
+  x = jnp.where(jnp.asarray(inside)[:, None], x, jnp.nan)
+
+  got = np.asarray(jax.jit(lambda: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg))(),
+                   np.float32)
+  flat = np.asarray(jax.jit(lambda: triton_gemm._grouped_dw(
+      x, dy, s, o, e, config=dataclasses.replace(cfg, gluon=False, flatten=True)))(), np.float32)
+  want = np.zeros((e, h, n), np.float32)
+  xf, dyf = np.asarray(x, np.float32), np.asarray(dy, np.float32)
+  for i, (off, size) in enumerate(zip(offsets, sizes)):
+    want[i] = xf[off:off + size].T @ dyf[off:off + size]
+  assert np.isfinite(got).all(), "the Gluon dw kernel read rows outside the groups"
+  for i in np.flatnonzero(sizes == 0):
+    assert not got[i].any(), f"expert {i} has no rows, its dw tile must be zero"
+  scale = np.abs(want).max() + 1e-6
+  assert_close(f"gluon dw {kind}", got, want, jnp.bfloat16, scale)
+  assert_close(f"gluon dw vs flat {kind}", got, flat, jnp.bfloat16, scale)
+
+
 # Last in the file: a fault in a TMA variant should not take the tests above with it (the
 # forward tests above already run the TMA default; these compare it with the pointer path).
 # Its device-side descriptors live in Triton's global scratch, which Triton wants 128-byte

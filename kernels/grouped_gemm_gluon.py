@@ -1,0 +1,199 @@
+"""dw of the grouped GEMM as a Gluon kernel (Hopper): the tile epilogue overlapped with MMAs.
+
+``dw[e] = x[rows of e]^T @ dy[rows of e]`` over the same row-step table and program layout as
+``grouped_gemm_dw_flat_kernel`` (kernels/grouped_gemm.py): program (segment, K tile, N tile)
+owns that dw tile of a segment of experts and walks their row steps (BLOCK_K rows of one expert
+each) in one software-pipelined loop. What stock Triton does not let us write, and why this
+kernel exists: Nsight Compute on H200 (docs/GROUPED_GEMM.md, 2026-11-22) put a third of the
+stock kernels' dw time at the DeepSeek-V3 up shape (64 groups of ~512 rows: 8 steps per tile)
+in each tile's prologue, epilogue and store drain, with the warps stalled while their tile's
+64 KiB of stores left the registers. Here the tile goes out the way cuBLAS's does:
+
+  - the accumulator is written once to shared memory (``stmatrix``) and stored by TMA
+    (``cp.async.bulk.tensor``), which runs on while the next expert's steps compute; the
+    buffer is waited on only before the next tile is written into it, steps later;
+  - the next tile needs no zeroed accumulator: its first MMA runs with ``use_acc=False``;
+  - operand rows come by ``cp.async`` (a group's last step ends inside a 64-row block, so its
+    rows past the group are masked to zeros; per-expert TMA descriptors would cost a
+    descriptor write and fence per tile), STAGES - 1 steps ahead across tile boundaries.
+
+Requirements (checked by ``gluon_dw_supported``): 16-bit inputs, K % BLOCK_M == 0 (a TMA store
+box must not cross into the next expert's rows of the [E * K, N] view) and N % BLOCK_N == 0.
+Gluon is Triton's explicit-layout dialect; it compiles for sm_90 without a GPU, but has no
+interpreter: its tests run on the GPU (tests/gpu/test_grouped_gemm_gpu.py).
+"""
+from __future__ import annotations
+
+import triton
+
+# Gluon's Python API is experimental and changes between releases (Triton 3.9 renamed the CTA
+# barrier and the TMA store, among others): this file is written against 3.5 / 3.6, the
+# Triton of our GPU image. Elsewhere the kernel is not offered and callers fall back.
+GLUON_ERROR = None
+if tuple(int(v) for v in triton.__version__.split(".")[:2]) not in ((3, 5), (3, 6)):
+  GLUON_ERROR = f"written against Triton 3.5/3.6's Gluon API, not {triton.__version__}'s"
+else:
+  try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, tma, warpgroup_mma, warpgroup_mma_wait)
+  except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+    GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+
+def gluon_dw_supported(K: int, N: int, elem_bytes: int, block_m: int, block_n: int) -> str | None:
+  """None when the Gluon dw kernel applies to this shape, else why not."""
+  if GLUON_ERROR is not None:
+    return f"the Gluon dw kernel is not available here: {GLUON_ERROR}"
+  if elem_bytes != 2:
+    return "the Gluon dw kernel takes 16-bit inputs only"
+  if K % block_m or N % block_n:
+    return f"K={K} and N={N} must be multiples of the tile ({block_m} x {block_n})"
+  return None
+
+
+if GLUON_ERROR is None:
+
+  @gluon.jit
+  def _issue_step(x_ptr, dy_ptr, x_buf, g_buf, r0, r1, x_rows, x_cols, g_rows, g_cols,
+                  STRIDE_XM: gl.constexpr, STRIDE_DYM: gl.constexpr):
+    """cp.async of one row step (rows [r0, r1), at most BLOCK_K) into one pipeline stage;
+    rows past r1 land as zeros. ``*_rows``/``*_cols``: the tiles' index vectors."""
+    xr = r0 + x_rows
+    x_ptrs = x_ptr + (xr.to(gl.int64) * STRIDE_XM)[:, None] + x_cols[None, :]
+    cp.async_copy_global_to_shared(x_buf, x_ptrs, mask=(xr < r1)[:, None])
+    gr = r0 + g_rows
+    g_ptrs = dy_ptr + (gr.to(gl.int64) * STRIDE_DYM)[:, None] + g_cols[None, :]
+    cp.async_copy_global_to_shared(g_buf, g_ptrs, mask=(gr < r1)[:, None])
+    cp.commit_group()
+
+  @gluon.jit
+  def _step_bounds(steps_ptr, s, s_hi, MAX_STEPS: gl.constexpr):
+    """(row_start, row_end) of step ``s``; an empty range at and past ``s_hi``."""
+    rec = steps_ptr + gl.minimum(gl.maximum(s, 0), MAX_STEPS - 1) * 4
+    r0 = gl.load(rec)
+    r1 = gl.load(rec + 1)
+    return r0, gl.where(s < s_hi, r1, r0)
+
+  @gluon.jit
+  def _step_tile(steps_ptr, s, MAX_STEPS: gl.constexpr, E: gl.constexpr):
+    """(last, e) of step ``s``: whether it ends expert e's rows (its tile is then stored)."""
+    rec = steps_ptr + gl.minimum(gl.maximum(s, 0), MAX_STEPS - 1) * 4
+    return gl.load(rec + 3), gl.minimum(gl.maximum(gl.load(rec + 2), 0), E - 1)
+
+  @gluon.jit
+  def grouped_gemm_dw_gluon_kernel(
+      x_ptr,        # [C, K] recv_x
+      dy_ptr,       # [C, N] output cotangent
+      steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table`` (MAX_STEPS >= 1)
+      first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
+      dw_ptr,       # [E, K, N] weight cotangent
+      C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+      NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
+      NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
+  ):
+    """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    pid = gl.program_id(0)
+    num_n: gl.constexpr = N // BLOCK_N
+    num_k: gl.constexpr = K // BLOCK_M
+    seg = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    k0 = (rest // num_n) * BLOCK_M
+    n0 = (rest % num_n) * BLOCK_N
+    e_lo = seg * E // NUM_SEGS
+    e_hi = (seg + 1) * E // NUM_SEGS
+
+    # Register layouts of the cp.async sources (16-byte vectors along the contiguous columns)
+    # and of the accumulator (two warpgroups of 64 x BLOCK_N wgmma tiles).
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_M, BLOCK_M // 8],
+                                              [NUM_WARPS, 1], [1, 0])
+    g_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+                                              [NUM_WARPS, 1], [1, 0])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    x_rows = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, x_layout))
+    x_cols = k0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, x_layout))
+    g_rows = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, g_layout))
+    g_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, g_layout))
+
+    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
+    g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
+    g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
+    out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
+    # dw seen as one [E * K, N] matrix: a tile box never crosses experts since K % BLOCK_M == 0.
+    out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
+                                          block_shape=[BLOCK_M, BLOCK_N], layout=out_layout)
+
+    # Experts of the segment with no rows get a zero tile.
+    out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
+    fence_async_shared()
+    gl.thread_barrier()
+    for e in range(e_lo, e_hi):
+      if gl.load(first_ptr + e + 1) <= gl.load(first_ptr + e):
+        tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0], out_buf)
+
+    s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
+    s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
+
+    # Prologue: steps s_lo .. s_lo + STAGES - 2 in flight.
+    for j in gl.static_range(STAGES - 1):
+      r0, r1 = _step_bounds(steps_ptr, s_lo + j, s_hi, MAX_STEPS)
+      _issue_step(x_ptr, dy_ptr, x_bufs.index(j), g_bufs.index(j), r0, r1, x_rows, x_cols,
+                  g_rows, g_cols, K, N)
+    # Step records are read an iteration ahead of their use: a load used in the same step
+    # would wait, on the scoreboard it shares with cp.async, for every copy in flight.
+    p_r0, p_r1 = _step_bounds(steps_ptr, s_lo + STAGES - 1, s_hi, MAX_STEPS)
+    c_last, c_e = _step_tile(steps_ptr, s_lo, MAX_STEPS, E)
+
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+    use_acc = False
+    for s in range(s_lo, s_hi):
+      i = s - s_lo
+      stage = i % STAGES
+      # Step s's rows have landed (this thread's copies), visible to wgmma (async proxy) and
+      # to every thread.
+      cp.wait_group(STAGES - 2)
+      fence_async_shared()
+      gl.thread_barrier()
+      acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
+                          use_acc=use_acc, is_async=True)
+      # Step s - 1's MMA is done in this warpgroup; after the barrier, in both: its stage is
+      # free for step s + STAGES - 1.
+      acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      gl.thread_barrier()
+      n_r0, n_r1 = _step_bounds(steps_ptr, s + STAGES, s_hi, MAX_STEPS)
+      n_last, n_e = _step_tile(steps_ptr, s + 1, MAX_STEPS, E)
+      nxt = (i + STAGES - 1) % STAGES
+      _issue_step(x_ptr, dy_ptr, x_bufs.index(nxt), g_bufs.index(nxt), p_r0, p_r1, x_rows,
+                  x_cols, g_rows, g_cols, K, N)
+      p_r0, p_r1 = n_r0, n_r1
+
+      use_acc = True
+      if c_last != 0:  # the expert's last step: its tile goes out by TMA
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        tma.store_wait(0)      # the previous tile has left out_buf (long since: steps ago)
+        gl.thread_barrier()
+        out_buf.store(acc.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(out_desc, [c_e * K + k0, n0], out_buf)
+        use_acc = False
+      c_last, c_e = n_last, n_e
+    # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    cp.wait_group(0)
+    tma.store_wait(0)
+
+
+def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int,
+                        max_steps: int) -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw)."""
+  return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs, MAX_STEPS=max_steps,
+              STAGES=cfg.num_stages, NUM_WARPS=cfg.num_warps)
