@@ -1,26 +1,35 @@
-"""dw of the grouped GEMM as a Gluon kernel (Hopper): the tile epilogue overlapped with MMAs.
+"""dw of the grouped GEMM as a Gluon kernel (Hopper): TMA in, TMA out.
 
 ``dw[e] = x[rows of e]^T @ dy[rows of e]`` over the same row-step table and program layout as
 ``grouped_gemm_dw_flat_kernel`` (kernels/grouped_gemm.py): program (segment, K tile, N tile)
 owns that dw tile of a segment of experts and walks their row steps (BLOCK_K rows of one expert
-each) in one software-pipelined loop. What stock Triton does not let us write, and why this
-kernel exists: Nsight Compute on H200 (docs/GROUPED_GEMM.md, 2026-11-22) put a third of the
-stock kernels' dw time at the DeepSeek-V3 up shape (64 groups of ~512 rows: 8 steps per tile)
-in each tile's prologue, epilogue and store drain, with the warps stalled while their tile's
-64 KiB of stores left the registers. Here the tile goes out the way cuBLAS's does:
+each) in one software-pipelined loop. Nsight Compute on H200 (docs/GROUPED_GEMM.md,
+2026-11-22) put a third of the stock kernels' dw time at the DeepSeek-V3 up shape (64 groups
+of ~512 rows: 8 steps per tile) in each tile's prologue, epilogue and store drain, and most of
+their loop's ~164 instructions per step in cp.async address and mask arithmetic. Gluon lets us
+write what stock Triton does not:
 
-  - the accumulator is written once to shared memory (``stmatrix``) and stored by TMA
-    (``cp.async.bulk.tensor``), which runs on while the next expert's steps compute; the
-    buffer is waited on only before the next tile is written into it, steps later;
-  - the next tile needs no zeroed accumulator: its first MMA runs with ``use_acc=False``;
-  - operand rows come by ``cp.async`` (a group's last step ends inside a 64-row block, so its
-    rows past the group are masked to zeros; per-expert TMA descriptors would cost a
-    descriptor write and fence per tile), STAGES - 1 steps ahead across tile boundaries.
+  - operands by TMA from descriptors made once per program, STAGES - 1 steps ahead across
+    tile boundaries (one mbarrier per stage). A group's last step usually ends inside its
+    64-row block: the rows past the group (the next group's, or padding that may not even be
+    finite) are set to zero in shared memory before that step's MMA;
+  - the finished tile goes to shared memory once (``stmatrix``) and out by TMA, which runs on
+    while the next expert's steps compute; the next tile's first MMA runs with
+    ``use_acc=False`` instead of a zeroed accumulator.
 
-Requirements (checked by ``gluon_dw_supported``): 16-bit inputs, K % BLOCK_M == 0 (a TMA store
-box must not cross into the next expert's rows of the [E * K, N] view) and N % BLOCK_N == 0.
-Gluon is Triton's explicit-layout dialect; it compiles for sm_90 without a GPU, but has no
-interpreter: its tests run on the GPU (tests/gpu/test_grouped_gemm_gpu.py).
+Measured on one H200 (2026-11-22, dw alone, the benchmark's loop with a one-element carry):
+DeepSeek-V3 up 4.12-4.15 ms vs the default kernel's 4.42-4.49 and the flat kernel's
+4.19-4.27 (dense cuBLAS 2.82); 8 groups of 4096 rows 2.88-3.07 vs 3.39-3.42. Slower at short
+reductions (DeepSeek-V3 down 2.27-2.30 vs 2.16-2.17 ms, Qwen3 down 0.48-0.49 vs 0.41-0.44),
+so ``TUNED`` picks it per shape. Two lessons of writing it: ptxas serializes every MMA with
+the next step (a wait "injected ... to allow use of registers defined by GMMA") unless the
+MMAs are waited for before the loop exits; and a TMA store wait (``cp.async.bulk.wait_group``)
+shares scoreboard SB0 with ``cp.async``, so a cp.async pipeline drains at every tile store.
+
+Requirements (``gluon_dw_supported``): 16-bit inputs, K % BLOCK_M == 0 (a TMA store box must
+not cross into the next expert's rows of the [E * K, N] view) and N % BLOCK_N == 0. Gluon is
+Triton's explicit-layout dialect: it compiles for sm_90 without a GPU but has no interpreter,
+so its tests run on the GPU (tests/gpu/test_grouped_gemm_gpu.py).
 """
 from __future__ import annotations
 
@@ -38,7 +47,7 @@ else:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, tma, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
   except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
     GLUON_ERROR = f"{type(e).__name__}: {e}"
 
@@ -57,31 +66,31 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, block_m: int, block_n: i
 if GLUON_ERROR is None:
 
   @gluon.jit
-  def _issue_step(x_ptr, dy_ptr, x_buf, g_buf, r0, r1, x_rows, x_cols, g_rows, g_cols,
-                  STRIDE_XM: gl.constexpr, STRIDE_DYM: gl.constexpr):
-    """cp.async of one row step (rows [r0, r1), at most BLOCK_K) into one pipeline stage;
-    rows past r1 land as zeros. ``*_rows``/``*_cols``: the tiles' index vectors."""
-    xr = r0 + x_rows
-    x_ptrs = x_ptr + (xr.to(gl.int64) * STRIDE_XM)[:, None] + x_cols[None, :]
-    cp.async_copy_global_to_shared(x_buf, x_ptrs, mask=(xr < r1)[:, None])
-    gr = r0 + g_rows
-    g_ptrs = dy_ptr + (gr.to(gl.int64) * STRIDE_DYM)[:, None] + g_cols[None, :]
-    cp.async_copy_global_to_shared(g_buf, g_ptrs, mask=(gr < r1)[:, None])
-    cp.commit_group()
-
-  @gluon.jit
-  def _step_bounds(steps_ptr, s, s_hi, MAX_STEPS: gl.constexpr):
-    """(row_start, row_end) of step ``s``; an empty range at and past ``s_hi``."""
+  def _step_record(steps_ptr, s, s_hi, MAX_STEPS: gl.constexpr, E: gl.constexpr):
+    """(row_start, row_end, last, e) of step ``s``: rows [row_start, row_end) (at most BLOCK_K)
+    of expert e, last = 1 on its final step; an empty step at and past ``s_hi``."""
     rec = steps_ptr + gl.minimum(gl.maximum(s, 0), MAX_STEPS - 1) * 4
     r0 = gl.load(rec)
-    r1 = gl.load(rec + 1)
-    return r0, gl.where(s < s_hi, r1, r0)
+    r1 = gl.where(s < s_hi, gl.load(rec + 1), r0)
+    e = gl.minimum(gl.maximum(gl.load(rec + 2), 0), E - 1)
+    return r0, r1, gl.load(rec + 3), e
 
   @gluon.jit
-  def _step_tile(steps_ptr, s, MAX_STEPS: gl.constexpr, E: gl.constexpr):
-    """(last, e) of step ``s``: whether it ends expert e's rows (its tile is then stored)."""
-    rec = steps_ptr + gl.minimum(gl.maximum(s, 0), MAX_STEPS - 1) * 4
-    return gl.load(rec + 3), gl.minimum(gl.maximum(gl.load(rec + 2), 0), E - 1)
+  def _issue_step(x_desc, g_desc, x_buf, g_buf, ready, r0, r1, k0, n0):
+    """TMA loads of one row step (rows r0 .. r0 + BLOCK_K) into a pipeline stage; nothing for
+    an empty step (never waited on)."""
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes
+    if r1 > r0:
+      mbarrier.expect(ready, nbytes)
+      tma.async_copy_global_to_shared(x_desc, [r0, k0], ready, x_buf)
+      tma.async_copy_global_to_shared(g_desc, [r0, n0], ready, g_buf)
+
+  @gluon.jit
+  def _zero_rows_from(buf, t, layout: gl.constexpr):
+    """Rows t.. of a [BLOCK_K, cols] stage buffer set to zero (through registers)."""
+    rows = gl.arange(0, buf.shape[0], layout=gl.SliceLayout(1, layout))
+    v = buf.load(layout)
+    buf.store(gl.where((rows < t)[:, None], v, gl.zeros_like(v)))
 
   @gluon.jit
   def grouped_gemm_dw_gluon_kernel(
@@ -107,18 +116,14 @@ if GLUON_ERROR is None:
     e_lo = seg * E // NUM_SEGS
     e_hi = (seg + 1) * E // NUM_SEGS
 
-    # Register layouts of the cp.async sources (16-byte vectors along the contiguous columns)
-    # and of the accumulator (two warpgroups of 64 x BLOCK_N wgmma tiles).
+    # The accumulator: two warpgroups of 64 x BLOCK_N wgmma tiles. The register layouts that
+    # zero a partial step's extra rows: 16-byte vectors along the contiguous columns.
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
     x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_M, BLOCK_M // 8],
                                               [NUM_WARPS, 1], [1, 0])
     g_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
                                               [NUM_WARPS, 1], [1, 0])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
-    x_rows = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, x_layout))
-    x_cols = k0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, x_layout))
-    g_rows = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, g_layout))
-    g_cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, g_layout))
 
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
     g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
@@ -126,7 +131,16 @@ if GLUON_ERROR is None:
     x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
     g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
     out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
-    # dw seen as one [E * K, N] matrix: a tile box never crosses experts since K % BLOCK_M == 0.
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+      mbarrier.init(ready.index(j), count=1)
+    # Descriptors made once per program (in Triton's global scratch). Operand rows past C
+    # read as zeros; rows past a group's end but inside C are zeroed in shared memory below.
+    # dw is seen as one [E * K, N] matrix: a tile never crosses experts (K % BLOCK_M == 0).
+    x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
+                                        block_shape=[BLOCK_K, BLOCK_M], layout=x_smem_layout)
+    g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
+                                        block_shape=[BLOCK_K, BLOCK_N], layout=g_smem_layout)
     out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=[BLOCK_M, BLOCK_N], layout=out_layout)
 
@@ -141,38 +155,38 @@ if GLUON_ERROR is None:
     s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
     s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
 
-    # Prologue: steps s_lo .. s_lo + STAGES - 2 in flight.
+    # Prologue: steps s_lo .. s_lo + STAGES - 2 in flight. Step records are read an
+    # iteration ahead of their use, so no step waits on a load of its own record.
     for j in gl.static_range(STAGES - 1):
-      r0, r1 = _step_bounds(steps_ptr, s_lo + j, s_hi, MAX_STEPS)
-      _issue_step(x_ptr, dy_ptr, x_bufs.index(j), g_bufs.index(j), r0, r1, x_rows, x_cols,
-                  g_rows, g_cols, K, N)
-    # Step records are read an iteration ahead of their use: a load used in the same step
-    # would wait, on the scoreboard it shares with cp.async, for every copy in flight.
-    p_r0, p_r1 = _step_bounds(steps_ptr, s_lo + STAGES - 1, s_hi, MAX_STEPS)
-    c_last, c_e = _step_tile(steps_ptr, s_lo, MAX_STEPS, E)
+      r0, r1, _, _ = _step_record(steps_ptr, s_lo + j, s_hi, MAX_STEPS, E)
+      _issue_step(x_desc, g_desc, x_bufs.index(j), g_bufs.index(j), ready.index(j), r0, r1,
+                  k0, n0)
+    p_r0, p_r1, _, _ = _step_record(steps_ptr, s_lo + STAGES - 1, s_hi, MAX_STEPS, E)
+    c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s_lo, s_hi, MAX_STEPS, E)
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
     for s in range(s_lo, s_hi):
       i = s - s_lo
       stage = i % STAGES
-      # Step s's rows have landed (this thread's copies), visible to wgmma (async proxy) and
-      # to every thread.
-      cp.wait_group(STAGES - 2)
-      fence_async_shared()
-      gl.thread_barrier()
+      mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+      if c_r1 - c_r0 < BLOCK_K:
+        # The group's last, partial step: the rows past its end are the next group's (or
+        # padding, maybe not even finite): zeros instead, in both operands.
+        _zero_rows_from(x_bufs.index(stage), c_r1 - c_r0, x_layout)
+        _zero_rows_from(g_bufs.index(stage), c_r1 - c_r0, g_layout)
+        fence_async_shared()
+        gl.thread_barrier()
       acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
                           use_acc=use_acc, is_async=True)
       # Step s - 1's MMA is done in this warpgroup; after the barrier, in both: its stage is
       # free for step s + STAGES - 1.
       acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
       gl.thread_barrier()
-      n_r0, n_r1 = _step_bounds(steps_ptr, s + STAGES, s_hi, MAX_STEPS)
-      n_last, n_e = _step_tile(steps_ptr, s + 1, MAX_STEPS, E)
       nxt = (i + STAGES - 1) % STAGES
-      _issue_step(x_ptr, dy_ptr, x_bufs.index(nxt), g_bufs.index(nxt), p_r0, p_r1, x_rows,
-                  x_cols, g_rows, g_cols, K, N)
-      p_r0, p_r1 = n_r0, n_r1
+      _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
+                  p_r0, p_r1, k0, n0)
+      p_r0, p_r1, _, _ = _step_record(steps_ptr, s + STAGES, s_hi, MAX_STEPS, E)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
@@ -184,11 +198,12 @@ if GLUON_ERROR is None:
         gl.thread_barrier()
         tma.async_copy_shared_to_global(out_desc, [c_e * K + k0, n0], out_buf)
         use_acc = False
-      c_last, c_e = n_last, n_e
+      c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, s_hi, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    cp.wait_group(0)
     tma.store_wait(0)
+    for j in gl.static_range(STAGES):
+      mbarrier.invalidate(ready.index(j))
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int,

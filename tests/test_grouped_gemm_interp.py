@@ -416,6 +416,43 @@ def test_compiles_for_sm90(dtype, variant):
     assert k.metadata.shared <= 227 * 1024
 
 
+def test_gluon_dw_compiles_for_sm90(tmp_path):
+  """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
+  mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
+  memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
+  registers defined by GMMA", which would serialize every step)."""
+  import subprocess
+
+  from kernels import grouped_gemm as gg
+  from kernels import grouped_gemm_gluon as ggl
+
+  if ggl.GLUON_ERROR is not None:
+    pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
+  from triton.backends.nvidia.compiler import get_ptxas
+
+  c, h, n, e = 4096, 1024, 512, 8
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
+  assert ggl.gluon_dw_supported(h, n, 2, cfg.block_m, cfg.block_n) is None
+  ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2, gg.dw_max_steps(c, e, cfg.block_k))
+  k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
+               ce, cfg)
+  ptx = k.asm["ptx"]
+  assert ".target sm_90a" in ptx
+  assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
+  assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx  # the TMA store
+  assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in ptx
+  assert "stmatrix" in ptx and "cp.async.cg" not in ptx
+  assert k.metadata.shared <= 227 * 1024
+  src = tmp_path / "dw.ptx"
+  src.write_text(ptx)
+  info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o",
+                         str(tmp_path / "dw.cubin")], capture_output=True, text=True, check=True)
+  assert "C7517" not in info.stderr + info.stdout, info.stderr
+  # Shapes the kernel cannot take are refused with the reason (then the flat kernel runs).
+  assert "multiples" in ggl.gluon_dw_supported(1000, 512, 2, 128, 256)
+  assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, 128, 256)
+
+
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------
 
 def _interpreter_launcher(interp_module):

@@ -161,7 +161,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
   kernel (``grouped_gemm_dw_flat_kernel``, pointer loads) runs instead of one program per
   (expert, tile), with ``gluon=True`` its Gluon counterpart (``grouped_gemm_dw_gluon_kernel``:
-  TMA-stored tiles) where the shape allows, else the flat kernel."""
+  TMA loads and stores) where Gluon and the shape allow, else the flat kernel."""
   gg = _kernels()
   c, h = x.shape
   n = dy.shape[1]
@@ -173,11 +173,10 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   # dw stays on pointer loads unless asked: its TMA variant measured slower on H200
   # (2026-11-21: 0.54x vs 0.57x cuBLAS on the DeepSeek-V3 up shape).
   cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
-  gluon = cfg.gluon and _gluon_dw_why_not(h, n, x.dtype, cfg) is None
-  if cfg.flatten or gluon:  # one flat loop over the row steps of a segment of experts
+  if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
-    if gluon:
+    if cfg.gluon and _gluon_dw_why_not(h, n, x.dtype, cfg) is None:
       from jax_ep.kernels import grouped_gemm_gluon as ggl
       kernel = ggl.grouped_gemm_dw_gluon_kernel
       constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs,
