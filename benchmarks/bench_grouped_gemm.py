@@ -104,17 +104,9 @@ def _sweep_candidates():
   dw = [
       ("default", None, False),
       ("tma default", None, True),
-      # Tiles stored with the streaming hint (st.global.cs): does dw's output evict its inputs?
-      ("stream-out 128x256x64 w8 s3", T(128, 256, 64, 8, 3, stream_out=True), False),
-      ("flat stream-out 128x256x64 w8 s3",
-       T(128, 256, 64, 8, 3, flatten=True, stream_out=True), False),
       # The flat kernel's loop in Gluon, tiles stored by TMA while the next steps compute.
       ("gluon 128x256x64 w8 s3", T(128, 256, 64, 8, 3, gluon=True), False),
       ("gluon 128x128x64 w8 s4", T(128, 128, 64, 8, 4, gluon=True), False),
-      # Programs of the flat kernel starting 0-7 steps apart: their tile stores spread out.
-      ("flat stagger8 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True, stagger=8), False),
-      ("flat stagger8 stream-out 128x256x64 w8 s3",
-       T(128, 256, 64, 8, 3, flatten=True, stream_out=True, stagger=8), False),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
       # memory on sm_90: 176 KiB, 224 KiB, 224 KiB).
       ("flat 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), False),

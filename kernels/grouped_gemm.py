@@ -250,7 +250,6 @@ def grouped_gemm_dw_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,  # TMA descriptors whose row count ends at the group's end
     WARP_SPEC: tl.constexpr = False,  # Hopper warp specialization of the row loop (USE_TMA only)
-    STREAM_OUT: tl.constexpr = False,  # store dw tiles with the streaming hint (st.global.cs)
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e]. Grid: E * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N).
 
@@ -307,24 +306,13 @@ def grouped_gemm_dw_kernel(
   dw_ptrs = (dw_ptr + e.to(tl.int64) * STRIDE_DWE + offs_k.to(tl.int64)[:, None] * STRIDE_DWK
              + offs_n[None, :] * STRIDE_DWN)
   mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-  tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask,
-           cache_modifier=".cs" if STREAM_OUT else "")
+  tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _field(rec, col, i: tl.constexpr):
   """Field ``i`` of a step record held in registers (``col = arange(4)``)."""
   return tl.sum(tl.where(col == i, rec, 0), axis=0)
-
-
-@triton.jit
-def _step_record(steps_ptr, s, s_lo, col, MAX_STEPS: tl.constexpr, STAGGER: tl.constexpr):
-  """Step ``s``'s record of the step table (index clamped to the table); with STAGGER, steps
-  before ``s_lo`` are empty: (0, 0, 0, 0) loads no rows and stores nothing."""
-  ptrs = steps_ptr + tl.minimum(tl.maximum(s, 0), MAX_STEPS - 1) * 4 + col
-  if STAGGER > 1:
-    return tl.load(ptrs, mask=col < tl.where(s >= s_lo, 4, 0), other=0)
-  return tl.load(ptrs)
 
 
 @triton.jit
@@ -342,8 +330,6 @@ def grouped_gemm_dw_flat_kernel(
     NUM_SEGS: tl.constexpr,   # expert segments (``dw_flat_segments``)
     MAX_STEPS: tl.constexpr,  # rows of the step table
     INPUT_PRECISION: tl.constexpr,
-    STREAM_OUT: tl.constexpr = False,  # store dw tiles with the streaming hint (st.global.cs)
-    STAGGER: tl.constexpr = 0,  # program p first runs p % STAGGER empty steps (see below)
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e], one flat loop per program.
 
@@ -353,12 +339,6 @@ def grouped_gemm_dw_flat_kernel(
   clearing the accumulator at each expert's last step: the loads of the next expert's rows are
   in flight while this one's tile is stored, where the per-expert kernel drains its pipeline
   every 256-512 rows. Same steps, masks and order per expert as ``grouped_gemm_dw_kernel``.
-
-  The programs of a segment walk the same experts' steps, so they all reach an expert's last
-  step, and store a tile, at about the same moment. With STAGGER > 1 program p first runs
-  p % STAGGER empty steps (no loads, no store), which spreads those stores over STAGGER phases
-  of the loop (an experiment: does the burst of every program's tile store at once stall the
-  loads of the next steps?).
   """
   pid = tl.program_id(0)
   num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -392,11 +372,10 @@ def grouped_gemm_dw_flat_kernel(
   # a step do not hang on a load of that step: Triton then prefetches the tiles STAGES - 1
   # steps ahead (loading the record inside the step left it one step ahead).
   col = tl.arange(0, 4)
-  s_first = s_lo - (pid % STAGGER if STAGGER > 1 else 0)
-  nxt = _step_record(steps_ptr, s_first, s_lo, col, MAX_STEPS, STAGGER)
-  for st in tl.range(s_first, s_hi):
+  nxt = tl.load(steps_ptr + tl.minimum(s_lo, MAX_STEPS - 1) * 4 + col)
+  for st in tl.range(s_lo, s_hi):
     rec = nxt
-    nxt = _step_record(steps_ptr, st + 1, s_lo, col, MAX_STEPS, STAGGER)
+    nxt = tl.load(steps_ptr + tl.minimum(st + 1, MAX_STEPS - 1) * 4 + col)
     r0 = tl.minimum(tl.maximum(_field(rec, col, 0), 0), C)
     r1 = tl.minimum(tl.maximum(_field(rec, col, 1), r0), C)
     rows = r0 + offs_r
@@ -409,7 +388,7 @@ def grouped_gemm_dw_flat_kernel(
     if _field(rec, col, 3) != 0:  # the expert's last step: store its tile, start the next
       e = tl.minimum(tl.maximum(_field(rec, col, 2), 0), E - 1)
       tl.store(dw_ptr + e.to(tl.int64) * STRIDE_DWE + tile, acc.to(dw_ptr.dtype.element_ty),
-               mask=mask, cache_modifier=".cs" if STREAM_OUT else "")
+               mask=mask)
       acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
@@ -516,14 +495,9 @@ class TileConfig:
   ``half_tiles`` excludes both (see the module docstring). ``persistent``: one program per
   resident CTA looping over tiles, else one program per possible tile. For dw, ``warp_spec``
   (TMA only) and ``flatten``: ``grouped_gemm_dw_flat_kernel``, each program one flat loop over
-  the row steps of a segment of experts (pointer loads); ``stream_out``: dw's tiles stored with
-  the streaming hint (``st.global.cs``, evict first), so the E x K x N output written in
-  passing (3.76 GB at the DeepSeek-V3 up shape) need not push the operands' rows out of L2
-  (opt-in, not yet measured); ``stagger`` (flat dw only): program p first runs p % stagger
-  empty steps, so the programs' tile stores do not all fall at once (opt-in, not yet measured);
-  ``gluon`` (dw only): the Gluon kernel of kernels/grouped_gemm_gluon.py, the flat kernel's
-  loop with the tiles stored by TMA while the next steps compute (16-bit inputs, 128-row tiles
-  on 8 warps, K and N multiples of the tile; else the flat kernel runs).
+  the row steps of a segment of experts (pointer loads); ``gluon`` (dw only): the Gluon kernel
+  of kernels/grouped_gemm_gluon.py, the flat kernel's loop with TMA loads and stores (16-bit
+  inputs, 128-row tiles on 8 warps, K and N multiples of the tile; else the flat kernel runs).
   """
 
   block_m: int
@@ -535,8 +509,6 @@ class TileConfig:
   warp_spec: bool = False
   flatten: bool = False
   persistent: bool = True
-  stream_out: bool = False
-  stagger: int = 0
   gluon: bool = False
 
   def table_entry(self) -> str:
@@ -545,8 +517,6 @@ class TileConfig:
                                                              ("warp_spec", False),
                                                              ("flatten", False),
                                                              ("persistent", True),
-                                                             ("stream_out", False),
-                                                             ("stagger", 0),
                                                              ("gluon", False))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
@@ -740,8 +710,7 @@ def dw_flat_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, num_segs
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
               NUM_SEGS=num_segs, MAX_STEPS=dw_max_steps(C, E, cfg.block_k),
-              INPUT_PRECISION=input_precision, STREAM_OUT=cfg.stream_out,
-              STAGGER=cfg.stagger)
+              INPUT_PRECISION=input_precision)
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
@@ -752,4 +721,4 @@ def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
               INPUT_PRECISION=input_precision, USE_TMA=use_tma,
-              WARP_SPEC=bool(use_tma and cfg.warp_spec), STREAM_OUT=cfg.stream_out)
+              WARP_SPEC=bool(use_tma and cfg.warp_spec))

@@ -85,7 +85,7 @@ for s in ${STAGES:-bench dc_tests}; do
     # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
     # on Firecracker machines only, see the device notes): where a kernel's time goes.
     # NCU_SOURCE=1: the full section set with per-instruction (SASS) counters and stall
-    # samples, exported as $OUT/ncu_<shape>_sass.csv.gz (the report itself stays there).
+    # samples, exported as $OUT/ncu_<shape>_sass.csv.gz (read it with scripts/ncu_sass_summary.py).
     ncu_gemm) stage ncu_gemm ${NCU_LIMIT:-300} "ncu --version | tail -1; \
         for sh in ${NCU_SHAPES:-dsv3_up 32768x8x7168x4096}; do echo \"== ncu \$sh\"; \
         if [ -n \"${NCU_SOURCE:-}\" ]; then what=\"--set full --import-source yes -f \

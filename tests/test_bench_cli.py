@@ -33,3 +33,32 @@ def test_custom_and_named_shapes_are_accepted(shapes):
   assert res.returncode == 1, res.stderr
   assert "unknown shape" not in res.stderr
   assert "cannot run here" in res.stderr
+
+
+def test_ncu_sass_summary_cuts_a_kernel_into_its_loops(tmp_path):
+  """scripts/ncu_sass_summary.py on a made-up Nsight Compute source export: the loop body
+  (executed 80 times) and the code around it (8 times) come out as separate runs with their
+  shares of the stall samples, and the stall reasons are totalled."""
+  import gzip
+
+  header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+            "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+  body = [["0x0", "IMAD R1, R2, R3, RZ", "10", "8", "10", "0", "9"],
+          ["0x10", "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], R24", "60", "80", "0", "60", "0"],
+          ["0x20", "@P0 BRA 0x10", "20", "80", "20", "0", "0"],
+          ["0x30", "STG.E.128 desc[UR4][R2.64], R4", "10", "8", "0", "10", "0"]]
+  path = tmp_path / "k_sass.csv.gz"
+  with gzip.open(path, "wt") as f:
+    f.write('"Kernel Name","my_kernel",\n')
+    f.write(",".join(f'"{h}"' for h in header) + "\n")
+    for row in body:
+      f.write(",".join(f'"{v}"' for v in row) + "\n")
+  res = subprocess.run([sys.executable, os.path.join(_ROOT, "scripts", "ncu_sass_summary.py"),
+                        str(path), "--top", "2"], capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stderr
+  out = res.stdout
+  assert "my_kernel: 4 SASS instructions, 100 stall samples" in out
+  assert "stalls: wait 70.0%, long_sb 30.0%" in out
+  assert "SASS    1-   2  executed         80   80.0%" in out
+  assert "SASS    0-   0  executed          8   10.0%" in out
+  assert "HGMMA" in out.split("top 2 instructions")[1]

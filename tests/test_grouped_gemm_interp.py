@@ -220,15 +220,12 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
                np.sqrt(n))
 
 
-@pytest.mark.parametrize("variant", ["ptr", "tma", "flat1", "flat3", "ptr-cs", "flat2-cs",
-                                     "flat2-st3"])
+@pytest.mark.parametrize("variant", ["ptr", "tma", "flat1", "flat3"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
 def test_dw_interpreted(interp, rng, case, dtype, variant):
-  """dw per (expert, tile) program (ptr, tma), and the flat kernel with 1, 2 or 3 expert
-  segments (every program walks its segment's row steps in one loop); -cs: tiles stored with
-  the streaming hint (``stream_out``); -st3: programs start with p % 3 empty steps
-  (``stagger``)."""
+  """dw per (expert, tile) program (ptr, tma), and the flat kernel with 1 or 3 expert
+  segments (every program walks its segment's row steps in one loop)."""
   use_tma = variant == "tma"
   c, k, n, e, align, kind = case
   gg = interp
@@ -241,14 +238,13 @@ def test_dw_interpreted(interp, rng, case, dtype, variant):
     inside[o:o + s] = True
   x[~inside] = np.nan
   dy[~inside] = np.nan
-  cfg = gg.TileConfig(**SMALL_TILE, stream_out=variant.endswith("-cs"),
-                      stagger=3 if variant.endswith("-st3") else 0)
+  cfg = gg.TileConfig(**SMALL_TILE)
   dw = np.full((e, k, n), np.nan, dtype)
   if use_tma and not gg.tma_supported(k, n, e, cfg, w_strides=(k * n, n, 1),
                                       elem_bytes=np.dtype(dtype).itemsize, dw=True):
     pytest.skip("shape not eligible for the TMA variant")
   if variant.startswith("flat"):
-    segs = min(e, int(variant[4]))
+    segs = min(e, int(variant[4:]))
     steps, first = gg.dw_step_table(sizes, offsets, c, e, cfg.block_k, np)
     run_interpreted(gg.grouped_gemm_dw_flat_kernel, gg.dw_flat_grid(k, n, e, cfg, segs),
                     (x, dy, steps, first, dw), gg.dw_flat_constexprs(c, k, n, e, cfg, segs))
@@ -390,16 +386,6 @@ def test_compiles_for_sm90(dtype, variant):
     cfg = dataclasses.replace(gg.dw_config(h, n, dtype), flatten=True)
     kernels.append(_compile(gg.grouped_gemm_dw_flat_kernel, [t, t, "*i32", "*i32", t],
                             gg.dw_flat_constexprs(c, h, n, e, cfg, 2), cfg))
-    # Both dw kernels with stream_out store their tiles with the streaming hint.
-    cfg = dataclasses.replace(cfg, stream_out=True, stagger=8)  # and staggered starts
-    cs = [_compile(gg.grouped_gemm_dw_flat_kernel, [t, t, "*i32", "*i32", t],
-                   gg.dw_flat_constexprs(c, h, n, e, cfg, 2), cfg),
-          _compile(gg.grouped_gemm_dw_kernel, [t, t, "*i32", "*i32", "*i32", t],
-                   gg.dw_constexprs(c, h, n, e, dataclasses.replace(cfg, flatten=False)), cfg)]
-    for k in cs:
-      assert "st.global.cs" in k.asm["ptx"]
-    assert "st.global.cs" not in kernels[-1].asm["ptx"]
-    kernels += cs
   for k in kernels:
     ptx = k.asm["ptx"]
     assert ".target sm_90a" in ptx
