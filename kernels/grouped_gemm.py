@@ -540,11 +540,6 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
                                                      flatten=True),
     ("dx", 2048, 768, "bfloat16", True): TileConfig(128, 256, 64, 8, 4, half_tiles=False,
                                                     flatten=True),
-    # DeepSeek-V3 up (H=7168, N=4096): the Gluon dw kernel (TMA loads and stores), measured on
-    # one H200 (2026-11-22 00:51, dw alone, two rounds): 4.12 / 4.15 ms vs 4.42 / 4.49 for the
-    # per-(expert, tile) kernel; slower at the shorter DeepSeek-V3 down and Qwen3 reductions.
-    # Where Gluon is unavailable (Triton other than 3.5/3.6) the flat kernel runs instead.
-    ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True),
 }
 
 

@@ -17,14 +17,15 @@ write what stock Triton does not:
     while the next expert's steps compute; the next tile's first MMA runs with
     ``use_acc=False`` instead of a zeroed accumulator.
 
-Measured on one H200 (2026-11-22, dw alone, the benchmark's loop with a one-element carry):
-DeepSeek-V3 up 4.12-4.15 ms vs the default kernel's 4.42-4.49 and the flat kernel's
-4.19-4.27 (dense cuBLAS 2.82); 8 groups of 4096 rows 2.88-3.07 vs 3.39-3.42. Slower at short
-reductions (DeepSeek-V3 down 2.27-2.30 vs 2.16-2.17 ms, Qwen3 down 0.48-0.49 vs 0.41-0.44),
-so ``TUNED`` picks it per shape. Two lessons of writing it: ptxas serializes every MMA with
-the next step (a wait "injected ... to allow use of registers defined by GMMA") unless the
-MMAs are waited for before the loop exits; and a TMA store wait (``cp.async.bulk.wait_group``)
-shares scoreboard SB0 with ``cp.async``, so a cp.async pipeline drains at every tile store.
+Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``): no faster
+than the stock kernels. At the DeepSeek-V3 up shape it took 4.12-4.15 ms against the default
+kernel's 4.42-4.49 on one machine, and 4.17-4.18 against 4.18-4.20 on another (01:01, dense
+cuBLAS 2.73); slower at short reductions (Qwen3 down 0.45-0.47 vs 0.38 ms). So it is opt-in
+(``TileConfig(..., gluon=True)``): a base for a warp-specialized version, not a default.
+Two lessons of writing it: ptxas serializes every MMA with the next step (a wait "injected
+... to allow use of registers defined by GMMA") unless the MMAs are waited for before the
+loop exits; and a TMA store wait (``cp.async.bulk.wait_group``) shares scoreboard SB0 with
+``cp.async``, so a cp.async-fed pipeline drains at every tile store (hence TMA loads).
 
 Requirements (``gluon_dw_supported``): 16-bit inputs, K % BLOCK_M == 0 (a TMA store box must
 not cross into the next expert's rows of the [E * K, N] view) and N % BLOCK_N == 0. Gluon is

@@ -1,0 +1,145 @@
+"""The grouped GEMM's dw kernels side by side, timed alone (a diagnostic beside
+bench_grouped_gemm.py).
+
+dw[e] = x[rows of e]^T @ dy[rows of e] is the product whose output is largest (E x K x N: 3.76 GB
+at the DeepSeek-V3 up shape, where a dense dw of the same FLOPs writes 58 MB). The main
+benchmark's timing loop carries each op's output through its ``fori_loop``; for dw that costs
+~0.5 ms at that shape. Here each variant is timed
+
+  * alone: one jitted call per sample, synchronized (median of ``--iters``);
+  * in a loop: ``--inner`` calls in a ``fori_loop`` whose carry keeps one element of each
+    output (a custom call cannot be sliced, so every call still runs in full), x changing by
+    one element per iteration;
+
+and checked against the default kernel's result (and that against a per-group numpy
+product on one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one
+pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
+TMA in and out), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+FLOPs is timed alone.
+
+Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+import bench_grouped_gemm as bgg  # noqa: E402  (shapes and inputs, shared)
+
+
+def time_alone(f, args, iters: int) -> float:
+  g = jax.jit(f)
+  jax.block_until_ready(g(*args))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(g(*args))
+    samples.append(time.perf_counter() - t0)
+  return statistics.median(samples)
+
+
+def time_looped(f, args, inner: int, iters: int) -> float:
+  def run(x, *rest):
+    def body(i, carry):
+      x, acc = carry
+      x = lax.dynamic_update_slice(x, jnp.full((1, 1), i, x.dtype), (0, 0))
+      out = f(x, *rest)
+      return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
+    return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
+  g = jax.jit(run)
+  jax.block_until_ready(g(*args))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(g(*args))
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples)
+
+
+def variants():
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+  return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
+          "gluon": T(128, 256, 64, 8, 3, gluon=True)}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shapes", default="dsv3_up,dsv3_down,qwen3_down,32768x8x7168x4096",
+                 help="names from bench_grouped_gemm.SHAPES or ROWSxEXPERTSxKxN")
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--iters", type=int, default=20, help="timed samples per variant and round")
+  p.add_argument("--inner", type=int, default=4, help="calls per looped sample")
+  p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+  args = p.parse_args(argv)
+  from jax_ep.backends import triton_gemm
+  why = triton_gemm._why_not_usable()
+  if why:
+    sys.exit(f"bench_dw_variants: the triton grouped matmul cannot run here: {why}")
+
+  class Inputs:  # what bench_grouped_gemm.make_inputs reads
+    dtype, routing = "bfloat16", "uniform"
+
+  now = datetime.datetime.now(datetime.timezone.utc)
+  rows_out = []
+  print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | {now:%Y-%m-%d %H:%M} UTC",
+        flush=True)
+  for si, name in enumerate(s for s in args.shapes.split(",") if s):
+    shape = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
+    rows, e, k, n = shape
+    sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
+    s, o = layout.group_sizes, layout.group_offsets
+    flops = 2.0 * rows * k * n
+    ref = None
+    for rnd in range(args.rounds):
+      for label, cfg in variants().items():
+        f = lambda x, dy, cfg=cfg: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg)  # noqa
+        got = np.asarray(jax.jit(f)(x, dy), np.float32)
+        if ref is None:  # the default's dw, checked on its largest expert against numpy
+          big = int(np.argmax(sizes))
+          lo = int(np.asarray(o)[big])
+          xe = np.asarray(x[lo:lo + sizes[big]], np.float32)
+          want = xe.T @ np.asarray(dy[lo:lo + sizes[big]], np.float32)
+          err = np.abs(got[big] - want).max() / (np.abs(want).max() + 1e-6)
+          assert err < 2e-2, f"{name}: default dw off numpy by {err:.2e}"
+          ref = got
+        rel = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-6))
+        alone = time_alone(f, (x, dy), args.iters)
+        looped = time_looped(f, (x, dy), args.inner, args.iters)
+        row = dict(shape=name, variant=label, round=rnd, alone_ms=alone * 1e3,
+                   looped_ms=looped * 1e3, tflops_looped=flops / looped / 1e12,
+                   rel_err_vs_default=rel, correct=rel < 2e-2)
+        rows_out.append(row)
+        print(f"{name:18s} {label:8s} round {rnd}: alone {alone * 1e3:7.3f} ms  looped "
+              f"{looped * 1e3:7.3f} ms  {row['tflops_looped']:5.0f} TFLOP/s  "
+              f"{'ok' if row['correct'] else f'WRONG ({rel:.1e})'}", flush=True)
+    dense = time_alone(lambda x, dy: jnp.dot(x.T, dy), (x, dy), args.iters)
+    rows_out.append(dict(shape=name, variant="dense", alone_ms=dense * 1e3,
+                         tflops_alone=flops / dense / 1e12))
+    print(f"{name:18s} dense    alone {dense * 1e3:7.3f} ms  {flops / dense / 1e12:5.0f} TFLOP/s",
+          flush=True)
+    del x, dy
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, f"dw_variants_{now:%Y%m%d-%H%M%S}.json")
+  with open(path, "w") as f:
+    json.dump(dict(device=jax.devices()[0].device_kind, date_utc=now.isoformat(timespec="seconds"),
+                   args=vars(args), rows=rows_out), f, indent=1)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
