@@ -42,15 +42,20 @@ from jax import lax  # noqa: E402
 import bench_grouped_gemm as bgg  # noqa: E402  (shapes and inputs, shared)
 
 
-def time_alone(f, args, iters: int) -> float:
-  g = jax.jit(f)
+def _median_seconds(g, args, iters: int, calls: int = 1) -> float:
+  """Median wall time of ``g(*args)`` over ``iters`` synchronized samples (after a warm-up
+  call), divided by the ``calls`` of the op each sample makes."""
   jax.block_until_ready(g(*args))
   samples = []
   for _ in range(iters):
     t0 = time.perf_counter()
     jax.block_until_ready(g(*args))
-    samples.append(time.perf_counter() - t0)
+    samples.append((time.perf_counter() - t0) / calls)
   return statistics.median(samples)
+
+
+def time_alone(f, args, iters: int) -> float:
+  return _median_seconds(jax.jit(f), args, iters)
 
 
 def time_looped(f, args, inner: int, iters: int) -> float:
@@ -61,14 +66,7 @@ def time_looped(f, args, inner: int, iters: int) -> float:
       out = f(x, *rest)
       return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
     return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
-  g = jax.jit(run)
-  jax.block_until_ready(g(*args))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(g(*args))
-    samples.append((time.perf_counter() - t0) / inner)
-  return statistics.median(samples)
+  return _median_seconds(jax.jit(run), args, iters, inner)
 
 
 def variants():

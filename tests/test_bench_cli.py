@@ -62,3 +62,12 @@ def test_ncu_sass_summary_cuts_a_kernel_into_its_loops(tmp_path):
   assert "SASS    1-   2  executed         80   80.0%" in out
   assert "SASS    0-   0  executed          8   10.0%" in out
   assert "HGMMA" in out.split("top 2 instructions")[1]
+
+
+def test_dw_variants_bench_says_why_it_cannot_run_without_a_gpu():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "bench_dw_variants.py"),
+                        "--shapes", "64x2x128x256"], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=_ROOT)
+  assert res.returncode == 1, res.stderr
+  assert "bench_dw_variants: the triton grouped matmul cannot run here" in res.stderr
