@@ -17,11 +17,11 @@ write what stock Triton does not:
     while the next expert's steps compute; the next tile's first MMA runs with
     ``use_acc=False`` instead of a zeroed accumulator.
 
-Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``): no faster
-than the stock kernels. At the DeepSeek-V3 up shape it took 4.12-4.15 ms against the default
-kernel's 4.42-4.49 on one machine, and 4.17-4.18 against 4.18-4.20 on another (01:01, dense
-cuBLAS 2.73); slower at short reductions (Qwen3 down 0.45-0.47 vs 0.38 ms). So it is opt-in
-(``TileConfig(..., gluon=True)``): a base for a warp-specialized version, not a default.
+Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``, three
+machines): at the DeepSeek-V3 up shape 4.12-4.20 ms against the default kernel's 4.18-4.49,
+never slower and up to 7 % faster (dense cuBLAS 2.56-2.82), so ``TUNED`` takes it there; at
+short reductions it is slower (Qwen3 down 0.45-0.49 vs 0.38-0.43 ms) and stays opt-in
+(``TileConfig(..., gluon=True)``). It is also the base for a warp-specialized version.
 Two lessons of writing it: ptxas serializes every MMA with the next step (a wait "injected
 ... to allow use of registers defined by GMMA") unless the MMAs are waited for before the
 loop exits; and a TMA store wait (``cp.async.bulk.wait_group``) shares scoreboard SB0 with
@@ -67,21 +67,22 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, block_m: int, block_n: i
 if GLUON_ERROR is None:
 
   @gluon.jit
-  def _step_record(steps_ptr, s, s_hi, MAX_STEPS: gl.constexpr, E: gl.constexpr):
+  def _step_record(steps_ptr, s, MAX_STEPS: gl.constexpr, E: gl.constexpr):
     """(row_start, row_end, last, e) of step ``s``: rows [row_start, row_end) (at most BLOCK_K)
-    of expert e, last = 1 on its final step; an empty step at and past ``s_hi``."""
+    of expert e, last = 1 on its final step. Out-of-range rows of a corrupt table only read
+    zeros (TMA bounds) or are zeroed."""
     rec = steps_ptr + gl.minimum(gl.maximum(s, 0), MAX_STEPS - 1) * 4
     r0 = gl.load(rec)
-    r1 = gl.where(s < s_hi, gl.load(rec + 1), r0)
     e = gl.minimum(gl.maximum(gl.load(rec + 2), 0), E - 1)
-    return r0, r1, gl.load(rec + 3), e
+    return r0, gl.maximum(gl.load(rec + 1), r0), gl.load(rec + 3), e
 
   @gluon.jit
-  def _issue_step(x_desc, g_desc, x_buf, g_buf, ready, r0, r1, k0, n0):
-    """TMA loads of one row step (rows r0 .. r0 + BLOCK_K) into a pipeline stage; nothing for
-    an empty step (never waited on)."""
+  def _issue_step(x_desc, g_desc, x_buf, g_buf, ready, r0, s, s_hi, k0, n0):
+    """TMA loads of step ``s`` (rows r0 .. r0 + BLOCK_K) into a pipeline stage; nothing past
+    the program's last step ``s_hi`` (never waited on). Every step before it is loaded, even
+    an empty one, so that every stage the loop waits on completes."""
     nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes
-    if r1 > r0:
+    if s < s_hi:
       mbarrier.expect(ready, nbytes)
       tma.async_copy_global_to_shared(x_desc, [r0, k0], ready, x_buf)
       tma.async_copy_global_to_shared(g_desc, [r0, n0], ready, g_buf)
@@ -159,11 +160,11 @@ if GLUON_ERROR is None:
     # Prologue: steps s_lo .. s_lo + STAGES - 2 in flight. Step records are read an
     # iteration ahead of their use, so no step waits on a load of its own record.
     for j in gl.static_range(STAGES - 1):
-      r0, r1, _, _ = _step_record(steps_ptr, s_lo + j, s_hi, MAX_STEPS, E)
-      _issue_step(x_desc, g_desc, x_bufs.index(j), g_bufs.index(j), ready.index(j), r0, r1,
-                  k0, n0)
-    p_r0, p_r1, _, _ = _step_record(steps_ptr, s_lo + STAGES - 1, s_hi, MAX_STEPS, E)
-    c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s_lo, s_hi, MAX_STEPS, E)
+      r0, _, _, _ = _step_record(steps_ptr, s_lo + j, MAX_STEPS, E)
+      _issue_step(x_desc, g_desc, x_bufs.index(j), g_bufs.index(j), ready.index(j), r0,
+                  s_lo + j, s_hi, k0, n0)
+    p_r0, _, _, _ = _step_record(steps_ptr, s_lo + STAGES - 1, MAX_STEPS, E)
+    c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s_lo, MAX_STEPS, E)
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
@@ -186,8 +187,8 @@ if GLUON_ERROR is None:
       gl.thread_barrier()
       nxt = (i + STAGES - 1) % STAGES
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
-                  p_r0, p_r1, k0, n0)
-      p_r0, p_r1, _, _ = _step_record(steps_ptr, s + STAGES, s_hi, MAX_STEPS, E)
+                  p_r0, s + STAGES - 1, s_hi, k0, n0)
+      p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
@@ -199,7 +200,7 @@ if GLUON_ERROR is None:
         gl.thread_barrier()
         tma.async_copy_shared_to_global(out_desc, [c_e * K + k0, n0], out_buf)
         use_acc = False
-      c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, s_hi, MAX_STEPS, E)
+      c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     tma.store_wait(0)

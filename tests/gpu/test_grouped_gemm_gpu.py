@@ -254,6 +254,43 @@ def test_gluon_dw_matches_xla(rng, kind):
   assert_close(f"gluon dw vs flat {kind}", got, flat, jnp.bfloat16, scale)
 
 
+def test_gluon_dw_survives_a_corrupt_step_table(rng):
+  """A step table with an empty step inside an expert's steps and steps pointing past the
+  rows (what a corrupt layout could produce): the Gluon dw kernel must finish (every stage it
+  waits on is loaded) and write only finite values; an empty step contributes nothing."""
+  from jax_ep.kernels import grouped_gemm as gg
+  from jax_ep.kernels import grouped_gemm_gluon as ggl
+
+  c, h, n, e = 512, 256, 256, 3
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
+  why = triton_gemm._gluon_dw_why_not(h, n, jnp.bfloat16, cfg)
+  if why is not None:
+    pytest.skip(f"Gluon dw kernel unavailable: {why}")
+  sizes = np.array([100, 0, 150], np.int32)
+  offsets = np.array([0, 100, 200], np.int32)
+  steps, first = gg.dw_step_table(sizes, offsets, c, e, cfg.block_k, np)
+  steps, first = np.array(steps), np.array(first)
+  # Expert 0's first step made empty; expert 2's second step moved past the last row.
+  steps[first[0]] = (10, 10, 0, 0)
+  steps[first[2] + 1, :2] = (c + 100, c + 164)
+  x = jnp.asarray(rng.standard_normal((c, h), np.float32), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((c, n), np.float32), jnp.bfloat16)
+  segs = gg.dw_flat_segments(h, n, e, cfg, 132)
+  (dw,) = triton_gemm._triton_call(
+      ggl.grouped_gemm_dw_gluon_kernel, x, dy, jnp.asarray(steps), jnp.asarray(first),
+      out_shapes=jax.ShapeDtypeStruct((e, h, n), jnp.bfloat16),
+      grid=gg.dw_flat_grid(h, n, e, cfg, segs), num_warps=8, num_stages=3,
+      constexprs=ggl.gluon_dw_constexprs(c, h, n, e, cfg, segs, steps.shape[0]))
+  got = np.asarray(dw, np.float32)
+  assert np.isfinite(got).all()
+  xf, dyf = np.asarray(x, np.float32), np.asarray(dy, np.float32)
+  want0 = xf[64:100].T @ dyf[64:100]  # expert 0 without its (emptied) first step
+  assert_close("corrupt table, expert 0", got[0], want0, jnp.bfloat16, np.abs(want0).max())
+  assert not got[1].any()
+  want2 = xf[200:264].T @ dyf[200:264] + xf[328:350].T @ dyf[328:350]  # step 2 read zeros
+  assert_close("corrupt table, expert 2", got[2], want2, jnp.bfloat16, np.abs(want2).max())
+
+
 # Last in the file: a fault in a TMA variant should not take the tests above with it (the
 # forward tests above already run the TMA default; these compare it with the pointer path).
 # Its device-side descriptors live in Triton's global scratch, which Triton wants 128-byte
