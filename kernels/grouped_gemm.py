@@ -547,6 +547,14 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # Slower at the shorter DeepSeek-V3 down and Qwen3 reductions, so only here. Where Gluon is
     # unavailable (Triton other than 3.5/3.6) the flat kernel runs.
     ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True),
+    # Once the flat kernels' programs fill their last wave of SMs (``dw_flat_segments``,
+    # 2026-11-22 01:16-01:20, one H200, dw alone, five rounds): the flat kernel at the Qwen3
+    # shapes, qwen3_up 0.616-0.632 ms vs 0.714-0.754 (per-(expert, tile) kernel), qwen3_down
+    # 0.333-0.394 vs 0.388-0.489; the Gluon kernel at DeepSeek-V3 down, 2.127-2.175 vs
+    # 2.213-2.286.
+    ("dw", 2048, 1536, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
+    ("dw", 768, 2048, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
+    ("dw", 2048, 7168, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True),
 }
 
 
@@ -649,10 +657,21 @@ def dw_grid(K: int, N: int, E: int, cfg: TileConfig) -> int:
 
 
 def dw_flat_segments(K: int, N: int, E: int, cfg: TileConfig, num_sms: int) -> int:
-  """Expert segments of ``grouped_gemm_dw_flat_kernel``: enough programs for two per SM where
-  the dw tiles alone are fewer (Qwen3's 768 x 2048 dw has 48 tiles of 128 x 256), at most E."""
+  """Expert segments of the flat dw kernels (``grouped_gemm_dw_flat_kernel`` and its Gluon
+  counterpart), at most E: enough programs for two per SM where the dw tiles alone are fewer
+  (Qwen3's 768 x 2048 dw has 48 tiles of 128 x 256), then the fewest segments whose programs
+  fill their last wave of SMs to >= 95 % (one program per SM at a time: at the DeepSeek-V3
+  down shape's 448 tiles, one segment would leave 60 % of the SMs idle in the fourth wave;
+  two fill 97 % of seven waves), else the fullest."""
   tiles = triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-  return max(1, min(E, triton.cdiv(2 * num_sms, tiles)))
+  first = max(1, min(E, triton.cdiv(2 * num_sms, tiles)))
+
+  def filled(segs: int) -> float:
+    programs = segs * tiles
+    return programs / (triton.cdiv(programs, num_sms) * num_sms)
+
+  return next((s for s in range(first, E + 1) if filled(s) >= 0.95),
+              max(range(first, E + 1), key=filled, default=first))
 
 
 def dw_flat_grid(K: int, N: int, E: int, cfg: TileConfig, num_segs: int) -> int:

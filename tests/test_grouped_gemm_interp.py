@@ -402,6 +402,27 @@ def test_compiles_for_sm90(dtype, variant):
     assert k.metadata.shared <= 227 * 1024
 
 
+@pytest.mark.parametrize("shape", [(7168, 4096, 64), (2048, 7168, 64), (768, 2048, 128),
+                                   (2048, 1536, 128), (512, 512, 3)])
+def test_flat_dw_segments_fill_the_last_wave(shape):
+  """The flat dw kernels' segment count: at most E, at least two programs per SM where E
+  allows, and where some count fills the last wave of 132 SMs to 95 %, one that does."""
+  from kernels import grouped_gemm as gg
+
+  k, n, e = shape
+  cfg = gg.TileConfig(128, 256, 64, 8, 3)
+  tiles = -(-k // 128) * -(-n // 256)
+  segs = gg.dw_flat_segments(k, n, e, cfg, 132)
+  assert 1 <= segs <= e
+  programs = segs * tiles
+  assert programs >= min(2 * 132, e * tiles)
+  fill = [s * tiles / (-(-s * tiles // 132) * 132) for s in range(1, e + 1)]
+  if max(fill[segs - 1:]) >= 0.95:
+    assert fill[segs - 1] >= 0.95
+  else:
+    assert fill[segs - 1] == max(fill[segs - 1:])
+
+
 def test_gluon_dw_compiles_for_sm90(tmp_path):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
