@@ -17,11 +17,12 @@ write what stock Triton does not:
     while the next expert's steps compute; the next tile's first MMA runs with
     ``use_acc=False`` instead of a zeroed accumulator.
 
-Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``, three
-machines): at the DeepSeek-V3 up shape 4.12-4.20 ms against the default kernel's 4.18-4.49,
-never slower and up to 7 % faster (dense cuBLAS 2.56-2.82), so ``TUNED`` takes it there; at
-short reductions it is slower (Qwen3 down 0.45-0.49 vs 0.38-0.43 ms) and stays opt-in
-(``TileConfig(..., gluon=True)``). It is also the base for a warp-specialized version.
+Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``): at the
+DeepSeek-V3 up shape 4.12-4.20 ms against the per-(expert, tile) kernel's 4.18-4.49 on three
+machines, never slower and up to 7 % faster (dense cuBLAS 2.56-2.82); at DeepSeek-V3 down,
+once ``dw_flat_segments`` filled the last wave, 2.13-2.18 vs 2.21-2.29. ``TUNED`` takes it for
+both; at the Qwen3 shapes the flat Triton kernel is faster still. It is also the base for a
+warp-specialized version.
 Two lessons of writing it: ptxas serializes every MMA with the next step (a wait "injected
 ... to allow use of registers defined by GMMA") unless the MMAs are waited for before the
 loop exits; and a TMA store wait (``cp.async.bulk.wait_group``) shares scoreboard SB0 with
