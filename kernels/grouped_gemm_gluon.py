@@ -18,8 +18,8 @@ write what stock Triton does not:
     ``use_acc=False`` instead of a zeroed accumulator.
 
 Measured on H200 (2026-11-22, dw alone, ``benchmarks/bench_dw_variants.py``): at the
-DeepSeek-V3 up shape 4.12-4.20 ms against the per-(expert, tile) kernel's 4.18-4.49 on three
-machines, never slower and up to 7 % faster (dense cuBLAS 2.56-2.82); at DeepSeek-V3 down,
+DeepSeek-V3 up shape 4.12-4.21 ms against the per-(expert, tile) kernel's 4.18-4.49 on four
+machines, equal within noise or up to 7 % faster (dense cuBLAS 2.56-2.82); at DeepSeek-V3 down,
 once ``dw_flat_segments`` filled the last wave, 2.13-2.18 vs 2.21-2.29. ``TUNED`` takes it for
 both; at the Qwen3 shapes the flat Triton kernel is faster still. It is also the base for a
 warp-specialized version.
