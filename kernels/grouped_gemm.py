@@ -544,9 +544,8 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # three H200 machines (2026-11-22, benchmarks/bench_dw_variants.py and its predecessor,
     # two rounds each): 4.12 / 4.15 vs 4.42 / 4.49 ms for the per-(expert, tile) kernel,
     # 4.18 / 4.17 vs 4.18 / 4.20, 4.20 / 4.16 vs 4.40 / 4.41; a fourth (01:16) 4.21 / 4.20 vs
-    # 4.22 / 4.19: equal within noise or up to 7 % faster.
-    # Slower at the shorter DeepSeek-V3 down and Qwen3 reductions, so only here. Where Gluon is
-    # unavailable (Triton other than 3.5/3.6) the flat kernel runs.
+    # 4.22 / 4.19: equal within noise or up to 7 % faster. Where Gluon is unavailable (Triton
+    # other than 3.5/3.6) the flat kernel runs.
     ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True),
     # Once the flat kernels' programs fill their last wave of SMs (``dw_flat_segments``,
     # 2026-11-22 01:16-01:20, one H200, dw alone, five rounds): the flat kernel at the Qwen3

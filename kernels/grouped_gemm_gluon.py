@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import triton
 
+from .grouped_gemm import dw_max_steps
+
 # Gluon's Python API is experimental and changes between releases (Triton 3.9 renamed the CTA
 # barrier and the TMA store, among others): this file is written against 3.5 / 3.6, the
 # Triton of our GPU image. Elsewhere the kernel is not offered and callers fall back.
@@ -54,14 +56,17 @@ else:
     GLUON_ERROR = f"{type(e).__name__}: {e}"
 
 
-def gluon_dw_supported(K: int, N: int, elem_bytes: int, block_m: int, block_n: int) -> str | None:
-  """None when the Gluon dw kernel applies to this shape, else why not."""
+def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
+  """None when the Gluon dw kernel can run ``cfg`` (a ``TileConfig``) on dw [E, K, N] of
+  ``elem_bytes``-byte inputs, else why not (callers then run the flat Triton kernel)."""
   if GLUON_ERROR is not None:
     return f"the Gluon dw kernel is not available here: {GLUON_ERROR}"
+  if cfg.num_warps != 8 or cfg.block_m != 128:
+    return "the Gluon dw kernel runs 128-row tiles on two warpgroups (num_warps=8)"
   if elem_bytes != 2:
     return "the Gluon dw kernel takes 16-bit inputs only"
-  if K % block_m or N % block_n:
-    return f"K={K} and N={N} must be multiples of the tile ({block_m} x {block_n})"
+  if K % cfg.block_m or N % cfg.block_n:
+    return f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
   return None
 
 
@@ -209,9 +214,10 @@ if GLUON_ERROR is None:
       mbarrier.invalidate(ready.index(j))
 
 
-def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int,
-                        max_steps: int) -> dict:
-  """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw)."""
+def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw), for the
+  step table of ``dw_step_table`` (same C, E, block_k)."""
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs, MAX_STEPS=max_steps,
-              STAGES=cfg.num_stages, NUM_WARPS=cfg.num_warps)
+              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
+              MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
+              NUM_WARPS=cfg.num_warps)

@@ -439,8 +439,9 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
 
   c, h, n, e = 4096, 1024, 512, 8
   cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
-  assert ggl.gluon_dw_supported(h, n, 2, cfg.block_m, cfg.block_n) is None
-  ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2, gg.dw_max_steps(c, e, cfg.block_k))
+  assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
+  ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
+  assert ce["MAX_STEPS"] == gg.dw_max_steps(c, e, cfg.block_k)
   k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
                ce, cfg)
   ptx = k.asm["ptx"]
@@ -456,8 +457,10 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
                          str(tmp_path / "dw.cubin")], capture_output=True, text=True, check=True)
   assert "C7517" not in info.stderr + info.stdout, info.stderr
   # Shapes the kernel cannot take are refused with the reason (then the flat kernel runs).
-  assert "multiples" in ggl.gluon_dw_supported(1000, 512, 2, 128, 256)
-  assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, 128, 256)
+  assert "multiples" in ggl.gluon_dw_supported(1000, 512, 2, cfg)
+  assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, cfg)
+  four_warps = dataclasses.replace(cfg, num_warps=4)
+  assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
 
 
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------

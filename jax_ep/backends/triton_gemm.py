@@ -79,6 +79,11 @@ def _kernels():
   return grouped_gemm
 
 
+def _gluon_kernels():
+  from jax_ep.kernels import grouped_gemm_gluon
+  return grouped_gemm_gluon
+
+
 def _num_sms() -> int:
   """Streaming multiprocessors of the first GPU (132 on H100/H200 SXM when unknown)."""
   try:
@@ -146,15 +151,6 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   return y
 
 
-def _gluon_dw_why_not(h: int, n: int, dtype, cfg) -> str | None:
-  """None when ``cfg.gluon`` can run the Gluon dw kernel on this shape, else why not (then the
-  flat Triton kernel runs)."""
-  from jax_ep.kernels import grouped_gemm_gluon as ggl
-  if cfg.num_warps != 8 or cfg.block_m != 128:
-    return "the Gluon dw kernel runs 128-row tiles on two warpgroups (num_warps=8)"
-  return ggl.gluon_dw_supported(h, n, jnp.dtype(dtype).itemsize, cfg.block_m, cfg.block_n)
-
-
 def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: bool = False):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``.
 
@@ -176,11 +172,10 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
-    if cfg.gluon and _gluon_dw_why_not(h, n, x.dtype, cfg) is None:
-      from jax_ep.kernels import grouped_gemm_gluon as ggl
+    ggl = _gluon_kernels() if cfg.gluon else None
+    if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
-      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs,
-                                           gg.dw_max_steps(c, num_experts, cfg.block_k))
+      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
     else:
       kernel = gg.grouped_gemm_dw_flat_kernel
       constexprs = gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,

@@ -224,7 +224,7 @@ def test_gluon_dw_matches_xla(rng, kind):
 
   c, h, n, e = 3000, 512, 768, 40
   cfg = T(128, 256, 64, 8, 3, gluon=True)
-  why = triton_gemm._gluon_dw_why_not(h, n, jnp.bfloat16, cfg)
+  why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
   sizes, offsets = testing.group_layout(rng, kind, c, e, 8)
@@ -263,7 +263,7 @@ def test_gluon_dw_survives_a_corrupt_step_table(rng):
 
   c, h, n, e = 512, 256, 256, 3
   cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
-  why = triton_gemm._gluon_dw_why_not(h, n, jnp.bfloat16, cfg)
+  why = ggl.gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
   sizes = np.array([100, 0, 150], np.int32)
@@ -280,7 +280,7 @@ def test_gluon_dw_survives_a_corrupt_step_table(rng):
       ggl.grouped_gemm_dw_gluon_kernel, x, dy, jnp.asarray(steps), jnp.asarray(first),
       out_shapes=jax.ShapeDtypeStruct((e, h, n), jnp.bfloat16),
       grid=gg.dw_flat_grid(h, n, e, cfg, segs), num_warps=8, num_stages=3,
-      constexprs=ggl.gluon_dw_constexprs(c, h, n, e, cfg, segs, steps.shape[0]))
+      constexprs=ggl.gluon_dw_constexprs(c, h, n, e, cfg, segs))
   got = np.asarray(dw, np.float32)
   assert np.isfinite(got).all()
   xf, dyf = np.asarray(x, np.float32), np.asarray(dy, np.float32)
