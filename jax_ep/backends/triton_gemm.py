@@ -137,17 +137,27 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   use_tma = want_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   if want_tma and not use_tma and config is None:  # the TMA tiles do not suit the pointer path
     cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
+  table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
+  name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
+  ggl = _gluon_kernels() if cfg.gluon and use_tma else None
+  if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg, b_kmajor=transpose_w) is None:
+    # Warp-specialized (a TMA producer warp, two consumer warpgroups): one program per SM.
+    (y,) = _triton_call(
+        ggl.grouped_gemm_ws_kernel, x, w, table, out_shapes=out,
+        grid=gg.forward_grid(c, n, e, cfg, _num_sms()), num_warps=cfg.num_warps,
+        num_stages=1, constexprs=ggl.gluon_fwd_constexprs(c, k, n, e, cfg,
+                                                          b_kmajor=transpose_w),
+        name=name)
+    return y
   persistent = cfg.persistent if persistent is None else persistent
   max_programs = gg.resident_programs(_num_sms(), cfg, itemsize) if persistent else None
   constexprs = gg.forward_constexprs(c, k, n, e, cfg, x_strides=(k, 1), w_strides=w_strides,
                                      y_strides=(n, 1), input_precision=precision,
                                      use_tma=use_tma, half_tiles=half_tiles)
-  table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
   (y,) = _triton_call(
       gg.grouped_gemm_kernel, x, w, table, out_shapes=out,
       grid=gg.forward_grid(c, n, e, cfg, max_programs), num_warps=cfg.num_warps,
-      num_stages=cfg.num_stages,
-      constexprs=constexprs, name="jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm")
+      num_stages=cfg.num_stages, constexprs=constexprs, name=name)
   return y
 
 

@@ -254,6 +254,50 @@ def test_gluon_dw_matches_xla(rng, kind):
   assert_close(f"gluon dw vs flat {kind}", got, flat, jnp.bfloat16, scale)
 
 
+@pytest.mark.parametrize("stages", [3, 4], ids=["tma-store", "reg-store"])
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
+@pytest.mark.parametrize("product", ["fwd", "dx"])
+def test_gluon_ws_forward_matches_xla(rng, product, kind, stages):
+  """The warp-specialized Gluon kernel (kernels/grouped_gemm_gluon.py: a TMA producer warp,
+  two consumer warpgroups) for the forward and dx products against a dense per-group numpy
+  product and the default Triton kernel: random groups with empty ones, one giant group, no
+  rows at all, an overflowing layout; more tiles than SMs (the persistent loop wraps), groups
+  whose last tile is partial (masked stores) or whole (TMA stores at 3 stages), alignment gaps
+  and a tail of rows in no group, which must come out exactly zero although x holds NaN there."""
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+
+  c, h, n, e = 40000, 512, 768, 40
+  cfg = T(128, 256, 64, 8, stages, half_tiles=False, gluon=True)
+  k_dim, n_dim = (h, n) if product == "fwd" else (n, h)
+  why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg,
+                                                         b_kmajor=product == "dx")
+  if why is not None:
+    pytest.skip(f"warp-specialized Gluon kernel unavailable: {why}")
+  sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  inside = in_group_rows(sizes, offsets, c)
+  a = rng.standard_normal((c, k_dim), np.float32)
+  a[~inside] = np.nan
+  a = jnp.asarray(a, jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(k_dim), jnp.bfloat16)
+
+  def run(config):
+    return np.asarray(jax.jit(lambda: triton_gemm._grouped(
+        a, w, s, o, transpose_w=product == "dx", config=config))(), np.float32)
+
+  got = run(cfg)
+  base = run(T(128, 256, 64, 8, 3))  # the stock Triton kernel
+  af, wf = np.asarray(a, np.float32), np.asarray(w, np.float32)
+  want = np.zeros((c, n_dim), np.float32)
+  for i, (off, size) in enumerate(zip(offsets, sizes)):
+    b = wf[i] if product == "fwd" else wf[i].T
+    want[off:off + size] = af[off:off + size] @ b
+  assert not got[~inside].any(), "rows in no group must be exactly zero"
+  scale = np.abs(want).max() + 1e-6
+  assert_close(f"gluon ws {product} {kind}", got, want, jnp.bfloat16, scale)
+  assert_close(f"gluon ws vs triton {product} {kind}", got, base, jnp.bfloat16, scale)
+
+
 def test_gluon_dw_survives_a_corrupt_step_table(rng):
   """A step table with an empty step inside an expert's steps and steps pointing past the
   rows (what a corrupt layout could produce): the Gluon dw kernel must finish (every stage it
