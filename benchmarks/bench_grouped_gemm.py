@@ -85,10 +85,10 @@ def _sweep_candidates():
       ("tma default", None, True),
       ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
       ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
-      # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups (s3: whole
-      # tiles stored by TMA; s4: no room for the output tile, masked stores from registers).
+      # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
+      # own half of the tile (skipped when it holds no rows), whole halves stored by TMA.
       ("gluon ws 128x256x64 s3", T(128, 256, 64, 8, 3, half_tiles=False, gluon=True), True),
-      ("gluon ws 128x256x64 s4", T(128, 256, 64, 8, 4, half_tiles=False, gluon=True), True),
+      ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.
       ("tma 64x256x64 w4 s4 flat", T(64, 256, 64, 4, 4, half_tiles=False, flatten=True), True),

@@ -254,57 +254,74 @@ if GLUON_ERROR is None:
         it += 1
 
   @gluon.jit
-  def _ws_fwd_consumer(a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
-                       num_tiles, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
+  def _ws_fwd_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                       tiles_ptr, num_tiles, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, TMA_STORE: gl.constexpr,
-                       NUM_WARPS: gl.constexpr):
-    """Two warpgroups (64 rows of the tile each): the MMAs of each K step as its stage
-    arrives, releasing the stage one step later; then the tile goes out, through shared
-    memory by TMA when it is whole (TMA_STORE), else by stores masked to the group's rows."""
+                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
+    """Consumer warpgroup WG (4 warps): rows WG * BLOCK_M/2 .. of every tile. It runs the MMAs
+    of each K step as the stage arrives and releases the stage one step later (``empty``
+    counts both warpgroups); a half holding no rows of the group (a partial last tile) skips
+    its MMAs and releases each stage at once. Then its half goes out through shared memory:
+    by TMA when every row is the group's, else by 16-byte stores masked to the group's rows."""
     STAGES: gl.constexpr = a_bufs.shape[0]
+    HALF: gl.constexpr = BLOCK_M // 2
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
     dtype: gl.constexpr = y_ptr.dtype.element_ty
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
-    rows_l: gl.constexpr = gl.SliceLayout(1, acc_layout)
-    cols_l: gl.constexpr = gl.SliceLayout(0, acc_layout)
-    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+                                               [4, 1], [1, 0])
+    out_buf = out_bufs.index(WG)
+    acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
     it = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
       row_start, row_end, _ = _tile_record(tiles_ptr, tile // NUM_N, C, E)
+      r0 = row_start + WG * HALF
       n0 = (tile % NUM_N) * BLOCK_N
-      for ki in range(K_ITERS):
-        s = it % STAGES
-        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-        if B_KMAJOR:
-          b = b_bufs.index(s).permute((1, 0))
-        else:
-          b = b_bufs.index(s)
-        acc = warpgroup_mma(a_bufs.index(s), b, acc, use_acc=ki > 0, is_async=True)
-        # The previous step's MMAs are done (both warpgroups, after the barrier that the
-        # arrive carries): its stage goes back to the producer.
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-        it += 1
-      acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-      mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-      out = acc.to(dtype)
-      if TMA_STORE and row_end - row_start >= BLOCK_M:
-        tma.store_wait(0)  # the previous tile has left out_buf (long since: a tile ago)
+      if r0 < row_end:
+        for ki in range(K_ITERS):
+          s = it % STAGES
+          mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+          if B_KMAJOR:
+            b = b_bufs.index(s).permute((1, 0))
+          else:
+            b = b_bufs.index(s)
+          a = a_bufs.index(s).slice(WG * HALF, HALF, dim=0)
+          acc = warpgroup_mma(a, b, acc, use_acc=ki > 0, is_async=True)
+          acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+          mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
+          it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        tma.store_wait(0)  # this warpgroup's previous half has left out_buf
         gl.thread_barrier()
-        out_buf.store(out)
+        out_buf.store(acc.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_copy_shared_to_global(y_desc, [row_start, n0], out_buf)
+        if row_end - r0 >= HALF:
+          tma.async_copy_shared_to_global(y_desc, [r0, n0], out_buf)
+        else:
+          rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
+          cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_layout))
+          gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :],
+                   out_buf.load(st_layout), mask=(rows < row_end)[:, None])
       else:
-        rows = row_start + gl.arange(0, BLOCK_M, layout=rows_l)
-        cols = n0 + gl.arange(0, BLOCK_N, layout=cols_l)
-        gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], out,
-                 mask=(rows < row_end)[:, None])
-    if TMA_STORE:
-      tma.store_wait(0)
+        for ki in range(K_ITERS):
+          s = it % STAGES
+          mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+          mbarrier.arrive(empty.index(s))
+          it += 1
+    tma.store_wait(0)
+
+  @gluon.jit
+  def _ws_fwd_consumer1(a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
+                        num_tiles, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
+                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
+    """The second consumer warpgroup (a worker partition): rows BLOCK_M/2 .. of each tile."""
+    _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
+                     num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR)
 
   @gluon.jit
   def grouped_gemm_ws_kernel(
@@ -315,8 +332,7 @@ if GLUON_ERROR is None:
       C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
       MAX_GROUP_TILES: gl.constexpr, MAX_ZERO_TILES: gl.constexpr, STAGES: gl.constexpr,
-      B_KMAJOR: gl.constexpr, TMA_STORE: gl.constexpr,
-      NUM_WARPS: gl.constexpr,  # the consumers: 8 warps, two warpgroups of 64-row MMAs
+      B_KMAJOR: gl.constexpr,
   ):
     """``grouped_gemm_kernel``'s product (persistent: program p takes group tiles p, p + P,
     ...), warp-specialized. Grid: at most one program per SM."""
@@ -328,16 +344,16 @@ if GLUON_ERROR is None:
     else:
       b_block: gl.constexpr = [BLOCK_K, BLOCK_N]
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N],
+                                                                  dtype)
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_layout)
-    OUT_M: gl.constexpr = BLOCK_M if TMA_STORE else 8  # (unused without TMA_STORE)
-    out_buf = gl.allocate_shared_memory(dtype, [OUT_M, BLOCK_N], y_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N], y_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
       mbarrier.init(ready.index(j), count=1)
-      mbarrier.init(empty.index(j), count=1)
+      mbarrier.init(empty.index(j), count=2)  # one arrive per consumer warpgroup
     # Rows past C read as zeros; a tile's rows past its group are computed, never stored.
     x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
                                         block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
@@ -348,20 +364,23 @@ if GLUON_ERROR is None:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=b_block, layout=b_layout)
     y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, N], strides=[N, 1],
-                                        block_shape=[BLOCK_M, BLOCK_N], layout=y_layout)
+                                        block_shape=[BLOCK_M // 2, BLOCK_N], layout=y_layout)
     num_group = gl.minimum(gl.maximum(gl.load(tiles_ptr), 0), MAX_GROUP_TILES)
     num_tiles = num_group * NUM_N
     gl.warp_specialize([
-        (_ws_fwd_consumer, (a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
-                            num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR,
-                            TMA_STORE, NUM_WARPS)),
+        (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                            tiles_ptr, num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                            B_KMAJOR)),
+        (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                             tiles_ptr, num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                             B_KMAJOR)),
         (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
                             num_tiles, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR)),
-    ], [1], [40])
+    ], [4, 1], [232, 40])
 
     # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
-    zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
-                                        [NUM_WARPS, 1], [1, 0])
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1],
+                                        [1, 0])
     num_zero = gl.minimum(gl.maximum(gl.load(tiles_ptr + 1), 0), MAX_ZERO_TILES)
     zeros = gl.zeros([BLOCK_M, BLOCK_N], dtype, zl)
     pid = gl.program_id(0)
@@ -383,34 +402,35 @@ def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg, *, b_kmajor: bool)
   if GLUON_ERROR is not None:
     return f"the Gluon kernels are not available here: {GLUON_ERROR}"
   if cfg.num_warps != 8 or cfg.block_m != 128:
-    return "the warp-specialized kernel runs 128-row tiles on two warpgroups (num_warps=8)"
+    return ("the warp-specialized kernel runs 128-row tiles on two consumer warpgroups "
+            "(num_warps=8)")
   if elem_bytes != 2:
     return "the warp-specialized kernel takes 16-bit inputs only"
   if K % cfg.block_k or N % cfg.block_n:
     return f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
-  if _ws_smem(cfg, elem_bytes, tma_store=False) > _SMEM_BYTES:
-    return f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} exceed shared memory"
+  if ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    return (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and the "
+            f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes)} bytes)")
   return None
 
 
 _SMEM_BYTES = 227 * 1024 - 1024  # an sm_90 SM's shared memory, less barriers and alignment
 
 
-def _ws_smem(cfg, elem_bytes: int, *, tma_store: bool) -> int:
+def ws_smem_bytes(cfg, elem_bytes: int) -> int:
+  """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output tile."""
   stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
-  return cfg.num_stages * stage + (cfg.block_m * cfg.block_n * elem_bytes if tma_store else 0)
+  return cfg.num_stages * stage + cfg.block_m * cfg.block_n * elem_bytes
 
 
 def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool) -> dict:
-  """Compile-time constants of ``grouped_gemm_ws_kernel`` (row-major x, w, y). Whole tiles go
-  out by TMA when the output tile fits in shared memory beside the stages (at 128 x 256 x 64:
-  up to 3 stages), else every tile by masked stores from registers."""
+  """Compile-time constants of ``grouped_gemm_ws_kernel`` (row-major x, w, y). Launch it with
+  ``num_warps=4`` (its default partition is the first consumer warpgroup) on at most one
+  program per SM."""
   max_group, max_zero = table_bounds(C, E, cfg.block_m)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
-              STAGES=cfg.num_stages, B_KMAJOR=b_kmajor,
-              TMA_STORE=_ws_smem(cfg, 2, tma_store=True) <= _SMEM_BYTES,
-              NUM_WARPS=cfg.num_warps)
+              STAGES=cfg.num_stages, B_KMAJOR=b_kmajor)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

@@ -141,10 +141,11 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
   ggl = _gluon_kernels() if cfg.gluon and use_tma else None
   if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg, b_kmajor=transpose_w) is None:
-    # Warp-specialized (a TMA producer warp, two consumer warpgroups): one program per SM.
+    # Warp-specialized (a TMA producer warp, two consumer warpgroups, 4 warps each):
+    # one program per SM.
     (y,) = _triton_call(
         ggl.grouped_gemm_ws_kernel, x, w, table, out_shapes=out,
-        grid=gg.forward_grid(c, n, e, cfg, _num_sms()), num_warps=cfg.num_warps,
+        grid=gg.forward_grid(c, n, e, cfg, _num_sms()), num_warps=4,
         num_stages=1, constexprs=ggl.gluon_fwd_constexprs(c, k, n, e, cfg,
                                                           b_kmajor=transpose_w),
         name=name)
