@@ -88,6 +88,7 @@ def _sweep_candidates():
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
       # own half of the tile (skipped when it holds no rows), whole halves stored by TMA.
       ("gluon ws 128x256x64 s3", T(128, 256, 64, 8, 3, half_tiles=False, gluon=True), True),
+      ("gluon ws 128x256x32 s6", T(128, 256, 32, 8, 6, half_tiles=False, gluon=True), True),
       ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.
