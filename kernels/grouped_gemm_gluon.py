@@ -401,9 +401,9 @@ def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg, *, b_kmajor: bool)
   x [C, K] @ B[e] (``b_kmajor``: B[e] = w[e]^T, the dx product), else why not."""
   if GLUON_ERROR is not None:
     return f"the Gluon kernels are not available here: {GLUON_ERROR}"
-  if cfg.num_warps != 8 or cfg.block_m != 128:
-    return ("the warp-specialized kernel runs 128-row tiles on two consumer warpgroups "
-            "(num_warps=8)")
+  if cfg.num_warps != 8 or cfg.block_m not in (128, 256):
+    return ("the warp-specialized kernel runs 128- or 256-row tiles on two consumer "
+            "warpgroups (num_warps=8)")
   if elem_bytes != 2:
     return "the warp-specialized kernel takes 16-bit inputs only"
   if K % cfg.block_k or N % cfg.block_n:

@@ -463,8 +463,9 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
 
 
-@pytest.mark.parametrize("tile", [(256, 64, 3), (256, 32, 6), (128, 64, 6)],
-                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6"])
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3), (128, 256, 32, 6), (128, 128, 64, 6),
+                                  (256, 128, 64, 3)],
+                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6", "256x128x64s3"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["fwd", "dx"])
 def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   """The warp-specialized Gluon forward/dx kernel compiles for sm_90 as designed: 12 warps
@@ -483,8 +484,8 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   from triton.backends.nvidia.compiler import get_ptxas
 
   c, k, n, e = 4096, 1024, 512, 8
-  block_n, block_k, stages = tile
-  cfg = gg.TileConfig(128, block_n, block_k, 8, stages, half_tiles=False, gluon=True)
+  block_m, block_n, block_k, stages = tile
+  cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True)
   assert ggl.gluon_fwd_supported(k, n, 2, cfg, b_kmajor=b_kmajor) is None
   ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=b_kmajor)
   km = compile_mod.build(ggl.grouped_gemm_ws_kernel,

@@ -254,8 +254,9 @@ def test_gluon_dw_matches_xla(rng, kind):
   assert_close(f"gluon dw vs flat {kind}", got, flat, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("tile", [(256, 64, 3), (256, 32, 6), (128, 64, 6)],
-                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6"])
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3), (128, 256, 32, 6), (128, 128, 64, 6),
+                                  (256, 128, 64, 3)],
+                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6", "256x128x64s3"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
 @pytest.mark.parametrize("product", ["fwd", "dx"])
 def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
@@ -268,7 +269,7 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 40000, 512, 768, 40
-  cfg = T(128, tile[0], tile[1], 8, tile[2], half_tiles=False, gluon=True)
+  cfg = T(*tile[:3], 8, tile[3], half_tiles=False, gluon=True)
   k_dim, n_dim = (h, n) if product == "fwd" else (n, h)
   why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg,
                                                          b_kmajor=product == "dx")
