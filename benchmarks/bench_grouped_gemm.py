@@ -255,9 +255,11 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
                               mean=float(sizes.mean()), zeros=int((sizes == 0).sum())),
              tma_default=triton_gemm._use_tma_default())
   tma = res["tma_default"]
-  fwd_cfg = gg.forward_config(k, n, dtype.name, "tf32", tma=tma)
+  gluon = triton_gemm._gluon_available()
+  fwd_cfg = gg.forward_config(k, n, dtype.name, "tf32", tma=tma, gluon=gluon)
   res.update(fwd_config=str(fwd_cfg),
-             dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma)),
+             dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma,
+                                             gluon=gluon)),
              dw_config=str(gg.dw_config(k, n, dtype.name, "tf32", tma=tma)))
   # Rows the forward tiles compute beyond the rows in groups (each group's partial last tile;
   # half_tiles, where it applies, halves it): the MMA work the dense product does not do.

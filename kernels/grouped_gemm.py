@@ -557,6 +557,20 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("dw", 2048, 7168, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True),
 }
 
+# Winners that need the Gluon kernels (Triton 3.5/3.6, kernels/grouped_gemm_gluon.py), used
+# where they are available (``forward_config(..., gluon=True)``); TUNED is the fallback. The
+# warp-specialized forward/dx kernel at the Qwen3 down shape (the memory-bound one: 128
+# experts' weights, 403 MB, against 50 MB of x), in three sweeps on H200 (2026-11-22
+# 02:36-02:45, same-run pairs against the flattened TMA kernel of TUNED): fwd 0.231 / 0.243 /
+# 0.239 ms vs 0.245 / 0.250 / 0.258, dx 0.240 / 0.246 / 0.244 vs 0.240 / 0.250 / 0.256. At the
+# other three shapes it was not faster (DeepSeek-V3 up fwd 3.66-3.98 vs 3.34-3.56 ms).
+TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
+    ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                     gluon=True),
+    ("dx", 2048, 768, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                    gluon=True),
+}
+
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
   p = floor
@@ -595,21 +609,22 @@ def _base_config(phase: str, N: int, dtype: str, input_precision: str, tma: bool
 
 
 def _config(phase: str, K: int, N: int, dtype: str, input_precision: str,
-            tma: bool) -> TileConfig:
-  tuned = TUNED.get((phase, K, N, dtype, tma))
+            tma: bool, gluon: bool = False) -> TileConfig:
+  tuned = TUNED_GLUON.get((phase, K, N, dtype, tma)) if gluon else None
+  tuned = tuned or TUNED.get((phase, K, N, dtype, tma))
   return tuned if tuned is not None else _base_config(phase, N, dtype, input_precision, tma)
 
 
 def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee", *,
-                   phase: str = "fwd", tma: bool = False) -> TileConfig:
+                   phase: str = "fwd", tma: bool = False, gluon: bool = False) -> TileConfig:
   """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (``phase="dx"``: the dx product, K and N swapped).
 
-  ``TUNED`` first, then Hopper rules for 16-bit inputs (``_base_config``): 128x256x64 with 8
+  ``TUNED_GLUON`` first when ``gluon`` (the Gluon kernels are available), then ``TUNED``, then Hopper rules for 16-bit inputs (``_base_config``): 128x256x64 with 8
   warps and 3 stages when N is wide (TMA: tile and K loops flattened; pointer loads: one
   program per tile), 128x128x64 otherwise; blocks shrink to the next power of two >= the
   dimension for small shapes.
   """
-  cfg = _config(phase, K, N, dtype, input_precision, tma)
+  cfg = _config(phase, K, N, dtype, input_precision, tma, gluon)
   return dataclasses.replace(cfg, block_n=_clamp_block(cfg.block_n, N),
                              block_k=_clamp_block(cfg.block_k, K))
 

@@ -513,6 +513,24 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four, b_kmajor=b_kmajor)
 
 
+def test_tuned_gluon_entries_have_a_fallback():
+  """Every ``TUNED_GLUON`` winner is a Gluon config the warp-specialized kernel takes, is
+  chosen only when the Gluon kernels are available, and leaves a stock-Triton choice (its
+  ``TUNED`` entry or the rules) where they are not."""
+  from kernels import grouped_gemm as gg
+  from kernels import grouped_gemm_gluon as ggl
+
+  assert gg.TUNED_GLUON
+  for (phase, k, n, dtype, tma), cfg in gg.TUNED_GLUON.items():
+    assert cfg.gluon and phase in ("fwd", "dx") and tma
+    assert gg.forward_config(k, n, dtype, phase=phase, tma=tma, gluon=True) == cfg
+    fallback = gg.forward_config(k, n, dtype, phase=phase, tma=tma, gluon=False)
+    assert not fallback.gluon
+    assert fallback == gg.TUNED.get((phase, k, n, dtype, tma), fallback)
+    if ggl.GLUON_ERROR is None:
+      assert ggl.gluon_fwd_supported(k, n, 2, cfg, b_kmajor=phase == "dx") is None
+
+
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------
 
 def _interpreter_launcher(interp_module):

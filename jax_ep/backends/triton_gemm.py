@@ -84,6 +84,11 @@ def _gluon_kernels():
   return grouped_gemm_gluon
 
 
+def _gluon_available() -> bool:
+  """Whether the Gluon kernels (Triton 3.5/3.6) can be built here."""
+  return _gluon_kernels().GLUON_ERROR is None
+
+
 def _num_sms() -> int:
   """Streaming multiprocessors of the first GPU (132 on H100/H200 SXM when unknown)."""
   try:
@@ -133,7 +138,8 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   itemsize = jnp.dtype(x.dtype).itemsize
   phase = "dx" if transpose_w else "fwd"
   want_tma = _use_tma_default() if use_tma is None else use_tma
-  cfg = config or gg.forward_config(k, n, dtype, precision, phase=phase, tma=want_tma)
+  cfg = config or gg.forward_config(k, n, dtype, precision, phase=phase, tma=want_tma,
+                                    gluon=_gluon_available())
   use_tma = want_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   if want_tma and not use_tma and config is None:  # the TMA tiles do not suit the pointer path
     cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
