@@ -260,7 +260,7 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   res.update(fwd_config=str(fwd_cfg),
              dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma,
                                              gluon=gluon)),
-             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32", tma=tma)))
+             dw_config=str(gg.dw_config(k, n, dtype.name, "tf32")))  # dw: pointer loads
   # Rows the forward tiles compute beyond the rows in groups (each group's partial last tile;
   # half_tiles, where it applies, halves it): the MMA work the dense product does not do.
   bm = fwd_cfg.block_m

@@ -619,10 +619,11 @@ def forward_config(K: int, N: int, dtype: str, input_precision: str = "ieee", *,
                    phase: str = "fwd", tma: bool = False, gluon: bool = False) -> TileConfig:
   """Tiles for y[C, N] = x[C, K] @ w[e][K, N] (``phase="dx"``: the dx product, K and N swapped).
 
-  ``TUNED_GLUON`` first when ``gluon`` (the Gluon kernels are available), then ``TUNED``, then Hopper rules for 16-bit inputs (``_base_config``): 128x256x64 with 8
-  warps and 3 stages when N is wide (TMA: tile and K loops flattened; pointer loads: one
-  program per tile), 128x128x64 otherwise; blocks shrink to the next power of two >= the
-  dimension for small shapes.
+  ``TUNED_GLUON`` first when ``gluon`` (the Gluon kernels are available), then ``TUNED``,
+  then Hopper rules for 16-bit inputs (``_base_config``): 128x256x64 with 8 warps and 3
+  stages when N is wide (TMA: tile and K loops flattened; pointer loads: one program per
+  tile), 128x128x64 otherwise; blocks shrink to the next power of two >= the dimension for
+  small shapes.
   """
   cfg = _config(phase, K, N, dtype, input_precision, tma, gluon)
   return dataclasses.replace(cfg, block_n=_clamp_block(cfg.block_n, N),
