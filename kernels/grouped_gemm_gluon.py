@@ -225,6 +225,156 @@ if GLUON_ERROR is None:
       mbarrier.invalidate(ready.index(j))
 
 
+  # -- dw: warp-specialized (a TMA producer warp, two consumer warpgroups) ------------------
+
+  @gluon.jit
+  def _ws_dw_producer(x_desc, g_desc, x_bufs, g_bufs, ready, empty, steps_ptr, s_lo, s_hi,
+                      k0, n0, MAX_STEPS: gl.constexpr, E: gl.constexpr, HALF: gl.constexpr):
+    """One warp: each row step's TMA loads (x as two [BLOCK_K, HALF] boxes, one per consumer
+    warpgroup, and dy) into the stage the consumers last released."""
+    STAGES: gl.constexpr = g_bufs.shape[0]
+    nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + g_desc.block_type.nbytes
+    for s in range(s_lo, s_hi):
+      i = s - s_lo
+      st = i % STAGES
+      r0, _, _, _ = _step_record(steps_ptr, s, MAX_STEPS, E)
+      mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)
+      mbarrier.expect(ready.index(st), nbytes)
+      tma.async_copy_global_to_shared(x_desc, [r0, k0], ready.index(st), x_bufs.index(2 * st))
+      tma.async_copy_global_to_shared(x_desc, [r0, k0 + HALF], ready.index(st),
+                                      x_bufs.index(2 * st + 1))
+      tma.async_copy_global_to_shared(g_desc, [r0, n0], ready.index(st), g_bufs.index(st))
+
+  @gluon.jit
+  def _ws_dw_consumer(WG: gl.constexpr, x_bufs, g_bufs, ready, empty, out_bufs, out_desc,
+                      first_ptr, steps_ptr, e_lo, e_hi, s_lo, s_hi, k0, n0, K: gl.constexpr,
+                      MAX_STEPS: gl.constexpr, E: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_K: gl.constexpr, HALF: gl.constexpr):
+    """Consumer warpgroup WG: dw rows k0 + WG * HALF .. (x's columns) of the program's tile,
+    for every expert of its segment. A group's partial last step: rows past the group set to
+    zero in its x half and in dy (both warpgroups write the same zeros over dy: equal values,
+    and the stage is refilled only after both released it). Each finished half goes out by
+    TMA from shared memory while the next expert's steps run; stages are released one step
+    after their MMA, a tile's last at once."""
+    STAGES: gl.constexpr = g_bufs.shape[0]
+    dtype: gl.constexpr = out_desc.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HALF, HALF // 8], [4, 1],
+                                              [1, 0])
+    g_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+                                              [4, 1], [1, 0])
+    out_buf = out_bufs.index(WG)
+    # Experts of the segment with no rows get a zero tile.
+    out_buf.store(gl.zeros([HALF, BLOCK_N], dtype, acc_layout))
+    fence_async_shared()
+    gl.thread_barrier()
+    for e in range(e_lo, e_hi):
+      if gl.load(first_ptr + e + 1) <= gl.load(first_ptr + e):
+        tma.async_copy_shared_to_global(out_desc, [e * K + k0 + WG * HALF, n0], out_buf)
+
+    acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+    use_acc = False
+    for s in range(s_lo, s_hi):
+      i = s - s_lo
+      st = i % STAGES
+      r0, r1, last, e = _step_record(steps_ptr, s, MAX_STEPS, E)
+      xs = x_bufs.index(2 * st + WG)
+      mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+      if r1 - r0 < BLOCK_K:
+        _zero_rows_from(xs, r1 - r0, x_layout)
+        _zero_rows_from(g_bufs.index(st), r1 - r0, g_layout)
+        fence_async_shared()
+        gl.thread_barrier()
+      acc = warpgroup_mma(xs.permute((1, 0)), g_bufs.index(st), acc, use_acc=use_acc,
+                          is_async=True)
+      acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      # The previous step's MMA is done: its stage goes back (unless it was a tile's last
+      # step, released already).
+      mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=use_acc)
+      use_acc = True
+      if last != 0:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(st))
+        tma.store_wait(0)  # this warpgroup's previous half has left out_buf
+        gl.thread_barrier()
+        out_buf.store(acc.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(out_desc, [e * K + k0 + WG * HALF, n0], out_buf)
+        use_acc = False
+    # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    tma.store_wait(0)
+
+  @gluon.jit
+  def _ws_dw_consumer1(x_bufs, g_bufs, ready, empty, out_bufs, out_desc, first_ptr, steps_ptr,
+                       e_lo, e_hi, s_lo, s_hi, k0, n0, K: gl.constexpr,
+                       MAX_STEPS: gl.constexpr, E: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, HALF: gl.constexpr):
+    """The second consumer warpgroup (a worker partition)."""
+    _ws_dw_consumer(1, x_bufs, g_bufs, ready, empty, out_bufs, out_desc, first_ptr, steps_ptr,
+                    e_lo, e_hi, s_lo, s_hi, k0, n0, K, MAX_STEPS, E, BLOCK_N, BLOCK_K, HALF)
+
+  @gluon.jit
+  def grouped_gemm_dw_ws_kernel(
+      x_ptr,        # [C, K] recv_x
+      dy_ptr,       # [C, N] output cotangent
+      steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table`` (MAX_STEPS >= 1)
+      first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
+      dw_ptr,       # [E, K, N] weight cotangent
+      C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+      NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
+  ):
+    """``grouped_gemm_dw_gluon_kernel``'s product and program layout, warp-specialized: a
+    producer warp and two consumer warpgroups (launch with num_warps=4). Grid: NUM_SEGS *
+    (K / BLOCK_M) * (N / BLOCK_N)."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    pid = gl.program_id(0)
+    num_n: gl.constexpr = N // BLOCK_N
+    num_k: gl.constexpr = K // BLOCK_M
+    seg = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    k0 = (rest // num_n) * BLOCK_M
+    n0 = (rest % num_n) * BLOCK_N
+    e_lo = seg * E // NUM_SEGS
+    e_hi = (seg + 1) * E // NUM_SEGS
+
+    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
+    g_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+    o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_N], dtype)
+    x_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES, BLOCK_K, HALF], x_layout)
+    g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, HALF, BLOCK_N], o_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+      mbarrier.init(ready.index(j), count=1)
+      mbarrier.init(empty.index(j), count=2)  # one arrive per consumer warpgroup
+    x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
+                                        block_shape=[BLOCK_K, HALF], layout=x_layout)
+    g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
+                                        block_shape=[BLOCK_K, BLOCK_N], layout=g_layout)
+    out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
+                                          block_shape=[HALF, BLOCK_N], layout=o_layout)
+    s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
+    s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
+    gl.warp_specialize([
+        (_ws_dw_consumer, (0, x_bufs, g_bufs, ready, empty, out_bufs, out_desc, first_ptr,
+                           steps_ptr, e_lo, e_hi, s_lo, s_hi, k0, n0, K, MAX_STEPS, E,
+                           BLOCK_N, BLOCK_K, HALF)),
+        (_ws_dw_consumer1, (x_bufs, g_bufs, ready, empty, out_bufs, out_desc, first_ptr,
+                            steps_ptr, e_lo, e_hi, s_lo, s_hi, k0, n0, K, MAX_STEPS, E,
+                            BLOCK_N, BLOCK_K, HALF)),
+        (_ws_dw_producer, (x_desc, g_desc, x_bufs, g_bufs, ready, empty, steps_ptr, s_lo,
+                           s_hi, k0, n0, MAX_STEPS, E, HALF)),
+    ], [4, 1], [232, 40])
+    for j in gl.static_range(STAGES):
+      mbarrier.invalidate(ready.index(j))
+      mbarrier.invalidate(empty.index(j))
+
   # -- forward / dx: warp-specialized (a TMA producer warp, two consumer warpgroups) ---------
 
   @gluon.jit
@@ -444,10 +594,23 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor)
 
 
+def gluon_dw_ws_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
+  """None when ``grouped_gemm_dw_ws_kernel`` (``cfg.warp_spec``) can run ``cfg``, else why
+  not (callers then run the flat Triton kernel)."""
+  why = gluon_dw_supported(K, N, elem_bytes, cfg)
+  if why is None and ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    why = (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and the "
+           f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes)} bytes)")
+  return why
+
+
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
   """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw), for the
-  step table of ``dw_step_table`` (same C, E, block_k)."""
-  return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
-              MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps)
+  step table of ``dw_step_table`` (same C, E, block_k); with ``cfg.warp_spec``, of
+  ``grouped_gemm_dw_ws_kernel`` (launched with num_warps=4)."""
+  ce = dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
+            MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages)
+  if not cfg.warp_spec:
+    ce["NUM_WARPS"] = cfg.num_warps
+  return ce
