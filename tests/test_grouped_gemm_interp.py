@@ -513,46 +513,6 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four, b_kmajor=b_kmajor)
 
 
-def test_gluon_dw_ws_compiles_for_sm90(tmp_path):
-  """The warp-specialized Gluon dw kernel compiles for sm_90: 12 warps with setmaxnreg, TMA
-  loads on mbarriers, 64-row wgmma per consumer warpgroup, halves stored by TMA, within an
-  SM's shared memory, without spills or MMA serialization (C7517)."""
-  import subprocess
-
-  from jax_ep import _compile as compile_mod
-  from kernels import grouped_gemm as gg
-  from kernels import grouped_gemm_gluon as ggl
-
-  if ggl.GLUON_ERROR is not None:
-    pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
-  from triton.backends.nvidia.compiler import get_ptxas
-
-  c, h, n, e = 4096, 1024, 512, 8
-  cfg = gg.TileConfig(128, 256, 64, 8, 3, warp_spec=True, gluon=True)
-  assert ggl.gluon_dw_ws_supported(h, n, 2, cfg) is None
-  ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
-  assert "NUM_WARPS" not in ce
-  km = compile_mod.build(ggl.grouped_gemm_dw_ws_kernel,
-                         dict(zip(ggl.grouped_gemm_dw_ws_kernel.arg_names,
-                                  ["*bf16", "*bf16", "*i32", "*i32", "*bf16"])), ce,
-                         num_warps=4, num_stages=1)
-  ptx = km.asm["ptx"]
-  assert km.metadata.num_warps == 12 and "setmaxnreg" in ptx
-  assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
-  assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in ptx
-  assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
-  assert km.metadata.shared <= 227 * 1024
-  src = tmp_path / "dw_ws.ptx"
-  src.write_text(ptx)
-  info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o",
-                         str(tmp_path / "dw_ws.cubin")], capture_output=True, text=True,
-                        check=True)
-  assert "C7517" not in info.stderr + info.stdout, info.stderr
-  assert "spill" not in info.stderr.replace("0 bytes spill", "")
-  deep = dataclasses.replace(cfg, num_stages=4)
-  assert "shared memory" in ggl.gluon_dw_ws_supported(h, n, 2, deep)
-
-
 def test_tuned_gluon_entries_have_a_fallback():
   """Every ``TUNED_GLUON`` winner is a Gluon config the warp-specialized kernel takes, is
   chosen only when the Gluon kernels are available, and leaves a stock-Triton choice (its
