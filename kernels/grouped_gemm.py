@@ -495,9 +495,12 @@ class TileConfig:
   ``half_tiles`` excludes both (see the module docstring). ``persistent``: one program per
   resident CTA looping over tiles, else one program per possible tile. For dw, ``warp_spec``
   (TMA only) and ``flatten``: ``grouped_gemm_dw_flat_kernel``, each program one flat loop over
-  the row steps of a segment of experts (pointer loads); ``gluon`` (dw only): the Gluon kernel
-  of kernels/grouped_gemm_gluon.py, the flat kernel's loop with TMA loads and stores (16-bit
-  inputs, 128-row tiles on 8 warps, K and N multiples of the tile; else the flat kernel runs).
+  the row steps of a segment of experts (pointer loads). ``gluon``: a Gluon kernel of
+  kernels/grouped_gemm_gluon.py (16-bit inputs, 128-row tiles on 8 warps, K and N multiples of
+  the tile; elsewhere the Triton kernels run): for dw the flat kernel's loop with TMA loads and
+  stores (else the flat kernel), for fwd/dx on the TMA path the warp-specialized
+  ``grouped_gemm_ws_kernel`` (also 256-row tiles; shared memory for the stages and one output
+  tile: 3 stages at 128 x 256 x 64).
   """
 
   block_m: int

@@ -60,7 +60,6 @@ else:
   try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
   except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
@@ -406,6 +405,7 @@ if GLUON_ERROR is None:
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
       mbarrier.invalidate(empty.index(j))
+
 
 def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg, *, b_kmajor: bool) -> str | None:
   """None when ``grouped_gemm_ws_kernel`` can run ``cfg`` (a ``TileConfig``) for y [C, N] =

@@ -116,7 +116,8 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   instead of one program per possible tile. ``use_tma``: load operands through TMA
   descriptors where the shape allows (default: ``$JAX_EP_GMM_TMA``, on). ``half_tiles``:
   overrides the config's switch (tiles holding at most half a block of rows run a half-height
-  MMA loop).
+  MMA loop). A config with ``gluon=True`` (``TUNED_GLUON`` where the Gluon kernels
+  build) runs the warp-specialized Gluon kernel on the TMA path where it takes the shape.
 
   The tile table (``tile_table``: which rows and expert each program's tiles cover) is computed
   here, beside the launch, from the device-resident sizes and offsets: a few small XLA ops.
