@@ -423,19 +423,32 @@ def test_flat_dw_segments_fill_the_last_wave(shape):
     assert fill[segs - 1] == max(fill[segs - 1:])
 
 
+def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
+  """Assembles ``ptx`` with Triton's ptxas for sm_90a and checks that ptxas kept the MMAs
+  asynchronous (no wait "injected ... to allow use of registers defined by GMMA", C7517,
+  which would serialize every step); returns ptxas's ``-v`` report."""
+  import subprocess
+
+  from triton.backends.nvidia.compiler import get_ptxas
+  src = tmp_path / "kernel.ptx"
+  src.write_text(ptx)
+  info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o",
+                         str(tmp_path / "kernel.cubin")], capture_output=True, text=True,
+                        check=True)
+  assert "C7517" not in info.stderr + info.stdout, info.stderr
+  return info.stderr
+
+
 def test_gluon_dw_compiles_for_sm90(tmp_path):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
   registers defined by GMMA", which would serialize every step)."""
-  import subprocess
-
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
   if ggl.GLUON_ERROR is not None:
     pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
-  from triton.backends.nvidia.compiler import get_ptxas
 
   c, h, n, e = 4096, 1024, 512, 8
   cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
@@ -451,11 +464,7 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
   assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in ptx
   assert "stmatrix" in ptx and "cp.async.cg" not in ptx
   assert k.metadata.shared <= 227 * 1024
-  src = tmp_path / "dw.ptx"
-  src.write_text(ptx)
-  info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o",
-                         str(tmp_path / "dw.cubin")], capture_output=True, text=True, check=True)
-  assert "C7517" not in info.stderr + info.stdout, info.stderr
+  _ptxas_keeps_mma_async(tmp_path, ptx)
   # Shapes the kernel cannot take are refused with the reason (then the flat kernel runs).
   assert "multiples" in ggl.gluon_dw_supported(1000, 512, 2, cfg)
   assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, cfg)
@@ -472,16 +481,12 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   (two consumer warpgroups + a producer warp, rounded to a warpgroup) with setmaxnreg, TMA
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
   SM's shared memory; and ptxas keeps the MMAs asynchronous (no C7517 wait), without spills."""
-  import subprocess
-
   from jax_ep import _compile as compile_mod
-
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
   if ggl.GLUON_ERROR is not None:
     pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
-  from triton.backends.nvidia.compiler import get_ptxas
 
   c, k, n, e = 4096, 1024, 512, 8
   block_m, block_n, block_k, stages = tile
@@ -498,12 +503,7 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert f"wgmma.mma_async.sync.aligned.m64n{block_n}k16.f32.bf16.bf16" in ptx
   assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
   assert km.metadata.shared <= 227 * 1024
-  src = tmp_path / "ws.ptx"
-  src.write_text(ptx)
-  info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(src), "-o",
-                         str(tmp_path / "ws.cubin")], capture_output=True, text=True, check=True)
-  assert "C7517" not in info.stderr + info.stdout, info.stderr
-  assert "spill" not in info.stderr.replace("0 bytes spill", "")
+  assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
   # What the kernel cannot take is refused with the reason (then the Triton kernel runs).
   assert "multiples" in ggl.gluon_fwd_supported(1000, 512, 2, cfg, b_kmajor=b_kmajor)
   assert "16-bit" in ggl.gluon_fwd_supported(k, n, 4, cfg, b_kmajor=b_kmajor)
