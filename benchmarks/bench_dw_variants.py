@@ -25,9 +25,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -45,13 +43,7 @@ import bench_grouped_gemm as bgg  # noqa: E402  (shapes and inputs, shared)
 def _median_seconds(g, args, iters: int, calls: int = 1) -> float:
   """Median wall time of ``g(*args)`` over ``iters`` synchronized samples (after a warm-up
   call), divided by the ``calls`` of the op each sample makes."""
-  jax.block_until_ready(g(*args))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(g(*args))
-    samples.append((time.perf_counter() - t0) / calls)
-  return statistics.median(samples)
+  return bgg.median_per_op(g, args, iters, calls)[1]["median_s"]
 
 
 def time_alone(f, args, iters: int) -> float:

@@ -179,6 +179,19 @@ def _looped(fn, inner: int):
   return jax.jit(run)
 
 
+def median_per_op(f, args, iters: int, inner: int = 1):
+  """(last output, timings) of ``f(*args)``: one warm-up call, then ``iters`` synchronized
+  samples, each divided by the ``inner`` ops one call of ``f`` makes."""
+  out = jax.block_until_ready(f(*args))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    samples.append((time.perf_counter() - t0) / inner)
+  return out, dict(median_s=statistics.median(samples), min_s=min(samples), inner=inner,
+                   iters=iters)
+
+
 def time_op(fn, args, iters: int, max_inner: int) -> dict:
   """Median seconds per op over ``iters`` samples (see the module docstring)."""
   single = _looped(fn, 1)
@@ -187,15 +200,7 @@ def time_op(fn, args, iters: int, max_inner: int) -> dict:
   jax.block_until_ready(single(*args))
   one = time.perf_counter() - t0
   inner = int(min(max_inner, max(1, math.ceil(0.02 / max(one, 1e-6)))))
-  f = _looped(fn, inner) if inner > 1 else single
-  jax.block_until_ready(f(*args))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    samples.append((time.perf_counter() - t0) / inner)
-  return dict(median_s=statistics.median(samples), min_s=min(samples), inner=inner,
-              iters=iters)
+  return median_per_op(_looped(fn, inner) if inner > 1 else single, args, iters, inner)[1]
 
 
 def time_fixed(fn, args, inner: int, iters: int):
@@ -204,15 +209,7 @@ def time_fixed(fn, args, inner: int, iters: int):
   The output is ``fn``'s after the loop's ``inner`` perturbations of ``args[0]``: equal for two
   implementations of the same op called with the same ``inner``.
   """
-  f = _looped(fn, inner)
-  out = jax.block_until_ready(f(*args))  # compile + warm up
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(f(*args))
-    samples.append((time.perf_counter() - t0) / inner)
-  return out, dict(median_s=statistics.median(samples), min_s=min(samples), inner=inner,
-                   iters=iters)
+  return median_per_op(_looped(fn, inner), args, iters, inner)
 
 
 def _try(label, thunk):

@@ -66,19 +66,25 @@ else:
     GLUON_ERROR = f"{type(e).__name__}: {e}"
 
 
+def _gluon_tile_why_not(kernel: str, cfg, elem_bytes: int, block_ms: tuple[int, ...]):
+  """What every Gluon grouped-GEMM kernel here needs of ``cfg`` and the inputs, or why not."""
+  if GLUON_ERROR is not None:
+    return f"the {kernel} is not available here: {GLUON_ERROR}"
+  if cfg.num_warps != 8 or cfg.block_m not in block_ms:
+    rows = " or ".join(map(str, block_ms))
+    return f"the {kernel} runs {rows}-row tiles on two warpgroups (num_warps=8)"
+  if elem_bytes != 2:
+    return f"the {kernel} takes 16-bit inputs only"
+  return None
+
+
 def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   """None when the Gluon dw kernel can run ``cfg`` (a ``TileConfig``) on dw [E, K, N] of
   ``elem_bytes``-byte inputs, else why not (callers then run the flat Triton kernel)."""
-  if GLUON_ERROR is not None:
-    return f"the Gluon dw kernel is not available here: {GLUON_ERROR}"
-  if cfg.num_warps != 8 or cfg.block_m != 128:
-    return "the Gluon dw kernel runs 128-row tiles on two warpgroups (num_warps=8)"
-  if elem_bytes != 2:
-    return "the Gluon dw kernel takes 16-bit inputs only"
-  if K % cfg.block_m or N % cfg.block_n:
-    return f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
-  return None
-
+  why = _gluon_tile_why_not("Gluon dw kernel", cfg, elem_bytes, (128,))
+  if why is None and (K % cfg.block_m or N % cfg.block_n):
+    why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
+  return why
 
 if GLUON_ERROR is None:
 
@@ -407,23 +413,16 @@ if GLUON_ERROR is None:
       mbarrier.invalidate(empty.index(j))
 
 
-def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg, *, b_kmajor: bool) -> str | None:
+def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   """None when ``grouped_gemm_ws_kernel`` can run ``cfg`` (a ``TileConfig``) for y [C, N] =
-  x [C, K] @ B[e] (``b_kmajor``: B[e] = w[e]^T, the dx product), else why not."""
-  if GLUON_ERROR is not None:
-    return f"the Gluon kernels are not available here: {GLUON_ERROR}"
-  if cfg.num_warps != 8 or cfg.block_m not in (128, 256):
-    return ("the warp-specialized kernel runs 128- or 256-row tiles on two consumer "
-            "warpgroups (num_warps=8)")
-  if elem_bytes != 2:
-    return "the warp-specialized kernel takes 16-bit inputs only"
-  if K % cfg.block_k or N % cfg.block_n:
-    return f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
-  if ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
-    return (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and the "
-            f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes)} bytes)")
-  return None
-
+  x [C, K] @ B[e] (the forward, or dx with B[e] = w[e]^T), else why not."""
+  why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 256))
+  if why is None and (K % cfg.block_k or N % cfg.block_n):
+    why = f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
+  if why is None and ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    why = (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and the "
+           f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes)} bytes)")
+  return why
 
 _SMEM_BYTES = 227 * 1024 - 1024  # an sm_90 SM's shared memory, less barriers and alignment
 

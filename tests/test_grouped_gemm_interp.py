@@ -491,7 +491,7 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   c, k, n, e = 4096, 1024, 512, 8
   block_m, block_n, block_k, stages = tile
   cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True)
-  assert ggl.gluon_fwd_supported(k, n, 2, cfg, b_kmajor=b_kmajor) is None
+  assert ggl.gluon_fwd_supported(k, n, 2, cfg) is None
   ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=b_kmajor)
   km = compile_mod.build(ggl.grouped_gemm_ws_kernel,
                          dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
@@ -505,12 +505,12 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert km.metadata.shared <= 227 * 1024
   assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
   # What the kernel cannot take is refused with the reason (then the Triton kernel runs).
-  assert "multiples" in ggl.gluon_fwd_supported(1000, 512, 2, cfg, b_kmajor=b_kmajor)
-  assert "16-bit" in ggl.gluon_fwd_supported(k, n, 4, cfg, b_kmajor=b_kmajor)
+  assert "multiples" in ggl.gluon_fwd_supported(1000, 512, 2, cfg)
+  assert "16-bit" in ggl.gluon_fwd_supported(k, n, 4, cfg)
   deep = dataclasses.replace(cfg, num_stages=stages + 1)
-  assert "shared memory" in ggl.gluon_fwd_supported(k, n, 2, deep, b_kmajor=b_kmajor)
+  assert "shared memory" in ggl.gluon_fwd_supported(k, n, 2, deep)
   four = dataclasses.replace(cfg, num_warps=4)
-  assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four, b_kmajor=b_kmajor)
+  assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four)
 
 
 def test_tuned_gluon_entries_have_a_fallback():
@@ -528,7 +528,7 @@ def test_tuned_gluon_entries_have_a_fallback():
     assert not fallback.gluon
     assert fallback == gg.TUNED.get((phase, k, n, dtype, tma), fallback)
     if ggl.GLUON_ERROR is None:
-      assert ggl.gluon_fwd_supported(k, n, 2, cfg, b_kmajor=phase == "dx") is None
+      assert ggl.gluon_fwd_supported(k, n, 2, cfg) is None
 
 
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------

@@ -147,7 +147,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
   name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
   ggl = _gluon_kernels() if cfg.gluon and use_tma else None
-  if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg, b_kmajor=transpose_w) is None:
+  if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None:
     # Warp-specialized (a TMA producer warp, two consumer warpgroups, 4 warps each):
     # one program per SM.
     (y,) = _triton_call(

@@ -271,8 +271,7 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   c, h, n, e = 40000, 512, 768, 40
   cfg = T(*tile[:3], 8, tile[3], half_tiles=False, gluon=True)
   k_dim, n_dim = (h, n) if product == "fwd" else (n, h)
-  why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg,
-                                                         b_kmajor=product == "dx")
+  why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg)
   if why is not None:
     pytest.skip(f"warp-specialized Gluon kernel unavailable: {why}")
   sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
