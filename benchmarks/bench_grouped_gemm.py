@@ -88,10 +88,19 @@ def _sweep_candidates():
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
       # own half of the tile (skipped when it holds no rows), whole halves stored by TMA.
       ("gluon ws 128x256x64 s3", T(128, 256, 64, 8, 3, half_tiles=False, gluon=True), True),
-      # 256 x 128: two 128-row m-tiles share each w tile in one program (w[e] of the
-      # DeepSeek-V3 shapes exceeds L2, and programs at different K phases re-read it).
-      ("gluon ws 256x128x64 s3", T(256, 128, 64, 8, 3, half_tiles=False, gluon=True), True),
-      ("gluon ws 128x256x32 s6", T(128, 256, 32, 8, 6, half_tiles=False, gluon=True), True),
+      # 4 stages (the output then leaves in two 128-column chunks); tiles walked 8 m-tiles at
+      # a time, M fastest, so the m-tiles reading one w tile run side by side (w[e] of the
+      # DeepSeek-V3 up shape exceeds L2, and m-tiles at different K phases re-read it); and
+      # one program per tile, which the hardware starts in order, so they stay side by side.
+      ("gluon ws 128x256x64 s4", T(128, 256, 64, 8, 4, half_tiles=False, gluon=True), True),
+      ("gluon ws 128x256x64 s3 g8",
+       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=8), True),
+      ("gluon ws 128x256x64 s3 g8 per-tile",
+       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=8, persistent=False), True),
+      ("gluon ws 128x256x64 s4 g8",
+       T(128, 256, 64, 8, 4, half_tiles=False, gluon=True, group_m=8), True),
+      ("gluon ws 128x256x64 s4 g8 per-tile",
+       T(128, 256, 64, 8, 4, half_tiles=False, gluon=True, group_m=8, persistent=False), True),
       ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.

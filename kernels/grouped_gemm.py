@@ -500,7 +500,9 @@ class TileConfig:
   the tile; elsewhere the Triton kernels run): for dw the flat kernel's loop with TMA loads and
   stores (else the flat kernel), for fwd/dx on the TMA path the warp-specialized
   ``grouped_gemm_ws_kernel`` (also 256-row tiles; shared memory for the stages and one output
-  tile: 3 stages at 128 x 256 x 64).
+  tile, or half of one: 3 or 4 stages at 128 x 256 x 64). ``group_m`` (that kernel only): its
+  tiles walked ``group_m`` group tiles at a time, M fastest, instead of N fastest; with
+  ``persistent=False`` it runs one program per tile.
   """
 
   block_m: int
@@ -513,6 +515,7 @@ class TileConfig:
   flatten: bool = False
   persistent: bool = True
   gluon: bool = False
+  group_m: int = 1
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -520,7 +523,8 @@ class TileConfig:
                                                              ("warp_spec", False),
                                                              ("flatten", False),
                                                              ("persistent", True),
-                                                             ("gluon", False))
+                                                             ("gluon", False),
+                                                             ("group_m", 1))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

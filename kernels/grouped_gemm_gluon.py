@@ -242,9 +242,26 @@ if GLUON_ERROR is None:
     return row_start, row_end, e
 
   @gluon.jit
-  def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_tiles,
+  def _ws_tile_coords(tile, num_group, NUM_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """(group tile, N tile) of output tile ``tile``: the N tiles of one group tile in turn
+    (GROUP_M = 1), or GROUP_M group tiles at a time walked M-fastest per N tile, so that the
+    m-tiles of an expert reading the same w tile run side by side (one read from HBM)."""
+    if GROUP_M == 1:
+      m_tile = tile // NUM_N
+      n_tile = tile % NUM_N
+    else:
+      first = (tile // (GROUP_M * NUM_N)) * GROUP_M
+      size = gl.minimum(num_group - first, GROUP_M)
+      local = tile % (GROUP_M * NUM_N)
+      m_tile = first + local % size
+      n_tile = local // size
+    return m_tile, n_tile
+
+  @gluon.jit
+  def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_group,
                        C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
+                       GROUP_M: gl.constexpr):
     """One warp: the TMA loads of every K step of the program's tiles, STAGES deep, each
     into the stage the consumers last released (``empty``), completing on ``ready``."""
     STAGES: gl.constexpr = a_bufs.shape[0]
@@ -252,9 +269,10 @@ if GLUON_ERROR is None:
     K_ITERS: gl.constexpr = K // BLOCK_K
     nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-      row_start, _, e = _tile_record(tiles_ptr, tile // NUM_N, C, E)
-      n0 = (tile % NUM_N) * BLOCK_N
+    for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
+      m_tile, n_tile = _ws_tile_coords(tile, num_group, NUM_N, GROUP_M)
+      row_start, _, e = _tile_record(tiles_ptr, m_tile, C, E)
+      n0 = n_tile * BLOCK_N
       for ki in range(K_ITERS):
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -271,30 +289,33 @@ if GLUON_ERROR is None:
 
   @gluon.jit
   def _ws_fwd_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                       tiles_ptr, num_tiles, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
+                       tiles_ptr, num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
+                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
     """Consumer warpgroup WG (4 warps): rows WG * BLOCK_M/2 .. of every tile. It runs the MMAs
     of each K step as the stage arrives and releases the stage one step later (``empty``
     counts both warpgroups); a half holding no rows of the group (a partial last tile) skips
-    its MMAs and releases each stage at once. Then its half goes out through shared memory:
-    by TMA when every row is the group's, else by 16-byte stores masked to the group's rows."""
+    its MMAs and releases each stage at once. Then its half goes out through shared memory,
+    one EPI_N-column chunk at a time (``out_bufs``' width): by TMA when every row is the
+    group's, else by 16-byte stores masked to the group's rows."""
     STAGES: gl.constexpr = a_bufs.shape[0]
     HALF: gl.constexpr = BLOCK_M // 2
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
+    EPI_N: gl.constexpr = out_bufs.shape[2]
     dtype: gl.constexpr = y_ptr.dtype.element_ty
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // EPI_N, EPI_N // 8],
                                                [4, 1], [1, 0])
     out_buf = out_bufs.index(WG)
     acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
     it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-      row_start, row_end, _ = _tile_record(tiles_ptr, tile // NUM_N, C, E)
+    for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
+      m_tile, n_tile = _ws_tile_coords(tile, num_group, NUM_N, GROUP_M)
+      row_start, row_end, _ = _tile_record(tiles_ptr, m_tile, C, E)
       r0 = row_start + WG * HALF
-      n0 = (tile % NUM_N) * BLOCK_N
+      n0 = n_tile * BLOCK_N
       if r0 < row_end:
         for ki in range(K_ITERS):
           s = it % STAGES
@@ -310,18 +331,12 @@ if GLUON_ERROR is None:
           it += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        tma.store_wait(0)  # this warpgroup's previous half has left out_buf
-        gl.thread_barrier()
-        out_buf.store(acc.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        if row_end - r0 >= HALF:
-          tma.async_copy_shared_to_global(y_desc, [r0, n0], out_buf)
-        else:
-          rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
-          cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, st_layout))
-          gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :],
-                   out_buf.load(st_layout), mask=(rows < row_end)[:, None])
+        if EPI_N == BLOCK_N:
+          _ws_store_chunk(acc.to(dtype), out_buf, y_desc, y_ptr, r0, row_end, n0, N, st_layout)
+        else:  # two chunks (a smaller output buffer leaves room for another stage)
+          lo, hi = gl.split(acc.to(dtype).reshape([HALF, 2, EPI_N]).permute((0, 2, 1)))
+          _ws_store_chunk(lo, out_buf, y_desc, y_ptr, r0, row_end, n0, N, st_layout)
+          _ws_store_chunk(hi, out_buf, y_desc, y_ptr, r0, row_end, n0 + EPI_N, N, st_layout)
       else:
         for ki in range(K_ITERS):
           s = it % STAGES
@@ -331,13 +346,33 @@ if GLUON_ERROR is None:
     tma.store_wait(0)
 
   @gluon.jit
+  def _ws_store_chunk(vals, out_buf, y_desc, y_ptr, r0, row_end, n0, N: gl.constexpr,
+                      st_layout: gl.constexpr):
+    """One consumer's [HALF, EPI_N] output chunk at (r0, n0) through ``out_buf``: by TMA when
+    every row is before ``row_end``, else by 16-byte stores masked to those rows."""
+    HALF: gl.constexpr = out_buf.shape[0]
+    EPI_N: gl.constexpr = out_buf.shape[1]
+    tma.store_wait(0)  # the previous chunk has left out_buf
+    gl.thread_barrier()
+    out_buf.store(vals)
+    fence_async_shared()
+    gl.thread_barrier()
+    if row_end - r0 >= HALF:
+      tma.async_copy_shared_to_global(y_desc, [r0, n0], out_buf)
+    else:
+      rows = r0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
+      cols = n0 + gl.arange(0, EPI_N, layout=gl.SliceLayout(0, st_layout))
+      gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :],
+               out_buf.load(st_layout), mask=(rows < row_end)[:, None])
+
+  @gluon.jit
   def _ws_fwd_consumer1(a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
-                        num_tiles, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
+                        num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                         E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
+                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
     """The second consumer warpgroup (a worker partition): rows BLOCK_M/2 .. of each tile."""
     _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
-                     num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR)
+                     num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)
 
   @gluon.jit
   def grouped_gemm_ws_kernel(
@@ -349,9 +384,11 @@ if GLUON_ERROR is None:
       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
       MAX_GROUP_TILES: gl.constexpr, MAX_ZERO_TILES: gl.constexpr, STAGES: gl.constexpr,
       B_KMAJOR: gl.constexpr,
+      GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
+      EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
   ):
-    """``grouped_gemm_kernel``'s product (persistent: program p takes group tiles p, p + P,
-    ...), warp-specialized. Grid: at most one program per SM."""
+    """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
+    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     NUM_N: gl.constexpr = N // BLOCK_N
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
@@ -360,11 +397,10 @@ if GLUON_ERROR is None:
     else:
       b_block: gl.constexpr = [BLOCK_K, BLOCK_N]
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N],
-                                                                  dtype)
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, EPI_N], dtype)
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_layout)
-    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, BLOCK_N], y_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, EPI_N], y_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
@@ -380,18 +416,17 @@ if GLUON_ERROR is None:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=b_block, layout=b_layout)
     y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, N], strides=[N, 1],
-                                        block_shape=[BLOCK_M // 2, BLOCK_N], layout=y_layout)
+                                        block_shape=[BLOCK_M // 2, EPI_N], layout=y_layout)
     num_group = gl.minimum(gl.maximum(gl.load(tiles_ptr), 0), MAX_GROUP_TILES)
-    num_tiles = num_group * NUM_N
     gl.warp_specialize([
         (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                            tiles_ptr, num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                            B_KMAJOR)),
+                            tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                            B_KMAJOR, GROUP_M)),
         (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                             tiles_ptr, num_tiles, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                             B_KMAJOR)),
+                             tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                             B_KMAJOR, GROUP_M)),
         (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
-                            num_tiles, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR)),
+                            num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)),
     ], [4, 1], [232, 40])
 
     # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
@@ -427,10 +462,19 @@ def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
 _SMEM_BYTES = 227 * 1024 - 1024  # an sm_90 SM's shared memory, less barriers and alignment
 
 
+def ws_epilogue_cols(cfg, elem_bytes: int) -> int:
+  """Columns of ``grouped_gemm_ws_kernel``'s output chunks: the whole tile's where that fits
+  beside the stages, else half (the tile then goes out in two chunks)."""
+  stages = cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
+  whole = cfg.block_m * cfg.block_n * elem_bytes
+  return cfg.block_n if stages + whole <= _SMEM_BYTES else cfg.block_n // 2
+
+
 def ws_smem_bytes(cfg, elem_bytes: int) -> int:
-  """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output tile."""
+  """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output chunk per
+  consumer warpgroup."""
   stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
-  return cfg.num_stages * stage + cfg.block_m * cfg.block_n * elem_bytes
+  return cfg.num_stages * stage + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes
 
 
 def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool) -> dict:
@@ -440,7 +484,8 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
   max_group, max_zero = table_bounds(C, E, cfg.block_m)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
-              STAGES=cfg.num_stages, B_KMAJOR=b_kmajor)
+              STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
+              EPI_N=ws_epilogue_cols(cfg, 2))
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

@@ -472,15 +472,17 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
 
 
-@pytest.mark.parametrize("tile", [(128, 256, 64, 3), (128, 256, 32, 6), (128, 128, 64, 6),
-                                  (256, 128, 64, 3)],
-                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6", "256x128x64s3"])
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
+                                  (128, 128, 64, 6, 1), (256, 128, 64, 3, 1)],
+                         ids=["128x256x64s3", "128x256x64s4g8", "128x256x32s6", "128x128x64s6",
+                              "256x128x64s3"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["fwd", "dx"])
 def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   """The warp-specialized Gluon forward/dx kernel compiles for sm_90 as designed: 12 warps
   (two consumer warpgroups + a producer warp, rounded to a warpgroup) with setmaxnreg, TMA
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
-  SM's shared memory; and ptxas keeps the MMAs asynchronous (no C7517 wait), without spills."""
+  SM's shared memory (4 stages of 128 x 256 x 64 fit with the output in two chunks); and ptxas
+  keeps the MMAs asynchronous (no C7517 wait), without spills."""
   from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
@@ -489,9 +491,12 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
     pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
 
   c, k, n, e = 4096, 1024, 512, 8
-  block_m, block_n, block_k, stages = tile
-  cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True)
+  block_m, block_n, block_k, stages, group_m = tile
+  cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True,
+                      group_m=group_m)
   assert ggl.gluon_fwd_supported(k, n, 2, cfg) is None
+  chunk = ggl.ws_epilogue_cols(cfg, 2)
+  assert chunk == (block_n // 2 if stages == 4 else block_n)
   ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=b_kmajor)
   km = compile_mod.build(ggl.grouped_gemm_ws_kernel,
                          dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
@@ -507,7 +512,7 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   # What the kernel cannot take is refused with the reason (then the Triton kernel runs).
   assert "multiples" in ggl.gluon_fwd_supported(1000, 512, 2, cfg)
   assert "16-bit" in ggl.gluon_fwd_supported(k, n, 4, cfg)
-  deep = dataclasses.replace(cfg, num_stages=stages + 1)
+  deep = dataclasses.replace(cfg, num_stages=2 * stages + 2)
   assert "shared memory" in ggl.gluon_fwd_supported(k, n, 2, deep)
   four = dataclasses.replace(cfg, num_warps=4)
   assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four)

@@ -149,10 +149,10 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   ggl = _gluon_kernels() if cfg.gluon and use_tma else None
   if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None:
     # Warp-specialized (a TMA producer warp, two consumer warpgroups, 4 warps each):
-    # one program per SM.
+    # one program per SM, or per possible tile.
     (y,) = _triton_call(
         ggl.grouped_gemm_ws_kernel, x, w, table, out_shapes=out,
-        grid=gg.forward_grid(c, n, e, cfg, _num_sms()), num_warps=4,
+        grid=gg.forward_grid(c, n, e, cfg, _num_sms() if cfg.persistent else None), num_warps=4,
         num_stages=1, constexprs=ggl.gluon_fwd_constexprs(c, k, n, e, cfg,
                                                           b_kmajor=transpose_w),
         name=name)

@@ -254,9 +254,12 @@ def test_gluon_dw_matches_xla(rng, kind):
   assert_close(f"gluon dw vs flat {kind}", got, flat, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("tile", [(128, 256, 64, 3), (128, 256, 32, 6), (128, 128, 64, 6),
-                                  (256, 128, 64, 3)],
-                         ids=["128x256x64s3", "128x256x32s6", "128x128x64s6", "256x128x64s3"])
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, {}), (128, 256, 64, 4, {"group_m": 8}),
+                                  (128, 256, 64, 3, {"group_m": 8, "persistent": False}),
+                                  (128, 256, 32, 6, {}), (128, 128, 64, 6, {}),
+                                  (256, 128, 64, 3, {})],
+                         ids=["128x256x64s3", "128x256x64s4g8", "128x256x64s3g8pertile",
+                              "128x256x32s6", "128x128x64s6", "256x128x64s3"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
 @pytest.mark.parametrize("product", ["fwd", "dx"])
 def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
@@ -265,11 +268,13 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   product and the default Triton kernel: random groups with empty ones, one giant group, no
   rows at all, an overflowing layout; more tiles than SMs (the persistent loop wraps), groups
   whose last tile is partial (masked stores) or whole (TMA stores at 3 stages), alignment gaps
-  and a tail of rows in no group, which must come out exactly zero although x holds NaN there."""
+  and a tail of rows in no group, which must come out exactly zero although x holds NaN there;
+  the output in two chunks (4 stages), tiles walked M-fastest in groups of 8 (including a
+  last, smaller group), one program per tile."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 40000, 512, 768, 40
-  cfg = T(*tile[:3], 8, tile[3], half_tiles=False, gluon=True)
+  cfg = T(*tile[:3], 8, tile[3], half_tiles=False, gluon=True, **tile[4])
   k_dim, n_dim = (h, n) if product == "fwd" else (n, h)
   why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg)
   if why is not None:
