@@ -565,17 +565,36 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
 }
 
 # Winners that need the Gluon kernels (Triton 3.5/3.6, kernels/grouped_gemm_gluon.py), used
-# where they are available (``forward_config(..., gluon=True)``); TUNED is the fallback. The
-# warp-specialized forward/dx kernel at the Qwen3 down shape (the memory-bound one: 128
-# experts' weights, 403 MB, against 50 MB of x), in three sweeps on H200 (2026-11-22
-# 02:36-02:45, same-run pairs against the flattened TMA kernel of TUNED): fwd 0.231 / 0.243 /
-# 0.239 ms vs 0.245 / 0.250 / 0.258, dx 0.240 / 0.246 / 0.244 vs 0.240 / 0.250 / 0.256. At the
-# other three shapes it was not faster (DeepSeek-V3 up fwd 3.66-3.98 vs 3.34-3.56 ms).
+# where they are available (``forward_config(..., gluon=True)``); TUNED is the fallback. All
+# are the warp-specialized forward/dx kernel:
+# - at the Qwen3 down shape (memory-bound: 128 experts' weights, 403 MB, against 50 MB of x),
+#   in three sweeps on H200 (2026-11-22 02:36-02:45, same-run pairs against the flattened TMA
+#   kernel of TUNED): fwd 0.231 / 0.243 / 0.239 ms vs 0.245 / 0.250 / 0.258, dx 0.240 / 0.246 /
+#   0.244 vs 0.240 / 0.250 / 0.256;
+# - with its tiles walked 8 m-tiles at a time, M fastest (``group_m=8``), at four more
+#   products, in two sweeps on one H200 (2026-11-22 04:23 and 04:25, 5 and 9 samples, against
+#   the flattened TMA kernel): DeepSeek-V3 down fwd 1.713 / 1.736 ms vs 1.834 / 1.878,
+#   DeepSeek-V3 up dx 3.452 / 3.524 vs 3.702 / 3.809, Qwen3 up fwd 0.422 / 0.421 vs 0.439 /
+#   0.448 and dx 0.432 / 0.427 vs 0.457 / 0.442; and one program per tile (which the
+#   hardware starts in order, keeping the m-tiles that read one w tile of the 58.7 MB w[e]
+#   side by side) at DeepSeek-V3 up fwd, 3.470 / 3.608 vs 3.495 / 3.740. Not at DeepSeek-V3
+#   down dx (1.910 / 1.801 vs 1.751 / 1.755).
 TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True),
     ("dx", 2048, 768, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                     gluon=True),
+    ("fwd", 2048, 7168, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                      gluon=True, group_m=8),
+    ("dx", 4096, 7168, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                     gluon=True, group_m=8),
+    ("fwd", 2048, 1536, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                      gluon=True, group_m=8),
+    ("dx", 1536, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                     gluon=True, group_m=8),
+    ("fwd", 7168, 4096, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                      persistent=False, gluon=True,
+                                                      group_m=8),
 }
 
 
