@@ -269,9 +269,8 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   tma = res["tma_default"]
   gluon = triton_gemm._gluon_available()
   fwd_cfg = gg.forward_config(k, n, dtype.name, "tf32", tma=tma, gluon=gluon)
-  res.update(fwd_config=str(fwd_cfg),
-             dx_config=str(gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma,
-                                             gluon=gluon)),
+  dx_cfg = gg.forward_config(n, k, dtype.name, "tf32", phase="dx", tma=tma, gluon=gluon)
+  res.update(fwd_config=str(fwd_cfg), dx_config=str(dx_cfg),
              dw_config=str(gg.dw_config(k, n, dtype.name, "tf32")))  # dw: pointer loads
   # Rows the forward tiles compute beyond the rows in groups (each group's partial last tile;
   # half_tiles, where it applies, halves it): the MMA work the dense product does not do.
@@ -281,6 +280,7 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   print(f"\n== {name}: R={r} rows, E={experts}, K={k}, N={n}, {dtype.name}, {args.routing} "
         f"(group sizes {sizes.min()}..{sizes.max()}, {int((sizes == 0).sum())} empty; "
         f"{bm}-row tiles compute {100 * res['tile_rows_overhead']:.1f}% extra rows)", flush=True)
+  print(f"  fwd {fwd_cfg.table_entry()}; dx {dx_cfg.table_entry()}", flush=True)
 
   # The ops (each takes x first: the timing loop perturbs it; group sizes and offsets are
   # arguments, as in a model, so nothing derived from them is constant-folded).

@@ -536,6 +536,19 @@ def test_tuned_gluon_entries_have_a_fallback():
       assert ggl.gluon_fwd_supported(k, n, 2, cfg) is None
 
 
+@pytest.mark.parametrize("value", ["0", "false", ""])
+def test_gluon_kernels_can_be_turned_off(monkeypatch, value):
+  """``JAX_EP_GMM_GLUON=0`` turns the Gluon kernels off (A/B runs, or a Gluon bug in the
+  field): the Triton kernels run instead, whatever Triton is installed."""
+  from jax_ep.backends import triton_gemm
+  from kernels import grouped_gemm_gluon as ggl
+
+  monkeypatch.setenv("JAX_EP_GMM_GLUON", value)
+  assert not triton_gemm._gluon_available()
+  monkeypatch.setenv("JAX_EP_GMM_GLUON", "1")
+  assert triton_gemm._gluon_available() == (ggl.GLUON_ERROR is None)
+
+
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------
 
 def _interpreter_launcher(interp_module):

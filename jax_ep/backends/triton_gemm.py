@@ -85,7 +85,10 @@ def _gluon_kernels():
 
 
 def _gluon_available() -> bool:
-  """Whether the Gluon kernels (Triton 3.5/3.6) can be built here."""
+  """Whether the Gluon kernels (Triton 3.5/3.6) can be built here and are not turned off
+  (``JAX_EP_GMM_GLUON=0``: the Triton kernels of ``TUNED`` and the tile rules run instead)."""
+  if os.environ.get("JAX_EP_GMM_GLUON", "1") in ("", "0", "false", "False"):
+    return False
   return _gluon_kernels().GLUON_ERROR is None
 
 
@@ -190,7 +193,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
-    ggl = _gluon_kernels() if cfg.gluon else None
+    ggl = _gluon_kernels() if cfg.gluon and _gluon_available() else None
     if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
       constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
