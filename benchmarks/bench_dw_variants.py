@@ -64,10 +64,7 @@ def time_looped(f, args, inner: int, iters: int) -> float:
 def variants():
   from jax_ep.kernels.grouped_gemm import TileConfig as T
   return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
-          "gluon": T(128, 256, 64, 8, 3, gluon=True),
-          # the Gluon kernel zeroing a partial step's extra rows a step ahead, while the
-          # previous step's MMA runs (an experiment: a switch read when the kernel is traced)
-          "gluon-za": (T(128, 256, 64, 8, 3, gluon=True), {"JAX_EP_GMM_DW_ZERO_AHEAD": "1"})}
+          "gluon": T(128, 256, 64, 8, 3, gluon=True)}
 
 
 def main(argv=None):
@@ -100,9 +97,6 @@ def main(argv=None):
     ref = None
     for rnd in range(args.rounds):
       for label, cfg in variants().items():
-        cfg, env = cfg if isinstance(cfg, tuple) else (cfg, {})
-        saved = {v: os.environ.get(v) for v in env}
-        os.environ.update(env)
         f = lambda x, dy, cfg=cfg: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg)  # noqa
         got = np.asarray(jax.jit(f)(x, dy), np.float32)
         if ref is None:  # the default's dw, checked on its largest expert against numpy
@@ -123,11 +117,6 @@ def main(argv=None):
         print(f"{name:18s} {label:8s} round {rnd}: alone {alone * 1e3:7.3f} ms  looped "
               f"{looped * 1e3:7.3f} ms  {row['tflops_looped']:5.0f} TFLOP/s  "
               f"{'ok' if row['correct'] else f'WRONG ({rel:.1e})'}", flush=True)
-        for v, old in saved.items():
-          if old is None:
-            os.environ.pop(v, None)
-          else:
-            os.environ[v] = old
     dense = time_alone(lambda x, dy: jnp.dot(x.T, dy), (x, dy), args.iters)
     rows_out.append(dict(shape=name, variant="dense", alone_ms=dense * 1e3,
                          tflops_alone=flops / dense / 1e12))

@@ -46,8 +46,6 @@ so its tests run on the GPU (tests/gpu/test_grouped_gemm_gpu.py).
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
 from .grouped_gemm import dw_max_steps, table_bounds
@@ -119,19 +117,6 @@ if GLUON_ERROR is None:
     buf.store(gl.where((rows < t)[:, None], v, gl.zeros_like(v)))
 
   @gluon.jit
-  def _zero_partial_step(x_buf, g_buf, ready, phase, rows, x_layout: gl.constexpr,
-                         g_layout: gl.constexpr):
-    """A group's last, partial step (``rows`` < BLOCK_K): the rows past its end are the next
-    group's (or padding, maybe not even finite), so they become zeros in both operands, once
-    the stage's loads have landed."""
-    if rows < x_buf.shape[0]:
-      mbarrier.wait(ready, phase)
-      _zero_rows_from(x_buf, rows, x_layout)
-      _zero_rows_from(g_buf, rows, g_layout)
-      fence_async_shared()
-      gl.thread_barrier()
-
-  @gluon.jit
   def grouped_gemm_dw_gluon_kernel(
       x_ptr,        # [C, K] recv_x
       dy_ptr,       # [C, N] output cotangent
@@ -142,7 +127,6 @@ if GLUON_ERROR is None:
       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
-      ZERO_AHEAD: gl.constexpr = False,  # zero a partial step's rows during the step before
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -203,10 +187,6 @@ if GLUON_ERROR is None:
                   s_lo + j, s_hi, k0, n0)
     p_r0, _, _, _ = _step_record(steps_ptr, s_lo + STAGES - 1, MAX_STEPS, E)
     c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s_lo, MAX_STEPS, E)
-    if ZERO_AHEAD:  # the first step's extra rows here, every later step's a step ahead
-      if s_lo < s_hi:
-        _zero_partial_step(x_bufs.index(0), g_bufs.index(0), ready.index(0), 0, c_r1 - c_r0,
-                           x_layout, g_layout)
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
@@ -214,14 +194,13 @@ if GLUON_ERROR is None:
       i = s - s_lo
       stage = i % STAGES
       mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-      if not ZERO_AHEAD:
-        if c_r1 - c_r0 < BLOCK_K:
-          # The group's last, partial step: the rows past its end are the next group's (or
-          # padding, maybe not even finite): zeros instead, in both operands.
-          _zero_rows_from(x_bufs.index(stage), c_r1 - c_r0, x_layout)
-          _zero_rows_from(g_bufs.index(stage), c_r1 - c_r0, g_layout)
-          fence_async_shared()
-          gl.thread_barrier()
+      if c_r1 - c_r0 < BLOCK_K:
+        # The group's last, partial step: the rows past its end are the next group's (or
+        # padding, maybe not even finite): zeros instead, in both operands.
+        _zero_rows_from(x_bufs.index(stage), c_r1 - c_r0, x_layout)
+        _zero_rows_from(g_bufs.index(stage), c_r1 - c_r0, g_layout)
+        fence_async_shared()
+        gl.thread_barrier()
       acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
                           use_acc=use_acc, is_async=True)
       # Step s - 1's MMA is done in this warpgroup; after the barrier, in both: its stage is
@@ -232,13 +211,6 @@ if GLUON_ERROR is None:
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
-      n_r0, n_r1, n_last, n_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
-      if ZERO_AHEAD:  # while step s's MMA runs (the next stage's loads were issued a step ago)
-        if s + 1 < s_hi:
-          nxt_stage = (i + 1) % STAGES
-          _zero_partial_step(x_bufs.index(nxt_stage), g_bufs.index(nxt_stage),
-                             ready.index(nxt_stage), ((i + 1) // STAGES) & 1, n_r1 - n_r0,
-                             x_layout, g_layout)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
@@ -250,7 +222,7 @@ if GLUON_ERROR is None:
         gl.thread_barrier()
         tma.async_copy_shared_to_global(out_desc, [c_e * K + k0, n0], out_buf)
         use_acc = False
-      c_r0, c_r1, c_last, c_e = n_r0, n_r1, n_last, n_e
+      c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     tma.store_wait(0)
@@ -522,5 +494,4 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps,
-              ZERO_AHEAD=os.environ.get("JAX_EP_GMM_DW_ZERO_AHEAD", "0") == "1")
+              NUM_WARPS=cfg.num_warps)

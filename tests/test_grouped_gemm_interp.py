@@ -441,26 +441,22 @@ def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
   return info.stderr
 
 
-@pytest.mark.parametrize("zero_ahead", ["0", "1"], ids=["zero-in-step", "zero-ahead"])
-def test_gluon_dw_compiles_for_sm90(tmp_path, monkeypatch, zero_ahead):
+def test_gluon_dw_compiles_for_sm90(tmp_path):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
-  registers defined by GMMA", which would serialize every step), also with a partial step's
-  rows zeroed while the step before runs (``JAX_EP_GMM_DW_ZERO_AHEAD=1``)."""
+  registers defined by GMMA", which would serialize every step)."""
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
   if ggl.GLUON_ERROR is not None:
     pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
-  monkeypatch.setenv("JAX_EP_GMM_DW_ZERO_AHEAD", zero_ahead)
 
   c, h, n, e = 4096, 1024, 512, 8
   cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
   assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
   ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
   assert ce["MAX_STEPS"] == gg.dw_max_steps(c, e, cfg.block_k)
-  assert ce["ZERO_AHEAD"] == (zero_ahead == "1")
   k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
                ce, cfg)
   ptx = k.asm["ptx"]
