@@ -4,10 +4,13 @@
 warp issues each K step's TMA loads into a ring of stages ("ready" mbarriers); two consumer
 warpgroups, each its own partition, compute the upper and lower 64-row halves of a 128-row tile
 and release each stage on an "empty" mbarrier that counts both; a half with no row of its group
-skips its MMAs; each half is stored through shared memory, by TMA when whole. Measured on H200
-(2026-11-22, docs/GROUPED_GEMM.md): 3-8 % faster than the flattened Triton kernel at the Qwen3
-down shape, not faster at the other three (there the forward is memory-bound on re-reads of
-w[e], which exceeds L2).
+skips its MMAs; each half is stored through shared memory, by TMA when whole. Its tiles can be
+walked GROUP_M m-tiles at a time, M fastest (``TileConfig.group_m``), so the m-tiles of an
+expert that read the same w tile run side by side, and launched one program per tile instead
+of persistently. Measured on H200 (2026-11-22, docs/GROUPED_GEMM.md): 3-8 % faster than the
+flattened Triton kernel at the Qwen3 down shape as it is; with ``group_m=8`` 4-7 % faster at
+the DeepSeek-V3 down forward, DeepSeek-V3 up dx and (in sweeps) the Qwen3 up products, and one
+program per tile 1-3.5 % at the DeepSeek-V3 up forward; not at the DeepSeek-V3 down dx.
 
 The dw kernel:
 

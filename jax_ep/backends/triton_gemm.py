@@ -29,7 +29,7 @@ _API = "jax_ep.grouped_matmul"
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
-# -- availability -----------------------------------------------------------------------------------
+# -- availability ----------------------------------------------------------------------------------
 
 def _why_not_usable() -> str | None:
   """None when the Triton grouped matmul can run here, else the reason."""
@@ -50,7 +50,7 @@ def check_gmm_usable() -> None:
                        f"(or 'auto') instead.")
 
 
-# -- precision --------------------------------------------------------------------------------------
+# -- precision -------------------------------------------------------------------------------------
 
 def _input_precision(dtype) -> str:
   """``tl.dot`` precision for float32 operands, following ``jax_default_matmul_precision``.
@@ -66,7 +66,7 @@ def _input_precision(dtype) -> str:
   return "tf32"
 
 
-# -- the three launches -----------------------------------------------------------------------------
+# -- the three launches ----------------------------------------------------------------------------
 
 def _triton_call(*args, **kwargs):
   """``jax_ep.launch.triton_call`` (a seam: CPU tests swap in Triton's interpreter)."""
@@ -223,7 +223,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   return dw
 
 
-# -- custom_vjp ---------------------------------------------------------------------------------------
+# -- custom_vjp ------------------------------------------------------------------------------------
 
 @jax.custom_vjp
 def _gmm(x, w, sizes, offsets):
