@@ -233,6 +233,167 @@ if GLUON_ERROR is None:
       mbarrier.invalidate(ready.index(j))
 
 
+  # -- dw, ping-pong: a TMA producer warp; two consumer warpgroups take the experts in turn --
+
+  @gluon.jit
+  def _pp_dw_producer(x_desc, g_desc, x_bufs, g_bufs, ready, empty, steps_ptr, s_lo, s_hi,
+                      k0, n0, MAX_STEPS: gl.constexpr, E: gl.constexpr):
+    """One warp: each row step's TMA loads (x and dy) into the stage its consumer last
+    released, completing on ``ready``."""
+    STAGES: gl.constexpr = x_bufs.shape[0]
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + g_desc.block_type.nbytes
+    for s in range(s_lo, s_hi):
+      i = s - s_lo
+      st = i % STAGES
+      r0, _, _, _ = _step_record(steps_ptr, s, MAX_STEPS, E)
+      mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)
+      mbarrier.expect(ready.index(st), nbytes)
+      tma.async_copy_global_to_shared(x_desc, [r0, k0], ready.index(st), x_bufs.index(st))
+      tma.async_copy_global_to_shared(g_desc, [r0, n0], ready.index(st), g_bufs.index(st))
+
+  @gluon.jit
+  def _pp_dw_consumer(WG: gl.constexpr, x_bufs, g_bufs, ready, empty, turn, out_bufs, out_desc,
+                      first_ptr, steps_ptr, e_lo, e_hi, s_lo, k0, n0, K: gl.constexpr,
+                      MAX_STEPS: gl.constexpr, E: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Consumer warpgroup WG: the whole dw tile of every other expert with rows (the first,
+    third, ... for WG 0). Before a tile's first MMA it waits for its turn (``turn[WG]``, given
+    when the other warpgroup has issued its tile's last MMA), so the two alternate on the
+    tensor cores and each one's drain and store run beside the other's MMAs. A group's
+    partial last step: rows past the group set to zero in both operands. Stages are released
+    one step after their MMA, a tile's last after the drain."""
+    STAGES: gl.constexpr = x_bufs.shape[0]
+    dtype: gl.constexpr = out_desc.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_M, BLOCK_M // 8], [4, 1],
+                                              [1, 0])
+    g_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+                                              [4, 1], [1, 0])
+    out_buf = out_bufs.index(WG)
+    if WG == 0:  # experts of the segment with no rows get a zero tile
+      out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
+      fence_async_shared()
+      gl.thread_barrier()
+      for e in range(e_lo, e_hi):
+        if gl.load(first_ptr + e + 1) <= gl.load(first_ptr + e):
+          tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0], out_buf)
+
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+    t = 0     # tiles (experts with rows) of the segment so far, both warpgroups'
+    mine = 0  # this warpgroup's
+    f1 = s_lo
+    for e in range(e_lo, e_hi):
+      f0 = f1
+      f1 = gl.minimum(gl.maximum(gl.load(first_ptr + e + 1), f0), MAX_STEPS)
+      if f1 > f0:
+        if t % 2 == WG:
+          mbarrier.wait(turn.index(WG), mine & 1)
+          c_r0, c_r1, _, _ = _step_record(steps_ptr, f0, MAX_STEPS, E)
+          for s in range(f0, f1):
+            i = s - s_lo
+            st = i % STAGES
+            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+            if c_r1 - c_r0 < BLOCK_K:
+              _zero_rows_from(x_bufs.index(st), c_r1 - c_r0, x_layout)
+              _zero_rows_from(g_bufs.index(st), c_r1 - c_r0, g_layout)
+              fence_async_shared()
+              gl.thread_barrier()
+            acc = warpgroup_mma(x_bufs.index(st).permute((1, 0)), g_bufs.index(st), acc,
+                                use_acc=s > f0, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=s > f0)
+            c_r0, c_r1, _, _ = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
+          mbarrier.arrive(turn.index(1 - WG))  # every MMA of the tile issued: the other's turn
+          acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+          mbarrier.arrive(empty.index((f1 - 1 - s_lo) % STAGES))
+          tma.store_wait(0)  # this warpgroup's previous tile has left out_buf
+          gl.thread_barrier()
+          out_buf.store(acc.to(dtype))
+          fence_async_shared()
+          gl.thread_barrier()
+          tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0], out_buf)
+          mine += 1
+        t += 1
+    tma.store_wait(0)
+
+  @gluon.jit
+  def _pp_dw_consumer1(x_bufs, g_bufs, ready, empty, turn, out_bufs, out_desc, first_ptr,
+                       steps_ptr, e_lo, e_hi, s_lo, k0, n0, K: gl.constexpr,
+                       MAX_STEPS: gl.constexpr, E: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The second consumer warpgroup (a worker partition)."""
+    _pp_dw_consumer(1, x_bufs, g_bufs, ready, empty, turn, out_bufs, out_desc, first_ptr,
+                    steps_ptr, e_lo, e_hi, s_lo, k0, n0, K, MAX_STEPS, E, BLOCK_M, BLOCK_N,
+                    BLOCK_K)
+
+  @gluon.jit
+  def grouped_gemm_dw_pingpong_kernel(
+      x_ptr,        # [C, K] recv_x
+      dy_ptr,       # [C, N] output cotangent
+      steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table`` (MAX_STEPS >= 1)
+      first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
+      dw_ptr,       # [E, K, N] weight cotangent
+      C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+      NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
+  ):
+    """``grouped_gemm_dw_gluon_kernel``'s product and program layout (program = segment of
+    experts x dw tile), ping-pong: a producer warp and two consumer warpgroups, each holding
+    a whole BLOCK_M x BLOCK_N accumulator and taking the segment's experts in turn (launch
+    with num_warps=4). Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    pid = gl.program_id(0)
+    num_n: gl.constexpr = N // BLOCK_N
+    num_k: gl.constexpr = K // BLOCK_M
+    seg = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    k0 = (rest // num_n) * BLOCK_M
+    n0 = (rest % num_n) * BLOCK_N
+    e_lo = seg * E // NUM_SEGS
+    e_hi = (seg + 1) * E // NUM_SEGS
+
+    x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
+    g_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+    o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_layout)
+    g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], o_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+      mbarrier.init(ready.index(j), count=1)
+      mbarrier.init(empty.index(j), count=1)  # released by the warpgroup that used it
+    for j in gl.static_range(2):
+      mbarrier.init(turn.index(j), count=1)
+    mbarrier.arrive(turn.index(0))  # the first tile is warpgroup 0's
+    # Operand rows past C read as zeros; rows past a group's end but inside C are zeroed in
+    # shared memory. dw is seen as one [E * K, N] matrix (K % BLOCK_M == 0).
+    x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
+                                        block_shape=[BLOCK_K, BLOCK_M], layout=x_layout)
+    g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
+                                        block_shape=[BLOCK_K, BLOCK_N], layout=g_layout)
+    out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
+                                          block_shape=[BLOCK_M, BLOCK_N], layout=o_layout)
+    s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
+    s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
+    gl.warp_specialize([
+        (_pp_dw_consumer, (0, x_bufs, g_bufs, ready, empty, turn, out_bufs, out_desc,
+                           first_ptr, steps_ptr, e_lo, e_hi, s_lo, k0, n0, K, MAX_STEPS, E,
+                           BLOCK_M, BLOCK_N, BLOCK_K)),
+        (_pp_dw_consumer1, (x_bufs, g_bufs, ready, empty, turn, out_bufs, out_desc,
+                            first_ptr, steps_ptr, e_lo, e_hi, s_lo, k0, n0, K, MAX_STEPS, E,
+                            BLOCK_M, BLOCK_N, BLOCK_K)),
+        (_pp_dw_producer, (x_desc, g_desc, x_bufs, g_bufs, ready, empty, steps_ptr, s_lo,
+                           s_hi, k0, n0, MAX_STEPS, E)),
+    ], [4, 1], [232, 40])
+    for j in gl.static_range(STAGES):
+      mbarrier.invalidate(ready.index(j))
+      mbarrier.invalidate(empty.index(j))
+    for j in gl.static_range(2):
+      mbarrier.invalidate(turn.index(j))
+
   # -- forward / dx: warp-specialized (a TMA producer warp, two consumer warpgroups) ---------
 
   @gluon.jit
@@ -491,10 +652,31 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
               EPI_N=ws_epilogue_cols(cfg, 2))
 
 
+def gluon_dw_pingpong_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
+  """None when ``grouped_gemm_dw_pingpong_kernel`` (``cfg.gluon and cfg.warp_spec``) can run
+  ``cfg``, else why not (callers then run the flat Triton kernel)."""
+  why = gluon_dw_supported(K, N, elem_bytes, cfg)
+  if why is None and cfg.block_m * cfg.block_n > 128 * 128:
+    why = "the ping-pong dw kernel's warpgroups hold a whole tile: at most 128 x 128"
+  if why is None and pingpong_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    why = (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and two "
+           f"output tiles exceed shared memory ({pingpong_smem_bytes(cfg, elem_bytes)} bytes)")
+  return why
+
+
+def pingpong_smem_bytes(cfg, elem_bytes: int) -> int:
+  """Shared memory of ``grouped_gemm_dw_pingpong_kernel``: the stages and two output tiles."""
+  stage = (cfg.block_k * cfg.block_m + cfg.block_k * cfg.block_n) * elem_bytes
+  return cfg.num_stages * stage + 2 * cfg.block_m * cfg.block_n * elem_bytes
+
+
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
   """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw), for the
-  step table of ``dw_step_table`` (same C, E, block_k)."""
-  return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
-              MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps)
+  step table of ``dw_step_table`` (same C, E, block_k); with ``cfg.warp_spec``, of
+  ``grouped_gemm_dw_pingpong_kernel`` (launched with num_warps=4)."""
+  ce = dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
+            MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages)
+  if not cfg.warp_spec:
+    ce["NUM_WARPS"] = cfg.num_warps
+  return ce
