@@ -11,11 +11,11 @@ benchmark's timing loop carries each op's output through its ``fori_loop``; for 
     output (a custom call cannot be sliced, so every call still runs in full), x changing by
     one element per iteration;
 
-and checked against the default kernel's result (and that against a per-group numpy product on
-one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one pipelined loop
-over a segment of experts' row steps), ``gluon`` (the flat loop in Gluon, TMA in and out) and
-``pp`` (its ping-pong version), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot``
-of the same FLOPs is timed alone.
+and checked against the default kernel's result (and that against a per-group numpy
+product on one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one
+pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
+TMA in and out), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
 """
@@ -64,11 +64,7 @@ def time_looped(f, args, inner: int, iters: int) -> float:
 def variants():
   from jax_ep.kernels.grouped_gemm import TileConfig as T
   return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
-          "gluon": T(128, 256, 64, 8, 3, gluon=True),
-          # ping-pong: two consumer warpgroups, a whole 128 x 128 tile each, taking the
-          # experts in turn (one's drain and store beside the other's MMAs)
-          "pp s4": T(128, 128, 64, 8, 4, gluon=True, warp_spec=True),
-          "pp s5": T(128, 128, 64, 8, 5, gluon=True, warp_spec=True)}
+          "gluon": T(128, 256, 64, 8, 3, gluon=True)}
 
 
 def main(argv=None):

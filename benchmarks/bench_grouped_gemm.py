@@ -130,9 +130,6 @@ def _sweep_candidates():
       # The flat kernel's loop in Gluon, tiles stored by TMA while the next steps compute.
       ("gluon 128x256x64 w8 s3", T(128, 256, 64, 8, 3, gluon=True), False),
       ("gluon 128x128x64 w8 s4", T(128, 128, 64, 8, 4, gluon=True), False),
-      # Ping-pong: two consumer warpgroups, a whole 128 x 128 tile each, in turn.
-      ("gluon pingpong 128x128x64 s4", T(128, 128, 64, 8, 4, gluon=True, warp_spec=True),
-       False),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
       # memory on sm_90: 176 KiB, 224 KiB, 224 KiB).
       ("flat 128x256x64 w8 s3", T(128, 256, 64, 8, 3, flatten=True), False),

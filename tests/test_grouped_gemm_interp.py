@@ -474,43 +474,6 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
 
 
-@pytest.mark.parametrize("stages", [4, 5])
-def test_gluon_dw_pingpong_compiles_for_sm90(tmp_path, stages):
-  """The ping-pong Gluon dw kernel compiles for sm_90 as designed: 12 warps (two consumer
-  warpgroups, each a whole 128 x 128 accumulator of two 64-row wgmma, and a producer warp)
-  with setmaxnreg, TMA loads on mbarriers and TMA stores, within an SM's shared memory (5
-  stages and both output tiles fit); ptxas keeps the MMAs asynchronous, without spills."""
-  from kernels import grouped_gemm as gg
-  from kernels import grouped_gemm_gluon as ggl
-
-  if ggl.GLUON_ERROR is not None:
-    pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
-  from jax_ep import _compile as compile_mod
-
-  c, h, n, e = 4096, 1024, 512, 8
-  cfg = gg.TileConfig(128, 128, 64, 8, stages, gluon=True, warp_spec=True)
-  assert ggl.gluon_dw_pingpong_supported(h, n, 2, cfg) is None
-  ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
-  assert "NUM_WARPS" not in ce
-  km = compile_mod.build(ggl.grouped_gemm_dw_pingpong_kernel,
-                         dict(zip(ggl.grouped_gemm_dw_pingpong_kernel.arg_names,
-                                  ["*bf16", "*bf16", "*i32", "*i32", "*bf16"])), ce,
-                         num_warps=4, num_stages=1)
-  ptx = km.asm["ptx"]
-  assert km.metadata.num_warps == 12 and "setmaxnreg" in ptx
-  assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
-  assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
-  assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
-  assert km.metadata.shared <= 227 * 1024
-  assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
-  # What it cannot take is refused with the reason (then the flat Triton kernel runs).
-  assert "128 x 128" in ggl.gluon_dw_pingpong_supported(h, n, 2, dataclasses.replace(
-      cfg, block_n=256))
-  assert "shared memory" in ggl.gluon_dw_pingpong_supported(h, n, 2, dataclasses.replace(
-      cfg, num_stages=6))
-  assert "multiples" in ggl.gluon_dw_pingpong_supported(1000, 512, 2, cfg)
-
-
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
                                   (128, 128, 64, 6, 1), (256, 128, 64, 3, 1)],
                          ids=["128x256x64s3", "128x256x64s4g8", "128x256x32s6", "128x128x64s6",

@@ -178,9 +178,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   ``config``: a ``TileConfig`` overriding the tile table; with ``flatten=True`` the flat
   kernel (``grouped_gemm_dw_flat_kernel``, pointer loads) runs instead of one program per
   (expert, tile), with ``gluon=True`` its Gluon counterpart (``grouped_gemm_dw_gluon_kernel``:
-  TMA loads and stores; with ``warp_spec=True`` too, ``grouped_gemm_dw_pingpong_kernel``: a
-  producer warp and two consumer warpgroups taking the experts in turn) where Gluon and the
-  shape allow, else the flat kernel."""
+  TMA loads and stores) where Gluon and the shape allow, else the flat kernel."""
   gg = _kernels()
   c, h = x.shape
   n = dy.shape[1]
@@ -196,13 +194,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
     ggl = _gluon_kernels() if cfg.gluon and _gluon_available() else None
-    itemsize = jnp.dtype(x.dtype).itemsize
-    num_warps = cfg.num_warps
-    if ggl and cfg.warp_spec and ggl.gluon_dw_pingpong_supported(h, n, itemsize, cfg) is None:
-      kernel = ggl.grouped_gemm_dw_pingpong_kernel  # a producer warp, two consumer warpgroups
-      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
-      num_warps = 4
-    elif ggl and not cfg.warp_spec and ggl.gluon_dw_supported(h, n, itemsize, cfg) is None:
+    if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
       constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
     else:
@@ -211,7 +203,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
                                          input_precision=precision)
     (dw,) = _triton_call(
         kernel, x, dy, steps, first, out_shapes=out,
-        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=num_warps,
+        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, constexprs=constexprs, name="jax_ep_grouped_gemm_dw")
     return dw
   tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),

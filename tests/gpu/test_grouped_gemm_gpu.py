@@ -10,6 +10,8 @@ Run: ``python -m pytest -q -m gpu tests/gpu/test_grouped_gemm_gpu.py``
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -212,24 +214,17 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["gluon", "pingpong"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, pingpong):
+def test_gluon_dw_matches_xla(rng, kind):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
-  experts per tile (E = 40 > the segments the shape asks for) and alignment gaps; also the
-  ping-pong kernel (its two consumer warpgroups take the experts in turn)."""
+  experts per tile (E = 40 > the segments the shape asks for) and alignment gaps."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
-  ggl = triton_gemm._gluon_kernels()
-  if pingpong:
-    cfg = T(128, 128, 64, 8, 4, gluon=True, warp_spec=True)
-    why = ggl.gluon_dw_pingpong_supported(h, n, 2, cfg)
-  else:
-    cfg = T(128, 256, 64, 8, 3, gluon=True)
-    why = ggl.gluon_dw_supported(h, n, 2, cfg)
+  cfg = T(128, 256, 64, 8, 3, gluon=True)
+  why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
   sizes, offsets = testing.group_layout(rng, kind, c, e, 8)
@@ -245,8 +240,8 @@ def test_gluon_dw_matches_xla(rng, kind, pingpong):
 
   got = np.asarray(jax.jit(lambda: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg))(),
                    np.float32)
-  flat = np.asarray(jax.jit(lambda: triton_gemm._grouped_dw(x, dy, s, o, e, config=T(
-      128, 256, 64, 8, 3, flatten=True)))(), np.float32)
+  flat = np.asarray(jax.jit(lambda: triton_gemm._grouped_dw(
+      x, dy, s, o, e, config=dataclasses.replace(cfg, gluon=False, flatten=True)))(), np.float32)
   want = np.zeros((e, h, n), np.float32)
   xf, dyf = np.asarray(x, np.float32), np.asarray(dy, np.float32)
   for i, (off, size) in enumerate(zip(offsets, sizes)):
@@ -309,21 +304,16 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   assert_close(f"gluon ws vs triton {product} {kind}", got, base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["gluon", "pingpong"])
-def test_gluon_dw_survives_a_corrupt_step_table(rng, pingpong):
+def test_gluon_dw_survives_a_corrupt_step_table(rng):
   """A step table with an empty step inside an expert's steps and steps pointing past the
-  rows (what a corrupt layout could produce): the Gluon dw kernels must finish (every stage
-  they wait on is loaded) and write only finite values; an empty step contributes nothing."""
+  rows (what a corrupt layout could produce): the Gluon dw kernel must finish (every stage it
+  waits on is loaded) and write only finite values; an empty step contributes nothing."""
   from jax_ep.kernels import grouped_gemm as gg
   from jax_ep.kernels import grouped_gemm_gluon as ggl
 
   c, h, n, e = 512, 256, 256, 3
-  if pingpong:
-    cfg = gg.TileConfig(128, 128, 64, 8, 4, gluon=True, warp_spec=True)
-    why, kernel, warps = ggl.gluon_dw_pingpong_supported(h, n, 2, cfg), "pingpong", 4
-  else:
-    cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
-    why, kernel, warps = ggl.gluon_dw_supported(h, n, 2, cfg), "gluon", 8
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
+  why = ggl.gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
   sizes = np.array([100, 0, 150], np.int32)
@@ -337,9 +327,9 @@ def test_gluon_dw_survives_a_corrupt_step_table(rng, pingpong):
   dy = jnp.asarray(rng.standard_normal((c, n), np.float32), jnp.bfloat16)
   segs = gg.dw_flat_segments(h, n, e, cfg, 132)
   (dw,) = triton_gemm._triton_call(
-      getattr(ggl, f"grouped_gemm_dw_{kernel}_kernel"), x, dy, jnp.asarray(steps),
-      jnp.asarray(first), out_shapes=jax.ShapeDtypeStruct((e, h, n), jnp.bfloat16),
-      grid=gg.dw_flat_grid(h, n, e, cfg, segs), num_warps=warps, num_stages=cfg.num_stages,
+      ggl.grouped_gemm_dw_gluon_kernel, x, dy, jnp.asarray(steps), jnp.asarray(first),
+      out_shapes=jax.ShapeDtypeStruct((e, h, n), jnp.bfloat16),
+      grid=gg.dw_flat_grid(h, n, e, cfg, segs), num_warps=8, num_stages=3,
       constexprs=ggl.gluon_dw_constexprs(c, h, n, e, cfg, segs))
   got = np.asarray(dw, np.float32)
   assert np.isfinite(got).all()
