@@ -86,27 +86,18 @@ def _sweep_candidates():
       ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
       ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
-      # own half of the tile (skipped when it holds no rows), whole halves stored by TMA.
-      ("gluon ws 128x256x64 s3", T(128, 256, 64, 8, 3, half_tiles=False, gluon=True), True),
-      # 4 stages (the output then leaves in two 128-column chunks); tiles walked 8 m-tiles at
-      # a time, M fastest, so the m-tiles reading one w tile run side by side (w[e] of the
+      # own half of the tile (skipped when it holds no rows), whole halves stored by TMA. At
+      # 3 or 4 stages (the output then leaves in two 128-column chunks); tiles walked g m-tiles
+      # at a time, M fastest, so the m-tiles reading one w tile run side by side (w[e] of the
       # DeepSeek-V3 up shape exceeds L2, and m-tiles at different K phases re-read it); and
       # one program per tile, which the hardware starts in order, so they stay side by side.
-      ("gluon ws 128x256x64 s4", T(128, 256, 64, 8, 4, half_tiles=False, gluon=True), True),
-      ("gluon ws 128x256x64 s3 g8",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=8), True),
-      ("gluon ws 128x256x64 s3 g8 per-tile",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=8, persistent=False), True),
-      ("gluon ws 128x256x64 s3 g4",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=4), True),
-      ("gluon ws 128x256x64 s3 g16",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=16), True),
-      ("gluon ws 128x256x64 s3 g4 per-tile",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=4, persistent=False), True),
-      ("gluon ws 128x256x64 s3 g16 per-tile",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=16, persistent=False), True),
-      ("gluon ws 128x256x64 s4 g8 per-tile",
-       T(128, 256, 64, 8, 4, half_tiles=False, gluon=True, group_m=8, persistent=False), True),
+      *[(f"gluon ws 128x256x64 s{st}" + (f" g{g}" if g > 1 else "")
+         + ("" if persistent else " per-tile"),
+         T(128, 256, 64, 8, st, half_tiles=False, gluon=True, group_m=g,
+           persistent=persistent), True)
+        for st, g, persistent in ((3, 1, True), (4, 1, True), (3, 8, True), (3, 8, False),
+                                  (3, 4, True), (3, 16, True), (3, 4, False), (3, 16, False),
+                                  (4, 8, False))],
       ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.

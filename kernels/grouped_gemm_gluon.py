@@ -465,19 +465,24 @@ def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
 _SMEM_BYTES = 227 * 1024 - 1024  # an sm_90 SM's shared memory, less barriers and alignment
 
 
+def _ws_stages_bytes(cfg, elem_bytes: int) -> int:
+  """Shared memory of ``grouped_gemm_ws_kernel``'s pipeline stages (an x and a w tile each)."""
+  return cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
+
+
 def ws_epilogue_cols(cfg, elem_bytes: int) -> int:
   """Columns of ``grouped_gemm_ws_kernel``'s output chunks: the whole tile's where that fits
   beside the stages, else half (the tile then goes out in two chunks)."""
-  stages = cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
   whole = cfg.block_m * cfg.block_n * elem_bytes
-  return cfg.block_n if stages + whole <= _SMEM_BYTES else cfg.block_n // 2
+  fits = _ws_stages_bytes(cfg, elem_bytes) + whole <= _SMEM_BYTES
+  return cfg.block_n if fits else cfg.block_n // 2
 
 
 def ws_smem_bytes(cfg, elem_bytes: int) -> int:
   """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output chunk per
   consumer warpgroup."""
-  stage = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
-  return cfg.num_stages * stage + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes
+  return (_ws_stages_bytes(cfg, elem_bytes)
+          + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes)
 
 
 def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool) -> dict:
@@ -488,7 +493,7 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
-              EPI_N=ws_epilogue_cols(cfg, 2))
+              EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

@@ -484,7 +484,7 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   (two consumer warpgroups + a producer warp, rounded to a warpgroup) with setmaxnreg, TMA
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
   SM's shared memory (4 stages of 128 x 256 x 64 fit with the output in two chunks); and ptxas
-  keeps the MMAs asynchronous (no C7517 wait), without spills."""
+  keeps the MMAs asynchronous (no C7517 wait, no C7515 serialization), without spills."""
   from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
@@ -545,10 +545,16 @@ def test_gluon_kernels_can_be_turned_off(monkeypatch, value):
   from jax_ep.backends import triton_gemm
   from kernels import grouped_gemm_gluon as ggl
 
+  from kernels.grouped_gemm import TileConfig
+
+  asks = TileConfig(128, 256, 64, 8, 3, half_tiles=False, gluon=True)
   monkeypatch.setenv("JAX_EP_GMM_GLUON", value)
   assert not triton_gemm._gluon_available()
+  assert triton_gemm._gluon_kernels_for(asks) is None  # also for a config passed explicitly
   monkeypatch.setenv("JAX_EP_GMM_GLUON", "1")
   assert triton_gemm._gluon_available() == (ggl.GLUON_ERROR is None)
+  assert (triton_gemm._gluon_kernels_for(asks) is None) == (ggl.GLUON_ERROR is not None)
+  assert triton_gemm._gluon_kernels_for(dataclasses.replace(asks, gluon=False)) is None
 
 
 # -- the JAX backend, with the interpreter as its launcher ------------------------------------------

@@ -79,6 +79,11 @@ def _kernels():
   return grouped_gemm
 
 
+def _switch_on(name: str) -> bool:
+  """An on-by-default switch of the environment: off when set to "", 0 or false."""
+  return os.environ.get(name, "1") not in ("", "0", "false", "False")
+
+
 def _gluon_kernels():
   from jax_ep.kernels import grouped_gemm_gluon
   return grouped_gemm_gluon
@@ -87,9 +92,13 @@ def _gluon_kernels():
 def _gluon_available() -> bool:
   """Whether the Gluon kernels (Triton 3.5/3.6) can be built here and are not turned off
   (``JAX_EP_GMM_GLUON=0``: the Triton kernels of ``TUNED`` and the tile rules run instead)."""
-  if os.environ.get("JAX_EP_GMM_GLUON", "1") in ("", "0", "false", "False"):
-    return False
-  return _gluon_kernels().GLUON_ERROR is None
+  return _switch_on("JAX_EP_GMM_GLUON") and _gluon_kernels().GLUON_ERROR is None
+
+
+def _gluon_kernels_for(cfg):
+  """The Gluon kernels' module when ``cfg`` asks for them (``gluon=True``, also in a config
+  passed explicitly) and they are available and not turned off, else None."""
+  return _gluon_kernels() if cfg.gluon and _gluon_available() else None
 
 
 def _num_sms() -> int:
@@ -105,7 +114,7 @@ def _num_sms() -> int:
 def _use_tma_default() -> bool:
   """TMA descriptor variant where the shape allows it: on by default (the fastest measured
   forward/dx kernels), off with JAX_EP_GMM_TMA=0 (pointer loads through cp.async)."""
-  return os.environ.get("JAX_EP_GMM_TMA", "1") not in ("", "0", "false", "False")
+  return _switch_on("JAX_EP_GMM_TMA")
 
 
 def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
@@ -149,7 +158,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
     cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
   table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
   name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
-  ggl = _gluon_kernels() if cfg.gluon and use_tma else None
+  ggl = _gluon_kernels_for(cfg) if use_tma else None
   if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None:
     # Warp-specialized (a TMA producer warp, two consumer warpgroups, 4 warps each):
     # one program per SM, or per possible tile.
@@ -193,7 +202,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
-    ggl = _gluon_kernels() if cfg.gluon and _gluon_available() else None
+    ggl = _gluon_kernels_for(cfg)
     if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
       constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
