@@ -74,7 +74,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr):
   """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
@@ -105,22 +105,42 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                  tl.where(to_r, pos, -1), mask=smask)
         tl.store(sym_ptr(sym_table, r, SLOT_VAL_OFF, tl.float32) + slot,
                  tl.where(to_r, wt, 0.0), mask=smask)
-    # Rows: load each chunk of the block once, store it to every remote rank that needs it.
+    # Rows: load each chunk of the block once, store it to every remote rank that needs it
+    # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
     remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
     if tl.max(remote.to(tl.int32), axis=0) > 0:
       A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # not pipelined (rank loop)
-        hmask = (h0 + h) < HIDDEN
-        rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
-        for r in range(world):
-          if r != rank:
-            send = tl.max((dest == r).to(tl.int32), axis=1) > 0
-            dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
-            tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
-                     mask=send[:, None] & hmask[None, :])
+      if PULL:
+        dst = sym_ptr(sym_table, rank, ROWS_OFF, dtype) + dst_row
+        for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, pipelined
+          hmask = (h0 + h) < HIDDEN
+          rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
+          tl.store(tl.multiple_of(dst + (h0 + h)[None, :], [A, A]), rows,
+                   mask=remote[:, None] & hmask[None, :])
+      else:
+        _push_rows(src, dst_row, remote, dest, sym_table, rank, world, HIDDEN, ROWS_OFF,
+                   BLOCK_H, STAGES)
     signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
+
+
+@triton.jit
+def _push_rows(src, dst_row, remote, dest, sym_table, rank, world, HIDDEN: tl.constexpr,
+               ROWS_OFF: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr):
+  """A block's rows, chunk by chunk, into ROWS[me] of every other rank that keeps a slot."""
+  dtype = src.dtype.element_ty
+  A: tl.constexpr = row_align(HIDDEN, dtype)
+  h = tl.arange(0, BLOCK_H)
+  for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # not pipelined (rank loop)
+    hmask = (h0 + h) < HIDDEN
+    rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
+    for r in range(world):
+      if r != rank:
+        send = tl.max((dest == r).to(tl.int32), axis=1) > 0
+        dst = sym_ptr(sym_table, r, ROWS_OFF, dtype)
+        tl.store(tl.multiple_of(dst + dst_row + (h0 + h)[None, :], [A, A]), rows,
+                 mask=send[:, None] & hmask[None, :])
 
 
 @triton.jit
@@ -191,7 +211,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                  BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
-                 ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr):
+                 ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr,
+                 PULL: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
   1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
@@ -230,7 +251,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                     val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                     world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                     CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                    EXPAND_LEVELS, USE_TIMER)
+                    EXPAND_LEVELS, USE_TIMER, PULL)
     if ORDER == 0:
       if ZERO_FILL:
         prof_mark(sym_table, rank, PROF_ID, P_SELF, PROFILE)
@@ -238,7 +259,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                       val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table,
                       rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
                       TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
-                      STAGES, EXPAND_LEVELS, USE_TIMER)
+                      STAGES, EXPAND_LEVELS, USE_TIMER, PULL)
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     #     Profiled: slot P_SELF holds start + the ns this program waited for block flags.
@@ -246,7 +267,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                            recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns,
                            op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                            BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE)
+                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE, PULL)
     prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
@@ -258,7 +279,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
-                  ORDER: tl.constexpr, PROFILE: tl.constexpr):
+                  ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr):
   """Take items from the launch's queue until none are left (returns the ns this program
   waited for block flags, PROFILE only). Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
@@ -284,7 +305,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                            recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq,
                            timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                            CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
-                           STAGES, EXPAND_LEVELS, USE_TIMER, PROFILE)
+                           STAGES, EXPAND_LEVELS, USE_TIMER, PROFILE, PULL)
     item = take_item(sym_table, rank)
   return waited
 
@@ -297,7 +318,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                     TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
                     ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
-                    USE_TIMER: tl.constexpr):
+                    USE_TIMER: tl.constexpr, PULL: tl.constexpr):
   """Blocks pid, pid + num_programs, ... of [blk_lo, blk_hi), block-major, of the sources
   s = rank + i (mod W) for i in [i_lo, i_hi)."""
   for blk in range(blk_lo + pid, blk_hi, num_programs):
@@ -305,7 +326,8 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
       _expand_item((rank + i) % world, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                    NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
-                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER)
+                   ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER,
+                   False, PULL)
 
 
 @triton.jit
@@ -316,15 +338,15 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
                  EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
-                 PROFILE: tl.constexpr = False):
+                 PROFILE: tl.constexpr, PULL: tl.constexpr):
   """Token block ``blk`` of source ``s``, after its BLOCK_FLAG: this rank's rows come from x,
-  the others' from ROWS[s] of this rank's region. Returns the ns spent waiting for the flag
-  (PROFILE only; else 0)."""
+  the others' from ROWS[s] of this rank's region (PULL: of s's region, loaded over NVLink).
+  Returns the ns spent waiting for the flag (PROFILE only; else 0)."""
   if s == rank:
     src_base = x_ptr
     src_row = 0
   else:
-    src_base = sym_ptr(sym_table, rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
+    src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
   t0 = _now(PROFILE)
   wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, timeout_ns, status_ptr,
@@ -348,7 +370,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            NUM_RECEIVERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
+           PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
+           PULL: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -372,7 +395,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
@@ -380,14 +403,14 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
-                     USE_TIMER, False, ORDER, prof_id, PROFILE)
+                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
-                   True, ORDER, prof_id, PROFILE)
+                   True, ORDER, prof_id, PROFILE, PULL)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -407,7 +430,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_BC: tl.constexpr, BLOCK_PROG: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
-                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr):
+                    PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
+                    PULL: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -449,7 +473,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL)
 
 
 @triton.jit
@@ -466,7 +490,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -490,4 +514,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL)

@@ -84,6 +84,15 @@ class EPPlan:
       (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
+    dispatch_pull: 0 (default) = senders store each token row into ROWS[me] of every remote
+      rank that keeps one of its slots (NVLink stores), receivers expand from their own region;
+      1 = senders copy the row once into ROWS[me] of their own region (local) and the
+      receivers load it from the source's region (NVLink loads, software-pipelined like every
+      row loop), so the push becomes a local copy and the NVLink transfer is spread over all
+      the programs that expand. Either way a row crosses NVLink once per destination rank.
+    combine_pull: 0 (default) = the expert rank stores each partial row into the owner's
+      region; 1 = it stores it into its own region (ROWS[owner], marks for every token of the
+      item) and the owner's reducers load the W partial rows of a token over NVLink.
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -112,6 +121,8 @@ class EPPlan:
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
   combine_wide: int = 1
+  dispatch_pull: int = 0
+  combine_pull: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -223,7 +234,8 @@ class EPPlan:
              BLOCK_H=self.block_h, STAGES=self.dispatch_stages,
              EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
              PHASE=phase,
-             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks)
+             ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
+             PULL=int(self.dispatch_pull))
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       programs = self.num_senders + self.num_receivers
@@ -300,7 +312,7 @@ class EPPlan:
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=int(self.combine_queue), PHASE=phase)}
+        QUEUE=int(self.combine_queue), PULL=int(self.combine_pull), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -350,6 +350,22 @@ def test_dispatch_combine_against_numpy(case, interp):
   for r in range(world):
     np.testing.assert_array_equal(rows[r].view(np.uint8), want_rows[r]["recv_x"].view(np.uint8))
 
+  # Pull mode (receivers / owners load rows from the source's region): the same bits for
+  # every op, run twice in one world (the second time over the first one's marks and rows).
+  pull = SimWorld(dataclasses.replace(plan, dispatch_pull=1, combine_pull=1))
+  for _ in range(2):
+    got_p = pull.dispatch(xs, idxs, ws)
+    for r in range(world):
+      assert not got_p[r]["status"].a.any(), got_p[r]["status"].a
+      for name in ("recv_pos", "recv_w", "recv_x", "gs", "go"):
+        np.testing.assert_array_equal(got_p[r][name].a.view(np.uint8),
+                                      got[r][name].a.view(np.uint8))
+    out_p = pull.combine(ys, row_ws, recv_pos)
+    rows_p = pull.dispatch_rows(douts, idxs, recv_pos, gos, gss)
+    for r in range(world):
+      np.testing.assert_array_equal(out_p[r].view(np.uint8), out1[r].view(np.uint8))
+      np.testing.assert_array_equal(rows_p[r].view(np.uint8), rows[r].view(np.uint8))
+
   values = [rng.standard_normal(capacity).astype(np.float32) for _ in range(world)]
   slots = sim.gather_slots(values, recv_pos, idxs)
   e_local = e // world
@@ -373,21 +389,24 @@ def _senders_expand_first(phases):
   return out
 
 
-@pytest.mark.parametrize("order,share,reorder,levels", [
-    (1, 1.0, None, 0), (0, 1.0, None, 0), (0, 0.5, None, 1), (1, 0.25, None, 0),
-    (2, 0.6, None, 2), (2, 1.0, _senders_expand_first, 0), (3, 1.0, None, 0),
-    (3, 1.0, _senders_expand_first, 1)])
-def test_dispatch_variants_match_numpy(order, share, reorder, levels, interp):
+@pytest.mark.parametrize("order,share,reorder,levels,pull", [
+    (1, 1.0, None, 0, 0), (0, 1.0, None, 0, 0), (0, 0.5, None, 1, 0), (1, 0.25, None, 0, 0),
+    (2, 0.6, None, 2, 0), (2, 1.0, _senders_expand_first, 0, 0), (3, 1.0, None, 0, 0),
+    (3, 1.0, _senders_expand_first, 1, 0), (0, 0.5, None, 1, 1),
+    (3, 1.0, _senders_expand_first, 0, 1)])
+def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
-  levels on a rank, given the skewed routing) give the same bits."""
+  levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
+  the source's region) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
-                expand_order=order, receiver_share=share, expand_levels=levels)
+                expand_order=order, receiver_share=share, expand_levels=levels,
+                dispatch_pull=pull)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
