@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now, leader_barrier,
-                      leader_turn, peer_ptr, prof_mark, prof_span, row_align, signal_block,
-                      signal_block_fenced, sym_ptr, take_item, wait_block, wait_go)
+                      leader_turn, prof_mark, prof_span, row_align, signal_block, sym_ptr,
+                      take_item, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
 
@@ -74,11 +74,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr,
-               FENCED: tl.constexpr, GPU: tl.constexpr):
-  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ...
-  PULL 2: the slot metadata for rank r goes to SLOT_POS[r] / SLOT_VAL[r] of this rank's own
-  region (r loads it from there) instead of SLOT_POS[me] of r's region."""
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr):
+  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   k = tl.arange(0, TOPK_P)
@@ -101,17 +98,12 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       pos = tl.where(kept, pos, -1)
       wt = tl.load(topk_weights_ptr + sl, mask=smask, other=0.0)
       dest = tl.where(kept, dest, -1)
+      slot = (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :]
       for r in range(world):
         to_r = dest == r
-        if PULL == 2:
-          region = rank
-          slot = (r * MAX_TOKENS + t)[:, None] * TOPK + k[None, :]
-        else:
-          region = r
-          slot = (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :]
-        tl.store(sym_ptr(sym_table, region, SLOT_POS_OFF, tl.int32) + slot,
+        tl.store(sym_ptr(sym_table, r, SLOT_POS_OFF, tl.int32) + slot,
                  tl.where(to_r, pos, -1), mask=smask)
-        tl.store(sym_ptr(sym_table, region, SLOT_VAL_OFF, tl.float32) + slot,
+        tl.store(sym_ptr(sym_table, r, SLOT_VAL_OFF, tl.float32) + slot,
                  tl.where(to_r, wt, 0.0), mask=smask)
     # Rows: load each chunk of the block once, store it to every remote rank that needs it
     # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
@@ -130,10 +122,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       else:
         _push_rows(src, dst_row, remote, dest, sym_table, rank, world, HIDDEN, ROWS_OFF,
                    BLOCK_H, STAGES)
-    if FENCED:
-      signal_block_fenced(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq, GPU)
-    else:
-      signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
+    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
 
 
 @triton.jit
@@ -371,10 +360,6 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
   else:
     src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
-  if PULL == 2 and WITH_META:  # the slot metadata from SLOT_*[me] of s's region
-    shift = (rank - s) * MAX_TOKENS * TOPK
-    pos_ptr = peer_ptr(sym_table, pos_ptr, rank, s) + shift
-    val_ptr = peer_ptr(sym_table, val_ptr, rank, s) + shift
   t0 = _now(PROFILE)
   for g in tl.static_range(GROUP):
     if blk * GROUP + g < nb:
@@ -400,8 +385,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr,
-           FENCED: tl.constexpr):
+           PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -425,7 +409,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL, FENCED, USE_TIMER)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,
@@ -461,8 +445,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr,
-                    FENCED: tl.constexpr):
+                    PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -505,7 +488,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
            EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP,
-           PREFETCH, FENCED)
+           PREFETCH)
 
 
 @triton.jit
@@ -523,7 +506,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr,
-                         PREFETCH: tl.constexpr, FENCED: tl.constexpr):
+                         PREFETCH: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -547,5 +530,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, PREFETCH,
-           FENCED)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, PREFETCH)

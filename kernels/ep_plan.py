@@ -90,10 +90,6 @@ class EPPlan:
       receivers load it from the source's region (NVLink loads, software-pipelined like every
       row loop), so the push becomes a local copy and the NVLink transfer is spread over all
       the programs that expand. Either way a row crosses NVLink once per destination rank.
-      2 = the slot metadata too stays in the sender's region (SLOT_*[r] for destination r),
-      so a sender's only remote stores are its block flags.
-    signal_fence: 1 = a sender raises a block's flags in the W ranks with one system-scope
-      fence and plain stores, instead of W release atomics that each wait for the last.
     expand_group: with expand orders 2 and 3, an item of the queue is this many consecutive
       token blocks of one source, expanded as one tile of GROUP x BLOCK_T tokens by BLOCK_H /
       GROUP columns (the same bytes per chunk): fewer items, so fewer per-item waits (the
@@ -135,7 +131,6 @@ class EPPlan:
   combine_pull: int = 0
   expand_group: int = 1
   expand_prefetch: int = 0
-  signal_fence: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -249,7 +244,6 @@ class EPPlan:
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
              PULL=int(self.dispatch_pull), PREFETCH=int(self.expand_prefetch),
-             FENCED=int(self.signal_fence),
              GROUP=self.expand_group if self.expand_order >= 2 else 1)
     if not from_layout:
       e_p = next_pow2(self.num_experts)

@@ -335,48 +335,6 @@ def signal_block(sym_table, rank, world, block_flag_off, max_tokens, blk, seq):
 
 
 @triton.jit
-def signal_block_fenced(sym_table, rank, world, block_flag_off, max_tokens, blk, seq,
-                        GPU: tl.constexpr):
-  """``signal_block`` with one system-scope fence and then plain (relaxed) flag stores from one
-  thread, instead of W release atomics one after another, each of which waits for the one
-  before it to land in its peer. GPU False (the interpreter, no inline PTX): release atomics."""
-  tl.debug_barrier()
-  if GPU:
-    _fence_acq_rel_sys()
-    for r in range(world):
-      flag = sym_ptr(sym_table, r, block_flag_off, tl.int32) + rank * max_tokens + blk
-      _store_relaxed_sys_once(flag, seq)
-  else:
-    for r in range(world):
-      flag = sym_ptr(sym_table, r, block_flag_off, tl.int32) + rank * max_tokens + blk
-      store_release(flag, seq)
-
-
-@triton.jit
-def _fence_acq_rel_sys():
-  """fence.acq_rel.sys in every thread: after a CTA barrier, the CTA's earlier stores are
-  ordered before the thread's later ones for every observer in the system."""
-  tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                            is_pure=False, pack=1)
-
-
-@triton.jit
-def _store_relaxed_sys_once(ptr, value):
-  """``*ptr = value`` (int32, relaxed, system scope) by thread 0 of the CTA only."""
-  tl.inline_asm_elementwise(
-      "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-      "@p st.relaxed.sys.global.b32 [$1], $2; mov.u32 $0, 0; }",
-      "=r,l,r", [ptr, value], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def peer_ptr(sym_table, ptr, rank, peer):
-  """The address ``ptr`` (in this rank's region) has in rank ``peer``'s region."""
-  off = ptr.to(tl.int64, bitcast=True) - tl.load(sym_table + rank)
-  return (tl.load(sym_table + peer) + off).to(ptr.dtype, bitcast=True)
-
-
-@triton.jit
 def wait_block(sym_table, rank, s, block_flag_off, max_tokens, blk, seq, timeout_ns, status_ptr,
                op, USE_TIMER: tl.constexpr):
   """Wait until ``BLOCK_FLAG[s, blk] >= seq`` here: source s's token block blk has arrived."""
