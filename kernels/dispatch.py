@@ -212,7 +212,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                  BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr,
-                 PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr):
+                 PULL: tl.constexpr, GROUP: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
   1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
@@ -267,7 +267,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                            recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns,
                            op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                            BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE, PULL, GROUP, PREFETCH)
+                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE, PULL, GROUP)
     prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
@@ -280,22 +280,19 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
                   ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr,
-                  GROUP: tl.constexpr, PREFETCH: tl.constexpr):
+                  GROUP: tl.constexpr):
   """Take items from the launch's queue until none are left (returns the ns this program
   waited for block flags, PROFILE only). An item is GROUP consecutive token blocks of one
   source (``nb`` below counts such groups). Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
   block-major, the order in which the senders' blocks arrive. ORDER 3: item i is block
-  i // W of source rank + i % W: block-major over every source, this rank first.
-  PREFETCH: take the next item before expanding this one (the atomic's latency overlaps it)."""
+  i // W of source rank + i % W: block-major over every source, this rank first."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
   n_items = nb * world
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
   while item < n_items:
-    if PREFETCH:
-      nxt = take_item(sym_table, rank)
     if ORDER == 3:
       blk = item // world
       s = (rank + item % world) % world
@@ -311,10 +308,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, r
                            timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                            CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
                            STAGES, EXPAND_LEVELS, USE_TIMER, PROFILE, PULL, GROUP)
-    if PREFETCH:
-      item = nxt
-    else:
-      item = take_item(sym_table, rank)
+    item = take_item(sym_table, rank)
   return waited
 
 
@@ -385,7 +379,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr):
+           PULL: tl.constexpr, GROUP: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -417,14 +411,14 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
-                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP, PREFETCH)
+                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
-                   True, ORDER, prof_id, PROFILE, PULL, GROUP, PREFETCH)
+                   True, ORDER, prof_id, PROFILE, PULL, GROUP)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -445,7 +439,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PULL: tl.constexpr, GROUP: tl.constexpr, PREFETCH: tl.constexpr):
+                    PULL: tl.constexpr, GROUP: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -487,8 +481,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP,
-           PREFETCH)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP)
 
 
 @triton.jit
@@ -505,8 +498,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -530,4 +522,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, PREFETCH)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP)

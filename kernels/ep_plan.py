@@ -94,8 +94,6 @@ class EPPlan:
       token blocks of one source, expanded as one tile of GROUP x BLOCK_T tokens by BLOCK_H /
       GROUP columns (the same bytes per chunk): fewer items, so fewer per-item waits (the
       queue's atomic, the flags, the slot metadata, the pipeline's fill) per byte.
-    expand_prefetch: 1 = with the queue, a program takes its next item before expanding the
-      current one, so the atomic's latency overlaps the expansion.
     combine_pull: 0 (default) = the expert rank stores each partial row into the owner's
       region; 1 = it stores it into its own region (ROWS[owner], marks for every token of the
       item) and the owner's reducers load the W partial rows of a token over NVLink.
@@ -130,7 +128,6 @@ class EPPlan:
   dispatch_pull: int = 0
   combine_pull: int = 0
   expand_group: int = 1
-  expand_prefetch: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -243,7 +240,7 @@ class EPPlan:
              EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
-             PULL=int(self.dispatch_pull), PREFETCH=int(self.expand_prefetch),
+             PULL=int(self.dispatch_pull),
              GROUP=self.expand_group if self.expand_order >= 2 else 1)
     if not from_layout:
       e_p = next_pow2(self.num_experts)

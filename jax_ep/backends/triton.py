@@ -143,8 +143,6 @@ _KNOBS = (
      "0 (expert ranks store partial rows into the owner) or 1 (the owner loads them)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
-    ("expand_prefetch", "JAX_EP_EXPAND_PREFETCH", _int_in(0, 1),
-     "0 or 1 (take the next queue item before expanding the current one)"),
 )
 
 

@@ -269,18 +269,17 @@ def test_pull_modes_match_xla(dpull, cpull, case, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=71 + dpull + 2 * cpull, repeats=3)
 
 
-@pytest.mark.parametrize("group,prefetch,pull", [(2, 1, 1), (4, 0, 0), (2, 0, 1)])
-def test_expand_groups_match_xla(group, prefetch, pull, peer_world, monkeypatch):
-  """Expansion queue items of several token blocks (JAX_EP_EXPAND_GROUP), the next item taken
-  early (JAX_EP_EXPAND_PREFETCH), with rows pushed or pulled: xla's results."""
+@pytest.mark.parametrize("group,pull", [(2, 1), (4, 0), (1, 1)])
+def test_expand_groups_match_xla(group, pull, peer_world, monkeypatch):
+  """Expansion queue items of several token blocks (JAX_EP_EXPAND_GROUP) or one, with rows
+  pushed or pulled: xla's results."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", str(group))
-  monkeypatch.setenv("JAX_EP_EXPAND_PREFETCH", str(prefetch))
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
   case = (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")
   if group == 4:  # 1000 tokens: the last item holds fewer blocks
     case = (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")
-  compare_case(case, mesh, world, _put(mesh), seed=83 + group + prefetch, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=83 + group, repeats=3)
 
 
 def test_many_steps_in_one_program(peer_world):
