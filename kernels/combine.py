@@ -83,10 +83,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
-                  QUEUE: tl.constexpr, PULL: tl.constexpr):
-  """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS
-  (PULL: into ROWS[owner] of this rank's region, with a mark for every token of the item,
-  seq or 0, which the owner's reducers then load over NVLink).
+                  QUEUE: tl.constexpr):
+  """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
@@ -109,18 +107,12 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
     present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
     cnt = tl.sum(present.to(tl.int32), axis=1)
     jmax = tl.max(cnt, axis=0)
-    have = cnt > 0
-    if PULL:  # this rank's region, ROWS[s] / ROW_MARK[s]; every token's mark, rows or not
-      region = rank
-      row0 = s * MAX_TOKENS
-    else:     # the owner's region, ROWS[me] / ROW_MARK[me]; marks of the rows sent
-      region = s
-      row0 = rank * MAX_TOKENS
     if jmax > 0:
       rnk = present_rank(present, k, TOPK_P)
       wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
-      dst = (sym_ptr(sym_table, region, ROWS_OFF, dtype)
-             + (row0 + t)[:, None].to(tl.int64) * HIDDEN)
+      have = cnt > 0
+      dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
+             + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
       # Two versions of the chunk loop, each with a static level count so Triton can
       # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
       # token of the block has more rows here.
@@ -130,10 +122,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       else:
         _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
                      STAGES, TOPK)
-    mark = sym_ptr(sym_table, region, ROW_MARK_OFF, tl.int32) + row0 + t
-    if PULL:
-      tl.store(mark, tl.where(have, seq, 0), mask=tmask)
-    elif jmax > 0:
+      mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
@@ -159,14 +148,13 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
-                    PULL: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
   pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   for blk in range(pid, num_blocks, num_programs):
     _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, PULL)
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
 
 
 @triton.jit
@@ -175,7 +163,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PROFILE: tl.constexpr, PULL: tl.constexpr):
+                  PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
   soon as its own push is over, while other programs still push. Returns the ns waited for
@@ -193,7 +181,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
     waited += _now(PROFILE) - t0
     if ok:
       _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, PULL)
+                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
       blk = take_item(sym_table, rank)
   return waited
 
@@ -202,26 +190,19 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
 def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
                   MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr):
-  """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq
-  (ROWS[r] here, or PULL: ROWS[me] of rank r's region, over NVLink)."""
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
+  """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
+  marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
   h = tl.arange(0, BLOCK_HR)
   r = tl.arange(0, W_P)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
   m2 = (r < world)[:, None] & tmask[None, :]
-  if PULL:
-    bases = tl.load(sym_table + r, mask=r < world, other=0)
-    marks = (bases + ROW_MARK_OFF).to(tl.pointer_type(tl.int32))
-    got = tl.load(marks[:, None] + rank * MAX_TOKENS + t[None, :], mask=m2, other=0,
-                  cache_modifier=".cg")
-  else:
-    marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
-    got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
-                  cache_modifier=".cg")
+  got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
+                cache_modifier=".cg")
   got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
   for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
     cols = h0 + h
@@ -229,12 +210,8 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
     for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
       g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
-      if PULL:
-        src = (sym_ptr(sym_table, rr % world, ROWS_OFF, dtype)
-               + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
-      else:
-        src = rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      v = tl.load(tl.multiple_of(src + cols[None, :], [A, A]),
+      v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+                                 + cols[None, :], [A, A]),
                   mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
       acc += v.to(tl.float32)
     tl.store(out_ptr + t[:, None].to(tl.int64) * HIDDEN + cols[None, :], acc.to(dtype),
@@ -252,8 +229,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
-                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr,
-                   PULL: tl.constexpr):
+                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -270,10 +246,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     if QUEUE and (PHASE == 0 or PHASE == 2):  # this op's DONE flags start from 0
       zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0,
                world * ((NUM_TOKENS + BLOCK_T - 1) // BLOCK_T), 1024)
-    # Push: zero this rank's marks, which the peers write. PULL: this rank writes every mark
-    # of its region after GO, and the peers may still be reading the last op's before it.
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
-                   USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, 0 if PULL else NUM_TOKENS)
+                   USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
   st = status_ptr + 1 + pid
   if PHASE == 0 or PHASE >= 4:
     if PHASE != 5:  # phase 5 continues phase 4's programs: keep their status
@@ -286,7 +260,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
-                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, PULL)
+                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
@@ -294,7 +268,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
                                  BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
-                                 PROFILE, PULL)
+                                 PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
@@ -303,7 +277,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           if ok:
             _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
                             NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
-                            BLOCK_T, BLOCK_HR, STAGES, PULL)
+                            BLOCK_T, BLOCK_HR, STAGES)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

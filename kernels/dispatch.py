@@ -1,5 +1,11 @@
 """Dispatch kernels: each token row crosses NVLink once per destination; receivers expand it.
 
+Pull mode (``EPPlan.dispatch_pull``, the default): a sender copies each token row that another
+rank keeps once into ROWS[me] of its *own* region, and the receivers load it from there over
+NVLink while they expand it, so the NVLink transfer is spread over every expanding program
+instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
+where it differs: the sender stores the row into ROWS[me] of every rank that keeps it.
+
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
 columns of the histograms; program 0 (the leader, ``kernels/layout.py``) exchanges the counts
@@ -13,9 +19,10 @@ work.
     BLOCK_T x K, no atomics) added to ``base[b, g] + base[NB + 2, g]`` gives the slot's row
     on its destination; rows >= C are dropped (-1). For every rank r it stores
     SLOT_POS[me, t, :] (row or -1) and SLOT_VAL[me, t, :] (weights) into r's region, and
-    copies x[t] into ROWS[me, t] of every *other* rank that keeps one of t's slots (16-byte
-    stores of [BLOCK_T, BLOCK_H] tiles): a token row crosses NVLink at most once per
-    destination; tokens that select nothing, or only this rank, send nothing. Then
+    copies x[t] into ROWS[me, t] of its own region (push: of every *other* rank that keeps one
+    of t's slots; 16-byte stores of [BLOCK_T, BLOCK_H] tiles) when another rank keeps one of
+    t's slots: a token row crosses NVLink at most once per destination; tokens that select
+    nothing, or only this rank, send nothing. Then
     BLOCK_FLAG[me, block] = seq in every rank (release, system scope), so receivers start on a
     block as soon as it is there.
     Traffic: reads x once per block, writes one row (H x itemsize) per (token, remote
@@ -25,8 +32,10 @@ work.
     First zero the rows outside the expert groups (and their weights): nothing to wait for.
     Then this rank's own blocks (rows read straight from x), then block by block the other
     sources', each after its BLOCK_FLAG: load SLOT_POS / SLOT_VAL once, write recv_pos and
-    recv_weights, and per row chunk load the staged rows once and store them to their up to K
-    rows (the K row indices are taken from the loaded tile in registers, not reloaded).
+    recv_weights, and per row chunk load the staged rows once (from ROWS[s] of the source s's
+    region; push: of this rank's) and store them to their up to K rows (the K row indices are
+    taken from the loaded tile in registers, not reloaded). With the queue (orders 2, 3) an
+    item is ``EPPlan.expand_group`` consecutive blocks of one source, one tile.
     Traffic: reads one row per (source, token) received, writes C rows of H.
     Expand order 2 (``EPPlan.expand_order``): no static share; every program (the receivers
     after their zero fill, the senders after their push) takes (source, block) items from one

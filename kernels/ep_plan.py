@@ -84,19 +84,24 @@ class EPPlan:
       (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
-    dispatch_pull: 0 (default) = senders store each token row into ROWS[me] of every remote
-      rank that keeps one of its slots (NVLink stores), receivers expand from their own region;
-      1 = senders copy the row once into ROWS[me] of their own region (local) and the
-      receivers load it from the source's region (NVLink loads, software-pipelined like every
-      row loop), so the push becomes a local copy and the NVLink transfer is spread over all
-      the programs that expand. Either way a row crosses NVLink once per destination rank.
+    dispatch_pull: 1 (default) = senders copy each token row that some other rank keeps once
+      into ROWS[me] of their own region (a local copy) and the receivers load it from the
+      source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
+      transfer is spread over every program that expands; 0 = senders store the row into
+      ROWS[me] of every remote rank that keeps one of its slots (NVLink stores) and receivers
+      expand from their own region. Either way a row crosses NVLink once per destination.
+      4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
+      (06:19, 06:20), 0.754 vs 0.875 ms (06:24). (Pulling the slot metadata too, and raising
+      the block flags after one system fence instead of W release atomics, gave nothing:
+      0.748-0.755 ms, 06:33, since reverted. Combine's partial rows pulled by the owners
+      instead of pushed were slower: 1.17-1.21 vs 0.84 ms, 06:19, since removed.)
     expand_group: with expand orders 2 and 3, an item of the queue is this many consecutive
       token blocks of one source, expanded as one tile of GROUP x BLOCK_T tokens by BLOCK_H /
       GROUP columns (the same bytes per chunk): fewer items, so fewer per-item waits (the
-      queue's atomic, the flags, the slot metadata, the pipeline's fill) per byte.
-    combine_pull: 0 (default) = the expert rank stores each partial row into the owner's
-      region; 1 = it stores it into its own region (ROWS[owner], marks for every token of the
-      item) and the owner's reducers load the W partial rows of a token over NVLink.
+      queue's atomic, the flags, the slot metadata, the pipeline's fill) per byte. Pull, 4x
+      H200 as above: 4 blocks 0.749 / 0.746 ms, 2 blocks 0.761 ms, 1 block 0.790 / 0.823 ms,
+      8 blocks 0.765 ms (06:24, 06:25); push: 0.807 ms with 2 vs 0.875 ms with 1 (06:24).
+      (Taking the next item before expanding the current one gave nothing, since removed.)
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -125,9 +130,8 @@ class EPPlan:
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
   combine_wide: int = 1
-  dispatch_pull: int = 0
-  combine_pull: int = 0
-  expand_group: int = 1
+  dispatch_pull: int = 1
+  expand_group: int = 4
 
   @property
   def region(self) -> RegionSpec:
@@ -318,7 +322,7 @@ class EPPlan:
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=int(self.combine_queue), PULL=int(self.combine_pull), PHASE=phase)}
+        QUEUE=int(self.combine_queue), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

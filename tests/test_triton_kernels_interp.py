@@ -350,18 +350,18 @@ def test_dispatch_combine_against_numpy(case, interp):
   for r in range(world):
     np.testing.assert_array_equal(rows[r].view(np.uint8), want_rows[r]["recv_x"].view(np.uint8))
 
-  # Pull mode (receivers / owners load rows from the source's region): the same bits for
-  # every op, run twice in one world (the second time over the first one's marks and rows).
-  pull = SimWorld(dataclasses.replace(plan, dispatch_pull=1, combine_pull=1))
+  # Push mode (senders store rows into the peers; the default pulls): the same bits for
+  # every op, run twice in one world (the second time over the first one's rows and flags).
+  push = SimWorld(dataclasses.replace(plan, dispatch_pull=0, expand_group=1))
   for _ in range(2):
-    got_p = pull.dispatch(xs, idxs, ws)
+    got_p = push.dispatch(xs, idxs, ws)
     for r in range(world):
       assert not got_p[r]["status"].a.any(), got_p[r]["status"].a
       for name in ("recv_pos", "recv_w", "recv_x", "gs", "go"):
         np.testing.assert_array_equal(got_p[r][name].a.view(np.uint8),
                                       got[r][name].a.view(np.uint8))
-    out_p = pull.combine(ys, row_ws, recv_pos)
-    rows_p = pull.dispatch_rows(douts, idxs, recv_pos, gos, gss)
+    out_p = push.combine(ys, row_ws, recv_pos)
+    rows_p = push.dispatch_rows(douts, idxs, recv_pos, gos, gss)
     for r in range(world):
       np.testing.assert_array_equal(out_p[r].view(np.uint8), out1[r].view(np.uint8))
       np.testing.assert_array_equal(rows_p[r].view(np.uint8), rows[r].view(np.uint8))

@@ -139,8 +139,6 @@ _KNOBS = (
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 1),
      "0 (senders store rows into the peers) or 1 (receivers load them from the source)"),
-    ("combine_pull", "JAX_EP_COMBINE_PULL", _int_in(0, 1),
-     "0 (expert ranks store partial rows into the owner) or 1 (the owner loads them)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
 )
@@ -183,7 +181,7 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
                    plan.num_senders, plan.expand_order, plan.receiver_blocks,
-                   plan.dispatch_pull, plan.combine_pull, plan.expand_group,
+                   plan.dispatch_pull, plan.expand_group,
                    jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
