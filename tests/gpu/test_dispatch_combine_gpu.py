@@ -251,22 +251,21 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, peer_wo
   compare_case(case, mesh, world, _put(mesh), seed=47 + stages + 10 * wide, repeats=3)
 
 
-@pytest.mark.parametrize("dpull,cpull,case", [
-    (1, 1, (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")),
-    (1, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (0, 1, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (1, 1, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
-    (1, 1, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16")),
-    (1, 1, (1, 128, 64, 4, None, 1, "uniform", "bfloat16"))],
+@pytest.mark.parametrize("dpull,case", [
+    (1, (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")),
+    (1, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
+    (1, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16")),
+    (1, (1, 128, 64, 4, None, 1, "uniform", "bfloat16"))],
     ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
-def test_pull_modes_match_xla(dpull, cpull, case, peer_world, monkeypatch):
-  """Rows loaded by the receivers (JAX_EP_DISPATCH_PULL=1) and partial rows loaded by the
-  token owners (JAX_EP_COMBINE_PULL=1) instead of stored into the peers: xla's results, bit
-  for bit for dispatch, gradients included, over repeated calls."""
+def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
+  """Rows loaded by the receivers (JAX_EP_DISPATCH_PULL=1, the default) or stored into the
+  peers by the senders (0): xla's results, bit for bit for dispatch, gradients included, over
+  repeated calls."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(dpull))
-  monkeypatch.setenv("JAX_EP_COMBINE_PULL", str(cpull))
-  compare_case(case, mesh, world, _put(mesh), seed=71 + dpull + 2 * cpull, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=71 + dpull, repeats=3)
 
 
 @pytest.mark.parametrize("group,pull", [(2, 1), (4, 0), (1, 1)])
