@@ -221,11 +221,12 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                  BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr,
-                 PULL: tl.constexpr, GROUP: tl.constexpr):
+                 PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
   1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
-     overlaps their pushes.
+     overlaps their pushes. ZERO_QUEUE (orders 2, 3): not here; the zero rows are items of the
+     queue instead, spread among the expansion items (``_zero_item``).
   2. ORDER 0: this rank's own blocks pid, pid + num_programs, ... (rows from x), then the same
      blocks of every other source s = rank + 1, ... (mod W), block-major. ORDER 1: block-major
      over all sources, own first in each block (no program waits for its own senders while
@@ -235,7 +236,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
   """
   dtype = recv_x_ptr.dtype.element_ty
   h = tl.arange(0, BLOCK_H)
-  if ZERO_FILL:  # 1. Zeros for every row outside the groups [go[e], go[e] + gs[e]).
+  if ZERO_FILL and not ZERO_QUEUE:  # 1. Zeros for every row outside the groups.
     el = tl.arange(0, EL_P)
     go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
     ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
@@ -272,53 +273,117 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
   else:
     # 2c. Work queue over (source, block) items, shared by every program of the launch.
     #     Profiled: slot P_SELF holds start + the ns this program waited for block flags.
-    waited = _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
-                           recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns,
-                           op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                           BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES,
-                           EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE, PULL, GROUP)
+    waited = _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_ptr,
+                           recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, world, seq,
+                           timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                           E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META,
+                           BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE,
+                           PULL, GROUP, ZERO_QUEUE)
     prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
 @triton.jit
-def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr,
-                  status_ptr, sym_table, rank, world, seq, timeout_ns, op,
+def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr,
+                  recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, E_LOCAL: tl.constexpr,
+                  EL_P: tl.constexpr, CAPACITY: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr,
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
                   ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr,
-                  GROUP: tl.constexpr):
+                  GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
   """Take items from the launch's queue until none are left (returns the ns this program
   waited for block flags, PROFILE only). An item is GROUP consecutive token blocks of one
   source (``nb`` below counts such groups). Items 0 .. NB-1 are this rank's
   own blocks (rows from x; they still wait for their BLOCK_FLAG, as this rank's senders write
   the block's SLOT_POS); then item NB + j is block j // (W-1) of source rank + 1 + j % (W-1):
   block-major, the order in which the senders' blocks arrive. ORDER 3: item i is block
-  i // W of source rank + i % W: block-major over every source, this rank first."""
+  i // W of source rank + i % W: block-major over every source, this rank first.
+  ZERO_QUEUE: the queue also holds the zero-fill items (``_zero_item``), spread evenly among
+  the expansion items (queue item i is zero item Z(i) when Z(i + 1) > Z(i), Z(i) =
+  floor(i * n_zero / total); else expansion item i - Z(i)), so the programs write zeros while
+  their NVLink loads are in flight instead of before the first of them."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
-  n_items = nb * world
+  ZR: tl.constexpr = BLOCK_T * GROUP
+  n_exp = nb * world
+  n_zero = tl.full([], 0, tl.int32)
+  if ZERO_QUEUE:
+    el = tl.arange(0, EL_P)
+    n_rows = CAPACITY - tl.sum(tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0,
+                                       cache_modifier=".cg"), axis=0)
+    n_zero = (n_rows + ZR - 1) // ZR
+  total = n_exp + n_zero
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
-  while item < n_items:
-    if ORDER == 3:
-      blk = item // world
-      s = (rank + item % world) % world
-    elif item < nb:
-      blk = item
-      s = rank
+  while item < total:
+    z = (item * n_zero) // total
+    if ZERO_QUEUE and ((item + 1) * n_zero) // total > z:
+      _zero_item(z, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr, HIDDEN, E_LOCAL, EL_P, CAPACITY,
+                 WITH_META, ZR, BLOCK_H // GROUP)
     else:
-      j = item - nb
-      blk = j // (world - 1)
-      s = (rank + 1 + j % (world - 1)) % world
-    waited += _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                           recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq,
-                           timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                           CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H,
-                           STAGES, EXPAND_LEVELS, USE_TIMER, PROFILE, PULL, GROUP)
+      waited += _expand_queue_item(item - z, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+                                   recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
+                                   world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
+                                   HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
+                                   WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS,
+                                   USE_TIMER, ORDER, PROFILE, PULL, GROUP)
     item = take_item(sym_table, rank)
   return waited
+
+
+@triton.jit
+def _zero_item(z, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr, HIDDEN: tl.constexpr,
+               E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
+               WITH_META: tl.constexpr, ZR: tl.constexpr, BH: tl.constexpr):
+  """Zero rows j in [z * ZR, z * ZR + ZR) of the rows outside the groups, counted in order
+  (and their weights): zero row j is row j + (rows of the groups before it), where a group e
+  comes before zero row j when go[e] - (rows of the groups before e) <= j."""
+  el = tl.arange(0, EL_P)
+  em = el < E_LOCAL
+  go = tl.load(go_ptr + el, mask=em, other=CAPACITY, cache_modifier=".cg")
+  gs = tl.load(gs_ptr + el, mask=em, other=0, cache_modifier=".cg")
+  start = go - (tl.cumsum(gs, axis=0) - gs)      # zero rows before group e starts
+  j = z * ZR + tl.arange(0, ZR)
+  ok = j < CAPACITY - tl.sum(gs, axis=0)
+  row = j + tl.sum(tl.where(start[None, :] <= j[:, None], gs[None, :], 0), axis=1)
+  if WITH_META:
+    tl.store(recv_w_ptr + row, tl.zeros([ZR], tl.float32), mask=ok)
+  h = tl.arange(0, BH)
+  for h0 in range(0, HIDDEN, BH):
+    hmask = (h0 + h) < HIDDEN
+    tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
+             tl.zeros([ZR, BH], recv_x_ptr.dtype.element_ty), mask=ok[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _expand_queue_item(item, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                       recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
+                       NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
+                       HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                       CAPACITY: tl.constexpr, BLOCK_FLAG_OFF: tl.constexpr,
+                       ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
+                       EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
+                       ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr,
+                       GROUP: tl.constexpr):
+  """Expansion item ``item`` of the queue (see ``_expand_queue``); returns the ns waited."""
+  nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
+  if ORDER == 3:
+    blk = item // world
+    s = (rank + item % world) % world
+  elif item < nb:
+    blk = item
+    s = rank
+  else:
+    j = item - nb
+    blk = j // (world - 1)
+    s = (rank + 1 + j % (world - 1)) % world
+  return _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+                      recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
+                      NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
+                      ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER,
+                      PROFILE, PULL, GROUP)
 
 
 @triton.jit
@@ -388,7 +453,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           PULL: tl.constexpr, GROUP: tl.constexpr):
+           PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -420,14 +485,14 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
-                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP)
+                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
-                   True, ORDER, prof_id, PROFILE, PULL, GROUP)
+                   True, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
@@ -448,7 +513,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PULL: tl.constexpr, GROUP: tl.constexpr):
+                    PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -490,7 +555,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            world, epoch, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
-           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP)
+           EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP,
+           ZERO_QUEUE)
 
 
 @triton.jit
@@ -507,7 +573,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
-                         RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr):
+                         RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr,
+                         ZERO_QUEUE: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -531,4 +598,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, ZERO_QUEUE)

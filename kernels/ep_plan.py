@@ -102,6 +102,11 @@ class EPPlan:
       H200 as above: 4 blocks 0.749 / 0.746 ms, 2 blocks 0.761 ms, 1 block 0.790 / 0.823 ms,
       8 blocks 0.765 ms (06:24, 06:25); push: 0.807 ms with 2 vs 0.875 ms with 1 (06:24).
       (Taking the next item before expanding the current one gave nothing, since removed.)
+    zero_queue: 1 = with expand orders 2 and 3, the zeros for the rows outside the groups are
+      items of the queue (GROUP x BLOCK_T zero rows each), spread evenly among the expansion
+      items, instead of the receivers' first step: in pull mode nothing crosses NVLink while
+      the receivers zero-fill (~140 us of the 4x H200 profile), and spread out the zeros
+      overlap the NVLink loads. Opt-in; not yet timed on a GPU.
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -132,6 +137,7 @@ class EPPlan:
   combine_wide: int = 1
   dispatch_pull: int = 1
   expand_group: int = 4
+  zero_queue: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -245,7 +251,8 @@ class EPPlan:
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
              PULL=int(self.dispatch_pull),
-             GROUP=self.expand_group if self.expand_order >= 2 else 1)
+             GROUP=self.expand_group if self.expand_order >= 2 else 1,
+             ZERO_QUEUE=int(self.zero_queue) if self.expand_order >= 2 else 0)
     if not from_layout:
       e_p = next_pow2(self.num_experts)
       programs = self.num_senders + self.num_receivers

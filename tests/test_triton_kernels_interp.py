@@ -353,15 +353,18 @@ def test_dispatch_combine_against_numpy(case, interp):
   # Push mode (senders store rows into the peers; the default pulls): the same bits for
   # every op, run twice in one world (the second time over the first one's rows and flags).
   push = SimWorld(dataclasses.replace(plan, dispatch_pull=0, expand_group=1))
-  for _ in range(2):
-    got_p = push.dispatch(xs, idxs, ws)
+  # Zero-fill items in the expansion queue (zero_queue=1): the same bits, gaps between
+  # aligned groups and dropped rows included.
+  zq = SimWorld(dataclasses.replace(plan, zero_queue=1))
+  for sim_v in (push, push, zq):
+    got_p = sim_v.dispatch(xs, idxs, ws)
     for r in range(world):
       assert not got_p[r]["status"].a.any(), got_p[r]["status"].a
       for name in ("recv_pos", "recv_w", "recv_x", "gs", "go"):
         np.testing.assert_array_equal(got_p[r][name].a.view(np.uint8),
                                       got[r][name].a.view(np.uint8))
-    out_p = push.combine(ys, row_ws, recv_pos)
-    rows_p = push.dispatch_rows(douts, idxs, recv_pos, gos, gss)
+    out_p = sim_v.combine(ys, row_ws, recv_pos)
+    rows_p = sim_v.dispatch_rows(douts, idxs, recv_pos, gos, gss)
     for r in range(world):
       np.testing.assert_array_equal(out_p[r].view(np.uint8), out1[r].view(np.uint8))
       np.testing.assert_array_equal(rows_p[r].view(np.uint8), rows[r].view(np.uint8))
@@ -389,26 +392,29 @@ def _senders_expand_first(phases):
   return out
 
 
-@pytest.mark.parametrize("order,share,reorder,levels,pull,group", [
-    (1, 1.0, None, 0, 0, 1), (0, 1.0, None, 0, 0, 1), (0, 0.5, None, 1, 0, 1),
-    (1, 0.25, None, 0, 0, 1), (2, 0.6, None, 2, 0, 1), (2, 1.0, _senders_expand_first, 0, 0, 1),
-    (3, 1.0, None, 0, 0, 1), (3, 1.0, _senders_expand_first, 1, 0, 1), (0, 0.5, None, 1, 1, 1),
-    (3, 1.0, _senders_expand_first, 0, 1, 1), (3, 1.0, None, 0, 1, 2),
-    (2, 1.0, _senders_expand_first, 1, 0, 4)])
-def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, interp):
+@pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [
+    (1, 1.0, None, 0, 0, 1, 0), (0, 1.0, None, 0, 0, 1, 0), (0, 0.5, None, 1, 0, 1, 0),
+    (1, 0.25, None, 0, 0, 1, 0), (2, 0.6, None, 2, 0, 1, 0),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 0), (3, 1.0, None, 0, 0, 1, 0),
+    (3, 1.0, _senders_expand_first, 1, 0, 1, 0), (0, 0.5, None, 1, 1, 1, 0),
+    (3, 1.0, _senders_expand_first, 0, 1, 1, 0), (3, 1.0, None, 0, 1, 2, 0),
+    (2, 1.0, _senders_expand_first, 1, 0, 4, 0), (3, 1.0, None, 0, 1, 4, 1),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 1)])
+def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq,
+                                       interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
   levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
-  the source's region; expand_group: queue items of several blocks, the last one short)
-  give the same bits."""
+  the source's region; expand_group: queue items of several blocks, the last one short;
+  zero_queue: the zero rows as queue items among them) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
                 expand_order=order, receiver_share=share, expand_levels=levels,
-                dispatch_pull=pull, expand_group=group)
+                dispatch_pull=pull, expand_group=group, zero_queue=zq)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
@@ -421,6 +427,9 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
     for r in range(world):
       queue = sim.regions[r][ep_sync.QUEUE_OFF:ep_sync.QUEUE_OFF + 4].view(np.int32)[0]
       items = -(-plan.kernel_blocks // group) * world
+      if zq:  # + the zero-fill items: GROUP x BLOCK_T rows outside the groups each
+        zr = plan.block_t * group
+        items += -(-(capacity - int(got[r]["gs"].a.sum())) // zr)
       assert queue == items + ns + nr, (queue, plan.kernel_blocks, group, ns, nr)
   for r in range(world):
     assert not got[r]["status"].a.any(), got[r]["status"].a

@@ -141,6 +141,8 @@ _KNOBS = (
      "0 (senders store rows into the peers) or 1 (receivers load them from the source)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
+    ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 1),
+     "0 (receivers zero-fill first) or 1 (zero-fill items spread through the queue)"),
 )
 
 
@@ -181,7 +183,7 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
                    plan.num_senders, plan.expand_order, plan.receiver_blocks,
-                   plan.dispatch_pull, plan.expand_group,
+                   plan.dispatch_pull, plan.expand_group, plan.zero_queue,
                    jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 

@@ -268,17 +268,19 @@ def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=71 + dpull, repeats=3)
 
 
-@pytest.mark.parametrize("group,pull", [(2, 1), (4, 0), (1, 1)])
-def test_expand_groups_match_xla(group, pull, peer_world, monkeypatch):
+@pytest.mark.parametrize("group,pull,zq", [(2, 1, 0), (4, 0, 0), (1, 1, 0), (4, 1, 1),
+                                          (1, 0, 1)])
+def test_expand_groups_match_xla(group, pull, zq, peer_world, monkeypatch):
   """Expansion queue items of several token blocks (JAX_EP_EXPAND_GROUP) or one, with rows
-  pushed or pulled: xla's results."""
+  pushed or pulled, the zero rows as queue items or not (JAX_EP_ZERO_QUEUE): xla's results."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", str(group))
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
+  monkeypatch.setenv("JAX_EP_ZERO_QUEUE", str(zq))
   case = (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")
   if group == 4:  # 1000 tokens: the last item holds fewer blocks
     case = (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")
-  compare_case(case, mesh, world, _put(mesh), seed=83 + group, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=83 + group + 5 * zq, repeats=3)
 
 
 def test_many_steps_in_one_program(peer_world):
