@@ -317,8 +317,8 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
   while item < total:
-    z = (item * n_zero) // total
-    if ZERO_QUEUE and ((item + 1) * n_zero) // total > z:
+    z = ((item.to(tl.int64) * n_zero) // total).to(tl.int32)  # (int64: no overflow)
+    if ZERO_QUEUE and (((item + 1).to(tl.int64) * n_zero) // total) > z:
       _zero_item(z, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr, HIDDEN, E_LOCAL, EL_P, CAPACITY,
                  WITH_META, ZR, BLOCK_H // GROUP)
     else:
