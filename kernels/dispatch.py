@@ -118,10 +118,10 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
     # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
     remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
     if tl.max(remote.to(tl.int32), axis=0) > 0:
-      A: tl.constexpr = row_align(HIDDEN, dtype)
       src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
       dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
       if PULL:
+        A: tl.constexpr = row_align(HIDDEN, dtype)
         dst = sym_ptr(sym_table, rank, ROWS_OFF, dtype) + dst_row
         for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, pipelined
           hmask = (h0 + h) < HIDDEN
@@ -308,10 +308,12 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   ZR: tl.constexpr = BLOCK_T * GROUP
   n_exp = nb * world
   n_zero = tl.full([], 0, tl.int32)
-  if ZERO_QUEUE:
+  if ZERO_QUEUE:  # the layout's groups, loaded once for every zero item of this program
     el = tl.arange(0, EL_P)
-    n_rows = CAPACITY - tl.sum(tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0,
-                                       cache_modifier=".cg"), axis=0)
+    go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=CAPACITY, cache_modifier=".cg")
+    gs = tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
+    start = go - (tl.cumsum(gs, axis=0) - gs)      # zero rows before group e starts
+    n_rows = CAPACITY - tl.sum(gs, axis=0)         # rows outside every group
     n_zero = (n_rows + ZR - 1) // ZR
   total = n_exp + n_zero
   item = take_item(sym_table, rank)
@@ -319,8 +321,8 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   while item < total:
     z = ((item.to(tl.int64) * n_zero) // total).to(tl.int32)  # (int64: no overflow)
     if ZERO_QUEUE and (((item + 1).to(tl.int64) * n_zero) // total) > z:
-      _zero_item(z, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr, HIDDEN, E_LOCAL, EL_P, CAPACITY,
-                 WITH_META, ZR, BLOCK_H // GROUP)
+      _zero_item(z, start, gs, n_rows, recv_x_ptr, recv_w_ptr, HIDDEN, WITH_META, ZR,
+                 BLOCK_H // GROUP)
     else:
       waited += _expand_queue_item(item - z, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
@@ -333,19 +335,14 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
 
 
 @triton.jit
-def _zero_item(z, go_ptr, gs_ptr, recv_x_ptr, recv_w_ptr, HIDDEN: tl.constexpr,
-               E_LOCAL: tl.constexpr, EL_P: tl.constexpr, CAPACITY: tl.constexpr,
+def _zero_item(z, start, gs, n_rows, recv_x_ptr, recv_w_ptr, HIDDEN: tl.constexpr,
                WITH_META: tl.constexpr, ZR: tl.constexpr, BH: tl.constexpr):
-  """Zero rows j in [z * ZR, z * ZR + ZR) of the rows outside the groups, counted in order
-  (and their weights): zero row j is row j + (rows of the groups before it), where a group e
-  comes before zero row j when go[e] - (rows of the groups before e) <= j."""
-  el = tl.arange(0, EL_P)
-  em = el < E_LOCAL
-  go = tl.load(go_ptr + el, mask=em, other=CAPACITY, cache_modifier=".cg")
-  gs = tl.load(gs_ptr + el, mask=em, other=0, cache_modifier=".cg")
-  start = go - (tl.cumsum(gs, axis=0) - gs)      # zero rows before group e starts
+  """Zero rows j in [z * ZR, z * ZR + ZR) of the ``n_rows`` rows outside the groups, counted
+  in order (and their weights): zero row j is row j + (rows of the groups before it), where
+  group e (``gs[e]`` rows) comes before zero row j when ``start[e]`` (the zero rows before
+  group e starts) <= j."""
   j = z * ZR + tl.arange(0, ZR)
-  ok = j < CAPACITY - tl.sum(gs, axis=0)
+  ok = j < n_rows
   row = j + tl.sum(tl.where(start[None, :] <= j[:, None], gs[None, :], 0), axis=1)
   if WITH_META:
     tl.store(recv_w_ptr + row, tl.zeros([ZR], tl.float32), mask=ok)
