@@ -353,9 +353,10 @@ def test_dispatch_combine_against_numpy(case, interp):
   # Push mode (senders store rows into the peers; the default pulls): the same bits for
   # every op, run twice in one world (the second time over the first one's rows and flags).
   push = SimWorld(dataclasses.replace(plan, dispatch_pull=0, expand_group=1))
-  # Zero-fill items in the expansion queue (zero_queue=1): the same bits, gaps between
-  # aligned groups and dropped rows included.
-  zq = SimWorld(dataclasses.replace(plan, zero_queue=1))
+  # The receivers' zero fill as their first step (zero_queue=0; the default spreads it
+  # through the expansion queue): the same bits, gaps between aligned groups and dropped rows
+  # included.
+  zq = SimWorld(dataclasses.replace(plan, zero_queue=0))
   for sim_v in (push, push, zq):
     got_p = sim_v.dispatch(xs, idxs, ws)
     for r in range(world):
