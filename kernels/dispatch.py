@@ -76,6 +76,56 @@ def _in_block_rank(g, BLOCK_T: tl.constexpr, TOPK_P: tl.constexpr):
 
 
 @triton.jit
+def _block_slots(blk, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank, world,
+                 NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, TOPK: tl.constexpr,
+                 TOPK_P: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_LOCAL: tl.constexpr,
+                 CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
+                 SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr, BLOCK_T: tl.constexpr):
+  """Token block ``blk``'s slots: with COMPUTE_POS their rows on the destinations (stored as
+  SLOT_POS / SLOT_VAL into every rank's region). Returns dest ``[BLOCK_T, TOPK_P]``: the
+  slot's destination rank, -1 for none (and, with COMPUTE_POS, for a dropped slot)."""
+  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+  k = tl.arange(0, TOPK_P)
+  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+  smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
+  sl = t[:, None] * TOPK + k[None, :]
+  g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
+  valid = g >= 0
+  dest = tl.where(valid, g // E_LOCAL, -1)
+  if COMPUTE_POS:
+    # base rows (kernels/layout.py): [blk] this block's prefix, [NB + 2] the sender base.
+    base = (tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0, cache_modifier=".cg")
+            + tl.load(base_ptr + (num_blocks + 2) * NUM_EXPERTS + g, mask=valid, other=0,
+                      cache_modifier=".cg"))
+    pos = base + _in_block_rank(g, BLOCK_T, TOPK_P)
+    kept = valid & (pos < CAPACITY)
+    pos = tl.where(kept, pos, -1)
+    wt = tl.load(topk_weights_ptr + sl, mask=smask, other=0.0)
+    dest = tl.where(kept, dest, -1)
+    slot = (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :]
+    for r in range(world):
+      to_r = dest == r
+      tl.store(sym_ptr(sym_table, r, SLOT_POS_OFF, tl.int32) + slot,
+               tl.where(to_r, pos, -1), mask=smask)
+      tl.store(sym_ptr(sym_table, r, SLOT_VAL_OFF, tl.float32) + slot,
+               tl.where(to_r, wt, 0.0), mask=smask)
+  return dest
+
+
+@triton.jit
+def _copy_rows(src, dst, remote, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+               STAGES: tl.constexpr):
+  """Rows ``remote`` of a tile, chunk by chunk: ``src`` / ``dst`` [rows, 1] row pointers."""
+  A: tl.constexpr = row_align(HIDDEN, src.dtype.element_ty)
+  h = tl.arange(0, BLOCK_H)
+  for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, pipelined
+    hmask = (h0 + h) < HIDDEN
+    rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
+    tl.store(tl.multiple_of(dst + (h0 + h)[None, :], [A, A]), rows,
+             mask=remote[:, None] & hmask[None, :])
+
+
+@triton.jit
 def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                sym_table, rank, world, seq,
                NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
@@ -83,55 +133,54 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
                E_LOCAL: tl.constexpr, CAPACITY: tl.constexpr, COMPUTE_POS: tl.constexpr,
                SLOT_POS_OFF: tl.constexpr, SLOT_VAL_OFF: tl.constexpr,
                BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr):
-  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ..."""
+               BLOCK_H: tl.constexpr, STAGES: tl.constexpr, PULL: tl.constexpr,
+               GROUP: tl.constexpr):
+  """Sender program ``pid`` of ``num_programs``: token blocks pid, pid + num_programs, ...
+  PULL 2 with GROUP > 1: groups of GROUP blocks instead (the expansion's items): the slots of
+  each block, then the group's rows as one tile of GROUP x BLOCK_T rows by BLOCK_H / GROUP
+  columns (28 chunks of a [64, 256] tile at the DeepSeek-V3 shape instead of 7 per block, so
+  the pipeline fills once per group), then one BLOCK_FLAG, the group's first block's."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
-  k = tl.arange(0, TOPK_P)
-  h = tl.arange(0, BLOCK_H)
-  for blk in range(pid, num_blocks, num_programs):
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < NUM_TOKENS
-    smask = tmask[:, None] & (k < TOPK)[None, :]
-    sl = t[:, None] * TOPK + k[None, :]
-    g = tl.load(topk_idx_ptr + sl, mask=smask, other=-1)
-    valid = g >= 0
-    dest = tl.where(valid, g // E_LOCAL, -1)
-    if COMPUTE_POS:
-      # base rows (kernels/layout.py): [blk] this block's prefix, [NB + 2] the sender base.
-      base = (tl.load(base_ptr + blk * NUM_EXPERTS + g, mask=valid, other=0, cache_modifier=".cg")
-              + tl.load(base_ptr + (num_blocks + 2) * NUM_EXPERTS + g, mask=valid, other=0,
-                        cache_modifier=".cg"))
-      pos = base + _in_block_rank(g, BLOCK_T, TOPK_P)
-      kept = valid & (pos < CAPACITY)
-      pos = tl.where(kept, pos, -1)
-      wt = tl.load(topk_weights_ptr + sl, mask=smask, other=0.0)
-      dest = tl.where(kept, dest, -1)
-      slot = (rank * MAX_TOKENS + t)[:, None] * TOPK + k[None, :]
-      for r in range(world):
-        to_r = dest == r
-        tl.store(sym_ptr(sym_table, r, SLOT_POS_OFF, tl.int32) + slot,
-                 tl.where(to_r, pos, -1), mask=smask)
-        tl.store(sym_ptr(sym_table, r, SLOT_VAL_OFF, tl.float32) + slot,
-                 tl.where(to_r, wt, 0.0), mask=smask)
-    # Rows: load each chunk of the block once, store it to every remote rank that needs it
-    # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
-    remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
-    if tl.max(remote.to(tl.int32), axis=0) > 0:
-      src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
-      dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-      if PULL:
-        A: tl.constexpr = row_align(HIDDEN, dtype)
-        dst = sym_ptr(sym_table, rank, ROWS_OFF, dtype) + dst_row
-        for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, pipelined
-          hmask = (h0 + h) < HIDDEN
-          rows = tl.load(src + (h0 + h)[None, :], mask=remote[:, None] & hmask[None, :])
-          tl.store(tl.multiple_of(dst + (h0 + h)[None, :], [A, A]), rows,
-                   mask=remote[:, None] & hmask[None, :])
-      else:
-        _push_rows(src, dst_row, remote, dest, sym_table, rank, world, HIDDEN, ROWS_OFF,
-                   BLOCK_H, STAGES)
-    signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
+  rows_me = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
+  if PULL == 2 and GROUP > 1:
+    BT: tl.constexpr = BLOCK_T * GROUP
+    kk = tl.arange(0, TOPK_P)
+    for grp in range(pid, (num_blocks + GROUP - 1) // GROUP, num_programs):
+      for j in tl.static_range(GROUP):
+        if grp * GROUP + j < num_blocks:
+          _block_slots(grp * GROUP + j, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
+                       rank, world, NUM_TOKENS, MAX_TOKENS, TOPK, TOPK_P, NUM_EXPERTS,
+                       E_LOCAL, CAPACITY, COMPUTE_POS, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_T)
+      # Rows some other rank is addressed by (dropped slots included: the copy is local, and
+      # the receivers load only the rows they keep).
+      t = grp * BT + tl.arange(0, BT)
+      g = tl.load(topk_idx_ptr + t[:, None] * TOPK + kk[None, :],
+                  mask=(t < NUM_TOKENS)[:, None] & (kk < TOPK)[None, :], other=-1)
+      remote = tl.max(((g >= 0) & (g // E_LOCAL != rank)).to(tl.int32), axis=1) > 0
+      if tl.max(remote.to(tl.int32), axis=0) > 0:
+        _copy_rows(x_ptr + t[:, None].to(tl.int64) * HIDDEN,
+                   rows_me + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN, remote,
+                   HIDDEN, BLOCK_H // GROUP, STAGES)
+      signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, grp * GROUP, seq)
+  else:
+    for blk in range(pid, num_blocks, num_programs):
+      dest = _block_slots(blk, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table, rank,
+                          world, NUM_TOKENS, MAX_TOKENS, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL,
+                          CAPACITY, COMPUTE_POS, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_T)
+      # Rows: load each chunk of the block once, store it to every remote rank that needs it
+      # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
+      t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+      remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
+      if tl.max(remote.to(tl.int32), axis=0) > 0:
+        src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
+        dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+        if PULL:
+          _copy_rows(src, rows_me + dst_row, remote, HIDDEN, BLOCK_H, STAGES)
+        else:
+          _push_rows(src, dst_row, remote, dest, sym_table, rank, world, HIDDEN, ROWS_OFF,
+                     BLOCK_H, STAGES)
+      signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, blk, seq)
 
 
 @triton.jit
@@ -303,7 +352,9 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   ZERO_QUEUE: the queue also holds the zero-fill items (``_zero_item``), spread evenly among
   the expansion items (queue item i is zero item Z(i) when Z(i + 1) > Z(i), Z(i) =
   floor(i * n_zero / total); else expansion item i - Z(i)), so the programs write zeros while
-  their NVLink loads are in flight instead of before the first of them."""
+  their NVLink loads are in flight instead of before the first of them. ZERO_QUEUE 2: the
+  first quarter of the zero items come first (while the senders copy the first blocks), the
+  rest spread as above among the items after them."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
   ZR: tl.constexpr = BLOCK_T * GROUP
   n_exp = nb * world
@@ -316,15 +367,21 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
     n_rows = CAPACITY - tl.sum(gs, axis=0)         # rows outside every group
     n_zero = (n_rows + ZR - 1) // ZR
   total = n_exp + n_zero
+  n_front = n_zero // 4 if ZERO_QUEUE == 2 else 0  # zero items first, before any flag is up
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
   while item < total:
-    z = ((item.to(tl.int64) * n_zero) // total).to(tl.int32)  # (int64: no overflow)
-    if ZERO_QUEUE and (((item + 1).to(tl.int64) * n_zero) // total) > z:
-      _zero_item(z, start, gs, n_rows, recv_x_ptr, recv_w_ptr, HIDDEN, WITH_META, ZR,
-                 BLOCK_H // GROUP)
+    # after the front: zero item n_front + Z(i) where Z steps, Z(i) = floor(i * nz / tot) over
+    # i = item - n_front of tot = total - n_front items holding nz = n_zero - n_front zeros
+    i = tl.maximum(item - n_front, 0)
+    z = ((i.to(tl.int64) * (n_zero - n_front)) // (total - n_front)).to(tl.int32)  # (int64)
+    front = item < n_front
+    if ZERO_QUEUE and (front or (((i + 1).to(tl.int64) * (n_zero - n_front))
+                                 // (total - n_front)) > z):
+      _zero_item(tl.where(front, item, n_front + z), start, gs, n_rows, recv_x_ptr,
+                 recv_w_ptr, HIDDEN, WITH_META, ZR, BLOCK_H // GROUP)
     else:
-      waited += _expand_queue_item(item - z, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+      waited += _expand_queue_item(i - z, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
                                    HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
@@ -426,7 +483,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
     src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
   t0 = _now(PROFILE)
-  for g in tl.static_range(GROUP):
+  for g in tl.static_range(1 if PULL == 2 else GROUP):  # PULL 2: one flag per group
     if blk * GROUP + g < nb:
       wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk * GROUP + g, seq,
                  timeout_ns, status_ptr, op, USE_TIMER)
@@ -474,7 +531,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
                    sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                    NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
-                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL)
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL, GROUP)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,

@@ -67,7 +67,9 @@ class EPPlan:
       12:45, per-call timing).
     dispatch_stages, combine_stages: software-pipeline depth of the row-chunk loops (Triton
       ``num_stages``: STAGES - 1 chunks loaded ahead into shared memory, one row tile each);
-      combine's is lowered to what fits in SMEM_BYTES (``combine_pipeline``).
+      combine's is lowered to what fits in SMEM_BYTES (``combine_pipeline``). Dispatch 4 vs 3
+      (pull, zero queue; 4x H200, DeepSeek-V3 shape, 2026-11-22, same runs): 0.692 / 0.694 vs
+      0.705 / 0.709 ms (08:17), 0.680 / 0.651 / 0.705 vs 0.700 / 0.670 / 0.688 ms (08:34).
     expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
       = by level (``_expand_block``); opt-in: measured no faster (L = 2 / 4: 1.200 / 1.056 ms
       vs 1.069 ms by slot, 4x H200, DeepSeek-V3 shape, 2026-11-21 17:58).
@@ -84,10 +86,15 @@ class EPPlan:
       (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
-    dispatch_pull: 1 (default) = senders copy each token row that some other rank keeps once
+    dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
-      transfer is spread over every program that expands; 0 = senders store the row into
+      transfer is spread over every program that expands; 2 (default) = the same, the senders
+      working in the expansion's items (``expand_group`` blocks: each block's slots, then the
+      group's rows as one tile, then one flag; only with expand orders 2, 3 and groups > 1,
+      else as 1): the senders' copies took 270-345 us instead of 410-460 us of the profile
+      (4x H200, DeepSeek-V3 shape, 2026-11-22 08:27), since per block the copy pipeline filled
+      and drained on 7 chunks and W flags were raised; 0 = senders store the row into
       ROWS[me] of every remote rank that keeps one of its slots (NVLink stores) and receivers
       expand from their own region. Either way a row crosses NVLink once per destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
@@ -106,9 +113,12 @@ class EPPlan:
       items of the queue (GROUP x BLOCK_T zero rows each), spread evenly among the expansion
       items, instead of the receivers' first step: in pull mode nothing crosses NVLink while
       the receivers zero-fill (~140 us of the 4x H200 profile), and spread out the zeros
-      overlap the NVLink loads (the default); 0 = the receivers zero-fill first. 4x H200,
-      DeepSeek-V3 shape, 32 SMs, 2026-11-22 08:15, same run: 0.710 / 0.718 ms vs 0.754 /
-      0.760 ms.
+      overlap the NVLink loads; 0 = the receivers zero-fill first; 2 (default) = as 1, with
+      the first quarter of the zero items at the head of the queue, taken while the senders
+      copy the first groups (the receivers waited 32-54 us for flags with 1). 4x H200,
+      DeepSeek-V3 shape, 32 SMs, 2026-11-22, same runs: 1: 0.710 / 0.718 ms vs 0.754 / 0.760
+      ms with 0 (08:15); 2 (with 4 stages and pull 2): 0.664 / 0.673 ms vs 0.651-0.705 ms
+      with 1 (08:34).
     combine_acc_bytes: combine's register budget per chunk (``ACC_BYTES``): smaller chunks
       leave shared memory for deeper pipelines. 64 KB chunks 4 stages deep: combine 0.913 ms
       vs 1.115 ms for 128 KB chunks 2 deep (4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-21
@@ -131,15 +141,15 @@ class EPPlan:
   sender_fraction: float = 0.375
   expand_order: int = 3
   receiver_share: float = 0.6
-  dispatch_stages: int = 3
+  dispatch_stages: int = 4
   expand_levels: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
   combine_wide: int = 1
-  dispatch_pull: int = 1
+  dispatch_pull: int = 2
   expand_group: int = 4
-  zero_queue: int = 1
+  zero_queue: int = 2
 
   @property
   def region(self) -> RegionSpec:

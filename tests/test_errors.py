@@ -132,9 +132,9 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
     ("JAX_EP_COMBINE_QUEUE", "3", "0 \\(reduce after every push\\)"),
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
-    ("JAX_EP_DISPATCH_PULL", "2", "0 \\(senders store rows into the peers\\)"),
+    ("JAX_EP_DISPATCH_PULL", "3", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
-    ("JAX_EP_ZERO_QUEUE", "2", "0 \\(receivers zero-fill first\\)"),
+    ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -150,7 +150,7 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
                            backend="triton")
   default = tb._plan(config, 2, 2)
-  monkeypatch.setenv("JAX_EP_DISPATCH_STAGES", "4")
+  monkeypatch.setenv("JAX_EP_DISPATCH_STAGES", "2")
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", "1")
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", "65536")
   monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "9")
@@ -158,14 +158,14 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "0")
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", "2")
   plan = tb._plan(config, 2, 2)
-  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (1, 4)
+  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (2, 4)
   assert (plan.dispatch(False)["PULL"], plan.dispatch(True)["GROUP"]) == (0, 2)
   assert default.combine()["QUEUE"] == 1 and plan.combine()["QUEUE"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "2")
   assert tb._plan(config, 2, 2).combine()["QUEUE"] == 2
   assert plan.expand_levels == 9 and plan.dispatch(False)["EXPAND_LEVELS"] == 2  # <= topk
-  assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (4, 1, 65536)
-  assert plan.dispatch(False)["STAGES"] == 4 and plan.combine()["STAGES"] == 1
+  assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (2, 1, 65536)
+  assert plan.dispatch(False)["STAGES"] == 2 and plan.combine()["STAGES"] == 1
   assert default.dispatch(False)["STAGES"] == default.dispatch_stages
 
 

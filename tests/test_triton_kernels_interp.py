@@ -357,7 +357,9 @@ def test_dispatch_combine_against_numpy(case, interp):
   # through the expansion queue): the same bits, gaps between aligned groups and dropped rows
   # included.
   zq = SimWorld(dataclasses.replace(plan, zero_queue=0))
-  for sim_v in (push, push, zq):
+  # Senders copying the expansion's groups of blocks, a quarter of the zero items first.
+  grouped = SimWorld(dataclasses.replace(plan, dispatch_pull=2, zero_queue=2))
+  for sim_v in (push, push, zq, grouped):
     got_p = sim_v.dispatch(xs, idxs, ws)
     for r in range(world):
       assert not got_p[r]["status"].a.any(), got_p[r]["status"].a
@@ -400,7 +402,8 @@ def _senders_expand_first(phases):
     (3, 1.0, _senders_expand_first, 1, 0, 1, 0), (0, 0.5, None, 1, 1, 1, 0),
     (3, 1.0, _senders_expand_first, 0, 1, 1, 0), (3, 1.0, None, 0, 1, 2, 0),
     (2, 1.0, _senders_expand_first, 1, 0, 4, 0), (3, 1.0, None, 0, 1, 4, 1),
-    (2, 1.0, _senders_expand_first, 0, 0, 1, 1)])
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 1), (3, 1.0, None, 0, 2, 4, 2),
+    (2, 1.0, _senders_expand_first, 0, 2, 2, 1), (3, 1.0, None, 1, 2, 8, 0)])
 def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq,
                                        interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major

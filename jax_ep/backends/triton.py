@@ -137,12 +137,14 @@ _KNOBS = (
      "queue, flags raised two items at a time)"),
     ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 1),
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
-    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 1),
-     "0 (senders store rows into the peers) or 1 (receivers load them from the source)"),
+    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
+     "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
+     "(as 1, senders copying the expansion's groups of blocks)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
-    ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 1),
-     "0 (receivers zero-fill first) or 1 (zero-fill items spread through the queue)"),
+    ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 2),
+     "0 (receivers zero-fill first), 1 (zero-fill items spread through the queue) or 2 (a "
+     "quarter of them first, the rest spread)"),
 )
 
 

@@ -269,10 +269,11 @@ def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
 
 
 @pytest.mark.parametrize("group,pull,zq", [(2, 1, 0), (4, 0, 0), (1, 1, 0), (4, 1, 1),
-                                          (1, 0, 1)])
+                                          (1, 0, 1), (4, 2, 2), (2, 2, 1)])
 def test_expand_groups_match_xla(group, pull, zq, peer_world, monkeypatch):
   """Expansion queue items of several token blocks (JAX_EP_EXPAND_GROUP) or one, with rows
-  pushed or pulled, the zero rows as queue items or not (JAX_EP_ZERO_QUEUE): xla's results."""
+  pushed or pulled (2: senders copying whole groups), the zero rows as queue items or not (2:
+  a quarter of them first) (JAX_EP_ZERO_QUEUE): xla's results."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", str(group))
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
