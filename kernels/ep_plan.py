@@ -86,6 +86,11 @@ class EPPlan:
       (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
+    combine_tokens: tokens per combine item (push) and block (reduce); 0 (default) = max(16,
+      64 / K_pow2), 16 at top-8. Larger blocks raise one DONE flag (a system-scope release,
+      which waits for the program's remote stores) and load one position tile per more
+      tokens, in narrower chunks of the same bytes; the sums are the same bits. Opt-in, not
+      yet timed on a GPU (added after session 14's last run).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -147,6 +152,7 @@ class EPPlan:
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
   combine_wide: int = 1
+  combine_tokens: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -278,8 +284,9 @@ class EPPlan:
 
   @property
   def combine_block_t(self) -> int:
-    """Tokens per combine block (any size works: combine reads the layout, not its blocks)."""
-    return max(16, 64 // self.topk_p)
+    """Tokens per combine block (any size works: combine reads the layout, not its blocks):
+    ``combine_tokens``, or max(16, 64 / K_pow2) (16 at top-8)."""
+    return self.combine_tokens or max(16, 64 // self.topk_p)
 
   @property
   def j_unroll(self) -> int:

@@ -31,9 +31,11 @@ def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
     (64, 128, 2048, 256, 8, "bf16", {"expand_levels": 2}),        # MAX_WORLD ranks
     (4, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 0, "expand_group": 1}),  # push
     (4, 4096, 7168, 256, 8, "bf16", {"zero_queue": 0}),
-    (4, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 2, "zero_queue": 2}),
+    (4, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 1, "zero_queue": 1}),
+    (4, 4096, 7168, 256, 8, "bf16", {"combine_tokens": 64}),
+    (8, 1024, 2048, 128, 8, "f32", {"combine_tokens": 128}),
 ], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0", "w64", "dsv3-w4-push",
-        "dsv3-w4-zero-first", "dsv3-w4-grouped-senders"])
+        "dsv3-w4-zero-first", "dsv3-w4-pull1", "dsv3-w4-combine64", "w8-f32-combine128"])
 def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
   plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)
   built = compile_ep_kernels(plan, dtype)

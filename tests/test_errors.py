@@ -134,6 +134,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
     ("JAX_EP_DISPATCH_PULL", "3", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
+    ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block"),
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):

@@ -332,12 +332,15 @@ def test_dispatch_combine_against_numpy(case, interp):
   out4 = SimWorld(dataclasses.replace(plan, combine_queue=2)).combine(ys, row_ws, recv_pos)
   # One chunk width for both push paths (combine_wide=0): the same bits too.
   out5 = SimWorld(dataclasses.replace(plan, combine_wide=0)).combine(ys, row_ws, recv_pos)
+  # Larger combine blocks (combine_tokens; the last one partial): the same bits.
+  out6 = SimWorld(dataclasses.replace(plan, combine_tokens=32)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out3[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out4[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out5[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)

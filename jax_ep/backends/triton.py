@@ -137,6 +137,8 @@ _KNOBS = (
      "queue, flags raised two items at a time)"),
     ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 1),
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
+    ("combine_tokens", "JAX_EP_COMBINE_TOKENS", lambda v: v in (0, 16, 32, 64, 128),
+     "0 (the default block: 16 tokens at top-8), 16, 32, 64 or 128 (tokens per combine block)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
      "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
      "(as 1, senders copying the expansion's groups of blocks)"),
@@ -180,13 +182,13 @@ def _env_knob(name: str, default, valid, expected: str):
 def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   """(timeout_ns, op, fingerprint): the fingerprint hashes everything the ranks of one op must
   agree on, so the start barrier refuses an op whose ranks disagree (EPConfig, token count,
-  dtype, world, op)."""
+  dtype, world, op, and the knobs that change which flags the ranks signal)."""
   from jax_ep.kernels.ep_sync import fingerprint
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
                    plan.num_senders, plan.expand_order, plan.receiver_blocks,
                    plan.dispatch_pull, plan.expand_group, plan.zero_queue,
-                   jnp.dtype(x_dtype).name)
+                   plan.combine_queue, plan.combine_block_t, jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
 

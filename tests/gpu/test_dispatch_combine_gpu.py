@@ -232,23 +232,28 @@ def test_expand_levels_match_xla(levels, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=61 + levels, repeats=3)
 
 
-@pytest.mark.parametrize("acc_bytes,stages,queue,wide", [
-    (131072, 2, 1, 1), (65536, 3, 1, 1), (32768, 6, 1, 1), (65536, 4, 0, 1), (65536, 4, 2, 1),
-    (65536, 4, 1, 0)])
-def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, peer_world,
+@pytest.mark.parametrize("acc_bytes,stages,queue,wide,tokens", [
+    (131072, 2, 1, 1, 0), (65536, 3, 1, 1, 0), (32768, 6, 1, 1, 0), (65536, 4, 0, 1, 0),
+    (65536, 4, 2, 1, 0), (65536, 4, 1, 0, 0), (65536, 4, 1, 1, 32), (65536, 4, 1, 1, 64)])
+def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens, peer_world,
                                          monkeypatch):
   """Combine's other chunk budgets and pipeline depths (the default is 64 KB x 4; 128 KB x 2 was
   the default until 2026-11-21 16:25), its reduce after all pushes (JAX_EP_COMBINE_QUEUE=0,
   the default before 2d6b274, 2026-11-21 18:38), the queue with flags raised two items at a
   time (2), and one chunk width for both push paths (JAX_EP_COMBINE_WIDE=0, the default until
-  2026-11-21 21:37) give xla's results too, gradients included."""
+  2026-11-21 21:37), and 32- or 64-token combine blocks (JAX_EP_COMBINE_TOKENS) give xla's
+  results too, gradients included."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", str(acc_bytes))
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", str(stages))
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", str(queue))
   monkeypatch.setenv("JAX_EP_COMBINE_WIDE", str(wide))
+  monkeypatch.setenv("JAX_EP_COMBINE_TOKENS", str(tokens))
   case = (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16")
-  compare_case(case, mesh, world, _put(mesh), seed=47 + stages + 10 * wide, repeats=3)
+  if tokens == 64:  # 1000 tokens: the last block partial, drops
+    case = (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")
+  compare_case(case, mesh, world, _put(mesh), seed=47 + stages + 10 * wide + tokens,
+               repeats=3)
 
 
 @pytest.mark.parametrize("dpull,case", [
