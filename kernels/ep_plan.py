@@ -97,9 +97,10 @@ class EPPlan:
       transfer is spread over every program that expands; 2 (default) = the same, the senders
       working in the expansion's items (``expand_group`` blocks: each block's slots, then the
       group's rows as one tile, then one flag; only with expand orders 2, 3 and groups > 1,
-      else as 1): the senders' copies took 270-345 us instead of 410-460 us of the profile
-      (4x H200, DeepSeek-V3 shape, 2026-11-22 08:27), since per block the copy pipeline filled
-      and drained on 7 chunks and W flags were raised; 0 = senders store the row into
+      else as 1): the senders' copies end 293-366 us after launch instead of 405-484 us (4x
+      H200, DeepSeek-V3 shape, profiles of 2026-11-22 08:27 and 08:17), since per block the
+      copy pipeline filled and drained on 7 chunks and W flags were raised; dispatch 0.676 /
+      0.698 vs 0.746 / 0.712 ms (08:27, same run); 0 = senders store the row into
       ROWS[me] of every remote rank that keeps one of its slots (NVLink stores) and receivers
       expand from their own region. Either way a row crosses NVLink once per destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
