@@ -24,7 +24,8 @@ work.
     t's slots: a token row crosses NVLink at most once per destination; tokens that select
     nothing, or only this rank, send nothing. Then
     BLOCK_FLAG[me, block] = seq in every rank (release, system scope), so receivers start on a
-    block as soon as it is there.
+    block as soon as it is there. PULL 2 (the default): a sender takes GROUP blocks at a time
+    (the expansion's items), copies their rows as one tile and raises the group's first flag.
     Traffic: reads x once per block, writes one row (H x itemsize) per (token, remote
     destination) plus 8 K bytes of metadata per (token, rank).
 
