@@ -720,8 +720,10 @@ def write_outputs(runs, out_dir):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--mode", choices=("peer", "nvshmem", "both"), default="both")
-  ap.add_argument("--iters", type=int, default=20)
-  ap.add_argument("--inner", type=int, default=5)
+  # 40 samples of 10 and 30 ops (session 15 on; 20 of 5 and 15 before): the same settings
+  # timed 0.651-0.710 ms within one 4x H200 run with the old ones (docs/GPU_RUNS.md, session 14)
+  ap.add_argument("--iters", type=int, default=40)
+  ap.add_argument("--inner", type=int, default=10)
   ap.add_argument("--num-sms", type=int, default=32)
   ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
   ap.add_argument("--no-ragged", action="store_true")
