@@ -265,7 +265,8 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
     (1, (1, 128, 64, 4, None, 1, "uniform", "bfloat16"))],
     ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
 def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
-  """Rows loaded by the receivers (JAX_EP_DISPATCH_PULL=1, the default) or stored into the
+  """Rows loaded by the receivers (JAX_EP_DISPATCH_PULL=1; the default, 2, is that with the
+  senders in groups, the routing cases of test_matches_xla_backend) or stored into the
   peers by the senders (0): xla's results, bit for bit for dispatch, gradients included, over
   repeated calls."""
   mesh, world = peer_world
