@@ -284,24 +284,11 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
      (``_expand_queue``; blk_lo, blk_hi and pid are not used). Each block after its
      BLOCK_FLAG says it arrived.
   """
-  dtype = recv_x_ptr.dtype.element_ty
-  h = tl.arange(0, BLOCK_H)
   if ZERO_FILL and not ZERO_QUEUE:  # 1. Zeros for every row outside the groups.
-    el = tl.arange(0, EL_P)
-    go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
-    ge = go + tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
-    for rb in range(pid, (CAPACITY + BLOCK_R - 1) // BLOCK_R, num_programs):
-      row = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-      inside = tl.max(((row[:, None] >= go[None, :]) & (row[:, None] < ge[None, :])
-                       ).to(tl.int32), axis=1) > 0
-      zero = (~inside) & (row < CAPACITY)
-      if WITH_META:
-        tl.store(recv_w_ptr + row, tl.zeros([BLOCK_R], tl.float32), mask=zero)
-      if tl.max(zero.to(tl.int32), axis=0) > 0:
-        for h0 in range(0, HIDDEN, BLOCK_H):
-          hmask = (h0 + h) < HIDDEN
-          tl.store(recv_x_ptr + row[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
-                   tl.zeros([BLOCK_R, BLOCK_H], dtype), mask=zero[:, None] & hmask[None, :])
+    start, gs, n_rows = _zero_rows(go_ptr, gs_ptr, E_LOCAL, EL_P, CAPACITY)
+    for z in range(pid, (n_rows + BLOCK_R - 1) // BLOCK_R, num_programs):
+      _zero_item(z, start, gs, n_rows, recv_x_ptr, recv_w_ptr, HIDDEN, WITH_META, BLOCK_R,
+                 BLOCK_H)
     prof_mark(sym_table, rank, PROF_ID, P_ZERO, PROFILE)
   if ORDER == 0 or ORDER == 1:
     # 2a. ORDER 0: this rank's own blocks (no NVLink, rows straight from x), then the others'.
@@ -361,24 +348,21 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   n_exp = nb * world
   n_zero = tl.full([], 0, tl.int32)
   if ZERO_QUEUE:  # the layout's groups, loaded once for every zero item of this program
-    el = tl.arange(0, EL_P)
-    go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=CAPACITY, cache_modifier=".cg")
-    gs = tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
-    start = go - (tl.cumsum(gs, axis=0) - gs)      # zero rows before group e starts
-    n_rows = CAPACITY - tl.sum(gs, axis=0)         # rows outside every group
+    start, gs, n_rows = _zero_rows(go_ptr, gs_ptr, E_LOCAL, EL_P, CAPACITY)
     n_zero = (n_rows + ZR - 1) // ZR
   total = n_exp + n_zero
   n_front = n_zero // 4 if ZERO_QUEUE == 2 else 0  # zero items first, before any flag is up
+  # after the front: zero item n_front + Z(i) where Z steps, Z(i) = floor(i * nz / tot) over
+  # i = item - n_front of tot = total - n_front items holding nz = n_zero - n_front zeros
+  nz = (n_zero - n_front).to(tl.int64)  # (int64: no overflow in the products)
+  tot = total - n_front
   item = take_item(sym_table, rank)
   waited = tl.full([], 0, tl.int64)
   while item < total:
-    # after the front: zero item n_front + Z(i) where Z steps, Z(i) = floor(i * nz / tot) over
-    # i = item - n_front of tot = total - n_front items holding nz = n_zero - n_front zeros
     i = tl.maximum(item - n_front, 0)
-    z = ((i.to(tl.int64) * (n_zero - n_front)) // (total - n_front)).to(tl.int32)  # (int64)
+    z = ((i * nz) // tot).to(tl.int32)
     front = item < n_front
-    if ZERO_QUEUE and (front or (((i + 1).to(tl.int64) * (n_zero - n_front))
-                                 // (total - n_front)) > z):
+    if ZERO_QUEUE and (front or ((i + 1) * nz) // tot > z):
       _zero_item(tl.where(front, item, n_front + z), start, gs, n_rows, recv_x_ptr,
                  recv_w_ptr, HIDDEN, WITH_META, ZR, BLOCK_H // GROUP)
     else:
@@ -390,6 +374,18 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
                                    USE_TIMER, ORDER, PROFILE, PULL, GROUP)
     item = take_item(sym_table, rank)
   return waited
+
+
+@triton.jit
+def _zero_rows(go_ptr, gs_ptr, E_LOCAL: tl.constexpr, EL_P: tl.constexpr,
+               CAPACITY: tl.constexpr):
+  """The layout's groups as ``_zero_item`` takes them: (start [EL_P]: the rows outside the
+  groups before group e starts, gs [EL_P]: the group sizes, n_rows: the rows outside every
+  group)."""
+  el = tl.arange(0, EL_P)
+  go = tl.load(go_ptr + el, mask=el < E_LOCAL, other=CAPACITY, cache_modifier=".cg")
+  gs = tl.load(gs_ptr + el, mask=el < E_LOCAL, other=0, cache_modifier=".cg")
+  return go - (tl.cumsum(gs, axis=0) - gs), gs, CAPACITY - tl.sum(gs, axis=0)
 
 
 @triton.jit
