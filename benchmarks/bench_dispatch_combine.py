@@ -323,9 +323,7 @@ def run_mode(args, rank=0, world_override=None) -> dict:
 
       f_once, comb, d_loops, c_loops = op_fns(mesh, cfg, inner)
       recv_x, recv_w, layout = f_once(xs, idxs, ws)
-      out = comb(recv_x, layout)
-      outs[backend] = [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes,
-                                          out)]
+      outs[backend] = op_outputs(recv_x, recv_w, layout, comb(recv_x, layout), fetch)
       print(f"  {name}: {backend} ran once; timing", flush=True)
       for op, loops, a in (("dispatch", d_loops, (xs, idxs, ws)),
                            ("combine", c_loops, (recv_x, layout))):
@@ -341,11 +339,7 @@ def run_mode(args, rank=0, world_override=None) -> dict:
                                               loops)
         else:
           loops()
-    ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-             for a, b in zip(outs["triton"][:4], outs["xla"][:4]))
-    ok = ok and np.allclose(np.asarray(outs["triton"][4], np.float32),
-                            np.asarray(outs["xla"][4], np.float32), rtol=2e-2, atol=2e-2)
-    row["correct"] = bool(ok)
+    ok = row["correct"] = same_outputs(outs["triton"], outs["xla"])
     if not ok:
       print(f"FAILED correctness: {name} (triton differs from xla)", flush=True)
     if t <= RAGGED_MAX_TOKENS and not args.no_ragged:
@@ -373,11 +367,17 @@ def run_mode(args, rank=0, world_override=None) -> dict:
           num_sms=args.num_sms, timeout_s=args.op_timeout))
       print_profile(name, row["profile"])
     for key, knobs, sms in sweep_runs(args):
-      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, dict(
-          num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
-          num_sms=sms, timeout_s=args.op_timeout))
-      print(f"  {key}: dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, combine "
-            f"{row[key]['combine_s'] * 1e6:.1f} us", flush=True)
+      cfg_kw = dict(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t, capacity=capacity,
+                    num_sms=sms, timeout_s=args.op_timeout)
+      row[key] = time_triton(mesh, xs, idxs, ws, inner, args.iters, knobs, cfg_kw,
+                             check=lambda got: same_outputs(got, outs["xla"]), fetch=fetch)
+      print(f"  {key}: ok={row[key]['correct']} dispatch {row[key]['dispatch_s'] * 1e6:.1f} us, "
+            f"combine {row[key]['combine_s'] * 1e6:.1f} us", flush=True)
+      row["correct"] = row["correct"] and row[key]["correct"]
+      if args.sweep_profile:
+        row[key]["profile"] = _with_envs(knobs, lambda: profile_triton(mesh, xs, idxs, ws,
+                                                                       cfg_kw))
+        print_profile(key, row[key]["profile"], devices=1)
     for path in ("triton", "xla", "ragged"):
       for op in ("dispatch", "combine"):
         s = row.get(f"{path}_{op}_s")
@@ -452,22 +452,42 @@ def _with_envs(values: dict, fn):
         os.environ[n] = v
 
 
-def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw) -> dict:
-  """Dispatch and combine times of the triton backend with the dispatch knobs ``knobs`` (env
-  variables read at trace time) and EPConfig fields ``cfg_kw``."""
+def op_outputs(recv_x, recv_w, layout, out, fetch) -> list:
+  """The host copies compared between backends: dispatch's rows, weights, positions and group
+  sizes, and combine's output."""
+  return [fetch(a) for a in (recv_x, recv_w, layout.recv_pos, layout.group_sizes, out)]
+
+
+def same_outputs(got, want) -> bool:
+  """Dispatch's outputs bit-equal, combine's within bf16 rounding of the summation order."""
+  ok = all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+           for a, b in zip(got[:4], want[:4]))
+  return bool(ok and np.allclose(np.asarray(got[4], np.float32), np.asarray(want[4], np.float32),
+                                 rtol=2e-2, atol=2e-2))
+
+
+def time_triton(mesh, xs, idxs, ws, inner, iters, knobs: dict, cfg_kw, check, fetch) -> dict:
+  """Dispatch and combine times of the triton backend with the knobs ``knobs`` (env variables
+  read at trace time) and EPConfig fields ``cfg_kw``, and whether its outputs pass ``check``
+  (a sweep point is timed only after it ran correctly once: a wrong kernel's time is no
+  result)."""
   import jax
   import jax_ep
   cfg = jax_ep.EPConfig(backend="triton", **cfg_kw)
 
   def first_calls():  # trace (and compile) under the knobs
-    f_once, _, d_loops, c_loops = op_fns(mesh, cfg, inner)
-    recv_x, _, layout = f_once(xs, idxs, ws)
+    f_once, comb, d_loops, c_loops = op_fns(mesh, cfg, inner)
+    recv_x, recv_w, layout = f_once(xs, idxs, ws)
+    ok = check(op_outputs(recv_x, recv_w, layout, comb(recv_x, layout), fetch))
     jax.block_until_ready([f(xs, idxs, ws) for f in d_loops.values()]
                           + [f(recv_x, layout) for f in c_loops.values()])
-    return d_loops, c_loops, recv_x, layout
+    return d_loops, c_loops, recv_x, layout, ok
 
-  d_loops, c_loops, recv_x, layout = _with_envs(knobs, first_calls)
-  return {"dispatch_s": time_per_op(d_loops, (xs, idxs, ws), inner, iters)[0],
+  d_loops, c_loops, recv_x, layout, ok = _with_envs(knobs, first_calls)
+  if not ok:
+    print(f"FAILED correctness: sweep point {knobs} (triton differs from xla)", flush=True)
+  return {"correct": ok,
+          "dispatch_s": time_per_op(d_loops, (xs, idxs, ws), inner, iters)[0],
           "combine_s": time_per_op(c_loops, (recv_x, layout), inner, iters)[0]}
 
 
@@ -523,10 +543,12 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   return res
 
 
-def print_profile(name, prof):
+def print_profile(name, prof, devices=None):
+  """The profile's lines for the first ``devices`` devices (all by default)."""
+  n = len(prof["dispatch"]) if devices is None else min(devices, len(prof["dispatch"]))
   print(f"  profile {name} (us from launch start, [median, max] over programs; device 0 .. "
-        f"{len(prof['dispatch']) - 1}): plan {prof['plan']}", flush=True)
-  for d, (pd, pc) in enumerate(zip(prof["dispatch"], prof["combine"])):
+        f"{n - 1}): plan {prof['plan']}", flush=True)
+  for d, (pd, pc) in enumerate(zip(prof["dispatch"][:n], prof["combine"][:n])):
     print(f"    dev{d} dispatch histograms {pd['histograms_done']} leader {pd['leader']} "
           f"senders {pd['senders']} receivers {pd['receivers']}", flush=True)
     print(f"    dev{d} combine {pc}", flush=True)
@@ -597,7 +619,8 @@ def orchestrate(args) -> list[dict]:
                 ["--no-profile"] if args.no_profile else []) + (
                 ["--trace", args.trace] if args.trace else []) + (
                 ["--sweep", args.sweep] if args.sweep else []) + (
-                ["--sweep-env", args.sweep_env] if args.sweep_env else [])
+                ["--sweep-env", args.sweep_env] if args.sweep_env else []) + (
+                ["--sweep-profile"] if args.sweep_profile else [])
   runs = []
   if args.mode in ("peer", "both"):
     p = subprocess.Popen([sys.executable, script, "--child", "peer"] + common,
@@ -743,6 +766,8 @@ def main():
                        "separated by ',', settings by '+', e.g. "
                        "JAX_EP_COMBINE_STAGES=1,JAX_EP_COMBINE_ACC_BYTES=65536+"
                        "JAX_EP_COMBINE_STAGES=3")
+  ap.add_argument("--sweep-profile", action="store_true",
+                  help="also profile every sweep point (JAX_EP_PROFILE=1; device 0 printed)")
   ap.add_argument("--timeout", type=int, default=540)
   ap.add_argument("--op-timeout", type=float, default=120.0,
                   help="EPConfig.timeout_s of the measured ops (seconds a rank waits for a peer)")

@@ -12,6 +12,7 @@
 #   dc_tests2 the same on GPUs 0 and 1 only (the 2-GPU runs)
 #   soak      tests/gpu/test_soak_gpu.py: 2,000 triton-vs-xla rounds, 20-repeat hash, resources
 #   faults    tests/gpu/test_faults_gpu.py: absent / dying / mismatched ranks, then a restart
+#   runtime   tests/gpu/test_runtime_gpu.py + test_nvshmem_multiprocess.py (the runtime's own)
 #   train     scripts/gpu_train.sh: the training example with both backends, both runtime modes
 #   gemm      tests/gpu/test_grouped_gemm_gpu.py + benchmarks/bench_grouped_gemm.py (GPU 0)
 #   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
@@ -68,6 +69,8 @@ for s in ${STAGES:-bench dc_tests}; do
         JAX_EP_SOAK_OUT=$OUT/soak_gpu.json $PT tests/gpu/test_soak_gpu.py --timeout=430" ;;
     faults) stage faults 330 "mkdir -p $OUT/faults; JAX_EP_FAULT_LOGS=$OUT/faults $PT \
         tests/gpu/test_faults_gpu.py --timeout=300" ;;
+    runtime) stage runtime ${RUNTIME_LIMIT:-300} "$PT tests/gpu/test_runtime_gpu.py \
+        tests/gpu/test_nvshmem_multiprocess.py --timeout=280" ;;
     train) stage train 430 "mkdir -p $OUT/train; OUT=$OUT/train bash scripts/gpu_train.sh" ;;
     # Tests ~125 s, then the benchmark ~50 s per shape (4 shapes) on one H200.
     # (the stage's rc is the tests' when they fail, else the benchmark's)

@@ -70,6 +70,8 @@ def main() -> None:
   p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--combine-queue", type=int, default=EPPlan.combine_queue, choices=(0, 1, 2))
   p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1))
+  p.add_argument("--combine-tokens", type=int, default=EPPlan.combine_tokens,
+                 choices=(0, 16, 32, 64, 128), help="tokens per combine block (0: the default)")
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -87,7 +89,7 @@ def main() -> None:
                 dispatch_stages=args.dispatch_stages, expand_levels=args.expand_levels,
                 combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
-                combine_wide=args.combine_wide)
+                combine_wide=args.combine_wide, combine_tokens=args.combine_tokens)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +72,34 @@ def test_dw_variants_bench_says_why_it_cannot_run_without_a_gpu():
                        timeout=120, cwd=_ROOT)
   assert res.returncode == 1, res.stderr
   assert "bench_dw_variants: the triton grouped matmul cannot run here" in res.stderr
+
+
+def test_dispatch_combine_bench_checks_outputs_bit_for_bit():
+  """bench_dispatch_combine's correctness check (the main run and every sweep point): the
+  dispatch outputs must be bit-equal, combine's within bf16 rounding; a single flipped bit in
+  a received row, a moved position, or a combine row off by more than the tolerance fail."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "bench_dc", os.path.join(_ROOT, "benchmarks", "bench_dispatch_combine.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rng = np.random.default_rng()
+  want = [rng.standard_normal((4, 8, 16)).astype(np.float16),
+          rng.random((4, 8)).astype(np.float32),
+          rng.integers(-1, 8, (4, 2, 3, 2)).astype(np.int32),
+          rng.integers(0, 8, (4, 2)).astype(np.int32),
+          rng.standard_normal((4, 3, 16)).astype(np.float32)]
+  copy = lambda: [a.copy() for a in want]  # noqa: E731
+  assert bench.same_outputs(copy(), want)
+  got = copy()
+  got[0].view(np.uint16)[1, 2, 3] ^= 1  # one bit of one received row
+  assert not bench.same_outputs(got, want)
+  got = copy()
+  got[2][0, 0, 0, 0] += 1  # one position
+  assert not bench.same_outputs(got, want)
+  got = copy()
+  got[4][2, 1, 5] += 0.5 + 0.1 * abs(got[4][2, 1, 5])  # one combined value past the tolerance
+  assert not bench.same_outputs(got, want)
+  got = copy()
+  got[4] = got[4] * (1 + 1e-3)  # bf16-level rounding differences pass
+  assert bench.same_outputs(got, want)
