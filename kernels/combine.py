@@ -70,6 +70,19 @@ def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
 
 
 @triton.jit
+def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
+  """For ``heavy [BLOCK_T]``: the block offsets of its first HEAVY_T set entries, in order
+  ([HEAVY_T] int32), and which of those exist. (Prefix counts by a [BLOCK_T, BLOCK_T]
+  comparison: tl.cumsum's lowering fails for narrow tiles at 16 warps in Triton 3.6.)"""
+  tt = tl.arange(0, BLOCK_T)
+  h = heavy.to(tl.int32)
+  before = tl.sum(tl.where(tt[None, :] < tt[:, None], h[None, :], 0), axis=1)   # [BLOCK_T]
+  i = tl.arange(0, HEAVY_T)
+  m = (h[None, :] > 0) & (before[None, :] == i[:, None])                      # [HEAVY_T, BLOCK_T]
+  return tl.sum(tl.where(m, tt[None, :], 0), axis=1), tl.sum(m.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
 def _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
   """DONE[blk, rank] = seq in owner s's region (release, system scope; call after a CTA
   barrier, so the item's rows and marks are ordered before it)."""
@@ -83,9 +96,13 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
-                  QUEUE: tl.constexpr):
+                  QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
+                  BLOCK_HC_H: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
+  SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
+  J_UNROLL-level path for the others and those few tokens over all TOPK levels in one
+  [HEAVY_T, BLOCK_HC_H] tile (each token's sum is the same either way).
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
@@ -116,9 +133,26 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       # Two versions of the chunk loop, each with a static level count so Triton can
       # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
       # token of the block has more rows here.
+      heavy = cnt > J_UNROLL
+      nheavy = tl.sum(heavy.to(tl.int32), axis=0)
       if jmax <= J_UNROLL:
         _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
                      J_UNROLL)
+      elif SPLIT and nheavy <= HEAVY_T:
+        light = have & (cnt <= J_UNROLL)
+        if tl.sum(light.to(tl.int32), axis=0) > 0:
+          _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
+                       BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
+        t_h = blk * BLOCK_T + th
+        pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
+                        mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
+        present_h = (pos_h >= 0) & (pos_h < CAPACITY)
+        wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
+        dst_h = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
+                 + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN)
+        _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
+                     y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
         _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
                      STAGES, TOPK)
@@ -229,6 +263,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    W_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
+                   SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -260,7 +295,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
-                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE)
+                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:

@@ -89,8 +89,17 @@ class EPPlan:
     combine_tokens: tokens per combine item (push) and block (reduce); 0 (default) = max(16,
       64 / K_pow2), 16 at top-8. Larger blocks raise one DONE flag (a system-scope release,
       which waits for the program's remote stores) and load one position tile per more
-      tokens, in narrower chunks of the same bytes; the sums are the same bits. Opt-in, not
-      yet timed on a GPU (added after session 14's last run).
+      tokens, in narrower chunks of the same bytes; the sums are the same bits. Opt-in: at
+      8x H200 32 tokens took combine from 1.41 to 1.22 ms (2026-11-22, session 15, same runs);
+      not yet timed at W = 4, where a larger block more often holds a token with more than
+      J_UNROLL rows here (``combine_split``).
+    combine_split: 1 = a push item whose tokens mostly have <= J_UNROLL rows here, but a few
+      (<= ``combine_heavy_t``) more, runs the J_UNROLL-level path for the others and sums the
+      few in a [HEAVY_T, wide] tile over all TOPK levels, instead of running the whole block
+      on the all-TOPK path (twice the chunk iterations); 0 (default) = the whole block.
+      Uniform top-8 of 256 on 4 ranks: 35 % of 16-token blocks (58 % of 32-token ones) have
+      such a token, 1-4 % on 8 ranks (``scripts/kernel_stats.py`` prints the shares). The
+      sums are the same bits. Opt-in, not yet timed on a GPU (session 15).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -154,6 +163,7 @@ class EPPlan:
   combine_queue: int = 1
   combine_wide: int = 1
   combine_tokens: int = 0
+  combine_split: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -331,14 +341,34 @@ class EPPlan:
     return hr
 
   @property
+  def combine_heavy_t(self) -> int:
+    """``combine_split``: tokens of an item summed over all TOPK levels in their own tile (at
+    most; an item with more such tokens runs the all-TOPK path): one per 8 tokens, >= 2."""
+    return max(2, self.combine_block_t // 8)
+
+  @property
+  def _combine_stage_bytes(self) -> int:
+    """Shared memory of one pipeline stage of combine's largest loop (the push paths' row
+    tiles, the reduce's W_P partial rows)."""
+    return self.combine_block_t * self.itemsize * max(
+        self.topk_p * self.combine_block_hc_all, self.j_unroll * self.combine_block_hc,
+        next_pow2(self.world) * self.combine_block_hr)
+
+  @property
+  def combine_block_hc_heavy(self) -> int:
+    """``combine_split``'s chunk: TOPK_P [HEAVY_T, BLOCK_HC_H] row tiles in a stage of the
+    other loops' bytes (2,048 columns at the DeepSeek-V3 shape: 4 chunk iterations where the
+    all-TOPK path takes 28)."""
+    per_col = self.topk_p * self.combine_heavy_t * self.itemsize
+    return _pow2_floor(self._combine_stage_bytes // per_col, 32, next_pow2(self.hidden))
+
+  @property
   def combine_pipeline(self) -> int:
     """combine's STAGES: ``combine_stages``, lowered until STAGES - 1 chunks of its largest
     loop fit in SMEM_BYTES (Triton reuses one buffer across the kernel's loops; the largest
-    holds TOPK_P push rows or W_P partial rows of a chunk)."""
-    per_stage = self.combine_block_t * self.itemsize * max(
-        self.topk_p * self.combine_block_hc_all, self.j_unroll * self.combine_block_hc,
-        next_pow2(self.world) * self.combine_block_hr)
-    return max(1, min(self.combine_stages, 1 + SMEM_BYTES // per_stage))
+    holds TOPK_P push rows or W_P partial rows of a chunk; ``combine_split``'s tile fits in
+    the same bytes)."""
+    return max(1, min(self.combine_stages, 1 + SMEM_BYTES // self._combine_stage_bytes))
 
   def combine(self, phase: int = 0) -> dict:
     r = self.region
@@ -349,7 +379,8 @@ class EPPlan:
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=int(self.combine_queue), PHASE=phase)}
+        QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
+        HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

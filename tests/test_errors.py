@@ -136,6 +136,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
     ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block"),
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
+    ("JAX_EP_COMBINE_SPLIT", "2", "0 \\(a block with a token of many rows"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -168,6 +169,9 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (2, 1, 65536)
   assert plan.dispatch(False)["STAGES"] == 2 and plan.combine()["STAGES"] == 1
   assert default.dispatch(False)["STAGES"] == default.dispatch_stages
+  assert default.combine()["SPLIT"] == 0
+  monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", "1")
+  assert tb._plan(config, 2, 2).combine()["SPLIT"] == 1
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):

@@ -334,6 +334,9 @@ def test_dispatch_combine_against_numpy(case, interp):
   out5 = SimWorld(dataclasses.replace(plan, combine_wide=0)).combine(ys, row_ws, recv_pos)
   # Larger combine blocks (combine_tokens; the last one partial): the same bits.
   out6 = SimWorld(dataclasses.replace(plan, combine_tokens=32)).combine(ys, row_ws, recv_pos)
+  # Tokens with more than J_UNROLL rows here in a tile of their own (combine_split): the same
+  # bits (the heavy / skewed cases have such tokens; ``test_combine_split_paths`` aims at it).
+  out7 = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -341,6 +344,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out4[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out5[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)
@@ -396,6 +400,56 @@ def _senders_expand_first(phases):
   out = list(phases)
   out[i5], out[i6] = phases[i6], phases[i5]
   return out
+
+
+@pytest.mark.parametrize("tokens", [0, 32])
+def test_combine_split_paths(tokens, interp):
+  """combine_split on a routing built for it (W = 4, top-8 of 32 experts): most tokens have 2
+  rows on every rank, and the 16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0
+  (with 32-token blocks 1 and 5), the last, partial block 2 at its end: blocks on the
+  J_UNROLL-level path, split into that path plus the heavy tile (<= HEAVY_T such tokens), and
+  on the all-TOPK path (more). Combine equals the numpy model and, bit for bit, the kernel
+  without the split; some slots are unselected."""
+  world, t, h, k, e = 4, 70, 600, 8, 32
+  el = e // world
+  rng = np.random.default_rng()
+  heavy_at = [16, 32, 33, 48, 49, 50, 68, 69]  # block offsets: 0 | 0 | 0, 1 | 0, 1, 2 | 4, 5
+  idxs = []
+  for _ in range(world):
+    idx = np.zeros((t, k), np.int32)
+    for tt in range(t):
+      if tt in heavy_at:
+        ex = np.concatenate([rng.choice(el, 6, replace=False), el + rng.choice(el, 2, False)])
+      else:
+        ex = np.concatenate([r * el + rng.choice(el, 2, replace=False) for r in range(world)])
+      idx[tt] = rng.permutation(ex)
+    light = ~np.isin(np.arange(t), heavy_at)
+    idx[light[:, None] & (rng.random((t, k)) < 0.1)] = -1
+    idxs.append(idx)
+  capacity = _capacity(world, t, k, e, None, 1)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=1, num_sms=3, use_timer=False, itemsize=2,
+                combine_tokens=tokens)
+  bt, ht = plan.combine_block_t, plan.combine_heavy_t
+  # the routing reaches every path: per block, the tokens with > J_UNROLL rows on rank 0
+  heavy_counts = [sum(b * bt <= x < (b + 1) * bt for x in heavy_at) for b in range(-(-t // bt))]
+  assert any(1 <= c <= ht for c in heavy_counts) and any(c > ht for c in heavy_counts)
+  assert tokens or heavy_counts == [0, 1, 2, 3, 2], heavy_counts
+  dtype = ml_dtypes.bfloat16
+  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  got = SimWorld(plan).dispatch(xs, idxs, ws)
+  recv_pos = [g["recv_pos"].a for g in got]
+  row_ws = [g["recv_w"].a for g in got]
+  assert ((recv_pos[0] >= 0).sum(-1) == 6).sum() == world * len(heavy_at)
+  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
+  base = SimWorld(plan).combine(ys, row_ws, recv_pos)
+  split = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
+  ref = ref_combine(ys, row_ws, recv_pos, world)
+  for r in range(world):
+    np.testing.assert_array_equal(split[r].view(np.uint8), base[r].view(np.uint8))
+    np.testing.assert_allclose(split[r].astype(np.float32), ref[r].astype(np.float32),
+                               rtol=2e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [

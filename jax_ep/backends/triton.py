@@ -139,6 +139,9 @@ _KNOBS = (
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
     ("combine_tokens", "JAX_EP_COMBINE_TOKENS", lambda v: v in (0, 16, 32, 64, 128),
      "0 (the default block: 16 tokens at top-8), 16, 32, 64 or 128 (tokens per combine block)"),
+    ("combine_split", "JAX_EP_COMBINE_SPLIT", _int_in(0, 1),
+     "0 (a block with a token of many rows here runs the all-TOPK path) or 1 (those few "
+     "tokens in a tile of their own)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
      "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
      "(as 1, senders copying the expansion's groups of blocks)"),
