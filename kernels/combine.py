@@ -97,12 +97,13 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-                  BLOCK_HC_H: tl.constexpr):
+                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
   J_UNROLL-level path for the others and those few tokens over all TOPK levels in one
-  [HEAVY_T, BLOCK_HC_H] tile (each token's sum is the same either way).
+  [HEAVY_T, BLOCK_HC_H] tile (each token's sum is the same either way). NARROW: a block whose
+  tokens have at most 2 rows here sums 2 levels in BLOCK_HC2-column chunks.
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
@@ -136,8 +137,16 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       heavy = cnt > J_UNROLL
       nheavy = tl.sum(heavy.to(tl.int32), axis=0)
       if jmax <= J_UNROLL:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES,
-                     J_UNROLL)
+        if NARROW:  # (static) 2 levels in wider chunks where no token has more rows here
+          if jmax <= 2:
+            _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
+                         STAGES, 2)
+          else:
+            _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+                         STAGES, J_UNROLL)
+        else:
+          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+                       STAGES, J_UNROLL)
       elif SPLIT and nheavy <= HEAVY_T:
         light = have & (cnt <= J_UNROLL)
         if tl.sum(light.to(tl.int32), axis=0) > 0:
@@ -264,7 +273,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -295,7 +304,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
         _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
-                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H)
+                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H,
+                      NARROW, BLOCK_HC2)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:

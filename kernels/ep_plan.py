@@ -100,6 +100,10 @@ class EPPlan:
       Uniform top-8 of 256 on 4 ranks: 35 % of 16-token blocks (58 % of 32-token ones) have
       such a token, 1-4 % on 8 ranks (``scripts/kernel_stats.py`` prints the shares). The
       sums are the same bits. Opt-in, not yet timed on a GPU (session 15).
+    combine_narrow: 1 = a push item whose tokens all have <= 2 rows here runs a 2-level path
+      in chunks twice as wide as the J_UNROLL path's (1,024 vs 512 columns at top-8, the same
+      bytes a stage): half the chunk iterations. Uniform top-8 of 256 on 8 ranks: a third of
+      the 16-token items (none on 4 ranks). The same bits; opt-in, not yet timed (session 15).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -164,6 +168,7 @@ class EPPlan:
   combine_wide: int = 1
   combine_tokens: int = 0
   combine_split: int = 0
+  combine_narrow: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -341,6 +346,11 @@ class EPPlan:
     return hr
 
   @property
+  def combine_block_hc_narrow(self) -> int:
+    """``combine_narrow``'s chunk: 2 row tiles in a stage of the all-TOPK path's bytes."""
+    return min(self.combine_block_hc_all * max(1, self.topk_p // 2), next_pow2(self.hidden))
+
+  @property
   def combine_heavy_t(self) -> int:
     """``combine_split``: tokens of an item summed over all TOPK levels in their own tile (at
     most; an item with more such tokens runs the all-TOPK path): one per 8 tokens, >= 2."""
@@ -380,6 +390,8 @@ class EPPlan:
         BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
         QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
+        NARROW=int(self.combine_narrow and self.j_unroll > 2),
+        BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:

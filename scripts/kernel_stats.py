@@ -48,22 +48,25 @@ def cubin_usage(cubin: bytes) -> str:
   return " ".join(line.split()[:3])
 
 
-def heavy_block_share(plan, seed=0) -> float:
-  """The share of (combine block, rank) items in which some token has more than J_UNROLL of
-  its rows (uniform top-k routing, no duplicates): those run combine's all-TOPK push path, or
-  with ``combine_split`` its heavy tile."""
+def item_shares(plan, seed=0) -> tuple[float, float]:
+  """The shares of (combine block, rank) push items, uniform top-k routing without
+  duplicates, in which some token has more than J_UNROLL of its rows (the all-TOPK path, or
+  with ``combine_split`` its heavy tile) and in which no token has more than 2 (the 2-level
+  path with ``combine_narrow``)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   t, bt = plan.num_tokens, plan.combine_block_t
   idx = np.argsort(rng.random((t, plan.num_experts)), axis=1)[:, :plan.topk]
   rank = idx // plan.e_local
   nb = -(-t // bt)
-  hits = 0
+  heavy = narrow = 0
   for s in range(plan.world):
     cnt = np.zeros(nb * bt, np.int64)
     cnt[:t] = (rank == s).sum(1)
-    hits += int((cnt.reshape(nb, bt).max(1) > plan.j_unroll).sum())
-  return hits / (nb * plan.world)
+    jmax = cnt.reshape(nb, bt).max(1)
+    heavy += int((jmax > plan.j_unroll).sum())
+    narrow += int(((jmax > 0) & (jmax <= 2)).sum())
+  return heavy / (nb * plan.world), narrow / (nb * plan.world)
 
 
 def main() -> None:
@@ -91,6 +94,7 @@ def main() -> None:
   p.add_argument("--combine-tokens", type=int, default=EPPlan.combine_tokens,
                  choices=(0, 16, 32, 64, 128), help="tokens per combine block (0: the default)")
   p.add_argument("--combine-split", type=int, default=EPPlan.combine_split, choices=(0, 1))
+  p.add_argument("--combine-narrow", type=int, default=EPPlan.combine_narrow, choices=(0, 1))
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -109,7 +113,7 @@ def main() -> None:
                 combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
                 combine_wide=args.combine_wide, combine_tokens=args.combine_tokens,
-                combine_split=args.combine_split)
+                combine_split=args.combine_split, combine_narrow=args.combine_narrow)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "
@@ -117,8 +121,9 @@ def main() -> None:
         f"{plan.combine_block_hr} (all {plan.world} ranks)"
         + (f"; split tile [{plan.combine_heavy_t}, {plan.combine_block_hc_heavy}]"
            if plan.combine_split else ""))
-  print(f"uniform routing: {heavy_block_share(plan):.0%} of the combine blocks hold a token "
-        f"with more than {plan.j_unroll} rows on a rank")
+  heavy, narrow = item_shares(plan)
+  print(f"uniform routing: {heavy:.0%} of the combine push items hold a token with more than "
+        f"{plan.j_unroll} rows on their rank, in {narrow:.0%} no token has more than 2")
   for name, (k, warps) in compile_ep_kernels(plan, args.dtype, args.warps).items():
     ptx = k.asm["ptx"]
     vec = len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx))

@@ -35,10 +35,11 @@ def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
     (4, 4096, 7168, 256, 8, "bf16", {"combine_tokens": 64}),
     (8, 1024, 2048, 128, 8, "f32", {"combine_tokens": 128}),
     (4, 4096, 7168, 256, 8, "bf16", {"combine_split": 1}),
-    (8, 4096, 7168, 256, 8, "bf16", {"combine_split": 1, "combine_tokens": 32}),
+    (8, 4096, 7168, 256, 8, "bf16", {"combine_split": 1, "combine_tokens": 32,
+                                     "combine_narrow": 1}),
 ], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0", "w64", "dsv3-w4-push",
         "dsv3-w4-zero-first", "dsv3-w4-pull1", "dsv3-w4-combine64", "w8-f32-combine128",
-        "dsv3-w4-split", "dsv3-w8-split32"])
+        "dsv3-w4-split", "dsv3-w8-split32-narrow"])
 def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
   plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)
   built = compile_ep_kernels(plan, dtype)

@@ -337,6 +337,8 @@ def test_dispatch_combine_against_numpy(case, interp):
   # Tokens with more than J_UNROLL rows here in a tile of their own (combine_split): the same
   # bits (the heavy / skewed cases have such tokens; ``test_combine_split_paths`` aims at it).
   out7 = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
+  # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
+  out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -345,6 +347,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out5[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out8[r].view(np.uint8))
     np.testing.assert_allclose(out1[r].astype(np.float32), ref[r].astype(np.float32),
                                rtol=2e-2 if dtype != np.float32 else 1e-5,
                                atol=3e-2 if dtype != np.float32 else 1e-5)
@@ -403,13 +406,14 @@ def _senders_expand_first(phases):
 
 
 @pytest.mark.parametrize("tokens", [0, 32])
-def test_combine_split_paths(tokens, interp):
-  """combine_split on a routing built for it (W = 4, top-8 of 32 experts): most tokens have 2
-  rows on every rank, and the 16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0
-  (with 32-token blocks 1 and 5), the last, partial block 2 at its end: blocks on the
+def test_combine_push_paths(tokens, interp):
+  """combine_split and combine_narrow on a routing built for them (W = 4, top-8 of 32
+  experts): most tokens have 2 rows on every rank, and the 16-token blocks hold 0, 1, 2 and 3
+  tokens with 6 rows on rank 0 and 2 on rank 1 (with 32-token blocks 1 and 5), the last,
+  partial block 2 at its end: items on the 2-level path (ranks 2 and 3, and block 0), on the
   J_UNROLL-level path, split into that path plus the heavy tile (<= HEAVY_T such tokens), and
-  on the all-TOPK path (more). Combine equals the numpy model and, bit for bit, the kernel
-  without the split; some slots are unselected."""
+  on the all-TOPK path (more). Combine equals the numpy model and, bit for bit, the default
+  kernel's; some slots are unselected."""
   world, t, h, k, e = 4, 70, 600, 8, 32
   el = e // world
   rng = np.random.default_rng()
@@ -444,12 +448,14 @@ def test_combine_split_paths(tokens, interp):
   assert ((recv_pos[0] >= 0).sum(-1) == 6).sum() == world * len(heavy_at)
   ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
-  split = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
   ref = ref_combine(ys, row_ws, recv_pos, world)
-  for r in range(world):
-    np.testing.assert_array_equal(split[r].view(np.uint8), base[r].view(np.uint8))
-    np.testing.assert_allclose(split[r].astype(np.float32), ref[r].astype(np.float32),
-                               rtol=2e-2, atol=3e-2)
+  for kw in ({"combine_split": 1}, {"combine_narrow": 1},
+             {"combine_split": 1, "combine_narrow": 1}):
+    got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
+    for r in range(world):
+      np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))
+      np.testing.assert_allclose(got[r].astype(np.float32), ref[r].astype(np.float32),
+                                 rtol=2e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [

@@ -142,6 +142,9 @@ _KNOBS = (
     ("combine_split", "JAX_EP_COMBINE_SPLIT", _int_in(0, 1),
      "0 (a block with a token of many rows here runs the all-TOPK path) or 1 (those few "
      "tokens in a tile of their own)"),
+    ("combine_narrow", "JAX_EP_COMBINE_NARROW", _int_in(0, 1),
+     "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
+     "more than 2 rows here)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
      "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
      "(as 1, senders copying the expansion's groups of blocks)"),

@@ -256,18 +256,23 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
                repeats=3)
 
 
-@pytest.mark.parametrize("tokens,case", [
-    (0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16"))])
-def test_combine_split_matches_xla(tokens, case, peer_world, monkeypatch):
-  """JAX_EP_COMBINE_SPLIT=1: a push item's few tokens with more than 4 rows on one rank in a
-  tile of their own (uniform top-8 of 256 on 4 ranks: ~35 % of 16-token items; on 2 ranks
-  most items have more such tokens than the tile and keep the all-TOPK path; skewed routing
-  with drops in 32-token blocks) give xla's results, gradients included."""
+@pytest.mark.parametrize("split,narrow,tokens,case", [
+    (1, 0, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
+    (0, 1, 0, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16"))],
+    ids=["split", "split-narrow-32", "narrow"])
+def test_combine_push_paths_match_xla(split, narrow, tokens, case, peer_world, monkeypatch):
+  """Combine's opt-in push paths give xla's results, gradients included:
+  JAX_EP_COMBINE_SPLIT=1 (an item's few tokens with more than 4 rows on one rank in a tile of
+  their own: ~35 % of 16-token items at W = 4, uniform top-8 of 256; at W = 2 most items have
+  more such tokens than the tile and keep the all-TOPK path) and JAX_EP_COMBINE_NARROW=1 (items
+  whose tokens have <= 2 rows here on a 2-level path: a third of them at W = 8, few at W = 4;
+  the skewed case with drops has some at any W)."""
   mesh, world = peer_world
-  monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", "1")
+  monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", str(split))
+  monkeypatch.setenv("JAX_EP_COMBINE_NARROW", str(narrow))
   monkeypatch.setenv("JAX_EP_COMBINE_TOKENS", str(tokens))
-  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow, repeats=3)
 
 
 @pytest.mark.parametrize("dpull,case", [
