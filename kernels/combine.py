@@ -131,9 +131,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       have = cnt > 0
       dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
              + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
-      # Two versions of the chunk loop, each with a static level count so Triton can
-      # software-pipeline its loads: J_UNROLL levels (most blocks), or all TOPK levels when a
-      # token of the block has more rows here.
+      # Versions of the chunk loop, each with a static level count so Triton can
+      # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
+      # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
+      # the block has more rows here (with SPLIT, for those few tokens only).
       heavy = cnt > J_UNROLL
       nheavy = tl.sum(heavy.to(tl.int32), axis=0)
       if jmax <= J_UNROLL:
@@ -273,7 +274,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr,
+                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
