@@ -135,37 +135,33 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
       # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
       # the block has more rows here (with SPLIT, for those few tokens only).
-      heavy = cnt > J_UNROLL
-      nheavy = tl.sum(heavy.to(tl.int32), axis=0)
       if jmax <= J_UNROLL:
-        if NARROW:  # (static) 2 levels in wider chunks where no token has more rows here
-          if jmax <= 2:
-            _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
-                         STAGES, 2)
-          else:
-            _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
-                         STAGES, J_UNROLL)
+        if NARROW and jmax <= 2:
+          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
+                       STAGES, 2)
         else:
           _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
                        STAGES, J_UNROLL)
-      elif SPLIT and nheavy <= HEAVY_T:
-        light = have & (cnt <= J_UNROLL)
-        if tl.sum(light.to(tl.int32), axis=0) > 0:
-          _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
-                       BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
-        t_h = blk * BLOCK_T + th
-        pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
-                        mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
-        present_h = (pos_h >= 0) & (pos_h < CAPACITY)
-        wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
-        dst_h = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
-                 + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN)
-        _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
-                     y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
-                     STAGES, TOPK)
+        heavy = cnt > J_UNROLL
+        if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
+          light = have & ~heavy
+          if tl.sum(light.to(tl.int32), axis=0) > 0:
+            _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
+                         BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+          th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
+          t_h = blk * BLOCK_T + th
+          pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
+                          mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
+          present_h = (pos_h >= 0) & (pos_h < CAPACITY)
+          wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
+          dst_h = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
+                   + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN)
+          _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
+                       y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+        else:
+          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
+                       STAGES, TOPK)
       mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
       tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
     if QUEUE == 1:
