@@ -70,6 +70,65 @@ def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
 
 
 @triton.jit
+def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr,
+                 CAPACITY: tl.constexpr, LEVELS: tl.constexpr):
+  """For the tokens of a block (``slot0 [BLOCK_T]``: each token's first slot in recv_pos):
+  the positions and weights of their first LEVELS present slots in k order, as two tuples of
+  LEVELS ``[BLOCK_T]`` vectors (-1 and 0.0 past a token's count), and the counts.
+
+  One ``[BLOCK_T]`` load per slot column and elementwise selects: nothing is reduced across
+  the block's threads, so the vectors come out in the row tile's token layout with no CTA
+  barrier or warp shuffle (the [BLOCK_T, TOPK_P] tile version's prefix counts and per-level
+  sums take ~36 barriers and ~67 shuffles per item in the compiled push)."""
+  cnt = tl.zeros_like(slot0)
+  ps = ()
+  for j in tl.static_range(LEVELS):
+    ps = ps + (tl.full(slot0.shape, -1, tl.int32),)
+  for kk in tl.static_range(TOPK):
+    p = tl.load(recv_pos_ptr + slot0 + kk, mask=tmask, other=-1)
+    pres = (p >= 0) & (p < CAPACITY)  # a corrupt layout cannot address past y
+    nxt = ()
+    for j in tl.static_range(LEVELS):
+      nxt = nxt + (tl.where(pres & (cnt == j), p, ps[j]),)
+    ps = nxt
+    cnt += pres.to(tl.int32)
+  ws = ()
+  for j in tl.static_range(LEVELS):
+    ws = ws + (tl.load(row_weights_ptr + ps[j], mask=ps[j] >= 0, other=0.0),)
+  return ps, ws, cnt
+
+
+@triton.jit
+def _only(ps, ws, keep, LEVELS: tl.constexpr):
+  """``ps, ws`` of _slot_levels for the tokens where ``keep`` holds (-1 / 0.0 elsewhere)."""
+  kp = ()
+  kw = ()
+  for j in tl.static_range(LEVELS):
+    kp = kp + (tl.where(keep, ps[j], -1),)
+    kw = kw + (tl.where(keep, ws[j], 0.0),)
+  return kp, kw
+
+
+@triton.jit
+def _push_levels(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr):
+  """_push_chunks for the vectors of _slot_levels: dst[t] = sum_j ws[j][t] * y[ps[j][t]] over
+  the first LEVELS levels, chunk by chunk (the same sum, in the same order: the same bits)."""
+  h = tl.arange(0, BLOCK_HC)
+  A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
+  for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
+    cols = h0 + h
+    hmask = cols < HIDDEN
+    acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
+    for j in tl.static_range(LEVELS):
+      yj = tl.load(y_ptr + ps[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                   mask=(ps[j] >= 0)[:, None] & hmask[None, :], other=0.0)
+      acc = acc + ws[j][:, None] * yj.to(tl.float32)
+    tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
+             mask=have[:, None] & hmask[None, :])
+
+
+@triton.jit
 def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
   """For ``heavy [BLOCK_T]``: the block offsets of its first HEAVY_T set entries, in order
   ([HEAVY_T] int32), and which of those exist. (Prefix counts by a [BLOCK_T, BLOCK_T]
@@ -80,6 +139,111 @@ def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
   i = tl.arange(0, HEAVY_T)
   m = (h[None, :] > 0) & (before[None, :] == i[:, None])                      # [HEAVY_T, BLOCK_T]
   return tl.sum(tl.where(m, tt[None, :], 0), axis=1), tl.sum(m.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
+                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                    TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
+                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+                    HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
+                    BLOCK_HC2: tl.constexpr):
+  """One push item (token block ``blk`` of owner ``s``), the slots compacted over a
+  [BLOCK_T, TOPK_P] tile of recv_pos."""
+  k = tl.arange(0, TOPK_P)
+  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+  tmask = t < NUM_TOKENS
+  smask = tmask[:, None] & (k < TOPK)[None, :]
+  pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], mask=smask,
+                other=-1)
+  present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
+  cnt = tl.sum(present.to(tl.int32), axis=1)
+  jmax = tl.max(cnt, axis=0)
+  if jmax > 0:
+    rnk = present_rank(present, k, TOPK_P)
+    wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
+    have = cnt > 0
+    rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
+    dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+    # Versions of the chunk loop, each with a static level count so Triton can
+    # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
+    # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
+    # the block has more rows here (with SPLIT, for those few tokens only).
+    if jmax <= J_UNROLL:
+      if NARROW and jmax <= 2:
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
+                     STAGES, 2)
+      else:
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+                     STAGES, J_UNROLL)
+    else:
+      heavy = cnt > J_UNROLL
+      if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
+        light = have & ~heavy
+        if tl.sum(light.to(tl.int32), axis=0) > 0:
+          _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
+                       BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
+        t_h = blk * BLOCK_T + th
+        pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
+                        mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
+        present_h = (pos_h >= 0) & (pos_h < CAPACITY)
+        wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
+        dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
+        _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
+                     y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+      else:
+        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
+                     STAGES, TOPK)
+    marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
+    tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
+
+
+@triton.jit
+def _push_item_vectors(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
+                       ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+                       NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
+                       HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                       CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
+                       BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr,
+                       J_UNROLL: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
+                       BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
+                       BLOCK_HC2: tl.constexpr):
+  """_push_item_tile with the slots compacted by _slot_levels (``EPPlan.combine_vectors``):
+  the same paths, sums and bits, without the tile's reductions."""
+  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+  # TOPK_P levels: at least TOPK (the all-TOPK path) and J_UNROLL (min(4, TOPK_P))
+  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
+                             t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
+  jmax = tl.max(cnt, axis=0)
+  if jmax > 0:
+    have = cnt > 0
+    rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
+    dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
+    if jmax <= J_UNROLL:
+      if NARROW and jmax <= 2:
+        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
+      else:
+        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+    else:
+      heavy = cnt > J_UNROLL
+      if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
+        light = have & ~heavy
+        if tl.sum(light.to(tl.int32), axis=0) > 0:
+          lp, lw = _only(ps, ws, light, J_UNROLL)
+          _push_levels(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
+        t_h = blk * BLOCK_T + th
+        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t_h) * TOPK,
+                                 hv, TOPK, CAPACITY, TOPK)
+        dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
+        _push_levels(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+      else:
+        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+    marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
+    tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
 
 @triton.jit
@@ -97,7 +261,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
+                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
+                  VEC: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -107,63 +272,27 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
-  program's earlier remote stores have landed: one such drain per two items)."""
+  program's earlier remote stores have landed: one such drain per two items).
+  VEC: the slots compacted per slot column (_push_item_vectors) instead of over the
+  [BLOCK_T, TOPK_P] tile; the same rows."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  k = tl.arange(0, TOPK_P)
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
   prev_blk = tl.full([], 0, tl.int32)
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
-    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < NUM_TOKENS
-    smask = tmask[:, None] & (k < TOPK)[None, :]
-    pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], mask=smask,
-                  other=-1)
-    present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
-    cnt = tl.sum(present.to(tl.int32), axis=1)
-    jmax = tl.max(cnt, axis=0)
-    if jmax > 0:
-      rnk = present_rank(present, k, TOPK_P)
-      wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
-      have = cnt > 0
-      dst = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
-             + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN)
-      # Versions of the chunk loop, each with a static level count so Triton can
-      # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
-      # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
-      # the block has more rows here (with SPLIT, for those few tokens only).
-      if jmax <= J_UNROLL:
-        if NARROW and jmax <= 2:
-          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
-                       STAGES, 2)
-        else:
-          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
-                       STAGES, J_UNROLL)
-      else:
-        heavy = cnt > J_UNROLL
-        if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
-          light = have & ~heavy
-          if tl.sum(light.to(tl.int32), axis=0) > 0:
-            _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
-                         BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-          th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
-          t_h = blk * BLOCK_T + th
-          pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
-                          mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
-          present_h = (pos_h >= 0) & (pos_h < CAPACITY)
-          wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
-          dst_h = (sym_ptr(sym_table, s, ROWS_OFF, dtype)
-                   + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN)
-          _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
-                       y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
-        else:
-          _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
-                       STAGES, TOPK)
-      mark = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32) + rank * MAX_TOKENS + t
-      tl.store(mark, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
+    if VEC:
+      _push_item_vectors(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
+                         ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
+                         TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
+                         SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
+    else:
+      _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
+                      ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                      CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT,
+                      HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -188,13 +317,14 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
+                    VEC: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
   pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   for blk in range(pid, num_blocks, num_programs):
     _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC)
 
 
 @triton.jit
@@ -202,8 +332,8 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PROFILE: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr,
+                  USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
   soon as its own push is over, while other programs still push. Returns the ns waited for
@@ -221,7 +351,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
     waited += _now(PROFILE) - t0
     if ok:
       _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC)
       blk = take_item(sym_table, rank)
   return waited
 
@@ -230,26 +360,36 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
 def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
                   MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr):
   """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
   marks = sym_ptr(sym_table, rank, ROW_MARK_OFF, tl.int32)
   h = tl.arange(0, BLOCK_HR)
-  r = tl.arange(0, W_P)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
-  m2 = (r < world)[:, None] & tmask[None, :]
-  got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
-                cache_modifier=".cg")
-  got = (m2 & (got == seq)).to(tl.int32)                                  # [W_P, BLOCK_T]
+  if VEC:  # one [BLOCK_T] vector of marks per rank: no reduction over a tile
+    gs = ()
+    for rr in tl.static_range(W_P):
+      mr = tmask & (tl.zeros_like(t) + rr < world)
+      gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
+                               cache_modifier=".cg") == seq),)
+  else:
+    r = tl.arange(0, W_P)
+    m2 = (r < world)[:, None] & tmask[None, :]
+    got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
+                  cache_modifier=".cg")
+    got = (m2 & (got == seq)).to(tl.int32)                                # [W_P, BLOCK_T]
   for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
     for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
-      g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
+      if VEC:
+        g = gs[rr]
+      else:
+        g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
       v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
                                  + cols[None, :], [A, A]),
                   mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
@@ -270,8 +410,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr,
-                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, VEC: tl.constexpr,
+                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -303,15 +443,15 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
                       BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H,
-                      NARROW, BLOCK_HC2)
+                      NARROW, BLOCK_HC2, VEC)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
         if QUEUE:  # blocks from the queue as every rank finishes them
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
-                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
-                                 PROFILE)
+                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC,
+                                 USE_TIMER, PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
@@ -320,7 +460,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           if ok:
             _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
                             NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
-                            BLOCK_T, BLOCK_HR, STAGES)
+                            BLOCK_T, BLOCK_HR, STAGES, VEC)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

@@ -104,6 +104,12 @@ class EPPlan:
       in chunks twice as wide as the J_UNROLL path's (1,024 vs 512 columns at top-8, the same
       bytes a stage): half the chunk iterations. Uniform top-8 of 256 on 8 ranks: a third of
       the 16-token items (none on 4 ranks). The same bits; opt-in, not yet timed (session 15).
+    combine_vectors: 1 = combine finds each token's rows (push: the j-th present slot of each
+      level; reduce: which ranks' partial rows arrived) from one [BLOCK_T] load per slot
+      column or rank and elementwise selects, instead of reductions over a [BLOCK_T, TOPK_P]
+      or [W_P, BLOCK_T] tile: at the DeepSeek-V3 shape the compiled push then has ~2 CTA
+      barriers per item outside its chunk loops instead of ~36 (``scripts/kernel_stats.py``
+      counts them); the same bits. Opt-in, not yet timed on a GPU (session 16).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -169,6 +175,7 @@ class EPPlan:
   combine_tokens: int = 0
   combine_split: int = 0
   combine_narrow: int = 0
+  combine_vectors: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -391,7 +398,7 @@ class EPPlan:
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
         QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
-        BLOCK_HC2=self.combine_block_hc_narrow,
+        BLOCK_HC2=self.combine_block_hc_narrow, VEC=int(self.combine_vectors),
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:

@@ -95,6 +95,7 @@ def main() -> None:
                  choices=(0, 16, 32, 64, 128), help="tokens per combine block (0: the default)")
   p.add_argument("--combine-split", type=int, default=EPPlan.combine_split, choices=(0, 1))
   p.add_argument("--combine-narrow", type=int, default=EPPlan.combine_narrow, choices=(0, 1))
+  p.add_argument("--combine-vectors", type=int, default=EPPlan.combine_vectors, choices=(0, 1))
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -113,7 +114,8 @@ def main() -> None:
                 combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
                 combine_wide=args.combine_wide, combine_tokens=args.combine_tokens,
-                combine_split=args.combine_split, combine_narrow=args.combine_narrow)
+                combine_split=args.combine_split, combine_narrow=args.combine_narrow,
+                combine_vectors=args.combine_vectors)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "
@@ -127,8 +129,12 @@ def main() -> None:
   for name, (k, warps) in compile_ep_kernels(plan, args.dtype, args.warps).items():
     ptx = k.asm["ptx"]
     vec = len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx))
+    # CTA barriers and warp shuffles in the whole kernel's code (not per run-time iteration):
+    # the tiles' reductions and layout conversions show up here
+    bars = len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
+    shfl = len(re.findall(r"\bshfl\.", ptx))
     print(f"{name:22s} warps {warps:2d} shared {k.metadata.shared:6d} B  16-byte ld/st {vec:4d}  "
-          f"{cubin_usage(k.asm['cubin'])}")
+          f"barriers {bars:3d} shuffles {shfl:3d}  {cubin_usage(k.asm['cubin'])}")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,14 @@ def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
     (4, 4096, 7168, 256, 8, "bf16", {"combine_split": 1}),
     (8, 4096, 7168, 256, 8, "bf16", {"combine_split": 1, "combine_tokens": 32,
                                      "combine_narrow": 1}),
+    (4, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 1}),
+    (8, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 1, "combine_split": 1,
+                                     "combine_narrow": 1}),
+    (64, 128, 2048, 256, 8, "bf16", {"combine_vectors": 1}),
 ], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0", "w64", "dsv3-w4-push",
         "dsv3-w4-zero-first", "dsv3-w4-pull1", "dsv3-w4-combine64", "w8-f32-combine128",
-        "dsv3-w4-split", "dsv3-w8-split32-narrow"])
+        "dsv3-w4-split", "dsv3-w8-split32-narrow", "dsv3-w4-vectors",
+        "dsv3-w8-vectors-split-narrow", "w64-vectors"])
 def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
   plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)
   built = compile_ep_kernels(plan, dtype)
@@ -80,3 +85,20 @@ def test_combine_reduce_moves_16_byte_vectors_up_to_8_ranks(world, itemsize):
   per_thread = plan.combine_block_t * plan.combine_block_hr * itemsize // (32 * ROWS_WARPS)
   assert per_thread >= 16, (plan.combine_block_hr, per_thread)
   assert plan.combine_pipeline == plan.combine_stages
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_combine_vectors_drop_the_tile_reductions(world):
+  """combine_vectors finds each token's rows without reductions across the block's threads:
+  the compiled combine keeps every pipelined row copy of the default's and loses most of its
+  CTA barriers and warp shuffles (at the DeepSeek-V3 shape 138 -> 39 barriers, 165 -> 22
+  shuffles at W = 4; a layout conversion Triton put back would show up here)."""
+  def counts(**kw):
+    k, _ = compile_ep_kernels(_plan(world, 4096, 7168, 256, 8, 2, **kw), "bf16")["combine_kernel"]
+    ptx = k.asm["ptx"]
+    return (len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)), len(re.findall(r"\bshfl\.", ptx)),
+            len(re.findall(r"\bcp\.async\.cg\b", ptx)))
+  bars, shfl, copies = counts()
+  vbars, vshfl, vcopies = counts(combine_vectors=1)
+  assert vcopies == copies > 0
+  assert 3 * vbars < bars and 3 * vshfl < shfl, (bars, vbars, shfl, vshfl)

@@ -138,6 +138,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
     ("JAX_EP_COMBINE_SPLIT", "2", "0 \\(a block with a token of many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
+    ("JAX_EP_COMBINE_VECTORS", "2", "0 \\(find each token's rows by reductions"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -176,6 +177,9 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["NARROW"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", "1")  # top-2: J_UNROLL = 2, nothing narrower
   assert tb._plan(config, 2, 2).combine()["NARROW"] == 0
+  assert default.combine()["VEC"] == 0
+  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", "1")
+  assert tb._plan(config, 2, 2).combine()["VEC"] == 1
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):

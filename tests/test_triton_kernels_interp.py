@@ -371,6 +371,8 @@ def test_dispatch_combine_against_numpy(case, interp):
   out7 = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
   # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
+  # Each token's rows found by one vector load per slot column / rank (combine_vectors).
+  out9 = SimWorld(dataclasses.replace(plan, combine_vectors=1)).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(out1, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -380,6 +382,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out8[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out9[r].view(np.uint8))
 
   gos = [g["go"].a for g in got]
   gss = [g["gs"].a for g in got]
@@ -436,7 +439,8 @@ def _senders_expand_first(phases):
 
 @pytest.mark.parametrize("tokens", [0, 32])
 def test_combine_push_paths(tokens, interp):
-  """combine_split and combine_narrow on a routing built for them (W = 4, top-8 of 32
+  """combine_split, combine_narrow and combine_vectors (alone and with both) on a routing built
+  for them (W = 4, top-8 of 32
   experts): most tokens have 2 rows on every rank, and the 16-token blocks hold 0, 1, 2 and 3
   tokens with 6 rows on rank 0 and 2 on rank 1 (with 32-token blocks 1 and 5), the last,
   partial block 2 at its end: items on the 2-level path (ranks 2 and 3, and block 0), on the
@@ -479,7 +483,8 @@ def test_combine_push_paths(tokens, interp):
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_split": 1}, {"combine_narrow": 1},
-             {"combine_split": 1, "combine_narrow": 1}):
+             {"combine_split": 1, "combine_narrow": 1}, {"combine_vectors": 1},
+             {"combine_vectors": 1, "combine_split": 1, "combine_narrow": 1}):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))

@@ -145,6 +145,9 @@ _KNOBS = (
     ("combine_narrow", "JAX_EP_COMBINE_NARROW", _int_in(0, 1),
      "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
      "more than 2 rows here)"),
+    ("combine_vectors", "JAX_EP_COMBINE_VECTORS", _int_in(0, 1),
+     "0 (find each token's rows by reductions over a tile) or 1 (by one vector load per slot "
+     "column or rank)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
      "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
      "(as 1, senders copying the expansion's groups of blocks)"),

@@ -256,23 +256,32 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
                repeats=3)
 
 
-@pytest.mark.parametrize("split,narrow,tokens,case", [
-    (1, 0, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
-    (0, 1, 0, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16"))],
-    ids=["split", "split-narrow-32", "narrow"])
-def test_combine_push_paths_match_xla(split, narrow, tokens, case, peer_world, monkeypatch):
+@pytest.mark.parametrize("split,narrow,vectors,tokens,case", [
+    (1, 0, 0, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 1, 0, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
+    (0, 1, 0, 0, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
+    (0, 0, 1, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
+    (0, 0, 1, 0, (128, 2048, 64, 4, None, 8, "with_unselected", "float32"))],
+    ids=["split", "split-narrow-32", "narrow", "vectors", "vectors-split-narrow-32",
+         "vectors-f32"])
+def test_combine_push_paths_match_xla(split, narrow, vectors, tokens, case, peer_world,
+                                      monkeypatch):
   """Combine's opt-in push paths give xla's results, gradients included:
   JAX_EP_COMBINE_SPLIT=1 (an item's few tokens with more than 4 rows on one rank in a tile of
   their own: ~35 % of 16-token items at W = 4, uniform top-8 of 256; at W = 2 most items have
-  more such tokens than the tile and keep the all-TOPK path) and JAX_EP_COMBINE_NARROW=1 (items
+  more such tokens than the tile and keep the all-TOPK path), JAX_EP_COMBINE_NARROW=1 (items
   whose tokens have <= 2 rows here on a 2-level path: a third of them at W = 8, few at W = 4;
-  the skewed case with drops has some at any W)."""
+  the skewed case with drops has some at any W) and JAX_EP_COMBINE_VECTORS=1 (each token's
+  rows found by vector loads per slot column and rank instead of tile reductions, push and
+  reduce)."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", str(split))
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", str(narrow))
+  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", str(vectors))
   monkeypatch.setenv("JAX_EP_COMBINE_TOKENS", str(tokens))
-  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow + 5 * vectors,
+               repeats=3)
 
 
 @pytest.mark.parametrize("dpull,case", [
