@@ -73,6 +73,11 @@ class EPPlan:
     expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
       = by level (``_expand_block``); opt-in: measured no faster (L = 2 / 4: 1.200 / 1.056 ms
       vs 1.069 ms by slot, 4x H200, DeepSeek-V3 shape, 2026-11-21 17:58).
+    dispatch_vectors: 1 = the expansion by slot (expand_levels 0) reads each block's slot
+      columns as [BLOCK_T] vectors instead of taking them out of a [BLOCK_T, TOPK_P] tile by
+      reductions: 25 instead of 65 CTA barriers per expansion item in the compiled kernel
+      (DeepSeek-V3 shape, 4-block groups), but more register spills; the same stores. Opt-in,
+      not yet timed on a GPU (session 16).
     combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
       soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
       reduces while others still push; 0 = every program reduces its fixed blocks after all
@@ -168,6 +173,7 @@ class EPPlan:
   receiver_share: float = 0.6
   dispatch_stages: int = 4
   expand_levels: int = 0
+  dispatch_vectors: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
@@ -280,6 +286,13 @@ class EPPlan:
                 TOPK_P=self.topk_p, BLOCK_T=self.block_t, W_P=next_pow2(self.world),
                 USE_TIMER=self.use_timer, PROFILE=self.profile)
 
+  @property
+  def _expand_store(self) -> int:
+    """_expand_block's EXPAND_LEVELS: L > 0 levels, 0 by slot, -1 by slot from vectors."""
+    if self.expand_levels:
+      return min(self.expand_levels, self.topk)
+    return -1 if self.dispatch_vectors else 0
+
   def dispatch(self, from_layout: bool, phase: int = 0) -> dict:
     """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""
     r = self.region
@@ -288,7 +301,7 @@ class EPPlan:
              ROWS_OFF=r.rows_off, BLOCK_FLAG_OFF=r.block_flag_off,
              NUM_SENDERS=self.num_senders, NUM_RECEIVERS=self.num_receivers,
              BLOCK_H=self.block_h, STAGES=self.dispatch_stages,
-             EXPAND_LEVELS=min(self.expand_levels, self.topk), BLOCK_R=self.block_r,
+             EXPAND_LEVELS=self._expand_store, BLOCK_R=self.block_r,
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
              PULL=int(self.dispatch_pull),

@@ -139,6 +139,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_SPLIT", "2", "0 \\(a block with a token of many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
     ("JAX_EP_COMBINE_VECTORS", "2", "0 \\(find each token's rows by reductions"),
+    ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -180,6 +181,11 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["VEC"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", "1")
   assert tb._plan(config, 2, 2).combine()["VEC"] == 1
+  assert default.dispatch(False)["EXPAND_LEVELS"] == 0
+  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")  # stores by level (9 here) win
+  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
+  monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
+  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):
