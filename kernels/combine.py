@@ -52,11 +52,12 @@ def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.conste
 
 
 @triton.jit
-def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, STAGES: tl.constexpr,
-                 LEVELS: tl.constexpr):
+def _push_chunks(dst, slots, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr):
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
-  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together)."""
+  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together).
+  ``slots``: (pos, present, rnk, wts), [BLOCK_T, TOPK_P] tiles (``_level`` picks each level),
+  or (ps, ws) of ``_slot_levels``, a [BLOCK_T] vector per level; the same sum either way."""
   h = tl.arange(0, BLOCK_HC)
   A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
   for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
@@ -64,7 +65,13 @@ def _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN: tl.constexpr,
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
     for j in tl.static_range(LEVELS):
-      acc = _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN)
+      if len(slots) == 4:
+        acc = _level(acc, j, slots[0], slots[1], slots[2], slots[3], y_ptr, cols, hmask, HIDDEN)
+      else:
+        pj = slots[0][j]
+        yj = tl.load(y_ptr + pj[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                     mask=(pj >= 0)[:, None] & hmask[None, :], other=0.0)
+        acc = acc + slots[1][j][:, None] * yj.to(tl.float32)
     tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
              mask=have[:, None] & hmask[None, :])
 
@@ -110,25 +117,6 @@ def _only(ps, ws, keep, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _push_levels(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr):
-  """_push_chunks for the vectors of _slot_levels: dst[t] = sum_j ws[j][t] * y[ps[j][t]] over
-  the first LEVELS levels, chunk by chunk (the same sum, in the same order: the same bits)."""
-  h = tl.arange(0, BLOCK_HC)
-  A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
-  for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
-    cols = h0 + h
-    hmask = cols < HIDDEN
-    acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-    for j in tl.static_range(LEVELS):
-      yj = tl.load(y_ptr + ps[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
-                   mask=(ps[j] >= 0)[:, None] & hmask[None, :], other=0.0)
-      acc = acc + ws[j][:, None] * yj.to(tl.float32)
-    tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
-             mask=have[:, None] & hmask[None, :])
-
-
-@triton.jit
 def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
   """For ``heavy [BLOCK_T]``: the block offsets of its first HEAVY_T set entries, in order
   ([HEAVY_T] int32), and which of those exist. (Prefix counts by a [BLOCK_T, BLOCK_T]
@@ -164,6 +152,7 @@ def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym
   if jmax > 0:
     rnk = present_rank(present, k, TOPK_P)
     wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
+    slots = (pos, present, rnk, wts)
     have = cnt > 0
     rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
     dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
@@ -173,17 +162,15 @@ def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym
     # the block has more rows here (with SPLIT, for those few tokens only).
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2,
-                     STAGES, 2)
+        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
       else:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
-                     STAGES, J_UNROLL)
+        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
     else:
       heavy = cnt > J_UNROLL
       if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
         light = have & ~heavy
         if tl.sum(light.to(tl.int32), axis=0) > 0:
-          _push_chunks(dst, pos, present & light[:, None], rnk, wts, light, y_ptr, HIDDEN,
+          _push_chunks(dst, (pos, present & light[:, None], rnk, wts), light, y_ptr, HIDDEN,
                        BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
         th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
         t_h = blk * BLOCK_T + th
@@ -192,11 +179,10 @@ def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym
         present_h = (pos_h >= 0) & (pos_h < CAPACITY)
         wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
         dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        _push_chunks(dst_h, pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h, hv,
-                     y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+        slots_h = (pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h)
+        _push_chunks(dst_h, slots_h, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
-        _push_chunks(dst, pos, present, rnk, wts, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL,
-                     STAGES, TOPK)
+        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
@@ -224,24 +210,24 @@ def _push_item_vectors(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, 
     dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
-        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
+        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
       else:
-        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
     else:
       heavy = cnt > J_UNROLL
       if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
         light = have & ~heavy
         if tl.sum(light.to(tl.int32), axis=0) > 0:
           lp, lw = _only(ps, ws, light, J_UNROLL)
-          _push_levels(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+          _push_chunks(dst, (lp, lw), light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
         th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
         t_h = blk * BLOCK_T + th
         hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t_h) * TOPK,
                                  hv, TOPK, CAPACITY, TOPK)
         dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        _push_levels(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+        _push_chunks(dst_h, (hp, hw), hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
-        _push_levels(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
