@@ -106,14 +106,17 @@ def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr
 
 
 @triton.jit
-def _only(ps, ws, keep, LEVELS: tl.constexpr):
-  """``ps, ws`` of _slot_levels for the tokens where ``keep`` holds (-1 / 0.0 elsewhere)."""
-  kp = ()
-  kw = ()
-  for j in tl.static_range(LEVELS):
-    kp = kp + (tl.where(keep, ps[j], -1),)
-    kw = kw + (tl.where(keep, ws[j], 0.0),)
-  return kp, kw
+def _only(slots, keep):
+  """``slots`` (either form, see _push_chunks) for the tokens where ``keep`` holds."""
+  if len(slots) == 4:
+    return (slots[0], slots[1] & keep[:, None], slots[2], slots[3])
+  else:
+    kp = ()
+    kw = ()
+    for j in tl.static_range(len(slots[0])):
+      kp = kp + (tl.where(keep, slots[0][j], -1),)
+      kw = kw + (tl.where(keep, slots[1][j], 0.0),)
+    return kp, kw
 
 
 @triton.jit
@@ -130,29 +133,54 @@ def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
 
 
 @triton.jit
-def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
-                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
-                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
-                    TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
-                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
-                    HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
-                    BLOCK_HC2: tl.constexpr):
-  """One push item (token block ``blk`` of owner ``s``), the slots compacted over a
-  [BLOCK_T, TOPK_P] tile of recv_pos."""
-  k = tl.arange(0, TOPK_P)
+def _item_slots(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS: tl.constexpr,
+                TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                VEC: tl.constexpr):
+  """The slots of owner s's tokens ``t`` (t >= NUM_TOKENS: none) in recv_pos, and each
+  token's count. VEC: _slot_levels' vectors, compacted per level (TOPK_P levels: at least TOPK
+  and J_UNROLL); else the [BLOCK_T, TOPK_P] tiles (pos, present), which ``_tile_levels``
+  completes once the block is known to hold rows."""
+  if VEC:
+    ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
+                               t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
+    return (ps, ws), cnt
+  else:
+    k = tl.arange(0, TOPK_P)
+    smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
+    pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
+                  mask=smask, other=-1)
+    present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
+    return (pos, present), tl.sum(present.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _tile_levels(slots, row_weights_ptr, TOPK_P: tl.constexpr, VEC: tl.constexpr):
+  """_item_slots' tiles completed to _push_chunks' (pos, present, rank among present, weight);
+  VEC's vectors as they are."""
+  if VEC:
+    return slots
+  else:
+    pos, present = slots
+    return (pos, present, present_rank(present, tl.arange(0, TOPK_P), TOPK_P),
+            tl.load(row_weights_ptr + pos, mask=present, other=0.0))
+
+
+@triton.jit
+def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
+               ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, NUM_TOKENS: tl.constexpr,
+               MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+               TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr,
+               J_UNROLL: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
+               BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
+               VEC: tl.constexpr):
+  """One push item: token block ``blk`` of owner ``s`` (see _combine_push)."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-  tmask = t < NUM_TOKENS
-  smask = tmask[:, None] & (k < TOPK)[None, :]
-  pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], mask=smask,
-                other=-1)
-  present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
-  cnt = tl.sum(present.to(tl.int32), axis=1)
+  slots, cnt = _item_slots(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS, TOPK, TOPK_P,
+                           CAPACITY, VEC)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
-    rnk = present_rank(present, k, TOPK_P)
-    wts = tl.load(row_weights_ptr + pos, mask=present, other=0.0)
-    slots = (pos, present, rnk, wts)
+    levels = _tile_levels(slots, row_weights_ptr, TOPK_P, VEC)
     have = cnt > 0
     rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
     dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
@@ -162,72 +190,25 @@ def _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym
     # the block has more rows here (with SPLIT, for those few tokens only).
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
-        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
+        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
       else:
-        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
     else:
       heavy = cnt > J_UNROLL
       if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
         light = have & ~heavy
         if tl.sum(light.to(tl.int32), axis=0) > 0:
-          _push_chunks(dst, (pos, present & light[:, None], rnk, wts), light, y_ptr, HIDDEN,
-                       BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+          _push_chunks(dst, _only(levels, light), light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
+                       STAGES, J_UNROLL)
         th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
-        t_h = blk * BLOCK_T + th
-        pos_h = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t_h)[:, None] * TOPK + k[None, :],
-                        mask=hv[:, None] & (k < TOPK)[None, :], other=-1)
-        present_h = (pos_h >= 0) & (pos_h < CAPACITY)
-        wts_h = tl.load(row_weights_ptr + pos_h, mask=present_h, other=0.0)
+        t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
+        slots_h, _ = _item_slots(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
+                                 TOPK_P, CAPACITY, VEC)
+        levels_h = _tile_levels(slots_h, row_weights_ptr, TOPK_P, VEC)
         dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        slots_h = (pos_h, present_h, present_rank(present_h, k, TOPK_P), wts_h)
-        _push_chunks(dst_h, slots_h, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+        _push_chunks(dst_h, levels_h, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
-        _push_chunks(dst, slots, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
-    marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
-    tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
-
-
-@triton.jit
-def _push_item_vectors(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
-                       ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
-                       NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
-                       HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                       CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
-                       BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr,
-                       J_UNROLL: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-                       BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
-                       BLOCK_HC2: tl.constexpr):
-  """_push_item_tile with the slots compacted by _slot_levels (``EPPlan.combine_vectors``):
-  the same paths, sums and bits, without the tile's reductions."""
-  t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-  # TOPK_P levels: at least TOPK (the all-TOPK path) and J_UNROLL (min(4, TOPK_P))
-  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
-                             t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
-  jmax = tl.max(cnt, axis=0)
-  if jmax > 0:
-    have = cnt > 0
-    rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
-    dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
-    if jmax <= J_UNROLL:
-      if NARROW and jmax <= 2:
-        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
-      else:
-        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-    else:
-      heavy = cnt > J_UNROLL
-      if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
-        light = have & ~heavy
-        if tl.sum(light.to(tl.int32), axis=0) > 0:
-          lp, lw = _only(ps, ws, light, J_UNROLL)
-          _push_chunks(dst, (lp, lw), light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
-        t_h = blk * BLOCK_T + th
-        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t_h) * TOPK,
-                                 hv, TOPK, CAPACITY, TOPK)
-        dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        _push_chunks(dst_h, (hp, hw), hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
-      else:
-        _push_chunks(dst, (ps, ws), have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
@@ -259,7 +240,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
   program's earlier remote stores have landed: one such drain per two items).
-  VEC: the slots compacted per slot column (_push_item_vectors) instead of over the
+  VEC: the slots compacted per slot column (_slot_levels) instead of over the
   [BLOCK_T, TOPK_P] tile; the same rows."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
@@ -269,16 +250,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   for item in range(pid, world * num_blocks, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
-    if VEC:
-      _push_item_vectors(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
-                         ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
-                         TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
-                         SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
-    else:
-      _push_item_tile(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
-                      ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                      CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT,
-                      HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
+    _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, ROWS_OFF,
+               ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_T,
+               BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW,
+               BLOCK_HC2, VEC)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
