@@ -112,9 +112,10 @@ class EPPlan:
     combine_vectors: 1 = combine finds each token's rows (push: the j-th present slot of each
       level; reduce: which ranks' partial rows arrived) from one [BLOCK_T] load per slot
       column or rank and elementwise selects, instead of reductions over a [BLOCK_T, TOPK_P]
-      or [W_P, BLOCK_T] tile: at the DeepSeek-V3 shape the compiled push then has ~2 CTA
-      barriers per item outside its chunk loops instead of ~36 (``scripts/kernel_stats.py``
-      counts them); the same bits. Opt-in, not yet timed on a GPU (session 16).
+      or [W_P, BLOCK_T] tile: at the DeepSeek-V3 shape the compiled push's 4-level item loop
+      then has 6 CTA barriers instead of 36 (2 of each its chunk loop's), the kernel 39 instead
+      of 138 (``scripts/kernel_stats.py`` counts them); the same bits. Opt-in, not yet timed
+      on a GPU (session 16).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink

@@ -367,7 +367,7 @@ def test_dispatch_combine_against_numpy(case, interp):
   # Larger combine blocks (combine_tokens; the last one partial): the same bits.
   out6 = SimWorld(dataclasses.replace(plan, combine_tokens=32)).combine(ys, row_ws, recv_pos)
   # Tokens with more than J_UNROLL rows here in a tile of their own (combine_split): the same
-  # bits (the heavy / skewed cases have such tokens; ``test_combine_split_paths`` aims at it).
+  # bits (the heavy / skewed cases have such tokens; ``test_combine_push_paths`` aims at it).
   out7 = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
   # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
@@ -439,14 +439,13 @@ def _senders_expand_first(phases):
 
 @pytest.mark.parametrize("tokens", [0, 32])
 def test_combine_push_paths(tokens, interp):
-  """combine_split, combine_narrow and combine_vectors (alone and with both) on a routing built
-  for them (W = 4, top-8 of 32
-  experts): most tokens have 2 rows on every rank, and the 16-token blocks hold 0, 1, 2 and 3
-  tokens with 6 rows on rank 0 and 2 on rank 1 (with 32-token blocks 1 and 5), the last,
-  partial block 2 at its end: items on the 2-level path (ranks 2 and 3, and block 0), on the
-  J_UNROLL-level path, split into that path plus the heavy tile (<= HEAVY_T such tokens), and
-  on the all-TOPK path (more). Combine equals the numpy model and, bit for bit, the default
-  kernel's; some slots are unselected."""
+  """combine_split, combine_narrow and combine_vectors (alone and with both) on a routing
+  built for them (W = 4, top-8 of 32 experts): most tokens have 2 rows on every rank, and the
+  16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0 and 2 on rank 1 (with
+  32-token blocks 1 and 5), the last, partial block 2 at its end: items on the 2-level path
+  (ranks 2 and 3, and block 0), on the J_UNROLL-level path, split into that path plus the
+  heavy tile (<= HEAVY_T such tokens), and on the all-TOPK path (more). Combine equals the
+  numpy model and, bit for bit, the default kernel's; some slots are unselected."""
   world, t, h, k, e = 4, 70, 600, 8, 32
   el = e // world
   rng = np.random.default_rng()
