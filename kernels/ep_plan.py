@@ -180,9 +180,9 @@ class EPPlan:
   combine_queue: int = 1
   combine_wide: int = 1
   combine_tokens: int = 0
-  combine_split: int = 0
+  combine_split: int = 1
   combine_narrow: int = 0
-  combine_vectors: int = 0
+  combine_vectors: int = 1
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -322,8 +322,8 @@ class EPPlan:
   @property
   def combine_block_t(self) -> int:
     """Tokens per combine block (any size works: combine reads the layout, not its blocks):
-    ``combine_tokens``, or max(16, 64 / K_pow2) (16 at top-8)."""
-    return self.combine_tokens or max(16, 64 // self.topk_p)
+    ``combine_tokens``, or max(32, 128 / K_pow2) (32 at top-8)."""
+    return self.combine_tokens or max(32, 128 // self.topk_p)
 
   @property
   def j_unroll(self) -> int:

@@ -34,19 +34,18 @@ def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
     (4, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 1, "zero_queue": 1}),
     (4, 4096, 7168, 256, 8, "bf16", {"combine_tokens": 64}),
     (8, 1024, 2048, 128, 8, "f32", {"combine_tokens": 128}),
-    (4, 4096, 7168, 256, 8, "bf16", {"combine_split": 1}),
-    (8, 4096, 7168, 256, 8, "bf16", {"combine_split": 1, "combine_tokens": 32,
-                                     "combine_narrow": 1}),
-    (4, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 1}),
-    (8, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 1, "combine_split": 1,
-                                     "combine_narrow": 1}),
-    (64, 128, 2048, 256, 8, "bf16", {"combine_vectors": 1, "dispatch_vectors": 1}),
+    (4, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 0, "combine_split": 0,  # until
+                                     "combine_tokens": 16}),                   # session 17
+    (8, 4096, 7168, 256, 8, "bf16", {"combine_vectors": 0, "combine_narrow": 1}),
+    (4, 4096, 7168, 256, 8, "bf16", {"combine_split": 0, "combine_tokens": 16}),
+    (8, 4096, 7168, 256, 8, "bf16", {"combine_narrow": 1}),
+    (64, 128, 2048, 256, 8, "bf16", {"combine_vectors": 0, "dispatch_vectors": 1}),
     (4, 4096, 7168, 256, 8, "bf16", {"dispatch_vectors": 1}),
     (8, 1024, 2048, 128, 8, "f32", {"dispatch_vectors": 1, "dispatch_pull": 0}),
 ], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0", "w64", "dsv3-w4-push",
         "dsv3-w4-zero-first", "dsv3-w4-pull1", "dsv3-w4-combine64", "w8-f32-combine128",
-        "dsv3-w4-split", "dsv3-w8-split32-narrow", "dsv3-w4-vectors",
-        "dsv3-w8-vectors-split-narrow", "w64-vectors", "dsv3-w4-dispatch-vectors",
+        "dsv3-w4-tile16", "dsv3-w8-tile-split-narrow", "dsv3-w4-vectors16",
+        "dsv3-w8-narrow", "w64-tile", "dsv3-w4-dispatch-vectors",
         "w8-f32-dispatch-vectors-push"])
 def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
   plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)
@@ -74,8 +73,10 @@ def test_combine_pipeline_default_at_the_benchmark_shape():
   shape gets, not lowered by the shared-memory clamp."""
   plan = _plan(4, 4096, 7168, 256, 8, 2)
   assert (plan.combine_acc_bytes, plan.combine_pipeline) == (64 * 1024, 4)
+  # 32-token blocks (since session 17): the columns of a chunk halve against 16-token ones
+  assert plan.combine_block_t == 32
   assert (plan.combine_block_hc, plan.combine_block_hc_all, plan.combine_block_hr) == (
-      512, 256, 256)
+      256, 128, 128)
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
@@ -92,16 +93,17 @@ def test_combine_reduce_moves_16_byte_vectors_up_to_8_ranks(world, itemsize):
 
 @pytest.mark.parametrize("world", [4, 8])
 def test_combine_vectors_drop_the_tile_reductions(world):
-  """combine_vectors finds each token's rows without reductions across the block's threads:
-  the compiled combine keeps every pipelined row copy of the default's and loses most of its
-  CTA barriers and warp shuffles (at the DeepSeek-V3 shape 138 -> 39 barriers, 165 -> 22
-  shuffles at W = 4; a layout conversion Triton put back would show up here)."""
+  """combine_vectors (the default) finds each token's rows without reductions across the
+  block's threads: the compiled combine keeps every pipelined row copy of the tile path's
+  (combine_vectors=0) and has a third of its CTA barriers and warp shuffles or fewer (at the
+  DeepSeek-V3 shape, 16-token blocks, W = 4: 39 vs 138 barriers, 22 vs 165 shuffles; a layout
+  conversion Triton put back would show up here)."""
   def counts(**kw):
     k, _ = compile_ep_kernels(_plan(world, 4096, 7168, 256, 8, 2, **kw), "bf16")["combine_kernel"]
     ptx = k.asm["ptx"]
     return (len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)), len(re.findall(r"\bshfl\.", ptx)),
             len(re.findall(r"\bcp\.async\.cg\b", ptx)))
-  bars, shfl, copies = counts()
-  vbars, vshfl, vcopies = counts(combine_vectors=1)
+  bars, shfl, copies = counts(combine_vectors=0)
+  vbars, vshfl, vcopies = counts()
   assert vcopies == copies > 0
   assert 3 * vbars < bars and 3 * vshfl < shfl, (bars, vbars, shfl, vshfl)

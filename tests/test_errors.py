@@ -172,15 +172,15 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (2, 1, 65536)
   assert plan.dispatch(False)["STAGES"] == 2 and plan.combine()["STAGES"] == 1
   assert default.dispatch(False)["STAGES"] == default.dispatch_stages
-  assert default.combine()["SPLIT"] == 0
-  monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", "1")
-  assert tb._plan(config, 2, 2).combine()["SPLIT"] == 1
+  assert default.combine()["SPLIT"] == 1
+  monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", "0")
+  assert tb._plan(config, 2, 2).combine()["SPLIT"] == 0
   assert default.combine()["NARROW"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", "1")  # top-2: J_UNROLL = 2, nothing narrower
   assert tb._plan(config, 2, 2).combine()["NARROW"] == 0
-  assert default.combine()["VEC"] == 0
-  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", "1")
-  assert tb._plan(config, 2, 2).combine()["VEC"] == 1
+  assert default.combine()["VEC"] == 1
+  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", "0")
+  assert tb._plan(config, 2, 2).combine()["VEC"] == 0
   assert default.dispatch(False)["EXPAND_LEVELS"] == 0
   monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")  # stores by level (9 here) win
   assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
@@ -189,14 +189,14 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):
-  """JAX_EP_COMBINE_WIDE: by default the common push path takes 512-column chunks at top-8
-  (the all-TOPK path 256); 0 gives both paths one width."""
+  """JAX_EP_COMBINE_WIDE: by default the common push path takes 256-column chunks at top-8
+  in 32-token blocks (the all-TOPK path 128); 0 gives both paths one width."""
   from jax_ep.backends import triton as tb
   config = jax_ep.EPConfig(num_experts=16, topk=8, hidden=7168, max_tokens_per_rank=64,
                            backend="triton")
   wide = tb._plan(config, 2, 64).combine()
   monkeypatch.setenv("JAX_EP_COMBINE_WIDE", "0")
   narrow = tb._plan(config, 2, 64).combine()
-  assert (wide["BLOCK_HC"], wide["BLOCK_HC_ALL"]) == (512, 256)
-  assert (narrow["BLOCK_HC"], narrow["BLOCK_HC_ALL"]) == (256, 256)
+  assert (wide["BLOCK_HC"], wide["BLOCK_HC_ALL"]) == (256, 128)
+  assert (narrow["BLOCK_HC"], narrow["BLOCK_HC_ALL"]) == (128, 128)
   assert wide["STAGES"] == narrow["STAGES"]  # the same shared memory per stage

@@ -364,15 +364,17 @@ def test_dispatch_combine_against_numpy(case, interp):
   out4 = SimWorld(dataclasses.replace(plan, combine_queue=2)).combine(ys, row_ws, recv_pos)
   # One chunk width for both push paths (combine_wide=0): the same bits too.
   out5 = SimWorld(dataclasses.replace(plan, combine_wide=0)).combine(ys, row_ws, recv_pos)
-  # Larger combine blocks (combine_tokens; the last one partial): the same bits.
-  out6 = SimWorld(dataclasses.replace(plan, combine_tokens=32)).combine(ys, row_ws, recv_pos)
-  # Tokens with more than J_UNROLL rows here in a tile of their own (combine_split): the same
-  # bits (the heavy / skewed cases have such tokens; ``test_combine_push_paths`` aims at it).
-  out7 = SimWorld(dataclasses.replace(plan, combine_split=1)).combine(ys, row_ws, recv_pos)
+  # Smaller combine blocks (combine_tokens; the default is 32 at top-8): the same bits.
+  out6 = SimWorld(dataclasses.replace(plan, combine_tokens=16)).combine(ys, row_ws, recv_pos)
+  # Items with a token of more than J_UNROLL rows here wholly on the all-TOPK path
+  # (combine_split=0; the default sums those few tokens in a tile of their own): the same bits
+  # (the heavy / skewed cases have such tokens; ``test_combine_push_paths`` aims at it).
+  out7 = SimWorld(dataclasses.replace(plan, combine_split=0)).combine(ys, row_ws, recv_pos)
   # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
-  # Each token's rows found by one vector load per slot column / rank (combine_vectors).
-  out9 = SimWorld(dataclasses.replace(plan, combine_vectors=1)).combine(ys, row_ws, recv_pos)
+  # Each token's rows found by reductions over a tile (combine_vectors=0; the default loads
+  # one vector per slot column / rank).
+  out9 = SimWorld(dataclasses.replace(plan, combine_vectors=0)).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(out1, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -437,9 +439,10 @@ def _senders_expand_first(phases):
   return out
 
 
-@pytest.mark.parametrize("tokens", [0, 32])
+@pytest.mark.parametrize("tokens", [16, 32])
 def test_combine_push_paths(tokens, interp):
-  """combine_split, combine_narrow and combine_vectors (alone and with both) on a routing
+  """combine_split, combine_narrow and combine_vectors (alone and together; without them
+  the item's rows are found by tile reductions and it runs one path) on a routing
   built for them (W = 4, top-8 of 32 experts): most tokens have 2 rows on every rank, and the
   16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0 and 2 on rank 1 (with
   32-token blocks 1 and 5), the last, partial block 2 at its end: items on the 2-level path
@@ -465,12 +468,12 @@ def test_combine_push_paths(tokens, interp):
   capacity = _capacity(world, t, k, e, None, 1)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=1, num_sms=3, use_timer=False, itemsize=2,
-                combine_tokens=tokens)
+                combine_tokens=tokens, combine_split=0, combine_vectors=0)
   bt, ht = plan.combine_block_t, plan.combine_heavy_t
   # the routing reaches every path: per block, the tokens with > J_UNROLL rows on rank 0
   heavy_counts = [sum(b * bt <= x < (b + 1) * bt for x in heavy_at) for b in range(-(-t // bt))]
   assert any(1 <= c <= ht for c in heavy_counts) and any(c > ht for c in heavy_counts)
-  assert tokens or heavy_counts == [0, 1, 2, 3, 2], heavy_counts
+  assert tokens != 16 or heavy_counts == [0, 1, 2, 3, 2], heavy_counts
   dtype = ml_dtypes.bfloat16
   xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
   ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
@@ -483,6 +486,7 @@ def test_combine_push_paths(tokens, interp):
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_split": 1}, {"combine_narrow": 1},
              {"combine_split": 1, "combine_narrow": 1}, {"combine_vectors": 1},
+             {"combine_vectors": 1, "combine_split": 1},  # the default
              {"combine_vectors": 1, "combine_split": 1, "combine_narrow": 1}):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):

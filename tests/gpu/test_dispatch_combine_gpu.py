@@ -234,15 +234,15 @@ def test_expand_levels_match_xla(levels, peer_world, monkeypatch):
 
 @pytest.mark.parametrize("acc_bytes,stages,queue,wide,tokens", [
     (131072, 2, 1, 1, 0), (65536, 3, 1, 1, 0), (32768, 6, 1, 1, 0), (65536, 4, 0, 1, 0),
-    (65536, 4, 2, 1, 0), (65536, 4, 1, 0, 0), (65536, 4, 1, 1, 32), (65536, 4, 1, 1, 64)])
+    (65536, 4, 2, 1, 0), (65536, 4, 1, 0, 0), (65536, 4, 1, 1, 16), (65536, 4, 1, 1, 64)])
 def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens, peer_world,
                                          monkeypatch):
   """Combine's other chunk budgets and pipeline depths (the default is 64 KB x 4; 128 KB x 2 was
   the default until 2026-11-21 16:25), its reduce after all pushes (JAX_EP_COMBINE_QUEUE=0,
   the default before 2d6b274, 2026-11-21 18:38), the queue with flags raised two items at a
   time (2), and one chunk width for both push paths (JAX_EP_COMBINE_WIDE=0, the default until
-  2026-11-21 21:37), and 32- or 64-token combine blocks (JAX_EP_COMBINE_TOKENS) give xla's
-  results too, gradients included."""
+  2026-11-21 21:37), and 16- or 64-token combine blocks (JAX_EP_COMBINE_TOKENS; 32 at top-8
+  since session 17, 16 before) give xla's results too, gradients included."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", str(acc_bytes))
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", str(stages))
@@ -257,31 +257,33 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
 
 
 @pytest.mark.parametrize("split,narrow,vectors,tokens,case", [
-    (1, 0, 0, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (0, 0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
     (1, 1, 0, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
-    (0, 1, 0, 0, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
-    (0, 0, 1, 0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (0, 1, 0, 16, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
+    (0, 0, 1, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
     (1, 1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
-    (0, 0, 1, 0, (128, 2048, 64, 4, None, 8, "with_unselected", "float32"))],
-    ids=["split", "split-narrow-32", "narrow", "vectors", "vectors-split-narrow-32",
-         "vectors-f32"])
+    (0, 0, 1, 16, (128, 2048, 64, 4, None, 8, "with_unselected", "float32"))],
+    ids=["tile-16", "split-16", "split-narrow-32", "narrow-16", "vectors-16",
+         "vectors-split-narrow-32", "vectors-f32-16"])
 def test_combine_push_paths_match_xla(split, narrow, vectors, tokens, case, peer_world,
                                       monkeypatch):
-  """Combine's opt-in push paths give xla's results, gradients included:
-  JAX_EP_COMBINE_SPLIT=1 (an item's few tokens with more than 4 rows on one rank in a tile of
-  their own: ~35 % of 16-token items at W = 4, uniform top-8 of 256; at W = 2 most items have
-  more such tokens than the tile and keep the all-TOPK path), JAX_EP_COMBINE_NARROW=1 (items
-  whose tokens have <= 2 rows here on a 2-level path: a third of them at W = 8, few at W = 4;
-  the skewed case with drops has some at any W) and JAX_EP_COMBINE_VECTORS=1 (each token's
-  rows found by vector loads per slot column and rank instead of tile reductions, push and
-  reduce)."""
+  """Combine's push paths give xla's results, gradients included. The default since session
+  17 is split and vectors in 32-token blocks (test_matches_xla_backend runs it); here: none of
+  them in 16-token blocks (tile-16, session 16's default), JAX_EP_COMBINE_SPLIT=1 (an item's
+  few tokens with more than 4 rows on one rank in a tile of their own: ~35 % of 16-token items
+  at W = 4, uniform top-8 of 256; at W = 2 most items have more such tokens than the tile and
+  keep the all-TOPK path), JAX_EP_COMBINE_NARROW=1 (items whose tokens have <= 2 rows here on
+  a 2-level path: a third of them at W = 8, few at W = 4; the skewed case with drops has some
+  at any W) and JAX_EP_COMBINE_VECTORS=1 (each token's rows found by vector loads per slot
+  column and rank instead of tile reductions, push and reduce), alone and together."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", str(split))
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", str(narrow))
   monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", str(vectors))
   monkeypatch.setenv("JAX_EP_COMBINE_TOKENS", str(tokens))
-  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow + 5 * vectors,
-               repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow + 5 * vectors
+               + 7 * split, repeats=3)
 
 
 @pytest.mark.parametrize("dpull,case", [
