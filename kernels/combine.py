@@ -33,31 +33,17 @@ import triton.language as tl
 from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, leader_barrier,
                       leader_turn, prof_mark, prof_span, row_align, signal_peers, store_release,
                       sym_ptr, take_item, wait_all_arrivals, wait_flags, wait_go, zero_own)
-from .slots import present_rank
 
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
 # STAGES: ``EPPlan.combine_stages``).
 
 
 @triton.jit
-def _level(acc, j, pos, present, rnk, wts, y_ptr, cols, hmask, HIDDEN: tl.constexpr):
-  """``acc += w * y`` for each token's j-th present slot (tokens with fewer slots add 0)."""
-  sel = present & (rnk == j)
-  has = tl.sum(sel.to(tl.int32), axis=1) > 0
-  pj = tl.sum(tl.where(sel, pos, 0), axis=1)
-  wj = tl.sum(tl.where(sel, wts, 0.0), axis=1)
-  yj = tl.load(y_ptr + pj[:, None].to(tl.int64) * HIDDEN + cols[None, :],
-               mask=has[:, None] & hmask[None, :], other=0.0)
-  return acc + wj[:, None] * yj.to(tl.float32)
-
-
-@triton.jit
-def _push_chunks(dst, slots, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
+def _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr):
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
   chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together).
-  ``slots``: (pos, present, rnk, wts), [BLOCK_T, TOPK_P] tiles (``_level`` picks each level),
-  or (ps, ws) of ``_slot_levels``, a [BLOCK_T] vector per level; the same sum either way."""
+  ``ps``, ``ws``: ``_slot_levels``' positions and weights, a [BLOCK_T] vector per level."""
   h = tl.arange(0, BLOCK_HC)
   A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
   for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
@@ -65,13 +51,9 @@ def _push_chunks(dst, slots, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.cons
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
     for j in tl.static_range(LEVELS):
-      if len(slots) == 4:
-        acc = _level(acc, j, slots[0], slots[1], slots[2], slots[3], y_ptr, cols, hmask, HIDDEN)
-      else:
-        pj = slots[0][j]
-        yj = tl.load(y_ptr + pj[:, None].to(tl.int64) * HIDDEN + cols[None, :],
-                     mask=(pj >= 0)[:, None] & hmask[None, :], other=0.0)
-        acc = acc + slots[1][j][:, None] * yj.to(tl.float32)
+      yj = tl.load(y_ptr + ps[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                   mask=(ps[j] >= 0)[:, None] & hmask[None, :], other=0.0)
+      acc = acc + ws[j][:, None] * yj.to(tl.float32)
     tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
              mask=have[:, None] & hmask[None, :])
 
@@ -85,8 +67,9 @@ def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr
 
   One ``[BLOCK_T]`` load per slot column and elementwise selects: nothing is reduced across
   the block's threads, so the vectors come out in the row tile's token layout with no CTA
-  barrier or warp shuffle (the [BLOCK_T, TOPK_P] tile version's prefix counts and per-level
-  sums take ~36 barriers and ~67 shuffles per item in the compiled push)."""
+  barrier or warp shuffle. (Until session 17 the push loaded a [BLOCK_T, TOPK_P] tile and
+  took each level out of it by prefix counts and per-level sums: ~36 barriers and ~67
+  shuffles per item in the compiled push, 8 % slower at the DeepSeek-V3 shape on 4 H200.)"""
   cnt = tl.zeros_like(slot0)
   ps = ()
   for j in tl.static_range(LEVELS):
@@ -106,17 +89,14 @@ def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr
 
 
 @triton.jit
-def _only(slots, keep):
-  """``slots`` (either form, see _push_chunks) for the tokens where ``keep`` holds."""
-  if len(slots) == 4:
-    return (slots[0], slots[1] & keep[:, None], slots[2], slots[3])
-  else:
-    kp = ()
-    kw = ()
-    for j in tl.static_range(len(slots[0])):
-      kp = kp + (tl.where(keep, slots[0][j], -1),)
-      kw = kw + (tl.where(keep, slots[1][j], 0.0),)
-    return kp, kw
+def _only(ps, ws, keep):
+  """_slot_levels' ``ps``, ``ws`` for the tokens where ``keep`` holds (none elsewhere)."""
+  kp = ()
+  kw = ()
+  for j in tl.static_range(len(ps)):
+    kp = kp + (tl.where(keep, ps[j], -1),)
+    kw = kw + (tl.where(keep, ws[j], 0.0),)
+  return kp, kw
 
 
 @triton.jit
@@ -133,54 +113,20 @@ def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
 
 
 @triton.jit
-def _item_slots(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS: tl.constexpr,
-                TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
-                VEC: tl.constexpr):
-  """The slots of owner s's tokens ``t`` (t >= NUM_TOKENS: none) in recv_pos, and each
-  token's count. VEC: _slot_levels' vectors, compacted per level (TOPK_P levels: at least TOPK
-  and J_UNROLL); else the [BLOCK_T, TOPK_P] tiles (pos, present), which ``_tile_levels``
-  completes once the block is known to hold rows."""
-  if VEC:
-    ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
-                               t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
-    return (ps, ws), cnt
-  else:
-    k = tl.arange(0, TOPK_P)
-    smask = (t < NUM_TOKENS)[:, None] & (k < TOPK)[None, :]
-    pos = tl.load(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :],
-                  mask=smask, other=-1)
-    present = (pos >= 0) & (pos < CAPACITY)  # a corrupt layout cannot address past y
-    return (pos, present), tl.sum(present.to(tl.int32), axis=1)
-
-
-@triton.jit
-def _tile_levels(slots, row_weights_ptr, TOPK_P: tl.constexpr, VEC: tl.constexpr):
-  """_item_slots' tiles completed to _push_chunks' (pos, present, rank among present, weight);
-  VEC's vectors as they are."""
-  if VEC:
-    return slots
-  else:
-    pos, present = slots
-    return (pos, present, present_rank(present, tl.arange(0, TOPK_P), TOPK_P),
-            tl.load(row_weights_ptr + pos, mask=present, other=0.0))
-
-
-@triton.jit
 def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
                ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, NUM_TOKENS: tl.constexpr,
                MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
                BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr,
                J_UNROLL: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-               BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
-               VEC: tl.constexpr):
+               BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
   """One push item: token block ``blk`` of owner ``s`` (see _combine_push)."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-  slots, cnt = _item_slots(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS, TOPK, TOPK_P,
-                           CAPACITY, VEC)
+  # TOPK_P levels: at least TOPK and J_UNROLL
+  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
+                             t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
-    levels = _tile_levels(slots, row_weights_ptr, TOPK_P, VEC)
     have = cnt > 0
     rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
     dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
@@ -190,25 +136,24 @@ def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_tabl
     # the block has more rows here (with SPLIT, for those few tokens only).
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
-        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
+        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
       else:
-        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
     else:
       heavy = cnt > J_UNROLL
       if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
         light = have & ~heavy
         if tl.sum(light.to(tl.int32), axis=0) > 0:
-          _push_chunks(dst, _only(levels, light), light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC,
-                       STAGES, J_UNROLL)
+          lp, lw = _only(ps, ws, light)
+          _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
         th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
         t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
-        slots_h, _ = _item_slots(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
-                                 TOPK_P, CAPACITY, VEC)
-        levels_h = _tile_levels(slots_h, row_weights_ptr, TOPK_P, VEC)
+        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t_h) * TOPK,
+                                 t_h < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
         dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        _push_chunks(dst_h, levels_h, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+        _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
-        _push_chunks(dst, levels, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
@@ -228,8 +173,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
-                  VEC: tl.constexpr):
+                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -239,9 +183,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
-  program's earlier remote stores have landed: one such drain per two items).
-  VEC: the slots compacted per slot column (_slot_levels) instead of over the
-  [BLOCK_T, TOPK_P] tile; the same rows."""
+  program's earlier remote stores have landed: one such drain per two items)."""
   dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
@@ -253,7 +195,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
     _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, ROWS_OFF,
                ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_T,
                BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW,
-               BLOCK_HC2, VEC)
+               BLOCK_HC2)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -278,14 +220,13 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
-                    VEC: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
   pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   for blk in range(pid, num_blocks, num_programs):
     _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC)
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
 
 
 @triton.jit
@@ -293,8 +234,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr,
-                  USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
   soon as its own push is over, while other programs still push. Returns the ns waited for
@@ -312,7 +252,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
     waited += _now(PROFILE) - t0
     if ok:
       _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC)
+                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
       blk = take_item(sym_table, rank)
   return waited
 
@@ -321,7 +261,7 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
 def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
                   MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, VEC: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
@@ -330,27 +270,17 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
   h = tl.arange(0, BLOCK_HR)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
-  if VEC:  # one [BLOCK_T] vector of marks per rank: no reduction over a tile
-    gs = ()
-    for rr in tl.static_range(W_P):
-      mr = tmask & (tl.zeros_like(t) + rr < world)
-      gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
-                               cache_modifier=".cg") == seq),)
-  else:
-    r = tl.arange(0, W_P)
-    m2 = (r < world)[:, None] & tmask[None, :]
-    got = tl.load(marks + r[:, None] * MAX_TOKENS + t[None, :], mask=m2, other=0,
-                  cache_modifier=".cg")
-    got = (m2 & (got == seq)).to(tl.int32)                                # [W_P, BLOCK_T]
+  gs = ()  # one [BLOCK_T] vector of marks per rank: no reduction over a [W_P, BLOCK_T] tile
+  for rr in tl.static_range(W_P):
+    mr = tmask & (tl.zeros_like(t) + rr < world)
+    gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
+                             cache_modifier=".cg") == seq),)
   for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
     for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
-      if VEC:
-        g = gs[rr]
-      else:
-        g = tl.sum(tl.where(r[:, None] == rr, got, 0), axis=0) > 0
+      g = gs[rr]
       v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
                                  + cols[None, :], [A, A]),
                   mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
@@ -371,8 +301,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, VEC: tl.constexpr,
-                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -404,15 +333,15 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
                       BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H,
-                      NARROW, BLOCK_HC2, VEC)
+                      NARROW, BLOCK_HC2)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
         if QUEUE:  # blocks from the queue as every rank finishes them
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
-                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, VEC,
-                                 USE_TIMER, PROFILE)
+                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
+                                 PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
@@ -421,7 +350,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           if ok:
             _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
                             NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
-                            BLOCK_T, BLOCK_HR, STAGES, VEC)
+                            BLOCK_T, BLOCK_HR, STAGES)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

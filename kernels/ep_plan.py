@@ -73,11 +73,9 @@ class EPPlan:
     expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
       = by level (``_expand_block``); opt-in: measured no faster (L = 2 / 4: 1.200 / 1.056 ms
       vs 1.069 ms by slot, 4x H200, DeepSeek-V3 shape, 2026-11-21 17:58).
-    dispatch_vectors: 1 = the expansion by slot (expand_levels 0) reads each block's slot
-      columns as [BLOCK_T] vectors instead of taking them out of a [BLOCK_T, TOPK_P] tile by
-      reductions: 25 instead of 65 CTA barriers per expansion item in the compiled kernel
-      (DeepSeek-V3 shape, 4-block groups), but more register spills; the same stores. Opt-in,
-      not yet timed on a GPU (session 16).
+      (Reading each block's slot columns as [BLOCK_T] vectors instead of a [BLOCK_T, TOPK_P]
+      tile, 25 instead of 65 CTA barriers per expansion item but more register spills, was
+      slower: 0.732 vs 0.671 ms, 4x H200, 2026-11-22 13:38, same run; since removed.)
     combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
       soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
       reduces while others still push; 0 = every program reduces its fixed blocks after all
@@ -91,31 +89,27 @@ class EPPlan:
       (32 KB x 6 chunks: 1.275 ms, 64 KB x 4: 0.916 ms, 2026-11-21 21:31); 0 = one chunk width.
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
-    combine_tokens: tokens per combine item (push) and block (reduce); 0 (default) = max(16,
-      64 / K_pow2), 16 at top-8. Larger blocks raise one DONE flag (a system-scope release,
-      which waits for the program's remote stores) and load one position tile per more
-      tokens, in narrower chunks of the same bytes; the sums are the same bits. Opt-in: at
-      8x H200 32 tokens took combine from 1.41 to 1.22 ms (2026-11-22, session 15, same runs);
-      not yet timed at W = 4, where a larger block more often holds a token with more than
-      J_UNROLL rows here (``combine_split``).
-    combine_split: 1 = a push item whose tokens mostly have <= J_UNROLL rows here, but a few
-      (<= ``combine_heavy_t``) more, runs the J_UNROLL-level path for the others and sums the
-      few in a [HEAVY_T, wide] tile over all TOPK levels, instead of running the whole block
-      on the all-TOPK path (twice the chunk iterations); 0 (default) = the whole block.
+    combine_tokens: tokens per combine item (push) and block (reduce); 0 (default) = max(32,
+      128 / K_pow2), 32 at top-8 (16 until session 17). Larger blocks raise one DONE flag (a
+      system-scope release, which waits for the program's remote stores) and load one
+      position vector per slot column for more tokens, in narrower chunks of the same bytes;
+      the sums are the same bits. 4x H200, DeepSeek-V3 shape (2026-11-22, session 17, same
+      runs): combine 0.670-0.677 ms with split and 32 tokens vs 0.742 ms with split and 16,
+      0.704 ms with 64; at 8x H200 (tile path, no split) 32 tokens took combine from 1.41 to
+      1.22 ms (session 15).
+    combine_split: 1 (default) = a push item whose tokens mostly have <= J_UNROLL rows here,
+      but a few (<= ``combine_heavy_t``) more, runs the J_UNROLL-level path for the others
+      and sums the few in a [HEAVY_T, wide] tile over all TOPK levels, instead of running the
+      whole block on the all-TOPK path (twice the chunk iterations); 0 = the whole block.
       Uniform top-8 of 256 on 4 ranks: 35 % of 16-token blocks (58 % of 32-token ones) have
       such a token, 1-4 % on 8 ranks (``scripts/kernel_stats.py`` prints the shares). The
-      sums are the same bits. Opt-in, not yet timed on a GPU (session 15).
+      sums are the same bits. 4x H200 (session 17, same runs): 0.670-0.677 vs 0.816 ms
+      without it (32-token blocks), 0.742 vs 0.790 ms (16).
     combine_narrow: 1 = a push item whose tokens all have <= 2 rows here runs a 2-level path
       in chunks twice as wide as the J_UNROLL path's (1,024 vs 512 columns at top-8, the same
       bytes a stage): half the chunk iterations. Uniform top-8 of 256 on 8 ranks: a third of
-      the 16-token items (none on 4 ranks). The same bits; opt-in, not yet timed (session 15).
-    combine_vectors: 1 = combine finds each token's rows (push: the j-th present slot of each
-      level; reduce: which ranks' partial rows arrived) from one [BLOCK_T] load per slot
-      column or rank and elementwise selects, instead of reductions over a [BLOCK_T, TOPK_P]
-      or [W_P, BLOCK_T] tile: at the DeepSeek-V3 shape the compiled push's 4-level item loop
-      then has 6 CTA barriers instead of 36 (2 of each its chunk loop's), the kernel 39 instead
-      of 138 (``scripts/kernel_stats.py`` counts them); the same bits. Opt-in, not yet timed
-      on a GPU (session 16).
+      the 16-token items (none on 4 ranks). The same bits; opt-in: at 4x H200 (session 17)
+      0.679 vs 0.670 ms without it; not yet timed at 8 GPUs, where it was meant to help.
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -174,7 +168,6 @@ class EPPlan:
   receiver_share: float = 0.6
   dispatch_stages: int = 4
   expand_levels: int = 0
-  dispatch_vectors: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
@@ -182,7 +175,6 @@ class EPPlan:
   combine_tokens: int = 0
   combine_split: int = 1
   combine_narrow: int = 0
-  combine_vectors: int = 1
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -289,10 +281,8 @@ class EPPlan:
 
   @property
   def _expand_store(self) -> int:
-    """_expand_block's EXPAND_LEVELS: L > 0 levels, 0 by slot, -1 by slot from vectors."""
-    if self.expand_levels:
-      return min(self.expand_levels, self.topk)
-    return -1 if self.dispatch_vectors else 0
+    """_expand_block's EXPAND_LEVELS: L > 0 levels, 0 by slot."""
+    return min(self.expand_levels, self.topk)
 
   def dispatch(self, from_layout: bool, phase: int = 0) -> dict:
     """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""
@@ -412,7 +402,7 @@ class EPPlan:
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
         QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
-        BLOCK_HC2=self.combine_block_hc_narrow, VEC=int(self.combine_vectors),
+        BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:

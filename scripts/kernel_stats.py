@@ -88,8 +88,6 @@ def main() -> None:
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
   p.add_argument("--dispatch-stages", type=int, default=EPPlan.dispatch_stages)
   p.add_argument("--expand-levels", type=int, default=EPPlan.expand_levels)
-  p.add_argument("--dispatch-vectors", type=int, default=EPPlan.dispatch_vectors,
-                 choices=(0, 1))
   p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--combine-queue", type=int, default=EPPlan.combine_queue, choices=(0, 1, 2))
   p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1))
@@ -97,7 +95,6 @@ def main() -> None:
                  choices=(0, 16, 32, 64, 128), help="tokens per combine block (0: the default)")
   p.add_argument("--combine-split", type=int, default=EPPlan.combine_split, choices=(0, 1))
   p.add_argument("--combine-narrow", type=int, default=EPPlan.combine_narrow, choices=(0, 1))
-  p.add_argument("--combine-vectors", type=int, default=EPPlan.combine_vectors, choices=(0, 1))
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
   from jax_ep.kernels import ep_plan
@@ -113,12 +110,10 @@ def main() -> None:
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
                 receiver_share=args.receiver_share, profile=args.profile,
                 dispatch_stages=args.dispatch_stages, expand_levels=args.expand_levels,
-                dispatch_vectors=args.dispatch_vectors,
                 combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
                 combine_wide=args.combine_wide, combine_tokens=args.combine_tokens,
-                combine_split=args.combine_split, combine_narrow=args.combine_narrow,
-                combine_vectors=args.combine_vectors)
+                combine_split=args.combine_split, combine_narrow=args.combine_narrow)
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "

@@ -134,12 +134,10 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
     ("JAX_EP_DISPATCH_PULL", "3", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
-    ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block"),
+    ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block: 32 tokens"),
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
-    ("JAX_EP_COMBINE_SPLIT", "2", "0 \\(a block with a token of many rows"),
+    ("JAX_EP_COMBINE_SPLIT", "2", "1 \\(a block's few tokens with many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
-    ("JAX_EP_COMBINE_VECTORS", "2", "0 \\(find each token's rows by reductions"),
-    ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -178,14 +176,7 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["NARROW"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", "1")  # top-2: J_UNROLL = 2, nothing narrower
   assert tb._plan(config, 2, 2).combine()["NARROW"] == 0
-  assert default.combine()["VEC"] == 1
-  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", "0")
-  assert tb._plan(config, 2, 2).combine()["VEC"] == 0
   assert default.dispatch(False)["EXPAND_LEVELS"] == 0
-  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")  # stores by level (9 here) win
-  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
-  monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
-  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):

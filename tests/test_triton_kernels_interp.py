@@ -372,9 +372,6 @@ def test_dispatch_combine_against_numpy(case, interp):
   out7 = SimWorld(dataclasses.replace(plan, combine_split=0)).combine(ys, row_ws, recv_pos)
   # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
-  # Each token's rows found by reductions over a tile (combine_vectors=0; the default loads
-  # one vector per slot column / rank).
-  out9 = SimWorld(dataclasses.replace(plan, combine_vectors=0)).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(out1, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -384,7 +381,6 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out8[r].view(np.uint8))
-    np.testing.assert_array_equal(out1[r].view(np.uint8), out9[r].view(np.uint8))
 
   gos = [g["go"].a for g in got]
   gss = [g["gs"].a for g in got]
@@ -441,8 +437,8 @@ def _senders_expand_first(phases):
 
 @pytest.mark.parametrize("tokens", [16, 32])
 def test_combine_push_paths(tokens, interp):
-  """combine_split, combine_narrow and combine_vectors (alone and together; without them
-  the item's rows are found by tile reductions and it runs one path) on a routing
+  """combine_split and combine_narrow (alone and together; without them an item runs one
+  level count) on a routing
   built for them (W = 4, top-8 of 32 experts): most tokens have 2 rows on every rank, and the
   16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0 and 2 on rank 1 (with
   32-token blocks 1 and 5), the last, partial block 2 at its end: items on the 2-level path
@@ -468,7 +464,7 @@ def test_combine_push_paths(tokens, interp):
   capacity = _capacity(world, t, k, e, None, 1)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=1, num_sms=3, use_timer=False, itemsize=2,
-                combine_tokens=tokens, combine_split=0, combine_vectors=0)
+                combine_tokens=tokens, combine_split=0)
   bt, ht = plan.combine_block_t, plan.combine_heavy_t
   # the routing reaches every path: per block, the tokens with > J_UNROLL rows on rank 0
   heavy_counts = [sum(b * bt <= x < (b + 1) * bt for x in heavy_at) for b in range(-(-t // bt))]
@@ -484,42 +480,36 @@ def test_combine_push_paths(tokens, interp):
   ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
-  for kw in ({"combine_split": 1}, {"combine_narrow": 1},
-             {"combine_split": 1, "combine_narrow": 1}, {"combine_vectors": 1},
-             {"combine_vectors": 1, "combine_split": 1},  # the default
-             {"combine_vectors": 1, "combine_split": 1, "combine_narrow": 1}):
+  for kw in ({"combine_split": 1}, {"combine_narrow": 1},  # split: the default
+             {"combine_split": 1, "combine_narrow": 1}):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))
 
 
-@pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq,dv", [
-    (1, 1.0, None, 0, 0, 1, 0, 0), (0, 1.0, None, 0, 0, 1, 0, 0), (0, 0.5, None, 1, 0, 1, 0, 0),
-    (1, 0.25, None, 0, 0, 1, 0, 0), (2, 0.6, None, 2, 0, 1, 0, 0),
-    (2, 1.0, _senders_expand_first, 0, 0, 1, 0, 0), (3, 1.0, None, 0, 0, 1, 0, 0),
-    (3, 1.0, _senders_expand_first, 1, 0, 1, 0, 0), (0, 0.5, None, 1, 1, 1, 0, 0),
-    (3, 1.0, _senders_expand_first, 0, 1, 1, 0, 0), (3, 1.0, None, 0, 1, 2, 0, 0),
-    (2, 1.0, _senders_expand_first, 1, 0, 4, 0, 0), (3, 1.0, None, 0, 1, 4, 1, 0),
-    (2, 1.0, _senders_expand_first, 0, 0, 1, 1, 0), (3, 1.0, None, 0, 2, 4, 2, 0),
-    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 0), (3, 1.0, None, 1, 2, 8, 0, 0),
-    (3, 1.0, None, 0, 2, 4, 2, 1), (0, 0.5, None, 0, 0, 1, 0, 1),
-    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 1)])
-def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, dv,
-                                       interp):
+@pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [
+    (1, 1.0, None, 0, 0, 1, 0), (0, 1.0, None, 0, 0, 1, 0), (0, 0.5, None, 1, 0, 1, 0),
+    (1, 0.25, None, 0, 0, 1, 0), (2, 0.6, None, 2, 0, 1, 0),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 0), (3, 1.0, None, 0, 0, 1, 0),
+    (3, 1.0, _senders_expand_first, 1, 0, 1, 0), (0, 0.5, None, 1, 1, 1, 0),
+    (3, 1.0, _senders_expand_first, 0, 1, 1, 0), (3, 1.0, None, 0, 1, 2, 0),
+    (2, 1.0, _senders_expand_first, 1, 0, 4, 0), (3, 1.0, None, 0, 1, 4, 1),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 1), (3, 1.0, None, 0, 2, 4, 2),
+    (2, 1.0, _senders_expand_first, 0, 2, 2, 1), (3, 1.0, None, 1, 2, 8, 0)])
+def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
   levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
   the source's region; expand_group: queue items of several blocks, the last one short;
-  zero_queue: the zero rows as queue items among them; dispatch_vectors: the expansion reading
-  the slots as vectors) give the same bits."""
+  zero_queue: the zero rows as queue items among them) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
                 expand_order=order, receiver_share=share, expand_levels=levels,
-                dispatch_pull=pull, expand_group=group, zero_queue=zq, dispatch_vectors=dv)
+                dispatch_pull=pull, expand_group=group, zero_queue=zq)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]

@@ -129,9 +129,6 @@ _KNOBS = (
     ("dispatch_stages", "JAX_EP_DISPATCH_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("expand_levels", "JAX_EP_EXPAND_LEVELS", _int_in(0, 64),
      "an integer from 0 to 64 (0: store by slot)"),
-    ("dispatch_vectors", "JAX_EP_DISPATCH_VECTORS", _int_in(0, 1),
-     "0 (the expansion reads a block's slots as a tile) or 1 (as one vector per slot "
-     "column)"),
     ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
      "a byte count from 8192 to 262144"),
@@ -141,16 +138,13 @@ _KNOBS = (
     ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 1),
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
     ("combine_tokens", "JAX_EP_COMBINE_TOKENS", lambda v: v in (0, 16, 32, 64, 128),
-     "0 (the default block: 16 tokens at top-8), 16, 32, 64 or 128 (tokens per combine block)"),
+     "0 (the default block: 32 tokens at top-8), 16, 32, 64 or 128 (tokens per combine block)"),
     ("combine_split", "JAX_EP_COMBINE_SPLIT", _int_in(0, 1),
-     "0 (a block with a token of many rows here runs the all-TOPK path) or 1 (those few "
-     "tokens in a tile of their own)"),
+     "1 (a block's few tokens with many rows here in a tile of their own) or 0 (such a "
+     "block wholly on the all-TOPK path)"),
     ("combine_narrow", "JAX_EP_COMBINE_NARROW", _int_in(0, 1),
      "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
      "more than 2 rows here)"),
-    ("combine_vectors", "JAX_EP_COMBINE_VECTORS", _int_in(0, 1),
-     "0 (find each token's rows by reductions over a tile) or 1 (by one vector load per slot "
-     "column or rank)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
      "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
      "(as 1, senders copying the expansion's groups of blocks)"),

@@ -256,34 +256,28 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
                repeats=3)
 
 
-@pytest.mark.parametrize("split,narrow,vectors,tokens,case", [
-    (0, 0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (1, 0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (1, 1, 0, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
-    (0, 1, 0, 16, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
-    (0, 0, 1, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (1, 1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
-    (0, 0, 1, 16, (128, 2048, 64, 4, None, 8, "with_unselected", "float32"))],
-    ids=["tile-16", "split-16", "split-narrow-32", "narrow-16", "vectors-16",
-         "vectors-split-narrow-32", "vectors-f32-16"])
-def test_combine_push_paths_match_xla(split, narrow, vectors, tokens, case, peer_world,
-                                      monkeypatch):
+@pytest.mark.parametrize("split,narrow,tokens,case", [
+    (0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (1, 1, 32, (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),
+    (0, 1, 16, (1024, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
+    (0, 0, 16, (128, 2048, 64, 4, None, 8, "with_unselected", "float32"))],
+    ids=["whole-16", "split-16", "split-narrow-32", "narrow-16", "f32-16"])
+def test_combine_push_paths_match_xla(split, narrow, tokens, case, peer_world, monkeypatch):
   """Combine's push paths give xla's results, gradients included. The default since session
-  17 is split and vectors in 32-token blocks (test_matches_xla_backend runs it); here: none of
-  them in 16-token blocks (tile-16, session 16's default), JAX_EP_COMBINE_SPLIT=1 (an item's
-  few tokens with more than 4 rows on one rank in a tile of their own: ~35 % of 16-token items
-  at W = 4, uniform top-8 of 256; at W = 2 most items have more such tokens than the tile and
-  keep the all-TOPK path), JAX_EP_COMBINE_NARROW=1 (items whose tokens have <= 2 rows here on
-  a 2-level path: a third of them at W = 8, few at W = 4; the skewed case with drops has some
-  at any W) and JAX_EP_COMBINE_VECTORS=1 (each token's rows found by vector loads per slot
-  column and rank instead of tile reductions, push and reduce), alone and together."""
+  17 is split in 32-token blocks (test_matches_xla_backend runs it); here: blocks with a token
+  of more than 4 rows here wholly on the all-TOPK path (JAX_EP_COMBINE_SPLIT=0), split (an
+  item's few such tokens in a tile of their own: ~35 % of 16-token items at W = 4, uniform
+  top-8 of 256; at W = 2 most items have more such tokens than the tile and keep the all-TOPK
+  path) and JAX_EP_COMBINE_NARROW=1 (items whose tokens have <= 2 rows here on a 2-level path:
+  a third of them at W = 8, few at W = 4; the skewed case with drops has some at any W), in
+  16- and 32-token blocks."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_COMBINE_SPLIT", str(split))
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", str(narrow))
-  monkeypatch.setenv("JAX_EP_COMBINE_VECTORS", str(vectors))
   monkeypatch.setenv("JAX_EP_COMBINE_TOKENS", str(tokens))
-  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow + 5 * vectors
-               + 7 * split, repeats=3)
+  compare_case(case, mesh, world, _put(mesh), seed=97 + tokens + 3 * narrow + 7 * split,
+               repeats=3)
 
 
 @pytest.mark.parametrize("dpull,case", [
@@ -318,22 +312,6 @@ def test_expand_groups_match_xla(group, pull, zq, peer_world, monkeypatch):
   if group == 4:  # 1000 tokens: the last item holds fewer blocks
     case = (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16")
   compare_case(case, mesh, world, _put(mesh), seed=83 + group + 5 * zq, repeats=3)
-
-
-@pytest.mark.parametrize("pull,case", [
-    (2, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
-    (2, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
-    (0, (128, 2048, 64, 4, None, 8, "with_unselected", "float32")),
-    (2, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16"))],
-    ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"pull{v}")
-def test_dispatch_vectors_match_xla(pull, case, peer_world, monkeypatch):
-  """JAX_EP_DISPATCH_VECTORS=1 (the expansion reads each block's slots as one vector per slot
-  column instead of a tile): xla's results, bit for bit for dispatch (the backward's
-  dispatch_rows too), over repeated calls."""
-  mesh, world = peer_world
-  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")
-  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
-  compare_case(case, mesh, world, _put(mesh), seed=131 + pull, repeats=3)
 
 
 def test_many_steps_in_one_program(peer_world):
