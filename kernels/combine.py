@@ -234,7 +234,8 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr,
+                  PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
   soon as its own push is over, while other programs still push. Returns the ns waited for
@@ -301,7 +302,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr,
+                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
