@@ -179,6 +179,20 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.dispatch(False)["EXPAND_LEVELS"] == 0
 
 
+@pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS", "JAX_EP_DISPATCH_VECTORS"])
+def test_removed_triton_knob_warns(monkeypatch, name):
+  """A knob that no longer exists is named in a warning, not silently ignored; the plan is the
+  default one."""
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  default = tb._plan(config, 2, 2)
+  monkeypatch.setenv(name, "1")
+  with pytest.warns(UserWarning, match=f"{name} is no longer read"):
+    plan = tb._plan(config, 2, 2)
+  assert plan == default
+
+
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):
   """JAX_EP_COMBINE_WIDE: by default the common push path takes 256-column chunks at top-8
   in 32-token blocks (the all-TOPK path 128); 0 gives both paths one width."""

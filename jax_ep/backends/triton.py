@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -156,8 +157,20 @@ _KNOBS = (
 )
 
 
+# Knobs that existed once, with what became of them: setting one warns instead of being ignored.
+_REMOVED_KNOBS = {
+    "JAX_EP_COMBINE_VECTORS": "combine always finds each token's rows from per-slot vectors "
+                              "now (the tile version was slower; removed in session 17)",
+    "JAX_EP_DISPATCH_VECTORS": "dispatch's expansion from slot vectors was slower and was "
+                               "removed in session 17",
+}
+
+
 def _env_knobs(plan_cls) -> dict:
   """EPPlan keyword arguments from the knobs set in the environment (defaults: the plan's)."""
+  for name, why in _REMOVED_KNOBS.items():
+    if name in os.environ:
+      warnings.warn(f"{_API}: {name} is no longer read: {why}. Unset it.", stacklevel=3)
   out = {}
   for field, name, valid, expected in _KNOBS:
     default = getattr(plan_cls, field)
