@@ -90,7 +90,8 @@ class EPPlan:
       (Widening the reduce's chunks the same way, 512 vs 256 columns at W = 4, gave nothing:
       0.872 / 0.876 vs 0.873 / 0.849 ms, 4x H200, 2026-11-21 22:43, same run.)
     combine_tokens: tokens per combine item (push) and block (reduce); 0 (default) = max(32,
-      128 / K_pow2), 32 at top-8 (16 until session 17). Larger blocks raise one DONE flag (a
+      128 / K_pow2), 32 at top-8 (16 until session 17; measured at top-8 only, smaller K
+      keep the 128 rows a block in narrower chunks). Larger blocks raise one DONE flag (a
       system-scope release, which waits for the program's remote stores) and load one
       position vector per slot column for more tokens, in narrower chunks of the same bytes;
       the sums are the same bits. 4x H200, DeepSeek-V3 shape (2026-11-22, session 17, same

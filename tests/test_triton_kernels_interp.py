@@ -314,7 +314,7 @@ CASES = [
     (2, 7, 300, 2, 4, None, 1, "uniform", np.float32),        # rows in 3 chunks (128 + tail)
     (4, 40, 64, 8, 256, 200, 1, "uniform", ml_dtypes.bfloat16),  # DeepSeek-V3 routing, 3 blocks
     (2, 24, 32, 8, 8, None, 2, "skewed", np.float32),  # > 4 of a token's 8 rows on one rank
-    # both push paths of combine with different chunks: 512 columns (4 levels), 256 (all 8)
+    # both push paths of combine with different chunks: 256 columns (4 levels), 128 (all 8)
     (2, 24, 600, 8, 8, None, 1, "skewed", ml_dtypes.bfloat16),
 ]
 
