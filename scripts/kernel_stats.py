@@ -88,6 +88,8 @@ def main() -> None:
   p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
   p.add_argument("--dispatch-stages", type=int, default=EPPlan.dispatch_stages)
   p.add_argument("--expand-levels", type=int, default=EPPlan.expand_levels)
+  p.add_argument("--dispatch-vectors", type=int, default=EPPlan.dispatch_vectors,
+                 choices=(0, 1))
   p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
   p.add_argument("--combine-queue", type=int, default=EPPlan.combine_queue, choices=(0, 1, 2))
   p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1))
@@ -110,7 +112,7 @@ def main() -> None:
                 sender_fraction=args.sender_fraction, expand_order=args.expand_order,
                 receiver_share=args.receiver_share, profile=args.profile,
                 dispatch_stages=args.dispatch_stages, expand_levels=args.expand_levels,
-                combine_stages=args.combine_stages,
+                dispatch_vectors=args.dispatch_vectors, combine_stages=args.combine_stages,
                 combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
                 combine_wide=args.combine_wide, combine_tokens=args.combine_tokens,
                 combine_split=args.combine_split, combine_narrow=args.combine_narrow)

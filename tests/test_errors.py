@@ -138,6 +138,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
     ("JAX_EP_COMBINE_SPLIT", "2", "1 \\(a block's few tokens with many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
+    ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -177,9 +178,13 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", "1")  # top-2: J_UNROLL = 2, nothing narrower
   assert tb._plan(config, 2, 2).combine()["NARROW"] == 0
   assert default.dispatch(False)["EXPAND_LEVELS"] == 0
+  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")  # stores by level (9 here) win
+  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
+  monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
+  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
 
 
-@pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS", "JAX_EP_DISPATCH_VECTORS"])
+@pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS"])
 def test_removed_triton_knob_warns(monkeypatch, name):
   """A knob that no longer exists is named in a warning, not silently ignored; the plan is the
   default one."""

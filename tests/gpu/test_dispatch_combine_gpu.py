@@ -314,6 +314,22 @@ def test_expand_groups_match_xla(group, pull, zq, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=83 + group + 5 * zq, repeats=3)
 
 
+@pytest.mark.parametrize("pull,case", [
+    (2, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (2, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
+    (0, (128, 2048, 64, 4, None, 8, "with_unselected", "float32")),
+    (2, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16"))],
+    ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"pull{v}")
+def test_dispatch_vectors_match_xla(pull, case, peer_world, monkeypatch):
+  """JAX_EP_DISPATCH_VECTORS=1 (the expansion reads each block's slots as one vector per slot
+  column instead of a tile): xla's results, bit for bit for dispatch (the backward's
+  dispatch_rows too), over repeated calls."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
+  compare_case(case, mesh, world, _put(mesh), seed=131 + pull, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
