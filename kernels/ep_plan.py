@@ -76,11 +76,11 @@ class EPPlan:
     dispatch_vectors: 1 = the expansion by slot (expand_levels 0) reads each block's slot
       columns as [BLOCK_T] vectors instead of taking them out of a [BLOCK_T, TOPK_P] tile by
       reductions: 25 instead of 65 CTA barriers per expansion item in the compiled kernel
-      (DeepSeek-V3 shape), the same stores. Opt-in. Its first version (session 16) measured
-      slower, 0.732 vs 0.671 ms (4x H200, 2026-11-22 13:38, same run): it loaded and stored
-      the columns one after the other, so each column's loads waited behind the previous
-      column's stores (8 load round trips per block instead of 1); this one loads every
-      column first. Not yet timed.
+      (DeepSeek-V3 shape), the same stores, but more spills. Opt-in. Its first version
+      (session 16) measured slower, 0.732 vs 0.671 ms (4x H200, 2026-11-22 13:38, same run);
+      part of that (docs/KERNELS.md): it loaded and stored the columns one after the other,
+      so each column's loads waited behind the previous column's stores (8 load round trips
+      per item instead of 1). This one loads every column first. Not yet timed.
     combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
       soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
       reduces while others still push; 0 = every program reduces its fixed blocks after all
