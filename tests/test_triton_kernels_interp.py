@@ -437,14 +437,14 @@ def _senders_expand_first(phases):
 
 @pytest.mark.parametrize("tokens", [16, 32])
 def test_combine_push_paths(tokens, interp):
-  """combine_split and combine_narrow (alone and together; without them an item runs one
-  level count) on a routing
-  built for them (W = 4, top-8 of 32 experts): most tokens have 2 rows on every rank, and the
+  """combine_split (the default) and combine_narrow, alone and together, on a routing built
+  for them (W = 4, top-8 of 32 experts): most tokens have 2 rows on every rank, and the
   16-token blocks hold 0, 1, 2 and 3 tokens with 6 rows on rank 0 and 2 on rank 1 (with
   32-token blocks 1 and 5), the last, partial block 2 at its end: items on the 2-level path
   (ranks 2 and 3, and block 0), on the J_UNROLL-level path, split into that path plus the
-  heavy tile (<= HEAVY_T such tokens), and on the all-TOPK path (more). Combine equals the
-  numpy model and, bit for bit, the default kernel's; some slots are unselected."""
+  heavy tile (<= HEAVY_T such tokens), and on the all-TOPK path (more). Without either, an
+  item runs one level count; that kernel equals the numpy model, and every variant equals it
+  bit for bit; some slots are unselected."""
   world, t, h, k, e = 4, 70, 600, 8, 32
   el = e // world
   rng = np.random.default_rng()
