@@ -215,13 +215,13 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   kept slot of every token for j < L, then the other levels only when a token of the block
   keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank).
   EXPAND_LEVELS = -1 (``EPPlan.dispatch_vectors``): by slot, each slot column read as a
-  [BLOCK_T] vector instead of taken out of the [BLOCK_T, TOPK_P] tile by a reduction (which
-  moves it into the row tile's layout through shared memory: 65 instead of 25 CTA barriers
-  per expansion item at the DeepSeek-V3 shape); the same stores. Every column is loaded
-  before any is stored: a store may alias a later column's address, so a column's loads
-  issued after the previous column's stores wait for them, and those wait for their own
-  loads (session 16's version did that: 8 load round trips per item; it measured 0.732 vs
-  0.671 ms, only part of which those explain)."""
+  [BLOCK_T] vector instead of taken out of the [BLOCK_T, TOPK_P] tile by a reduction, which
+  moves it into the row tile's layout through shared memory (an expansion item at the
+  DeepSeek-V3 shape: 25 CTA barriers instead of the tile's 65); the same stores. Every column
+  is loaded before any is stored: a store may alias a later column's address, so a column's
+  loads issued after the previous column's stores wait for them, and those wait for their
+  own loads (session 16's version did that: 8 load round trips per item; it measured 0.732
+  vs 0.671 ms, only part of which those explain)."""
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
