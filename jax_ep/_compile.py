@@ -91,6 +91,7 @@ def kernel_key(fn, signature: dict[str, str], constexprs: dict[str, Any], num_wa
       f"warps={num_warps}",
       f"stages={num_stages}",
       f"arch={arch}",
+      "fp_fusion=1",
       repr(sorted((attrs or {}).items())),
       _extern_libs_key(extern_libs),
   ]
@@ -139,7 +140,9 @@ def _triton_compile(fn, full_sig, constexprs, attrs, num_warps, num_stages, arch
   if getattr(fn, "is_gluon", lambda: False)():  # a @gluon.jit kernel (explicit layouts)
     from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
   src = ASTSource(fn=fn, signature=full_sig, constexprs=constexprs, attrs=attrs)
-  options = {"num_warps": num_warps, "num_stages": num_stages}
+  # FMA contraction stated, not left to Triton's default (on through 3.9, off from 3.10): the
+  # kernels' bits then do not depend on the Triton version.
+  options = {"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True}
   if extern_libs:
     options["extern_libs"] = tuple(sorted(extern_libs.items()))
   return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
