@@ -59,11 +59,11 @@ def _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.con
 
 
 @triton.jit
-def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr,
-                 CAPACITY: tl.constexpr, LEVELS: tl.constexpr):
-  """For the tokens of a block (``slot0 [BLOCK_T]``: each token's first slot in recv_pos):
-  the positions and weights of their first LEVELS present slots in k order, as two tuples of
-  LEVELS ``[BLOCK_T]`` vectors (-1 and 0.0 past a token's count), and the counts.
+def _slot_levels(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS: tl.constexpr,
+                 TOPK: tl.constexpr, CAPACITY: tl.constexpr, LEVELS: tl.constexpr):
+  """For owner s's tokens ``t [BLOCK_T]`` (t >= NUM_TOKENS: none) in recv_pos: the positions
+  and weights of their first LEVELS present slots in k order, as two tuples of LEVELS
+  ``[BLOCK_T]`` vectors (-1 and 0.0 past a token's count), and the counts.
 
   One ``[BLOCK_T]`` load per slot column and elementwise selects: nothing is reduced across
   the block's threads, so the vectors come out in the row tile's token layout with no CTA
@@ -71,12 +71,13 @@ def _slot_levels(recv_pos_ptr, row_weights_ptr, slot0, tmask, TOPK: tl.constexpr
   took each level out of it by prefix counts and per-level sums: ~36 barriers and ~67
   shuffles per item in the compiled push: combine 0.86 vs 0.79 ms, DeepSeek-V3 shape, 4 H200,
   16-token blocks, same run.)"""
+  slot0 = (s * NUM_TOKENS + t) * TOPK
   cnt = tl.zeros_like(slot0)
   ps = ()
   for j in tl.static_range(LEVELS):
     ps = ps + (tl.full(slot0.shape, -1, tl.int32),)
   for kk in tl.static_range(TOPK):
-    p = tl.load(recv_pos_ptr + slot0 + kk, mask=tmask, other=-1)
+    p = tl.load(recv_pos_ptr + slot0 + kk, mask=t < NUM_TOKENS, other=-1)
     pres = (p >= 0) & (p < CAPACITY)  # a corrupt layout cannot address past y
     nxt = ()
     for j in tl.static_range(LEVELS):
@@ -124,8 +125,8 @@ def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_tabl
   """One push item: token block ``blk`` of owner ``s`` (see _combine_push)."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   # TOPK_P levels: at least TOPK and J_UNROLL
-  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t) * TOPK,
-                             t < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
+  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS, TOPK, CAPACITY,
+                             TOPK_P)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
     have = cnt > 0
@@ -149,8 +150,10 @@ def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_tabl
           _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
         th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
         t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
-        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, (s * NUM_TOKENS + t_h) * TOPK,
-                                 t_h < NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
+        # the few tokens' slots loaded again: taking them out of the block's vectors would
+        # need a gather across the block's threads
+        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
+                                 CAPACITY, TOPK_P)
         dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
         _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
@@ -185,7 +188,6 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
   program's earlier remote stores have landed: one such drain per two items)."""
-  dtype = y_ptr.dtype.element_ty
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
@@ -274,7 +276,7 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
   tmask = t < NUM_TOKENS
   gs = ()  # one [BLOCK_T] vector of marks per rank: no reduction over a [W_P, BLOCK_T] tile
   for rr in tl.static_range(W_P):
-    mr = tmask & (tl.zeros_like(t) + rr < world)
+    mr = tmask & (rr < world)
     gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
                              cache_modifier=".cg") == seq),)
   for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):

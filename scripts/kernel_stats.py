@@ -3,6 +3,8 @@ shared memory per kernel (no GPU needed: Triton and its bundled ptxas run on the
 
   python scripts/kernel_stats.py                               # the benchmark's DeepSeek-V3 shape
   python scripts/kernel_stats.py --tokens 512 --hidden 1024 --experts 64 --topk 4 --dtype f32
+  JAX_EP_COMBINE_SPLIT=0 python scripts/kernel_stats.py         # tuning knobs: the backend's
+                                                                # variables (docs/KERNELS.md)
 
 Spills (local memory) in these kernels mean a row tile too big for the registers: shrink the
 tile budgets in kernels/ep_plan.py (TILE_BYTES, ACC_BYTES) or the warps (ROWS_WARPS).
@@ -81,24 +83,9 @@ def main() -> None:
   p.add_argument("--num-sms", type=int, default=32)
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
-  p.add_argument("--acc-bytes", type=int, default=EPPlan.combine_acc_bytes,
-                 help="combine's chunk budget (EPPlan.combine_acc_bytes)")
-  p.add_argument("--sender-fraction", type=float, default=EPPlan.sender_fraction)
-  p.add_argument("--expand-order", type=int, default=EPPlan.expand_order, choices=(0, 1, 2, 3))
-  p.add_argument("--receiver-share", type=float, default=EPPlan.receiver_share)
-  p.add_argument("--dispatch-stages", type=int, default=EPPlan.dispatch_stages)
-  p.add_argument("--expand-levels", type=int, default=EPPlan.expand_levels)
-  p.add_argument("--dispatch-vectors", type=int, default=EPPlan.dispatch_vectors,
-                 choices=(0, 1))
-  p.add_argument("--combine-stages", type=int, default=EPPlan.combine_stages)
-  p.add_argument("--combine-queue", type=int, default=EPPlan.combine_queue, choices=(0, 1, 2))
-  p.add_argument("--combine-wide", type=int, default=EPPlan.combine_wide, choices=(0, 1))
-  p.add_argument("--combine-tokens", type=int, default=EPPlan.combine_tokens,
-                 choices=(0, 16, 32, 64, 128), help="tokens per combine block (0: the default)")
-  p.add_argument("--combine-split", type=int, default=EPPlan.combine_split, choices=(0, 1))
-  p.add_argument("--combine-narrow", type=int, default=EPPlan.combine_narrow, choices=(0, 1))
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
   args = p.parse_args()
+  from jax_ep.backends.triton import _env_knobs
   from jax_ep.kernels import ep_plan
   from jax_ep.kernels.sm90 import compile_ep_kernels
   if args.tile_bytes:
@@ -108,14 +95,8 @@ def main() -> None:
   cap = int(1.25 * args.tokens * args.topk)
   plan = EPPlan(world=args.world, num_tokens=args.tokens, max_tokens=args.tokens,
                 hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
-                alignment=1, num_sms=args.num_sms, itemsize=itemsize,
-                sender_fraction=args.sender_fraction, expand_order=args.expand_order,
-                receiver_share=args.receiver_share, profile=args.profile,
-                dispatch_stages=args.dispatch_stages, expand_levels=args.expand_levels,
-                dispatch_vectors=args.dispatch_vectors, combine_stages=args.combine_stages,
-                combine_acc_bytes=args.acc_bytes, combine_queue=args.combine_queue,
-                combine_wide=args.combine_wide, combine_tokens=args.combine_tokens,
-                combine_split=args.combine_split, combine_narrow=args.combine_narrow)
+                alignment=1, num_sms=args.num_sms, itemsize=itemsize, profile=args.profile,
+                **_env_knobs(EPPlan))  # JAX_EP_* tuning knobs, read and checked as in a step
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "
