@@ -276,7 +276,8 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
   tmask = t < NUM_TOKENS
   gs = ()  # one [BLOCK_T] vector of marks per rank: no reduction over a [W_P, BLOCK_T] tile
   for rr in tl.static_range(W_P):
-    mr = tmask & (rr < world)
+    # rank rr as a [BLOCK_T] vector: the interpreter of Triton 3.9 refuses a scalar mask term
+    mr = tmask & (tl.zeros_like(t) + rr < world)
     gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
                              cache_modifier=".cg") == seq),)
   for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
