@@ -55,9 +55,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now, leader_barrier,
-                      leader_turn, prof_mark, prof_span, row_align, signal_block, sym_ptr,
-                      take_item, wait_block, wait_go)
+from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now,
+                      leader_barrier, leader_turn, peer_ptr, prof_mark, prof_span, publish_ptr,
+                      next_pow2_c, row_align, signal_block, signal_peers, sym_ptr, take_item,
+                      wait_all_arrivals, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
 
@@ -144,7 +145,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   rows_me = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
-  if PULL == 2 and GROUP > 1:
+  if PULL >= 2 and GROUP > 1:
     BT: tl.constexpr = BLOCK_T * GROUP
     kk = tl.arange(0, TOPK_P)
     for grp in range(pid, (num_blocks + GROUP - 1) // GROUP, num_programs):
@@ -153,16 +154,17 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
           _block_slots(grp * GROUP + j, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
                        rank, world, NUM_TOKENS, MAX_TOKENS, TOPK, TOPK_P, NUM_EXPERTS,
                        E_LOCAL, CAPACITY, COMPUTE_POS, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_T)
-      # Rows some other rank is addressed by (dropped slots included: the copy is local, and
-      # the receivers load only the rows they keep).
-      t = grp * BT + tl.arange(0, BT)
-      g = tl.load(topk_idx_ptr + t[:, None] * TOPK + kk[None, :],
-                  mask=(t < NUM_TOKENS)[:, None] & (kk < TOPK)[None, :], other=-1)
-      remote = tl.max(((g >= 0) & (g // E_LOCAL != rank)).to(tl.int32), axis=1) > 0
-      if tl.max(remote.to(tl.int32), axis=0) > 0:
-        _copy_rows(x_ptr + t[:, None].to(tl.int64) * HIDDEN,
-                   rows_me + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN, remote,
-                   HIDDEN, BLOCK_H // GROUP, STAGES)
+      if PULL == 2:  # (PULL 3: the receivers load the rows from x itself; no copy)
+        # Rows some other rank is addressed by (dropped slots included: the copy is local,
+        # and the receivers load only the rows they keep).
+        t = grp * BT + tl.arange(0, BT)
+        g = tl.load(topk_idx_ptr + t[:, None] * TOPK + kk[None, :],
+                    mask=(t < NUM_TOKENS)[:, None] & (kk < TOPK)[None, :], other=-1)
+        remote = tl.max(((g >= 0) & (g // E_LOCAL != rank)).to(tl.int32), axis=1) > 0
+        if tl.max(remote.to(tl.int32), axis=0) > 0:
+          _copy_rows(x_ptr + t[:, None].to(tl.int64) * HIDDEN,
+                     rows_me + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN, remote,
+                     HIDDEN, BLOCK_H // GROUP, STAGES)
       signal_block(sym_table, rank, world, BLOCK_FLAG_OFF, MAX_TOKENS, grp * GROUP, seq)
   else:
     for blk in range(pid, num_blocks, num_programs):
@@ -173,7 +175,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
       t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
       remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
-      if tl.max(remote.to(tl.int32), axis=0) > 0:
+      if PULL < 3 and tl.max(remote.to(tl.int32), axis=0) > 0:
         src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
         dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
         if PULL:
@@ -505,11 +507,14 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
   if s == rank:
     src_base = x_ptr
     src_row = 0
+  elif PULL == 3:  # rank s's x itself, over NVLink
+    src_base = peer_ptr(sym_table, rank, s, recv_x_ptr.dtype.element_ty)
+    src_row = 0
   else:
     src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
   t0 = _now(PROFILE)
-  for g in tl.static_range(1 if PULL == 2 else GROUP):  # PULL 2: one flag per group
+  for g in tl.static_range(1 if PULL >= 2 else GROUP):  # PULL 2, 3: one flag per group
     if blk * GROUP + g < nb:
       wait_block(sym_table, rank, s, BLOCK_FLAG_OFF, MAX_TOKENS, blk * GROUP + g, seq,
                  timeout_ns, status_ptr, op, USE_TIMER)
@@ -547,11 +552,15 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
     rid = pid
   prof_id = tl.where(sender, pid, NUM_SENDERS + rid)
   st = status_ptr + 1 + prof_id
-  if PHASE != 6:  # phase 6 continues phase 4's programs: keep their status
+  if PHASE != 6 and PHASE != 8:  # phases 6, 8 continue phase 4's programs: keep their status
     tl.store(st, 0)
   seq = wait_go(sym_table, rank, epoch, timeout_ns, st, op, USE_TIMER)
-  prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
-  if seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
+  if PHASE != 8:
+    prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
+  if seq > 0 and PHASE == 8:  # the interpreter's last phase: the leader's end wait alone
+    _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
+               USE_TIMER)
+  elif seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       if PHASE != 6:
         _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
@@ -573,7 +582,28 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
                    True, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
+    if PULL == 3:
+      # This program has read the peers' x for the last time (its last phase, in the
+      # interpreter): say so to every rank. The leader then waits until every program of
+      # every rank has, so that no rank's x is freed while a peer still reads it.
+      last = PHASE == 0 or PHASE == 5 or PHASE == 6 or (PHASE == 4 and
+                                                         RECV_BLOCKS >= num_blocks)
+      if last:
+        signal_peers(sym_table, rank, world, prof_id, seq)
+      if PHASE == 0 and pid == 0:
+        _x_release(sym_table, rank, world, seq, timeout_ns, st, op,
+                   NUM_SENDERS + NUM_RECEIVERS, USE_TIMER)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
+
+
+@triton.jit
+def _x_release(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
+               NUM_PROGRAMS: tl.constexpr, USE_TIMER: tl.constexpr):
+  """Pull 3: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every rank s,
+  i.e. until no peer reads this rank's x any more: the launch (program 0) ends only then."""
+  BLOCK_P: tl.constexpr = next_pow2_c(NUM_PROGRAMS)
+  wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, status_ptr, op,
+                    USE_TIMER, BLOCK_P)
 
 
 @triton.jit
@@ -621,13 +651,15 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
   if PHASE == 0 or PHASE == 7:
     scan_columns(pid, num_programs, hist_ptr, base_ptr, status_ptr, sym_table, rank, epoch,
                  timeout_ns, op, NUM_BLOCKS, NUM_EXPERTS, COLS, BLOCK_BC, BLOCK_PROG, USE_TIMER)
+  if PULL == 3 and leader_turn(pid, PHASE) and PHASE != 3:
+    publish_ptr(sym_table, rank, world, x_ptr)  # before the announce: the peers read x itself
   if leader_turn(pid, PHASE):
     leader_layout(base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
                   fingerprint, num_programs, NUM_BLOCKS, NUM_EXPERTS, E_P, E_LOCAL, EL_P,
                   CAPACITY, ALIGNMENT, COUNTS_OFF, BLOCK_FLAG_OFF, MAX_TOKENS, W_P,
                   BLOCK_PROG, USE_TIMER, PHASE, PROFILE)
-  if PHASE == 0 or (PHASE >= 4 and PHASE <= 6):  # (7: the column scans, above)
+  if PHASE == 0 or (PHASE >= 4 and PHASE != 7):  # (7: the column scans, above)
     _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
            sym_ptr(sym_table, rank, SLOT_POS_OFF, tl.int32), MAX_TOKENS,
            sym_ptr(sym_table, rank, SLOT_VAL_OFF, tl.float32), group_offsets_ptr,
@@ -667,6 +699,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   """
   pid = tl.program_id(0)
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
+  if PULL == 3 and leader_turn(pid, PHASE) and PHASE != 3:
+    publish_ptr(sym_table, rank, world, x_ptr)  # before the announce: the peers read x itself
   if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS,

@@ -24,15 +24,18 @@ def _pow2_floor(n: int, lo: int, hi: int) -> int:
 
 
 def interpreter_phases(kernel: str, num_senders: int, num_receivers: int, num_programs: int,
-                       receiver_blocks: int, kernel_blocks: int) -> list[tuple[int, int]]:
+                       receiver_blocks: int, kernel_blocks: int,
+                       pull: int = 0) -> list[tuple[int, int]]:
   """(PHASE, grid) launches that replace one GPU launch of ``kernel`` in the CPU interpreter
-  (``EPPlan.interpreter_phases``; also from a launch's constexprs alone, in the tests)."""
+  (``EPPlan.interpreter_phases``; also from a launch's constexprs alone, in the tests).
+  Dispatch with pull 3 ends with phase 8: the leader's wait for every peer's programs."""
   ns, nr, npg = num_senders, num_receivers, num_programs
-  senders_expand = [(6, ns)] if receiver_blocks < kernel_blocks else []
+  tail = [(6, ns)] if receiver_blocks < kernel_blocks else []
+  tail += [(8, 1)] if pull == 3 else []
   if kernel == "dispatch_kernel":
-    return [(1, ns + nr), (7, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
+    return [(1, ns + nr), (7, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + tail
   if kernel == "dispatch_rows_kernel":
-    return [(2, 1), (3, 1), (4, ns), (5, nr)] + senders_expand
+    return [(2, 1), (3, 1), (4, ns), (5, nr)] + tail
   return [(2, 1), (3, 1), (4, npg), (5, npg)]
 
 
@@ -279,7 +282,7 @@ class EPPlan:
     """(PHASE, grid) launches that replace one GPU launch in the CPU interpreter, where the
     programs of a launch run one after another (each phase runs on every rank in turn)."""
     return interpreter_phases(kernel, self.num_senders, self.num_receivers, self.num_programs,
-                              self.receiver_blocks, self.kernel_blocks)
+                              self.receiver_blocks, self.kernel_blocks, self.dispatch_pull)
 
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,

@@ -24,6 +24,9 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
                                        histograms, [COL_FLAG + p] its column scan (p < 128)
   PROF         int64 [MAX_PROGRAMS, 8] %globaltimer stamps of the last profiled launch
                                        (kernels compiled with PROFILE=1 only; see ``PROF_*``)
+  XPTR         int64 [MAX_WORLD]       dispatch with pull 3: XPTR[s] = the address of rank s's
+                                       x in this launch (peer provider: every XLA buffer is
+                                       mapped on every GPU), written before s announces
   --- config-dependent part (``RegionSpec``) ---
   COUNTS       int32 [2, W, E]         per-source expert histograms, double-buffered by seq parity
   BLOCK_FLAG   int32 [W, T_max]        dispatch: BLOCK_FLAG[s, b] = seq when source s's token
@@ -82,7 +85,8 @@ HIST_FLAG_OFF = ARRIVE_FLAG_OFF + 4 * MAX_WORLD * MAX_PROGRAMS
 COL_FLAG = MAX_PROGRAMS // 2   # HIST_FLAG index of program 0's column-scan flag
 PROF_OFF = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
 PROF_SLOTS = 8
-CONTROL_BYTES = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
+XPTR_OFF = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
+CONTROL_BYTES = XPTR_OFF + 8 * MAX_WORLD
 
 # Profile stamps (PROF[pid, slot], ns of %globaltimer), written only by kernels compiled with
 # PROFILE=1 (``JAX_EP_PROFILE=1`` at trace time; ``jax_ep.backends.triton.read_profile``).
@@ -104,6 +108,7 @@ _HIST_FLAG_OFF = tl.constexpr(HIST_FLAG_OFF)
 _COL_FLAG = tl.constexpr(COL_FLAG)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
+_XPTR_OFF = tl.constexpr(XPTR_OFF)
 # The profile slots as constexprs, for the kernels' prof_mark calls.
 P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END, P_LEADER, P_HIST = (
     tl.constexpr(v) for v in (PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH,
@@ -224,6 +229,13 @@ def sym_ptr(sym_table, rank, byte_off, dtype: tl.constexpr):
 
 
 @triton.constexpr_function
+def next_pow2_c(n):
+  """``next_pow2`` for @triton.jit code (a constexpr; jit code may not call plain functions)."""
+  n = int(n)
+  return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@triton.constexpr_function
 def row_align(hidden, dtype):
   """Bytes (at most 16) that every row start of a [rows, hidden] ``dtype`` array with a 16-byte
   aligned base is aligned to: what the row loops declare with ``tl.multiple_of(ptrs, [a, a])``
@@ -301,6 +313,22 @@ def signal_peers(sym_table, rank, world, flag_index, seq):
   for r in range(world):
     flag = sym_ptr(sym_table, r, _ARRIVE_FLAG_OFF, tl.int32) + rank * _MAX_PROGRAMS + flag_index
     store_release(flag, seq)
+
+
+@triton.jit
+def publish_ptr(sym_table, rank, world, ptr):
+  """``XPTR[rank] = ptr`` (as an address) in every rank's region: the leader, before it
+  announces the op (its announce's CTA barrier and release order these stores first)."""
+  for r in range(world):
+    tl.store(sym_ptr(sym_table, r, _XPTR_OFF, tl.int64) + rank, ptr.to(tl.int64))
+
+
+@triton.jit
+def peer_ptr(sym_table, rank, s, dtype: tl.constexpr):
+  """Rank s's published pointer (``publish_ptr``), typed ``dtype``, read from this rank's
+  region: valid once s's start-barrier announce has been seen (after GO)."""
+  p = tl.load(sym_ptr(sym_table, rank, _XPTR_OFF, tl.int64) + s, cache_modifier=".cg")
+  return tl.multiple_of(p.to(tl.pointer_type(dtype)), 16)
 
 
 @triton.jit

@@ -132,7 +132,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
     ("JAX_EP_COMBINE_QUEUE", "3", "0 \\(reduce after every push\\)"),
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
-    ("JAX_EP_DISPATCH_PULL", "3", "0 \\(senders store rows into the peers\\)"),
+    ("JAX_EP_DISPATCH_PULL", "4", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
     ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block: 32 tokens"),
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
@@ -182,6 +182,26 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
   monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
   assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
+
+
+@pytest.mark.parametrize("provider", ["nvshmem", "peer"])
+def test_pull_from_x_needs_the_peer_provider(monkeypatch, provider):
+  """JAX_EP_DISPATCH_PULL=3 (receivers read the peers' x in place) is refused, naming the
+  knob and what to set, under the nvshmem provider, where XLA's buffers are not mapped on the
+  peers; the peer provider takes it."""
+  from jax_ep import runtime
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "3")
+  monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+  monkeypatch.setattr(runtime, "world_size", lambda: 2)
+  monkeypatch.setattr(runtime, "provider", lambda: provider)
+  if provider == "nvshmem":
+    with pytest.raises(ValueError, match="JAX_EP_DISPATCH_PULL=3 .* set it to 2 or unset"):
+      tb._plan(config, 2, 2)
+  else:
+    assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 3
 
 
 @pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS"])

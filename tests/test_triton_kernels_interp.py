@@ -103,7 +103,8 @@ def phases_of(kernel_name: str, cx: dict) -> list[tuple[int, int]]:
   """The interpreter's (PHASE, grid) launches for one GPU launch, from its constexprs."""
   if kernel_name in ("dispatch_kernel", "dispatch_rows_kernel"):
     return interpreter_phases(kernel_name, cx["NUM_SENDERS"], cx["NUM_RECEIVERS"], 0,
-                              cx["RECV_BLOCKS"], -(-cx["NUM_TOKENS"] // cx["BLOCK_T"]))
+                              cx["RECV_BLOCKS"], -(-cx["NUM_TOKENS"] // cx["BLOCK_T"]),
+                              cx["PULL"])
   return interpreter_phases(kernel_name, 0, 0, cx["NUM_PROGRAMS"], 0, 0)
 
 
@@ -497,14 +498,16 @@ def test_combine_push_paths(tokens, interp):
     (2, 1.0, _senders_expand_first, 0, 0, 1, 1, 0), (3, 1.0, None, 0, 2, 4, 2, 0),
     (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 0), (3, 1.0, None, 1, 2, 8, 0, 0),
     (3, 1.0, None, 0, 2, 4, 2, 1), (0, 0.5, None, 0, 0, 1, 0, 1),
-    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 1)])
+    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 1), (3, 1.0, None, 0, 3, 4, 2, 0),
+    (2, 1.0, _senders_expand_first, 0, 3, 2, 1, 1), (0, 0.5, None, 1, 3, 1, 0, 0)])
 def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, dv,
                                        interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
   levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
-  the source's region; expand_group: queue items of several blocks, the last one short;
+  the source's region, or (3) from the source's x itself, each program then saying so to
+  every rank; expand_group: queue items of several blocks, the last one short;
   zero_queue: the zero rows as queue items among them; dispatch_vectors: the expansion reading
   the slots as vectors) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
@@ -535,6 +538,8 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
     np.testing.assert_array_equal(got[r]["recv_pos"].a, want[r]["recv_pos"])
     np.testing.assert_array_equal(got[r]["recv_w"].a, want[r]["recv_w"])
     np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
+  if pull == 3:  # every program of every rank said it read the peers' x for the last time
+    _assert_x_released(sim, plan, seq=1)
   recv_pos = [g["recv_pos"].a for g in got]
   douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
   rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
@@ -542,6 +547,21 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 2)
   for r in range(world):
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
+  if pull == 3:
+    _assert_x_released(sim, plan, seq=2)
+
+
+def _assert_x_released(sim, plan, seq):
+  """Pull 3: ARRIVE_FLAG[s, p] = seq in every rank for every program p of every rank s
+  (what the leader's end wait waits for), and XPTR holds the peers' x addresses."""
+  n = plan.num_senders + plan.num_receivers
+  for r in range(plan.world):
+    flags = sim.regions[r][ep_sync.ARRIVE_FLAG_OFF:ep_sync.HIST_FLAG_OFF].view(np.int32)
+    flags = flags.reshape(ep_sync.MAX_WORLD, ep_sync.MAX_PROGRAMS)
+    np.testing.assert_array_equal(flags[:plan.world, :n], seq)
+    assert (flags[:, n:] == 0).all() and (flags[plan.world:] == 0).all()
+    xptr = sim.regions[r][ep_sync.XPTR_OFF:ep_sync.XPTR_OFF + 8 * plan.world].view(np.int64)
+    assert (xptr != 0).all() and len(set(xptr.tolist())) == plan.world
 
 
 def test_column_scan_spans_several_tiles(interp):

@@ -104,12 +104,20 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
         f"{_API}: the EP axis {config.axis_name!r} has {world} ranks but jax_ep.runtime was "
         f"initialized over {runtime.world_size()} GPUs; the EP axis must span exactly the "
         f"devices given to jax_ep.runtime.initialize, in rank order.")
-  return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
+  plan = EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
                 hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
                 itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
                 **_env_knobs(EPPlan))
+  if (plan.dispatch_pull == 3 and runtime.is_initialized()
+      and runtime.provider() != "peer"):
+    raise ValueError(
+        f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
+        f"needs every GPU's XLA buffers mapped on every other (the 'peer' provider: one "
+        f"process driving all GPUs); under the {runtime.provider()!r} provider set it to 2 "
+        f"or unset it.")
+  return plan
 
 
 def _int_in(lo: int, hi: int):
@@ -149,9 +157,10 @@ _KNOBS = (
     ("combine_narrow", "JAX_EP_COMBINE_NARROW", _int_in(0, 1),
      "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
      "more than 2 rows here)"),
-    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 2),
-     "0 (senders store rows into the peers), 1 (receivers load them from the source) or 2 "
-     "(as 1, senders copying the expansion's groups of blocks)"),
+    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
+     "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
+     "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "
+     "from the source's x itself; peer provider only)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
     ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 2),

@@ -330,6 +330,25 @@ def test_dispatch_vectors_match_xla(pull, case, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=131 + pull, repeats=3)
 
 
+@pytest.mark.parametrize("vectors,case", [
+    (0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (0, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
+    (0, (128, 2048, 64, 4, None, 8, "with_unselected", "float32")),
+    (0, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16")),
+    (0, (1, 128, 64, 4, None, 1, "uniform", "bfloat16")),
+    (1, (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16"))],
+    ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"vectors{v}")
+def test_pull_from_x_matches_xla(vectors, case, peer_world, monkeypatch):
+  """JAX_EP_DISPATCH_PULL=3 (the receivers load each peer's rows from its x itself, over
+  NVLink, with no staging copy; each rank's launch ends once no peer reads its x any more):
+  xla's results, bit for bit for dispatch (the backward's dispatch_rows too), gradients
+  included, over repeated calls in which XLA frees and reuses the x buffers."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "3")
+  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", str(vectors))
+  compare_case(case, mesh, world, _put(mesh), seed=151 + vectors, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
