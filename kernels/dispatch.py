@@ -4,7 +4,12 @@ Pull mode (``EPPlan.dispatch_pull``, the default): a sender copies each token ro
 rank keeps once into ROWS[me] of its *own* region, and the receivers load it from there over
 NVLink while they expand it, so the NVLink transfer is spread over every expanding program
 instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
-where it differs: the sender stores the row into ROWS[me] of every rank that keeps it.
+where it differs: the sender stores the row into ROWS[me] of every rank that keeps it. Pull 3
+(the peer provider's default, where every GPU's XLA buffers are mapped on the others): no
+staging copy at all; the receivers load a peer's rows from its x itself, whose address the
+leader publishes (XPTR) before it announces the op, and each program says when it has read
+the peers' x for the last time (ARRIVE_FLAG); the leader's launch ends only when every
+program of every rank has, so no x is freed or overwritten while a peer still reads it.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert

@@ -825,16 +825,17 @@ class _InterpretedLauncher:
     return jax.pure_callback(host, out_shapes, *inputs, vmap_method="broadcast_all")
 
 
-@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype", [
-    (2, 12, 64, 2, 4, None, 1, "float32"),
-    (4, 9, 40, 3, 8, 10, 4, "bfloat16"),       # drops + alignment
-    (2, 20, 32, 8, 8, None, 1, "float32"),     # K = 8: tokens with > 4 rows on one rank
+@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype,provider", [
+    (2, 12, 64, 2, 4, None, 1, "float32", "nvshmem"),
+    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "peer"),       # drops + alignment
+    (2, 20, 32, 8, 8, None, 1, "float32", "peer"),     # K = 8: tokens with > 4 rows on one rank
 ])
-def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, interp,
+def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, provider, interp,
                                         monkeypatch):
   """jax_ep.dispatch -> expert -> jax_ep.combine and its gradients with the triton backend
   (kernels interpreted, W ranks under vmap) equal the xla backend's: dispatch bit for bit,
-  combine and gradients within float tolerance. Checks the launch ABI and layout wiring."""
+  combine and gradients within float tolerance. Checks the launch ABI and layout wiring, and
+  each provider's dispatch (peer: the rows loaded from the peers' x itself)."""
   import jax
   import jax.numpy as jnp
 
@@ -851,6 +852,9 @@ def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, in
   monkeypatch.setattr(tb, "check_usable", lambda config: None)
   monkeypatch.setattr(runtime, "is_initialized", lambda: True)
   monkeypatch.setattr(runtime, "world_size", lambda: world)
+  monkeypatch.setattr(runtime, "provider", lambda: provider)
+  monkeypatch.delenv("JAX_EP_DISPATCH_PULL", raising=False)
+  assert tb._plan(base, world, t).dispatch_pull == (3 if provider == "peer" else 2)
 
   dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   idx = np.stack(routing(rng, "skewed", world, t, k, e))                 # [W, T, K]
