@@ -71,23 +71,48 @@ def _slot_levels(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS: tl.constexpr,
   took each level out of it by prefix counts and per-level sums: ~36 barriers and ~67
   shuffles per item in the compiled push: combine 0.86 vs 0.79 ms, DeepSeek-V3 shape, 4 H200,
   16-token blocks, same run.)"""
+  ps, cnt = _levels(_slot_cols(recv_pos_ptr, s, t, NUM_TOKENS, TOPK), CAPACITY, LEVELS)
+  return ps, _level_weights(row_weights_ptr, ps), cnt
+
+
+@triton.jit
+def _slot_cols(recv_pos_ptr, s, t, NUM_TOKENS: tl.constexpr, TOPK: tl.constexpr):
+  """recv_pos[s, t, k] for owner s's tokens ``t [BLOCK_T]``, a tuple of TOPK ``[BLOCK_T]``
+  vectors (-1 for t >= NUM_TOKENS): the loads only, so that a caller can issue them an item
+  ahead (``_combine_push`` with PREFETCH)."""
   slot0 = (s * NUM_TOKENS + t) * TOPK
-  cnt = tl.zeros_like(slot0)
+  cols = ()
+  for kk in tl.static_range(TOPK):
+    cols = cols + (tl.load(recv_pos_ptr + slot0 + kk, mask=t < NUM_TOKENS, other=-1),)
+  return cols
+
+
+@triton.jit
+def _levels(cols, CAPACITY: tl.constexpr, LEVELS: tl.constexpr):
+  """``_slot_cols``' columns compacted: per level j < LEVELS each token's j-th present slot in
+  k order (-1 past its count), and the counts."""
+  cnt = tl.zeros_like(cols[0])
   ps = ()
   for j in tl.static_range(LEVELS):
-    ps = ps + (tl.full(slot0.shape, -1, tl.int32),)
-  for kk in tl.static_range(TOPK):
-    p = tl.load(recv_pos_ptr + slot0 + kk, mask=t < NUM_TOKENS, other=-1)
+    ps = ps + (tl.full(cols[0].shape, -1, tl.int32),)
+  for kk in tl.static_range(len(cols)):
+    p = cols[kk]
     pres = (p >= 0) & (p < CAPACITY)  # a corrupt layout cannot address past y
     nxt = ()
     for j in tl.static_range(LEVELS):
       nxt = nxt + (tl.where(pres & (cnt == j), p, ps[j]),)
     ps = nxt
     cnt += pres.to(tl.int32)
+  return ps, cnt
+
+
+@triton.jit
+def _level_weights(row_weights_ptr, ps):
+  """The routing weight of each level's row (0.0 where there is none)."""
   ws = ()
-  for j in tl.static_range(LEVELS):
+  for j in tl.static_range(len(ps)):
     ws = ws + (tl.load(row_weights_ptr + ps[j], mask=ps[j] >= 0, other=0.0),)
-  return ps, ws, cnt
+  return ws
 
 
 @triton.jit
@@ -115,18 +140,18 @@ def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
 
 
 @triton.jit
-def _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table,
-               ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, NUM_TOKENS: tl.constexpr,
-               MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
-               TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr,
-               J_UNROLL: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-               BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
-  """One push item: token block ``blk`` of owner ``s`` (see _combine_push)."""
+def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr,
+               sym_table, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
+               NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+               TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
+               STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
+               HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
+               BLOCK_HC2: tl.constexpr):
+  """One push item: token block ``blk`` of owner ``s`` (see _combine_push), whose slot
+  levels ``ps``, ``ws``, ``cnt`` (``_slot_levels``, TOPK_P levels: at least TOPK and
+  J_UNROLL) the caller loaded."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-  # TOPK_P levels: at least TOPK and J_UNROLL
-  ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t, NUM_TOKENS, TOPK, CAPACITY,
-                             TOPK_P)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
     have = cnt > 0
@@ -177,7 +202,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
-                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr):
+                  BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
+                  PREFETCH: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -187,18 +213,40 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   QUEUE: after each item, DONE[blk, me] = seq in the owner's region (its reducers start on a
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
-  program's earlier remote stores have landed: one such drain per two items)."""
+  program's earlier remote stores have landed: one such drain per two items).
+  PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
+  item before it: one dependent load round trip at the start of each item (the weights at
+  those positions) instead of two."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
   prev_blk = tl.full([], 0, tl.int32)
-  for item in range(pid, world * num_blocks, num_programs):
+  total = world * num_blocks
+  if PREFETCH:  # item pid's slot columns
+    cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
+                      _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
+  for item in range(pid, total, num_programs):
     blk = item // world
     s = (item + rank) % world  # consecutive items of a program go to different owners
-    _push_item(blk, s, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, ROWS_OFF,
-               ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_T,
-               BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW,
-               BLOCK_HC2)
+    if PREFETCH:
+      # This item's slot columns were loaded during the previous item's chunk loops; the
+      # next item's are issued now, before this item's chunk loops, which hide their round
+      # trip (they are used an item later). (Weights an item ahead too cost ~50 registers a
+      # thread: 128 and 88 B of spills at the DeepSeek-V3 shape.)
+      cur_ps, cur_cnt = _levels(cols, CAPACITY, TOPK_P)
+      cur_ws = _level_weights(row_weights_ptr, cur_ps)
+      nxt = item + num_programs
+      cols = _slot_cols(recv_pos_ptr, (nxt + rank) % world,
+                        _item_tokens(nxt, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS,
+                        TOPK)
+    else:
+      cur_ps, cur_ws, cur_cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, s,
+                                             blk * BLOCK_T + tl.arange(0, BLOCK_T),
+                                             NUM_TOKENS, TOPK, CAPACITY, TOPK_P)
+    _push_item(blk, s, cur_ps, cur_ws, cur_cnt, rank, seq, y_ptr, row_weights_ptr,
+               recv_pos_ptr, sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+               TOPK, TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
+               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
     if QUEUE == 1:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -217,6 +265,14 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
       _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
   if not QUEUE:
     signal_peers(sym_table, rank, world, pid, seq)
+
+
+@triton.jit
+def _item_tokens(item, total, world, NUM_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
+  """The tokens ``[BLOCK_T]`` of push item ``item`` (block item // W); all NUM_TOKENS (none)
+  past the last item, so that a prefetch past the end loads nothing."""
+  t = (item // world) * BLOCK_T + tl.arange(0, BLOCK_T)
+  return tl.where(item < total, t, NUM_TOKENS)
 
 
 @triton.jit
@@ -306,8 +362,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr, BLOCK_HR: tl.constexpr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, USE_TIMER: tl.constexpr,
-                   PHASE: tl.constexpr, PROFILE: tl.constexpr):
+                   NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, PREFETCH: tl.constexpr,
+                   USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
   Inputs: y ``[C, H]``, row_weights ``[C] f32``, recv_pos ``[W, T, K] int32``.
@@ -339,7 +395,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                       world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                       ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
                       BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H,
-                      NARROW, BLOCK_HC2)
+                      NARROW, BLOCK_HC2, PREFETCH)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:

@@ -119,6 +119,10 @@ class EPPlan:
       bytes a stage): half the chunk iterations. Uniform top-8 of 256 on 8 ranks: a third of
       the 16-token items (none on 4 ranks). The same bits; opt-in: at 4x H200 (session 17)
       0.679 vs 0.670 ms without it; not yet timed at 8 GPUs, where it was meant to help.
+    combine_prefetch: 1 = each push item's slot positions are loaded an item ahead
+      (``_combine_push``), during the chunk loops of the program's previous item: one
+      dependent load round trip (the weights) before its first row load instead of two (~16
+      items per program at W = 4). The same bits; opt-in until timed.
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -191,6 +195,7 @@ class EPPlan:
   combine_tokens: int = 0
   combine_split: int = 1
   combine_narrow: int = 0
+  combine_prefetch: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -421,7 +426,8 @@ class EPPlan:
         QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
         BLOCK_HC2=self.combine_block_hc_narrow,
-        HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy, PHASE=phase)}
+        HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,
+        PREFETCH=int(self.combine_prefetch), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

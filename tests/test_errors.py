@@ -139,6 +139,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_SPLIT", "2", "1 \\(a block's few tokens with many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
     ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
+    ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -182,6 +183,9 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
   monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
   assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
+  assert default.combine()["PREFETCH"] == 0
+  monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
+  assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
 
 
 @pytest.mark.parametrize("provider", ["nvshmem", "peer"])

@@ -445,7 +445,8 @@ def test_combine_push_paths(tokens, interp):
   (ranks 2 and 3, and block 0), on the J_UNROLL-level path, split into that path plus the
   heavy tile (<= HEAVY_T such tokens), and on the all-TOPK path (more). Without either, an
   item runs one level count; that kernel equals the numpy model, and every variant equals it
-  bit for bit; some slots are unselected."""
+  bit for bit (combine_prefetch too: the slot levels loaded items ahead); some slots are
+  unselected."""
   world, t, h, k, e = 4, 70, 600, 8, 32
   el = e // world
   rng = np.random.default_rng()
@@ -482,7 +483,8 @@ def test_combine_push_paths(tokens, interp):
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_split": 1}, {"combine_narrow": 1},  # split: the default
-             {"combine_split": 1, "combine_narrow": 1}):
+             {"combine_split": 1, "combine_narrow": 1}, {"combine_prefetch": 1},
+             {"combine_prefetch": 1, "combine_split": 0, "combine_narrow": 1}):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))

@@ -176,6 +176,9 @@ _KNOBS = (
     ("combine_narrow", "JAX_EP_COMBINE_NARROW", _int_in(0, 1),
      "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
      "more than 2 rows here)"),
+    ("combine_prefetch", "JAX_EP_COMBINE_PREFETCH", _int_in(0, 1),
+     "0 (each push item loads its slot positions and weights first) or 1 (loaded an item or "
+     "two ahead)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
      "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
      "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "

@@ -349,6 +349,18 @@ def test_pull_from_x_matches_xla(vectors, case, peer_world, monkeypatch):
   compare_case(case, mesh, world, _put(mesh), seed=151 + vectors, repeats=3)
 
 
+@pytest.mark.parametrize("case", [
+    (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),
+    (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),        # partial last block, drops
+    (128, 2048, 64, 4, None, 8, "with_unselected", "float32")], ids=_case_id)
+def test_combine_prefetch_matches_xla(case, peer_world, monkeypatch):
+  """JAX_EP_COMBINE_PREFETCH=1 (each push item's slot positions loaded during the previous
+  item's chunk loops): xla's results, gradients included, over repeated calls."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
+  compare_case(case, mesh, world, _put(mesh), seed=173, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
