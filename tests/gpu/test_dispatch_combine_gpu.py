@@ -286,13 +286,15 @@ def test_combine_push_paths_match_xla(split, narrow, tokens, case, peer_world, m
     (0, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
     (1, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16")),     # overflow: drops
     (1, (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16")),
-    (1, (1, 128, 64, 4, None, 1, "uniform", "bfloat16"))],
+    (1, (1, 128, 64, 4, None, 1, "uniform", "bfloat16")),
+    (2, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
+    (2, (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16"))],
     ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
 def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
-  """Rows loaded by the receivers (JAX_EP_DISPATCH_PULL=1; the default, 2, is that with the
-  senders in groups, the routing cases of test_matches_xla_backend) or stored into the
-  peers by the senders (0): xla's results, bit for bit for dispatch, gradients included, over
-  repeated calls."""
+  """Rows staged by the senders and loaded by the receivers (JAX_EP_DISPATCH_PULL=1; 2: the
+  senders in groups, the default until session 18 and still what pull 3, the default, does
+  for a rank whose x is not in a mapped pool) or stored into the peers by the senders (0):
+  xla's results, bit for bit for dispatch, gradients included, over repeated calls."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(dpull))
   compare_case(case, mesh, world, _put(mesh), seed=71 + dpull, repeats=3)
@@ -339,10 +341,11 @@ def test_dispatch_vectors_match_xla(pull, case, peer_world, monkeypatch):
     (1, (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16"))],
     ids=lambda v: _case_id(v) if isinstance(v, tuple) else f"vectors{v}")
 def test_pull_from_x_matches_xla(vectors, case, peer_world, monkeypatch):
-  """JAX_EP_DISPATCH_PULL=3 (the receivers load each peer's rows from its x itself, over
+  """Pull 3, the default (the receivers load each peer's rows from its x itself, over
   NVLink, with no staging copy; each rank's launch ends once no peer reads its x any more):
   xla's results, bit for bit for dispatch (the backward's dispatch_rows too), gradients
-  included, over repeated calls in which XLA frees and reuses the x buffers."""
+  included, over repeated calls in which XLA frees and reuses the x buffers; with the
+  expansion from slot vectors too."""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "3")
   monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", str(vectors))
@@ -498,7 +501,13 @@ MP_CASES = [CASES[0], CASES[3], CASES[4], CASES[9]]
 MP_TIMEOUT_S = int(os.environ.get("JAX_EP_MP_TIMEOUT", "240"))  # below pytest's --timeout
 
 
-def test_multiprocess_matches_xla_backend():
+@pytest.mark.parametrize("preallocate", ["false", "true"])
+def test_multiprocess_matches_xla_backend(preallocate):
+  """4 routing cases, one process per GPU (NVSHMEM), against xla. Dispatch reads the peers' x
+  in place through the CUDA IPC mapping of each rank's XLA memory pool: with XLA's
+  preallocated pool (``true``) every rank's x must have been read so (checked from the
+  published offsets after the last op); with a growing pool (``false``) x may lie past the
+  mapped part, and those ranks' rows are staged instead: the results must be the same."""
   world = _num_gpus()
   if world < 2:
     pytest.skip("needs 2 or more CUDA GPUs and libjax_ep_ffi.so")
@@ -508,7 +517,8 @@ def test_multiprocess_matches_xla_backend():
   env.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
   env.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
   env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(3 << 30))
-  env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  env["XLA_PYTHON_CLIENT_PREALLOCATE"] = preallocate
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.5"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(r),
                              str(world), coord], stdout=subprocess.PIPE,
@@ -530,6 +540,10 @@ def test_multiprocess_matches_xla_backend():
     res = json.loads(lines[-1][len("RESULT "):])
     assert "error" not in res, f"rank {r}:\n{res['error']}\n{out[-3000:]}"
     assert res["provider"] == "nvshmem" and res["cases"] == len(MP_CASES), res
+    print(f"rank {r}: XLA pool mapped for dispatch: {res['x_pool_bytes']} bytes; last x "
+          f"offsets {res['x_offsets']} (-1: staged)", flush=True)
+    if preallocate == "true":
+      assert res["x_pool_bytes"] > 0 and min(res["x_offsets"]) >= 0, res
 
 
 def _worker(rank: int, world: int, coord: str) -> dict:
@@ -553,6 +567,12 @@ def _worker(rank: int, world: int, coord: str) -> dict:
   for i, case in enumerate(MP_CASES):
     compare_case(case, mesh, world, put, seed=100 + i, repeats=3)
   res["cases"] = len(MP_CASES)
+  from jax_ep.kernels import ep_sync
+  dev = runtime.devices()[0]
+  res["x_pool_bytes"] = int(np.frombuffer(runtime.read_symmetric(dev, ep_sync.XSIZE_OFF, 8),
+                                          np.int64)[0])
+  res["x_offsets"] = np.frombuffer(runtime.read_symmetric(dev, ep_sync.XPTR_OFF, 8 * world),
+                                   np.int64).tolist()
   runtime.shutdown()
   return res
 
