@@ -110,11 +110,7 @@ int Fail(std::string msg) {
   X(cuMemMap, 10020)                                                           \
   X(cuMemUnmap, 10020)                                                         \
   X(cuMemSetAccess, 10020)                                                     \
-  X(cuMemGetAllocationGranularity, 10020)                                     \
-  X(cuMemGetAddressRange, 3020)                                                \
-  X(cuIpcGetMemHandle, 4010)                                                   \
-  X(cuIpcOpenMemHandle, 11000)                                                 \
-  X(cuIpcCloseMemHandle, 4010)
+  X(cuMemGetAllocationGranularity, 10020)
 
 struct CudaApi {
 #define JEP_DECLARE(name, version) PFN_##name##_v##version name = nullptr;
@@ -242,8 +238,6 @@ struct DeviceState {
   // peer provider only: the VMM allocation backing `base`
   CUmemGenericAllocationHandle vmm_handle = 0;
   size_t vmm_size = 0;
-  // peers' XLA memory pools opened here through CUDA IPC (jep_pool_open; closed at shutdown)
-  std::vector<CUdeviceptr> ipc_mapped;
 };
 
 struct LoadedKernel {
@@ -335,8 +329,6 @@ int ReleaseLocked(Runtime& rt) {
 #endif
   for (auto& d : rt.devices) {
     ScopedContext scope(d->ctx);
-    for (CUdeviceptr p : d->ipc_mapped) note(cu.cuIpcCloseMemHandle(p), "cuIpcCloseMemHandle");
-    d->ipc_mapped.clear();
     if (d->table) note(cu.cuMemFree(d->table), "cuMemFree(pointer table)");
     if (rt.provider == Provider::kPeer && d->vmm_handle) {
       note(cu.cuMemUnmap(d->base, d->vmm_size), "cuMemUnmap");
@@ -696,56 +688,6 @@ JEP_EXPORT int jep_write_symmetric(int ordinal, size_t offset, const void* src, 
   }
   return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
 }
-
-// The device allocation holding `ptr` on device `ordinal` (XLA's memory pool, for a buffer
-// XLA allocated): its base and size, and a CUDA IPC handle for it (CU_IPC_HANDLE_SIZE bytes
-// into `handle`), so that the other ranks' processes can map it (jep_pool_open).
-JEP_EXPORT int jep_pool_export(int ordinal, uint64_t ptr, void* handle, int64_t* base_out,
-                               int64_t* size_out) {
-  auto& cu = jax_ep::Cuda();
-  if (!cu.loaded) return Fail(cu.load_error);
-  auto& rt = State();
-  std::lock_guard<std::mutex> lock(rt.mu);
-  for (auto& d : rt.devices) {
-    if (d->ordinal != ordinal) continue;
-    jax_ep::ScopedContext scope(d->ctx);
-    CUdeviceptr base = 0;
-    size_t size = 0;
-    JEP_CU(cu.cuMemGetAddressRange(&base, &size, static_cast<CUdeviceptr>(ptr)),
-           "cuMemGetAddressRange");
-    CUipcMemHandle h;
-    JEP_CU(cu.cuIpcGetMemHandle(&h, base), "cuIpcGetMemHandle");
-    std::memcpy(handle, &h, sizeof(h));
-    *base_out = static_cast<int64_t>(base);
-    *size_out = static_cast<int64_t>(size);
-    return 0;
-  }
-  return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
-}
-
-// Maps a peer process's pool (a jep_pool_export handle) on device `ordinal`; its address here
-// goes to `mapped_out`. Closed by shutdown.
-JEP_EXPORT int jep_pool_open(int ordinal, const void* handle, int64_t* mapped_out) {
-  auto& cu = jax_ep::Cuda();
-  if (!cu.loaded) return Fail(cu.load_error);
-  auto& rt = State();
-  std::lock_guard<std::mutex> lock(rt.mu);
-  for (auto& d : rt.devices) {
-    if (d->ordinal != ordinal) continue;
-    jax_ep::ScopedContext scope(d->ctx);
-    CUipcMemHandle h;
-    std::memcpy(&h, handle, sizeof(h));
-    CUdeviceptr p = 0;
-    JEP_CU(cu.cuIpcOpenMemHandle(&p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-           "cuIpcOpenMemHandle");
-    d->ipc_mapped.push_back(p);
-    *mapped_out = static_cast<int64_t>(p);
-    return 0;
-  }
-  return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
-}
-
-JEP_EXPORT int jep_ipc_handle_size() { return static_cast<int>(sizeof(CUipcMemHandle)); }
 
 // Loads a registered kernel into every runtime device's context now (at trace time), so no
 // launch has to load a module while jax_ep kernels run (see GetKernel).

@@ -315,90 +315,35 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
                "jax_ep.runtime.initialize (nvshmem provider)")
   _state = _State(provider=provider, world=world, rank=this_rank, devices=tuple(gpus),
                   ordinals=ordinals, region_bytes=region)
-  _map_x_pools(lib, gpus, ordinals, provider, this_rank, world)
+  _map_x_pools(lib, ordinals, provider)
   if not _atexit_registered:
     atexit.register(_at_exit)
     _atexit_registered = True
 
 
-def _map_x_pools(lib, gpus, ordinals, provider: str, this_rank, world: int) -> None:
+def _map_x_pools(lib, ordinals, provider: str) -> None:
   """The x pool tables of the symmetric regions (``kernels/ep_sync.py``: XMAP, XSIZE), with
   which dispatch reads the peers' token rows from their x itself (``EPPlan.dispatch_pull``
   3) instead of staged copies.
 
   peer: the GPUs of one process share one address space and XLA enables peer access between
   them, so every XMAP is 0 and the pool is everything (XSIZE 2^62), except with XLA's
-  ``cuda_async`` allocator, whose pools are not peer-mapped (XSIZE 0: staging).
-  nvshmem: each rank exports the device allocation that holds its XLA buffers (the memory
-  pool XLA preallocates) as a CUDA IPC handle, every other rank maps it (XMAP[s]), and XSIZE
-  is its size. If any rank fails at any step, every rank leaves XSIZE 0 and dispatch stages
-  every rank's rows, as pull 2 does. An x that is not inside the pool (say, in memory XLA
-  allocated later, past a pool that was not preallocated) is staged, op by op.
+  ``cuda_async`` allocator, whose pools are not known to be peer-mapped (XSIZE 0:
+  staging).
+  nvshmem: left 0 (staging). Another process's XLA buffers could only be mapped through its
+  pool's CUDA IPC handle, and XLA's pool refuses one (cuIpcGetMemHandle: invalid argument,
+  jax 0.11.2 on H200, 2026-11-22).
   """
   import numpy as np
   from jax_ep import _ffi
   from jax_ep.kernels import ep_sync
-
-  def write(ordinal, off, arr):
-    data = np.ascontiguousarray(arr).tobytes()
-    _ffi.check(lib.jep_write_symmetric(ordinal, EXCHANGE_BYTES + off, data, len(data)),
-               "jax_ep.runtime.initialize (x pool tables)")
-
-  if provider == "peer":
-    async_pool = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "") == "cuda_async"
-    for ordinal in ordinals:
-      write(ordinal, ep_sync.XSIZE_OFF, np.array([0 if async_pool else 1 << 62], np.int64))
+  if provider != "peer":
     return
-  import jax
-  ordinal = ordinals[0]
-  nh = lib.jep_ipc_handle_size()
-  mine = b""
-  base, size = ctypes.c_int64(0), ctypes.c_int64(0)
-  try:
-    probe = jax.device_put(np.zeros(256, np.uint8), gpus[0])
-    handle = ctypes.create_string_buffer(nh)
-    _ffi.check(lib.jep_pool_export(ordinal, probe.unsafe_buffer_pointer(), handle,
-                                   ctypes.byref(base), ctypes.byref(size)), "pool export")
-    mine = handle.raw
-  except Exception as e:  # noqa: BLE001 (any failure: stage the rows instead)
-    _warn_pool(f"cannot export this rank's XLA memory pool ({e})")
-  if world == 1:
-    write(ordinal, ep_sync.XMAP_OFF, np.array([base.value], np.int64))
-    write(ordinal, ep_sync.XSIZE_OFF, np.array([size.value if mine else 0], np.int64))
-    return
-  client = _kv_client()
-  prefix = f"jax_ep/x_pool/{_nvshmem_generation}"
-  client.key_value_set_bytes(f"{prefix}/handle/{this_rank}", mine or b"-")
-  xmap = np.zeros(world, np.int64)
-  xmap[this_rank] = base.value
-  ok = bool(mine)
-  for r in range(world):
-    if r == this_rank:
-      continue
-    h = bytes(client.blocking_key_value_get_bytes(f"{prefix}/handle/{r}", 300_000))
-    if len(h) != nh:
-      ok = False
-      continue
-    mapped = ctypes.c_int64(0)
-    try:
-      _ffi.check(lib.jep_pool_open(ordinal, ctypes.create_string_buffer(h, nh),
-                                   ctypes.byref(mapped)), "pool open")
-      xmap[r] = mapped.value
-    except Exception as e:  # noqa: BLE001
-      _warn_pool(f"cannot map rank {r}'s XLA memory pool ({e})")
-      ok = False
-  client.key_value_set(f"{prefix}/ok/{this_rank}", "1" if ok else "0")
-  all_ok = all(client.blocking_key_value_get(f"{prefix}/ok/{r}", 300_000) == "1"
-               for r in range(world))
-  write(ordinal, ep_sync.XMAP_OFF, xmap)
-  write(ordinal, ep_sync.XSIZE_OFF, np.array([size.value if all_ok else 0], np.int64))
-
-
-def _warn_pool(why: str) -> None:
-  import warnings
-  warnings.warn(f"jax_ep.runtime.initialize: {why}; dispatch will stage every rank's token "
-                f"rows (a local copy per op) instead of reading the peers' x in place.",
-                stacklevel=3)
+  async_pool = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "") == "cuda_async"
+  size = np.array([0 if async_pool else 1 << 62], np.int64).tobytes()
+  for ordinal in ordinals:
+    _ffi.check(lib.jep_write_symmetric(ordinal, EXCHANGE_BYTES + ep_sync.XSIZE_OFF, size,
+                                       len(size)), "jax_ep.runtime.initialize (x pool table)")
 
 
 def _kv_client():

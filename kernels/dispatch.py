@@ -6,12 +6,13 @@ NVLink while they expand it, so the NVLink transfer is spread over every expandi
 instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
 where it differs: the sender stores the row into ROWS[me] of every rank that keeps it. Pull 3
 (the default): no staging copy; the receivers load a peer's rows from its x itself, through
-the peer's XLA memory pool as mapped on this GPU (XMAP, set by ``runtime.initialize``). The
-leader publishes x's offset in its pool (XPTR) before it announces the op (-1 when x is not
-inside a mapped pool: then this rank's senders stage its rows as pull 2 does, and the
-receivers load those); each program says when it has read the peers' x for the last time
-(ARRIVE_FLAG), and the leader's launch ends only when every program of every rank has, so no
-x is freed or overwritten while a peer still reads it.
+the peer's XLA memory pool as mapped on this GPU (XMAP, set by ``runtime.initialize``: the
+peer provider's one address space). The leader publishes x's offset in its pool (XPTR)
+before it announces the op (-1 when x is not inside a mapped pool, as with the nvshmem
+provider: then this rank's senders stage its rows as pull 2 does, and the receivers load
+those); each program says when it has read the peers' x for the last time (ARRIVE_FLAG), and
+the leader of a rank whose x is read in place ends its launch only when every program of
+every rank has, so no x is freed or overwritten while a peer still reads it.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
@@ -579,8 +580,9 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
   if PHASE != 8:
     prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
   if seq > 0 and PHASE == 8:  # the interpreter's last phase: the leader's end wait alone
-    _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
-               USE_TIMER)
+    if x_offset(sym_table, rank, rank) >= 0:
+      _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
+                 USE_TIMER)
   elif seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       if PHASE != 6:
@@ -611,7 +613,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                                                          RECV_BLOCKS >= num_blocks)
       if last:
         signal_peers(sym_table, rank, world, prof_id, seq)
-      if PHASE == 0 and pid == 0:
+      if PHASE == 0 and pid == 0 and x_offset(sym_table, rank, rank) >= 0:  # (staged: no)
         _x_release(sym_table, rank, world, seq, timeout_ns, st, op,
                    NUM_SENDERS + NUM_RECEIVERS, USE_TIMER)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
@@ -620,8 +622,9 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
 @triton.jit
 def _x_release(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
                NUM_PROGRAMS: tl.constexpr, USE_TIMER: tl.constexpr):
-  """Pull 3: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every rank s,
-  i.e. until no peer reads this rank's x any more: the launch (program 0) ends only then."""
+  """Pull 3, where this rank's x is read in place: wait until ARRIVE_FLAG[s, p] >= seq here
+  for every program p of every rank s, i.e. until no peer reads this rank's x any more: the
+  launch (program 0) ends only then."""
   BLOCK_P: tl.constexpr = next_pow2_c(NUM_PROGRAMS)
   wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, status_ptr, op,
                     USE_TIMER, BLOCK_P)

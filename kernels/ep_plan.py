@@ -135,12 +135,13 @@ class EPPlan:
       0.698 vs 0.746 / 0.712 ms (08:27, same run); 0 = senders store the row into
       ROWS[me] of every remote rank that keeps one of its slots (NVLink stores) and receivers
       expand from their own region; 3 (default) = no staging copy where possible: the
-      receivers load a peer's rows from its x itself, through the peer's XLA memory pool as
-      mapped here by ``runtime.initialize`` (one address space with the peer provider; CUDA
-      IPC with nvshmem); x's offset in its pool is published in the start barrier (XPTR;
-      -1, and the rows staged as with 2, when x is not inside a mapped pool), and each
-      rank's launch ends only when every program of every rank says it has read the peers'
-      x for the last time (no x is freed while a peer reads it). 2x H200, DeepSeek-V3 shape,
+      receivers load a peer's rows from its x itself where the peer's XLA memory pool is
+      mapped here (``runtime.initialize``: with the peer provider, whose GPUs share one
+      address space; not with nvshmem, whose processes cannot map each other's XLA
+      buffers); x's offset in its pool is published in the start barrier (XPTR; -1, and the
+      rows staged as with 2, when x is not inside a mapped pool), and a rank whose x is read
+      in place ends its launch only when every program of every rank says it has read the
+      peers' x for the last time (no x is freed while a peer reads it). 2x H200, DeepSeek-V3 shape,
       32 SMs, peer provider, 2026-11-22 16:10 and 16:27, same runs: 0.469 / 0.476 / 0.459
       ms vs 0.596 / 0.591 ms with 2. Either way a row crosses NVLink once per destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms

@@ -29,11 +29,10 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
                                        when its x is not there (then s stages its rows in
                                        ROWS as pull 2 does); written before s announces
   XMAP         int64 [MAX_WORLD]       XMAP[s] = rank s's XLA memory pool as mapped on this
-                                       GPU (runtime.initialize: 0 with the peer provider,
-                                       whose GPUs share one address space; the pool's CUDA
-                                       IPC mapping with nvshmem)
-  XSIZE        int64 [1]               this rank's pool's bytes (0: no pool mapped, pull 3
-                                       falls back to staging)
+                                       GPU (0 with the peer provider, whose GPUs share one
+                                       address space; runtime.initialize)
+  XSIZE        int64 [1]               this rank's pool's bytes (0: not mapped on the peers,
+                                       as with nvshmem: pull 3 stages the rows)
   --- config-dependent part (``RegionSpec``) ---
   COUNTS       int32 [2, W, E]         per-source expert histograms, double-buffered by seq parity
   BLOCK_FLAG   int32 [W, T_max]        dispatch: BLOCK_FLAG[s, b] = seq when source s's token
