@@ -58,7 +58,7 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 3;
 
 // ------------------------------------------------------------------------------------------
 // Errors
@@ -672,21 +672,6 @@ JEP_EXPORT int jep_read_symmetric(int ordinal, size_t offset, void* dst, size_t 
   JEP_CU(jax_ep::Cuda().cuCtxSynchronize(), "cuCtxSynchronize");
   JEP_CU(jax_ep::Cuda().cuMemcpyDtoH(dst, base + offset, size), "cuMemcpyDtoH");
   return 0;
-}
-
-// Copies `size` bytes from `src` to `offset` of device `ordinal`'s symmetric region (the
-// runtime's tables at initialize; nothing may run on the device meanwhile).
-JEP_EXPORT int jep_write_symmetric(int ordinal, size_t offset, const void* src, size_t size) {
-  auto& rt = State();
-  std::lock_guard<std::mutex> lock(rt.mu);
-  for (auto& d : rt.devices) {
-    if (d->ordinal != ordinal) continue;
-    if (offset + size > d->bytes) return Fail("write past the end of the symmetric region");
-    jax_ep::ScopedContext scope(d->ctx);
-    JEP_CU(jax_ep::Cuda().cuMemcpyHtoD(d->base + offset, src, size), "cuMemcpyHtoD");
-    return 0;
-  }
-  return Fail("device " + std::to_string(ordinal) + " is not part of the jax_ep runtime");
 }
 
 // Loads a registered kernel into every runtime device's context now (at trace time), so no

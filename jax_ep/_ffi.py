@@ -18,7 +18,7 @@ import threading
 
 TARGET_NAME = "jax_ep_triton_launch"
 LIB_NAME = "libjax_ep_ffi.so"
-ABI_VERSION = 4
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -55,7 +55,6 @@ def _declare(lib: ctypes.CDLL) -> None:
       "jep_provider": (c.c_int, []),
       "jep_device_info": (c.c_int, [c.c_int, c.POINTER(c.c_int64)]),
       "jep_read_symmetric": (c.c_int, [c.c_int, c.c_size_t, c.c_void_p, c.c_size_t]),
-      "jep_write_symmetric": (c.c_int, [c.c_int, c.c_size_t, c.c_void_p, c.c_size_t]),
       "jep_preload_kernel": (c.c_int, [c.c_char_p, c.c_char_p, c.c_int64]),
       "jep_peer_init": (c.c_int, [c.POINTER(c.c_int), c.c_int, c.c_size_t, c.c_size_t]),
       "jep_nvshmem_open": (c.c_int, [c.c_char_p]),

@@ -315,35 +315,9 @@ def initialize(configs, *, provider: str = "auto", devices: Sequence | None = No
                "jax_ep.runtime.initialize (nvshmem provider)")
   _state = _State(provider=provider, world=world, rank=this_rank, devices=tuple(gpus),
                   ordinals=ordinals, region_bytes=region)
-  _map_x_pools(lib, ordinals, provider)
   if not _atexit_registered:
     atexit.register(_at_exit)
     _atexit_registered = True
-
-
-def _map_x_pools(lib, ordinals, provider: str) -> None:
-  """The x pool tables of the symmetric regions (``kernels/ep_sync.py``: XMAP, XSIZE), with
-  which dispatch reads the peers' token rows from their x itself (``EPPlan.dispatch_pull``
-  3) instead of staged copies.
-
-  peer: the GPUs of one process share one address space and XLA enables peer access between
-  them, so every XMAP is 0 and the pool is everything (XSIZE 2^62), except with XLA's
-  ``cuda_async`` allocator, whose pools are not known to be peer-mapped (XSIZE 0:
-  staging).
-  nvshmem: left 0 (staging). Another process's XLA buffers could only be mapped through its
-  pool's CUDA IPC handle, and XLA's pool refuses one (cuIpcGetMemHandle: invalid argument,
-  jax 0.11.2 on H200, 2026-11-22).
-  """
-  import numpy as np
-  from jax_ep import _ffi
-  from jax_ep.kernels import ep_sync
-  if provider != "peer":
-    return
-  async_pool = os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "") == "cuda_async"
-  size = np.array([0 if async_pool else 1 << 62], np.int64).tobytes()
-  for ordinal in ordinals:
-    _ffi.check(lib.jep_write_symmetric(ordinal, EXCHANGE_BYTES + ep_sync.XSIZE_OFF, size,
-                                       len(size)), "jax_ep.runtime.initialize (x pool table)")
 
 
 def _kv_client():

@@ -5,14 +5,11 @@ rank keeps once into ROWS[me] of its *own* region, and the receivers load it fro
 NVLink while they expand it, so the NVLink transfer is spread over every expanding program
 instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
 where it differs: the sender stores the row into ROWS[me] of every rank that keeps it. Pull 3
-(the default): no staging copy; the receivers load a peer's rows from its x itself, through
-the peer's XLA memory pool as mapped on this GPU (XMAP, set by ``runtime.initialize``: the
-peer provider's one address space). The leader publishes x's offset in its pool (XPTR)
-before it announces the op (-1 when x is not inside a mapped pool, as with the nvshmem
-provider: then this rank's senders stage its rows as pull 2 does, and the receivers load
-those); each program says when it has read the peers' x for the last time (ARRIVE_FLAG), and
-the leader of a rank whose x is read in place ends its launch only when every program of
-every rank has, so no x is freed or overwritten while a peer still reads it.
+(the peer provider's default, where every GPU's XLA buffers are mapped on the others): no
+staging copy at all; the receivers load a peer's rows from its x itself, whose address the
+leader publishes (XPTR) before it announces the op, and each program says when it has read
+the peers' x for the last time (ARRIVE_FLAG); the leader's launch ends only when every
+program of every rank has, so no x is freed or overwritten while a peer still reads it.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
@@ -64,17 +61,11 @@ import triton
 import triton.language as tl
 
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now,
-                      leader_barrier, leader_turn, next_pow2_c, peer_x, prof_mark, prof_span,
-                      publish_x, row_align, signal_block, signal_peers, sym_ptr, take_item,
-                      wait_all_arrivals, wait_block, wait_go, x_offset)
+                      leader_barrier, leader_turn, peer_ptr, prof_mark, prof_span, publish_ptr,
+                      next_pow2_c, row_align, signal_block, signal_peers, sym_ptr, take_item,
+                      wait_all_arrivals, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
-
-
-@triton.constexpr_function
-def nbytes(count, dtype):
-  """Bytes of ``count`` elements of ``dtype`` (a constexpr)."""
-  return int(count) * dtype.primitive_bitwidth // 8
 
 # Row-chunk loops are software-pipelined: Triton turns their loads into cp.async copies into
 # shared memory, STAGES - 1 chunks in flight (STAGES: ``EPPlan.dispatch_stages``), so a program
@@ -159,9 +150,6 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   dtype = x_ptr.dtype.element_ty
   rows_me = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
-  stage = tl.full([], PULL < 3, tl.int1)  # PULL 3: only when the peers cannot read x itself
-  if PULL == 3:
-    stage = x_offset(sym_table, rank, rank) < 0
   if PULL >= 2 and GROUP > 1:
     BT: tl.constexpr = BLOCK_T * GROUP
     kk = tl.arange(0, TOPK_P)
@@ -171,7 +159,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
           _block_slots(grp * GROUP + j, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
                        rank, world, NUM_TOKENS, MAX_TOKENS, TOPK, TOPK_P, NUM_EXPERTS,
                        E_LOCAL, CAPACITY, COMPUTE_POS, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_T)
-      if stage:  # (PULL 3: the receivers load the rows from x itself, unless staged)
+      if PULL == 2:  # (PULL 3: the receivers load the rows from x itself; no copy)
         # Rows some other rank is addressed by (dropped slots included: the copy is local,
         # and the receivers load only the rows they keep).
         t = grp * BT + tl.arange(0, BT)
@@ -192,7 +180,7 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
       # (PULL: once, into ROWS[me] of this rank's region, where the receivers load it from).
       t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
       remote = tl.max(((dest >= 0) & (dest != rank)).to(tl.int32), axis=1) > 0   # [BLOCK_T]
-      if stage and tl.max(remote.to(tl.int32), axis=0) > 0:
+      if PULL < 3 and tl.max(remote.to(tl.int32), axis=0) > 0:
         src = x_ptr + t[:, None].to(tl.int64) * HIDDEN
         dst_row = (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
         if PULL:
@@ -524,14 +512,9 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
   if s == rank:
     src_base = x_ptr
     src_row = 0
-  elif PULL == 3:  # rank s's x itself, over NVLink (or its staged rows, as pull 1 / 2)
-    off = x_offset(sym_table, rank, s)
-    if off >= 0:
-      src_base = peer_x(sym_table, rank, s, off, recv_x_ptr.dtype.element_ty)
-      src_row = 0
-    else:
-      src_base = sym_ptr(sym_table, s, ROWS_OFF, recv_x_ptr.dtype.element_ty)
-      src_row = s * MAX_TOKENS
+  elif PULL == 3:  # rank s's x itself, over NVLink
+    src_base = peer_ptr(sym_table, rank, s, recv_x_ptr.dtype.element_ty)
+    src_row = 0
   else:
     src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
@@ -580,9 +563,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
   if PHASE != 8:
     prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
   if seq > 0 and PHASE == 8:  # the interpreter's last phase: the leader's end wait alone
-    if x_offset(sym_table, rank, rank) >= 0:
-      _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
-                 USE_TIMER)
+    _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
+               USE_TIMER)
   elif seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       if PHASE != 6:
@@ -613,7 +595,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                                                          RECV_BLOCKS >= num_blocks)
       if last:
         signal_peers(sym_table, rank, world, prof_id, seq)
-      if PHASE == 0 and pid == 0 and x_offset(sym_table, rank, rank) >= 0:  # (staged: no)
+      if PHASE == 0 and pid == 0:
         _x_release(sym_table, rank, world, seq, timeout_ns, st, op,
                    NUM_SENDERS + NUM_RECEIVERS, USE_TIMER)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
@@ -622,9 +604,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
 @triton.jit
 def _x_release(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
                NUM_PROGRAMS: tl.constexpr, USE_TIMER: tl.constexpr):
-  """Pull 3, where this rank's x is read in place: wait until ARRIVE_FLAG[s, p] >= seq here
-  for every program p of every rank s, i.e. until no peer reads this rank's x any more: the
-  launch (program 0) ends only then."""
+  """Pull 3: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every rank s,
+  i.e. until no peer reads this rank's x any more: the launch (program 0) ends only then."""
   BLOCK_P: tl.constexpr = next_pow2_c(NUM_PROGRAMS)
   wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, status_ptr, op,
                     USE_TIMER, BLOCK_P)
@@ -676,7 +657,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
     scan_columns(pid, num_programs, hist_ptr, base_ptr, status_ptr, sym_table, rank, epoch,
                  timeout_ns, op, NUM_BLOCKS, NUM_EXPERTS, COLS, BLOCK_BC, BLOCK_PROG, USE_TIMER)
   if PULL == 3 and leader_turn(pid, PHASE) and PHASE != 3:
-    publish_x(sym_table, rank, world, x_ptr, nbytes(NUM_TOKENS * HIDDEN, x_ptr.dtype.element_ty))
+    publish_ptr(sym_table, rank, world, x_ptr)  # before the announce: the peers read x itself
   if leader_turn(pid, PHASE):
     leader_layout(base_ptr, group_sizes_ptr, group_offsets_ptr, num_recv_ptr,
                   num_dropped_ptr, status_ptr, sym_table, rank, world, epoch, timeout_ns, op,
@@ -724,7 +705,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
   pid = tl.program_id(0)
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if PULL == 3 and leader_turn(pid, PHASE) and PHASE != 3:
-    publish_x(sym_table, rank, world, x_ptr, nbytes(NUM_TOKENS * HIDDEN, x_ptr.dtype.element_ty))
+    publish_ptr(sym_table, rank, world, x_ptr)  # before the announce: the peers read x itself
   if leader_turn(pid, PHASE):
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, BLOCK_FLAG_OFF, MAX_TOKENS,

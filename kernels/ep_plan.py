@@ -134,16 +134,17 @@ class EPPlan:
       copy pipeline filled and drained on 7 chunks and W flags were raised; dispatch 0.676 /
       0.698 vs 0.746 / 0.712 ms (08:27, same run); 0 = senders store the row into
       ROWS[me] of every remote rank that keeps one of its slots (NVLink stores) and receivers
-      expand from their own region; 3 (default) = no staging copy where possible: the
-      receivers load a peer's rows from its x itself where the peer's XLA memory pool is
-      mapped here (``runtime.initialize``: with the peer provider, whose GPUs share one
-      address space; not with nvshmem, whose processes cannot map each other's XLA
-      buffers); x's offset in its pool is published in the start barrier (XPTR; -1, and the
-      rows staged as with 2, when x is not inside a mapped pool), and a rank whose x is read
-      in place ends its launch only when every program of every rank says it has read the
-      peers' x for the last time (no x is freed while a peer reads it). 2x H200, DeepSeek-V3 shape,
-      32 SMs, peer provider, 2026-11-22 16:10 and 16:27, same runs: 0.469 / 0.476 / 0.459
-      ms vs 0.596 / 0.591 ms with 2. Either way a row crosses NVLink once per destination.
+      expand from their own region; 3 = no staging copy: the receivers load the peers' rows
+      from each peer's x itself (its address published in the start barrier, XPTR), and each
+      rank's launch ends only when every program of every rank says it has read the peers'
+      x for the last time (no x is freed while a peer reads it). 3 needs every GPU's XLA
+      buffers mapped on the others: the backend's default under the peer provider, refused
+      under nvshmem (a process cannot map another's XLA buffers: a CUDA IPC export of XLA's
+      pool was refused, session 18). 2x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22 16:10
+      and 16:27, same runs: 0.469 / 0.476 / 0.459 ms vs 0.596 / 0.591 ms with 2, 0.78-0.80x
+      (a version that chose between 3 and staging at run time, per rank, had 184 B of stack
+      instead of 32 and measured 0.494-0.516 vs 0.573-0.579 ms with 2 in its runs, 0.86-0.89x;
+      16:46-16:56). Either way a row crosses NVLink once per destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
       (06:19, 06:20), 0.754 vs 0.875 ms (06:24). (Pulling the slot metadata too, and raising
       the block flags after one system fence instead of W release atomics, gave nothing:
@@ -199,7 +200,7 @@ class EPPlan:
   combine_split: int = 1
   combine_narrow: int = 0
   combine_prefetch: int = 0
-  dispatch_pull: int = 3
+  dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
 

@@ -24,15 +24,9 @@ Region layout (byte offsets from the base; every area is 256-byte aligned). The 
                                        histograms, [COL_FLAG + p] its column scan (p < 128)
   PROF         int64 [MAX_PROGRAMS, 8] %globaltimer stamps of the last profiled launch
                                        (kernels compiled with PROFILE=1 only; see ``PROF_*``)
-  XPTR         int64 [MAX_WORLD]       dispatch with pull 3: XPTR[s] = the byte offset of rank
-                                       s's x (this launch's) in s's XLA memory pool, or -1
-                                       when its x is not there (then s stages its rows in
-                                       ROWS as pull 2 does); written before s announces
-  XMAP         int64 [MAX_WORLD]       XMAP[s] = rank s's XLA memory pool as mapped on this
-                                       GPU (0 with the peer provider, whose GPUs share one
-                                       address space; runtime.initialize)
-  XSIZE        int64 [1]               this rank's pool's bytes (0: not mapped on the peers,
-                                       as with nvshmem: pull 3 stages the rows)
+  XPTR         int64 [MAX_WORLD]       dispatch with pull 3: XPTR[s] = the address of rank s's
+                                       x in this launch (peer provider: every XLA buffer is
+                                       mapped on every GPU), written before s announces
   --- config-dependent part (``RegionSpec``) ---
   COUNTS       int32 [2, W, E]         per-source expert histograms, double-buffered by seq parity
   BLOCK_FLAG   int32 [W, T_max]        dispatch: BLOCK_FLAG[s, b] = seq when source s's token
@@ -92,9 +86,7 @@ COL_FLAG = MAX_PROGRAMS // 2   # HIST_FLAG index of program 0's column-scan flag
 PROF_OFF = HIST_FLAG_OFF + 8 * MAX_PROGRAMS
 PROF_SLOTS = 8
 XPTR_OFF = PROF_OFF + 8 * MAX_PROGRAMS * PROF_SLOTS
-XMAP_OFF = XPTR_OFF + 8 * MAX_WORLD
-XSIZE_OFF = XMAP_OFF + 8 * MAX_WORLD
-CONTROL_BYTES = XSIZE_OFF + 8
+CONTROL_BYTES = XPTR_OFF + 8 * MAX_WORLD
 
 # Profile stamps (PROF[pid, slot], ns of %globaltimer), written only by kernels compiled with
 # PROFILE=1 (``JAX_EP_PROFILE=1`` at trace time; ``jax_ep.backends.triton.read_profile``).
@@ -117,8 +109,6 @@ _COL_FLAG = tl.constexpr(COL_FLAG)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
 _XPTR_OFF = tl.constexpr(XPTR_OFF)
-_XMAP_OFF = tl.constexpr(XMAP_OFF)
-_XSIZE_OFF = tl.constexpr(XSIZE_OFF)
 # The profile slots as constexprs, for the kernels' prof_mark calls.
 P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END, P_LEADER, P_HIST = (
     tl.constexpr(v) for v in (PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH,
@@ -326,30 +316,19 @@ def signal_peers(sym_table, rank, world, flag_index, seq):
 
 
 @triton.jit
-def publish_x(sym_table, rank, world, x_ptr, NBYTES: tl.constexpr):
-  """The leader, before it announces the op (its announce's CTA barrier and release order
-  these stores first): ``XPTR[rank]`` = the offset of x (NBYTES bytes) in this rank's XLA
-  pool, or -1 when x is not wholly inside it, in every rank's region."""
-  base = tl.load(sym_ptr(sym_table, rank, _XMAP_OFF, tl.int64) + rank)
-  size = tl.load(sym_ptr(sym_table, rank, _XSIZE_OFF, tl.int64))
-  off = x_ptr.to(tl.int64) - base
-  off = tl.where((off >= 0) & (off + NBYTES <= size), off, -1)
+def publish_ptr(sym_table, rank, world, ptr):
+  """``XPTR[rank] = ptr`` (as an address) in every rank's region: the leader, before it
+  announces the op (its announce's CTA barrier and release order these stores first)."""
   for r in range(world):
-    tl.store(sym_ptr(sym_table, r, _XPTR_OFF, tl.int64) + rank, off)
+    tl.store(sym_ptr(sym_table, r, _XPTR_OFF, tl.int64) + rank, ptr.to(tl.int64))
 
 
 @triton.jit
-def x_offset(sym_table, rank, s):
-  """Rank s's published x offset (``publish_x``; -1: read its staged rows instead), from this
-  rank's region: valid once s's start-barrier announce has been seen (after GO)."""
-  return tl.load(sym_ptr(sym_table, rank, _XPTR_OFF, tl.int64) + s, cache_modifier=".cg")
-
-
-@triton.jit
-def peer_x(sym_table, rank, s, off, dtype: tl.constexpr):
-  """Rank s's x as mapped on this GPU, given its offset ``off >= 0`` (``x_offset``)."""
-  base = tl.load(sym_ptr(sym_table, rank, _XMAP_OFF, tl.int64) + s)
-  return tl.multiple_of((base + off).to(tl.pointer_type(dtype)), 16)
+def peer_ptr(sym_table, rank, s, dtype: tl.constexpr):
+  """Rank s's published pointer (``publish_ptr``), typed ``dtype``, read from this rank's
+  region: valid once s's start-barrier announce has been seen (after GO)."""
+  p = tl.load(sym_ptr(sym_table, rank, _XPTR_OFF, tl.int64) + s, cache_modifier=".cg")
+  return tl.multiple_of(p.to(tl.pointer_type(dtype)), 16)
 
 
 @triton.jit

@@ -163,7 +163,7 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "0")
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", "2")
   plan = tb._plan(config, 2, 2)
-  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (3, 4)
+  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (2, 4)
   assert (plan.dispatch(False)["PULL"], plan.dispatch(True)["GROUP"]) == (0, 2)
   assert default.combine()["QUEUE"] == 1 and plan.combine()["QUEUE"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "2")
@@ -186,6 +186,32 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["PREFETCH"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
   assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
+
+
+@pytest.mark.parametrize("provider", ["nvshmem", "peer"])
+def test_pull_from_x_needs_the_peer_provider(monkeypatch, provider):
+  """JAX_EP_DISPATCH_PULL=3 (receivers read the peers' x in place) is refused, naming the
+  knob and what to set, under the nvshmem provider, where XLA's buffers are not mapped on the
+  peers; the peer provider takes it, and has it by default (nvshmem: 2)."""
+  from jax_ep import runtime
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
+                           backend="triton")
+  monkeypatch.setattr(runtime, "is_initialized", lambda: True)
+  monkeypatch.setattr(runtime, "world_size", lambda: 2)
+  monkeypatch.setattr(runtime, "provider", lambda: provider)
+  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == (3 if provider == "peer" else 2)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")  # pools: not peer-mapped
+  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 2
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "2")
+  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 2
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "3")
+  if provider == "nvshmem":
+    with pytest.raises(ValueError, match="JAX_EP_DISPATCH_PULL=3 .* set it to 2 or unset"):
+      tb._plan(config, 2, 2)
+  else:
+    assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 3
 
 
 @pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS"])

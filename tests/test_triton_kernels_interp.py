@@ -99,15 +99,6 @@ def empty(shape, dtype) -> Arr:
   return Arr(np.full(n, 0x5A, np.uint8).view(dtype).reshape(shape))
 
 
-def map_pools(regions, unmapped=()):
-  """The x pool tables as the peer provider's runtime.initialize writes them (one address
-  space: every XMAP 0, the pool all of it), except for the ranks in ``unmapped`` (XSIZE 0:
-  their x cannot be read in place, so dispatch's pull 3 stages their rows)."""
-  for r, region in enumerate(regions):
-    size = 0 if r in unmapped else 1 << 62
-    region[ep_sync.XSIZE_OFF:ep_sync.XSIZE_OFF + 8] = np.array([size], np.int64).view(np.uint8)
-
-
 def phases_of(kernel_name: str, cx: dict) -> list[tuple[int, int]]:
   """The interpreter's (PHASE, grid) launches for one GPU launch, from its constexprs."""
   if kernel_name in ("dispatch_kernel", "dispatch_rows_kernel"):
@@ -122,7 +113,7 @@ class SimWorld:
   phase by phase (each phase on every rank before the next), as EPPlan.interpreter_phases
   says. ``epoch`` counts launches, as the runtime's launcher does."""
 
-  def __init__(self, plan: EPPlan, reorder=None, unmapped=()):
+  def __init__(self, plan: EPPlan, reorder=None):
     self.plan = plan
     self.reorder = reorder  # optional: phases list -> the order to run them in
     w = plan.world
@@ -132,7 +123,6 @@ class SimWorld:
     self.regions = [np.full(plan.region.total_bytes, 0x7F, np.uint8) for _ in range(w)]
     for r in self.regions:
       r[:ep_sync.CONTROL_BYTES] = 0
-    map_pools(self.regions, unmapped)
     self.table = Arr(np.array([r.ctypes.data for r in self.regions], np.int64))
     self.timeout_ns = 2_000_000  # interpreter: spins = timeout_ns // 1000
     self.epoch = 0
@@ -455,7 +445,7 @@ def test_combine_push_paths(tokens, interp):
   (ranks 2 and 3, and block 0), on the J_UNROLL-level path, split into that path plus the
   heavy tile (<= HEAVY_T such tokens), and on the all-TOPK path (more). Without either, an
   item runs one level count; that kernel equals the numpy model, and every variant equals it
-  bit for bit (combine_prefetch too: the slot levels loaded items ahead); some slots are
+  bit for bit (combine_prefetch too: the slot columns loaded an item ahead); some slots are
   unselected."""
   world, t, h, k, e = 4, 70, 600, 8, 32
   el = e // world
@@ -511,8 +501,7 @@ def test_combine_push_paths(tokens, interp):
     (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 0), (3, 1.0, None, 1, 2, 8, 0, 0),
     (3, 1.0, None, 0, 2, 4, 2, 1), (0, 0.5, None, 0, 0, 1, 0, 1),
     (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 1), (3, 1.0, None, 0, 3, 4, 2, 0),
-    (2, 1.0, _senders_expand_first, 0, 3, 2, 1, 1), (0, 0.5, None, 1, 3, 1, 0, 0),
-    (3, 1.0, None, 0, 4, 4, 2, 0), (0, 0.5, None, 0, 4, 1, 0, 0)])
+    (2, 1.0, _senders_expand_first, 0, 3, 2, 1, 1), (0, 0.5, None, 1, 3, 1, 0, 0)])
 def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, dv,
                                        interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
@@ -526,10 +515,6 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
-  # "pull 4": pull 3 with rank 1's x outside its mapped pool: rank 1 stages its rows (pull 2's
-  # copy), the others' are read in place, in one launch
-  unmapped = (1,) if pull == 4 else ()
-  pull = min(pull, 3)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
                 expand_order=order, receiver_share=share, expand_levels=levels,
@@ -538,7 +523,7 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
   ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  sim = SimWorld(plan, reorder, unmapped)
+  sim = SimWorld(plan, reorder)
   got = sim.dispatch(xs, idxs, ws)
   want = ref_dispatch(xs, idxs, ws, world, e // world, capacity, 2)
   if order >= 2:  # every (source, block) item was taken once, then one failed take per program
@@ -556,7 +541,7 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
     np.testing.assert_array_equal(got[r]["recv_w"].a, want[r]["recv_w"])
     np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
   if pull == 3:  # every program of every rank said it read the peers' x for the last time
-    _assert_x_released(sim, plan, unmapped, seq=1)
+    _assert_x_released(sim, plan, seq=1)
   recv_pos = [g["recv_pos"].a for g in got]
   douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
   rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
@@ -565,23 +550,20 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   for r in range(world):
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
   if pull == 3:
-    _assert_x_released(sim, plan, unmapped, seq=2)
+    _assert_x_released(sim, plan, seq=2)
 
 
-def _assert_x_released(sim, plan, unmapped, seq):
+def _assert_x_released(sim, plan, seq):
   """Pull 3: ARRIVE_FLAG[s, p] = seq in every rank for every program p of every rank s
-  (what the leader's end wait waits for), and XPTR the x offsets (-1: staged)."""
+  (what the leader's end wait waits for), and XPTR holds the peers' x addresses."""
   n = plan.num_senders + plan.num_receivers
   for r in range(plan.world):
     flags = sim.regions[r][ep_sync.ARRIVE_FLAG_OFF:ep_sync.HIST_FLAG_OFF].view(np.int32)
     flags = flags.reshape(ep_sync.MAX_WORLD, ep_sync.MAX_PROGRAMS)
     np.testing.assert_array_equal(flags[:plan.world, :n], seq)
     assert (flags[:, n:] == 0).all() and (flags[plan.world:] == 0).all()
-    # every rank's x offset (its address: pools at 0 here), or -1 where it was staged
     xptr = sim.regions[r][ep_sync.XPTR_OFF:ep_sync.XPTR_OFF + 8 * plan.world].view(np.int64)
-    staged = [s for s in range(plan.world) if xptr[s] == -1]
-    assert staged == list(unmapped), (xptr, unmapped)
-    assert (xptr[xptr != -1] > 0).all()
+    assert (xptr != 0).all() and len(set(xptr.tolist())) == plan.world
 
 
 def test_column_scan_spans_several_tiles(interp):
@@ -792,11 +774,10 @@ class _InterpretedLauncher:
   callback sees every rank's operands at once and runs the launch phase by phase over all
   ranks (``phases_of``), as SimWorld does."""
 
-  def __init__(self, kernels_ns, world: int, region_bytes: int, unmapped=()):
+  def __init__(self, kernels_ns, world: int, region_bytes: int):
     self.mods = kernels_ns
     self.world = world
     self.regions = [np.zeros(region_bytes, np.uint8) for _ in range(world)]
-    map_pools(self.regions, unmapped)
     self.table = Arr(np.array([r.ctypes.data for r in self.regions], np.int64))
     self.launches = []
     self.epoch = 0
@@ -846,18 +827,17 @@ class _InterpretedLauncher:
     return jax.pure_callback(host, out_shapes, *inputs, vmap_method="broadcast_all")
 
 
-@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype,unmapped", [
-    (2, 12, 64, 2, 4, None, 1, "float32", (0, 1)),
-    (4, 9, 40, 3, 8, 10, 4, "bfloat16", ()),         # drops + alignment
-    (2, 20, 32, 8, 8, None, 1, "float32", ()),       # K = 8: tokens with > 4 rows on one rank
+@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype,provider", [
+    (2, 12, 64, 2, 4, None, 1, "float32", "nvshmem"),
+    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "peer"),       # drops + alignment
+    (2, 20, 32, 8, 8, None, 1, "float32", "peer"),     # K = 8: tokens with > 4 rows on one rank
 ])
-def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, unmapped, interp,
+def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, provider, interp,
                                         monkeypatch):
   """jax_ep.dispatch -> expert -> jax_ep.combine and its gradients with the triton backend
   (kernels interpreted, W ranks under vmap) equal the xla backend's: dispatch bit for bit,
-  combine and gradients within float tolerance. Checks the launch ABI and layout wiring;
-  dispatch reads the peers' x in place, or (``unmapped`` ranks: no pool mapped, as when the
-  runtime could not map one) stages their rows."""
+  combine and gradients within float tolerance. Checks the launch ABI and layout wiring, and
+  each provider's dispatch (peer: the rows loaded from the peers' x itself)."""
   import jax
   import jax.numpy as jnp
 
@@ -868,14 +848,15 @@ def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, un
   rng = np.random.default_rng(world * 100 + t)
   base = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t + 2,
                          capacity=cap, expert_alignment=align)
-  launcher = _InterpretedLauncher(interp, world, tb.symmetric_bytes(base, world), unmapped)
+  launcher = _InterpretedLauncher(interp, world, tb.symmetric_bytes(base, world))
   monkeypatch.setattr(launch, "triton_call", launcher)
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "0")
   monkeypatch.setattr(tb, "check_usable", lambda config: None)
   monkeypatch.setattr(runtime, "is_initialized", lambda: True)
   monkeypatch.setattr(runtime, "world_size", lambda: world)
+  monkeypatch.setattr(runtime, "provider", lambda: provider)
   monkeypatch.delenv("JAX_EP_DISPATCH_PULL", raising=False)
-  assert tb._plan(base, world, t).dispatch_pull == 3
+  assert tb._plan(base, world, t).dispatch_pull == (3 if provider == "peer" else 2)
 
   dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   idx = np.stack(routing(rng, "skewed", world, t, k, e))                 # [W, T, K]

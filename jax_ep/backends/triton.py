@@ -104,12 +104,39 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
         f"{_API}: the EP axis {config.axis_name!r} has {world} ranks but jax_ep.runtime was "
         f"initialized over {runtime.world_size()} GPUs; the EP axis must span exactly the "
         f"devices given to jax_ep.runtime.initialize, in rank order.")
+  knobs = _env_knobs(EPPlan)
+  provider = _provider()
+  if ("JAX_EP_DISPATCH_PULL" not in os.environ and provider == "peer"
+      and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
+    knobs["dispatch_pull"] = PEER_DISPATCH_PULL
+  if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
+    raise ValueError(
+        f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
+        f"needs every GPU's XLA buffers mapped on every other (the 'peer' provider: one "
+        f"process driving all GPUs); under the {provider!r} provider set it to 2 or unset "
+        f"it.")
   return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
                 hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
                 capacity=config.capacity_rows(world), alignment=config.expert_alignment,
                 num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
-                itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(),
-                **_env_knobs(EPPlan))
+                itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(), **knobs)
+
+
+# Dispatch's pull mode under the peer provider, where XLA's buffers on every GPU are mapped on
+# every other (XLA enables peer access between a process's GPUs, and its default allocator
+# takes plain device memory, which that covers; its "cuda_async" pools are not covered, so
+# that allocator keeps 2): the receivers load the peers' rows from their x itself
+# (EPPlan.dispatch_pull). Elsewhere EPPlan's default, 2.
+PEER_DISPATCH_PULL = 3
+
+
+def _provider():
+  """The runtime's provider ("peer" / "nvshmem"), or None when it is not initialized."""
+  from jax_ep import runtime
+  try:
+    return runtime.provider() if runtime.is_initialized() else None
+  except runtime.RuntimeNotInitializedError:
+    return None
 
 
 def _int_in(lo: int, hi: int):
@@ -150,12 +177,12 @@ _KNOBS = (
      "0 (one level count for most blocks) or 1 (2 levels in wider chunks where no token has "
      "more than 2 rows here)"),
     ("combine_prefetch", "JAX_EP_COMBINE_PREFETCH", _int_in(0, 1),
-     "0 (each push item loads its slot positions and weights first) or 1 (loaded an item or "
-     "two ahead)"),
+     "0 (each push item loads its slot positions and weights first) or 1 (loaded an item "
+     "ahead)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
      "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
      "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "
-     "from the source's x itself where its memory pool is mapped, else as 2)"),
+     "from the source's x itself; peer provider only)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
     ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 2),
