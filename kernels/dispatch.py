@@ -1,9 +1,9 @@
 """Dispatch kernels: each token row crosses NVLink once per destination; receivers expand it.
 
-Pull mode (``EPPlan.dispatch_pull``, the default): a sender copies each token row that another
-rank keeps once into ROWS[me] of its *own* region, and the receivers load it from there over
-NVLink while they expand it, so the NVLink transfer is spread over every expanding program
-instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
+Pull mode (``EPPlan.dispatch_pull`` 1 and 2; 2 with one process per GPU): a sender copies
+each token row that another rank keeps once into ROWS[me] of its *own* region, and the
+receivers load it from there over NVLink while they expand it, so the NVLink transfer is
+spread over every expanding program instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
 where it differs: the sender stores the row into ROWS[me] of every rank that keeps it. Pull 3
 (the peer provider's default, where every GPU's XLA buffers are mapped on the others): no
 staging copy at all; the receivers load a peer's rows from its x itself, whose address the

@@ -123,10 +123,9 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
 
 
 # Dispatch's pull mode under the peer provider, where XLA's buffers on every GPU are mapped on
-# every other (XLA enables peer access between a process's GPUs, and its default allocator
-# takes plain device memory, which that covers; its "cuda_async" pools are not covered, so
-# that allocator keeps 2): the receivers load the peers' rows from their x itself
-# (EPPlan.dispatch_pull). Elsewhere EPPlan's default, 2.
+# every other (XLA enables peer access between a process's GPUs; its "cuda_async" pools are
+# not known to be, so that allocator keeps 2): the receivers load the peers' rows from their
+# x itself (EPPlan.dispatch_pull). One process per GPU keeps EPPlan's default, 2.
 PEER_DISPATCH_PULL = 3
 
 
