@@ -130,9 +130,11 @@ class SimWorld:
   def err(self, rank):
     return self.regions[rank][ep_sync.ERR_OFF:ep_sync.ERR_OFF + 32].view(np.int32)
 
-  def launch(self, kernel, per_rank_args, cx, op, ranks=None, phases=None, fingerprints=None):
+  def launch(self, kernel, per_rank_args, cx, op, ranks=None, phases=None, fingerprints=None,
+             skip=()):
     """per_rank_args[r]: the kernel's inputs and outputs on rank r (Arr's); fingerprints[r]:
-    rank r's op fingerprint (default: the same on every rank)."""
+    rank r's op fingerprint (default: the same on every rank); skip: (phase, rank) pairs not
+    run (programs that never get there, as if their GPU had stopped)."""
     self.epoch += 1
     if phases is None:
       phases = self.plan.interpreter_phases(kernel.__name__)
@@ -140,13 +142,15 @@ class SimWorld:
         phases = self.reorder(phases)
     for phase, grid in phases:
       for r in (range(self.plan.world) if ranks is None else ranks):
+        if (phase, r) in skip:
+          continue
         fp = 1234 if fingerprints is None else fingerprints[r]
         kernel[(grid,)](*per_rank_args[r], self.table, r, self.plan.world, self.epoch,
                         self.timeout_ns, op, fp, **{**cx, "PHASE": phase})
 
   # -- ops ----------------------------------------------------------------------------------------
 
-  def dispatch(self, xs, idxs, ws):
+  def dispatch(self, xs, idxs, ws, skip=()):
     p, w = self.plan, self.plan.world
     nb, e, el = p.num_blocks, p.num_experts, p.e_local
     outs = [dict(recv_x=empty((p.capacity, p.hidden), xs[r].dtype),
@@ -160,7 +164,7 @@ class SimWorld:
     args = [[Arr(xs[r]), Arr(idxs[r]), Arr(ws[r])] + [outs[r][n] for n in (
         "recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")]
             for r in range(w)]
-    self.launch(kd.dispatch_kernel, args, p.dispatch(False), ep_sync.OP_DISPATCH)
+    self.launch(kd.dispatch_kernel, args, p.dispatch(False), ep_sync.OP_DISPATCH, skip=skip)
     return outs
 
   def combine(self, ys, row_ws, recv_pos):
@@ -609,6 +613,33 @@ def test_timeout_is_recorded_not_hung(interp):
   assert list(err[:5]) == [1, ep_sync.OP_COMBINE, 0, 1, 1]
   msg = ep_sync.describe_error(err)
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
+
+
+def test_pull_from_x_end_wait_times_out_when_a_peer_stops(interp):
+  """Dispatch reading the peers' x in place (pull 3): rank 1's receivers never run (its GPU
+  stopped after its senders): rank 0 still expands everything (it needs only rank 1's
+  senders), then its leader's end wait for rank 1's programs gives up after the timeout and
+  names rank 1, instead of ending the launch while rank 1 might still read rank 0's x, or
+  hanging."""
+  world, t, h, k, e = 2, 20, 16, 2, 4
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=_capacity(world, t, k, e, None, 1), alignment=1, num_sms=4,
+                use_timer=False, itemsize=4, dispatch_pull=3)
+  rng = np.random.default_rng(5)
+  idxs = routing(rng, "uniform", world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  sim = SimWorld(plan)
+  sim.timeout_ns = 20_000  # 20 spins in the interpreter
+  got = sim.dispatch(xs, idxs, ws, skip={(5, 1), (6, 1), (8, 1)})
+  want = ref_dispatch(xs, idxs, ws, world, e // world, plan.capacity, 1)
+  np.testing.assert_array_equal(got[0]["recv_x"].a, want[0]["recv_x"])
+  st = got[0]["status"].a
+  assert (st == ep_sync.OP_DISPATCH + 8).sum() == 1, st  # the leader's end wait, one slot
+  err = sim.err(0)
+  assert list(err[:5]) == [1, ep_sync.OP_DISPATCH + 8, 0, 1, 1], err[:5]
+  msg = ep_sync.describe_error(err)
+  assert "jax_ep.dispatch" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
 @pytest.mark.parametrize("queue", [1, 0, 2])
