@@ -3,8 +3,9 @@
 Pull mode (``EPPlan.dispatch_pull`` 1 and 2; 2 with one process per GPU): a sender copies
 each token row that another rank keeps once into ROWS[me] of its *own* region, and the
 receivers load it from there over NVLink while they expand it, so the NVLink transfer is
-spread over every expanding program instead of being the senders' remote stores. Push mode (dispatch_pull = 0), described below
-where it differs: the sender stores the row into ROWS[me] of every rank that keeps it. Pull 3
+spread over every expanding program instead of being the senders' remote stores. Push mode
+(dispatch_pull = 0), described below where it differs: the sender stores the row into
+ROWS[me] of every rank that keeps it. Pull 3
 (the peer provider's default, where every GPU's XLA buffers are mapped on the others): no
 staging copy at all; the receivers load a peer's rows from its x itself, whose address the
 leader publishes (XPTR) before it announces the op, and each program says when it has read
@@ -62,7 +63,7 @@ import triton.language as tl
 
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now,
                       leader_barrier, leader_turn, peer_ptr, prof_mark, prof_span, publish_ptr,
-                      next_pow2_c, row_align, signal_block, signal_peers, sym_ptr, take_item,
+                      row_align, signal_block, signal_peers, sym_ptr, take_item,
                       wait_all_arrivals, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
@@ -543,7 +544,8 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-           PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
+           PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr,
+           BLOCK_PROG: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -564,7 +566,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
     prof_mark(sym_table, rank, prof_id, P_GO, PROFILE)
   if seq > 0 and PHASE == 8:  # the interpreter's last phase: the leader's end wait alone
     _x_release(sym_table, rank, world, seq, timeout_ns, st, op, NUM_SENDERS + NUM_RECEIVERS,
-               USE_TIMER)
+               BLOCK_PROG, USE_TIMER)
   elif seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       if PHASE != 6:
@@ -597,18 +599,17 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
         signal_peers(sym_table, rank, world, prof_id, seq)
       if PHASE == 0 and pid == 0:
         _x_release(sym_table, rank, world, seq, timeout_ns, st, op,
-                   NUM_SENDERS + NUM_RECEIVERS, USE_TIMER)
+                   NUM_SENDERS + NUM_RECEIVERS, BLOCK_PROG, USE_TIMER)
   prof_mark(sym_table, rank, prof_id, P_END, PROFILE)
 
 
 @triton.jit
 def _x_release(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
-               NUM_PROGRAMS: tl.constexpr, USE_TIMER: tl.constexpr):
+               NUM_PROGRAMS: tl.constexpr, BLOCK_PROG: tl.constexpr, USE_TIMER: tl.constexpr):
   """Pull 3: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every rank s,
   i.e. until no peer reads this rank's x any more: the launch (program 0) ends only then."""
-  BLOCK_P: tl.constexpr = next_pow2_c(NUM_PROGRAMS)
   wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, status_ptr, op,
-                    USE_TIMER, BLOCK_P)
+                    USE_TIMER, BLOCK_PROG)
 
 
 @triton.jit
@@ -673,7 +674,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
            EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP,
-           ZERO_QUEUE)
+           ZERO_QUEUE, BLOCK_PROG)
 
 
 @triton.jit
@@ -691,7 +692,7 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr,
-                         ZERO_QUEUE: tl.constexpr):
+                         ZERO_QUEUE: tl.constexpr, BLOCK_PROG: tl.constexpr):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -717,4 +718,5 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY,
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
-           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, ZERO_QUEUE)
+           BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, ZERO_QUEUE,
+           BLOCK_PROG)

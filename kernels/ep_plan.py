@@ -324,16 +324,15 @@ class EPPlan:
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
              PULL=int(self.dispatch_pull),
              GROUP=self.expand_group if self.expand_order >= 2 else 1,
-             ZERO_QUEUE=int(self.zero_queue) if self.expand_order >= 2 else 0)
+             ZERO_QUEUE=int(self.zero_queue) if self.expand_order >= 2 else 0,
+             BLOCK_PROG=next_pow2(self.num_senders + self.num_receivers))
     if not from_layout:
       e_p = next_pow2(self.num_experts)
-      programs = self.num_senders + self.num_receivers
-      cols = next_pow2(-(-self.num_experts // programs))
+      cols = next_pow2(-(-self.num_experts // (self.num_senders + self.num_receivers)))
       d.update(E_P=e_p, ALIGNMENT=self.alignment, NUM_BLOCKS=self.num_blocks,
                COUNTS_OFF=r.counts_off, SLOT_POS_OFF=r.slot_pos_off,
                SLOT_VAL_OFF=r.slot_val_off, COLS=cols,
-               BLOCK_BC=min(next_pow2(self.num_blocks), max(1, 4096 // cols)),
-               BLOCK_PROG=next_pow2(programs))
+               BLOCK_BC=min(next_pow2(self.num_blocks), max(1, 4096 // cols)))
     return d
 
   @property

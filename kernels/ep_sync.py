@@ -229,13 +229,6 @@ def sym_ptr(sym_table, rank, byte_off, dtype: tl.constexpr):
 
 
 @triton.constexpr_function
-def next_pow2_c(n):
-  """``next_pow2`` for @triton.jit code (a constexpr; jit code may not call plain functions)."""
-  n = int(n)
-  return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-@triton.constexpr_function
 def row_align(hidden, dtype):
   """Bytes (at most 16) that every row start of a [rows, hidden] ``dtype`` array with a 16-byte
   aligned base is aligned to: what the row loops declare with ``tl.multiple_of(ptrs, [a, a])``
