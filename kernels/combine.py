@@ -30,9 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, leader_barrier,
-                      leader_turn, prof_mark, prof_span, row_align, signal_peers, store_release,
-                      sym_ptr, take_item, wait_all_arrivals, wait_flags, wait_go, zero_own)
+from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, claim,
+                      flags_ready, leader_barrier, leader_turn, prof_mark, prof_span, row_align,
+                      signal_peers, store_release, sym_ptr, take_item, wait_all_arrivals,
+                      wait_flags, wait_go, zero_own)
 
 # Row-chunk loops are software-pipelined (cp.async into shared memory, STAGES - 1 chunks ahead;
 # STAGES: ``EPPlan.combine_stages``).
@@ -195,15 +196,25 @@ def _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
 
 
 @triton.jit
-def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
-                  world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
+def _claims(sym_table, rank, world, BLOCK_FLAG_OFF: tl.constexpr, NUM_TOKENS: tl.constexpr,
+            BLOCK_T: tl.constexpr):
+  """QUEUE = 3: one int32 per token block after the DONE flags (``EPPlan._combine_queue``
+  keeps QUEUE 1 where they would not fit), zeroed with them by the leader: the first program
+  to claim a block reduces it, between its pushes or from the queue after them."""
+  num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+  return sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32) + world * num_blocks
+
+
+@triton.jit
+def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr, sym_table,
+                  rank, world, seq, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -214,6 +225,13 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   block once every rank's item for it is done); else one ARRIVE_FLAG per program at the end.
   QUEUE = 2: the DONE flags two items at a time (a release at system scope waits until the
   program's earlier remote stores have landed: one such drain per two items).
+  QUEUE = 3: as 1, and between its push items a program also reduces: after an item it looks
+  once (no wait) at the DONE flags of its next candidate block (blocks pid, pid + P, ...,
+  each looked at only once this program's loop is a step past the step in which every
+  rank's programs push that block), and reduces the block if every rank has pushed it and no
+  other program claimed it first (``_claims``). Pushes are NVLink-bound, so the reduce's HBM
+  traffic fits beside them instead of running after the last push; what is left goes
+  through the queue after the pushes.
   PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
   item before it: one dependent load round trip at the start of each item (the weights at
   those positions) instead of two."""
@@ -222,6 +240,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
   prev_s = tl.full([], -1, tl.int32)
   prev_blk = tl.full([], 0, tl.int32)
   total = world * num_blocks
+  cand = pid  # QUEUE = 3: this program's next block to reduce between its push items
+  step = 0
   if PREFETCH:  # item pid's slot columns
     cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
                       _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
@@ -247,10 +267,20 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, sym_t
                recv_pos_ptr, sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                TOPK, TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
                SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
-    if QUEUE == 1:
+    if QUEUE == 1 or QUEUE == 3:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
-    elif QUEUE == 2:
+    if QUEUE == 3:
+      # block cand's items are pushed in step (cand * W + W - 1) // P of every rank's programs
+      if (cand < num_blocks) & (step > (cand * world + world - 1) // num_programs):
+        flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
+        if flags_ready(flags + cand * world, world, seq, W_P, "sys"):
+          if claim(_claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T) + cand):
+            _reduce_block(cand, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                          HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+          cand += num_programs
+      step += 1
+    if QUEUE == 2:
       if prev_s >= 0:
         tl.debug_barrier()  # both items' rows and marks before their flags
         _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -293,26 +323,33 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PROFILE: tl.constexpr):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, QUEUE: tl.constexpr,
+                  USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
-  soon as its own push is over, while other programs still push. Returns the ns waited for
-  flags (PROFILE only). Stops at the first timed-out wait (the status says which)."""
+  soon as its own push is over, while other programs still push (QUEUE = 3: those no
+  program claimed between its pushes). Returns the ns waited for flags (PROFILE only). Stops
+  at the first timed-out wait (the status says which)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
   flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
+  claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
   waited = tl.full([], 0, tl.int64)
   ok = tl.full([], 1, tl.int1)
   blk = take_item(sym_table, rank)
   while (blk < num_blocks) & ok:
-    t0 = _now(PROFILE)
-    ok = wait_flags(flags + blk * world, world, seq, timeout_ns, err, status_ptr, op + 8, rank,
-                    -1, seq, USE_TIMER, W_P, "sys")
-    waited += _now(PROFILE) - t0
+    mine = tl.full([], 1, tl.int1)
+    if QUEUE == 3:  # a block reduced between the pushes was claimed there: skip it here
+      mine = claim(claims + blk)
+    if mine:
+      t0 = _now(PROFILE)
+      ok = wait_flags(flags + blk * world, world, seq, timeout_ns, err, status_ptr, op + 8,
+                      rank, -1, seq, USE_TIMER, W_P, "sys")
+      waited += _now(PROFILE) - t0
+      if ok:
+        _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                      HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
     if ok:
-      _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
       blk = take_item(sym_table, rank)
   return waited
 
@@ -377,9 +414,12 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   pid = tl.program_id(0)
   prof_mark(sym_table, rank, pid, P_START, PROFILE)
   if leader_turn(pid, PHASE):
-    if QUEUE and (PHASE == 0 or PHASE == 2):  # this op's DONE flags start from 0
-      zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0,
-               world * ((NUM_TOKENS + BLOCK_T - 1) // BLOCK_T), 1024)
+    if QUEUE and (PHASE == 0 or PHASE == 2):  # this op's DONE flags (and claims) start from 0
+      num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
+      n_zero = world * num_blocks
+      if QUEUE == 3:
+        n_zero += num_blocks
+      zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0, n_zero, 1024)
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
   st = status_ptr + 1 + pid
@@ -391,19 +431,19 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     if PHASE != 5:  # push
       prof_mark(sym_table, rank, pid, P_GO, PROFILE)
       if seq > 0:
-        _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, sym_table, rank,
-                      world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
-                      ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC,
-                      BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H,
-                      NARROW, BLOCK_HC2, PREFETCH)
+        _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr,
+                      sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
+                      TOPK_P, CAPACITY, ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T,
+                      BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T,
+                      BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
         if QUEUE:  # blocks from the queue as every rank finishes them
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
-                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, USE_TIMER,
-                                 PROFILE)
+                                 BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, QUEUE,
+                                 USE_TIMER, PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,

@@ -90,7 +90,11 @@ class EPPlan:
       programs of all ranks finished pushing; 2 = the queue with each program's DONE flags
       raised two items at a time (one system-scope release, which waits for the program's
       remote stores to land, per two items instead of per item); opt-in: 0.904 vs 0.947 ms
-      and 0.922 vs 0.897 ms for mode 1 in two runs (4x H200, 2026-11-21 19:55, 20:00).
+      and 0.922 vs 0.897 ms for mode 1 in two runs (4x H200, 2026-11-21 19:55, 20:00);
+      3 = the queue, and a program also reduces blocks between its push items, as soon as
+      every rank has pushed them (one look at their DONE flags, no wait): at 4x H200 the
+      reduce ran after the pushes, ~120 us of a ~660 us combine (session 19), while the
+      pushes are NVLink-bound. Opt-in; not yet timed on a GPU.
     combine_wide: 1 (default) = combine's common push path (J_UNROLL levels) takes chunks
       TOPK_P / J_UNROLL times wider than the all-TOPK path's (512 vs 256 columns at top-8), in
       the same shared memory per stage: each chunk iteration costs ~0.2 us beyond its bytes
@@ -342,6 +346,16 @@ class EPPlan:
     return self.combine_tokens or max(32, 128 // self.topk_p)
 
   @property
+  def _combine_queue(self) -> int:
+    """combine's QUEUE: ``combine_queue``, but 1 for 3 where its claims (one int32 per token
+    block after the W DONE flags of each) do not fit the region's block-flag area (only when
+    a block holds < 2 tokens' worth of it: T = max_tokens = 1 at W = 1)."""
+    nb = -(-self.num_tokens // self.combine_block_t)
+    if self.combine_queue == 3 and (self.world + 1) * nb > self.world * self.max_tokens:
+      return 1
+    return int(self.combine_queue)
+
+  @property
   def j_unroll(self) -> int:
     """Combine push: slot levels whose rows are loaded together (a token's j-th present slot
     for j < J_UNROLL). A block where some token has more rows on this rank runs all TOPK
@@ -426,7 +440,7 @@ class EPPlan:
         BLOCK_T=self.combine_block_t, BLOCK_HC=self.combine_block_hc,
         BLOCK_HC_ALL=self.combine_block_hc_all,
         BLOCK_HR=self.combine_block_hr, STAGES=self.combine_pipeline, J_UNROLL=self.j_unroll,
-        QUEUE=int(self.combine_queue), SPLIT=int(self.combine_split),
+        QUEUE=self._combine_queue, SPLIT=int(self.combine_split),
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
         BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,

@@ -258,6 +258,26 @@ def _now(USE_TIMER: tl.constexpr):
 
 
 @triton.jit
+def _poll_flags(flag_ptr, offs, mask, target, SCOPE: tl.constexpr):
+  """One acquire load (``SCOPE``) of ``flag_ptr[offs]`` where ``mask``: the values, and how
+  many are still below ``target``."""
+  zero = tl.zeros(offs.shape, flag_ptr.dtype.element_ty)
+  vals = tl.atomic_add(flag_ptr + offs, zero, mask=mask, sem="acquire", scope=SCOPE)
+  return vals, tl.sum(((vals < target) & mask).to(tl.int32), axis=0)
+
+
+@triton.jit
+def flags_ready(flag_ptr, n, target, BLOCK: tl.constexpr, SCOPE: tl.constexpr):
+  """Whether ``flag_ptr[i] >= target`` for all i < n (n <= BLOCK) now: one look, no wait, no
+  error. Ends with a CTA barrier like ``wait_flags``, so that when it says True the whole CTA
+  may read what the flags guard."""
+  offs = tl.arange(0, BLOCK)
+  _, missing = _poll_flags(flag_ptr, offs, offs < n, target, SCOPE)
+  tl.debug_barrier()
+  return missing == 0
+
+
+@triton.jit
 def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, code, rank, peer, seq,
                USE_TIMER: tl.constexpr, BLOCK: tl.constexpr, SCOPE: tl.constexpr):
   """Spin until ``flag_ptr[i] >= target`` for all i < n (n <= BLOCK); True when all arrived.
@@ -271,15 +291,12 @@ def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, code, rank,
   """
   offs = tl.arange(0, BLOCK)
   mask = offs < n
-  zero = tl.zeros([BLOCK], flag_ptr.dtype.element_ty)
-  vals = tl.atomic_add(flag_ptr + offs, zero, mask=mask, sem="acquire", scope=SCOPE)
-  missing = tl.sum(((vals < target) & mask).to(tl.int32), axis=0)
+  vals, missing = _poll_flags(flag_ptr, offs, mask, target, SCOPE)
   t0 = _now(USE_TIMER)
   spins = tl.full([], 0, tl.int64)
   expired = tl.full([], 0, tl.int32)
   while (missing > 0) & (expired == 0):
-    vals = tl.atomic_add(flag_ptr + offs, zero, mask=mask, sem="acquire", scope=SCOPE)
-    missing = tl.sum(((vals < target) & mask).to(tl.int32), axis=0)
+    vals, missing = _poll_flags(flag_ptr, offs, mask, target, SCOPE)
     spins += 1
     if USE_TIMER:
       expired = (_now(USE_TIMER) - t0 > timeout_ns).to(tl.int32)
@@ -458,6 +475,13 @@ def leader_go(sym_table, rank, seq, epoch, abort):
   tl.store(sym_ptr(sym_table, rank, _QUEUE_OFF, tl.int32), 0)
   tl.debug_barrier()
   tl.atomic_xchg(sym_ptr(sym_table, rank, _GO_OFF, tl.int64), epoch, sem="release", scope="gpu")
+
+
+@triton.jit
+def claim(ptr):
+  """True for the first program of this GPU to claim the int32 flag at ``ptr`` (zeroed before
+  the op), False for every later one (atomic exchange, gpu scope)."""
+  return tl.atomic_xchg(ptr, 1, sem="relaxed", scope="gpu") == 0
 
 
 @triton.jit

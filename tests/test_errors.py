@@ -1,4 +1,5 @@
 """Bad input gets the documented error, naming the argument and the fix."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,7 +131,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_EXPAND_ORDER", "4", "0 \\(own blocks first\\)"),
     ("JAX_EP_EXPAND_LEVELS", "-1", "an integer from 0 to 64"),
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
-    ("JAX_EP_COMBINE_QUEUE", "3", "0 \\(reduce after every push\\)"),
+    ("JAX_EP_COMBINE_QUEUE", "4", "0 \\(reduce after every push\\)"),
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
     ("JAX_EP_DISPATCH_PULL", "4", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
@@ -168,6 +169,11 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["QUEUE"] == 1 and plan.combine()["QUEUE"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "2")
   assert tb._plan(config, 2, 2).combine()["QUEUE"] == 2
+  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "3")
+  assert tb._plan(config, 2, 2).combine()["QUEUE"] == 3
+  # where the claims do not fit beside the DONE flags (T = max_tokens = 1, W = 1): the queue
+  assert tb._plan(dataclasses.replace(config, max_tokens_per_rank=1), 1, 1).combine()[
+      "QUEUE"] == 1
   assert plan.expand_levels == 9 and plan.dispatch(False)["EXPAND_LEVELS"] == 2  # <= topk
   assert (plan.dispatch_stages, plan.combine_stages, plan.combine_acc_bytes) == (2, 1, 65536)
   assert plan.dispatch(False)["STAGES"] == 2 and plan.combine()["STAGES"] == 1

@@ -377,6 +377,8 @@ def test_dispatch_combine_against_numpy(case, interp):
   out7 = SimWorld(dataclasses.replace(plan, combine_split=0)).combine(ys, row_ws, recv_pos)
   # Items whose tokens have <= 2 rows here on a 2-level path in wider chunks (combine_narrow).
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
+  # Blocks reduced between the push items as soon as every rank pushed them (combine_queue=3).
+  out9 = SimWorld(dataclasses.replace(plan, combine_queue=3)).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(out1, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -386,6 +388,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out6[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out8[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out9[r].view(np.uint8))
 
   gos = [g["go"].a for g in got]
   gss = [g["gs"].a for g in got]
@@ -642,7 +645,7 @@ def test_pull_from_x_end_wait_times_out_when_a_peer_stops(interp):
   assert "jax_ep.dispatch" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
-@pytest.mark.parametrize("queue", [1, 0, 2])
+@pytest.mark.parametrize("queue", [1, 0, 2, 3])
 def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
   """Combine where rank 1's programs never push (they die after the start barrier): rank 0's
   reducers wait for its rows (per-block DONE flags with the queue, ARRIVE_FLAGs without), time
@@ -672,6 +675,51 @@ def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
   err = sim.err(0)
   assert err[0] == 1 and err[1] == ep_sync.OP_COMBINE + 8 and err[2] == 0, err
   assert (outs[0].a.view(np.uint32) == 0x5A5A5A5A).all()   # nothing reduced from missing rows
+
+
+def test_combine_reduces_blocks_between_pushes(interp):
+  """combine_queue=3: a program reduces a block between its push items once every rank has
+  pushed it. The interpreter runs the pushes (phase 4) rank after rank, so rank 1's programs
+  find rank 0's rows all there: they must have claimed and reduced blocks before the reduce
+  phase (their output rows final already), rank 0's none; phase 5 reduces the rest, and the
+  result is queue 1's, bit for bit, and the reference's."""
+  world, t, h, k, e = 2, 96, 64, 4, 8
+  rng = np.random.default_rng(5)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=2 * t * k, alignment=1, num_sms=2, use_timer=False, combine_queue=3)
+  assert plan.combine()["QUEUE"] == 3 and plan.combine_block_t == 32  # 3 blocks, 2 programs
+  sim = SimWorld(plan)
+  idxs = routing(rng, "uniform", world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  got = sim.dispatch(xs, idxs, ws)
+  recv_pos = [g["recv_pos"].a for g in got]
+  row_ws = [g["recv_w"].a for g in got]
+  ys = [rng.standard_normal((plan.capacity, h)).astype(np.float32) for _ in range(world)]
+  outs = [empty((t, h), np.float32) for _ in range(world)]
+  sts = [empty((plan.status_size("combine_kernel"),), np.int32) for _ in range(world)]
+  args = [[Arr(ys[r]), Arr(row_ws[r]), Arr(recv_pos[r]), outs[r], sts[r]] for r in range(world)]
+  npg, nb = plan.num_programs, 3
+  sim.launch(kc.combine_kernel, args, plan.combine(), ep_sync.OP_COMBINE,
+             phases=[(2, 1), (3, 1), (4, npg)])
+  off = plan.region.block_flag_off + 4 * world * nb
+  claims = [sim.regions[r][off:off + 4 * nb].view(np.int32).copy() for r in range(world)]
+  assert not claims[0].any(), claims        # rank 0 pushed first: rank 1's rows not there yet
+  assert claims[1].any(), claims            # rank 1: every rank's rows for early blocks were
+  early = [outs[r].a.copy() for r in range(world)]
+  sim.epoch -= 1  # phase 5 continues the same launch
+  sim.launch(kc.combine_kernel, args, plan.combine(), ep_sync.OP_COMBINE, phases=[(5, npg)])
+  for st in sts:
+    assert not st.a.any(), st.a
+  final = [o.a for o in outs]
+  want = SimWorld(dataclasses.replace(plan, combine_queue=1)).combine(ys, row_ws, recv_pos)
+  assert_combine_matches_ref(final, ys, row_ws, recv_pos, world)
+  for r in range(world):
+    np.testing.assert_array_equal(final[r].view(np.uint32), want[r].view(np.uint32))
+  for b in np.flatnonzero(claims[1]):     # reduced during the pushes: final then already
+    rows = slice(32 * b, 32 * (b + 1))
+    np.testing.assert_array_equal(early[1][rows].view(np.uint32), want[1][rows].view(np.uint32))
+  assert (early[0].view(np.uint32) == 0x5A5A5A5A).all()   # rank 0 reduced nothing before
 
 
 def test_receivers_do_not_take_stale_bytes_for_arrived_blocks(interp):

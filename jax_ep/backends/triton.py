@@ -162,9 +162,10 @@ _KNOBS = (
     ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
      "a byte count from 8192 to 262144"),
-    ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 2),
-     "0 (reduce after every push), 1 (reduce blocks from a queue as they are done) or 2 (the "
-     "queue, flags raised two items at a time)"),
+    ("combine_queue", "JAX_EP_COMBINE_QUEUE", _int_in(0, 3),
+     "0 (reduce after every push), 1 (reduce blocks from a queue as they are done), 2 (the "
+     "queue, flags raised two items at a time) or 3 (the queue, and blocks reduced between "
+     "push items as soon as they are done)"),
     ("combine_wide", "JAX_EP_COMBINE_WIDE", _int_in(0, 1),
      "1 (the common push path in wider chunks) or 0 (one chunk width)"),
     ("combine_tokens", "JAX_EP_COMBINE_TOKENS", lambda v: v in (0, 16, 32, 64, 128),
