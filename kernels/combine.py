@@ -198,9 +198,10 @@ def _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
 @triton.jit
 def _claims(sym_table, rank, world, BLOCK_FLAG_OFF: tl.constexpr, NUM_TOKENS: tl.constexpr,
             BLOCK_T: tl.constexpr):
-  """QUEUE = 3: one int32 per token block after the DONE flags (``EPPlan._combine_queue``
+  """QUEUE = 3: PARTS int32 per token block after the DONE flags (``EPPlan._combine_queue``
   keeps QUEUE 1 where they would not fit), zeroed with them by the leader: the first program
-  to claim a block reduces it, between its pushes or from the queue after them."""
+  to claim a block's column range reduces it, between its pushes or from the queue after
+  them."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   return sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32) + world * num_blocks
 
@@ -214,7 +215,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
                   BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
-                  PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr):
+                  PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr,
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -231,7 +233,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   rank's programs push that block), and reduces the block if every rank has pushed it and no
   other program claimed it first (``_claims``). Pushes are NVLink-bound, so the reduce's HBM
   traffic fits beside them instead of running after the last push; what is left goes
-  through the queue after the pushes.
+  through the queue after the pushes, in PARTS column ranges per block (the last step's
+  blocks would otherwise leave most programs idle).
   PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
   item before it: one dependent load round trip at the start of each item (the weights at
   those positions) instead of two."""
@@ -275,9 +278,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
       if (cand < num_blocks) & (step > (cand * world + world - 1) // num_programs):
         flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
         if flags_ready(flags + cand * world, world, seq, W_P, "sys"):
-          if claim(_claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T) + cand):
-            _reduce_block(cand, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                          HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+          claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
+          _reduce_claimed(cand, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                          MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
+                          STAGES, PARTS, PART_COLS)
           cand += num_programs
       step += 1
     if QUEUE == 2:
@@ -319,38 +323,71 @@ def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
 
 
 @triton.jit
+def _reduce_claimed(blk, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
+                    MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
+                    ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, PARTS: tl.constexpr,
+                    PART_COLS: tl.constexpr):
+  """QUEUE = 3, between push items: claim block ``blk``'s PARTS column ranges at once and
+  reduce those this program won (all of them, one range, unless the queue after the pushes
+  took some first). The block's flags must have been seen complete."""
+  part = tl.arange(0, PARTS)
+  old = tl.atomic_xchg(claims + blk * PARTS + part, tl.full([PARTS], 1, tl.int32),
+                       sem="relaxed", scope="gpu")
+  won = tl.sum(tl.where(old == 0, 1 << part, 0), axis=0)
+  if won == (1 << PARTS) - 1:
+    _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+  elif won != 0:
+    for p in range(PARTS):
+      if ((won >> p) & 1) != 0:
+        _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                      HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
+                      p * PART_COLS, tl.minimum((p + 1) * PART_COLS, HIDDEN))
+
+
+@triton.jit
 def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
                   NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, QUEUE: tl.constexpr,
-                  USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, USE_TIMER: tl.constexpr,
+                  PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
-  soon as its own push is over, while other programs still push (QUEUE = 3: those no
-  program claimed between its pushes). Returns the ns waited for flags (PROFILE only). Stops
-  at the first timed-out wait (the status says which)."""
+  soon as its own push is over, while other programs still push (QUEUE = 3: items of PARTS
+  column ranges of a block, those no program claimed between its pushes). Returns the ns
+  waited for flags (PROFILE only). Stops at the first timed-out wait (the status says
+  which)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
   flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
   claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
   waited = tl.full([], 0, tl.int64)
   ok = tl.full([], 1, tl.int1)
-  blk = take_item(sym_table, rank)
-  while (blk < num_blocks) & ok:
+  item = take_item(sym_table, rank)
+  while (item < num_blocks * PARTS) & ok:
     mine = tl.full([], 1, tl.int1)
-    if QUEUE == 3:  # a block reduced between the pushes was claimed there: skip it here
-      mine = claim(claims + blk)
+    if QUEUE == 3:  # a range reduced between the pushes was claimed there: skip it here
+      mine = claim(claims + item)
     if mine:
+      blk = item // PARTS
       t0 = _now(PROFILE)
       ok = wait_flags(flags + blk * world, world, seq, timeout_ns, err, status_ptr, op + 8,
                       rank, -1, seq, USE_TIMER, W_P, "sys")
       waited += _now(PROFILE) - t0
       if ok:
-        _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                      HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+        if PARTS == 1:
+          _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                        HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+        else:
+          p = item % PARTS
+          _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                        HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
+                        p * PART_COLS, tl.minimum((p + 1) * PART_COLS, HIDDEN))
     if ok:
-      blk = take_item(sym_table, rank)
+      item = take_item(sym_table, rank)
   return waited
 
 
@@ -358,8 +395,9 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
 def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
                   MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
-  """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq."""
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, h_lo=0, h_hi=None):
+  """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq;
+  columns ``h_lo`` to ``h_hi`` (default: all), a multiple of BLOCK_HR apart from h_lo."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -373,7 +411,9 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
     mr = tmask & (tl.zeros_like(t) + rr < world)
     gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
                              cache_modifier=".cg") == seq),)
-  for h0 in tl.range(0, HIDDEN, BLOCK_HR, num_stages=STAGES):
+  if h_hi is None:
+    h_hi = HIDDEN
+  for h0 in tl.range(h_lo, h_hi, BLOCK_HR, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
@@ -400,6 +440,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
                    NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, PREFETCH: tl.constexpr,
+                   PARTS: tl.constexpr, PART_COLS: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -407,6 +448,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   Outputs: out ``[T, H]`` (y's dtype), status ``[1 + NUM_PROGRAMS] int32`` (0, or the code of
     a failed wait / check: slot 0 the leader's barrier, 1 + pid the others).
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32; see dispatch_kernel).
+  PARTS, PART_COLS: QUEUE = 3's column ranges per block (``EPPlan.combine_reduce_parts``), 1
+    and all columns otherwise.
   PHASE: 0 = everything (GPU; all NUM_PROGRAMS programs resident together). The interpreter
     launches 2 and 3 (leader: announce; wait + GO; grid 1), 4 (push) and 5 (reduce), each over
     every rank before the next.
@@ -418,7 +461,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
       num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
       n_zero = world * num_blocks
       if QUEUE == 3:
-        n_zero += num_blocks
+        n_zero += num_blocks * PARTS
       zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0, n_zero, 1024)
     leader_barrier(sym_table, rank, world, epoch, fingerprint, timeout_ns, status_ptr, op,
                    USE_TIMER, W_P, PHASE, ROW_MARK_OFF, MAX_TOKENS, NUM_TOKENS)
@@ -435,7 +478,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                       sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
                       TOPK_P, CAPACITY, ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T,
                       BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T,
-                      BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR)
+                      BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR, PARTS,
+                      PART_COLS)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
@@ -443,7 +487,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
                                  BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, QUEUE,
-                                 USE_TIMER, PROFILE)
+                                 PARTS, PART_COLS, USE_TIMER, PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,

@@ -94,7 +94,8 @@ class EPPlan:
       3 = the queue, and a program also reduces blocks between its push items, as soon as
       every rank has pushed them (one look at their DONE flags, no wait): at 4x H200 the
       reduce ran after the pushes, ~120 us of a ~660 us combine (session 19), while the
-      pushes are NVLink-bound. Opt-in; not yet timed on a GPU.
+      pushes are NVLink-bound; the queue after the pushes then takes the blocks left in
+      ``combine_reduce_parts`` column ranges each. Opt-in; not yet timed on a GPU.
     combine_wide: 1 (default) = combine's common push path (J_UNROLL levels) takes chunks
       TOPK_P / J_UNROLL times wider than the all-TOPK path's (512 vs 256 columns at top-8), in
       the same shared memory per stage: each chunk iteration costs ~0.2 us beyond its bytes
@@ -346,14 +347,28 @@ class EPPlan:
     return self.combine_tokens or max(32, 128 // self.topk_p)
 
   @property
+  def combine_reduce_parts(self) -> int:
+    """Combine queue 3: column ranges per token block in the reduce queue after the pushes.
+    The blocks of the pushes' last step (NP / W of them) are reduced there; W ranges each
+    give every program one (fewer where a block has fewer reduce chunks)."""
+    chunks = -(-self.hidden // self.combine_block_hr)
+    return min(next_pow2(self.world), 1 << (chunks.bit_length() - 1))  # a power of two
+
+  @property
   def _combine_queue(self) -> int:
-    """combine's QUEUE: ``combine_queue``, but 1 for 3 where its claims (one int32 per token
-    block after the W DONE flags of each) do not fit the region's block-flag area (only when
-    a block holds < 2 tokens' worth of it: T = max_tokens = 1 at W = 1)."""
+    """combine's QUEUE: ``combine_queue``, but 1 for 3 where its claims (PARTS int32 per
+    token block after the W DONE flags of each) do not fit the region's block-flag area
+    (only at a token or two per rank)."""
     nb = -(-self.num_tokens // self.combine_block_t)
-    if self.combine_queue == 3 and (self.world + 1) * nb > self.world * self.max_tokens:
+    parts = self.combine_reduce_parts
+    if self.combine_queue == 3 and (self.world + parts) * nb > self.world * self.max_tokens:
       return 1
     return int(self.combine_queue)
+
+  def _combine_parts(self) -> dict:
+    parts = self.combine_reduce_parts if self._combine_queue == 3 else 1
+    chunks = -(-self.hidden // self.combine_block_hr)
+    return dict(PARTS=parts, PART_COLS=-(-chunks // parts) * self.combine_block_hr)
 
   @property
   def j_unroll(self) -> int:
@@ -444,7 +459,7 @@ class EPPlan:
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
         BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,
-        PREFETCH=int(self.combine_prefetch), PHASE=phase)}
+        PREFETCH=int(self.combine_prefetch), **self._combine_parts(), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -677,17 +677,24 @@ def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
   assert (outs[0].a.view(np.uint32) == 0x5A5A5A5A).all()   # nothing reduced from missing rows
 
 
-def test_combine_reduces_blocks_between_pushes(interp):
+@pytest.mark.parametrize("taken", [False, True])
+def test_combine_reduces_blocks_between_pushes(taken, interp):
   """combine_queue=3: a program reduces a block between its push items once every rank has
   pushed it. The interpreter runs the pushes (phase 4) rank after rank, so rank 1's programs
   find rank 0's rows all there: they must have claimed and reduced blocks before the reduce
-  phase (their output rows final already), rank 0's none; phase 5 reduces the rest, and the
-  result is queue 1's, bit for bit, and the reference's."""
-  world, t, h, k, e = 2, 96, 64, 4, 8
+  phase (their output rows final already), rank 0's none; phase 5 reduces the rest in column
+  ranges (2 per block here, the second a partial one), and the result is queue 1's, bit for
+  bit, and the reference's. ``taken``: rank 1's second range of block 0 claimed before the
+  pushes (as by a program of the queue after them, on a GPU): the program that reduces block
+  0 between its pushes must reduce its first range only, so the second stays unwritten."""
+  world, t, h, k, e = 2, 96, 300, 4, 8
   rng = np.random.default_rng(5)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
-                capacity=2 * t * k, alignment=1, num_sms=2, use_timer=False, combine_queue=3)
-  assert plan.combine()["QUEUE"] == 3 and plan.combine_block_t == 32  # 3 blocks, 2 programs
+                capacity=2 * t * k, alignment=1, num_sms=2, use_timer=False, combine_queue=3,
+                itemsize=4)
+  cx = plan.combine()
+  assert cx["QUEUE"] == 3 and plan.combine_block_t == 32  # 3 blocks, 2 programs
+  assert (cx["PARTS"], cx["PART_COLS"], cx["BLOCK_HR"]) == (2, 256, 128)
   sim = SimWorld(plan)
   idxs = routing(rng, "uniform", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
@@ -699,24 +706,33 @@ def test_combine_reduces_blocks_between_pushes(interp):
   outs = [empty((t, h), np.float32) for _ in range(world)]
   sts = [empty((plan.status_size("combine_kernel"),), np.int32) for _ in range(world)]
   args = [[Arr(ys[r]), Arr(row_ws[r]), Arr(recv_pos[r]), outs[r], sts[r]] for r in range(world)]
-  npg, nb = plan.num_programs, 3
-  sim.launch(kc.combine_kernel, args, plan.combine(), ep_sync.OP_COMBINE,
-             phases=[(2, 1), (3, 1), (4, npg)])
+  npg, nb, parts = plan.num_programs, 3, 2
   off = plan.region.block_flag_off + 4 * world * nb
-  claims = [sim.regions[r][off:off + 4 * nb].view(np.int32).copy() for r in range(world)]
+  sim.launch(kc.combine_kernel, args, cx, ep_sync.OP_COMBINE, phases=[(2, 1), (3, 1)])
+  if taken:
+    sim.regions[1][off:off + 4 * nb * parts].view(np.int32)[1] = 1  # block 0, range 1
+  sim.epoch -= 1  # the pushes continue the same launch
+  sim.launch(kc.combine_kernel, args, cx, ep_sync.OP_COMBINE, phases=[(4, npg)])
+  claims = [sim.regions[r][off:off + 4 * nb * parts].view(np.int32).reshape(nb, parts).copy()
+            for r in range(world)]
   assert not claims[0].any(), claims        # rank 0 pushed first: rank 1's rows not there yet
-  assert claims[1].any(), claims            # rank 1: every rank's rows for early blocks were
+  assert claims[1][0].all(), claims         # rank 1: every rank's rows for early blocks were
+  assert (claims[1].all(1) == claims[1].any(1)).all(), claims  # a block's ranges claimed at once
   early = [outs[r].a.copy() for r in range(world)]
   sim.epoch -= 1  # phase 5 continues the same launch
-  sim.launch(kc.combine_kernel, args, plan.combine(), ep_sync.OP_COMBINE, phases=[(5, npg)])
+  sim.launch(kc.combine_kernel, args, cx, ep_sync.OP_COMBINE, phases=[(5, npg)])
   for st in sts:
     assert not st.a.any(), st.a
-  final = [o.a for o in outs]
+  final = [o.a.copy() for o in outs]
   want = SimWorld(dataclasses.replace(plan, combine_queue=1)).combine(ys, row_ws, recv_pos)
+  if taken:  # nobody reduces a range claimed by a program that never does: garbage stays
+    assert (final[1][:32, 256:].view(np.uint32) == 0x5A5A5A5A).all()
+    assert (early[1][:32, 256:].view(np.uint32) == 0x5A5A5A5A).all()
+    final[1][:32, 256:] = early[1][:32, 256:] = want[1][:32, 256:]
   assert_combine_matches_ref(final, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(final[r].view(np.uint32), want[r].view(np.uint32))
-  for b in np.flatnonzero(claims[1]):     # reduced during the pushes: final then already
+  for b in np.flatnonzero(claims[1].all(1)):  # reduced during the pushes: final then already
     rows = slice(32 * b, 32 * (b + 1))
     np.testing.assert_array_equal(early[1][rows].view(np.uint32), want[1][rows].view(np.uint32))
   assert (early[0].view(np.uint32) == 0x5A5A5A5A).all()   # rank 0 reduced nothing before
