@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_START, _now, claim,
+from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_SELF, P_START, _now, claim,
                       flags_ready, leader_barrier, leader_turn, prof_mark, prof_span, row_align,
                       signal_peers, store_release, sym_ptr, take_item, wait_all_arrivals,
                       wait_flags, wait_go, zero_own)
@@ -216,7 +216,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
                   PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr,
-                  PARTS: tl.constexpr, PART_COLS: tl.constexpr):
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, PROFILE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -234,7 +234,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   other program claimed it first (``_claims``). Pushes are NVLink-bound, so the reduce's HBM
   traffic fits beside them instead of running after the last push; what is left goes
   through the queue after the pushes, in PARTS column ranges per block (the last step's
-  blocks would otherwise leave most programs idle).
+  blocks would otherwise leave most programs idle). Returns the ns spent reducing between
+  push items (PROFILE and QUEUE = 3 only; else 0).
   PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
   item before it: one dependent load round trip at the start of each item (the weights at
   those positions) instead of two."""
@@ -245,6 +246,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   total = world * num_blocks
   cand = pid  # QUEUE = 3: this program's next block to reduce between its push items
   step = 0
+  between = tl.full([], 0, tl.int64)
   if PREFETCH:  # item pid's slot columns
     cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
                       _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
@@ -279,9 +281,11 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
         flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
         if flags_ready(flags + cand * world, world, seq, W_P, "sys"):
           claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
+          t0 = _now(PROFILE)
           _reduce_claimed(cand, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
                           MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
                           STAGES, PARTS, PART_COLS)
+          between += _now(PROFILE) - t0
           cand += num_programs
       step += 1
     if QUEUE == 2:
@@ -299,6 +303,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
       _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
   if not QUEUE:
     signal_peers(sym_table, rank, world, pid, seq)
+  return between
 
 
 @triton.jit
@@ -474,12 +479,14 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
     if PHASE != 5:  # push
       prof_mark(sym_table, rank, pid, P_GO, PROFILE)
       if seq > 0:
-        _combine_push(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr,
-                      sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
-                      TOPK_P, CAPACITY, ROWS_OFF, ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T,
-                      BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, QUEUE, SPLIT, HEAVY_T,
-                      BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR, PARTS,
-                      PART_COLS)
+        between = _combine_push(
+            pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr, sym_table, rank,
+            world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, ROWS_OFF,
+            ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
+            QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR,
+            PARTS, PART_COLS, PROFILE)
+        if QUEUE == 3:  # slot 3: the ns this program spent reducing between its pushes
+          prof_span(sym_table, rank, pid, P_SELF, between, PROFILE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
     if PHASE != 4:  # reduce
       if seq > 0:
