@@ -247,6 +247,9 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   cand = pid  # QUEUE = 3: this program's next block to reduce between its push items
   step = 0
   between = tl.full([], 0, tl.int64)
+  if QUEUE == 3:  # (sym_ptr reads the region table: once, not per item)
+    flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
+    claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
   if PREFETCH:  # item pid's slot columns
     cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
                       _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
@@ -278,9 +281,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     if QUEUE == 3:
       # block cand's items are pushed in step (cand * W + W - 1) // P of every rank's programs
       if (cand < num_blocks) & (step > (cand * world + world - 1) // num_programs):
-        flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
         if flags_ready(flags + cand * world, world, seq, W_P, "sys"):
-          claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
           t0 = _now(PROFILE)
           _reduce_claimed(cand, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
                           MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
@@ -346,9 +347,8 @@ def _reduce_claimed(blk, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKEN
   elif won != 0:
     for p in range(PARTS):
       if ((won >> p) & 1) != 0:
-        _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                      HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
-                      p * PART_COLS, tl.minimum((p + 1) * PART_COLS, HIDDEN))
+        _reduce_part(blk, p, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                     HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, PART_COLS)
 
 
 @triton.jit
@@ -387,13 +387,23 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
           _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
                         HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
         else:
-          p = item % PARTS
-          _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                        HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
-                        p * PART_COLS, tl.minimum((p + 1) * PART_COLS, HIDDEN))
+          _reduce_part(blk, item % PARTS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                       MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
+                       STAGES, PART_COLS)
     if ok:
       item = take_item(sym_table, rank)
   return waited
+
+
+@triton.jit
+def _reduce_part(blk, p, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
+                 MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
+                 ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, PART_COLS: tl.constexpr):
+  """``_reduce_block`` over block ``blk``'s column range ``p`` (PART_COLS columns each)."""
+  _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, p * PART_COLS,
+                tl.minimum((p + 1) * PART_COLS, HIDDEN))
 
 
 @triton.jit

@@ -149,7 +149,9 @@ class EPPlan:
       and 16:27, same runs: 0.469 / 0.476 / 0.459 ms vs 0.596 / 0.591 ms with 2, 0.78-0.80x
       (a version that chose between 3 and staging at run time, per rank, had 184 B of stack
       instead of 32 and measured 0.494-0.516 vs 0.573-0.579 ms with 2 in its runs, 0.86-0.89x;
-      16:46-16:56). Either way a row crosses NVLink once per destination.
+      16:46-16:56). 4x H200, same shape (session 19, 2026-11-22 18:10 and 18:25, same
+      runs): 0.601 / 0.605 ms vs 0.656 / 0.665 ms with 2. Either way a row crosses NVLink
+      once per destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
       (06:19, 06:20), 0.754 vs 0.875 ms (06:24). (Pulling the slot metadata too, and raising
       the block flags after one system fence instead of W release atomics, gave nothing:
@@ -351,8 +353,13 @@ class EPPlan:
     """Combine queue 3: column ranges per token block in the reduce queue after the pushes.
     The blocks of the pushes' last step (NP / W of them) are reduced there; W ranges each
     give every program one (fewer where a block has fewer reduce chunks)."""
-    chunks = -(-self.hidden // self.combine_block_hr)
+    chunks = self._reduce_chunks
     return min(next_pow2(self.world), 1 << (chunks.bit_length() - 1))  # a power of two
+
+  @property
+  def _reduce_chunks(self) -> int:
+    """Combine's reduce: BLOCK_HR-column chunks per row."""
+    return -(-self.hidden // self.combine_block_hr)
 
   @property
   def _combine_queue(self) -> int:
@@ -367,8 +374,7 @@ class EPPlan:
 
   def _combine_parts(self) -> dict:
     parts = self.combine_reduce_parts if self._combine_queue == 3 else 1
-    chunks = -(-self.hidden // self.combine_block_hr)
-    return dict(PARTS=parts, PART_COLS=-(-chunks // parts) * self.combine_block_hr)
+    return dict(PARTS=parts, PART_COLS=-(-self._reduce_chunks // parts) * self.combine_block_hr)
 
   @property
   def j_unroll(self) -> int:
