@@ -18,6 +18,7 @@
 #   gemm_sweep  bench_grouped_gemm.py --sweep on GEMM_SWEEP_ARGS' shapes (default the Qwen3 ones)
 #   copyrate  benchmarks/bench_copy_rate.py: the expansion's row copies alone, GPU 0, per programs
 #   nvlink    benchmarks/bench_nvlink_rate.py: remote stores vs remote loads per program [NVLINK_ARGS]
+#   ce        benchmarks/bench_ce_rate.py: the same all-to-all by copy engines [CE_ARGS]
 #   ncu_gemm  Nsight Compute on one grouped GEMM launch per shape [NCU_SHAPES, NCU_KERNEL, NCU_GEMM_ARGS]
 set -u
 cd "$(dirname "$0")/.."
@@ -85,6 +86,7 @@ for s in ${STAGES:-bench dc_tests}; do
         --out $OUT ${COPY_ARGS:-}" ;;
     nvlink) stage nvlink ${NVLINK_LIMIT:-200} "$PY benchmarks/bench_nvlink_rate.py --out $OUT \
         ${NVLINK_ARGS:-}" ;;
+    ce) stage ce ${CE_LIMIT:-150} "$PY benchmarks/bench_ce_rate.py --out $OUT ${CE_ARGS:-}" ;;
     # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
     # on Firecracker machines only, see the device notes): where a kernel's time goes.
     # NCU_SOURCE=1: the full section set with per-instruction (SASS) counters and stall
