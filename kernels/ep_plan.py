@@ -95,7 +95,9 @@ class EPPlan:
       every rank has pushed them (one look at their DONE flags, no wait): at 4x H200 the
       reduce ran after the pushes, ~120 us of a ~660 us combine (session 19), while the
       pushes are NVLink-bound; the queue after the pushes then takes the blocks left in
-      ``combine_reduce_parts`` column ranges each. Opt-in; not yet timed on a GPU.
+      ``combine_reduce_parts`` column ranges each. Opt-in: at 2x H200 (W = 2, where the
+      pushes are HBM-bound) 0.515-0.539 vs 0.519 ms, the reduce between pushes (65 us per
+      program) lengthening them by as much (2026-11-22 20:10); not yet timed at W = 4.
     combine_wide: 1 (default) = combine's common push path (J_UNROLL levels) takes chunks
       TOPK_P / J_UNROLL times wider than the all-TOPK path's (512 vs 256 columns at top-8), in
       the same shared memory per stage: each chunk iteration costs ~0.2 us beyond its bytes
