@@ -166,7 +166,12 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   plan = tb._plan(config, 2, 2)
   assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (2, 4)
   assert (plan.dispatch(False)["PULL"], plan.dispatch(True)["GROUP"]) == (0, 2)
-  assert default.combine()["QUEUE"] == 1 and plan.combine()["QUEUE"] == 0
+  # combine's queue: 0 by default at W = 2 (TWO_RANK_COMBINE_QUEUE), 1 elsewhere
+  assert default.combine()["QUEUE"] == 0 and plan.combine()["QUEUE"] == 0
+  monkeypatch.delenv("JAX_EP_COMBINE_QUEUE")
+  assert tb._plan(config, 4, 2).combine()["QUEUE"] == 1
+  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "1")
+  assert tb._plan(config, 2, 2).combine()["QUEUE"] == 1
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "2")
   assert tb._plan(config, 2, 2).combine()["QUEUE"] == 2
   monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "3")

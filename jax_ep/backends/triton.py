@@ -109,6 +109,8 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
   if ("JAX_EP_DISPATCH_PULL" not in os.environ and provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
     knobs["dispatch_pull"] = PEER_DISPATCH_PULL
+  if "JAX_EP_COMBINE_QUEUE" not in os.environ and world == 2:
+    knobs["combine_queue"] = TWO_RANK_COMBINE_QUEUE
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
@@ -127,6 +129,14 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
 # not known to be, so that allocator keeps 2): the receivers load the peers' rows from their
 # x itself (EPPlan.dispatch_pull). One process per GPU keeps EPPlan's default, 2.
 PEER_DISPATCH_PULL = 3
+
+# Combine's queue mode at W = 2 (EPPlan.combine_queue): every program reduces its fixed blocks
+# after every rank's pushes (0) instead of taking blocks from the queue as they are done (1).
+# There the pushes are bound by the programs' HBM traffic, not NVLink, and mode 1's per-item
+# DONE flag (a system-scope release, which waits for the item's stores to land) stalls each
+# program once per item: 2x H200, DeepSeek-V3 shape, 32 SMs, peer mode, 2026-11-22: 490.9 vs
+# 523.3 us and 487.3 vs 514.6 us in two runs (docs/GPU_RUNS.md, session 20). Other W keep 1.
+TWO_RANK_COMBINE_QUEUE = 0
 
 
 def _provider():
