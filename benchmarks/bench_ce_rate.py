@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import json
-import os
 import statistics
 import time
+
+from _results import write_json
 
 _cu = None
 
@@ -161,12 +160,8 @@ def main() -> None:
       print(f"{mode:6s} split {split}: {r['us']:8.1f} us (min {r['min_us']:8.1f})  "
             f"{r['gbps']:6.1f} GB/s per GPU  ({len(copies)} copies per round)", flush=True)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    with open(os.path.join(args.out, f"ce_rate_{stamp}.json"), "w") as f:
-      json.dump(dict(device=name.value.decode(), world=world, date=stamp, bytes=nbytes,
-                     args=vars(args), results=results), f, indent=1)
-
+    write_json(args.out, "ce_rate", device=name.value.decode(), world=world, bytes=nbytes,
+               args=vars(args), results=results)
 
 if __name__ == "__main__":
   main()

@@ -25,14 +25,14 @@ more bytes per program than ``expand`` and was removed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _results import write_json  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -247,11 +247,8 @@ def main() -> None:
       print(f"{name:12s} programs {g or 'all':>4}: {s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  "
             f"{r['gbps_per_sm']:6.1f} GB/s per SM", flush=True)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%MZ")
-    with open(os.path.join(args.out, f"copy_rate_{stamp}.json"), "w") as f:
-      json.dump(dict(device=str(jax.devices()[0].device_kind), date=stamp, args=vars(args),
-                     expert_rows=rows, results=results), f, indent=1)
+    write_json(args.out, "copy_rate", device=str(jax.devices()[0].device_kind),
+               args=vars(args), expert_rows=rows, results=results)
 
 
 if __name__ == "__main__":

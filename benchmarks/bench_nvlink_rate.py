@@ -31,14 +31,14 @@ in this pattern, which bounds what dispatch and combine can reach (docs/KERNELS.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _results import write_json  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -208,11 +208,8 @@ def main() -> None:
                 f"{s * 1e6:8.1f} us  {r['gbps']:7.1f} GB/s  {r['gbps_per_program']:6.1f} GB/s "
                 f"per program", flush=True)
   if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%MZ")
-    with open(os.path.join(args.out, f"nvlink_rate_{stamp}.json"), "w") as f:
-      json.dump(dict(device=str(devices[0].device_kind), world=world, date=stamp,
-                     args=vars(args), results=results), f, indent=1)
+    write_json(args.out, "nvlink_rate", device=str(devices[0].device_kind), world=world,
+               args=vars(args), results=results)
 
 
 if __name__ == "__main__":
