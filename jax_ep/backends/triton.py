@@ -135,7 +135,9 @@ PEER_DISPATCH_PULL = 3
 # There the pushes are bound by the programs' HBM traffic, not NVLink, and mode 1's per-item
 # DONE flag (a system-scope release, which waits for the item's stores to land) stalls each
 # program once per item: 2x H200, DeepSeek-V3 shape, 32 SMs, peer mode, 2026-11-22: 490.9 vs
-# 523.3 us and 487.3 vs 514.6 us in two runs (docs/GPU_RUNS.md, session 20). Other W keep 1.
+# 523.3 us and 487.3 vs 514.6 us in two runs, 494.5 / 489.0 vs 521.9 / 517.4 us in a third;
+# one process per GPU 497.5 / 506.6 vs 515.3 / 508.9 us (docs/GPU_RUNS.md, session 20). Other
+# W keep 1 (at W = 4 the pushes are NVLink-bound and the queue lets reducers start early).
 TWO_RANK_COMBINE_QUEUE = 0
 
 
