@@ -5,6 +5,7 @@ shared memory per kernel (no GPU needed: Triton and its bundled ptxas run on the
   python scripts/kernel_stats.py --tokens 512 --hidden 1024 --experts 64 --topk 4 --dtype f32
   JAX_EP_COMBINE_SPLIT=0 python scripts/kernel_stats.py         # tuning knobs: the backend's
                                                                 # variables (docs/KERNELS.md)
+  python scripts/kernel_stats.py --world 2 --provider nvshmem   # the defaults a step takes there
 
 Spills (local memory) in these kernels mean a row tile too big for the registers: shrink the
 tile budgets in kernels/ep_plan.py (TILE_BYTES, ACC_BYTES) or the warps (ROWS_WARPS).
@@ -84,8 +85,11 @@ def main() -> None:
   p.add_argument("--warps", type=int, help="override ep_plan.ROWS_WARPS")
   p.add_argument("--tile-bytes", type=int, help="override ep_plan.TILE_BYTES")
   p.add_argument("--profile", action="store_true", help="the PROFILE=1 build (phase stamps)")
+  p.add_argument("--provider", choices=("peer", "nvshmem"), default="peer",
+                 help="the runtime provider whose defaults the plan takes (peer: dispatch "
+                      "pull 3)")
   args = p.parse_args()
-  from jax_ep.backends.triton import _env_knobs
+  from jax_ep.backends.triton import _knobs
   from jax_ep.kernels import ep_plan
   from jax_ep.kernels.sm90 import compile_ep_kernels
   if args.tile_bytes:
@@ -96,7 +100,7 @@ def main() -> None:
   plan = EPPlan(world=args.world, num_tokens=args.tokens, max_tokens=args.tokens,
                 hidden=args.hidden, topk=args.topk, num_experts=args.experts, capacity=cap,
                 alignment=1, num_sms=args.num_sms, itemsize=itemsize, profile=args.profile,
-                **_env_knobs(EPPlan))  # JAX_EP_* tuning knobs, read and checked as in a step
+                **_knobs(EPPlan, args.world, args.provider))  # the knobs as a step takes them
   print(f"plan: senders {plan.num_senders} receivers {plan.num_receivers} programs "
         f"{plan.num_programs}; dispatch tile [{plan.block_t}, {plan.block_h}]; combine block "
         f"{plan.combine_block_t} x push {plan.combine_block_hc} (J {plan.j_unroll}; "

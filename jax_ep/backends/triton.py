@@ -104,8 +104,19 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
         f"{_API}: the EP axis {config.axis_name!r} has {world} ranks but jax_ep.runtime was "
         f"initialized over {runtime.world_size()} GPUs; the EP axis must span exactly the "
         f"devices given to jax_ep.runtime.initialize, in rank order.")
-  knobs = _env_knobs(EPPlan)
-  provider = _provider()
+  knobs = _knobs(EPPlan, world, _provider())
+  return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
+                hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
+                capacity=config.capacity_rows(world), alignment=config.expert_alignment,
+                num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
+                itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(), **knobs)
+
+
+def _knobs(plan_cls, world: int, provider) -> dict:
+  """EPPlan's tuning knobs as a step takes them: each from its JAX_EP_* variable where set,
+  else the backend's choice for this world and provider (PEER_DISPATCH_PULL,
+  TWO_RANK_COMBINE_QUEUE), else EPPlan's default. Refuses pull 3 outside the peer provider."""
+  knobs = _env_knobs(plan_cls)
   if ("JAX_EP_DISPATCH_PULL" not in os.environ and provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
     knobs["dispatch_pull"] = PEER_DISPATCH_PULL
@@ -117,11 +128,7 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
         f"needs every GPU's XLA buffers mapped on every other (the 'peer' provider: one "
         f"process driving all GPUs); under the {provider!r} provider set it to 2 or unset "
         f"it.")
-  return EPPlan(world=world, num_tokens=num_tokens, max_tokens=config.max_tokens_per_rank,
-                hidden=config.hidden, topk=config.topk, num_experts=config.num_experts,
-                capacity=config.capacity_rows(world), alignment=config.expert_alignment,
-                num_sms=config.num_sms, row_itemsize=ROW_ITEMSIZE, use_timer=True,
-                itemsize=jnp.dtype(dtype).itemsize, profile=_profile_enabled(), **knobs)
+  return knobs
 
 
 # Dispatch's pull mode under the peer provider, where XLA's buffers on every GPU are mapped on
