@@ -532,13 +532,13 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   jax.block_until_ready(out)
   npg = plan.num_programs
   prof = tb.read_profile(npg)
-  # With the reduce queue (the default) slot 5 is the us a program waited for DONE flags.
-  arrived = "waited" if plan.combine_queue else "arrived"
+  # With the reduce queue (the default but at W = 2) slot 5 is the us a program waited for DONE flags.
+  arrived = "waited" if plan._combine_queue else "arrived"
   # Queue 3: slot 3 is the us a program spent reducing blocks between its push items.
   res["combine"] = [{**{n: stats(p[n][:npg]) for n in ("go", "push_done", "end")},
                      arrived: stats(p["arrived"][:npg]),
                      **({"reduced_between": stats(p["self_rows"][:npg])}
-                        if plan.combine_queue == 3 else {})} for p in prof]
+                        if plan._combine_queue == 3 else {})} for p in prof]
   res["plan"] = {"senders": ns, "receivers": nr, "programs": npg, "block_t": plan.block_t,
                  "block_h": plan.block_h, "combine_block": [plan.combine_block_t,
                                                             plan.combine_block_hc,

@@ -338,9 +338,7 @@ def _reduce_claimed(blk, claims, out_ptr, sym_table, rank, world, seq, NUM_TOKEN
   reduce those this program won (all of them, one range, unless the queue after the pushes
   took some first). The block's flags must have been seen complete."""
   part = tl.arange(0, PARTS)
-  old = tl.atomic_xchg(claims + blk * PARTS + part, tl.full([PARTS], 1, tl.int32),
-                       sem="relaxed", scope="gpu")
-  won = tl.sum(tl.where(old == 0, 1 << part, 0), axis=0)
+  won = tl.sum(tl.where(claim(claims + blk * PARTS + part), 1 << part, 0), axis=0)
   if won == (1 << PARTS) - 1:
     _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                   ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)

@@ -91,8 +91,8 @@ class EPPlan:
       measured 5-6 % faster: ``TWO_RANK_COMBINE_QUEUE`` in ``jax_ep/backends/triton.py``);
       2 = the queue with each program's DONE flags raised two items at a time (one
       system-scope release, which waits for the program's remote stores to land, per two
-      items instead of per item); opt-in: 0.904 vs 0.947 ms
-      and 0.922 vs 0.897 ms for mode 1 in two runs (4x H200, 2026-11-21 19:55, 20:00);
+      items instead of per item); opt-in: 0.904 vs 0.947 ms and 0.922 vs 0.897 ms for mode
+      1 in two runs (4x H200, 2026-11-21 19:55, 20:00);
       3 = the queue, and a program also reduces blocks between its push items, as soon as
       every rank has pushed them (one look at their DONE flags, no wait): at 4x H200 the
       reduce ran after the pushes, ~120 us of a ~660 us combine (session 19), while the

@@ -480,7 +480,8 @@ def leader_go(sym_table, rank, seq, epoch, abort):
 @triton.jit
 def claim(ptr):
   """True for the first program of this GPU to claim the int32 flag at ``ptr`` (zeroed before
-  the op), False for every later one (atomic exchange, gpu scope)."""
+  the op), False for every later one (atomic exchange, gpu scope). ``ptr`` may be a block of
+  pointers: one answer per flag."""
   return tl.atomic_xchg(ptr, 1, sem="relaxed", scope="gpu") == 0
 
 
