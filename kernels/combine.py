@@ -148,18 +148,16 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
                BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
                STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
                HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
-               BLOCK_HC2: tl.constexpr, row0, MARK: tl.constexpr = True):
+               BLOCK_HC2: tl.constexpr):
   """One push item: token block ``blk`` of owner ``s`` (see _combine_push), whose slot
   levels ``ps``, ``ws``, ``cnt`` (``_slot_levels``, TOPK_P levels: at least TOPK and
-  J_UNROLL) the caller loaded. Token ``blk * BLOCK_T + i``'s row goes to ROWS[me, row0 + i]
-  of s (row0 = blk * BLOCK_T but for LOCAL's scratch rows); MARK: ROW_MARK[me, t] = seq."""
+  J_UNROLL) the caller loaded."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
     have = cnt > 0
     rows = sym_ptr(sym_table, s, ROWS_OFF, y_ptr.dtype.element_ty)
-    base = rank * MAX_TOKENS + row0 - blk * BLOCK_T  # + t: the token's row
-    dst = rows + (base + t)[:, None].to(tl.int64) * HIDDEN
+    dst = rows + (rank * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
     # Versions of the chunk loop, each with a static level count so Triton can
     # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
     # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
@@ -182,13 +180,12 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
         # need a gather across the block's threads
         hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
                                  CAPACITY, TOPK_P)
-        dst_h = rows + (base + t_h)[:, None].to(tl.int64) * HIDDEN
+        dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
         _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
       else:
         _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
-    if MARK:
-      marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
-      tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
+    marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
+    tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
 
 @triton.jit
@@ -219,8 +216,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
                   PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr,
-                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, LOCAL: tl.constexpr,
-                  PROFILE: tl.constexpr):
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, PROFILE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -242,15 +238,12 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   push items (PROFILE and QUEUE = 3 only; else 0).
   PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
   item before it: one dependent load round trip at the start of each item (the weights at
-  those positions) instead of two.
-  LOCAL (QUEUE = 0 only): only the other owners' items; this rank's own partial rows are
-  summed by its reducers (``_reduce_local``)."""
+  those positions) instead of two."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
   prev_blk = tl.full([], 0, tl.int32)
-  per_blk = world - LOCAL  # items per token block
-  total = per_blk * num_blocks
+  total = world * num_blocks
   cand = pid  # QUEUE = 3: this program's next block to reduce between its push items
   step = 0
   between = tl.full([], 0, tl.int64)
@@ -258,11 +251,11 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
     claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
   if PREFETCH:  # item pid's slot columns
-    cols = _slot_cols(recv_pos_ptr, _item_owner(pid, rank, world, LOCAL),
-                      _item_tokens(pid, total, per_blk, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
+    cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
+                      _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
   for item in range(pid, total, num_programs):
-    blk = item // per_blk
-    s = _item_owner(item, rank, world, LOCAL)
+    blk = item // world
+    s = (item + rank) % world  # consecutive items of a program go to different owners
     if PREFETCH:
       # This item's slot columns were loaded during the previous item's chunk loops; the
       # next item's are issued now, before this item's chunk loops, which hide their round
@@ -271,8 +264,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
       cur_ps, cur_cnt = _levels(cols, CAPACITY, TOPK_P)
       cur_ws = _level_weights(row_weights_ptr, cur_ps)
       nxt = item + num_programs
-      cols = _slot_cols(recv_pos_ptr, _item_owner(nxt, rank, world, LOCAL),
-                        _item_tokens(nxt, total, per_blk, NUM_TOKENS, BLOCK_T), NUM_TOKENS,
+      cols = _slot_cols(recv_pos_ptr, (nxt + rank) % world,
+                        _item_tokens(nxt, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS,
                         TOPK)
     else:
       cur_ps, cur_ws, cur_cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, s,
@@ -281,7 +274,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     _push_item(blk, s, cur_ps, cur_ws, cur_cnt, rank, seq, y_ptr, row_weights_ptr,
                recv_pos_ptr, sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                TOPK, TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
-               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, blk * BLOCK_T)
+               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
     if QUEUE == 1 or QUEUE == 3:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -315,64 +308,24 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
 
 
 @triton.jit
-def _item_owner(item, rank, world, LOCAL: tl.constexpr):
-  """The owner rank of push item ``item``: the W items of a token block go to the owners
-  rank, rank + 1, ... (mod W), so a program's consecutive items go to different owners;
-  LOCAL: its W - 1 items to the others, rank + 1, ... ."""
-  if LOCAL:
-    return (rank + 1 + item % tl.maximum(world - 1, 1)) % world
-  else:
-    return (item + rank) % world
-
-
-@triton.jit
-def _item_tokens(item, total, per_blk, NUM_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
-  """The tokens ``[BLOCK_T]`` of push item ``item`` (block item // per_blk, the items per
-  block); all NUM_TOKENS (none) past the last item, so that a prefetch past the end loads
-  nothing."""
-  t = (item // tl.maximum(per_blk, 1)) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _item_tokens(item, total, world, NUM_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
+  """The tokens ``[BLOCK_T]`` of push item ``item`` (block item // W); all NUM_TOKENS (none)
+  past the last item, so that a prefetch past the end loads nothing."""
+  t = (item // world) * BLOCK_T + tl.arange(0, BLOCK_T)
   return tl.where(item < total, t, NUM_TOKENS)
 
 
 @triton.jit
-def _combine_reduce(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr,
-                    sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
-                    MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
-                    TOPK_P: tl.constexpr, CAPACITY: tl.constexpr, ROWS_OFF: tl.constexpr,
-                    ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
-                    BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
-                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
-                    NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, LOCAL: tl.constexpr,
-                    SCRATCH: tl.constexpr):
+def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
+                    NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                    ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
-  pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs).
-
-  LOCAL: the pushes left out this rank's own partial rows; each block's are summed here,
-  just before the block is reduced, as a push item would (the same code, so the same bits)
-  but into ROWS[me] rows that are read back at once from L2: with SCRATCH the program's own
-  BLOCK_T rows (pid * BLOCK_T + i, rewritten for every block it reduces, so they can stay
-  in L2), else the token's row. So those rows are not written to HBM long before they are
-  read back from it: at W = 2 they are half of the partial rows."""
+  pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   for blk in range(pid, num_blocks, num_programs):
-    if LOCAL:
-      t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-      ps, ws, cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, rank, t, NUM_TOKENS, TOPK,
-                                 CAPACITY, TOPK_P)
-      row0 = pid * BLOCK_T if SCRATCH else blk * BLOCK_T
-      tl.debug_barrier()  # (SCRATCH) the previous block's reads of these rows are done
-      _push_item(blk, rank, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr,
-                 sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
-                 TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT,
-                 HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, row0, False)
-      tl.debug_barrier()  # every thread's rows before any thread reads them
-      _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
-                    own_row0=row0, own_have=cnt > 0)
-    else:
-      _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                    ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+    _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+                  ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
 
 
 @triton.jit
@@ -455,12 +408,9 @@ def _reduce_part(blk, p, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.co
 def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
                   MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, h_lo=0, h_hi=None,
-                  own_row0=None, own_have=None):
+                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, h_lo=0, h_hi=None):
   """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq;
-  columns ``h_lo`` to ``h_hi`` (default: all), a multiple of BLOCK_HR apart from h_lo.
-  ``own_row0``, ``own_have`` (LOCAL): this rank's own partial row of token blk * BLOCK_T + i
-  is ROWS[me, own_row0 + i], there where ``own_have[i]`` (it has no mark)."""
+  columns ``h_lo`` to ``h_hi`` (default: all), a multiple of BLOCK_HR apart from h_lo."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -469,20 +419,11 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
   gs = ()  # one [BLOCK_T] vector of marks per rank: no reduction over a [W_P, BLOCK_T] tile
-  rs = ()  # and of the rank's rows in ROWS
   for rr in tl.static_range(W_P):
     # rank rr as a [BLOCK_T] vector: the interpreter of Triton 3.9 refuses a scalar mask term
-    rv = tl.zeros_like(t) + rr
-    mr = tmask & (rv < world)
-    g = mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
-                      cache_modifier=".cg") == seq)
-    r = rr * MAX_TOKENS + t
-    if own_row0 is not None:
-      own = rv == rank
-      g = tl.where(own, own_have & tmask, g)
-      r = tl.where(own, rank * MAX_TOKENS + own_row0 + t - blk * BLOCK_T, r)
-    gs = gs + (g,)
-    rs = rs + (r,)
+    mr = tmask & (tl.zeros_like(t) + rr < world)
+    gs = gs + (mr & (tl.load(marks + rr * MAX_TOKENS + t, mask=mr, other=0,
+                             cache_modifier=".cg") == seq),)
   if h_hi is None:
     h_hi = HIDDEN
   for h0 in tl.range(h_lo, h_hi, BLOCK_HR, num_stages=STAGES):
@@ -491,7 +432,7 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
     for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
       g = gs[rr]
-      v = tl.load(tl.multiple_of(rows + rs[rr][:, None].to(tl.int64) * HIDDEN
+      v = tl.load(tl.multiple_of(rows + (rr * MAX_TOKENS + t)[:, None].to(tl.int64) * HIDDEN
                                  + cols[None, :], [A, A]),
                   mask=g[:, None] & hmask[None, :], other=0.0, cache_modifier=".cg")
       acc += v.to(tl.float32)
@@ -512,8 +453,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
                    NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, PREFETCH: tl.constexpr,
-                   PARTS: tl.constexpr, PART_COLS: tl.constexpr, LOCAL: tl.constexpr,
-                   SCRATCH: tl.constexpr,
+                   PARTS: tl.constexpr, PART_COLS: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -523,7 +463,6 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32; see dispatch_kernel).
   PARTS, PART_COLS: QUEUE = 3's column ranges per block (``EPPlan.combine_reduce_parts``), 1
     and all columns otherwise.
-  LOCAL, SCRATCH: QUEUE = 0's own partial rows summed in the reduce (``_combine_reduce``).
   PHASE: 0 = everything (GPU; all NUM_PROGRAMS programs resident together). The interpreter
     launches 2 and 3 (leader: announce; wait + GO; grid 1), 4 (push) and 5 (reduce), each over
     every rank before the next.
@@ -553,7 +492,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
             world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, ROWS_OFF,
             ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
             QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR,
-            PARTS, PART_COLS, LOCAL, PROFILE)
+            PARTS, PART_COLS, PROFILE)
         if QUEUE == 3:  # slot 3: the ns this program spent reducing between its pushes
           prof_span(sym_table, rank, pid, P_SELF, between, PROFILE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
@@ -570,11 +509,9 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                                  USE_TIMER, BLOCK_P)
           prof_mark(sym_table, rank, pid, P_ARRIVED, PROFILE)
           if ok:
-            _combine_reduce(pid, NUM_PROGRAMS, y_ptr, row_weights_ptr, recv_pos_ptr, out_ptr,
-                            sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK,
-                            TOPK_P, CAPACITY, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HC,
-                            BLOCK_HC_ALL, BLOCK_HR, STAGES, J_UNROLL, SPLIT, HEAVY_T,
-                            BLOCK_HC_H, NARROW, BLOCK_HC2, LOCAL, SCRATCH)
+            _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
+                            NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
+                            BLOCK_T, BLOCK_HR, STAGES)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

@@ -132,15 +132,6 @@ class EPPlan:
       (``_combine_push``), during the chunk loops of the program's previous item: one
       dependent load round trip (the weights) before its first row load instead of two (~16
       items per program at W = 4). The same bits; opt-in until timed.
-    combine_local: 1 = with combine_queue 0, the pushes leave out this rank's own tokens and
-      the reducers sum those partial rows, block by block, just before reducing the block
-      (``_combine_reduce``), into rows of this rank's region that they read back at once
-      (each program's own BLOCK_T rows, rewritten for every block, where NP x BLOCK_T <=
-      T_max: ``combine_scratch``), so they are read from L2 instead of being written to HBM
-      during the pushes and read back after them. At W = 2 they are half of the partial
-      rows (~117 of ~760 MB of the programs' HBM traffic at the DeepSeek-V3 shape), and the
-      pushes there are bound by that traffic. The same sums in the same order: the same
-      bits. Ignored with the other queue modes (the backend refuses the knob with them).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -220,7 +211,6 @@ class EPPlan:
   combine_split: int = 1
   combine_narrow: int = 0
   combine_prefetch: int = 0
-  combine_local: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -386,18 +376,6 @@ class EPPlan:
       return 1
     return int(self.combine_queue)
 
-  @property
-  def _combine_local(self) -> int:
-    """combine's LOCAL: ``combine_local`` with queue 0 (the only mode that has it)."""
-    return int(bool(self.combine_local) and self._combine_queue == 0)
-
-  @property
-  def combine_scratch(self) -> int:
-    """combine's SCRATCH (with LOCAL): each program sums its blocks' own partial rows into
-    the same BLOCK_T rows of ROWS[me] (pid * BLOCK_T + i), where the NP programs' rows fit in
-    the T_max rows there; else into the token's own row."""
-    return int(self.num_programs * self.combine_block_t <= self.max_tokens)
-
   def _combine_parts(self) -> dict:
     parts = self.combine_reduce_parts if self._combine_queue == 3 else 1
     return dict(PARTS=parts, PART_COLS=-(-self._reduce_chunks // parts) * self.combine_block_hr)
@@ -491,8 +469,7 @@ class EPPlan:
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
         BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,
-        PREFETCH=int(self.combine_prefetch), **self._combine_parts(),
-        LOCAL=self._combine_local, SCRATCH=self.combine_scratch, PHASE=phase)}
+        PREFETCH=int(self.combine_prefetch), **self._combine_parts(), PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -141,7 +141,6 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
     ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
     ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
-    ("JAX_EP_COMBINE_LOCAL", "2", "0 \\(the pushes also write this rank's own partial"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -198,28 +197,6 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["PREFETCH"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
   assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
-  assert default.combine()["LOCAL"] == 0
-  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "0")
-  monkeypatch.setenv("JAX_EP_COMBINE_LOCAL", "1")
-  assert tb._plan(config, 2, 2).combine()["LOCAL"] == 1
-  assert tb._plan(config, 4, 2).combine()["LOCAL"] == 1
-
-
-@pytest.mark.parametrize("world, queue", [(2, "1"), (2, "3"), (4, None)])
-def test_combine_local_needs_queue_0(monkeypatch, world, queue):
-  """JAX_EP_COMBINE_LOCAL=1 (the reducers sum this rank's own partial rows) exists only for
-  the reduce after all pushes: with another queue mode, set or the backend's default at W = 4,
-  it is refused naming both knobs."""
-  from jax_ep.backends import triton as tb
-  config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
-                           backend="triton")
-  monkeypatch.setenv("JAX_EP_COMBINE_LOCAL", "1")
-  if queue is None:
-    monkeypatch.delenv("JAX_EP_COMBINE_QUEUE", raising=False)
-  else:
-    monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", queue)
-  with pytest.raises(ValueError, match="JAX_EP_COMBINE_LOCAL=1 .* Set JAX_EP_COMBINE_QUEUE=0"):
-    tb._plan(config, world, 2)
 
 
 @pytest.mark.parametrize("provider", ["nvshmem", "peer"])

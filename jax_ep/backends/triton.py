@@ -122,12 +122,6 @@ def _knobs(plan_cls, world: int, provider) -> dict:
     knobs["dispatch_pull"] = PEER_DISPATCH_PULL
   if "JAX_EP_COMBINE_QUEUE" not in os.environ and world == 2:
     knobs["combine_queue"] = TWO_RANK_COMBINE_QUEUE
-  if knobs["combine_local"] and knobs["combine_queue"] != 0:
-    raise ValueError(
-        f"{_API}: JAX_EP_COMBINE_LOCAL=1 has combine's reducers sum this rank's own partial "
-        f"rows after every push, which only the reduce after all pushes does "
-        f"(JAX_EP_COMBINE_QUEUE=0); combine's queue mode here is {knobs['combine_queue']}. "
-        f"Set JAX_EP_COMBINE_QUEUE=0 or unset JAX_EP_COMBINE_LOCAL.")
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
@@ -204,9 +198,6 @@ _KNOBS = (
     ("combine_prefetch", "JAX_EP_COMBINE_PREFETCH", _int_in(0, 1),
      "0 (each push item loads its slot positions and weights first) or 1 (loaded an item "
      "ahead)"),
-    ("combine_local", "JAX_EP_COMBINE_LOCAL", _int_in(0, 1),
-     "0 (the pushes also write this rank's own partial rows) or 1 (its reducers sum them; "
-     "with JAX_EP_COMBINE_QUEUE=0)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
      "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
      "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "

@@ -380,24 +380,6 @@ def test_combine_reduce_between_pushes_matches_xla(case, prefetch, peer_world, m
   compare_case(case, mesh, world, _put(mesh), seed=191 + prefetch, repeats=3)
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
-@pytest.mark.parametrize("case", [
-    (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),  # programs' scratch rows
-    (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),        # partial last block, drops
-    (128, 2048, 64, 4, None, 8, "with_unselected", "float32"),   # tokens' own rows
-    (128, 128, 64, 4, None, 1, "empty", "bfloat16"),             # nothing selected
-    (1, 128, 64, 4, None, 1, "uniform", "bfloat16")], ids=_case_id)
-def test_combine_local_matches_xla(case, prefetch, peer_world, monkeypatch):
-  """JAX_EP_COMBINE_LOCAL=1 with JAX_EP_COMBINE_QUEUE=0 (the pushes leave out the rank's own
-  tokens; its reducers sum those partial rows just before reducing each block): xla's
-  results, gradients included, over repeated calls."""
-  mesh, world = peer_world
-  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "0")
-  monkeypatch.setenv("JAX_EP_COMBINE_LOCAL", "1")
-  monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", str(prefetch))
-  compare_case(case, mesh, world, _put(mesh), seed=211 + prefetch, repeats=3)
-
-
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
