@@ -221,46 +221,21 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   recv_pos). Row chunks are loaded once and stored to each of their up to K rows: by slot
   (EXPAND_LEVELS = 0: K masked stores a chunk), or by level (EXPAND_LEVELS = L > 0: the j-th
   kept slot of every token for j < L, then the other levels only when a token of the block
-  keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank).
-  EXPAND_LEVELS = -1 (``EPPlan.dispatch_vectors``): by slot, each slot column read as a
-  [BLOCK_T] vector instead of taken out of the [BLOCK_T, TOPK_P] tile by a reduction, which
-  moves it into the row tile's layout through shared memory (an expansion item at the
-  DeepSeek-V3 shape: 25 CTA barriers instead of the tile's 65); the same stores. Every column
-  is loaded before any is stored: a store may alias a later column's address, so a column's
-  loads issued after the previous column's stores wait for them, and those wait for their
-  own loads (session 16's version did that: 8 load round trips per item; it measured 0.732
-  vs 0.671 ms, only part of which those explain)."""
+  keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank)."""
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   tmask = t < NUM_TOKENS
-  if EXPAND_LEVELS < 0:
-    slot0 = (s * pos_stride + t) * TOPK
-    ps = ()
-    for kk in tl.static_range(TOPK):
-      pk = tl.load(pos_ptr + slot0 + kk, mask=tmask, other=-1, cache_modifier=".cg")
-      ps = ps + (tl.where(pk < CAPACITY, pk, -1),)  # a corrupt layout cannot pass recv_x
-    if WITH_META:
-      ws = ()
-      for kk in tl.static_range(TOPK):
-        ws = ws + (tl.load(val_ptr + slot0 + kk, mask=tmask, other=0.0, cache_modifier=".cg"),)
-      for kk in tl.static_range(TOPK):
-        tl.store(recv_pos_ptr + (s * NUM_TOKENS + t) * TOPK + kk, ps[kk], mask=tmask)
-        tl.store(recv_w_ptr + ps[kk], ws[kk], mask=ps[kk] >= 0)
-    have = ps[0] >= 0
-    for kk in tl.static_range(1, TOPK):
-      have = have | (ps[kk] >= 0)
-  else:
-    smask = tmask[:, None] & (k < TOPK)[None, :]
-    slot = (s * pos_stride + t)[:, None] * TOPK + k[None, :]
-    pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
-    pos = tl.where(pos < CAPACITY, pos, -1)  # a corrupt layout cannot address past recv_x
-    if WITH_META:
-      w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
-      tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos,
-               mask=smask)
-      tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
-    have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
+  smask = tmask[:, None] & (k < TOPK)[None, :]
+  slot = (s * pos_stride + t)[:, None] * TOPK + k[None, :]
+  pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
+  pos = tl.where(pos < CAPACITY, pos, -1)  # a corrupt layout cannot address past recv_x
+  if WITH_META:
+    w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
+    tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos,
+             mask=smask)
+    tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
+  have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     A: tl.constexpr = row_align(HIDDEN, recv_x_ptr.dtype.element_ty)
     src = src_base + (src_row + t)[:, None].to(tl.int64) * HIDDEN
@@ -271,12 +246,9 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(tl.multiple_of(src + (h0 + h)[None, :], [A, A]),
                      mask=have[:, None] & hmask[None, :], cache_modifier=".cg")
-      if EXPAND_LEVELS <= 0:
+      if EXPAND_LEVELS == 0:
         for kk in tl.static_range(TOPK):
-          if EXPAND_LEVELS < 0:
-            pk = ps[kk]
-          else:
-            pk = column(pos, k, kk)
+          pk = column(pos, k, kk)
           tl.store(recv_x_ptr + pk[:, None].to(tl.int64) * HIDDEN + (h0 + h)[None, :],
                    rows, mask=(pk >= 0)[:, None] & hmask[None, :])
       else:

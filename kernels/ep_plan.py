@@ -76,14 +76,6 @@ class EPPlan:
     expand_levels: dispatch expansion's stores: 0 = one masked store per slot (K a chunk), L > 0
       = by level (``_expand_block``); opt-in: measured no faster (L = 2 / 4: 1.200 / 1.056 ms
       vs 1.069 ms by slot, 4x H200, DeepSeek-V3 shape, 2026-11-21 17:58).
-    dispatch_vectors: 1 = the expansion by slot (expand_levels 0) reads each block's slot
-      columns as [BLOCK_T] vectors instead of taking them out of a [BLOCK_T, TOPK_P] tile by
-      reductions: 25 instead of 65 CTA barriers per expansion item in the compiled kernel
-      (DeepSeek-V3 shape), the same stores, but more spills. Opt-in. Its first version
-      (session 16) measured slower, 0.732 vs 0.671 ms (4x H200, 2026-11-22 13:38, same run);
-      part of that (docs/KERNELS.md): it loaded and stored the columns one after the other,
-      so each column's loads waited behind the previous column's stores (8 load round trips
-      per item instead of 1). This one loads every column first. Not yet timed.
     combine_queue: 1 (default) = combine's reducers take token blocks from a work queue as
       soon as every rank has pushed its rows for the block (per-block DONE flags), so a program
       reduces while others still push; 0 = every program reduces its fixed blocks after all
@@ -202,7 +194,6 @@ class EPPlan:
   receiver_share: float = 0.6
   dispatch_stages: int = 4
   expand_levels: int = 0
-  dispatch_vectors: int = 0
   combine_stages: int = 4
   combine_acc_bytes: int = ACC_BYTES
   combine_queue: int = 1
@@ -317,10 +308,8 @@ class EPPlan:
 
   @property
   def _expand_store(self) -> int:
-    """_expand_block's EXPAND_LEVELS: L > 0 levels, 0 by slot, -1 by slot from vectors."""
-    if self.expand_levels:
-      return min(self.expand_levels, self.topk)
-    return -1 if self.dispatch_vectors else 0
+    """_expand_block's EXPAND_LEVELS: L > 0 levels, 0 by slot."""
+    return min(self.expand_levels, self.topk)
 
   def dispatch(self, from_layout: bool, phase: int = 0) -> dict:
     """Constexprs of dispatch_kernel (from_layout=False) or dispatch_rows_kernel (True)."""

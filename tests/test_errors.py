@@ -139,7 +139,6 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),
     ("JAX_EP_COMBINE_SPLIT", "2", "1 \\(a block's few tokens with many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
-    ("JAX_EP_DISPATCH_VECTORS", "-1", "0 \\(the expansion reads a block's slots as a tile\\)"),
     ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
@@ -190,10 +189,6 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_COMBINE_NARROW", "1")  # top-2: J_UNROLL = 2, nothing narrower
   assert tb._plan(config, 2, 2).combine()["NARROW"] == 0
   assert default.dispatch(False)["EXPAND_LEVELS"] == 0
-  monkeypatch.setenv("JAX_EP_DISPATCH_VECTORS", "1")  # stores by level (9 here) win
-  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == 2
-  monkeypatch.setenv("JAX_EP_EXPAND_LEVELS", "0")  # by slot, from vectors
-  assert tb._plan(config, 2, 2).dispatch(True)["EXPAND_LEVELS"] == -1
   assert default.combine()["PREFETCH"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
   assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
@@ -225,7 +220,7 @@ def test_pull_from_x_needs_the_peer_provider(monkeypatch, provider):
     assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 3
 
 
-@pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS"])
+@pytest.mark.parametrize("name", ["JAX_EP_COMBINE_VECTORS", "JAX_EP_DISPATCH_VECTORS"])
 def test_removed_triton_knob_warns(monkeypatch, name):
   """A knob that no longer exists is named in a warning, not silently ignored; the plan is the
   default one."""

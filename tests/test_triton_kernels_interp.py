@@ -497,35 +497,33 @@ def test_combine_push_paths(tokens, interp):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))
 
 
-@pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq,dv", [
-    (1, 1.0, None, 0, 0, 1, 0, 0), (0, 1.0, None, 0, 0, 1, 0, 0), (0, 0.5, None, 1, 0, 1, 0, 0),
-    (1, 0.25, None, 0, 0, 1, 0, 0), (2, 0.6, None, 2, 0, 1, 0, 0),
-    (2, 1.0, _senders_expand_first, 0, 0, 1, 0, 0), (3, 1.0, None, 0, 0, 1, 0, 0),
-    (3, 1.0, _senders_expand_first, 1, 0, 1, 0, 0), (0, 0.5, None, 1, 1, 1, 0, 0),
-    (3, 1.0, _senders_expand_first, 0, 1, 1, 0, 0), (3, 1.0, None, 0, 1, 2, 0, 0),
-    (2, 1.0, _senders_expand_first, 1, 0, 4, 0, 0), (3, 1.0, None, 0, 1, 4, 1, 0),
-    (2, 1.0, _senders_expand_first, 0, 0, 1, 1, 0), (3, 1.0, None, 0, 2, 4, 2, 0),
-    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 0), (3, 1.0, None, 1, 2, 8, 0, 0),
-    (3, 1.0, None, 0, 2, 4, 2, 1), (0, 0.5, None, 0, 0, 1, 0, 1),
-    (2, 1.0, _senders_expand_first, 0, 2, 2, 1, 1), (3, 1.0, None, 0, 3, 4, 2, 0),
-    (2, 1.0, _senders_expand_first, 0, 3, 2, 1, 1), (0, 0.5, None, 1, 3, 1, 0, 0)])
-def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, dv,
-                                       interp):
+@pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [
+    (1, 1.0, None, 0, 0, 1, 0), (0, 1.0, None, 0, 0, 1, 0), (0, 0.5, None, 1, 0, 1, 0),
+    (1, 0.25, None, 0, 0, 1, 0), (2, 0.6, None, 2, 0, 1, 0),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 0), (3, 1.0, None, 0, 0, 1, 0),
+    (3, 1.0, _senders_expand_first, 1, 0, 1, 0), (0, 0.5, None, 1, 1, 1, 0),
+    (3, 1.0, _senders_expand_first, 0, 1, 1, 0), (3, 1.0, None, 0, 1, 2, 0),
+    (2, 1.0, _senders_expand_first, 1, 0, 4, 0), (3, 1.0, None, 0, 1, 4, 1),
+    (2, 1.0, _senders_expand_first, 0, 0, 1, 1), (3, 1.0, None, 0, 2, 4, 2),
+    (2, 1.0, _senders_expand_first, 0, 2, 2, 1), (3, 1.0, None, 1, 2, 8, 0),
+    (0, 0.5, None, 0, 0, 1, 0), (3, 1.0, None, 0, 3, 4, 2),
+    (2, 1.0, _senders_expand_first, 0, 3, 2, 1), (0, 0.5, None, 1, 3, 1, 0)
+])
+def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
   expansion, senders expanding the last blocks after their push, a work queue shared by every
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
   levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
   the source's region, or (3) from the source's x itself, each program then saying so to
   every rank; expand_group: queue items of several blocks, the last one short;
-  zero_queue: the zero rows as queue items among them; dispatch_vectors: the expansion reading
-  the slots as vectors) give the same bits."""
+  zero_queue: the zero rows as queue items among them) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
                 expand_order=order, receiver_share=share, expand_levels=levels,
-                dispatch_pull=pull, expand_group=group, zero_queue=zq, dispatch_vectors=dv)
+                dispatch_pull=pull, expand_group=group, zero_queue=zq)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]

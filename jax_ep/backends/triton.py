@@ -175,9 +175,6 @@ _KNOBS = (
     ("dispatch_stages", "JAX_EP_DISPATCH_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("expand_levels", "JAX_EP_EXPAND_LEVELS", _int_in(0, 64),
      "an integer from 0 to 64 (0: store by slot)"),
-    ("dispatch_vectors", "JAX_EP_DISPATCH_VECTORS", _int_in(0, 1),
-     "0 (the expansion reads a block's slots as a tile) or 1 (as one vector per slot "
-     "column)"),
     ("combine_stages", "JAX_EP_COMBINE_STAGES", _int_in(1, 6), "an integer from 1 to 6"),
     ("combine_acc_bytes", "JAX_EP_COMBINE_ACC_BYTES", _int_in(8192, 262144),
      "a byte count from 8192 to 262144"),
@@ -214,6 +211,9 @@ _KNOBS = (
 _REMOVED_KNOBS = {
     "JAX_EP_COMBINE_VECTORS": "combine always finds each token's rows from per-slot vectors "
                               "now (the tile version was slower; removed in session 17)",
+    "JAX_EP_DISPATCH_VECTORS": "dispatch's expansion always reads a block's slots as a tile "
+                               "(the per-column vectors measured slower in three runs; "
+                               "removed in session 21)",
 }
 
 
