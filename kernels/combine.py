@@ -141,6 +141,92 @@ def _heavy_tokens(heavy, BLOCK_T: tl.constexpr, HEAVY_T: tl.constexpr):
 
 
 @triton.jit
+def _halves(cnt, blk, BLOCK_T: tl.constexpr, HALF: tl.constexpr):
+  """The block's tokens ordered by their row count here, most first (ties in token order):
+  the first HALF as tokens ``[HALF]``, the others likewise, and the count of the token right
+  after the first half (the most any token of the second half has). By [HALF, BLOCK_T]
+  comparisons: no cross-thread scan."""
+  tt = tl.arange(0, BLOCK_T)
+  ci = cnt[:, None]
+  cj = cnt[None, :]
+  ahead = (cj > ci) | ((cj == ci) & (tt[None, :] < tt[:, None]))  # [i, j]: j before i
+  order = tl.sum(ahead.to(tl.int32), axis=1)  # [BLOCK_T]: each token's place in that order
+  i = tl.arange(0, HALF)
+  first = order[None, :] == i[:, None]            # [HALF, BLOCK_T]
+  second = order[None, :] == (i + HALF)[:, None]
+  t_hi = blk * BLOCK_T + tl.sum(tl.where(first, tt[None, :], 0), axis=1)
+  t_lo = blk * BLOCK_T + tl.sum(tl.where(second, tt[None, :], 0), axis=1)
+  c_lo = tl.max(tl.where(order == HALF, cnt, 0), axis=0)
+  return t_hi, t_lo, c_lo
+
+
+@triton.jit
+def _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr,
+                 NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
+                 TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
+                 HALF: tl.constexpr, L_LO: tl.constexpr, BLOCK_HC_HV: tl.constexpr,
+                 STAGES: tl.constexpr):
+  """HALVES: one push item as two [HALF]-token tiles in one chunk loop: the tokens with the
+  most rows here over all TOPK_P levels, the others over L_LO (they have at most that many).
+  Each token's sum is the same as on the other paths (its rows in k order)."""
+  ph, wh, ch = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_hi, NUM_TOKENS, TOPK,
+                            CAPACITY, TOPK_P)
+  pl, wl, cl = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_lo, NUM_TOKENS, TOPK,
+                            CAPACITY, L_LO)
+  dh = rows + (rank * MAX_TOKENS + t_hi)[:, None].to(tl.int64) * HIDDEN
+  dl = rows + (rank * MAX_TOKENS + t_lo)[:, None].to(tl.int64) * HIDDEN
+  hh = ch > 0
+  hl = cl > 0
+  h = tl.arange(0, BLOCK_HC_HV)
+  A: tl.constexpr = row_align(HIDDEN, rows.dtype.element_ty)
+  for h0 in tl.range(0, HIDDEN, BLOCK_HC_HV, num_stages=STAGES):
+    cols = h0 + h
+    hmask = cols < HIDDEN
+    acc_h = tl.zeros([HALF, BLOCK_HC_HV], tl.float32)
+    for j in tl.static_range(TOPK_P):
+      yj = tl.load(y_ptr + ph[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                   mask=(ph[j] >= 0)[:, None] & hmask[None, :], other=0.0)
+      acc_h = acc_h + wh[j][:, None] * yj.to(tl.float32)
+    acc_l = tl.zeros([HALF, BLOCK_HC_HV], tl.float32)
+    for j in tl.static_range(L_LO):
+      yj = tl.load(y_ptr + pl[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                   mask=(pl[j] >= 0)[:, None] & hmask[None, :], other=0.0)
+      acc_l = acc_l + wl[j][:, None] * yj.to(tl.float32)
+    tl.store(tl.multiple_of(dh + cols[None, :], [A, A]), acc_h.to(rows.dtype.element_ty),
+             mask=hh[:, None] & hmask[None, :])
+    tl.store(tl.multiple_of(dl + cols[None, :], [A, A]), acc_l.to(rows.dtype.element_ty),
+             mask=hl[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_ptr,
+                recv_pos_ptr, NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
+                HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
+                BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
+                SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr):
+  """A push item where a token has more than J_UNROLL rows here: with SPLIT, where at most
+  HEAVY_T tokens do, the others on the J_UNROLL-level path and those few over all TOPK levels
+  in a tile of their own; else the whole block over all TOPK levels."""
+  heavy = cnt > J_UNROLL
+  if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
+    light = have & ~heavy
+    if tl.sum(light.to(tl.int32), axis=0) > 0:
+      lp, lw = _only(ps, ws, light)
+      _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+    th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
+    t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
+    # the few tokens' slots loaded again: taking them out of the block's vectors would
+    # need a gather across the block's threads
+    hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
+                             CAPACITY, TOPK_P)
+    dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
+    _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+  else:
+    _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+
+
+@triton.jit
 def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_ptr,
                sym_table, ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
@@ -148,7 +234,7 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
                BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
                STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
                HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
-               BLOCK_HC2: tl.constexpr):
+               BLOCK_HC2: tl.constexpr, HALVES: tl.constexpr, BLOCK_HC_HV: tl.constexpr):
   """One push item: token block ``blk`` of owner ``s`` (see _combine_push), whose slot
   levels ``ps``, ``ws``, ``cnt`` (``_slot_levels``, TOPK_P levels: at least TOPK and
   J_UNROLL) the caller loaded."""
@@ -161,29 +247,29 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
     # Versions of the chunk loop, each with a static level count so Triton can
     # software-pipeline its loads: J_UNROLL levels (most blocks; 2 in wider chunks with
     # NARROW where no token has more than 2 rows here), or all TOPK levels when a token of
-    # the block has more rows here (with SPLIT, for those few tokens only).
+    # the block has more rows here (with SPLIT, for those few tokens only; with HALVES, the
+    # block's tokens in two halves by their rows here, ``_push_halves``).
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
         _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
       else:
         _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-    else:
-      heavy = cnt > J_UNROLL
-      if SPLIT and tl.sum(heavy.to(tl.int32), axis=0) <= HEAVY_T:
-        light = have & ~heavy
-        if tl.sum(light.to(tl.int32), axis=0) > 0:
-          lp, lw = _only(ps, ws, light)
-          _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
-        th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
-        t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
-        # the few tokens' slots loaded again: taking them out of the block's vectors would
-        # need a gather across the block's threads
-        hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
-                                 CAPACITY, TOPK_P)
-        dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-        _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+    elif HALVES:
+      t_hi, t_lo, c_lo = _halves(cnt, blk, BLOCK_T, BLOCK_T // 2)
+      if c_lo <= J_UNROLL:
+        _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr,
+                     NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_T // 2,
+                     J_UNROLL, BLOCK_HC_HV, STAGES)
       else:
-        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+        _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_ptr,
+                    recv_pos_ptr, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
+                    BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T,
+                    BLOCK_HC_H)
+    else:
+      _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_ptr,
+                  recv_pos_ptr, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
+                  BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T,
+                  BLOCK_HC_H)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
@@ -216,7 +302,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
                   QUEUE: tl.constexpr, SPLIT: tl.constexpr, HEAVY_T: tl.constexpr,
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
                   PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr,
-                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, PROFILE: tl.constexpr):
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, HALVES: tl.constexpr,
+                  BLOCK_HC_HV: tl.constexpr, PROFILE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -238,7 +325,12 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   push items (PROFILE and QUEUE = 3 only; else 0).
   PREFETCH: an item's slot positions are loaded an item ahead, during the chunk loops of the
   item before it: one dependent load round trip at the start of each item (the weights at
-  those positions) instead of two."""
+  those positions) instead of two.
+  HALVES: an item that would take the split or all-TOPK path, but whose tokens ordered by
+  their rows here have at most J_UNROLL in the second half, runs as two half-height tiles,
+  the first half over all TOPK levels and the second over J_UNROLL (``_push_halves``): at W =
+  2 every item holds a token of more than 4 rows here, and its 8 levels of row tiles are
+  about half masked rows; this way a chunk carries 12 half tiles instead of 8 whole ones."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
   prev_s = tl.full([], -1, tl.int32)
@@ -274,7 +366,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     _push_item(blk, s, cur_ps, cur_ws, cur_cnt, rank, seq, y_ptr, row_weights_ptr,
                recv_pos_ptr, sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                TOPK, TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
-               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2)
+               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, HALVES, BLOCK_HC_HV)
     if QUEUE == 1 or QUEUE == 3:
       tl.debug_barrier()  # the item's rows and marks before its flag
       _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
@@ -453,7 +545,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    STAGES: tl.constexpr, J_UNROLL: tl.constexpr, QUEUE: tl.constexpr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
                    NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, PREFETCH: tl.constexpr,
-                   PARTS: tl.constexpr, PART_COLS: tl.constexpr,
+                   PARTS: tl.constexpr, PART_COLS: tl.constexpr, HALVES: tl.constexpr,
+                   BLOCK_HC_HV: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -463,6 +556,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32; see dispatch_kernel).
   PARTS, PART_COLS: QUEUE = 3's column ranges per block (``EPPlan.combine_reduce_parts``), 1
     and all columns otherwise.
+  HALVES, BLOCK_HC_HV: the push's two half-tile path and its chunk (``EPPlan.combine_halves``).
   PHASE: 0 = everything (GPU; all NUM_PROGRAMS programs resident together). The interpreter
     launches 2 and 3 (leader: announce; wait + GO; grid 1), 4 (push) and 5 (reduce), each over
     every rank before the next.
@@ -492,7 +586,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
             world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, ROWS_OFF,
             ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
             QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR,
-            PARTS, PART_COLS, PROFILE)
+            PARTS, PART_COLS, HALVES, BLOCK_HC_HV, PROFILE)
         if QUEUE == 3:  # slot 3: the ns this program spent reducing between its pushes
           prof_span(sym_table, rank, pid, P_SELF, between, PROFILE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)

@@ -124,6 +124,14 @@ class EPPlan:
       (``_combine_push``), during the chunk loops of the program's previous item: one
       dependent load round trip (the weights) before its first row load instead of two (~16
       items per program at W = 4). The same bits; opt-in until timed.
+    combine_halves: 1 = a combine push item that would take the split or all-TOPK path, but
+      whose tokens, ordered by their rows here, have at most J_UNROLL in the second half, runs
+      as two [BLOCK_T / 2] tiles in one chunk loop: the first half over all TOPK_P levels, the
+      second over J_UNROLL (``_push_halves``). At W = 2 and top-8 every 32-token item holds a
+      token of more than 4 rows here (``scripts/kernel_stats.py``), so every item ran all 8
+      levels of [32, 128] tiles, about half of them masked rows (a token has ~4 rows per
+      rank); with halves a chunk holds 12 [16, 128] tiles, a quarter fewer bytes, denser.
+      The same sums: the same bits.
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink
@@ -202,6 +210,7 @@ class EPPlan:
   combine_split: int = 1
   combine_narrow: int = 0
   combine_prefetch: int = 0
+  combine_halves: int = 0
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
@@ -438,6 +447,13 @@ class EPPlan:
     return _pow2_floor(self._combine_stage_bytes // per_col, 32, next_pow2(self.hidden))
 
   @property
+  def combine_block_hc_halves(self) -> int:
+    """``combine_halves``' chunk: TOPK_P + J_UNROLL [BLOCK_T / 2, BLOCK_HC_HV] row tiles in a
+    stage of the other loops' bytes at most (128 columns at the DeepSeek-V3 shape)."""
+    per_col = (self.topk_p + self.j_unroll) * max(1, self.combine_block_t // 2) * self.itemsize
+    return _pow2_floor(self._combine_stage_bytes // per_col, 32, next_pow2(self.hidden))
+
+  @property
   def combine_pipeline(self) -> int:
     """combine's STAGES: ``combine_stages``, lowered until STAGES - 1 chunks of its largest
     loop fit in SMEM_BYTES (Triton reuses one buffer across the kernel's loops; the largest
@@ -458,7 +474,9 @@ class EPPlan:
         NARROW=int(self.combine_narrow and self.j_unroll > 2),
         BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,
-        PREFETCH=int(self.combine_prefetch), **self._combine_parts(), PHASE=phase)}
+        PREFETCH=int(self.combine_prefetch), **self._combine_parts(),
+        HALVES=int(self.combine_halves and self.combine_block_t >= 2),
+        BLOCK_HC_HV=self.combine_block_hc_halves, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

@@ -140,6 +140,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_SPLIT", "2", "1 \\(a block's few tokens with many rows"),
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
     ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
+    ("JAX_EP_COMBINE_HALVES", "2", "0 \\(a block with a token of many rows here"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -192,6 +193,9 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["PREFETCH"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
   assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
+  assert default.combine()["HALVES"] == 0
+  monkeypatch.setenv("JAX_EP_COMBINE_HALVES", "1")
+  assert tb._plan(config, 2, 2).combine()["HALVES"] == 1
 
 
 @pytest.mark.parametrize("provider", ["nvshmem", "peer"])

@@ -379,6 +379,8 @@ def test_dispatch_combine_against_numpy(case, interp):
   out8 = SimWorld(dataclasses.replace(plan, combine_narrow=1)).combine(ys, row_ws, recv_pos)
   # Blocks reduced between the push items as soon as every rank pushed them (combine_queue=3).
   out9 = SimWorld(dataclasses.replace(plan, combine_queue=3)).combine(ys, row_ws, recv_pos)
+  # Blocks with a token of many rows here as two half tiles (combine_halves).
+  out10 = SimWorld(dataclasses.replace(plan, combine_halves=1)).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(out1, ys, row_ws, recv_pos, world)
   for r in range(world):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out2[r].view(np.uint8))
@@ -389,6 +391,7 @@ def test_dispatch_combine_against_numpy(case, interp):
     np.testing.assert_array_equal(out1[r].view(np.uint8), out7[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out8[r].view(np.uint8))
     np.testing.assert_array_equal(out1[r].view(np.uint8), out9[r].view(np.uint8))
+    np.testing.assert_array_equal(out1[r].view(np.uint8), out10[r].view(np.uint8))
 
   gos = [g["go"].a for g in got]
   gss = [g["gs"].a for g in got]
@@ -491,10 +494,66 @@ def test_combine_push_paths(tokens, interp):
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_split": 1}, {"combine_narrow": 1},  # split: the default
              {"combine_split": 1, "combine_narrow": 1}, {"combine_prefetch": 1},
-             {"combine_prefetch": 1, "combine_split": 0, "combine_narrow": 1}):
+             {"combine_prefetch": 1, "combine_split": 0, "combine_narrow": 1},
+             {"combine_halves": 1}, {"combine_halves": 1, "combine_split": 1}):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))
+
+
+def _halves_items(plan, recv_pos):
+  """How the push items of ``recv_pos`` (one rank's, [W, T, K]) go with combine_halves:
+  (items on the two-half path, items with a token of > J_UNROLL rows that are not)."""
+  bt, half, j = plan.combine_block_t, plan.combine_block_t // 2, plan.j_unroll
+  cnt = (recv_pos >= 0).sum(-1)  # [W, T]
+  halves = other = 0
+  for s in range(cnt.shape[0]):
+    for b0 in range(0, cnt.shape[1], bt):
+      c = np.sort(cnt[s, b0:b0 + bt])[::-1]
+      if c[0] > j:
+        c_lo = c[half] if len(c) > half else 0
+        halves += int(c_lo <= j)
+        other += int(c_lo > j)
+  return halves, other
+
+
+@pytest.mark.parametrize("tokens", [0, 16])
+def test_combine_halves(tokens, interp):
+  """combine_halves: at W = 2 and top-8 a token has ~4 of its rows on each rank, so nearly
+  every push item holds one with more than J_UNROLL (4) here; those items run as two
+  half-height tiles ordered by rows here (all levels, then J_UNROLL), unless more than half
+  the block's tokens have more than J_UNROLL rows (the first tokens here: the other paths).
+  The same bits as without, and the reference's sums."""
+  world, t, h, k, e = 2, 70, 300, 8, 16
+  rng = np.random.default_rng(7 + tokens)
+  idxs = []
+  for _ in range(world):
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+    idx[:24] = np.stack([np.concatenate([rng.choice(8, 6, replace=False),
+                                         8 + rng.choice(8, 2, replace=False)])
+                         for _ in range(24)])  # 6 rows on rank 0 each
+    idx[rng.random((t, k)) < 0.05] = -1
+    idxs.append(idx)
+  capacity = _capacity(world, t, k, e, None, 1)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=1, num_sms=3, use_timer=False, itemsize=2,
+                combine_tokens=tokens)
+  dtype = ml_dtypes.bfloat16
+  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  got = SimWorld(plan).dispatch(xs, idxs, ws)
+  recv_pos = [g["recv_pos"].a for g in got]
+  row_ws = [g["recv_w"].a for g in got]
+  halves, other = _halves_items(plan, recv_pos[0])
+  assert halves >= 2 and other >= 1, (halves, other)  # both ways are taken
+  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
+  base = SimWorld(plan).combine(ys, row_ws, recv_pos)
+  assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
+  for kw in ({"combine_halves": 1}, {"combine_halves": 1, "combine_split": 0},
+             {"combine_halves": 1, "combine_prefetch": 1}):
+    out = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
+    for r in range(world):
+      np.testing.assert_array_equal(out[r].view(np.uint8), base[r].view(np.uint8), str(kw))
 
 
 @pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [

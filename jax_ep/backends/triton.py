@@ -195,6 +195,9 @@ _KNOBS = (
     ("combine_prefetch", "JAX_EP_COMBINE_PREFETCH", _int_in(0, 1),
      "0 (each push item loads its slot positions and weights first) or 1 (loaded an item "
      "ahead)"),
+    ("combine_halves", "JAX_EP_COMBINE_HALVES", _int_in(0, 1),
+     "0 (a block with a token of many rows here on the split or all-TOPK path) or 1 (as "
+     "two half tiles, the tokens with the most rows over all levels)"),
     ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
      "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
      "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "

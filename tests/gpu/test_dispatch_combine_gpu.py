@@ -362,6 +362,20 @@ def test_combine_reduce_between_pushes_matches_xla(case, prefetch, peer_world, m
   compare_case(case, mesh, world, _put(mesh), seed=191 + prefetch, repeats=3)
 
 
+@pytest.mark.parametrize("case", [
+    (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),
+    (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),        # partial last block, drops
+    (1024, 7168, 256, 8, None, 1, "zipf", "bfloat16"),           # skewed: both ways taken
+    (128, 2048, 64, 4, None, 8, "with_unselected", "float32"),
+    (1, 128, 64, 4, None, 1, "uniform", "bfloat16")], ids=_case_id)
+def test_combine_halves_matches_xla(case, peer_world, monkeypatch):
+  """JAX_EP_COMBINE_HALVES=1 (a push item with a token of many rows here as two half tiles,
+  its tokens ordered by rows here): xla's results, gradients included, over repeated calls."""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_COMBINE_HALVES", "1")
+  compare_case(case, mesh, world, _put(mesh), seed=223, repeats=3)
+
+
 def test_many_steps_in_one_program(peer_world):
   """Several dispatch/combine ops (and their backward) in one jitted program, called in a loop:
   the per-trace op chain keeps them ordered; results stay equal to xla's."""
