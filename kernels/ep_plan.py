@@ -448,10 +448,20 @@ class EPPlan:
 
   @property
   def combine_block_hc_halves(self) -> int:
-    """``combine_halves``' chunk: TOPK_P + J_UNROLL [BLOCK_T / 2, BLOCK_HC_HV] row tiles in a
-    stage of the other loops' bytes at most (128 columns at the DeepSeek-V3 shape)."""
-    per_col = (self.topk_p + self.j_unroll) * max(1, self.combine_block_t // 2) * self.itemsize
-    return _pow2_floor(self._combine_stage_bytes // per_col, 32, next_pow2(self.hidden))
+    """``combine_halves``' chunk: [BLOCK_T / 2, BLOCK_HC_HV] row tiles of at least 16 bytes a
+    thread (256 columns at the DeepSeek-V3 shape; with 128 each thread moved 8 bytes, and the
+    push measured 18 % slower, 2x H200, 2026-11-22 22:33)."""
+    half = max(1, self.combine_block_t // 2)
+    vector_cols = 16 * 32 * ROWS_WARPS // (half * self.itemsize)
+    return max(32, min(next_pow2(self.hidden), next_pow2(vector_cols)))
+
+  @property
+  def _halves_stage_bytes(self) -> int:
+    """Shared memory of one stage of the halves loop (TOPK_P + J_UNROLL half tiles)."""
+    if not self.combine_halves:
+      return 0
+    half = max(1, self.combine_block_t // 2)
+    return (self.topk_p + self.j_unroll) * half * self.combine_block_hc_halves * self.itemsize
 
   @property
   def combine_pipeline(self) -> int:
@@ -459,7 +469,8 @@ class EPPlan:
     loop fit in SMEM_BYTES (Triton reuses one buffer across the kernel's loops; the largest
     holds TOPK_P push rows or W_P partial rows of a chunk; ``combine_split``'s tile fits in
     the same bytes)."""
-    return max(1, min(self.combine_stages, 1 + SMEM_BYTES // self._combine_stage_bytes))
+    stage = max(self._combine_stage_bytes, self._halves_stage_bytes)
+    return max(1, min(self.combine_stages, 1 + SMEM_BYTES // stage))
 
   def combine(self, phase: int = 0) -> dict:
     r = self.region

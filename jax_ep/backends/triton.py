@@ -115,13 +115,15 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
 def _knobs(plan_cls, world: int, provider) -> dict:
   """EPPlan's tuning knobs as a step takes them: each from its JAX_EP_* variable where set,
   else the backend's choice for this world and provider (PEER_DISPATCH_PULL,
-  TWO_RANK_COMBINE_QUEUE), else EPPlan's default. Refuses pull 3 outside the peer provider."""
+  TWO_RANK_COMBINE_QUEUE, TWO_RANK_COMBINE_HALVES), else EPPlan's default. Refuses pull 3 outside the peer provider."""
   knobs = _env_knobs(plan_cls)
   if ("JAX_EP_DISPATCH_PULL" not in os.environ and provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
     knobs["dispatch_pull"] = PEER_DISPATCH_PULL
   if "JAX_EP_COMBINE_QUEUE" not in os.environ and world == 2:
     knobs["combine_queue"] = TWO_RANK_COMBINE_QUEUE
+  if "JAX_EP_COMBINE_HALVES" not in os.environ and world == 2:
+    knobs["combine_halves"] = TWO_RANK_COMBINE_HALVES
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
@@ -146,6 +148,14 @@ PEER_DISPATCH_PULL = 3
 # one process per GPU 497.5 / 506.6 vs 515.3 / 508.9 us (docs/GPU_RUNS.md, session 20). Other
 # W keep 1 (at W = 4 the pushes are NVLink-bound and the queue lets reducers start early).
 TWO_RANK_COMBINE_QUEUE = 0
+
+# Combine's two half-tile push path at W = 2 (EPPlan.combine_halves): there every push item
+# holds a token of more than 4 of its 8 rows on the rank, and the half tiles carry a quarter
+# fewer (masked) row bytes a chunk in 256-column chunks: 2x H200, DeepSeek-V3 shape, 32 SMs,
+# peer mode, 2026-11-22 22:44: 442.7 / 456.0 vs 486.5 / 492.5 us without, the pushes done at
+# 313 instead of 394 us after launch (docs/GPU_RUNS.md, session 21). Other W keep 0 (at
+# W = 4 most blocks' tokens have <= 4 rows here; not timed there).
+TWO_RANK_COMBINE_HALVES = 1
 
 
 def _provider():
