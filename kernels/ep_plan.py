@@ -128,10 +128,15 @@ class EPPlan:
       whose tokens, ordered by their rows here, have at most J_UNROLL in the second half, runs
       as two [BLOCK_T / 2] tiles in one chunk loop: the first half over all TOPK_P levels, the
       second over J_UNROLL (``_push_halves``). At W = 2 and top-8 every 32-token item holds a
-      token of more than 4 rows here (``scripts/kernel_stats.py``), so every item ran all 8
-      levels of [32, 128] tiles, about half of them masked rows (a token has ~4 rows per
-      rank); with halves a chunk holds 12 [16, 128] tiles, a quarter fewer bytes, denser.
-      The same sums: the same bits.
+      token of more than 4 rows here (96 % can take halves: ``scripts/kernel_stats.py``), so
+      every item ran all 8 levels of [32, 128] tiles, about half of them masked rows (a token
+      has ~4 rows per rank); with halves a chunk holds 12 [16, 256] tiles, a quarter fewer
+      bytes, 16 bytes a thread, in half the chunk iterations. The same sums: the same bits.
+      The triton backend's default at W = 2 (``TWO_RANK_COMBINE_HALVES``): 2x H200,
+      DeepSeek-V3 shape, 32 SMs, 2026-11-22: 442.7 / 456.0 vs 486.5 / 492.5 us (22:44),
+      464.5 vs 508.0 us (22:47; one process per GPU 455.3 / 463.5 vs 494.5); in [16, 128]
+      tiles (8 bytes a thread) it was slower, 569.0 / 567.5 vs 503.1 / 495.3 us (22:33).
+      Not timed at W = 4 (58 % of the items there could take it instead of the split path).
     dispatch_pull: 1 = senders copy each token row that some other rank keeps once
       into ROWS[me] of their own region (a local copy) and the receivers load it from the
       source's region (NVLink loads, software-pipelined like every row loop), so the NVLink

@@ -51,25 +51,29 @@ def cubin_usage(cubin: bytes) -> str:
   return " ".join(line.split()[:3])
 
 
-def item_shares(plan, seed=0) -> tuple[float, float]:
+def item_shares(plan, seed=0) -> tuple[float, float, float]:
   """The shares of (combine block, rank) push items, uniform top-k routing without
   duplicates, in which some token has more than J_UNROLL of its rows (the all-TOPK path, or
-  with ``combine_split`` its heavy tile) and in which no token has more than 2 (the 2-level
-  path with ``combine_narrow``)."""
+  with ``combine_split`` its heavy tile), in which no token has more than 2 (the 2-level
+  path with ``combine_narrow``), and of the former those whose second half of tokens by rows
+  has at most J_UNROLL each (the two half tiles with ``combine_halves``)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   t, bt = plan.num_tokens, plan.combine_block_t
   idx = np.argsort(rng.random((t, plan.num_experts)), axis=1)[:, :plan.topk]
   rank = idx // plan.e_local
   nb = -(-t // bt)
-  heavy = narrow = 0
+  heavy = narrow = halves = 0
   for s in range(plan.world):
     cnt = np.zeros(nb * bt, np.int64)
     cnt[:t] = (rank == s).sum(1)
-    jmax = cnt.reshape(nb, bt).max(1)
+    desc = -np.sort(-cnt.reshape(nb, bt), axis=1)  # each block's counts, most first
+    jmax = desc[:, 0]
     heavy += int((jmax > plan.j_unroll).sum())
     narrow += int(((jmax > 0) & (jmax <= 2)).sum())
-  return heavy / (nb * plan.world), narrow / (nb * plan.world)
+    halves += int(((jmax > plan.j_unroll) & (desc[:, bt // 2] <= plan.j_unroll)).sum())
+  n = nb * plan.world
+  return heavy / n, narrow / n, halves / n
 
 
 def main() -> None:
@@ -108,9 +112,10 @@ def main() -> None:
         f"{plan.combine_block_hr} (all {plan.world} ranks)"
         + (f"; split tile [{plan.combine_heavy_t}, {plan.combine_block_hc_heavy}]"
            if plan.combine_split else ""))
-  heavy, narrow = item_shares(plan)
+  heavy, narrow, halves = item_shares(plan)
   print(f"uniform routing: {heavy:.0%} of the combine push items hold a token with more than "
-        f"{plan.j_unroll} rows on their rank, in {narrow:.0%} no token has more than 2")
+        f"{plan.j_unroll} rows on their rank ({halves:.0%} could run as half tiles, "
+        f"combine_halves={plan.combine_halves}), in {narrow:.0%} no token has more than 2")
   for name, (k, warps) in compile_ep_kernels(plan, args.dtype, args.warps).items():
     ptx = k.asm["ptx"]
     vec = len(re.findall(r"\b(?:ld|st)\.global[.\w]*\.v4\.b32", ptx))
