@@ -50,13 +50,22 @@ def _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.con
   for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
-    acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
-    for j in tl.static_range(LEVELS):
-      yj = tl.load(y_ptr + ps[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
-                   mask=(ps[j] >= 0)[:, None] & hmask[None, :], other=0.0)
-      acc = acc + ws[j][:, None] * yj.to(tl.float32)
+    acc = _weighted_rows(ps, ws, y_ptr, cols, hmask, HIDDEN, BLOCK_T, BLOCK_HC, LEVELS)
     tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
              mask=have[:, None] & hmask[None, :])
+
+
+@triton.jit
+def _weighted_rows(ps, ws, y_ptr, cols, hmask, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_HC: tl.constexpr, LEVELS: tl.constexpr):
+  """sum_{j < LEVELS} ws[j] * f32(y[ps[j], cols]) in level order (float32 [BLOCK_T, BLOCK_HC];
+  0 where ps[j] < 0): one chunk of a push's partial rows."""
+  acc = tl.zeros([BLOCK_T, BLOCK_HC], tl.float32)
+  for j in tl.static_range(LEVELS):
+    yj = tl.load(y_ptr + ps[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                 mask=(ps[j] >= 0)[:, None] & hmask[None, :], other=0.0)
+    acc = acc + ws[j][:, None] * yj.to(tl.float32)
+  return acc
 
 
 @triton.jit
@@ -182,16 +191,8 @@ def _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr
   for h0 in tl.range(0, HIDDEN, BLOCK_HC_HV, num_stages=STAGES):
     cols = h0 + h
     hmask = cols < HIDDEN
-    acc_h = tl.zeros([HALF, BLOCK_HC_HV], tl.float32)
-    for j in tl.static_range(TOPK_P):
-      yj = tl.load(y_ptr + ph[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
-                   mask=(ph[j] >= 0)[:, None] & hmask[None, :], other=0.0)
-      acc_h = acc_h + wh[j][:, None] * yj.to(tl.float32)
-    acc_l = tl.zeros([HALF, BLOCK_HC_HV], tl.float32)
-    for j in tl.static_range(L_LO):
-      yj = tl.load(y_ptr + pl[j][:, None].to(tl.int64) * HIDDEN + cols[None, :],
-                   mask=(pl[j] >= 0)[:, None] & hmask[None, :], other=0.0)
-      acc_l = acc_l + wl[j][:, None] * yj.to(tl.float32)
+    acc_h = _weighted_rows(ph, wh, y_ptr, cols, hmask, HIDDEN, HALF, BLOCK_HC_HV, TOPK_P)
+    acc_l = _weighted_rows(pl, wl, y_ptr, cols, hmask, HIDDEN, HALF, BLOCK_HC_HV, L_LO)
     tl.store(tl.multiple_of(dh + cols[None, :], [A, A]), acc_h.to(rows.dtype.element_ty),
              mask=hh[:, None] & hmask[None, :])
     tl.store(tl.multiple_of(dl + cols[None, :], [A, A]), acc_l.to(rows.dtype.element_ty),

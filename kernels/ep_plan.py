@@ -473,7 +473,7 @@ class EPPlan:
     """combine's STAGES: ``combine_stages``, lowered until STAGES - 1 chunks of its largest
     loop fit in SMEM_BYTES (Triton reuses one buffer across the kernel's loops; the largest
     holds TOPK_P push rows or W_P partial rows of a chunk; ``combine_split``'s tile fits in
-    the same bytes)."""
+    the same bytes; ``combine_halves``' 12 half tiles of 256 columns take more, 3 stages)."""
     stage = max(self._combine_stage_bytes, self._halves_stage_bytes)
     return max(1, min(self.combine_stages, 1 + SMEM_BYTES // stage))
 

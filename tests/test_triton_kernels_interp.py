@@ -482,14 +482,8 @@ def test_combine_push_paths(tokens, interp):
   heavy_counts = [sum(b * bt <= x < (b + 1) * bt for x in heavy_at) for b in range(-(-t // bt))]
   assert any(1 <= c <= ht for c in heavy_counts) and any(c > ht for c in heavy_counts)
   assert tokens != 16 or heavy_counts == [0, 1, 2, 3, 2], heavy_counts
-  dtype = ml_dtypes.bfloat16
-  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
-  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  got = SimWorld(plan).dispatch(xs, idxs, ws)
-  recv_pos = [g["recv_pos"].a for g in got]
-  row_ws = [g["recv_w"].a for g in got]
+  recv_pos, row_ws, ys = _bf16_layout_and_ys(plan, rng, idxs)
   assert ((recv_pos[0] >= 0).sum(-1) == 6).sum() == world * len(heavy_at)
-  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_split": 1}, {"combine_narrow": 1},  # split: the default
@@ -499,6 +493,17 @@ def test_combine_push_paths(tokens, interp):
     got = SimWorld(dataclasses.replace(plan, **kw)).combine(ys, row_ws, recv_pos)
     for r in range(world):
       np.testing.assert_array_equal(got[r].view(np.uint8), base[r].view(np.uint8), str(kw))
+
+
+def _bf16_layout_and_ys(plan, rng, idxs):
+  """Dispatch random bf16 tokens along ``idxs`` (every rank's), then random expert outputs:
+  (recv_pos, recv_w, ys) per rank, the inputs of a combine."""
+  dtype, w = ml_dtypes.bfloat16, plan.world
+  xs = [rng.standard_normal((plan.num_tokens, plan.hidden)).astype(dtype) for _ in range(w)]
+  ws = [rng.random((plan.num_tokens, plan.topk)).astype(np.float32) for _ in range(w)]
+  got = SimWorld(plan).dispatch(xs, idxs, ws)
+  ys = [rng.standard_normal((plan.capacity, plan.hidden)).astype(dtype) for _ in range(w)]
+  return [g["recv_pos"].a for g in got], [g["recv_w"].a for g in got], ys
 
 
 def _halves_items(plan, recv_pos):
@@ -538,15 +543,9 @@ def test_combine_halves(tokens, interp):
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=capacity, alignment=1, num_sms=3, use_timer=False, itemsize=2,
                 combine_tokens=tokens)
-  dtype = ml_dtypes.bfloat16
-  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
-  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  got = SimWorld(plan).dispatch(xs, idxs, ws)
-  recv_pos = [g["recv_pos"].a for g in got]
-  row_ws = [g["recv_w"].a for g in got]
+  recv_pos, row_ws, ys = _bf16_layout_and_ys(plan, rng, idxs)
   halves, other = _halves_items(plan, recv_pos[0])
   assert halves >= 2 and other >= 1, (halves, other)  # both ways are taken
-  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
   base = SimWorld(plan).combine(ys, row_ws, recv_pos)
   assert_combine_matches_ref(base, ys, row_ws, recv_pos, world)
   for kw in ({"combine_halves": 1}, {"combine_halves": 1, "combine_split": 0},
