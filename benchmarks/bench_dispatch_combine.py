@@ -532,7 +532,8 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
   jax.block_until_ready(out)
   npg = plan.num_programs
   prof = tb.read_profile(npg)
-  # With the reduce queue (the default but at W = 2) slot 5 is the us a program waited for DONE flags.
+  # With the reduce queue (the default, but not at W = 2) slot 5 is the us a program waited
+  # for DONE flags.
   arrived = "waited" if plan._combine_queue else "arrived"
   # Queue 3: slot 3 is the us a program spent reducing blocks between its push items.
   res["combine"] = [{**{n: stats(p[n][:npg]) for n in ("go", "push_done", "end")},

@@ -452,21 +452,24 @@ class EPPlan:
     return _pow2_floor(self._combine_stage_bytes // per_col, 32, next_pow2(self.hidden))
 
   @property
+  def _combine_halves(self) -> int:
+    """combine's HALVES: ``combine_halves`` where a token can have more than J_UNROLL rows on
+    a rank (J_UNROLL < TOPK_P; else no item reaches that path)."""
+    return int(bool(self.combine_halves) and self.j_unroll < self.topk_p)
+
+  @property
   def combine_block_hc_halves(self) -> int:
     """``combine_halves``' chunk: [BLOCK_T / 2, BLOCK_HC_HV] row tiles of at least 16 bytes a
     thread (256 columns at the DeepSeek-V3 shape; with 128 each thread moved 8 bytes, and the
     push measured 18 % slower, 2x H200, 2026-11-22 22:33)."""
-    half = max(1, self.combine_block_t // 2)
-    vector_cols = 16 * 32 * ROWS_WARPS // (half * self.itemsize)
+    vector_cols = 16 * 32 * ROWS_WARPS // (self.combine_block_t // 2 * self.itemsize)
     return max(32, min(next_pow2(self.hidden), next_pow2(vector_cols)))
 
   @property
   def _halves_stage_bytes(self) -> int:
     """Shared memory of one stage of the halves loop (TOPK_P + J_UNROLL half tiles)."""
-    if not self.combine_halves:
-      return 0
-    half = max(1, self.combine_block_t // 2)
-    return (self.topk_p + self.j_unroll) * half * self.combine_block_hc_halves * self.itemsize
+    half_tile = self.combine_block_t // 2 * self.combine_block_hc_halves * self.itemsize
+    return self._combine_halves * (self.topk_p + self.j_unroll) * half_tile
 
   @property
   def combine_pipeline(self) -> int:
@@ -491,8 +494,7 @@ class EPPlan:
         BLOCK_HC2=self.combine_block_hc_narrow,
         HEAVY_T=self.combine_heavy_t, BLOCK_HC_H=self.combine_block_hc_heavy,
         PREFETCH=int(self.combine_prefetch), **self._combine_parts(),
-        HALVES=int(self.combine_halves and self.combine_block_t >= 2),
-        BLOCK_HC_HV=self.combine_block_hc_halves, PHASE=phase)}
+        HALVES=self._combine_halves, BLOCK_HC_HV=self.combine_block_hc_halves, PHASE=phase)}
 
   def gather(self, phase: int = 0) -> dict:
     return dict(**self._common(), E_LOCAL=self.e_local, CAPACITY=self.capacity,

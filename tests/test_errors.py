@@ -193,12 +193,16 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   assert default.combine()["PREFETCH"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_PREFETCH", "1")
   assert tb._plan(config, 2, 2).combine()["PREFETCH"] == 1
-  # combine's half tiles: on by default at W = 2 (TWO_RANK_COMBINE_HALVES), off elsewhere
-  assert default.combine()["HALVES"] == 1 and tb._plan(config, 4, 2).combine()["HALVES"] == 0
+  # combine's half tiles: on by default at W = 2 (TWO_RANK_COMBINE_HALVES), off elsewhere;
+  # the kernel gets them only where a token can have more than J_UNROLL rows on a rank
+  top8 = dataclasses.replace(config, num_experts=16, topk=8)
+  assert default.combine_halves == 1 and default.combine()["HALVES"] == 0  # top-2
+  assert tb._plan(top8, 2, 2).combine()["HALVES"] == 1
+  assert tb._plan(top8, 4, 2).combine()["HALVES"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_HALVES", "0")
-  assert tb._plan(config, 2, 2).combine()["HALVES"] == 0
+  assert tb._plan(top8, 2, 2).combine()["HALVES"] == 0
   monkeypatch.setenv("JAX_EP_COMBINE_HALVES", "1")
-  assert tb._plan(config, 4, 2).combine()["HALVES"] == 1
+  assert tb._plan(top8, 4, 2).combine()["HALVES"] == 1
 
 
 @pytest.mark.parametrize("provider", ["nvshmem", "peer"])

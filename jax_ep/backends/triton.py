@@ -114,16 +114,15 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
 
 def _knobs(plan_cls, world: int, provider) -> dict:
   """EPPlan's tuning knobs as a step takes them: each from its JAX_EP_* variable where set,
-  else the backend's choice for this world and provider (PEER_DISPATCH_PULL,
-  TWO_RANK_COMBINE_QUEUE, TWO_RANK_COMBINE_HALVES), else EPPlan's default. Refuses pull 3 outside the peer provider."""
+  else the backend's choice for this provider (PEER_DISPATCH_PULL) and world (_WORLD_KNOBS),
+  else EPPlan's default. Refuses pull 3 outside the peer provider."""
   knobs = _env_knobs(plan_cls)
-  if ("JAX_EP_DISPATCH_PULL" not in os.environ and provider == "peer"
+  chosen = dict(_WORLD_KNOBS.get(world, {}))
+  if (provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
-    knobs["dispatch_pull"] = PEER_DISPATCH_PULL
-  if "JAX_EP_COMBINE_QUEUE" not in os.environ and world == 2:
-    knobs["combine_queue"] = TWO_RANK_COMBINE_QUEUE
-  if "JAX_EP_COMBINE_HALVES" not in os.environ and world == 2:
-    knobs["combine_halves"] = TWO_RANK_COMBINE_HALVES
+    chosen["dispatch_pull"] = PEER_DISPATCH_PULL
+  variables = {field: name for field, name, _, _ in _KNOBS}
+  knobs.update({f: v for f, v in chosen.items() if variables[f] not in os.environ})
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
@@ -156,6 +155,10 @@ TWO_RANK_COMBINE_QUEUE = 0
 # 313 instead of 394 us after launch (docs/GPU_RUNS.md, session 21). Other W keep 0 (at
 # W = 4 most blocks' tokens have <= 4 rows here; not timed there).
 TWO_RANK_COMBINE_HALVES = 1
+
+# The backend's knob choices by world size (where no JAX_EP_* variable sets them).
+_WORLD_KNOBS = {2: {"combine_queue": TWO_RANK_COMBINE_QUEUE,
+                    "combine_halves": TWO_RANK_COMBINE_HALVES}}
 
 
 def _provider():
