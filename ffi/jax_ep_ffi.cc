@@ -58,7 +58,7 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // ------------------------------------------------------------------------------------------
 // Errors
@@ -103,6 +103,7 @@ int Fail(std::string msg) {
   X(cuMemcpyHtoD, 3020)                                                        \
   X(cuMemcpyDtoH, 3020)                                                        \
   X(cuMemsetD8, 3020)                                                          \
+  X(cuMemcpyDtoDAsync, 3020)                                                   \
   X(cuMemCreate, 10020)                                                        \
   X(cuMemRelease, 10020)                                                       \
   X(cuMemAddressReserve, 10020)                                                \
@@ -440,7 +441,8 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                         int64_t grid_y, int64_t grid_z, int64_t num_warps, int64_t num_ctas,
                         int64_t shared_mem, int64_t global_scratch_size,
                         int64_t global_scratch_align, int64_t profile_scratch_size,
-                        bool symmetric, int64_t symmetric_bytes,
+                        bool symmetric, int64_t symmetric_bytes, int64_t stage_arg,
+                        int64_t stage_offset, int64_t stage_rank_stride,
                         ffi::Span<const int64_t> scalars,
                         ffi::Span<const int64_t> scalar_bits) {
   auto& cu = Cuda();
@@ -462,6 +464,8 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
     kernel = k.value();
   }
   CUdeviceptr sym_table = 0;  // symmetric launches: this device's table, rank, world, epoch
+  CUdeviceptr sym_region = 0, sym_end = 0;  // ... this rank's region as the kernels see it
+                                            // (its table entry) and the allocation's end
   int32_t rank32 = 0, world32 = 0;
   int64_t epoch = 0;
   {
@@ -492,6 +496,8 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                               "or re-trace the step");
       // Copied under the lock: a concurrent shutdown frees `dev`.
       sym_table = dev->table;
+      sym_region = static_cast<CUdeviceptr>(dev->host_table[dev->rank]);
+      sym_end = dev->base + dev->bytes;
       rank32 = dev->rank;
       world32 = dev->world;
       epoch = dev->epoch.fetch_add(1) + 1;  // 1, 2, 3, ...: flags start at 0
@@ -557,6 +563,32 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
   params.push_back(&profile_scratch);
 
   if (grid_x * grid_y * grid_z == 0) return ffi::Error::Success();
+  if (stage_arg >= 0) {
+    // The staging copy (EPPlan.dispatch_pull 4): input `stage_arg`, whole, into this rank's
+    // region (from where its table entry points) at stage_offset + rank * stage_rank_stride,
+    // by the copy engines and in stream order before the kernel, so the peers may read it as
+    // soon as the kernel announces the op.
+    if (!symmetric || stage_arg >= static_cast<int64_t>(args.size()))
+      return ffi::Error::InvalidArgument("jax_ep: kernel '" + std::string(kernel_name) +
+                                         "': stage_arg " + std::to_string(stage_arg) +
+                                         " names no input of a symmetric launch");
+    const size_t n = args.get<ffi::AnyBuffer>(stage_arg).value().size_bytes();
+    const int64_t off = stage_offset + static_cast<int64_t>(rank32) * stage_rank_stride;
+    if (stage_offset < 0 || stage_rank_stride < 0 ||
+        sym_region + static_cast<CUdeviceptr>(off) + n > sym_end)
+      return ffi::Error::InvalidArgument(
+          "jax_ep: kernel '" + std::string(kernel_name) + "': its staging copy of " +
+          std::to_string(n) + " bytes at offset " + std::to_string(off) +
+          " does not fit this rank's symmetric region of " +
+          std::to_string(sym_end - sym_region) + " bytes");
+    if (n > 0) {
+      r = cu.cuMemcpyDtoDAsync(sym_region + static_cast<CUdeviceptr>(off), buffers[stage_arg], n,
+                               stream);
+      if (r != CUDA_SUCCESS)
+        return ffi::Error::Internal("jax_ep: staging copy for " + std::string(kernel_name) +
+                                    ": " + CuErr(r));
+    }
+  }
   r = cu.cuLaunchKernel(kernel.function, static_cast<unsigned>(grid_x * num_ctas),
                         static_cast<unsigned>(grid_y), static_cast<unsigned>(grid_z),
                         static_cast<unsigned>(32 * num_warps), 1, 1, static_cast<unsigned>(shared_mem),
@@ -591,6 +623,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_triton_launch, jax_ep::TritonLaunch,
                                   .Attr<int64_t>("profile_scratch_size")
                                   .Attr<bool>("symmetric")
                                   .Attr<int64_t>("symmetric_bytes")
+                                  .Attr<int64_t>("stage_arg")
+                                  .Attr<int64_t>("stage_offset")
+                                  .Attr<int64_t>("stage_rank_stride")
                                   .Attr<ffi::Span<const int64_t>>("scalars")
                                   .Attr<ffi::Span<const int64_t>>("scalar_bits"));
 #pragma GCC visibility pop

@@ -18,7 +18,7 @@ import threading
 
 TARGET_NAME = "jax_ep_triton_launch"
 LIB_NAME = "libjax_ep_ffi.so"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -160,7 +160,8 @@ def _push_body(pid, num_programs, x_ptr, topk_idx_ptr, topk_weights_ptr, base_pt
           _block_slots(grp * GROUP + j, topk_idx_ptr, topk_weights_ptr, base_ptr, sym_table,
                        rank, world, NUM_TOKENS, MAX_TOKENS, TOPK, TOPK_P, NUM_EXPERTS,
                        E_LOCAL, CAPACITY, COMPUTE_POS, SLOT_POS_OFF, SLOT_VAL_OFF, BLOCK_T)
-      if PULL == 2:  # (PULL 3: the receivers load the rows from x itself; no copy)
+      if PULL == 2:  # (PULL 3: the receivers load the rows from x itself; 4: from the
+        # launcher's copy of it; no copy here)
         # Rows some other rank is addressed by (dropped slots included: the copy is local,
         # and the receivers load only the rows they keep).
         t = grp * BT + tl.arange(0, BT)
@@ -488,7 +489,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
   elif PULL == 3:  # rank s's x itself, over NVLink
     src_base = peer_ptr(sym_table, rank, s, recv_x_ptr.dtype.element_ty)
     src_row = 0
-  else:
+  else:  # (PULL 4: ROWS[s] of s's region holds all of s's x, copied there by its launcher)
     src_base = sym_ptr(sym_table, s if PULL else rank, ROWS_OFF, recv_x_ptr.dtype.element_ty)
     src_row = s * MAX_TOKENS
   t0 = _now(PROFILE)
@@ -561,10 +562,11 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
                    True, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
-    if PULL == 3:
-      # This program has read the peers' x for the last time (its last phase, in the
-      # interpreter): say so to every rank. The leader then waits until every program of
-      # every rank has, so that no rank's x is freed while a peer still reads it.
+    if PULL >= 3:
+      # This program has read the peers' x (4: their copies of it) for the last time (its
+      # last phase, in the interpreter): say so to every rank. The leader then waits until
+      # every program of every rank has, so that no rank's x is freed (4: its copy
+      # overwritten by the next launch's) while a peer still reads it.
       last = PHASE == 0 or PHASE == 5 or PHASE == 6 or (PHASE == 4 and
                                                          RECV_BLOCKS >= num_blocks)
       if last:
@@ -578,8 +580,9 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
 @triton.jit
 def _x_release(sym_table, rank, world, seq, timeout_ns, status_ptr, op,
                NUM_PROGRAMS: tl.constexpr, BLOCK_PROG: tl.constexpr, USE_TIMER: tl.constexpr):
-  """Pull 3: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every rank s,
-  i.e. until no peer reads this rank's x any more: the launch (program 0) ends only then."""
+  """Pull 3 and 4: wait until ARRIVE_FLAG[s, p] >= seq here for every program p of every
+  rank s, i.e. until no peer reads this rank's x (4: ROWS[me]) any more: the launch (program
+  0) ends only then."""
   wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, status_ptr, op,
                     USE_TIMER, BLOCK_PROG)
 

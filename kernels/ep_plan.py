@@ -28,10 +28,10 @@ def interpreter_phases(kernel: str, num_senders: int, num_receivers: int, num_pr
                        pull: int = 0) -> list[tuple[int, int]]:
   """(PHASE, grid) launches that replace one GPU launch of ``kernel`` in the CPU interpreter
   (``EPPlan.interpreter_phases``; also from a launch's constexprs alone, in the tests).
-  Dispatch with pull 3 ends with phase 8: the leader's wait for every peer's programs."""
+  Dispatch with pull 3 or 4 ends with phase 8: the leader's wait for every peer's programs."""
   ns, nr, npg = num_senders, num_receivers, num_programs
   tail = [(6, ns)] if receiver_blocks < kernel_blocks else []
-  tail += [(8, 1)] if pull == 3 else []
+  tail += [(8, 1)] if pull >= 3 else []
   if kernel == "dispatch_kernel":
     return [(1, ns + nr), (7, ns + nr), (2, 1), (3, 1), (4, ns), (5, nr)] + tail
   if kernel == "dispatch_rows_kernel":
@@ -159,8 +159,14 @@ class EPPlan:
       (a version that chose between 3 and staging at run time, per rank, had 184 B of stack
       instead of 32 and measured 0.494-0.516 vs 0.573-0.579 ms with 2 in its runs, 0.86-0.89x;
       16:46-16:56). 4x H200, same shape (session 19, 2026-11-22 18:10 and 18:25, same
-      runs): 0.601 / 0.605 ms vs 0.656 / 0.665 ms with 2. Either way a row crosses NVLink
-      once per destination.
+      runs): 0.601 / 0.605 ms vs 0.656 / 0.665 ms with 2. 4 = 3's protocol over a copy of
+      x: the launcher copies x whole into ROWS[me] of this rank's region (a device-to-device
+      copy by the copy engines, in stream order before the kernel: ``dispatch_stage``), the
+      receivers load the peers' rows from there as in 1 and 2, the senders copy nothing, and
+      the launch ends as in 3 only when no peer reads this rank's ROWS[me] any more (the next
+      launch's copy overwrites it before its start barrier). It needs no mapping of XLA's
+      buffers, so it runs under either provider. Either way a row crosses NVLink once per
+      destination.
       4x H200, DeepSeek-V3 shape, 32 SMs, 2026-11-22: 0.776 / 0.773 vs 0.854 / 0.823 ms
       (06:19, 06:20), 0.754 vs 0.875 ms (06:24). (Pulling the slot metadata too, and raising
       the block flags after one system fence instead of W release atomics, gave nothing:
@@ -314,6 +320,14 @@ class EPPlan:
     programs of a launch run one after another (each phase runs on every rank in turn)."""
     return interpreter_phases(kernel, self.num_senders, self.num_receivers, self.num_programs,
                               self.receiver_blocks, self.kernel_blocks, self.dispatch_pull)
+
+  def dispatch_stage(self, itemsize: int) -> tuple[int, int, int] | None:
+    """Pull 4: the launcher's copy of x (dispatch input 0, ``itemsize`` bytes per element)
+    into ROWS[rank] of the rank's region, as ``jax_ep.launch.triton_call``'s ``stage``
+    (input, byte offset, byte stride per rank); None for the other pull modes."""
+    if self.dispatch_pull != 4:
+      return None
+    return (0, self.region.rows_off, self.max_tokens * self.hidden * itemsize)
 
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,

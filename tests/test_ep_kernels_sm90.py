@@ -40,13 +40,15 @@ def _plan(world, tokens, hidden, experts, topk, itemsize, **kw):
     (8, 1024, 2048, 128, 8, "f32", {"dispatch_pull": 0}),
     (4, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 3}),
     (8, 1024, 2048, 128, 8, "f32", {"dispatch_pull": 3, "expand_order": 0}),
+    (2, 4096, 7168, 256, 8, "bf16", {"dispatch_pull": 4}),
     (4, 4096, 7168, 256, 8, "bf16", {"combine_prefetch": 1}),
     (2, 4096, 7168, 256, 8, "bf16", {"combine_halves": 1}),
     (8, 1024, 2048, 128, 8, "f32", {"combine_halves": 1, "combine_tokens": 16}),
 ], ids=["dsv3-w4", "w8-f32", "k16-w2-deep", "w16-order0", "w64", "dsv3-w4-push",
         "dsv3-w4-zero-first", "dsv3-w4-pull1", "dsv3-w4-combine64", "w8-f32-combine128",
         "dsv3-w4-whole-16", "dsv3-w8-narrow", "w8-f32-narrow-16", "w8-f32-push", "dsv3-w4-pull-x",
-        "w8-f32-pull-x-order0", "dsv3-w4-combine-prefetch", "dsv3-w2-halves",
+        "w8-f32-pull-x-order0", "dsv3-w2-pull-staged", "dsv3-w4-combine-prefetch",
+        "dsv3-w2-halves",
         "w8-f32-halves-16"])
 def test_kernels_fit_in_shared_memory(world, tokens, hidden, experts, topk, dtype, kw):
   plan = _plan(world, tokens, hidden, experts, topk, 2 if dtype == "bf16" else 4, **kw)

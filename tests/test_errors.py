@@ -133,7 +133,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_SENDER_FRACTION", "x", "a share of the programs"),
     ("JAX_EP_COMBINE_QUEUE", "4", "0 \\(reduce after every push\\)"),
     ("JAX_EP_COMBINE_WIDE", "2", "1 \\(the common push path in wider chunks\\)"),
-    ("JAX_EP_DISPATCH_PULL", "4", "0 \\(senders store rows into the peers\\)"),
+    ("JAX_EP_DISPATCH_PULL", "5", "0 \\(senders store rows into the peers\\)"),
     ("JAX_EP_EXPAND_GROUP", "3", "1, 2, 4 or 8"),
     ("JAX_EP_COMBINE_TOKENS", "24", "0 \\(the default block: 32 tokens"),
     ("JAX_EP_ZERO_QUEUE", "3", "0 \\(receivers zero-fill first\\)"),

@@ -131,11 +131,18 @@ class SimWorld:
     return self.regions[rank][ep_sync.ERR_OFF:ep_sync.ERR_OFF + 32].view(np.int32)
 
   def launch(self, kernel, per_rank_args, cx, op, ranks=None, phases=None, fingerprints=None,
-             skip=()):
+             skip=(), stage=None):
     """per_rank_args[r]: the kernel's inputs and outputs on rank r (Arr's); fingerprints[r]:
     rank r's op fingerprint (default: the same on every rank); skip: (phase, rank) pairs not
-    run (programs that never get there, as if their GPU had stopped)."""
+    run (programs that never get there, as if their GPU had stopped); stage: the launcher's
+    copy of an input into each rank's region first (triton_call's ``stage``)."""
     self.epoch += 1
+    if stage is not None:
+      arg, off, stride = stage
+      for r in (range(self.plan.world) if ranks is None else ranks):
+        src = per_rank_args[r][arg].a.reshape(-1).view(np.uint8)
+        o = off + r * stride
+        self.regions[r][o:o + src.size] = src
     if phases is None:
       phases = self.plan.interpreter_phases(kernel.__name__)
       if self.reorder is not None:
@@ -164,7 +171,8 @@ class SimWorld:
     args = [[Arr(xs[r]), Arr(idxs[r]), Arr(ws[r])] + [outs[r][n] for n in (
         "recv_x", "recv_w", "recv_pos", "gs", "go", "nrecv", "ndrop", "hist", "base", "status")]
             for r in range(w)]
-    self.launch(kd.dispatch_kernel, args, p.dispatch(False), ep_sync.OP_DISPATCH, skip=skip)
+    self.launch(kd.dispatch_kernel, args, p.dispatch(False), ep_sync.OP_DISPATCH, skip=skip,
+                stage=p.dispatch_stage(xs[0].dtype.itemsize))
     return outs
 
   def combine(self, ys, row_ws, recv_pos):
@@ -183,7 +191,8 @@ class SimWorld:
     sts = [empty((p.status_size("dispatch_rows_kernel"),), np.int32) for _ in range(w)]
     args = [[Arr(xs[r]), Arr(idxs[r]), Arr(recv_pos[r]), Arr(gos[r]), Arr(gss[r]), outs[r],
              sts[r]] for r in range(w)]
-    self.launch(kd.dispatch_rows_kernel, args, p.dispatch(True), ep_sync.OP_DROWS)
+    self.launch(kd.dispatch_rows_kernel, args, p.dispatch(True), ep_sync.OP_DROWS,
+                stage=p.dispatch_stage(xs[0].dtype.itemsize))
     for st in sts:
       assert not st.a.any(), st.a
     return [o.a for o in outs]
@@ -565,7 +574,9 @@ def test_combine_halves(tokens, interp):
     (2, 1.0, _senders_expand_first, 0, 0, 1, 1), (3, 1.0, None, 0, 2, 4, 2),
     (2, 1.0, _senders_expand_first, 0, 2, 2, 1), (3, 1.0, None, 1, 2, 8, 0),
     (0, 0.5, None, 0, 0, 1, 0), (3, 1.0, None, 0, 3, 4, 2),
-    (2, 1.0, _senders_expand_first, 0, 3, 2, 1), (0, 0.5, None, 1, 3, 1, 0)
+    (2, 1.0, _senders_expand_first, 0, 3, 2, 1), (0, 0.5, None, 1, 3, 1, 0),
+    (3, 1.0, None, 0, 4, 4, 2), (2, 1.0, _senders_expand_first, 1, 4, 2, 1),
+    (0, 0.5, None, 0, 4, 1, 0)
 ])
 def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, group, zq, interp):
   """The tuning variants of dispatch (EPPlan.expand_order / receiver_share: block-major
@@ -573,7 +584,8 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   program; expand_levels: stores by level, with blocks whose tokens keep more slots than the
   levels on a rank, given the skewed routing; dispatch_pull: receivers loading the rows from
   the source's region, or (3) from the source's x itself, each program then saying so to
-  every rank; expand_group: queue items of several blocks, the last one short;
+  every rank, or (4) from the copy of x that the launcher put in the source's region;
+  expand_group: queue items of several blocks, the last one short;
   zero_queue: the zero rows as queue items among them) give the same bits."""
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
@@ -603,7 +615,7 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
     np.testing.assert_array_equal(got[r]["recv_pos"].a, want[r]["recv_pos"])
     np.testing.assert_array_equal(got[r]["recv_w"].a, want[r]["recv_w"])
     np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
-  if pull == 3:  # every program of every rank said it read the peers' x for the last time
+  if pull >= 3:  # every program of every rank said it read the peers' x for the last time
     _assert_x_released(sim, plan, seq=1)
   recv_pos = [g["recv_pos"].a for g in got]
   douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
@@ -612,13 +624,14 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 2)
   for r in range(world):
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
-  if pull == 3:
+  if pull >= 3:
     _assert_x_released(sim, plan, seq=2)
 
 
 def _assert_x_released(sim, plan, seq):
-  """Pull 3: ARRIVE_FLAG[s, p] = seq in every rank for every program p of every rank s
-  (what the leader's end wait waits for), and XPTR holds the peers' x addresses."""
+  """Pull 3 and 4: ARRIVE_FLAG[s, p] = seq in every rank for every program p of every rank s
+  (what the leader's end wait waits for), and XPTR holds the peers' x addresses (3) or
+  nothing (4: the peers read the launcher's copy in the region instead)."""
   n = plan.num_senders + plan.num_receivers
   for r in range(plan.world):
     flags = sim.regions[r][ep_sync.ARRIVE_FLAG_OFF:ep_sync.HIST_FLAG_OFF].view(np.int32)
@@ -626,7 +639,10 @@ def _assert_x_released(sim, plan, seq):
     np.testing.assert_array_equal(flags[:plan.world, :n], seq)
     assert (flags[:, n:] == 0).all() and (flags[plan.world:] == 0).all()
     xptr = sim.regions[r][ep_sync.XPTR_OFF:ep_sync.XPTR_OFF + 8 * plan.world].view(np.int64)
-    assert (xptr != 0).all() and len(set(xptr.tolist())) == plan.world
+    if plan.dispatch_pull == 3:
+      assert (xptr != 0).all() and len(set(xptr.tolist())) == plan.world
+    else:
+      assert (xptr == 0).all()
 
 
 def test_column_scan_spans_several_tiles(interp):
@@ -674,16 +690,18 @@ def test_timeout_is_recorded_not_hung(interp):
   assert "jax_ep.combine (start barrier)" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
-def test_pull_from_x_end_wait_times_out_when_a_peer_stops(interp):
-  """Dispatch reading the peers' x in place (pull 3): rank 1's receivers never run (its GPU
-  stopped after its senders): rank 0 still expands everything (it needs only rank 1's
-  senders), then its leader's end wait for rank 1's programs gives up after the timeout and
-  names rank 1, instead of ending the launch while rank 1 might still read rank 0's x, or
+@pytest.mark.parametrize("pull", [3, 4])
+def test_pull_from_x_end_wait_times_out_when_a_peer_stops(pull, interp):
+  """Dispatch reading the peers' x in place (pull 3) or the launcher's copy of it (4): rank
+  1's receivers never run (its GPU stopped after its senders): rank 0 still expands
+  everything (it needs only rank 1's senders), then its leader's end wait for rank 1's
+  programs gives up after the timeout and names rank 1, instead of ending the launch while
+  rank 1 might still read rank 0's x (or its copy, which the next launch overwrites), or
   hanging."""
   world, t, h, k, e = 2, 20, 16, 2, 4
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
                 capacity=_capacity(world, t, k, e, None, 1), alignment=1, num_sms=4,
-                use_timer=False, itemsize=4, dispatch_pull=3)
+                use_timer=False, itemsize=4, dispatch_pull=pull)
   rng = np.random.default_rng(5)
   idxs = routing(rng, "uniform", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
@@ -907,6 +925,21 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
   assert sorted(names) == sorted(["dispatch_kernel", "combine_kernel", "dispatch_rows_kernel",
                                   "combine_kernel", "gather_kernel"]), names
   assert "all_to_all" not in text and "all-to-all" not in text
+  assert text.count("stage_arg = -1 : i64") == len(names)
+  # Pull 4: dispatch and dispatch_rows ask the handler to copy their x (input 0) into
+  # ROWS[rank] of the region first; the other launches do not.
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "4")
+  f4 = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+  text4 = f4.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  rows = tb._plan(cfg, world, 64, jnp.bfloat16).region.rows_off
+  for call in re.findall(r"stablehlo.custom_call @jax_ep_triton_launch.*", text4):
+    name = re.search(r'kernel_name = "(\w+)"', call).group(1)
+    staged = name in ("dispatch_kernel", "dispatch_rows_kernel")
+    assert ("stage_arg = 0 : i64" in call) == staged, (name, call)
+    if staged:
+      assert f"stage_offset = {rows} : i64" in call and \
+          f"stage_rank_stride = {64 * 256 * 2} : i64" in call, call
+  monkeypatch.delenv("JAX_EP_DISPATCH_PULL")
   # With timeout checks on (the default), each op adds one host callback on its statuses; the
   # step still lowers (here for the CPU platform, where host callbacks lower).
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "1")
@@ -941,7 +974,8 @@ class _InterpretedLauncher:
     raise KeyError(kernel.__name__)
 
   def __call__(self, kernel, *inputs, out_shapes, grid, num_warps=4, num_stages=3,
-               constexprs=None, scalars=(), symmetric=False, symmetric_bytes=0, name=None):
+               constexprs=None, scalars=(), symmetric=False, symmetric_bytes=0, stage=None,
+               name=None):
     import jax
     from jax_ep import runtime
     # The handler's rule: the launch names the bytes it may touch (exchange area + region);
@@ -968,6 +1002,11 @@ class _InterpretedLauncher:
                              f"{[a.shape for a in arrays]}")
       outs = [empty((world,) + tuple(s.shape), s.dtype).a for s in out_shapes]
       self.epoch += 1
+      if stage is not None:  # the handler's copy of an input into each rank's region
+        arg, off, stride = stage
+        for r in range(world):
+          src = arrays[arg][r].reshape(-1).view(np.uint8)
+          self.regions[r][off + r * stride:off + r * stride + src.size] = src
       for phase, g in phases:
         for r in range(world):
           # Arr(o[r]) wraps a view of the batch: the kernel writes into it.
@@ -978,17 +1017,19 @@ class _InterpretedLauncher:
     return jax.pure_callback(host, out_shapes, *inputs, vmap_method="broadcast_all")
 
 
-@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype,provider", [
-    (2, 12, 64, 2, 4, None, 1, "float32", "nvshmem"),
-    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "peer"),       # drops + alignment
-    (2, 20, 32, 8, 8, None, 1, "float32", "peer"),     # K = 8: tokens with > 4 rows on one rank
+@pytest.mark.parametrize("world,t,h,k,e,cap,align,dtype,provider,pull", [
+    (2, 12, 64, 2, 4, None, 1, "float32", "nvshmem", None),
+    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "peer", None),       # drops + alignment
+    (2, 20, 32, 8, 8, None, 1, "float32", "peer", None),     # K = 8: > 4 rows on one rank
+    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "nvshmem", 4),       # the launcher's copy of x
 ])
-def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, provider, interp,
-                                        monkeypatch):
+def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, provider, pull,
+                                        interp, monkeypatch):
   """jax_ep.dispatch -> expert -> jax_ep.combine and its gradients with the triton backend
   (kernels interpreted, W ranks under vmap) equal the xla backend's: dispatch bit for bit,
   combine and gradients within float tolerance. Checks the launch ABI and layout wiring, and
-  each provider's dispatch (peer: the rows loaded from the peers' x itself)."""
+  each provider's dispatch (peer: the rows loaded from the peers' x itself; pull 4: from the
+  copy of x the launcher puts in the region first)."""
   import jax
   import jax.numpy as jnp
 
@@ -1008,6 +1049,9 @@ def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, pr
   monkeypatch.setattr(runtime, "provider", lambda: provider)
   monkeypatch.delenv("JAX_EP_DISPATCH_PULL", raising=False)
   assert tb._plan(base, world, t).dispatch_pull == (3 if provider == "peer" else 2)
+  if pull is not None:
+    monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
+    assert tb._plan(base, world, t).dispatch_pull == pull
 
   dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
   idx = np.stack(routing(rng, "skewed", world, t, k, e))                 # [W, T, K]

@@ -211,10 +211,11 @@ _KNOBS = (
     ("combine_halves", "JAX_EP_COMBINE_HALVES", _int_in(0, 1),
      "0 (a block with a token of many rows here on the split or all-TOPK path) or 1 (as "
      "two half tiles, the tokens with the most rows over all levels)"),
-    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 3),
+    ("dispatch_pull", "JAX_EP_DISPATCH_PULL", _int_in(0, 4),
      "0 (senders store rows into the peers), 1 (receivers load them from the source), 2 "
-     "(as 1, senders copying the expansion's groups of blocks) or 3 (receivers load them "
-     "from the source's x itself; peer provider only)"),
+     "(as 1, senders copying the expansion's groups of blocks), 3 (receivers load them "
+     "from the source's x itself; peer provider only) or 4 (from a copy of the source's x "
+     "that its launcher makes first)"),
     ("expand_group", "JAX_EP_EXPAND_GROUP", lambda v: v in (1, 2, 4, 8),
      "1, 2, 4 or 8 (token blocks per item of the expansion queue)"),
     ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 2),
@@ -297,7 +298,7 @@ def _varying(x, axis_name: str):
 
 
 def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexprs,
-          scalars=(), num_warps=None):
+          scalars=(), num_warps=None, stage=None):
   """One EP kernel launch over the symmetric region ``plan`` is sized for, on the plan's grid;
   returns ``out_shapes``' arrays varying over the EP axis. The kernel's last output, the
   launch's status, is added here and reported as ``op``'s error (``_report``). The launch
@@ -306,7 +307,8 @@ def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexp
 
   T = 0 on every rank (shapes are static and equal across ranks): nothing moves, so nothing is
   launched (XLA's sharding passes also reject custom calls on zero-size operands) and every
-  output is zeros: empty groups, zero rows, no error."""
+  output is zeros: empty groups, zero rows, no error. ``stage``: the launcher's copy of an
+  input into the region before the kernel (``EPPlan.dispatch_stage``)."""
   if plan.num_tokens == 0:
     return tuple(_varying(jnp.zeros(s.shape, s.dtype), config.axis_name) for s in out_shapes)
   from jax_ep import runtime
@@ -318,7 +320,8 @@ def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexp
                      grid=(plan.grid(name),),
                      num_warps=ROWS_WARPS if num_warps is None else num_warps, num_stages=1,
                      constexprs=constexprs, scalars=scalars, symmetric=True,
-                     symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes)
+                     symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes,
+                     stage=stage)
   outs = tuple(_varying(o, config.axis_name) for o in outs)
   _report(op, config, outs[-1])
   return outs[:-1]
@@ -411,7 +414,8 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
                   _sds((world, t, p.topk), jnp.int32), _sds((el,), jnp.int32),
                   _sds((el,), jnp.int32), _sds((1,), jnp.int32), _sds((1,), jnp.int32),
                   _sds((nb, e), jnp.int32), _sds((p.base_rows, e), jnp.int32)),  # scratch
-      constexprs=p.dispatch(False), scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype))
+      constexprs=p.dispatch(False), scalars=_scalars(config, ks.OP_DISPATCH, p, x.dtype),
+      stage=p.dispatch_stage(x.dtype.itemsize))
   layout = DispatchLayout(
       group_sizes=gs, group_offsets=go, num_recv_rows=nrecv[0], num_dropped=ndrop[0],
       num_invalid=num_invalid, topk_idx=topk_idx.astype(jnp.int32), recv_pos=recv_pos,
@@ -427,7 +431,8 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
       "jax_ep.dispatch_rows", config, p, kd.dispatch_rows_kernel, x, layout.topk_idx,
       layout.recv_pos, layout.group_offsets, layout.group_sizes,
       out_shapes=(_sds((p.capacity, p.hidden), x.dtype),), constexprs=p.dispatch(True),
-      scalars=_scalars(config, ks.OP_DROWS, p, x.dtype))
+      scalars=_scalars(config, ks.OP_DROWS, p, x.dtype),
+      stage=p.dispatch_stage(x.dtype.itemsize))
   return recv_x
 
 

@@ -336,6 +336,24 @@ def test_pull_from_x_matches_xla(case, peer_world, monkeypatch):
 
 @pytest.mark.parametrize("case", [
     (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),
+    (4096, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),     # overflow: drops
+    (128, 2048, 64, 4, None, 8, "with_unselected", "float32"),
+    (128, 128, 64, 4, None, 1, "empty_rank", "bfloat16"),
+    (1, 128, 64, 4, None, 1, "uniform", "bfloat16")], ids=_case_id)
+def test_pull_staged_matches_xla(case, peer_world, monkeypatch):
+  """JAX_EP_DISPATCH_PULL=4 (the launcher copies x into the rank's region by the copy
+  engines before the kernel; the receivers load the peers' rows from those copies; each
+  rank's launch ends once no peer reads its copy any more, since the next launch's copy
+  overwrites it before any barrier): xla's results, bit for bit for dispatch (the backward's
+  dispatch_rows too), gradients included, over repeated calls. (One process per GPU: run
+  test_multiprocess_matches_xla_backend with JAX_EP_DISPATCH_PULL=4 in its environment.)"""
+  mesh, world = peer_world
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "4")
+  compare_case(case, mesh, world, _put(mesh), seed=173, repeats=3)
+
+
+@pytest.mark.parametrize("case", [
+    (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16"),
     (1000, 2048, 64, 8, "half", 16, "zipf", "bfloat16"),        # partial last block, drops
     (128, 2048, 64, 4, None, 8, "with_unselected", "float32")], ids=_case_id)
 def test_combine_prefetch_matches_xla(case, peer_world, monkeypatch):
