@@ -164,7 +164,8 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "0")
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", "2")
   plan = tb._plan(config, 2, 2)
-  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (2, 4)
+  # pull 4 outside the peer provider (here no runtime: no provider)
+  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (4, 4)
   assert (plan.dispatch(False)["PULL"], plan.dispatch(True)["GROUP"]) == (0, 2)
   # combine's queue: 0 by default at W = 2 (TWO_RANK_COMBINE_QUEUE), 1 elsewhere
   assert default.combine()["QUEUE"] == 0 and plan.combine()["QUEUE"] == 0
@@ -209,7 +210,8 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
 def test_pull_from_x_needs_the_peer_provider(monkeypatch, provider):
   """JAX_EP_DISPATCH_PULL=3 (receivers read the peers' x in place) is refused, naming the
   knob and what to set, under the nvshmem provider, where XLA's buffers are not mapped on the
-  peers; the peer provider takes it, and has it by default (nvshmem: 2)."""
+  peers; the peer provider takes it, and has it by default (nvshmem, and the cuda_async
+  allocator: 4, the launcher's copy of x)."""
   from jax_ep import runtime
   from jax_ep.backends import triton as tb
   config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
@@ -217,15 +219,15 @@ def test_pull_from_x_needs_the_peer_provider(monkeypatch, provider):
   monkeypatch.setattr(runtime, "is_initialized", lambda: True)
   monkeypatch.setattr(runtime, "world_size", lambda: 2)
   monkeypatch.setattr(runtime, "provider", lambda: provider)
-  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == (3 if provider == "peer" else 2)
+  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == (3 if provider == "peer" else 4)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "cuda_async")  # pools: not peer-mapped
-  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 2
+  assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 4
   monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "2")
   assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 2
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "3")
   if provider == "nvshmem":
-    with pytest.raises(ValueError, match="JAX_EP_DISPATCH_PULL=3 .* set it to 2 or unset"):
+    with pytest.raises(ValueError, match="JAX_EP_DISPATCH_PULL=3 .* set it to 4 .* or unset"):
       tb._plan(config, 2, 2)
   else:
     assert tb._plan(config, 2, 2).dispatch(False)["PULL"] == 3

@@ -1021,15 +1021,15 @@ class _InterpretedLauncher:
     (2, 12, 64, 2, 4, None, 1, "float32", "nvshmem", None),
     (4, 9, 40, 3, 8, 10, 4, "bfloat16", "peer", None),       # drops + alignment
     (2, 20, 32, 8, 8, None, 1, "float32", "peer", None),     # K = 8: > 4 rows on one rank
-    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "nvshmem", 4),       # the launcher's copy of x
+    (4, 9, 40, 3, 8, 10, 4, "bfloat16", "nvshmem", 2),       # senders staging the rows
 ])
 def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, provider, pull,
                                         interp, monkeypatch):
   """jax_ep.dispatch -> expert -> jax_ep.combine and its gradients with the triton backend
   (kernels interpreted, W ranks under vmap) equal the xla backend's: dispatch bit for bit,
   combine and gradients within float tolerance. Checks the launch ABI and layout wiring, and
-  each provider's dispatch (peer: the rows loaded from the peers' x itself; pull 4: from the
-  copy of x the launcher puts in the region first)."""
+  each provider's dispatch (peer: the rows loaded from the peers' x itself; nvshmem: from the
+  copy of x the launcher puts in the region first, or with pull 2 the senders' copies)."""
   import jax
   import jax.numpy as jnp
 
@@ -1048,7 +1048,7 @@ def test_backend_end_to_end_matches_xla(world, t, h, k, e, cap, align, dtype, pr
   monkeypatch.setattr(runtime, "world_size", lambda: world)
   monkeypatch.setattr(runtime, "provider", lambda: provider)
   monkeypatch.delenv("JAX_EP_DISPATCH_PULL", raising=False)
-  assert tb._plan(base, world, t).dispatch_pull == (3 if provider == "peer" else 2)
+  assert tb._plan(base, world, t).dispatch_pull == (3 if provider == "peer" else 4)
   if pull is not None:
     monkeypatch.setenv("JAX_EP_DISPATCH_PULL", str(pull))
     assert tb._plan(base, world, t).dispatch_pull == pull

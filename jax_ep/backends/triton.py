@@ -114,29 +114,36 @@ def _plan(config: EPConfig, world: int, num_tokens: int, dtype=jnp.bfloat16):
 
 def _knobs(plan_cls, world: int, provider) -> dict:
   """EPPlan's tuning knobs as a step takes them: each from its JAX_EP_* variable where set,
-  else the backend's choice for this provider (PEER_DISPATCH_PULL) and world (_WORLD_KNOBS),
-  else EPPlan's default. Refuses pull 3 outside the peer provider."""
+  else the backend's choice for this provider (PEER_DISPATCH_PULL, STAGED_DISPATCH_PULL) and
+  world (_WORLD_KNOBS), else EPPlan's default. Refuses pull 3 outside the peer provider."""
   knobs = _env_knobs(plan_cls)
   chosen = dict(_WORLD_KNOBS.get(world, {}))
   if (provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
     chosen["dispatch_pull"] = PEER_DISPATCH_PULL
+  else:
+    chosen["dispatch_pull"] = STAGED_DISPATCH_PULL
   variables = {field: name for field, name, _, _ in _KNOBS}
   knobs.update({f: v for f, v in chosen.items() if variables[f] not in os.environ})
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
         f"needs every GPU's XLA buffers mapped on every other (the 'peer' provider: one "
-        f"process driving all GPUs); under the {provider!r} provider set it to 2 or unset "
-        f"it.")
+        f"process driving all GPUs); under the {provider!r} provider set it to 4 (the "
+        f"receivers read a copy of x made in the region first) or unset it.")
   return knobs
 
 
 # Dispatch's pull mode under the peer provider, where XLA's buffers on every GPU are mapped on
 # every other (XLA enables peer access between a process's GPUs; its "cuda_async" pools are
-# not known to be, so that allocator keeps 2): the receivers load the peers' rows from their
-# x itself (EPPlan.dispatch_pull). One process per GPU keeps EPPlan's default, 2.
+# not known to be): the receivers load the peers' rows from their x itself
+# (EPPlan.dispatch_pull).
 PEER_DISPATCH_PULL = 3
+# Elsewhere (one process per GPU, or the "cuda_async" allocator) from the copy of x that the
+# launcher makes in the region first: 2x H200, DeepSeek-V3 shape, one process per GPU,
+# 2026-11-23 00:12, same run: 509.9 / 512.4 us against 581.9 / 588.7 with 2 (the default
+# until then). Not timed at W = 4.
+STAGED_DISPATCH_PULL = 4
 
 # Combine's queue mode at W = 2 (EPPlan.combine_queue): every program reduces its fixed blocks
 # after every rank's pushes (0) instead of taking blocks from the queue as they are done (1).

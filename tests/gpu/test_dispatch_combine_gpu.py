@@ -292,8 +292,8 @@ def test_combine_push_paths_match_xla(split, narrow, tokens, case, peer_world, m
     ids=lambda v: _case_id(v) if isinstance(v, tuple) else str(v))
 def test_pull_modes_match_xla(dpull, case, peer_world, monkeypatch):
   """Rows staged by the senders and loaded by the receivers (JAX_EP_DISPATCH_PULL=1; 2: the
-  senders in groups, the default until session 18 and still the nvshmem provider's, which
-  the multi-process test runs) or stored into the peers by the senders (0): xla's results,
+  senders in groups, the default until session 18, and the nvshmem provider's until the
+  launcher's copy of x, pull 4, replaced it) or stored into the peers by the senders (0): xla's results,
   bit for bit for dispatch, gradients included, over repeated calls. (The peer provider's
   default, 3, runs in test_matches_xla_backend and test_pull_from_x_matches_xla.)"""
   mesh, world = peer_world
@@ -345,8 +345,8 @@ def test_pull_staged_matches_xla(case, peer_world, monkeypatch):
   engines before the kernel; the receivers load the peers' rows from those copies; each
   rank's launch ends once no peer reads its copy any more, since the next launch's copy
   overwrites it before any barrier): xla's results, bit for bit for dispatch (the backward's
-  dispatch_rows too), gradients included, over repeated calls. (One process per GPU: run
-  test_multiprocess_matches_xla_backend with JAX_EP_DISPATCH_PULL=4 in its environment.)"""
+  dispatch_rows too), gradients included, over repeated calls. (The nvshmem provider's
+  default: test_multiprocess_matches_xla_backend runs it with one process per GPU.)"""
   mesh, world = peer_world
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "4")
   compare_case(case, mesh, world, _put(mesh), seed=173, repeats=3)
