@@ -1,6 +1,6 @@
 """Dispatch kernels: each token row crosses NVLink once per destination; receivers expand it.
 
-Pull mode (``EPPlan.dispatch_pull`` 1 and 2; 2 with one process per GPU): a sender copies
+Pull mode (``EPPlan.dispatch_pull`` 1 and 2): a sender copies
 each token row that another rank keeps once into ROWS[me] of its *own* region, and the
 receivers load it from there over NVLink while they expand it, so the NVLink transfer is
 spread over every expanding program instead of being the senders' remote stores. Push mode
@@ -11,6 +11,9 @@ staging copy at all; the receivers load a peer's rows from its x itself, whose a
 leader publishes (XPTR) before it announces the op, and each program says when it has read
 the peers' x for the last time (ARRIVE_FLAG); the leader's launch ends only when every
 program of every rank has, so no x is freed or overwritten while a peer still reads it.
+Pull 4 (the default with one process per GPU, where a peer's x cannot be read): 3's
+protocol over ROWS[me] of each rank's region, into which the launcher copies all of x
+before the kernel (``EPPlan.dispatch_stage``); the senders copy nothing.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
