@@ -104,13 +104,6 @@ int Fail(std::string msg) {
   X(cuMemcpyDtoH, 3020)                                                        \
   X(cuMemsetD8, 3020)                                                          \
   X(cuMemcpyDtoDAsync, 3020)                                                   \
-  X(cuStreamCreate, 2000)                                                      \
-  X(cuStreamDestroy, 4000)                                                     \
-  X(cuEventCreate, 2000)                                                       \
-  X(cuEventDestroy, 4000)                                                      \
-  X(cuEventRecord, 2000)                                                       \
-  X(cuStreamWaitEvent, 3020)                                                   \
-  X(cuStreamWriteValue32, 11070)                                               \
   X(cuMemCreate, 10020)                                                        \
   X(cuMemRelease, 10020)                                                       \
   X(cuMemAddressReserve, 10020)                                                \
@@ -246,11 +239,6 @@ struct DeviceState {
   // peer provider only: the VMM allocation backing `base`
   CUmemGenericAllocationHandle vmm_handle = 0;
   size_t vmm_size = 0;
-  // Launches with a staging copy and a flag (triton_call's stage): the copy runs on this
-  // side stream beside the kernel; `staged_in` orders it after XLA's stream, `staged_out`
-  // orders XLA's stream after it. Created on first use (under Runtime::mu).
-  CUstream stage_stream = nullptr;
-  CUevent staged_in = nullptr, staged_out = nullptr;
 };
 
 struct LoadedKernel {
@@ -342,9 +330,6 @@ int ReleaseLocked(Runtime& rt) {
 #endif
   for (auto& d : rt.devices) {
     ScopedContext scope(d->ctx);
-    if (d->stage_stream) note(cu.cuStreamDestroy(d->stage_stream), "cuStreamDestroy");
-    if (d->staged_in) note(cu.cuEventDestroy(d->staged_in), "cuEventDestroy");
-    if (d->staged_out) note(cu.cuEventDestroy(d->staged_out), "cuEventDestroy");
     if (d->table) note(cu.cuMemFree(d->table), "cuMemFree(pointer table)");
     if (rt.provider == Provider::kPeer && d->vmm_handle) {
       note(cu.cuMemUnmap(d->base, d->vmm_size), "cuMemUnmap");
@@ -458,7 +443,6 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                         int64_t global_scratch_align, int64_t profile_scratch_size,
                         bool symmetric, int64_t symmetric_bytes, int64_t stage_arg,
                         int64_t stage_offset, int64_t stage_rank_stride,
-                        int64_t stage_flag_offset,
                         ffi::Span<const int64_t> scalars,
                         ffi::Span<const int64_t> scalar_bits) {
   auto& cu = Cuda();
@@ -482,8 +466,6 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
   CUdeviceptr sym_table = 0;  // symmetric launches: this device's table, rank, world, epoch
   CUdeviceptr sym_region = 0, sym_end = 0;  // ... this rank's region as the kernels see it
                                             // (its table entry) and the allocation's end
-  CUstream stage_stream = nullptr;          // ... and its side stream for staging copies
-  CUevent staged_in = nullptr, staged_out = nullptr;
   int32_t rank32 = 0, world32 = 0;
   int64_t epoch = 0;
   {
@@ -516,18 +498,6 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
       sym_table = dev->table;
       sym_region = static_cast<CUdeviceptr>(dev->host_table[dev->rank]);
       sym_end = dev->base + dev->bytes;
-      if (stage_arg >= 0 && stage_flag_offset >= 0 && dev->stage_stream == nullptr) {
-        ScopedContext scope(dev->ctx);
-        r = cu.cuStreamCreate(&dev->stage_stream, CU_STREAM_NON_BLOCKING);
-        if (r == CUDA_SUCCESS) r = cu.cuEventCreate(&dev->staged_in, CU_EVENT_DISABLE_TIMING);
-        if (r == CUDA_SUCCESS) r = cu.cuEventCreate(&dev->staged_out, CU_EVENT_DISABLE_TIMING);
-        if (r != CUDA_SUCCESS)
-          return ffi::Error::Internal("jax_ep: staging stream for " + std::string(kernel_name) +
-                                      ": " + CuErr(r));
-      }
-      stage_stream = dev->stage_stream;
-      staged_in = dev->staged_in;
-      staged_out = dev->staged_out;
       rank32 = dev->rank;
       world32 = dev->world;
       epoch = dev->epoch.fetch_add(1) + 1;  // 1, 2, 3, ...: flags start at 0
@@ -593,21 +563,11 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
   params.push_back(&profile_scratch);
 
   if (grid_x * grid_y * grid_z == 0) return ffi::Error::Success();
-  const bool stage_beside = stage_arg >= 0 && stage_flag_offset >= 0;
   if (stage_arg >= 0) {
     // The staging copy (EPPlan.dispatch_pull 4): input `stage_arg`, whole, into this rank's
     // region (from where its table entry points) at stage_offset + rank * stage_rank_stride,
-    // by the copy engines. Without a flag (stage_flag_offset < 0) in stream order before the
-    // kernel. With one, beside it: on the side stream after what XLA's stream holds so far,
-    // followed by the 32-bit flag at stage_flag_offset set to the launch's epoch, which the
-    // kernel waits for before the copy may be read; XLA's stream waits for the side stream
-    // after the kernel, so the input is not freed under the copy.
-    if (stage_flag_offset >= 0 &&
-        sym_region + static_cast<CUdeviceptr>(stage_flag_offset) + 4 > sym_end)
-      return ffi::Error::InvalidArgument("jax_ep: kernel '" + std::string(kernel_name) +
-                                         "': stage_flag_offset " +
-                                         std::to_string(stage_flag_offset) +
-                                         " is outside this rank's symmetric region");
+    // by the copy engines and in stream order before the kernel, so the peers may read it as
+    // soon as the kernel announces the op.
     if (!symmetric || stage_arg >= static_cast<int64_t>(args.size()))
       return ffi::Error::InvalidArgument("jax_ep: kernel '" + std::string(kernel_name) +
                                          "': stage_arg " + std::to_string(stage_arg) +
@@ -621,29 +581,12 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
           std::to_string(n) + " bytes at offset " + std::to_string(off) +
           " does not fit this rank's symmetric region of " +
           std::to_string(sym_end - sym_region) + " bytes");
-    CUstream copy_stream = stage_beside ? stage_stream : stream;
-    if (stage_beside) {
-      r = cu.cuEventRecord(staged_in, stream);
-      if (r == CUDA_SUCCESS) r = cu.cuStreamWaitEvent(stage_stream, staged_in, 0);
-      if (r != CUDA_SUCCESS)
-        return ffi::Error::Internal("jax_ep: staging copy for " + std::string(kernel_name) +
-                                    " (ordering): " + CuErr(r));
-    }
     if (n > 0) {
       r = cu.cuMemcpyDtoDAsync(sym_region + static_cast<CUdeviceptr>(off), buffers[stage_arg], n,
-                               copy_stream);
+                               stream);
       if (r != CUDA_SUCCESS)
         return ffi::Error::Internal("jax_ep: staging copy for " + std::string(kernel_name) +
                                     ": " + CuErr(r));
-    }
-    if (stage_beside) {
-      r = cu.cuStreamWriteValue32(stage_stream,
-                                  sym_region + static_cast<CUdeviceptr>(stage_flag_offset),
-                                  static_cast<cuuint32_t>(epoch), 0);
-      if (r == CUDA_SUCCESS) r = cu.cuEventRecord(staged_out, stage_stream);
-      if (r != CUDA_SUCCESS)
-        return ffi::Error::Internal("jax_ep: staging copy for " + std::string(kernel_name) +
-                                    " (flag): " + CuErr(r));
     }
   }
   r = cu.cuLaunchKernel(kernel.function, static_cast<unsigned>(grid_x * num_ctas),
@@ -652,12 +595,6 @@ ffi::Error TritonLaunch(CUstream stream, ffi::ScratchAllocator scratch, ffi::Rem
                         stream, params.data(), nullptr);
   if (r != CUDA_SUCCESS)
     return ffi::Error::Internal("jax_ep: cuLaunchKernel(" + std::string(kernel_name) + "): " + CuErr(r));
-  if (stage_beside) {
-    r = cu.cuStreamWaitEvent(stream, staged_out, 0);
-    if (r != CUDA_SUCCESS)
-      return ffi::Error::Internal("jax_ep: staging copy for " + std::string(kernel_name) +
-                                  " (join): " + CuErr(r));
-  }
   return ffi::Error::Success();
 }
 
@@ -689,7 +626,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_triton_launch, jax_ep::TritonLaunch,
                                   .Attr<int64_t>("stage_arg")
                                   .Attr<int64_t>("stage_offset")
                                   .Attr<int64_t>("stage_rank_stride")
-                                  .Attr<int64_t>("stage_flag_offset")
                                   .Attr<ffi::Span<const int64_t>>("scalars")
                                   .Attr<ffi::Span<const int64_t>>("scalar_bits"));
 #pragma GCC visibility pop

@@ -126,7 +126,7 @@ _registered: set[str] = set()  # kernel keys whose cubin the FFI library holds
 def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stages: int = 3,
                 constexprs: dict[str, Any] | None = None, scalars: Sequence = (),
                 symmetric: bool = False, symmetric_bytes: int = 0,
-                stage: tuple[int, ...] | None = None, name: str | None = None,
+                stage: tuple[int, int, int] | None = None, name: str | None = None,
                 extern_libs: dict[str, str] | None = None) -> tuple[jax.Array, ...]:
   """Runs ``kernel`` on XLA's stream as one FFI custom call; returns its outputs.
 
@@ -146,16 +146,12 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
       exchange area included), that the kernel may touch. The handler refuses the launch with
       an error when the runtime's region is smaller, e.g. re-initialized for smaller configs
       after this step was compiled. 0: not checked.
-    stage: ``(input, offset, rank_stride)`` or ``(input, offset, rank_stride,
-      flag_offset)``, symmetric launches only: the handler copies input ``input`` whole into
-      this rank's symmetric region at byte ``offset + rank * rank_stride`` (a device-to-device
-      copy by the copy engines; refused if it would not fit the region). Without
-      ``flag_offset``, before the kernel on the same stream; with it, beside the kernel on a
-      side stream (after everything XLA's stream held before the launch, and XLA's stream
-      waits for it after the kernel), followed by the int32 at ``flag_offset`` of the region
-      set to the launch's ``epoch``, which the kernel must wait for before it, or a peer,
-      reads the copy. The kernel must also keep the peers from reading it after the launch
-      ends, since the next launch's copy overwrites it before any barrier (dispatch pull 4).
+    stage: ``(input, offset, rank_stride)``, symmetric launches only: before the kernel, on
+      the same stream, the handler copies input ``input`` whole into this rank's symmetric
+      region at byte ``offset + rank * rank_stride`` (a device-to-device copy by the copy
+      engines; refused if it would not fit the region). The kernel may then publish it to its
+      peers; it must also keep them from reading it after the launch ends, since the next
+      launch's copy overwrites it before any barrier (dispatch pull 4).
     name: a name scope for the custom call in the HLO (default: the kernel's name).
     extern_libs: LLVM bitcode to link, e.g. ``{"libnvshmem_device":
       kernels.nvshmem_device.bitcode_path()}`` for NVSHMEM device calls (then the kernel needs
@@ -167,11 +163,10 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
   if isinstance(out_shapes, jax.ShapeDtypeStruct):
     out_shapes = (out_shapes,)
   out_shapes = tuple(out_shapes)
-  if stage is not None and (not symmetric or len(stage) not in (3, 4)
-                            or not 0 <= stage[0] < len(inputs) or min(stage[1:]) < 0):
+  if stage is not None and (not symmetric or not 0 <= stage[0] < len(inputs)
+                            or min(stage[1:]) < 0):
     raise ValueError(f"jax_ep.launch.triton_call: stage={stage} must be (input index < "
-                     f"{len(inputs)}, offset >= 0, rank stride >= 0[, flag offset >= 0]) of a "
-                     f"symmetric launch")
+                     f"{len(inputs)}, offset >= 0, rank stride >= 0) of a symmetric launch")
   grid3 = _grid3(grid)
   constexprs = dict(constexprs or {})
   scalar_items = [_scalar(v, i) for i, v in enumerate(scalars)]
@@ -235,7 +230,6 @@ def triton_call(kernel, *inputs, out_shapes, grid, num_warps: int = 4, num_stage
         stage_arg=np.int64(-1 if stage is None else stage[0]),
         stage_offset=np.int64(0 if stage is None else stage[1]),
         stage_rank_stride=np.int64(0 if stage is None else stage[2]),
-        stage_flag_offset=np.int64(-1 if stage is None or len(stage) < 4 else stage[3]),
         scalars=np.array([v for v, _ in scalar_items], dtype=np.int64),
         scalar_bits=np.array([_SCALAR_TYPES[t] for _, t in scalar_items], dtype=np.int64),
     )

@@ -12,10 +12,8 @@ leader publishes (XPTR) before it announces the op, and each program says when i
 the peers' x for the last time (ARRIVE_FLAG); the leader's launch ends only when every
 program of every rank has, so no x is freed or overwritten while a peer still reads it.
 Pull 4 (the default with one process per GPU, where a peer's x cannot be read): 3's
-protocol over ROWS[me] of each rank's region, into which the launcher copies all of x by the
-copy engines beside the kernel (``EPPlan.dispatch_stage``), then sets STAGE_FLAG to the
-launch's epoch; the senders copy nothing, and wait for that flag before their first block
-flag (after which the peers may read the copy).
+protocol over ROWS[me] of each rank's region, into which the launcher copies all of x
+before the kernel (``EPPlan.dispatch_stage``); the senders copy nothing.
 
 dispatch_kernel: the whole op in one launch (grid NUM_SENDERS + NUM_RECEIVERS programs, from
 ``EPConfig.num_sms``). Every program first histograms its token blocks and scans its expert
@@ -69,7 +67,7 @@ import triton.language as tl
 from .ep_sync import (P_END, P_GO, P_PUSH, P_SELF, P_START, P_ZERO, _now,
                       leader_barrier, leader_turn, peer_ptr, prof_mark, prof_span, publish_ptr,
                       row_align, signal_block, signal_peers, sym_ptr, take_item,
-                      wait_all_arrivals, wait_block, wait_go, wait_staged)
+                      wait_all_arrivals, wait_block, wait_go)
 from .layout import hist_blocks, leader_layout, scan_columns
 from .slots import column, present_rank
 
@@ -548,16 +546,10 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
   elif seq > 0:  # -1: the start barrier failed on this rank; the op is skipped
     if sender:
       if PHASE != 6:
-        staged = tl.full([], 1, tl.int1)
-        if PULL == 4:  # the launcher's copy of x runs beside this launch: the peers may read
-          # it only after this rank's block flags, which the senders raise, so they wait first
-          staged = wait_staged(sym_table, rank, epoch, seq, timeout_ns, st, op, USE_TIMER)
-        if staged:
-          _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
-                     sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
-                     NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF,
-                     SLOT_VAL_OFF, BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL,
-                     GROUP)
+        _push_body(pid, NUM_SENDERS, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr,
+                   sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
+                   NUM_EXPERTS, E_LOCAL, CAPACITY, not FROM_LAYOUT, SLOT_POS_OFF, SLOT_VAL_OFF,
+                   BLOCK_FLAG_OFF, ROWS_OFF, BLOCK_T, BLOCK_H, STAGES, PULL, GROUP)
         prof_mark(sym_table, rank, prof_id, P_PUSH, PROFILE)
       if (PHASE == 0 or PHASE == 6) and RECV_BLOCKS < num_blocks:
         _expand_body(pid, NUM_SENDERS, RECV_BLOCKS, num_blocks, x_ptr, pos_ptr, pos_stride,

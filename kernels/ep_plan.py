@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .ep_sync import STAGE_FLAG_OFF, RegionSpec, next_pow2
+from .ep_sync import RegionSpec, next_pow2
 
 MAX_RESIDENT = 128
 ROWS_WARPS = 16            # warps of the row-moving kernels (one program per SM)
@@ -161,8 +161,7 @@ class EPPlan:
       16:46-16:56). 4x H200, same shape (session 19, 2026-11-22 18:10 and 18:25, same
       runs): 0.601 / 0.605 ms vs 0.656 / 0.665 ms with 2. 4 = 3's protocol over a copy of
       x: the launcher copies x whole into ROWS[me] of this rank's region (a device-to-device
-      copy by the copy engines on a side stream beside the kernel, then a flag the senders
-      wait for before their first block flag: ``dispatch_stage``), the
+      copy by the copy engines, in stream order before the kernel: ``dispatch_stage``), the
       receivers load the peers' rows from there as in 1 and 2, the senders copy nothing, and
       the launch ends as in 3 only when no peer reads this rank's ROWS[me] any more (the next
       launch's copy overwrites it before its start barrier). It needs no mapping of XLA's
@@ -322,14 +321,13 @@ class EPPlan:
     return interpreter_phases(kernel, self.num_senders, self.num_receivers, self.num_programs,
                               self.receiver_blocks, self.kernel_blocks, self.dispatch_pull)
 
-  def dispatch_stage(self, itemsize: int) -> tuple[int, int, int, int] | None:
+  def dispatch_stage(self, itemsize: int) -> tuple[int, int, int] | None:
     """Pull 4: the launcher's copy of x (dispatch input 0, ``itemsize`` bytes per element)
-    into ROWS[rank] of the rank's region beside the kernel, then STAGE_FLAG = epoch, as
-    ``jax_ep.launch.triton_call``'s ``stage`` (input, byte offset, byte stride per rank, flag
-    offset); None for the other pull modes."""
+    into ROWS[rank] of the rank's region, as ``jax_ep.launch.triton_call``'s ``stage``
+    (input, byte offset, byte stride per rank); None for the other pull modes."""
     if self.dispatch_pull != 4:
       return None
-    return (0, self.region.rows_off, self.max_tokens * self.hidden * itemsize, STAGE_FLAG_OFF)
+    return (0, self.region.rows_off, self.max_tokens * self.hidden * itemsize)
 
   def _common(self) -> dict:
     return dict(NUM_TOKENS=self.num_tokens, MAX_TOKENS=self.max_tokens, TOPK=self.topk,

@@ -78,7 +78,6 @@ ABORT_OFF = 64
 GO_OFF = 128
 QUEUE_OFF = 192
 ERR_OFF = 256
-STAGE_FLAG_OFF = 448  # int32: the launcher's copy of x is in place once it holds the epoch
 SYNC_FLAG_OFF = 512
 FINGERPRINT_OFF = SYNC_FLAG_OFF + 4 * MAX_WORLD
 ARRIVE_FLAG_OFF = FINGERPRINT_OFF + 4 * MAX_WORLD
@@ -110,7 +109,6 @@ _COL_FLAG = tl.constexpr(COL_FLAG)
 _PROF_OFF = tl.constexpr(PROF_OFF)
 _PROF_SLOTS = tl.constexpr(PROF_SLOTS)
 _XPTR_OFF = tl.constexpr(XPTR_OFF)
-_STAGE_FLAG_OFF = tl.constexpr(STAGE_FLAG_OFF)
 # The profile slots as constexprs, for the kernels' prof_mark calls.
 P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END, P_LEADER, P_HIST = (
     tl.constexpr(v) for v in (PROF_START, PROF_GO, PROF_ZERO, PROF_SELF, PROF_PUSH,
@@ -121,9 +119,8 @@ P_START, P_GO, P_ZERO, P_SELF, P_PUSH, P_ARRIVED, P_END, P_LEADER, P_HIST = (
 OP_NAMES = {1: "dispatch", 2: "dispatch_rows", 3: "combine", 4: "gather_slots"}
 OP_DISPATCH, OP_DROWS, OP_COMBINE, OP_GATHER = 1, 2, 3, 4
 PHASE_NAMES = {0: "start barrier", 1: "row arrival", 2: "waiting for this GPU's programs",
-               3: "fingerprint mismatch", 4: "staging copy"}
+               3: "fingerprint mismatch"}
 PHASE_MISMATCH = 3
-PHASE_STAGED = 4
 
 
 def describe_error(err) -> str | None:
@@ -138,10 +135,6 @@ def describe_error(err) -> str | None:
     return (f"jax_ep.{name}: rank {rank} timed out {phase} (program {peer}, op sequence "
             f"number {seq}): the GPU did not run all of the op's programs at once; lower "
             f"EPConfig.num_sms.")
-  if code // 8 == PHASE_STAGED:
-    return (f"jax_ep.{name}: rank {rank} timed out waiting for its launcher's copy of x into "
-            f"its symmetric region (op sequence number {seq}): the copy engines did not finish "
-            f"within EPConfig.timeout_s; raise it, or set JAX_EP_DISPATCH_PULL=2.")
   if code // 8 == PHASE_MISMATCH:
     return (f"jax_ep.{name}: rank {rank} and rank {peer} disagree about op number {seq}: a "
             f"different op, EPConfig, token count or dtype (their fingerprints differ). Every "
@@ -320,17 +313,6 @@ def wait_flags(flag_ptr, n, target, timeout_ns, err_ptr, status_ptr, code, rank,
     tl.store(status_ptr, code)
   tl.debug_barrier()
   return missing == 0
-
-
-@triton.jit
-def wait_staged(sym_table, rank, epoch, seq, timeout_ns, status_ptr, op,
-                USE_TIMER: tl.constexpr):
-  """Dispatch pull 4: wait until STAGE_FLAG here holds this launch's ``epoch``, which the
-  launcher's side stream writes once its copy of x into ROWS[rank] has landed."""
-  err = sym_ptr(sym_table, rank, _ERR_OFF, tl.int32)
-  flag = sym_ptr(sym_table, rank, _STAGE_FLAG_OFF, tl.int32)
-  return wait_flags(flag, 1, epoch.to(tl.int32), timeout_ns, err, status_ptr, op + 8 * 4, rank,
-                    rank, seq, USE_TIMER, 2, "sys")
 
 
 @triton.jit

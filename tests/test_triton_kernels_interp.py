@@ -137,14 +137,12 @@ class SimWorld:
     run (programs that never get there, as if their GPU had stopped); stage: the launcher's
     copy of an input into each rank's region first (triton_call's ``stage``)."""
     self.epoch += 1
-    if stage is not None:  # (the GPU's side stream is done before the kernel runs here)
-      arg, off, stride = stage[:3]
+    if stage is not None:
+      arg, off, stride = stage
       for r in (range(self.plan.world) if ranks is None else ranks):
         src = per_rank_args[r][arg].a.reshape(-1).view(np.uint8)
         o = off + r * stride
         self.regions[r][o:o + src.size] = src
-        if len(stage) > 3 and (0, r) not in skip:  # skip (0, r): the copy's flag never comes
-          self.regions[r][stage[3]:stage[3] + 4].view(np.int32)[0] = self.epoch
     if phases is None:
       phases = self.plan.interpreter_phases(kernel.__name__)
       if self.reorder is not None:
@@ -721,31 +719,6 @@ def test_pull_from_x_end_wait_times_out_when_a_peer_stops(pull, interp):
   assert "jax_ep.dispatch" in msg and "rank 0" in msg and "rank 1" in msg, msg
 
 
-def test_staging_copy_that_never_lands_times_out(interp):
-  """Pull 4 with rank 1's staging copy never done (its flag never set): rank 1's senders
-  give up after the timeout without raising a block flag (a peer would read a copy that is
-  not there), record the staging-copy code and an error that names it, and rank 0's
-  receivers time out waiting for rank 1's blocks instead of reading them."""
-  world, t, h, k, e = 2, 20, 16, 2, 4
-  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
-                capacity=_capacity(world, t, k, e, None, 1), alignment=1, num_sms=4,
-                use_timer=False, itemsize=4, dispatch_pull=4)
-  rng = np.random.default_rng(6)
-  idxs = routing(rng, "uniform", world, t, k, e)
-  xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
-  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
-  sim = SimWorld(plan)
-  sim.timeout_ns = 20_000  # 20 spins in the interpreter
-  got = sim.dispatch(xs, idxs, ws, skip={(0, 1)})
-  staged = ep_sync.OP_DISPATCH + 8 * ep_sync.PHASE_STAGED
-  assert (got[1]["status"].a[1:plan.num_senders + 1] == staged).all(), got[1]["status"].a
-  msg = ep_sync.describe_error(sim.err(1))
-  assert "jax_ep.dispatch: rank 1 timed out waiting for its launcher's copy of x" in msg, msg
-  assert (got[0]["status"].a == ep_sync.OP_DISPATCH + 8).any(), got[0]["status"].a
-  flags = sim.regions[0][plan.region.block_flag_off:].view(np.int32)[t:t + plan.num_blocks]
-  assert (flags != 1).all(), flags  # BLOCK_FLAG[1, b] in rank 0: rank 1 raised none for op 1
-
-
 @pytest.mark.parametrize("queue", [1, 0, 2, 3])
 def test_combine_reduce_times_out_when_a_rank_never_pushes(queue, interp):
   """Combine where rank 1's programs never push (they die after the start barrier): rank 0's
@@ -952,24 +925,21 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
   assert sorted(names) == sorted(["dispatch_kernel", "combine_kernel", "dispatch_rows_kernel",
                                   "combine_kernel", "gather_kernel"]), names
   assert "all_to_all" not in text and "all-to-all" not in text
-  # Pull 4 (the default outside the peer provider; here there is none): dispatch and
-  # dispatch_rows ask the handler to copy their x (input 0) into ROWS[rank] of the region
-  # beside the kernel, then set the staging flag; the other launches do not. Pull 2: none.
-  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "2")
-  f2 = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
-  text2 = f2.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text2.count("stage_arg = -1 : i64") == len(names)
-  monkeypatch.delenv("JAX_EP_DISPATCH_PULL")
-  from jax_ep.kernels.ep_sync import STAGE_FLAG_OFF
+  assert text.count("stage_arg = -1 : i64") == len(names)
+  # Pull 4: dispatch and dispatch_rows ask the handler to copy their x (input 0) into
+  # ROWS[rank] of the region first; the other launches do not.
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "4")
+  f4 = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+  text4 = f4.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   rows = tb._plan(cfg, world, 64, jnp.bfloat16).region.rows_off
-  for call in re.findall(r"stablehlo.custom_call @jax_ep_triton_launch.*", text):
+  for call in re.findall(r"stablehlo.custom_call @jax_ep_triton_launch.*", text4):
     name = re.search(r'kernel_name = "(\w+)"', call).group(1)
     staged = name in ("dispatch_kernel", "dispatch_rows_kernel")
     assert ("stage_arg = 0 : i64" in call) == staged, (name, call)
     if staged:
       assert f"stage_offset = {rows} : i64" in call and \
-          f"stage_rank_stride = {64 * 256 * 2} : i64" in call and \
-          f"stage_flag_offset = {STAGE_FLAG_OFF} : i64" in call, call
+          f"stage_rank_stride = {64 * 256 * 2} : i64" in call, call
+  monkeypatch.delenv("JAX_EP_DISPATCH_PULL")
   # With timeout checks on (the default), each op adds one host callback on its statuses; the
   # step still lowers (here for the CPU platform, where host callbacks lower).
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "1")
@@ -1033,12 +1003,10 @@ class _InterpretedLauncher:
       outs = [empty((world,) + tuple(s.shape), s.dtype).a for s in out_shapes]
       self.epoch += 1
       if stage is not None:  # the handler's copy of an input into each rank's region
-        arg, off, stride = stage[:3]
+        arg, off, stride = stage
         for r in range(world):
           src = arrays[arg][r].reshape(-1).view(np.uint8)
           self.regions[r][off + r * stride:off + r * stride + src.size] = src
-          if len(stage) > 3:  # then the flag the kernel waits for: the launch's epoch
-            self.regions[r][stage[3]:stage[3] + 4].view(np.int32)[0] = self.epoch
       for phase, g in phases:
         for r in range(world):
           # Arr(o[r]) wraps a view of the batch: the kernel writes into it.
