@@ -925,21 +925,22 @@ def test_triton_step_lowers_to_our_custom_calls_and_no_all_to_all(monkeypatch, t
   assert sorted(names) == sorted(["dispatch_kernel", "combine_kernel", "dispatch_rows_kernel",
                                   "combine_kernel", "gather_kernel"]), names
   assert "all_to_all" not in text and "all-to-all" not in text
-  assert text.count("stage_arg = -1 : i64") == len(names)
-  # Pull 4: dispatch and dispatch_rows ask the handler to copy their x (input 0) into
-  # ROWS[rank] of the region first; the other launches do not.
-  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "4")
-  f4 = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
-  text4 = f4.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  # Pull 4 (the default outside the peer provider; here there is none): dispatch and
+  # dispatch_rows ask the handler to copy their x (input 0) into ROWS[rank] of the region
+  # first; the other launches do not. Pull 2: none does.
+  monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "2")
+  f2 = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+  text2 = f2.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text2.count("stage_arg = -1 : i64") == len(names)
+  monkeypatch.delenv("JAX_EP_DISPATCH_PULL")
   rows = tb._plan(cfg, world, 64, jnp.bfloat16).region.rows_off
-  for call in re.findall(r"stablehlo.custom_call @jax_ep_triton_launch.*", text4):
+  for call in re.findall(r"stablehlo.custom_call @jax_ep_triton_launch.*", text):
     name = re.search(r'kernel_name = "(\w+)"', call).group(1)
     staged = name in ("dispatch_kernel", "dispatch_rows_kernel")
     assert ("stage_arg = 0 : i64" in call) == staged, (name, call)
     if staged:
       assert f"stage_offset = {rows} : i64" in call and \
           f"stage_rank_stride = {64 * 256 * 2} : i64" in call, call
-  monkeypatch.delenv("JAX_EP_DISPATCH_PULL")
   # With timeout checks on (the default), each op adds one host callback on its statuses; the
   # step still lowers (here for the CPU platform, where host callbacks lower).
   monkeypatch.setenv("JAX_EP_CHECK_TIMEOUTS", "1")
