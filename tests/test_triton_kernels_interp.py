@@ -108,6 +108,15 @@ def phases_of(kernel_name: str, cx: dict) -> list[tuple[int, int]]:
   return interpreter_phases(kernel_name, 0, 0, cx["NUM_PROGRAMS"], 0, 0)
 
 
+def stage_copy(regions, srcs, stage, ranks):
+  """What the launch handler does for ``triton_call(..., stage=(input, offset, stride))``:
+  rank r's input ``srcs[r]`` copied whole into its region at ``offset + r * stride``."""
+  arg, off, stride = stage
+  for r in ranks:
+    src = np.ascontiguousarray(srcs[r]).reshape(-1).view(np.uint8)
+    regions[r][off + r * stride:off + r * stride + src.size] = src
+
+
 class SimWorld:
   """W simulated ranks with their symmetric regions; runs one op's launch on every rank,
   phase by phase (each phase on every rank before the next), as EPPlan.interpreter_phases
@@ -138,11 +147,8 @@ class SimWorld:
     copy of an input into each rank's region first (triton_call's ``stage``)."""
     self.epoch += 1
     if stage is not None:
-      arg, off, stride = stage
-      for r in (range(self.plan.world) if ranks is None else ranks):
-        src = per_rank_args[r][arg].a.reshape(-1).view(np.uint8)
-        o = off + r * stride
-        self.regions[r][o:o + src.size] = src
+      stage_copy(self.regions, [a[stage[0]].a for a in per_rank_args], stage,
+                 range(self.plan.world) if ranks is None else ranks)
     if phases is None:
       phases = self.plan.interpreter_phases(kernel.__name__)
       if self.reorder is not None:
@@ -1004,10 +1010,7 @@ class _InterpretedLauncher:
       outs = [empty((world,) + tuple(s.shape), s.dtype).a for s in out_shapes]
       self.epoch += 1
       if stage is not None:  # the handler's copy of an input into each rank's region
-        arg, off, stride = stage
-        for r in range(world):
-          src = arrays[arg][r].reshape(-1).view(np.uint8)
-          self.regions[r][off + r * stride:off + r * stride + src.size] = src
+        stage_copy(self.regions, arrays[stage[0]], stage, range(world))
       for phase, g in phases:
         for r in range(world):
           # Arr(o[r]) wraps a view of the batch: the kernel writes into it.
