@@ -20,6 +20,8 @@
 #   nvlink    benchmarks/bench_nvlink_rate.py: remote stores vs remote loads per program [NVLINK_ARGS]
 #   ce        benchmarks/bench_ce_rate.py: the same all-to-all by copy engines [CE_ARGS]
 #   ncu_gemm  Nsight Compute on one grouped GEMM launch per shape [NCU_SHAPES, NCU_KERNEL, NCU_GEMM_ARGS]
+#   mcprobe   benchmarks/probes/bench_multicast_gemm.py under a Triton >= 3.9 unpacked from
+#             wheels/triton-3.9.0-slim.tar.xz (GPU 0; carry it: scripts/slim_triton.sh) [MC_ARGS]
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_logs}
@@ -86,6 +88,12 @@ for s in ${STAGES:-bench dc_tests}; do
         --out $OUT ${COPY_ARGS:-}" ;;
     nvlink) stage nvlink ${NVLINK_LIMIT:-200} "$PY benchmarks/bench_nvlink_rate.py --out $OUT \
         ${NVLINK_ARGS:-}" ;;
+    mcprobe) stage mcprobe ${MC_LIMIT:-420} "$PY -c 'import tarfile; tarfile.open(\
+        \"wheels/triton-3.9.0-slim.tar.xz\").extractall(\"/tmp/triton39\")' && CUDA_VISIBLE_DEVICES=0 \
+        PYTHONPATH=/tmp/triton39:\$PYTHONPATH TRITON_BACKENDS_IN_TREE=1 \
+        TRITON_PTXAS_BLACKWELL_PATH=/tmp/triton39/triton/backends/nvidia/bin/ptxas \
+        TRITON_CACHE_DIR=/tmp/triton39_cache $PY benchmarks/probes/bench_multicast_gemm.py \
+        --out $OUT ${MC_ARGS:-}" ;;
     ce) stage ce ${CE_LIMIT:-150} "$PY benchmarks/bench_ce_rate.py --out $OUT ${CE_ARGS:-}" ;;
     # Nsight Compute on one launch of a grouped GEMM kernel per shape (GPU 0; hardware counters
     # on Firecracker machines only, see the device notes): where a kernel's time goes.
