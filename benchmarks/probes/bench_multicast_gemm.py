@@ -8,6 +8,9 @@ shapes and on each benchmark shape: max abs error, and no unwritten row), then, 
 process and interleaved round by round, the medians of ``triton.testing.do_bench`` for
   a/<stages>/<release>   one CTA per 128 x 256 tile (no cluster)
   b/<stages>/<release>   2-CTA clusters, the w tile multicast to both CTAs
+  release: mbarrier (warp-specialized, stage release by mbarriers), nosync (the same without
+           the producers' per-step cluster sync that Triton 3.9 inserts), cluster_barrier (a
+           cluster barrier every K step)
   dense                  torch.matmul [R_total, K] @ [K, N] (cuBLAS), the same FLOPs
   bmm                    torch.bmm over the balanced groups (cuBLAS batched)
 Groups are balanced (every expert R rows), as the probe kernel requires; the jax_ep kernels'
@@ -48,9 +51,29 @@ def reference(x, w, R):
   return torch.bmm(x.view(E, R, -1).float(), w.float()).view(x.shape[0], -1)
 
 
+_PATCHED = {}
+
+
+def launch(x, w, y, R, variant, stages, release):
+  """release 'nosync': the 'mbarrier' kernel with Triton's producer sync taken out of its PTX
+  (multicast_gemm.drop_producer_sync), launched through Triton's ir_override option."""
+  if release != "nosync":
+    return mc.run(x, w, y, R, variant=variant, stages=stages, release=release)
+  key = (variant, stages, R, x.shape, w.shape)
+  if key not in _PATCHED:
+    k = mc.run(x, w, y, R, variant=variant, stages=stages, release="mbarrier")
+    path = os.path.join(os.environ.get("TRITON_CACHE_DIR", "/tmp"),
+                        f"nosync_{variant}_{stages}_{R}_{len(_PATCHED)}.ptx")
+    with open(path, "w") as f:
+      f.write(mc.drop_producer_sync(k.asm["ptx"]))
+    _PATCHED[key] = path
+  return mc.run(x, w, y, R, variant=variant, stages=stages, release="mbarrier",
+                ir_override=_PATCHED[key])
+
+
 def check(x, w, R, ref, variant, stages, release):
   y = torch.full((x.shape[0], w.shape[2]), float("nan"), device="cuda", dtype=torch.bfloat16)
-  mc.run(x, w, y, R, variant=variant, stages=stages, release=release)
+  launch(x, w, y, R, variant, stages, release)
   torch.cuda.synchronize()
   unwritten = int(torch.isnan(y).any(dim=1).sum().item())
   err = (y.float() - ref).abs().max().item()
@@ -68,8 +91,8 @@ def inputs(C, E, K, N, seed):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--shapes", default=",".join(SHAPES))
-  p.add_argument("--configs", default="a/4/mbarrier,b/4/mbarrier,a/3/mbarrier,b/3/mbarrier,"
-                 "a/4/cluster_barrier,b/4/cluster_barrier")
+  p.add_argument("--configs", default="a/4/mbarrier,b/4/mbarrier,b/4/nosync,a/3/mbarrier,"
+                 "b/3/mbarrier,b/3/nosync,a/4/cluster_barrier,b/4/cluster_barrier")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--out", default="/tmp/mc_out")
   args = p.parse_args()
@@ -121,8 +144,7 @@ def main():
       rec["checks"][name] = {"ok": ok, "max_abs_err": err, "unwritten_rows": unw}
       print(f"{shape} {name}: err {err:.3g} unwritten {unw} {'OK' if ok else 'FAIL'}", flush=True)
       if ok:
-        runnable.append((name, (lambda v=v, s=s, r=r, y=y: mc.run(x, w, y, R, variant=v,
-                                                                  stages=s, release=r))))
+        runnable.append((name, (lambda v=v, s=s, r=r, y=y: launch(x, w, y, R, v, s, r))))
     w2 = w[0].contiguous()
     xb = x.view(E, R, K)
     yd = torch.empty(C, N, device="cuda", dtype=torch.bfloat16)

@@ -308,7 +308,27 @@ def _ensure_allocator():
     _ALLOCATOR_SET = True
 
 
-def run(x, w, y, R, variant="b", stages=4, release="mbarrier"):
+def drop_producer_sync(ptx: str) -> str:
+    """The PTX of a variant (b) RELEASE=0 kernel without the producers' cluster sync that Triton
+    3.9 inserts before every multicast TMA (an arrive on the peer CTA's barrier, then a wait on
+    our own: a round trip between the two CTAs per K step). The stage protocol above does not
+    need it: CTA 0 multicasts into a stage only after empty_mc says both CTAs' consumers are done
+    with it, so both CTAs' ready barriers are in the phase the multicast completes, and the
+    barriers were initialized before the cluster barrier that starts the kernel. The wait
+    becomes a predicate set true, the arrive is dropped; exactly one of each must be found."""
+    import re
+    arrive = re.compile(r"^[^\n]*mbarrier\.arrive\.release\.cluster\.shared::cluster\.b64[^\n]*\n",
+                        re.M)
+    wait = re.compile(r"mbarrier\.try_wait\.parity\.acquire\.cluster\.shared::cta\.b64 "
+                      r"complete, \[%r\d+\], %r\d+;")
+    if len(arrive.findall(ptx)) != 1 or len(wait.findall(ptx)) != 1:
+        raise RuntimeError("drop_producer_sync: the inserted producer sync was not found once; "
+                           "this Triton lowers it differently")
+    ptx = arrive.sub("", ptx)
+    return wait.sub("setp.eq.u32 complete, 1, 1;", ptx)
+
+
+def run(x, w, y, R, variant="b", stages=4, release="mbarrier", **launch):
     """y[rows of e] = x[rows of e] @ w[e] on the GPU. x [C, K], w [E, K, N], y [C, N], contiguous
     bf16 CUDA tensors, E * R == C. variant 'a': one CTA per program; 'b': 2-CTA clusters with the
     w tile multicast (launched with num_ctas=2: Triton 3.9's launcher then launches
@@ -327,7 +347,7 @@ def run(x, w, y, R, variant="b", stages=4, release="mbarrier"):
         x, w, y, C, K, N,
         R=R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STAGES=stages,
         RELEASE=_release_code(release),
-        num_warps=NUM_WARPS, num_ctas=num_ctas)
+        num_warps=NUM_WARPS, num_ctas=num_ctas, **launch)
 
 
 def reference(x, w, R):
