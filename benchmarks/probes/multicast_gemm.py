@@ -102,6 +102,17 @@ def _issue(x_desc, w_desc, a_bufs, b_bufs, ready, j, row0, w_row0, n0, BLOCK_K: 
 
 
 @gluon.jit
+def _mma_step(a_bufs, b_bufs, ready, acc, i):
+  """K step i: wait for its stage, issue its wgmma; returns when step i - 1's wgmma has
+  finished reading its stage (in this warpgroup) ..."""
+  STAGES: gl.constexpr = a_bufs.shape[0]
+  s = i % STAGES
+  mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+  acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=i > 0, is_async=True)
+  return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+
+
+@gluon.jit
 def _ws_consumer(a_bufs, b_bufs, ready, empty, empty_mc, k_iters, acc_layout: gl.constexpr,
                  MULTICAST: gl.constexpr):
   """Default partition (the launch's 8 warps = two warpgroups, one wgmma over the CTA's 128
@@ -111,11 +122,7 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, empty_mc, k_iters, acc_layout: gl
   BLOCK_N: gl.constexpr = b_bufs.shape[2]
   acc = gl.zeros([CL_M, BLOCK_N], gl.float32, acc_layout)
   for i in range(k_iters):
-    s = i % STAGES
-    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=i > 0, is_async=True)
-    # Step i - 1's wgmma has finished reading its stage, in this warpgroup ...
-    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    acc = _mma_step(a_bufs, b_bufs, ready, acc, i)
     # ... and, after this barrier of the partition's 8 warps, in both warpgroups.
     gl.barrier()
     # Release step i - 1's stage, only where the producer refills it (every arrive is then
@@ -235,11 +242,7 @@ def mc_grouped_gemm_fwd_kernel(
                MULTICAST)
     acc = gl.zeros([CL_M, BLOCK_N], gl.float32, acc_layout)
     for i in range(k_iters):
-      s = i % STAGES
-      mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-      acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, use_acc=i > 0, is_async=True)
-      # Step i - 1's wgmma has finished reading its stage (in this warpgroup) ...
-      acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      acc = _mma_step(a_bufs, b_bufs, ready, acc, i)
       # ... and after this barrier in every warpgroup of the cluster: its stage may be
       # overwritten, in this CTA and (multicast) in the peer.
       gl.barrier(cluster=True)
