@@ -99,14 +99,6 @@ def _sweep_candidates():
                                   (3, 4, True), (3, 16, True), (3, 4, False), (3, 16, False),
                                   (4, 8, False))],
       ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
-      # 192-row tiles on three consumer warpgroups of 64 rows (each skipped when it holds no
-      # row of the group; the first issues the loads): a group of ~512 rows takes 3 tiles
-      # instead of 4-5, so fewer w tiles are read and less MMA is wasted on group tails.
-      *[(f"gluon ws 192x256x64 s{st}" + (f" g{g}" if g > 1 else "")
-         + ("" if persistent else " per-tile"),
-         T(192, 256, 64, 12, st, half_tiles=False, gluon=True, group_m=g,
-           persistent=persistent), True)
-        for st, g, persistent in ((3, 8, True), (3, 8, False), (2, 8, False), (3, 1, True))],
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.
       ("tma 64x256x64 w4 s4 flat", T(64, 256, 64, 4, 4, half_tiles=False, flatten=True), True),

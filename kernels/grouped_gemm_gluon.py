@@ -69,17 +69,13 @@ else:
     GLUON_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _gluon_tile_why_not(kernel: str, cfg, elem_bytes: int, block_ms: tuple[int, ...],
-                        three_wg: bool = False):
-  """What every Gluon grouped-GEMM kernel here needs of ``cfg`` and the inputs, or why not.
-  ``three_wg``: the kernel also runs 192-row tiles on three warpgroups (num_warps=12)."""
+def _gluon_tile_why_not(kernel: str, cfg, elem_bytes: int, block_ms: tuple[int, ...]):
+  """What every Gluon grouped-GEMM kernel here needs of ``cfg`` and the inputs, or why not."""
   if GLUON_ERROR is not None:
     return f"the {kernel} is not available here: {GLUON_ERROR}"
-  three = three_wg and (cfg.num_warps, cfg.block_m) == (12, 192)
-  if not three and (cfg.num_warps != 8 or cfg.block_m not in block_ms):
+  if cfg.num_warps != 8 or cfg.block_m not in block_ms:
     rows = " or ".join(map(str, block_ms))
-    more = ", or 192-row tiles on three (num_warps=12)" if three_wg else ""
-    return f"the {kernel} runs {rows}-row tiles on two warpgroups (num_warps=8){more}"
+    return f"the {kernel} runs {rows}-row tiles on two warpgroups (num_warps=8)"
   if elem_bytes != 2:
     return f"the {kernel} takes 16-bit inputs only"
   return None
@@ -295,75 +291,27 @@ if GLUON_ERROR is None:
         it += 1
 
   @gluon.jit
-  def _ws3_issue(ld, x_desc, w_desc, a0, a1, a2, b_bufs, ready, empty, tiles_ptr, num_group,
-                 C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
-                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
-                 GROUP_M: gl.constexpr):
-    """The TMA loads of this program's K step ``ld`` (counting over its tiles p, p + P, ...)
-    for a 192-row tile: x in three 64-row slices into ``a0``, ``a1``, ``a2`` and the w tile,
-    into stage ld % STAGES once every consumer released it (nothing past the last step).
-    Returns ld + 1."""
-    STAGES: gl.constexpr = a0.shape[0]
-    SLICE: gl.constexpr = x_desc.block_type.shape[0]
-    NUM_N: gl.constexpr = N // BLOCK_N
-    K_ITERS: gl.constexpr = K // BLOCK_K
-    nbytes: gl.constexpr = 3 * x_desc.block_type.nbytes + w_desc.block_type.nbytes
-    tile = gl.program_id(0) + (ld // K_ITERS) * gl.num_programs(0)
-    if tile < num_group * NUM_N:
-      ki = ld % K_ITERS
-      m_tile, n_tile = _ws_tile_coords(tile, num_group, NUM_N, GROUP_M)
-      row_start, _, e = _tile_record(tiles_ptr, m_tile, C, E)
-      n0 = n_tile * BLOCK_N
-      s = ld % STAGES
-      mbarrier.wait(empty.index(s), ((ld // STAGES) & 1) ^ 1)
-      mbarrier.expect(ready.index(s), nbytes)
-      tma.async_copy_global_to_shared(x_desc, [row_start, ki * BLOCK_K], ready.index(s),
-                                      a0.index(s))
-      tma.async_copy_global_to_shared(x_desc, [row_start + SLICE, ki * BLOCK_K],
-                                      ready.index(s), a1.index(s))
-      tma.async_copy_global_to_shared(x_desc, [row_start + 2 * SLICE, ki * BLOCK_K],
-                                      ready.index(s), a2.index(s))
-      if B_KMAJOR:  # dx: B[e] = w[e]^T, w seen as [E * N, K]
-        tma.async_copy_global_to_shared(w_desc, [e * N + n0, ki * BLOCK_K], ready.index(s),
-                                        b_bufs.index(s))
-      else:         # forward: w seen as [E * K, N]
-        tma.async_copy_global_to_shared(w_desc, [e * K + ki * BLOCK_K, n0], ready.index(s),
-                                        b_bufs.index(s))
-    return ld + 1
-
-  @gluon.jit
-  def _ws_fwd_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr,
+  def _ws_fwd_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                        tiles_ptr, num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                       x_desc=None, w_desc=None, a1=None, a2=None):
-    """Consumer warpgroup WG (4 warps): the WG-th slice of ``out_buf``'s rows (BLOCK_M / 2, or
-    64 of a 192-row tile) of every tile, read from ``a_bufs`` (the whole tile's x rows, or this
-    slice's alone). It runs the MMAs of each K step as the stage arrives and releases the stage
-    one step later (``empty`` counts every consumer warpgroup); a slice holding no rows of the
-    group (a partial last tile) skips its MMAs and releases each stage at once. Then its slice
-    goes out through ``out_buf``, one EPI_N-column chunk at a time (its width): by TMA when
-    every row is the group's, else by 16-byte stores masked to the group's rows.
-    With ``x_desc`` (the 192-row tile's first warpgroup, which has no producer warp beside
-    it: 16 warps would cap every thread at 128 registers) it also issues the TMA loads,
-    STAGES - 1 steps ahead: step it + STAGES - 1 goes into the stage step it - 1 used, once
-    all three warpgroups released it (``_ws3_issue``)."""
+                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
+    """Consumer warpgroup WG (4 warps): rows WG * BLOCK_M/2 .. of every tile. It runs the MMAs
+    of each K step as the stage arrives and releases the stage one step later (``empty``
+    counts both warpgroups); a half holding no rows of the group (a partial last tile) skips
+    its MMAs and releases each stage at once. Then its half goes out through shared memory,
+    one EPI_N-column chunk at a time (``out_bufs``' width): by TMA when every row is the
+    group's, else by 16-byte stores masked to the group's rows."""
     STAGES: gl.constexpr = a_bufs.shape[0]
-    HALF: gl.constexpr = out_buf.shape[0]  # the slice's rows
+    HALF: gl.constexpr = BLOCK_M // 2
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
-    EPI_N: gl.constexpr = out_buf.shape[1]
-    LOADS: gl.constexpr = x_desc is not None
-    if LOADS:  # the first STAGES - 1 steps' loads
-      ld = 0
-      for _p in gl.static_range(STAGES - 1):
-        ld = _ws3_issue(ld, x_desc, w_desc, a_bufs, a1, a2, b_bufs, ready, empty, tiles_ptr,
-                        num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)
+    EPI_N: gl.constexpr = out_bufs.shape[2]
     dtype: gl.constexpr = y_ptr.dtype.element_ty
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // EPI_N, EPI_N // 8],
                                                [4, 1], [1, 0])
+    out_buf = out_bufs.index(WG)
     acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
     it = 0
     for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
@@ -379,17 +327,10 @@ if GLUON_ERROR is None:
             b = b_bufs.index(s).permute((1, 0))
           else:
             b = b_bufs.index(s)
-          if a_bufs.shape[1] == HALF:
-            a = a_bufs.index(s)
-          else:
-            a = a_bufs.index(s).slice(WG * HALF, HALF, dim=0)
+          a = a_bufs.index(s).slice(WG * HALF, HALF, dim=0)
           acc = warpgroup_mma(a, b, acc, use_acc=ki > 0, is_async=True)
           acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
           mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-          if LOADS:
-            ld = _ws3_issue(ld, x_desc, w_desc, a_bufs, a1, a2, b_bufs, ready, empty,
-                            tiles_ptr, num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR,
-                            GROUP_M)
           it += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
@@ -404,10 +345,6 @@ if GLUON_ERROR is None:
           s = it % STAGES
           mbarrier.wait(ready.index(s), (it // STAGES) & 1)
           mbarrier.arrive(empty.index(s))
-          if LOADS:
-            ld = _ws3_issue(ld, x_desc, w_desc, a_bufs, a1, a2, b_bufs, ready, empty,
-                            tiles_ptr, num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR,
-                            GROUP_M)
           it += 1
     tma.store_wait(0)
 
@@ -432,21 +369,12 @@ if GLUON_ERROR is None:
                out_buf.load(st_layout), mask=(rows < row_end)[:, None])
 
   @gluon.jit
-  def _ws_fwd_consumer1(a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
+  def _ws_fwd_consumer1(a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
                         num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                         E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
-    """The second consumer warpgroup (a worker partition): the second slice of each tile."""
-    _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
-                     num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)
-
-  @gluon.jit
-  def _ws_fwd_consumer2(a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
-                        num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
-                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
-    """The third consumer warpgroup of a 192-row tile (a worker partition): rows 128 .. 191."""
-    _ws_fwd_consumer(2, a_bufs, b_bufs, ready, empty, out_buf, y_desc, y_ptr, tiles_ptr,
+    """The second consumer warpgroup (a worker partition): rows BLOCK_M/2 .. of each tile."""
+    _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
                      num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)
 
   @gluon.jit
@@ -461,35 +389,29 @@ if GLUON_ERROR is None:
       B_KMAJOR: gl.constexpr,
       GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
       EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
-      NUM_WG: gl.constexpr,   # consumer warpgroups: 2, or 3 for 192-row tiles (64 rows each)
   ):
     """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
-    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile.
-    NUM_WG = 3 (192-row tiles; shared memory takes power-of-two shapes, so each warpgroup's
-    64 x rows and output slice are buffers of their own): no producer warp, the first
-    consumer warpgroup issues the loads (``_ws_fwd_consumer``)."""
+    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     NUM_N: gl.constexpr = N // BLOCK_N
-    SLICE: gl.constexpr = BLOCK_M // NUM_WG
-    A_ROWS: gl.constexpr = BLOCK_M if NUM_WG == 2 else SLICE  # x rows per buffer, TMA box
-    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([A_ROWS, BLOCK_K], dtype)
+    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
     if B_KMAJOR:
       b_block: gl.constexpr = [BLOCK_N, BLOCK_K]
     else:
       b_block: gl.constexpr = [BLOCK_K, BLOCK_N]
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([SLICE, EPI_N], dtype)
-    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, A_ROWS, BLOCK_K], a_layout)
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, EPI_N], dtype)
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_layout)
-    out_bufs = gl.allocate_shared_memory(dtype, [2, SLICE, EPI_N], y_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, EPI_N], y_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
       mbarrier.init(ready.index(j), count=1)
-      mbarrier.init(empty.index(j), count=NUM_WG)  # one arrive per consumer warpgroup
+      mbarrier.init(empty.index(j), count=2)  # one arrive per consumer warpgroup
     # Rows past C read as zeros; a tile's rows past its group are computed, never stored.
     x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
-                                        block_shape=[A_ROWS, BLOCK_K], layout=a_layout)
+                                        block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
     if B_KMAJOR:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[K, 1],
                                           block_shape=b_block, layout=b_layout)
@@ -497,50 +419,33 @@ if GLUON_ERROR is None:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=b_block, layout=b_layout)
     y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, N], strides=[N, 1],
-                                        block_shape=[SLICE, EPI_N], layout=y_layout)
+                                        block_shape=[BLOCK_M // 2, EPI_N], layout=y_layout)
     num_group = gl.minimum(gl.maximum(gl.load(tiles_ptr), 0), MAX_GROUP_TILES)
-    if NUM_WG == 3:
-      a1 = gl.allocate_shared_memory(dtype, [STAGES, A_ROWS, BLOCK_K], a_layout)
-      a2 = gl.allocate_shared_memory(dtype, [STAGES, A_ROWS, BLOCK_K], a_layout)
-      out2 = gl.allocate_shared_memory(dtype, [SLICE, EPI_N], y_layout)
-      gl.warp_specialize([
-          (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs.index(0), y_desc,
-                              y_ptr, tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N,
-                              BLOCK_K, B_KMAJOR, GROUP_M, x_desc, w_desc, a1, a2)),
-          (_ws_fwd_consumer1, (a1, b_bufs, ready, empty, out_bufs.index(1), y_desc, y_ptr,
-                               tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                               B_KMAJOR, GROUP_M)),
-          (_ws_fwd_consumer2, (a2, b_bufs, ready, empty, out2, y_desc, y_ptr,
-                               tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                               B_KMAJOR, GROUP_M)),
-      ], [4, 4], [168, 168])
-    else:
-      gl.warp_specialize([
-          (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs.index(0), y_desc,
-                              y_ptr, tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N,
-                              BLOCK_K, B_KMAJOR, GROUP_M)),
-          (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs.index(1), y_desc, y_ptr,
-                               tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                               B_KMAJOR, GROUP_M)),
-          (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
-                              num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)),
-      ], [4, 1], [232, 40])
+    gl.warp_specialize([
+        (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                            tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                            B_KMAJOR, GROUP_M)),
+        (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                             tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                             B_KMAJOR, GROUP_M)),
+        (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
+                            num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)),
+    ], [4, 1], [232, 40])
 
     # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1],
                                         [1, 0])
     num_zero = gl.minimum(gl.maximum(gl.load(tiles_ptr + 1), 0), MAX_ZERO_TILES)
-    zeros = gl.zeros([A_ROWS, BLOCK_N], dtype, zl)  # A_ROWS: a power of two
+    zeros = gl.zeros([BLOCK_M, BLOCK_N], dtype, zl)
     pid = gl.program_id(0)
     for z in range(gl.num_programs(0) - 1 - pid, num_zero * NUM_N, gl.num_programs(0)):
       rec = tiles_ptr + (1 + MAX_GROUP_TILES + z // NUM_N) * 4
       row_start = gl.minimum(gl.maximum(gl.load(rec), 0), C)
       row_end = gl.minimum(gl.maximum(gl.load(rec + 1), row_start), C)
+      rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, zl))
       cols = (z % NUM_N) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zl))
-      for q in gl.static_range(BLOCK_M // A_ROWS):
-        rows = row_start + q * A_ROWS + gl.arange(0, A_ROWS, layout=gl.SliceLayout(1, zl))
-        gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], zeros,
-                 mask=(rows < row_end)[:, None])
+      gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], zeros,
+               mask=(rows < row_end)[:, None])
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
       mbarrier.invalidate(empty.index(j))
@@ -549,8 +454,7 @@ if GLUON_ERROR is None:
 def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   """None when ``grouped_gemm_ws_kernel`` can run ``cfg`` (a ``TileConfig``) for y [C, N] =
   x [C, K] @ B[e] (the forward, or dx with B[e] = w[e]^T), else why not."""
-  why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 256),
-                            three_wg=True)
+  why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 256))
   if why is None and (K % cfg.block_k or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
   if why is None and ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
@@ -589,8 +493,7 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
-              EPI_N=ws_epilogue_cols(cfg, 2),  # 16-bit inputs only (gluon_fwd_supported)
-              NUM_WG=cfg.num_warps // 4)
+              EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
