@@ -89,8 +89,8 @@ for s in ${STAGES:-bench dc_tests}; do
     nvlink) stage nvlink ${NVLINK_LIMIT:-200} "$PY benchmarks/bench_nvlink_rate.py --out $OUT \
         ${NVLINK_ARGS:-}" ;;
     mcprobe) stage mcprobe ${MC_LIMIT:-420} "$PY -c 'import tarfile; tarfile.open(\
-        \"wheels/triton-3.9.0-slim.tar.xz\").extractall(\"/tmp/triton39\")' && CUDA_VISIBLE_DEVICES=0 \
-        PYTHONPATH=/tmp/triton39:\$PYTHONPATH TRITON_BACKENDS_IN_TREE=1 \
+        \"wheels/triton-3.9.0-slim.tar.xz\").extractall(\"/tmp/triton39\")' && \
+        CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/triton39:\$PYTHONPATH TRITON_BACKENDS_IN_TREE=1 \
         TRITON_PTXAS_BLACKWELL_PATH=/tmp/triton39/triton/backends/nvidia/bin/ptxas \
         TRITON_CACHE_DIR=/tmp/triton39_cache $PY benchmarks/probes/bench_multicast_gemm.py \
         --out $OUT ${MC_ARGS:-}" ;;

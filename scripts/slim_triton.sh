@@ -23,5 +23,6 @@ rm -rf "$t/backends/amd" "$t/backends/nvidia/lib/cupti" "$t/backends/nvidia/lib/
 strip "$t/_C/libtriton.so" "$t/backends/nvidia/bin/ptxas" "$t/backends/nvidia/bin/cuobjdump"
 chmod +x "$t/backends/nvidia/bin/"*
 mkdir -p wheels
-(cd "$work/x" && tar -cf - triton "triton-$version.dist-info" | xz -T2 -6 > "$OLDPWD/wheels/triton-$version-slim.tar.xz")
+out="$PWD/wheels/triton-$version-slim.tar.xz"
+(cd "$work/x" && tar -cf - triton "triton-$version.dist-info" | xz -T2 -6 > "$out")
 ls -la wheels/
