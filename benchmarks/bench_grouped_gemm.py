@@ -99,6 +99,13 @@ def _sweep_candidates():
                                   (3, 4, True), (3, 16, True), (3, 4, False), (3, 16, False),
                                   (4, 8, False))],
       ("gluon ws 128x128x64 s6", T(128, 128, 64, 8, 6, half_tiles=False, gluon=True), True),
+      # The same rasters with the runs of g m-tiles cut per expert (expert_raster), so that
+      # no run straddles two experts (whose w tiles would then be read by two runs far apart
+      # in time: with uneven group sizes the fixed runs do).
+      *[(f"gluon ws 128x256x64 s3 g{g} expert" + ("" if persistent else " per-tile"),
+         T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=g,
+           persistent=persistent, expert_raster=True), True)
+        for g, persistent in ((8, True), (8, False), (4, True), (4, False), (16, False))],
       # 64-row tiles halve the partial last tile's waste (24 % of the rows at the Qwen3
       # shapes' ~256-row groups, 12 % with 64-row tiles), at 1.6x the L2 bytes per FLOP.
       ("tma 64x256x64 w4 s4 flat", T(64, 256, 64, 4, 4, half_tiles=False, flatten=True), True),

@@ -410,8 +410,11 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
 
   Returns int32 ``[1 + max_group_tiles + max_zero_tiles, 4]``:
     row 0                        (number of group tiles, number of zero tiles, 0, 0)
-    row 1 + m                    group M tile m: (row_start, row_end, expert, 0); the tile
-                                 covers rows [row_start, min(row_start + BLOCK_M, row_end))
+    row 1 + m                    group M tile m: (row_start, row_end, expert, span); the tile
+                                 covers rows [row_start, min(row_start + BLOCK_M, row_end));
+                                 span = first << 16 | count: the expert's group tiles are
+                                 first .. first + count - 1 (count clipped to 65535; 0 where
+                                 first >= 32768: see ``expert_raster_ok``)
     row 1 + max_group_tiles + z  zero M tile z: (row_start, row_end, 0, 0)
   Group tiles are in expert order, each group cut from its first row; zero tiles cover the gap
   before each group and the tail after the last, in row order. Offsets are clamped to [0, C] and
@@ -426,7 +429,10 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   ge, g_local, g_valid, num_g = _locate(g_tiles, max_g, xp)
   g_start = xp.where(g_valid, off[ge] + g_local * block_m, 0)
   g_end = xp.where(g_valid, end[ge], 0)
-  group_rows = xp.stack([g_start, g_end, xp.where(g_valid, ge, 0), xp.zeros_like(ge)], axis=1)
+  first = xp.arange(max_g, dtype=xp.int32) - g_local
+  span = xp.where(g_valid & (first < 32768),
+                  first * 65536 + xp.minimum(g_tiles[ge], 65535), 0).astype(xp.int32)
+  group_rows = xp.stack([g_start, g_end, xp.where(g_valid, ge, 0), span], axis=1)
 
   # Segments in no group: the gap before each group (from the previous group's end), the tail.
   prev_end = xp.concatenate([xp.zeros((1,), xp.int32), end[:-1]])
@@ -442,6 +448,12 @@ def tile_table(sizes, offsets, C: int, E: int, block_m: int, xp):
   header = xp.stack([xp.minimum(num_g, max_g), xp.minimum(num_z, max_z),
                      xp.zeros_like(num_g), xp.zeros_like(num_g)])[None, :]
   return xp.concatenate([header, group_rows, zero_rows], axis=0).astype(xp.int32)
+
+
+def expert_raster_ok(C: int, E: int, block_m: int) -> bool:
+  """Whether every group tile's span (``tile_table``'s column 3) fits its 16-bit fields, so a
+  kernel may walk the tiles expert by expert (``TileConfig.expert_raster``)."""
+  return table_bounds(C, E, block_m)[0] < 32768
 
 
 def _clamp_groups(sizes, offsets, C: int, xp):
@@ -502,7 +514,10 @@ class TileConfig:
   ``grouped_gemm_ws_kernel`` (also 256-row tiles; shared memory for the stages and one output
   tile, or half of one: 3 or 4 stages at 128 x 256 x 64). ``group_m`` (that kernel only): its
   tiles walked ``group_m`` group tiles at a time, M fastest, instead of N fastest; with
-  ``persistent=False`` it runs one program per tile.
+  ``persistent=False`` it runs one program per tile. ``expert_raster`` (with ``group_m``):
+  those runs of ``group_m`` group tiles never cross an expert (each expert's tiles are cut
+  into runs from its first), so every w tile of an expert is read by its m-tiles side by side
+  rather than by two runs far apart in time.
   """
 
   block_m: int
@@ -516,6 +531,7 @@ class TileConfig:
   persistent: bool = True
   gluon: bool = False
   group_m: int = 1
+  expert_raster: bool = False
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -524,7 +540,8 @@ class TileConfig:
                                                              ("flatten", False),
                                                              ("persistent", True),
                                                              ("gluon", False),
-                                                             ("group_m", 1))
+                                                             ("group_m", 1),
+                                                             ("expert_raster", False))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

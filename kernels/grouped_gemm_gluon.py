@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import triton
 
-from .grouped_gemm import dw_max_steps, table_bounds
+from .grouped_gemm import dw_max_steps, expert_raster_ok, table_bounds
 
 # Gluon's Python API is experimental and changes between releases (Triton 3.9 renamed the CTA
 # barrier and the TMA store, among others): this file is written against 3.5 / 3.6, the
@@ -245,11 +245,26 @@ if GLUON_ERROR is None:
     return row_start, row_end, e
 
   @gluon.jit
-  def _ws_tile_coords(tile, num_group, NUM_N: gl.constexpr, GROUP_M: gl.constexpr):
+  def _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N: gl.constexpr, GROUP_M: gl.constexpr,
+                      EXPERT_RASTER: gl.constexpr):
     """(group tile, N tile) of output tile ``tile``: the N tiles of one group tile in turn
     (GROUP_M = 1), or GROUP_M group tiles at a time walked M-fastest per N tile, so that the
-    m-tiles of an expert reading the same w tile run side by side (one read from HBM)."""
-    if GROUP_M == 1:
+    m-tiles of an expert reading the same w tile run side by side (one read from HBM). With
+    EXPERT_RASTER the runs of GROUP_M group tiles are cut from each expert's first tile
+    (``tile_table``'s span column), so no run holds two experts' tiles: where experts have
+    uneven tile counts, a fixed run straddles two of them and each's w tiles are read by two
+    runs far apart in time, twice from HBM when w[e] exceeds L2."""
+    if EXPERT_RASTER:
+      q = gl.minimum(tile // NUM_N, num_group - 1)  # a group tile of the tile's run
+      span = gl.load(tiles_ptr + (1 + q) * 4 + 3)
+      first = gl.minimum(span >> 16, q)
+      count = gl.maximum(span & 65535, q - first + 1)
+      start = first + ((q - first) // GROUP_M) * GROUP_M
+      size = gl.minimum(first + count - start, GROUP_M)
+      local = tile - start * NUM_N
+      m_tile = gl.minimum(start + local % size, num_group - 1)
+      n_tile = gl.minimum(local // size, NUM_N - 1)
+    elif GROUP_M == 1:
       m_tile = tile // NUM_N
       n_tile = tile % NUM_N
     else:
@@ -264,7 +279,7 @@ if GLUON_ERROR is None:
   def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_group,
                        C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
-                       GROUP_M: gl.constexpr):
+                       GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr):
     """One warp: the TMA loads of every K step of the program's tiles, STAGES deep, each
     into the stage the consumers last released (``empty``), completing on ``ready``."""
     STAGES: gl.constexpr = a_bufs.shape[0]
@@ -273,7 +288,8 @@ if GLUON_ERROR is None:
     nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     it = 0
     for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
-      m_tile, n_tile = _ws_tile_coords(tile, num_group, NUM_N, GROUP_M)
+      m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
+                                       EXPERT_RASTER)
       row_start, _, e = _tile_record(tiles_ptr, m_tile, C, E)
       n0 = n_tile * BLOCK_N
       for ki in range(K_ITERS):
@@ -294,7 +310,8 @@ if GLUON_ERROR is None:
   def _ws_fwd_consumer(WG: gl.constexpr, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                        tiles_ptr, num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
+                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
+                       EXPERT_RASTER: gl.constexpr):
     """Consumer warpgroup WG (4 warps): rows WG * BLOCK_M/2 .. of every tile. It runs the MMAs
     of each K step as the stage arrives and releases the stage one step later (``empty``
     counts both warpgroups); a half holding no rows of the group (a partial last tile) skips
@@ -315,7 +332,8 @@ if GLUON_ERROR is None:
     acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
     it = 0
     for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
-      m_tile, n_tile = _ws_tile_coords(tile, num_group, NUM_N, GROUP_M)
+      m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
+                                       EXPERT_RASTER)
       row_start, row_end, _ = _tile_record(tiles_ptr, m_tile, C, E)
       r0 = row_start + WG * HALF
       n0 = n_tile * BLOCK_N
@@ -372,10 +390,12 @@ if GLUON_ERROR is None:
   def _ws_fwd_consumer1(a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
                         num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                         E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr):
+                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
+                        EXPERT_RASTER: gl.constexpr):
     """The second consumer warpgroup (a worker partition): rows BLOCK_M/2 .. of each tile."""
     _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
-                     num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)
+                     num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
+                     EXPERT_RASTER)
 
   @gluon.jit
   def grouped_gemm_ws_kernel(
@@ -388,6 +408,7 @@ if GLUON_ERROR is None:
       MAX_GROUP_TILES: gl.constexpr, MAX_ZERO_TILES: gl.constexpr, STAGES: gl.constexpr,
       B_KMAJOR: gl.constexpr,
       GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
+      EXPERT_RASTER: gl.constexpr,  # runs of GROUP_M tiles cut per expert (_ws_tile_coords)
       EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
   ):
     """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
@@ -424,12 +445,13 @@ if GLUON_ERROR is None:
     gl.warp_specialize([
         (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                             tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                            B_KMAJOR, GROUP_M)),
+                            B_KMAJOR, GROUP_M, EXPERT_RASTER)),
         (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                             B_KMAJOR, GROUP_M)),
+                             B_KMAJOR, GROUP_M, EXPERT_RASTER)),
         (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
-                            num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M)),
+                            num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
+                            EXPERT_RASTER)),
     ], [4, 1], [232, 40])
 
     # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
@@ -493,6 +515,8 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
+              EXPERT_RASTER=(cfg.expert_raster and cfg.group_m > 1
+                             and expert_raster_ok(C, E, cfg.block_m)),
               EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
