@@ -596,13 +596,22 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
 #   hardware starts in order, keeping the m-tiles that read one w tile of the 58.7 MB w[e]
 #   side by side) at DeepSeek-V3 up fwd, 3.470 / 3.608 vs 3.495 / 3.740. Not at DeepSeek-V3
 #   down dx (1.910 / 1.801 vs 1.751 / 1.755).
+# - with those runs of m-tiles cut per expert (``expert_raster``), at the DeepSeek-V3 shapes, in
+#   two sweeps on one H200 (2026-11-23 02:13 and 02:14, 7 samples): up fwd with 4-tile runs,
+#   persistent, 3.088 / 3.245 ms vs 3.386 / 3.300 for the previous winner (8-tile runs, one
+#   program per tile); down fwd 1.572 / 1.556 vs 1.615 / 1.670 (8-tile runs); down dx with
+#   4-tile runs 1.574 / 1.575 (the plain 4- and 8-tile runs 1.692 / 1.611 and 1.678 / 1.746).
 TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True),
     ("dx", 2048, 768, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                     gluon=True),
     ("fwd", 2048, 7168, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
-                                                      gluon=True, group_m=8),
+                                                      gluon=True, group_m=8,
+                                                      expert_raster=True),
+    ("dx", 7168, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
+                                                     gluon=True, group_m=4,
+                                                     expert_raster=True),
     ("dx", 4096, 7168, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True, group_m=8),
     ("fwd", 2048, 1536, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
@@ -610,8 +619,8 @@ TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("dx", 1536, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True, group_m=8),
     ("fwd", 7168, 4096, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
-                                                      persistent=False, gluon=True,
-                                                      group_m=8),
+                                                      gluon=True, group_m=4,
+                                                      expert_raster=True),
 }
 
 
