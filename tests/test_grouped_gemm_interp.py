@@ -283,7 +283,8 @@ def test_tile_search_covers_every_row_once(interp, rng):
 @pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
 def test_tile_table_covers_every_row_once(rng, kind):
   """Group tiles cover each group's rows once, one expert per tile, in expert order; zero tiles
-  cover exactly the rows in no group; jax.numpy (as the backend runs it) gives the same table."""
+  cover exactly the rows in no group; each group tile records its expert's span of group tiles
+  (first, count); jax.numpy (as the backend runs it) gives the same table."""
   import jax.numpy as jnp
   from kernels import grouped_gemm as gg
 
@@ -312,6 +313,12 @@ def test_tile_table_covers_every_row_once(rng, kind):
     want[o:o + s] = ex
   np.testing.assert_array_equal(owner, want)
   assert experts == sorted(experts)
+  # Column 3 (the expert raster's span): first << 16 | count of the expert's group tiles.
+  group_experts = table[1:1 + num_g, 2]
+  for m, span in enumerate(table[1:1 + num_g, 3]):
+    mine = np.flatnonzero(group_experts == group_experts[m])
+    assert (span >> 16, span & 65535) == (mine[0], len(mine))
+  assert not table[1 + num_g:1 + max_g, 3].any()
   on_device = gg.tile_table(jnp.asarray(sizes), jnp.asarray(offsets), c, e, bm, jnp)
   np.testing.assert_array_equal(np.asarray(on_device), table)
 
