@@ -597,10 +597,12 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
 #   side by side) at DeepSeek-V3 up fwd, 3.470 / 3.608 vs 3.495 / 3.740. Not at DeepSeek-V3
 #   down dx (1.910 / 1.801 vs 1.751 / 1.755).
 # - with those runs of m-tiles cut per expert (``expert_raster``), at the DeepSeek-V3 shapes, in
-#   two sweeps on one H200 (2026-11-23 02:13 and 02:14, 7 samples): up fwd with 4-tile runs,
-#   persistent, 3.088 / 3.245 ms vs 3.386 / 3.300 for the previous winner (8-tile runs, one
-#   program per tile); down fwd 1.572 / 1.556 vs 1.615 / 1.670 (8-tile runs); down dx with
-#   4-tile runs 1.574 / 1.575 (the plain 4- and 8-tile runs 1.692 / 1.611 and 1.678 / 1.746).
+#   three sweeps on one H200 (2026-11-23 02:13-02:16, 7 samples): up fwd with 4-tile runs,
+#   persistent, 3.088 / 3.245 / 3.220 ms vs 3.386 / 3.300 / 3.493 for the previous winner
+#   (8-tile runs, one program per tile); down fwd 1.572 / 1.556 / 1.654 vs 1.615 / 1.670 /
+#   1.689 (8-tile runs); down dx with 4-tile runs 1.574 / 1.575 / 1.639 (the plain 4- and
+#   8-tile runs 1.692 / 1.611 and 1.678 / 1.746; the flattened TMA kernel, the previous
+#   default, 1.692 in the third).
 TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True),
