@@ -46,11 +46,6 @@ SHAPES = {
 SMALL = [(512, 2, 128, 256), (1024, 2, 640, 512), (2048, 4, 7168, 512)]
 
 
-def reference(x, w, R):
-  E = w.shape[0]
-  return torch.bmm(x.view(E, R, -1).float(), w.float()).view(x.shape[0], -1)
-
-
 _PATCHED = {}
 
 
@@ -109,7 +104,7 @@ def main():
   failed = set()
   for C, E, K, N in SMALL:
     x, w = inputs(C, E, K, N, 1)
-    ref = reference(x, w, C // E)
+    ref = mc.reference(x, w, C // E)
     for name, v, s, r in configs:
       try:
         ok, err, unw, _ = check(x, w, C // E, ref, v, s, r)
@@ -128,7 +123,7 @@ def main():
     C, E, K, N = SHAPES[shape]
     R = C // E
     x, w = inputs(C, E, K, N, 2)
-    ref = reference(x, w, R)
+    ref = mc.reference(x, w, R)
     flops = 2 * C * K * N
     rec = {"C": C, "E": E, "K": K, "N": N, "checks": {}, "ms": {}}
     runnable = []

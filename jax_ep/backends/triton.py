@@ -116,15 +116,13 @@ def _knobs(plan_cls, world: int, provider) -> dict:
   """EPPlan's tuning knobs as a step takes them: each from its JAX_EP_* variable where set,
   else the backend's choice for this provider (PEER_DISPATCH_PULL, STAGED_DISPATCH_PULL) and
   world (_WORLD_KNOBS), else EPPlan's default. Refuses pull 3 outside the peer provider."""
-  knobs = _env_knobs(plan_cls)
   chosen = dict(_WORLD_KNOBS.get(world, {}))
   if (provider == "peer"
       and os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") != "cuda_async"):
     chosen["dispatch_pull"] = PEER_DISPATCH_PULL
   else:
     chosen["dispatch_pull"] = STAGED_DISPATCH_PULL
-  variables = {field: name for field, name, _, _ in _KNOBS}
-  knobs.update({f: v for f, v in chosen.items() if variables[f] not in os.environ})
+  knobs = _env_knobs(plan_cls, chosen)
   if knobs["dispatch_pull"] == 3 and provider not in (None, "peer"):
     raise ValueError(
         f"{_API}: JAX_EP_DISPATCH_PULL=3 has the receivers read each peer's x in place, which "
@@ -241,15 +239,17 @@ _REMOVED_KNOBS = {
 }
 
 
-def _env_knobs(plan_cls) -> dict:
-  """EPPlan keyword arguments from the knobs set in the environment (defaults: the plan's)."""
+def _env_knobs(plan_cls, defaults: dict | None = None) -> dict:
+  """EPPlan keyword arguments from the knobs set in the environment; where unset, the value in
+  ``defaults`` (the backend's choices), else the plan's default."""
   for name, why in _REMOVED_KNOBS.items():
     if name in os.environ:
       warnings.warn(f"{_API}: {name} is no longer read: {why}. Unset it.", stacklevel=3)
   out = {}
   for field, name, valid, expected in _KNOBS:
     default = getattr(plan_cls, field)
-    out[field] = type(default)(_env_knob(name, default, valid, expected))
+    out[field] = type(default)(_env_knob(name, (defaults or {}).get(field, default), valid,
+                                         expected))
   return out
 
 
