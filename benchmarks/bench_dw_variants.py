@@ -14,7 +14,8 @@ benchmark's timing loop carries each op's output through its ``fori_loop``; for 
 and checked against the default kernel's result (and that against a per-group numpy
 product on one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
-TMA in and out), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+TMA in and out) and ``deferred`` (that kernel storing each tile after the next step's MMA
+was issued), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
 FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -64,7 +65,8 @@ def time_looped(f, args, inner: int, iters: int) -> float:
 def variants():
   from jax_ep.kernels.grouped_gemm import TileConfig as T
   return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
-          "gluon": T(128, 256, 64, 8, 3, gluon=True)}
+          "gluon": T(128, 256, 64, 8, 3, gluon=True),
+          "deferred": T(128, 256, 64, 8, 3, gluon=True, defer_store=True)}
 
 
 def main(argv=None):

@@ -120,6 +120,17 @@ if GLUON_ERROR is None:
     buf.store(gl.where((rows < t)[:, None], v, gl.zeros_like(v)))
 
   @gluon.jit
+  def _dw_store_tile(vals, out_buf, out_desc, row, n0):
+    """A finished dw tile to (row, n0) of dw seen as [E * K, N]: through ``out_buf`` by TMA,
+    once the previous tile has left it."""
+    tma.store_wait(0)
+    gl.thread_barrier()
+    out_buf.store(vals)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(out_desc, [row, n0], out_buf)
+
+  @gluon.jit
   def grouped_gemm_dw_gluon_kernel(
       x_ptr,        # [C, K] recv_x
       dy_ptr,       # [C, N] output cotangent
@@ -130,6 +141,7 @@ if GLUON_ERROR is None:
       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
+      DEFER_STORE: gl.constexpr,  # a finished tile goes to shared memory during the next MMA
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -193,6 +205,11 @@ if GLUON_ERROR is None:
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
+    # DEFER_STORE: an expert's finished tile, converted to the output type in registers
+    # (``pend``, for dw row ``pend_row``), is written to shared memory and stored by TMA after
+    # the next step's MMA has been issued, so the tensor cores do not idle through it.
+    pend = gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout)
+    pend_row = -1
     for s in range(s_lo, s_hi):
       i = s - s_lo
       stage = i % STAGES
@@ -214,20 +231,26 @@ if GLUON_ERROR is None:
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
+      if DEFER_STORE:
+        if pend_row >= 0:
+          _dw_store_tile(pend, out_buf, out_desc, pend_row, n0)
+          pend_row = -1
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        tma.store_wait(0)      # the previous tile has left out_buf (long since: steps ago)
-        gl.thread_barrier()
-        out_buf.store(acc.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(out_desc, [c_e * K + k0, n0], out_buf)
+        if DEFER_STORE:
+          pend = acc.to(dtype)
+          pend_row = c_e * K + k0
+        else:
+          _dw_store_tile(acc.to(dtype), out_buf, out_desc, c_e * K + k0, n0)
         use_acc = False
       c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    if DEFER_STORE:
+      if pend_row >= 0:
+        _dw_store_tile(pend, out_buf, out_desc, pend_row, n0)
     tma.store_wait(0)
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
@@ -526,4 +549,4 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps)
+              NUM_WARPS=cfg.num_warps, DEFER_STORE=cfg.defer_store)

@@ -448,11 +448,13 @@ def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
   return info.stderr
 
 
-def test_gluon_dw_compiles_for_sm90(tmp_path):
+@pytest.mark.parametrize("defer", [False, True], ids=["store", "defer_store"])
+def test_gluon_dw_compiles_for_sm90(tmp_path, defer):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
-  registers defined by GMMA", which would serialize every step)."""
+  registers defined by GMMA", which would serialize every step), without spills (the
+  deferred store keeps a converted tile in registers beside the accumulator)."""
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
@@ -460,9 +462,10 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
     pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
 
   c, h, n, e = 4096, 1024, 512, 8
-  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, defer_store=defer)
   assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
   ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
+  assert ce["DEFER_STORE"] is defer
   assert ce["MAX_STEPS"] == gg.dw_max_steps(c, e, cfg.block_k)
   k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
                ce, cfg)
@@ -473,7 +476,7 @@ def test_gluon_dw_compiles_for_sm90(tmp_path):
   assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in ptx
   assert "stmatrix" in ptx and "cp.async.cg" not in ptx
   assert k.metadata.shared <= 227 * 1024
-  _ptxas_keeps_mma_async(tmp_path, ptx)
+  assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
   # Shapes the kernel cannot take are refused with the reason (then the flat kernel runs).
   assert "multiples" in ggl.gluon_dw_supported(1000, 512, 2, cfg)
   assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, cfg)
