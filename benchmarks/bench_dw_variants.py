@@ -14,8 +14,8 @@ benchmark's timing loop carries each op's output through its ``fori_loop``; for 
 and checked against the default kernel's result (and that against a per-group numpy
 product on one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
-TMA in and out) and ``deferred`` (that kernel storing each tile after the next step's MMA
-was issued), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+TMA in and out) and ``chunks2``/``chunks4`` (that kernel storing each tile in 2 or 4 column
+chunks over the following row steps), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
 FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -66,7 +66,8 @@ def variants():
   from jax_ep.kernels.grouped_gemm import TileConfig as T
   return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
           "gluon": T(128, 256, 64, 8, 3, gluon=True),
-          "deferred": T(128, 256, 64, 8, 3, gluon=True, defer_store=True)}
+          "chunks2": T(128, 256, 64, 8, 3, gluon=True, store_chunks=2),
+          "chunks4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4)}
 
 
 def main(argv=None):

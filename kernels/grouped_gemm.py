@@ -517,9 +517,8 @@ class TileConfig:
   ``persistent=False`` it runs one program per tile. ``expert_raster`` (with ``group_m``):
   those runs of ``group_m`` group tiles never cross an expert (each expert's tiles are cut
   into runs from its first), so every w tile of an expert is read by its m-tiles side by side
-  rather than by two runs far apart in time. ``defer_store`` (Gluon dw): each finished tile
-  is written to shared memory and stored after the next step's MMA has been issued, instead
-  of before it.
+  rather than by two runs far apart in time. ``store_chunks`` (Gluon dw): each finished tile
+  goes out in that many column chunks, one per following row step, instead of all at once.
   """
 
   block_m: int
@@ -534,7 +533,7 @@ class TileConfig:
   gluon: bool = False
   group_m: int = 1
   expert_raster: bool = False
-  defer_store: bool = False
+  store_chunks: int = 1
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -545,7 +544,7 @@ class TileConfig:
                                                              ("gluon", False),
                                                              ("group_m", 1),
                                                              ("expert_raster", False),
-                                                             ("defer_store", False))
+                                                             ("store_chunks", 1))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

@@ -131,6 +131,16 @@ if GLUON_ERROR is None:
     tma.async_copy_shared_to_global(out_desc, [row, n0], out_buf)
 
   @gluon.jit
+  def _dw_store_chunks(chunk_desc, out_buf, row, n0, lo, hi):
+    """Column chunks lo .. hi - 1 of the tile in ``out_buf`` to (row, n0) of dw seen as
+    [E * K, N], by TMA (chunk j: columns j * EPI_N ..; none when lo >= hi)."""
+    EPI_N: gl.constexpr = chunk_desc.block_type.shape[1]
+    for j in gl.static_range(out_buf.shape[1] // EPI_N):
+      if (j >= lo) & (j < hi):
+        tma.async_copy_shared_to_global(chunk_desc, [row, n0 + j * EPI_N],
+                                        out_buf.slice(j * EPI_N, EPI_N, dim=1))
+
+  @gluon.jit
   def grouped_gemm_dw_gluon_kernel(
       x_ptr,        # [C, K] recv_x
       dy_ptr,       # [C, N] output cotangent
@@ -141,7 +151,7 @@ if GLUON_ERROR is None:
       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
-      DEFER_STORE: gl.constexpr,  # a finished tile goes to shared memory during the next MMA
+      STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -166,7 +176,9 @@ if GLUON_ERROR is None:
 
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
     g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+    EPI_N: gl.constexpr = BLOCK_N // STORE_CHUNKS
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
+    chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, EPI_N], dtype)
     x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
     g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
     out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
@@ -182,6 +194,8 @@ if GLUON_ERROR is None:
                                         block_shape=[BLOCK_K, BLOCK_N], layout=g_smem_layout)
     out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=[BLOCK_M, BLOCK_N], layout=out_layout)
+    chunk_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
+                                            block_shape=[BLOCK_M, EPI_N], layout=chunk_layout)
 
     # Experts of the segment with no rows get a zero tile.
     out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
@@ -205,11 +219,11 @@ if GLUON_ERROR is None:
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
-    # DEFER_STORE: an expert's finished tile, converted to the output type in registers
-    # (``pend``, for dw row ``pend_row``), is written to shared memory and stored by TMA after
-    # the next step's MMA has been issued, so the tensor cores do not idle through it.
-    pend = gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout)
-    pend_row = -1
+    # STORE_CHUNKS > 1: a finished tile waits in out_buf and leaves one column chunk per
+    # step (chunk j of the tile for dw row ``pend_row`` at its j-th step), so that the
+    # programs, which finish their tiles together, do not all write 64 KiB at once.
+    pend_row = 0
+    pend_next = STORE_CHUNKS
     for s in range(s_lo, s_hi):
       i = s - s_lo
       stage = i % STAGES
@@ -231,26 +245,31 @@ if GLUON_ERROR is None:
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
-      if DEFER_STORE:
-        if pend_row >= 0:
-          _dw_store_tile(pend, out_buf, out_desc, pend_row, n0)
-          pend_row = -1
+      if STORE_CHUNKS > 1:
+        _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
+        pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if DEFER_STORE:
-          pend = acc.to(dtype)
+        if STORE_CHUNKS > 1:
+          # What the previous tile has left (an expert of fewer steps than chunks).
+          _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
+          tma.store_wait(0)
+          gl.thread_barrier()
+          out_buf.store(acc.to(dtype))
+          fence_async_shared()
+          gl.thread_barrier()
           pend_row = c_e * K + k0
+          pend_next = 0
         else:
           _dw_store_tile(acc.to(dtype), out_buf, out_desc, c_e * K + k0, n0)
         use_acc = False
       c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    if DEFER_STORE:
-      if pend_row >= 0:
-        _dw_store_tile(pend, out_buf, out_desc, pend_row, n0)
+    if STORE_CHUNKS > 1:
+      _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
     tma.store_wait(0)
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
@@ -549,4 +568,4 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps, DEFER_STORE=cfg.defer_store)
+              NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks)

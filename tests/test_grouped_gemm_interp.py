@@ -448,13 +448,13 @@ def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
   return info.stderr
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["store", "defer_store"])
-def test_gluon_dw_compiles_for_sm90(tmp_path, defer):
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_gluon_dw_compiles_for_sm90(tmp_path, chunks):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
-  registers defined by GMMA", which would serialize every step), without spills (the
-  deferred store keeps a converted tile in registers beside the accumulator)."""
+  registers defined by GMMA", which would serialize every step), without spills; with
+  ``store_chunks`` the tile leaves in 64-column TMA stores."""
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
@@ -462,10 +462,10 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, defer):
     pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
 
   c, h, n, e = 4096, 1024, 512, 8
-  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, defer_store=defer)
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks)
   assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
   ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
-  assert ce["DEFER_STORE"] is defer
+  assert ce["STORE_CHUNKS"] == chunks
   assert ce["MAX_STEPS"] == gg.dw_max_steps(c, e, cfg.block_k)
   k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
                ce, cfg)

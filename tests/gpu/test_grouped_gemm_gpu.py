@@ -214,18 +214,19 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["store", "defer_store"])
+@pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, defer):
+def test_gluon_dw_matches_xla(rng, kind, chunks):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
   experts per tile (E = 40 > the segments the shape asks for) and alignment gaps; each tile
-  stored before the next step's MMA, or after it (``defer_store``)."""
+  stored at once, or in 4 column chunks over the following steps (``store_chunks``: with
+  1-step experts, chunks left over when the next tile finishes)."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
-  cfg = T(128, 256, 64, 8, 3, gluon=True, defer_store=defer)
+  cfg = T(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks)
   why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
