@@ -87,6 +87,11 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   why = _gluon_tile_why_not("Gluon dw kernel", cfg, elem_bytes, (128,))
   if why is None and (K % cfg.block_m or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
+  chunks = cfg.store_chunks
+  if why is None and (chunks < 1 or cfg.block_n % chunks
+                      or cfg.block_n // chunks * elem_bytes < 128):
+    why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
+           f">= 128 bytes (the shared memory swizzle)")
   return why
 
 if GLUON_ERROR is None:

@@ -482,6 +482,8 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks):
   assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, cfg)
   four_warps = dataclasses.replace(cfg, num_warps=4)
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
+  eight = dataclasses.replace(cfg, store_chunks=8)  # 64-byte chunks: not the swizzle's 128
+  assert "store_chunks=8" in ggl.gluon_dw_supported(1024, 512, 2, eight)
 
 
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
