@@ -14,8 +14,9 @@ benchmark's timing loop carries each op's output through its ``fori_loop``; for 
 and checked against the default kernel's result (and that against a per-group numpy
 product on one expert). Variants: ``default`` (one program per expert tile), ``flat`` (one
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
-TMA in and out) and ``chunks2``/``chunks4`` (that kernel storing each tile in 2 or 4 column
-chunks over the following row steps), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+TMA in and out), ``chunks4``/``chunks8`` (that kernel storing each tile in 4 or 8 column
+chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplying a group's
+partial last step in 16-row slices), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
 FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -66,14 +67,19 @@ def variants():
   from jax_ep.kernels.grouped_gemm import TileConfig as T
   return {"default": None, "flat": T(128, 256, 64, 8, 3, flatten=True),
           "gluon": T(128, 256, 64, 8, 3, gluon=True),
-          "chunks2": T(128, 256, 64, 8, 3, gluon=True, store_chunks=2),
-          "chunks4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4)}
+          "chunks4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4),
+          "chunks8": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8),
+          "c4trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True),
+          "c8trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True)}
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shapes", default="dsv3_up,dsv3_down,qwen3_down,32768x8x7168x4096",
                  help="names from bench_grouped_gemm.SHAPES or ROWSxEXPERTSxKxN")
+  p.add_argument("--variants", default="",
+                 help="comma-separated labels of variants() to run (default all; the first "
+                      "is checked against numpy and the others against it)")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--iters", type=int, default=20, help="timed samples per variant and round")
   p.add_argument("--inner", type=int, default=4, help="calls per looped sample")
@@ -87,6 +93,12 @@ def main(argv=None):
   class Inputs:  # what bench_grouped_gemm.make_inputs reads
     dtype, routing = "bfloat16", "uniform"
 
+  chosen = variants()
+  if args.variants:
+    unknown = set(args.variants.split(",")) - set(chosen)
+    if unknown:
+      p.error(f"--variants: unknown {sorted(unknown)}; choose from {sorted(chosen)}")
+    chosen = {k: chosen[k] for k in args.variants.split(",")}
   now = datetime.datetime.now(datetime.timezone.utc)
   rows_out = []
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | {now:%Y-%m-%d %H:%M} UTC",
@@ -99,7 +111,7 @@ def main(argv=None):
     flops = 2.0 * rows * k * n
     ref = None
     for rnd in range(args.rounds):
-      for label, cfg in variants().items():
+      for label, cfg in chosen.items():
         f = lambda x, dy, cfg=cfg: triton_gemm._grouped_dw(x, dy, s, o, e, config=cfg)  # noqa
         got = np.asarray(jax.jit(f)(x, dy), np.float32)
         if ref is None:  # the default's dw, checked on its largest expert against numpy

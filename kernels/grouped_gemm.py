@@ -518,7 +518,9 @@ class TileConfig:
   those runs of ``group_m`` group tiles never cross an expert (each expert's tiles are cut
   into runs from its first), so every w tile of an expert is read by its m-tiles side by side
   rather than by two runs far apart in time. ``store_chunks`` (Gluon dw): each finished tile
-  goes out in that many column chunks, one per following row step, instead of all at once.
+  goes out in that many column chunks, one per following row step, instead of all at once;
+  ``trim_partial`` (Gluon dw): a group's partial last row step multiplies only the 16-row
+  slices that hold its rows.
   """
 
   block_m: int
@@ -534,6 +536,7 @@ class TileConfig:
   group_m: int = 1
   expert_raster: bool = False
   store_chunks: int = 1
+  trim_partial: bool = False
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -544,7 +547,8 @@ class TileConfig:
                                                              ("gluon", False),
                                                              ("group_m", 1),
                                                              ("expert_raster", False),
-                                                             ("store_chunks", 1))
+                                                             ("store_chunks", 1),
+                                                             ("trim_partial", False))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

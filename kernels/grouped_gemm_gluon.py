@@ -89,9 +89,9 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
     why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
   chunks = cfg.store_chunks
   if why is None and (chunks < 1 or cfg.block_n % chunks
-                      or cfg.block_n // chunks * elem_bytes < 128):
+                      or cfg.block_n // chunks * elem_bytes < 32):
     why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
-           f">= 128 bytes (the shared memory swizzle)")
+           f">= 32 bytes")
   return why
 
 if GLUON_ERROR is None:
@@ -157,6 +157,7 @@ if GLUON_ERROR is None:
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
+      TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -182,8 +183,9 @@ if GLUON_ERROR is None:
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_M], dtype)
     g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
     EPI_N: gl.constexpr = BLOCK_N // STORE_CHUNKS
-    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-    chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, EPI_N], dtype)
+    # The output tile's swizzle is its chunks' (whose rows may be narrower than 128 bytes).
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, EPI_N], dtype)
+    chunk_layout: gl.constexpr = out_layout
     x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
     g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
     out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
@@ -233,18 +235,50 @@ if GLUON_ERROR is None:
       i = s - s_lo
       stage = i % STAGES
       mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-      if c_r1 - c_r0 < BLOCK_K:
-        # The group's last, partial step: the rows past its end are the next group's (or
-        # padding, maybe not even finite): zeros instead, in both operands.
-        _zero_rows_from(x_bufs.index(stage), c_r1 - c_r0, x_layout)
-        _zero_rows_from(g_bufs.index(stage), c_r1 - c_r0, g_layout)
-        fence_async_shared()
-        gl.thread_barrier()
-      acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
-                          use_acc=use_acc, is_async=True)
-      # Step s - 1's MMA is done in this warpgroup; after the barrier, in both: its stage is
-      # free for step s + STAGES - 1.
-      acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      t = c_r1 - c_r0
+      if TRIM_PARTIAL:
+        if t < BLOCK_K:
+          # The group's last, partial step: only its first ``rows`` rows are multiplied (16,
+          # 32 or all, powers of two as shared memory views need), those past t set to zero
+          # in both operands (an empty step, t = 0, multiplies 16 rows of zeros, so that a
+          # tile's first step still resets the accumulator).
+          rows = gl.where(t <= 16, 16, gl.where(t <= 32, 32, BLOCK_K))
+          for q in gl.static_range(BLOCK_K // 16):
+            if (16 * q + 16 > t) & (16 * q < rows):
+              _zero_rows_from(x_bufs.index(stage).slice(16 * q, 16, dim=0),
+                              gl.maximum(t - 16 * q, 0), x_layout)
+              _zero_rows_from(g_bufs.index(stage).slice(16 * q, 16, dim=0),
+                              gl.maximum(t - 16 * q, 0), g_layout)
+          fence_async_shared()
+          gl.thread_barrier()
+          for q in gl.static_range(2):
+            if rows == 16 << q:
+              acc = warpgroup_mma(
+                  x_bufs.index(stage).slice(0, 16 << q, dim=0).permute((1, 0)),
+                  g_bufs.index(stage).slice(0, 16 << q, dim=0), acc, use_acc=use_acc,
+                  is_async=True)
+              acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+          if rows == BLOCK_K:
+            acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
+                                use_acc=use_acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        else:
+          acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
+                              use_acc=use_acc, is_async=True)
+          acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      else:
+        if t < BLOCK_K:
+          # The group's last, partial step: the rows past its end are the next group's (or
+          # padding, maybe not even finite): zeros instead, in both operands.
+          _zero_rows_from(x_bufs.index(stage), t, x_layout)
+          _zero_rows_from(g_bufs.index(stage), t, g_layout)
+          fence_async_shared()
+          gl.thread_barrier()
+        acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
+                            use_acc=use_acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+      # Step s - 1's MMA is done in this warpgroup (the waits above); after the barrier, in
+      # both: its stage is free for step s + STAGES - 1.
       gl.thread_barrier()
       nxt = (i + STAGES - 1) % STAGES
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
@@ -573,4 +607,5 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
-              NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks)
+              NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
+              TRIM_PARTIAL=cfg.trim_partial)

@@ -448,13 +448,14 @@ def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
   return info.stderr
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-def test_gluon_dw_compiles_for_sm90(tmp_path, chunks):
+@pytest.mark.parametrize("chunks,trim", [(1, False), (4, False), (8, True)])
+def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
   registers defined by GMMA", which would serialize every step), without spills; with
-  ``store_chunks`` the tile leaves in 64-column TMA stores."""
+  ``store_chunks`` the tile leaves in narrower TMA stores; ``trim_partial`` multiplies a
+  partial step's 16- or 32-row slices (m64n256k16 either way)."""
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
@@ -462,7 +463,8 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks):
     pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
 
   c, h, n, e = 4096, 1024, 512, 8
-  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks)
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks,
+                      trim_partial=trim)
   assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
   ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
   assert ce["STORE_CHUNKS"] == chunks
@@ -482,8 +484,8 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks):
   assert "16-bit" in ggl.gluon_dw_supported(1024, 512, 4, cfg)
   four_warps = dataclasses.replace(cfg, num_warps=4)
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
-  eight = dataclasses.replace(cfg, store_chunks=8)  # 64-byte chunks: not the swizzle's 128
-  assert "store_chunks=8" in ggl.gluon_dw_supported(1024, 512, 2, eight)
+  assert "store_chunks=3" in ggl.gluon_dw_supported(1024, 512, 2,
+                                                    dataclasses.replace(cfg, store_chunks=3))
 
 
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),

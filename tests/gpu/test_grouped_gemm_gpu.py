@@ -214,19 +214,21 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
+@pytest.mark.parametrize("chunks,trim", [(1, False), (4, False), (4, True), (8, True)],
+                         ids=["store", "chunks4", "chunks4-trim", "chunks8-trim"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, chunks):
+def test_gluon_dw_matches_xla(rng, kind, chunks, trim):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
   experts per tile (E = 40 > the segments the shape asks for) and alignment gaps; each tile
   stored at once, or in 4 column chunks over the following steps (``store_chunks``: with
-  1-step experts, chunks left over when the next tile finishes)."""
+  1-step experts, chunks left over when the next tile finishes); a group's partial last
+  step multiplied whole or only in its 16-row slices holding rows (``trim_partial``)."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
-  cfg = T(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks)
+  cfg = T(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks, trim_partial=trim)
   why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
@@ -311,15 +313,17 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   assert_close(f"gluon ws vs triton {product} {kind}", got, base, jnp.bfloat16, scale)
 
 
-def test_gluon_dw_survives_a_corrupt_step_table(rng):
+@pytest.mark.parametrize("trim", [False, True], ids=["whole", "trim"])
+def test_gluon_dw_survives_a_corrupt_step_table(rng, trim):
   """A step table with an empty step inside an expert's steps and steps pointing past the
   rows (what a corrupt layout could produce): the Gluon dw kernel must finish (every stage it
-  waits on is loaded) and write only finite values; an empty step contributes nothing."""
+  waits on is loaded) and write only finite values; an empty step contributes nothing (with
+  ``trim_partial`` too, where an empty first step must still reset the accumulator)."""
   from jax_ep.kernels import grouped_gemm as gg
   from jax_ep.kernels import grouped_gemm_gluon as ggl
 
   c, h, n, e = 512, 256, 256, 3
-  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True)
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, trim_partial=trim, store_chunks=4)
   why = ggl.gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
