@@ -576,12 +576,13 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # two rounds each): 4.12 / 4.15 vs 4.42 / 4.49 ms for the per-(expert, tile) kernel,
     # 4.18 / 4.17 vs 4.18 / 4.20, 4.20 / 4.16 vs 4.40 / 4.41; a fourth (01:16) 4.21 / 4.20 vs
     # 4.22 / 4.19: equal within noise or up to 7 % faster. Where Gluon is unavailable (Triton
-    # other than 3.5/3.6) the flat kernel runs. Its tiles leave in 4 column chunks over the
-    # following row steps (``store_chunks``; 2026-11-23 03:19, one H200, dw looped, two
-    # rounds: 3.996 / 3.987 ms vs 4.212 / 4.175 at once; DeepSeek-V3 down 2.036 / 2.076 vs
-    # 2.157 / 2.082).
+    # other than 3.5/3.6) the flat kernel runs. Its tiles leave in 8 column chunks over the
+    # following row steps (``store_chunks``) and a group's partial last step multiplies only
+    # its rows' 16-row slices (``trim_partial``): 2026-11-23 03:34, one H200, dw looped, two
+    # rounds, 3.450 / 3.602 ms vs 4.022 / 4.053 without either (4 chunks alone 3.828 / 3.769,
+    # 8 alone 3.828 / 3.735); DeepSeek-V3 down 1.886 / 1.809 vs 2.048 / 2.079.
     ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
-                                                      store_chunks=4),
+                                                      store_chunks=8, trim_partial=True),
     # Once the flat kernels' programs fill their last wave of SMs (``dw_flat_segments``,
     # 2026-11-22 01:16-01:20, one H200, dw alone, five rounds): the flat kernel at the Qwen3
     # shapes, qwen3_up 0.616-0.632 ms vs 0.714-0.754 (per-(expert, tile) kernel), qwen3_down
@@ -590,7 +591,7 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("dw", 2048, 1536, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
     ("dw", 768, 2048, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
     ("dw", 2048, 7168, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
-                                                      store_chunks=4),
+                                                      store_chunks=8, trim_partial=True),
 }
 
 # Winners that need the Gluon kernels (Triton 3.5/3.6, kernels/grouped_gemm_gluon.py), used
