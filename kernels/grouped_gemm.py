@@ -587,9 +587,14 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # 2026-11-22 01:16-01:20, one H200, dw alone, five rounds): the flat kernel at the Qwen3
     # shapes, qwen3_up 0.616-0.632 ms vs 0.714-0.754 (per-(expert, tile) kernel), qwen3_down
     # 0.333-0.394 vs 0.388-0.489; the Gluon kernel at DeepSeek-V3 down, 2.127-2.175 vs
-    # 2.213-2.286.
-    ("dw", 2048, 1536, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
-    ("dw", 768, 2048, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, flatten=True),
+    # 2.213-2.286. At the Qwen3 shapes the Gluon kernel with 4 store chunks and trimmed partial
+    # steps since (2026-11-23 03:38, one H200, dw looped, three rounds): qwen3_up 0.548 /
+    # 0.535 / 0.562 ms vs flat 0.734 / 0.627 / 0.638, qwen3_down 0.371 / 0.308 /
+    # 0.344 vs 0.395 / 0.391 / 0.381 (8 chunks 0.582-0.612 and 0.321-0.371).
+    ("dw", 2048, 1536, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
+                                                      store_chunks=4, trim_partial=True),
+    ("dw", 768, 2048, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
+                                                     store_chunks=4, trim_partial=True),
     ("dw", 2048, 7168, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
                                                       store_chunks=8, trim_partial=True),
 }
