@@ -252,7 +252,7 @@ if GLUON_ERROR is None:
           fence_async_shared()
           gl.thread_barrier()
           for q in gl.static_range(2):
-            if rows == 16 << q:
+            if (16 << q < BLOCK_K) & (rows == 16 << q):
               acc = warpgroup_mma(
                   x_bufs.index(stage).slice(0, 16 << q, dim=0).permute((1, 0)),
                   g_bufs.index(stage).slice(0, 16 << q, dim=0), acc, use_acc=use_acc,

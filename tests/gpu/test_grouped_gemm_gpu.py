@@ -214,21 +214,25 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("chunks,trim", [(1, False), (4, False), (4, True), (8, True)],
-                         ids=["store", "chunks4", "chunks4-trim", "chunks8-trim"])
+@pytest.mark.parametrize("chunks,trim,block_k,stages",
+                         [(1, False, 64, 3), (4, False, 64, 3), (4, True, 64, 3),
+                          (8, True, 64, 3), (8, True, 32, 6)],
+                         ids=["store", "chunks4", "chunks4-trim", "chunks8-trim",
+                              "chunks8-trim-k32"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, chunks, trim):
+def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
   experts per tile (E = 40 > the segments the shape asks for) and alignment gaps; each tile
   stored at once, or in 4 column chunks over the following steps (``store_chunks``: with
   1-step experts, chunks left over when the next tile finishes); a group's partial last
-  step multiplied whole or only in its 16-row slices holding rows (``trim_partial``)."""
+  step multiplied whole or only in its 16-row slices holding rows (``trim_partial``); row
+  steps of 64 or 32 rows."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
-  cfg = T(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks, trim_partial=trim)
+  cfg = T(128, 256, block_k, 8, stages, gluon=True, store_chunks=chunks, trim_partial=trim)
   why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
