@@ -16,7 +16,7 @@ product on one expert). Variants: ``default`` (one program per expert tile), ``f
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
 TMA in and out), ``chunks4``/``chunks8`` (that kernel storing each tile in 4 or 8 column
 chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplying a group's
-partial last step in 16-row slices; ``_k32s6``: 32-row steps, 6 stages), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
+partial last step in 16-row slices), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
 FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -70,10 +70,7 @@ def variants():
           "chunks4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4),
           "chunks8": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8),
           "c4trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True),
-          "c8trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True),
-          "c4trim_k32s6": T(128, 256, 32, 8, 6, gluon=True, store_chunks=4, trim_partial=True),
-          "c8trim_k32s6": T(128, 256, 32, 8, 6, gluon=True, store_chunks=8, trim_partial=True),
-          "c8trim_k32s5": T(128, 256, 32, 8, 5, gluon=True, store_chunks=8, trim_partial=True)}
+          "c8trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True)}
 
 
 def main(argv=None):
