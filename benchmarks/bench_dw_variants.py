@@ -16,8 +16,8 @@ product on one expert). Variants: ``default`` (one program per expert tile), ``f
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
 TMA in and out), ``chunks4``/``chunks8`` (that kernel storing each tile in 4 or 8 column
 chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplying a group's
-partial last step in 16-row slices), each in ``--rounds`` interleaved rounds; the dense ``jnp.dot`` of the same
-FLOPs is timed alone.
+partial last step in 16-row slices), each in ``--rounds`` interleaved rounds (``--variants``
+picks some); the dense ``jnp.dot`` of the same FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
 """

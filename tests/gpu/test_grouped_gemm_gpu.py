@@ -225,8 +225,8 @@ def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages):
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
   experts per tile (E = 40 > the segments the shape asks for) and alignment gaps; each tile
-  stored at once, or in 4 column chunks over the following steps (``store_chunks``: with
-  1-step experts, chunks left over when the next tile finishes); a group's partial last
+  stored at once, or in 4 or 8 column chunks over the following steps (``store_chunks``:
+  with experts of fewer steps, chunks left over when the next tile finishes); a group's partial last
   step multiplied whole or only in its 16-row slices holding rows (``trim_partial``); row
   steps of 64 or 32 rows."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
