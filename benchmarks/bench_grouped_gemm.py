@@ -125,7 +125,13 @@ def _sweep_candidates():
   dw = [
       ("default", None, False),
       ("tma default", None, True),
-      # The flat kernel's loop in Gluon, tiles stored by TMA while the next steps compute.
+      # The flat kernel's loop in Gluon, tiles stored by TMA while the next steps compute:
+      # in 4 or 8 column chunks over the following steps, partial steps trimmed to their
+      # 16-row slices (the defaults since session 24), or at once, untrimmed.
+      ("gluon 128x256x64 w8 s3 c8 trim",
+       T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True), False),
+      ("gluon 128x256x64 w8 s3 c4 trim",
+       T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True), False),
       ("gluon 128x256x64 w8 s3", T(128, 256, 64, 8, 3, gluon=True), False),
       ("gluon 128x128x64 w8 s4", T(128, 128, 64, 8, 4, gluon=True), False),
       # The flat kernel: one pipelined loop over a segment of experts' row steps (shared
