@@ -76,13 +76,16 @@ QUICK_SHAPES = {
 
 def _sweep_candidates():
   """(label, TileConfig, tma) per product, most promising first (the time budget cuts from the
-  end of each list). None as the config: the shape's default from kernels/grouped_gemm.py; the
-  first entry is the product's reference for the correctness check."""
+  end of each list). None as the config: the shape's default from kernels/grouped_gemm.py
+  without the Gluon kernels (``TUNED`` and the rules), "gluon" the default with them
+  (``TUNED_GLUON`` first: what the main path runs where Gluon builds); the first entry is the
+  product's reference for the correctness check."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   fwd = [
       ("default", None, False),
       ("tma default", None, True),
+      ("gluon default", "gluon", True),
       ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
       ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
@@ -425,6 +428,10 @@ def _resolve(phase, cfg, tma, k, n, experts, dtype):
     ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=(kk * nn, nn, 1),
                                      elem_bytes=dtype.itemsize, dw=True)
   else:
+    if cfg == "gluon":
+      from jax_ep.backends import triton_gemm
+      cfg = gg.forward_config(kk, nn, dtype.name, phase=phase, tma=tma,
+                              gluon=triton_gemm._gluon_available())
     cfg = cfg or gg.forward_config(kk, nn, dtype.name, phase=phase, tma=tma)
     w_strides = (k * n, 1, kk) if phase == "dx" else (k * n, n, 1)
     ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=w_strides,
