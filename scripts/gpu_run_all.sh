@@ -106,7 +106,7 @@ for s in ${STAGES:-bench dc_tests}; do
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         --section SchedulerStats\"; fi; \
         CUDA_VISIBLE_DEVICES=0 ncu --clock-control none --target-processes all \
-        -k regex:${NCU_KERNEL:-grouped_gemm_dw_kernel} --launch-skip 2 --launch-count 1 \$what \
+        -k regex:${NCU_KERNEL:-grouped_gemm_dw} --launch-skip 2 --launch-count 1 \$what \
         $PY benchmarks/bench_grouped_gemm.py --shapes \$sh --sweep --sweep-only --jobs 2 \
         --sweep-iters 1 ${NCU_GEMM_ARGS:---sweep-phases dw --sweep-labels default} \
         --out /tmp/ncu_bench; if [ -n \"${NCU_SOURCE:-}\" ]; then \
