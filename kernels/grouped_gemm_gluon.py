@@ -92,7 +92,16 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
                       or cfg.block_n // chunks * elem_bytes < 32):
     why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
            f">= 32 bytes")
+  if why is None and dw_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    why = (f"{cfg.num_stages} stages of {cfg.block_k} x ({cfg.block_m} + {cfg.block_n}) and "
+           f"the output tile exceed shared memory ({dw_smem_bytes(cfg, elem_bytes)} bytes)")
   return why
+
+
+def dw_smem_bytes(cfg, elem_bytes: int) -> int:
+  """Shared memory of the Gluon dw kernel: the stages and the output tile."""
+  return (cfg.num_stages * cfg.block_k * (cfg.block_m + cfg.block_n)
+          + cfg.block_m * cfg.block_n) * elem_bytes
 
 if GLUON_ERROR is None:
 

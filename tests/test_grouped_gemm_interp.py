@@ -486,6 +486,9 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
   assert "num_warps=8" in ggl.gluon_dw_supported(1024, 512, 2, four_warps)
   assert "store_chunks=3" in ggl.gluon_dw_supported(1024, 512, 2,
                                                     dataclasses.replace(cfg, store_chunks=3))
+  # Four stages of 128 x 256 x 64 do not fit beside the output tile (the flat kernel runs).
+  four = dataclasses.replace(cfg, num_stages=4)
+  assert "shared memory" in ggl.gluon_dw_supported(1024, 512, 2, four)
 
 
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
