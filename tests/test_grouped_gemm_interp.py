@@ -503,8 +503,8 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
   SM's shared memory (4 stages of 128 x 256 x 64 fit with the output in two chunks); and ptxas
   keeps the MMAs asynchronous (no C7517 wait, no C7515 serialization), without spills; with
-  ``prefetch`` the producer's L2 bulk prefetches, one per w tile row at both of its sites (this
-  tile's later step, the next tile's first)."""
+  ``prefetch`` the producer's L2 prefetches, one per 128-byte line of a w tile at both of its
+  sites (this tile's later step, the next tile's first), none through the TMA unit."""
   from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
@@ -530,8 +530,9 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert f"wgmma.mma_async.sync.aligned.m64n{block_n}k16.f32.bf16.bf16" in ptx
   assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
   assert ce["PREFETCH"] == prefetch
-  rows_per_tile = block_n if b_kmajor else block_k  # one prefetch per row, 32 lanes each
-  assert ptx.count("cp.async.bulk.prefetch.L2.global") == 2 * rows_per_tile // 32 * (prefetch > 0)
+  lines = block_n * block_k * 2 // 128  # one prefetch per line of a w tile, 32 lanes each
+  assert ptx.count("prefetch.global.L2 ") == 2 * lines // 32 * (prefetch > 0)
+  assert "cp.async.bulk.prefetch" not in ptx
   assert km.metadata.shared <= 227 * 1024
   assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
   # What the kernel cannot take is refused with the reason (then the Triton kernel runs).
