@@ -86,12 +86,6 @@ def _sweep_candidates():
       ("default", None, False),
       ("tma default", None, True),
       ("gluon default", "gluon", True),
-      # The same with the producer asking L2 for each w tile some K steps before its TMA
-      # load (``prefetch``): the Qwen3 products run as long on an H200 as on an H100 (HBM at
-      # 54 % of its peak there, 77 % on the H100), so HBM latency, not its bandwidth, bounds
-      # them; three stages cover two steps' loads. ("gluon", overrides): the default's tile
-      # with those fields changed.
-      *[(f"gluon default pf{p}", ("gluon", dict(prefetch=p)), True) for p in (4, 8, 2)],
       ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
       ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its
@@ -434,16 +428,10 @@ def _resolve(phase, cfg, tma, k, n, experts, dtype):
     ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=(kk * nn, nn, 1),
                                      elem_bytes=dtype.itemsize, dw=True)
   else:
-    overrides = {}
-    if isinstance(cfg, tuple):  # ("gluon", fields): the Gluon default with fields changed
-      cfg, overrides = cfg
     if cfg == "gluon":
       from jax_ep.backends import triton_gemm
       cfg = gg.forward_config(kk, nn, dtype.name, phase=phase, tma=tma,
                               gluon=triton_gemm._gluon_available())
-      if overrides and not cfg.gluon:
-        return None  # no Gluon default for this product: nothing to change
-      cfg = dataclasses.replace(cfg, **overrides)
     cfg = cfg or gg.forward_config(kk, nn, dtype.name, phase=phase, tma=tma)
     w_strides = (k * n, 1, kk) if phase == "dx" else (k * n, n, 1)
     ok = not tma or gg.tma_supported(kk, nn, experts, cfg, w_strides=w_strides,

@@ -520,9 +520,7 @@ class TileConfig:
   rather than by two runs far apart in time. ``store_chunks`` (Gluon dw): each finished tile
   goes out in that many column chunks, one per following row step, instead of all at once;
   ``trim_partial`` (Gluon dw): a group's partial last row step multiplies only the 16-row
-  slices that hold its rows. ``prefetch`` (the warp-specialized Gluon forward/dx kernel): its
-  producer asks L2 for each w tile that many K steps before the tile's TMA load (bulk
-  prefetches: more of HBM's latency covered than the stages alone cover, no shared memory).
+  slices that hold its rows.
   """
 
   block_m: int
@@ -539,7 +537,6 @@ class TileConfig:
   expert_raster: bool = False
   store_chunks: int = 1
   trim_partial: bool = False
-  prefetch: int = 0
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -551,8 +548,7 @@ class TileConfig:
                                                              ("group_m", 1),
                                                              ("expert_raster", False),
                                                              ("store_chunks", 1),
-                                                             ("trim_partial", False),
-                                                             ("prefetch", 0))
+                                                             ("trim_partial", False))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

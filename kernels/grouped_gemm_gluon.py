@@ -366,67 +366,23 @@ if GLUON_ERROR is None:
     return m_tile, n_tile
 
   @gluon.jit
-  def _prefetch_w_step(w_ptr, e, n0, kstep, K: gl.constexpr, N: gl.constexpr,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr):
-    """Asks L2 for the w tile of K step ``kstep`` of expert ``e`` at columns ``n0``: one
-    ``prefetch.global.L2`` per 128-byte line of the tile, 32 lines at a time across the
-    producer warp's lanes (load/store unit instructions: the TMA unit stays free for the
-    stages' loads; a bulk prefetch per row through it measured 2-7x slower). A hint that
-    costs no shared memory and completes on nothing, so the tile's TMA load some steps later
-    finds it in L2 instead of waiting on HBM. Every address is inside w (e, kstep and n0 are
-    in range)."""
-    lane: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    r = gl.arange(0, 32, layout=lane)
-    LINE: gl.constexpr = 128 * 8 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements
-    if B_KMAJOR:  # dx: rows e * N + n0 + i of w seen as [E * N, K], BLOCK_K columns each
-      ROWS: gl.constexpr = BLOCK_N
-      LINES: gl.constexpr = BLOCK_K // LINE  # per row
-    else:         # forward: rows e * K + kstep * BLOCK_K + i of w seen as [E * K, N]
-      ROWS: gl.constexpr = BLOCK_K
-      LINES: gl.constexpr = BLOCK_N // LINE
-    for j in gl.static_range(ROWS * LINES // 32):
-      row = (j * 32 + r) // LINES
-      col = ((j * 32 + r) % LINES) * LINE
-      if B_KMAJOR:
-        ptrs = w_ptr + ((e * N + n0 + row).to(gl.int64) * K + kstep * BLOCK_K + col)
-      else:
-        ptrs = w_ptr + ((e * K + kstep * BLOCK_K + row).to(gl.int64) * N + n0 + col)
-      gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                                dtype=gl.int32, is_pure=False, pack=1)
-
-  @gluon.jit
-  def _ws_fwd_producer(x_desc, w_desc, w_ptr, a_bufs, b_bufs, ready, empty, tiles_ptr,
-                       num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
-                       E: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                       B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                       EXPERT_RASTER: gl.constexpr, PREFETCH: gl.constexpr):
+  def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_group,
+                       C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
+                       GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr):
     """One warp: the TMA loads of every K step of the program's tiles, STAGES deep, each
-    into the stage the consumers last released (``empty``), completing on ``ready``. With
-    PREFETCH > 0 (at most K // BLOCK_K) it also asks L2, before each step's loads, for the
-    w tile PREFETCH steps later (in the program's next tile past this one's last step)."""
+    into the stage the consumers last released (``empty``), completing on ``ready``."""
     STAGES: gl.constexpr = a_bufs.shape[0]
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
     nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
-    num_tiles = num_group * NUM_N
     it = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
       m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
                                        EXPERT_RASTER)
       row_start, _, e = _tile_record(tiles_ptr, m_tile, C, E)
       n0 = n_tile * BLOCK_N
-      if PREFETCH > 0:
-        next_tile = tile + gl.num_programs(0)
-        m_next, n_next = _ws_tile_coords(gl.minimum(next_tile, num_tiles - 1), num_group,
-                                         tiles_ptr, NUM_N, GROUP_M, EXPERT_RASTER)
-        _, _, e_next = _tile_record(tiles_ptr, m_next, C, E)
       for ki in range(K_ITERS):
-        if PREFETCH > 0:
-          if ki + PREFETCH < K_ITERS:
-            _prefetch_w_step(w_ptr, e, n0, ki + PREFETCH, K, N, BLOCK_N, BLOCK_K, B_KMAJOR)
-          elif next_tile < num_tiles:
-            _prefetch_w_step(w_ptr, e_next, n_next * BLOCK_N, ki + PREFETCH - K_ITERS, K, N,
-                             BLOCK_N, BLOCK_K, B_KMAJOR)
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), nbytes)
@@ -544,7 +500,6 @@ if GLUON_ERROR is None:
       GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
       EXPERT_RASTER: gl.constexpr,  # runs of GROUP_M tiles cut per expert (_ws_tile_coords)
       EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
-      PREFETCH: gl.constexpr = 0,  # w tiles asked of L2 this many steps ahead (0: none)
   ):
     """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
     p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile."""
@@ -584,9 +539,9 @@ if GLUON_ERROR is None:
         (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
                              B_KMAJOR, GROUP_M, EXPERT_RASTER)),
-        (_ws_fwd_producer, (x_desc, w_desc, w_ptr, a_bufs, b_bufs, ready, empty, tiles_ptr,
+        (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
                             num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
-                            EXPERT_RASTER, PREFETCH)),
+                            EXPERT_RASTER)),
     ], [4, 1], [232, 40])
 
     # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
@@ -652,8 +607,7 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
               EXPERT_RASTER=(cfg.expert_raster and cfg.group_m > 1
                              and expert_raster_ok(C, E, cfg.block_m)),
-              EPI_N=ws_epilogue_cols(cfg, 2),  # 16-bit inputs only (gluon_fwd_supported)
-              PREFETCH=min(cfg.prefetch, K // cfg.block_k))
+              EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

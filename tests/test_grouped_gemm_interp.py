@@ -491,20 +491,17 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
   assert "shared memory" in ggl.gluon_dw_supported(1024, 512, 2, four)
 
 
-@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1, 0), (128, 256, 64, 4, 8, 0),
-                                  (128, 256, 32, 6, 1, 0), (128, 128, 64, 6, 1, 0),
-                                  (256, 128, 64, 3, 1, 0), (128, 256, 64, 3, 8, 4)],
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
+                                  (128, 128, 64, 6, 1), (256, 128, 64, 3, 1)],
                          ids=["128x256x64s3", "128x256x64s4g8", "128x256x32s6", "128x128x64s6",
-                              "256x128x64s3", "128x256x64s3g8pf4"])
+                              "256x128x64s3"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["fwd", "dx"])
 def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   """The warp-specialized Gluon forward/dx kernel compiles for sm_90 as designed: 12 warps
   (two consumer warpgroups + a producer warp, rounded to a warpgroup) with setmaxnreg, TMA
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
   SM's shared memory (4 stages of 128 x 256 x 64 fit with the output in two chunks); and ptxas
-  keeps the MMAs asynchronous (no C7517 wait, no C7515 serialization), without spills; with
-  ``prefetch`` the producer's L2 prefetches, one per 128-byte line of a w tile at both of its
-  sites (this tile's later step, the next tile's first), none through the TMA unit."""
+  keeps the MMAs asynchronous (no C7517 wait, no C7515 serialization), without spills."""
   from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
@@ -513,9 +510,9 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
     pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
 
   c, k, n, e = 4096, 1024, 512, 8
-  block_m, block_n, block_k, stages, group_m, prefetch = tile
+  block_m, block_n, block_k, stages, group_m = tile
   cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True,
-                      group_m=group_m, prefetch=prefetch)
+                      group_m=group_m)
   assert ggl.gluon_fwd_supported(k, n, 2, cfg) is None
   chunk = ggl.ws_epilogue_cols(cfg, 2)
   assert chunk == (block_n // 2 if stages == 4 else block_n)
@@ -529,10 +526,6 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
   assert f"wgmma.mma_async.sync.aligned.m64n{block_n}k16.f32.bf16.bf16" in ptx
   assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
-  assert ce["PREFETCH"] == prefetch
-  lines = block_n * block_k * 2 // 128  # one prefetch per line of a w tile, 32 lanes each
-  assert ptx.count("prefetch.global.L2 ") == 2 * lines // 32 * (prefetch > 0)
-  assert "cp.async.bulk.prefetch" not in ptx
   assert km.metadata.shared <= 227 * 1024
   assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
   # What the kernel cannot take is refused with the reason (then the Triton kernel runs).
