@@ -621,6 +621,10 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
 #   1.689 (8-tile runs); down dx with 4-tile runs 1.574 / 1.575 / 1.639 (the plain 4- and
 #   8-tile runs 1.692 / 1.611 and 1.678 / 1.746; the flattened TMA kernel, the previous
 #   default, 1.692 in the third).
+# - and at DeepSeek-V3 up dx, 8-tile runs cut per expert: Nsight Compute on one H100
+#   (2026-11-23 05:37) 2.73 ms and 53 % of DRAM bandwidth against 3.02 ms and 66 % for the
+#   uncut runs; three same-run sweeps on one H200 (05:39-05:40, 7 samples) 3.112 / 3.060 /
+#   3.183 ms against 3.325 / 3.312 / 3.303 (4-tile expert runs 3.163 / 3.203 / 3.130).
 TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True),
@@ -633,7 +637,8 @@ TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
                                                      gluon=True, group_m=4,
                                                      expert_raster=True),
     ("dx", 4096, 7168, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
-                                                     gluon=True, group_m=8),
+                                                     gluon=True, group_m=8,
+                                                     expert_raster=True),
     ("fwd", 2048, 1536, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                       gluon=True, group_m=8),
     ("dx", 1536, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
