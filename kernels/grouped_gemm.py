@@ -624,7 +624,9 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
 # - and at DeepSeek-V3 up dx, 8-tile runs cut per expert: Nsight Compute on one H100
 #   (2026-11-23 05:37) 2.73 ms and 53 % of DRAM bandwidth against 3.02 ms and 66 % for the
 #   uncut runs; three same-run sweeps on one H200 (05:39-05:40, 7 samples) 3.112 / 3.060 /
-#   3.183 ms against 3.325 / 3.312 / 3.303 (4-tile expert runs 3.163 / 3.203 / 3.130).
+#   3.183 ms against 3.325 / 3.312 / 3.303 (4-tile expert runs 3.163 / 3.203 / 3.130); the
+#   main benchmark's backward, A/B/A/B in one call (05:47-05:52): 7.372 / 7.333 ms against
+#   7.576 / 7.526.
 TUNED_GLUON: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("fwd", 768, 2048, "bfloat16", True): TileConfig(128, 256, 64, 8, 3, half_tiles=False,
                                                      gluon=True),
