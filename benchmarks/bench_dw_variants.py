@@ -55,9 +55,9 @@ def time_alone(f, args, iters: int) -> float:
 def time_looped(f, args, inner: int, iters: int) -> float:
   def run(x, *rest):
     def body(i, carry):
-      x, acc = carry
-      x = lax.dynamic_update_slice(x, jnp.full((1, 1), i, x.dtype), (0, 0))
-      out = f(x, *rest)
+      x, rest_i = bgg.loop_inputs(i, carry[0], rest)  # nothing hoisted (the step table)
+      acc = carry[1]
+      out = f(x, *rest_i)
       return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
     return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
   return _median_seconds(jax.jit(run), args, iters, inner)

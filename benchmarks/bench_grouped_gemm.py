@@ -9,7 +9,11 @@ Protocol (docs/GROUPED_GEMM.md):
      iteration so nothing is hoisted), divided by ``inner``; median of ``--iters`` (>= 20)
      samples after warm-up. Forward and backward (dx + dw) are timed separately. Group sizes
      and offsets are arguments of the jitted call (as in a model: the tile table that the
-     triton path computes beside its launch is timed, not constant-folded).
+     triton path computes beside its launch is timed, not constant-folded), and every
+     iteration passes them, with the weights, through an optimization barrier beside the
+     perturbed input, so XLA cannot hoist what is computed from them alone (the tile table,
+     ragged_dot's group bookkeeping) out of the loop either. (Until 2026-11-23, session 25,
+     it did: the results recorded until then time the tile table once per sample, not per op.)
        triton     jax_ep.backends.triton_gemm (our kernels via the FFI launch path)
        dense      one ``jnp.dot`` [R, K] @ [K, N] of the same FLOPs (cuBLAS), R = rows in groups
        ragged_dot ``jax.lax.ragged_dot`` on the same groups
@@ -187,15 +191,23 @@ def layout_for(sizes: np.ndarray, capacity: int):
 
 # -- timing --------------------------------------------------------------------------------------
 
+def loop_inputs(i, x, rest):
+  """(x with element (0, 0) set to ``i``, ``rest``), both through one optimization barrier: an
+  iteration's op then depends on the loop in every argument, so XLA hoists nothing computed
+  from ``rest`` alone (group sizes -> tile table) out of the timing loop."""
+  x = lax.dynamic_update_slice(x, jnp.full((1, 1), i, x.dtype), (0, 0))
+  return lax.optimization_barrier((x, rest))
+
+
 def _looped(fn, inner: int):
-  """jit(args -> fn(*args) run ``inner`` times); args[0] changes by one element per iteration."""
+  """jit(args -> fn(*args) run ``inner`` times); args[0] changes by one element per iteration
+  and every argument is recomputed per iteration as far as XLA can tell (``loop_inputs``)."""
   def run(x, *rest):
     out0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, x, *rest))
 
     def body(i, carry):
-      x, _ = carry
-      x = lax.dynamic_update_slice(x, jnp.full((1, 1), i, x.dtype), (0, 0))
-      return x, fn(x, *rest)
+      x, rest_i = loop_inputs(i, carry[0], rest)
+      return x, fn(x, *rest_i)
 
     return lax.fori_loop(0, inner, body, (x, out0))[1]
   return jax.jit(run)
@@ -681,16 +693,18 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
   print(f"\n== {name}: swiglu experts, R={int(sizes.sum())}, E={experts}, H={hidden}, "
         f"F={ffn}", flush=True)
   for backend in ("triton", "xla"):
-    def fwd(x, wg, wu, wd, b=backend):
+    # The layout is an argument (not a constant of the jitted loop): its group sizes then
+    # cannot be folded into the tile tables at compile time.
+    def fwd(x, wg, wu, wd, layout, b=backend):
       return expert_fns.swiglu(x, wg, wu, wd, layout, backend=b)
 
-    def train(x, wg, wu, wd, b=backend):
-      loss = lambda *a: jnp.sum(fwd(*a, b=b).astype(jnp.float32))  # noqa: E731
+    def train(x, wg, wu, wd, layout, b=backend):
+      loss = lambda *a: jnp.sum(fwd(*a, layout, b=b).astype(jnp.float32))  # noqa: E731
       return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
 
     for phase, fn, fl in (("fwd", fwd, flops), ("fwd+bwd", train, 3 * flops)):
       t = _try(f"swiglu {backend} {phase}",
-               lambda: time_op(fn, (x, wg, wu, wd), args.iters, args.inner))
+               lambda: time_op(fn, (x, wg, wu, wd, layout), args.iters, args.inner))
       if "median_s" in t:
         t["tflops"] = fl / t["median_s"] / 1e12
         print(f"  {backend:>7} {phase:<8}: {t['median_s'] * 1e3:8.3f} ms  "

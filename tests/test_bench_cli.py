@@ -103,3 +103,62 @@ def test_dispatch_combine_bench_checks_outputs_bit_for_bit():
   got = copy()
   got[4] = got[4] * (1 + 1e-3)  # bf16-level rounding differences pass
   assert bench.same_outputs(got, want)
+
+
+def _while_body_hlo(compiled_text: str) -> str:
+  """The optimized HLO of the (single) while loop's body and every computation it calls."""
+  import re
+
+  comps = {}
+  for block in re.split(r"\n\s*\n", compiled_text):
+    head = block.lstrip().split("\n", 1)[0]
+    m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)\s", head)
+    if m:
+      comps[m.group(1)] = block
+  body = re.search(r"while\(.*?body=%?([\w.\-]+)", compiled_text)
+  assert body, "no while loop in the compiled timing loop"
+  seen, todo = set(), [body.group(1)]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", comps[name])
+  return "\n".join(comps[n] for n in seen)
+
+
+def test_timing_loop_recomputes_what_depends_on_the_group_sizes():
+  """bench_grouped_gemm's timing loop (``_looped``) must time each op whole: what the triton
+  path computes from the group sizes alone (the tile table, a few gathers) stays inside the
+  loop's body. A plain loop over the same op lets XLA hoist it (the control), which the
+  benchmark did until 2026-11-23."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+  import bench_grouped_gemm as bgg
+  from jax_ep.kernels import grouped_gemm as gg
+
+  c, e, k, n = 1024, 8, 32, 32
+
+  def op(x, w, sizes, offsets):  # the launch's inputs: x and the table from sizes, offsets
+    table = gg.tile_table(sizes, offsets, c, e, 128, jnp)
+    return x @ w[0] + table[1:, :2].sum().astype(x.dtype)
+
+  def plain(x, *rest):  # the loop as it was: rest passed straight to the op
+    def body(i, carry):
+      x = lax.dynamic_update_slice(carry[0], jnp.full((1, 1), i, carry[0].dtype), (0, 0))
+      return x, op(x, *rest)
+    return lax.fori_loop(0, 3, body, (x, jnp.zeros((c, n), x.dtype)))[1]
+
+  sizes = np.random.default_rng(0).multinomial(c, np.full(e, 1 / e)).astype(np.int32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+  args = (jnp.ones((c, k)), jnp.ones((e, k, n)), jnp.asarray(sizes), jnp.asarray(offsets))
+  looped = _while_body_hlo(bgg._looped(op, 3).lower(*args).compile().as_text())
+  control = _while_body_hlo(jax.jit(plain).lower(*args).compile().as_text())
+  assert "gather" not in control, "XLA no longer hoists the table: the control proves nothing"
+  assert "gather" in looped, "the timing loop lets XLA hoist the tile table out of the loop"
+  got = bgg._looped(op, 3)(*args)
+  want = jax.jit(plain)(*args)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
