@@ -55,8 +55,8 @@ def time_alone(f, args, iters: int) -> float:
 def time_looped(f, args, inner: int, iters: int) -> float:
   def run(x, *rest):
     def body(i, carry):
-      x, rest_i = bgg.loop_inputs(i, carry[0], rest)  # nothing hoisted (the step table)
-      acc = carry[1]
+      x, acc = carry
+      x, rest_i = bgg.loop_inputs(i, x, rest)  # nothing hoisted (the step table)
       out = f(x, *rest_i)
       return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
     return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]

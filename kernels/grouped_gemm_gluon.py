@@ -134,15 +134,28 @@ if GLUON_ERROR is None:
     buf.store(gl.where((rows < t)[:, None], v, gl.zeros_like(v)))
 
   @gluon.jit
-  def _dw_store_tile(vals, out_buf, out_desc, row, n0):
-    """A finished dw tile to (row, n0) of dw seen as [E * K, N]: through ``out_buf`` by TMA,
-    once the previous tile has left it."""
+  def _stage_tile(vals, buf):
+    """``vals`` (converted to ``buf``'s dtype) into ``buf`` for a TMA store, once the previous
+    store from it has left; every thread's part is written and visible to the TMA unit on
+    return."""
     tma.store_wait(0)
     gl.thread_barrier()
-    out_buf.store(vals)
+    buf.store(vals.to(buf.dtype))
     fence_async_shared()
     gl.thread_barrier()
+
+  @gluon.jit
+  def _dw_store_tile(vals, out_buf, out_desc, row, n0):
+    """A finished dw tile to (row, n0) of dw seen as [E * K, N]: through ``out_buf`` by TMA."""
+    _stage_tile(vals, out_buf)
     tma.async_copy_shared_to_global(out_desc, [row, n0], out_buf)
+
+  @gluon.jit
+  def _dw_mma(x_view, g_view, acc, use_acc):
+    """acc (+)= x_view^T @ g_view, issued asynchronously; returns once the previous step's MMA
+    (not this one) is done in this warpgroup."""
+    acc = warpgroup_mma(x_view.permute((1, 0)), g_view, acc, use_acc=use_acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
 
   @gluon.jit
   def _dw_store_chunks(chunk_desc, out_buf, row, n0, lo, hi):
@@ -262,19 +275,12 @@ if GLUON_ERROR is None:
           gl.thread_barrier()
           for q in gl.static_range(2):
             if (16 << q < BLOCK_K) & (rows == 16 << q):
-              acc = warpgroup_mma(
-                  x_bufs.index(stage).slice(0, 16 << q, dim=0).permute((1, 0)),
-                  g_bufs.index(stage).slice(0, 16 << q, dim=0), acc, use_acc=use_acc,
-                  is_async=True)
-              acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+              acc = _dw_mma(x_bufs.index(stage).slice(0, 16 << q, dim=0),
+                            g_bufs.index(stage).slice(0, 16 << q, dim=0), acc, use_acc)
           if rows == BLOCK_K:
-            acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
-                                use_acc=use_acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            acc = _dw_mma(x_bufs.index(stage), g_bufs.index(stage), acc, use_acc)
         else:
-          acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
-                              use_acc=use_acc, is_async=True)
-          acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+          acc = _dw_mma(x_bufs.index(stage), g_bufs.index(stage), acc, use_acc)
       else:
         if t < BLOCK_K:
           # The group's last, partial step: the rows past its end are the next group's (or
@@ -283,9 +289,7 @@ if GLUON_ERROR is None:
           _zero_rows_from(g_bufs.index(stage), t, g_layout)
           fence_async_shared()
           gl.thread_barrier()
-        acc = warpgroup_mma(x_bufs.index(stage).permute((1, 0)), g_bufs.index(stage), acc,
-                            use_acc=use_acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        acc = _dw_mma(x_bufs.index(stage), g_bufs.index(stage), acc, use_acc)
       # Step s - 1's MMA is done in this warpgroup (the waits above); after the barrier, in
       # both: its stage is free for step s + STAGES - 1.
       gl.thread_barrier()
@@ -303,11 +307,7 @@ if GLUON_ERROR is None:
         if STORE_CHUNKS > 1:
           # What the previous tile has left (an expert of fewer steps than chunks).
           _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
-          tma.store_wait(0)
-          gl.thread_barrier()
-          out_buf.store(acc.to(dtype))
-          fence_async_shared()
-          gl.thread_barrier()
+          _stage_tile(acc, out_buf)
           pend_row = c_e * K + k0
           pend_next = 0
         else:
@@ -463,11 +463,7 @@ if GLUON_ERROR is None:
     every row is before ``row_end``, else by 16-byte stores masked to those rows."""
     HALF: gl.constexpr = out_buf.shape[0]
     EPI_N: gl.constexpr = out_buf.shape[1]
-    tma.store_wait(0)  # the previous chunk has left out_buf
-    gl.thread_barrier()
-    out_buf.store(vals)
-    fence_async_shared()
-    gl.thread_barrier()
+    _stage_tile(vals, out_buf)
     if row_end - r0 >= HALF:
       tma.async_copy_shared_to_global(y_desc, [r0, n0], out_buf)
     else:
