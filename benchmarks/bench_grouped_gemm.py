@@ -388,6 +388,9 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
       res.setdefault(impl, {})[phase] = t
       gc.collect()
 
+  res["tables"] = time_tables(x, sizes_d, offsets_d, k, n, experts, fwd_cfg, dx_cfg,
+                              gg.dw_config(k, n, dtype.name, "tf32"), args)
+
   for phase in ("fwd", "bwd"):
     tri = res["triton"][phase].get("tflops")
     for base in ("dense", "ragged_dot"):
@@ -398,6 +401,42 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   del x, w, dy, w_dense, x_dense, dy_dense
   gc.collect()
   return res
+
+
+def time_tables(x, sizes, offsets, k, n, experts, fwd_cfg, dx_cfg, dw_cfg, args) -> dict:
+  """Per-op time of the work tables the triton ops compute beside their kernels (included in
+  the triton timings above): the forward's tile table, and the backward's dx tile table and dw
+  step table, built by the one-launch table kernels (the default) and by the jax.numpy code
+  under XLA (``JAX_EP_GMM_TABLE_KERNEL=0``)."""
+  from jax_ep.backends import triton_gemm
+
+  c = x.shape[0]
+
+  def fwd(x, s, o):
+    return triton_gemm._tile_table(s, o, c, experts, fwd_cfg.block_m)
+
+  def bwd(x, s, o):
+    dw = (triton_gemm._dw_step_table(s, o, c, experts, dw_cfg.block_k)
+          if dw_cfg.flatten or dw_cfg.gluon else ())
+    return triton_gemm._tile_table(s, o, c, experts, dx_cfg.block_m), dw
+
+  out = {}
+  old = os.environ.get("JAX_EP_GMM_TABLE_KERNEL")
+  try:
+    for impl, value in (("kernel", "1"), ("xla", "0")):
+      os.environ["JAX_EP_GMM_TABLE_KERNEL"] = value  # read when the op is traced
+      for phase, fn in (("fwd", fwd), ("bwd", bwd)):
+        t = _try(f"tables {impl} {phase}",
+                 lambda: time_op(fn, (x, sizes, offsets), args.iters, args.inner))
+        if "median_s" in t:
+          print(f"  {'tables':>10} {phase}: {t['median_s'] * 1e6:8.1f} us  ({impl})", flush=True)
+        out.setdefault(impl, {})[phase] = t
+  finally:
+    if old is None:
+      os.environ.pop("JAX_EP_GMM_TABLE_KERNEL", None)
+    else:
+      os.environ["JAX_EP_GMM_TABLE_KERNEL"] = old
+  return out
 
 
 # -- sweep ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import pathlib
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 import triton.language as tl  # noqa: E402
 
 KERNEL_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "grouped_gemm.py"
+TABLES_FILE = KERNEL_FILE.with_name("gemm_tables.py")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -90,13 +92,12 @@ def _as_f32(handle, interp):
   return handle
 
 
-@pytest.fixture(scope="module")
-def interp_module():
-  """kernels/grouped_gemm.py loaded afresh with TRITON_INTERPRET=1 (a module of its own)."""
+def _load_interpreted(path: pathlib.Path, name: str):
+  """The kernel file at ``path`` loaded afresh with TRITON_INTERPRET=1 (a module of its own)."""
   old = os.environ.get("TRITON_INTERPRET")
   os.environ["TRITON_INTERPRET"] = "1"
   try:
-    spec = importlib.util.spec_from_file_location("_grouped_gemm_interpreted", KERNEL_FILE)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
@@ -105,8 +106,19 @@ def interp_module():
       del os.environ["TRITON_INTERPRET"]
     else:
       os.environ["TRITON_INTERPRET"] = old
+  return module
+
+
+@pytest.fixture(scope="module")
+def interp_module():
+  """kernels/grouped_gemm.py loaded afresh with TRITON_INTERPRET=1, with the table kernels of
+  kernels/gemm_tables.py (interpreted too) as its attributes, for ``_interpreter_launcher``."""
+  module = _load_interpreted(KERNEL_FILE, "_grouped_gemm_interpreted")
   if type(module.grouped_gemm_kernel).__name__ != "InterpretedFunction":
     pytest.skip("this Triton does not honour TRITON_INTERPRET at decoration time")
+  tables = _load_interpreted(TABLES_FILE, "_gemm_tables_interpreted")
+  module.tile_table_kernel = tables.tile_table_kernel
+  module.dw_step_table_kernel = tables.dw_step_table_kernel
   return module
 
 
@@ -339,6 +351,33 @@ def test_tile_table_of_a_corrupt_layout_stays_in_bounds(rng):
     assert 0 <= table[1:1 + max_g, 2].min() and table[1:1 + max_g, 2].max() < e
 
 
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow", "corrupt"])
+@pytest.mark.parametrize("c,e,block", [(200, 9, 16), (96, 1, 32), (300, 40, 8)])
+def test_table_kernels_equal_the_array_tables(interp, rng, kind, c, e, block):
+  """The one-launch table kernels (kernels/gemm_tables.py, as the backend runs them) write the
+  same tile table and dw step table as ``tile_table`` / ``dw_step_table`` bit for bit, every
+  row of their outputs included (outputs start as a sentinel), corrupt layouts too."""
+  from kernels import gemm_tables as gt
+  from kernels import grouped_gemm as gg
+
+  if kind == "corrupt":  # negative, overflowing, overlapping groups
+    sizes = rng.integers(-50, 3 * c, e).astype(np.int32)
+    offsets = rng.integers(-50, 2 * c, e).astype(np.int32)
+  else:
+    sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
+  grid, ce = gt.tile_table_launch(c, e, block)
+  table = np.full((1 + ce["MAX_G"] + ce["MAX_Z"], 4), -7, np.int32)
+  run_interpreted(interp.tile_table_kernel, grid, (sizes, offsets, table), ce)
+  np.testing.assert_array_equal(table, gg.tile_table(sizes, offsets, c, e, block, np))
+  grid, ce = gt.dw_step_table_launch(c, e, block)
+  steps = np.full((ce["MAX_S"], 4), -7, np.int32)
+  first = np.full((e + 1,), -7, np.int32)
+  run_interpreted(interp.dw_step_table_kernel, grid, (sizes, offsets, steps, first), ce)
+  want_steps, want_first = gg.dw_step_table(sizes, offsets, c, e, block, np)
+  np.testing.assert_array_equal(steps, want_steps)
+  np.testing.assert_array_equal(first, want_first)
+
+
 # -- sm_90 compile ----------------------------------------------------------------------------------
 
 def _compile(kernel, pointer_types, constexprs, cfg):
@@ -347,6 +386,20 @@ def _compile(kernel, pointer_types, constexprs, cfg):
   from jax_ep import _compile as compile_mod
   return compile_mod.build(kernel, dict(zip(kernel.arg_names, pointer_types)), constexprs,
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@pytest.mark.parametrize("c,e,block", [(32768, 128, 128), (32768, 64, 64), (4096, 512, 128)])
+def test_table_kernels_compile_for_sm90(c, e, block):
+  """The table kernels build for sm_90 at benchmark-sized layouts, as one small launch each."""
+  from kernels import gemm_tables as gt
+
+  one = types.SimpleNamespace(num_warps=4, num_stages=1)
+  grid, ce = gt.tile_table_launch(c, e, block)
+  assert grid <= 2 * 132  # one wave on an H100/H200
+  assert "ld.global" in _compile(gt.tile_table_kernel, ["*i32"] * 3, ce, one).asm["ptx"]
+  grid, ce = gt.dw_step_table_launch(c, e, block)
+  assert grid <= 2 * 132
+  assert "ld.global" in _compile(gt.dw_step_table_kernel, ["*i32"] * 4, ce, one).asm["ptx"]
 
 
 @pytest.mark.parametrize("variant", ["ptr", "tma", "tma-ws"])
@@ -691,5 +744,11 @@ def test_backend_lowers_to_the_ffi_launch():
   f = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(triton_gemm.grouped_matmul(x, w, layout)
                                                        .astype(jnp.float32)), argnums=(0, 1)))
   text = f.lower(x, w).as_text()
-  assert text.count(_ffi.TARGET_NAME) == 3, text
+  debug = f.lower(x, w).as_text(debug_info=True)
+  # The forward, dx and dw products, and the tile tables of forward and dx, one launch each
+  # (dw at this small shape is the per-(expert, tile) kernel: no step table).
+  assert text.count(_ffi.TARGET_NAME) == 5, text
+  for scope in ("jax_ep_grouped_gemm", "jax_ep_grouped_gemm_dx", "jax_ep_grouped_gemm_dw",
+                "jax_ep_gemm_tile_table"):
+    assert f"{scope})" in debug, scope
   assert "ragged_dot" not in text

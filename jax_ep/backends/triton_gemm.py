@@ -84,6 +84,45 @@ def _switch_on(name: str) -> bool:
   return os.environ.get(name, "1") not in ("", "0", "false", "False")
 
 
+def _table_kernels():
+  from jax_ep.kernels import gemm_tables
+  return gemm_tables
+
+
+def _int32(a):
+  return jnp.asarray(a).astype(jnp.int32)
+
+
+def _tile_table(sizes, offsets, c: int, e: int, block_m: int):
+  """``grouped_gemm.tile_table`` on the device: one Triton launch (``gemm_tables``), or the
+  jax.numpy version (a dozen small XLA kernels) with ``JAX_EP_GMM_TABLE_KERNEL=0``."""
+  if not _switch_on("JAX_EP_GMM_TABLE_KERNEL"):
+    return _kernels().tile_table(sizes, offsets, c, e, block_m, jnp)
+  gt = _table_kernels()
+  grid, constexprs = gt.tile_table_launch(c, e, block_m)
+  rows = 1 + constexprs["MAX_G"] + constexprs["MAX_Z"]
+  (table,) = _triton_call(
+      gt.tile_table_kernel, _int32(sizes), _int32(offsets),
+      out_shapes=jax.ShapeDtypeStruct((rows, 4), jnp.int32), grid=grid, num_warps=4,
+      num_stages=1, constexprs=constexprs, name="jax_ep_gemm_tile_table")
+  return table
+
+
+def _dw_step_table(sizes, offsets, c: int, e: int, block_k: int):
+  """``grouped_gemm.dw_step_table`` on the device, like ``_tile_table``."""
+  if not _switch_on("JAX_EP_GMM_TABLE_KERNEL"):
+    return _kernels().dw_step_table(sizes, offsets, c, e, block_k, jnp)
+  gt = _table_kernels()
+  grid, constexprs = gt.dw_step_table_launch(c, e, block_k)
+  steps, first = _triton_call(
+      gt.dw_step_table_kernel, _int32(sizes), _int32(offsets),
+      out_shapes=(jax.ShapeDtypeStruct((constexprs["MAX_S"], 4), jnp.int32),
+                  jax.ShapeDtypeStruct((e + 1,), jnp.int32)),
+      grid=grid, num_warps=4, num_stages=1, constexprs=constexprs,
+      name="jax_ep_gemm_dw_step_table")
+  return steps, first
+
+
 def _gluon_kernels():
   from jax_ep.kernels import grouped_gemm_gluon
   return grouped_gemm_gluon
@@ -132,7 +171,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   build) runs the warp-specialized Gluon kernel on the TMA path where it takes the shape.
 
   The tile table (``tile_table``: which rows and expert each program's tiles cover) is computed
-  here, beside the launch, from the device-resident sizes and offsets: a few small XLA ops.
+  here, beside the launch, from the device-resident sizes and offsets (``_tile_table``).
   """
   gg = _kernels()
   c, k = x.shape
@@ -156,7 +195,7 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   use_tma = want_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   if want_tma and not use_tma and config is None:  # the TMA tiles do not suit the pointer path
     cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
-  table = gg.tile_table(sizes, offsets, c, e, cfg.block_m, jnp)
+  table = _tile_table(sizes, offsets, c, e, cfg.block_m)
   name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
   ggl = _gluon_kernels_for(cfg) if use_tma else None
   if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None:
@@ -201,7 +240,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
-    steps, first = gg.dw_step_table(sizes, offsets, c, num_experts, cfg.block_k, jnp)
+    steps, first = _dw_step_table(sizes, offsets, c, num_experts, cfg.block_k)
     ggl = _gluon_kernels_for(cfg)
     if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
