@@ -92,6 +92,27 @@ CASES = ([(SHAPES[0], k) for k in ("random", "giant", "empty", "overflow")]
             (SHAPES[3], "random"), (SHAPES[3], "giant")])
 
 
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow", "corrupt"])
+@pytest.mark.parametrize("c,e,block", [(32768, 128, 128), (32768, 64, 64), (1000, 7, 16)])
+def test_table_kernels_match_numpy(rng, kind, c, e, block):
+  """The one-launch table kernels (what the products run beside them) write the numpy tile
+  table and dw step table bit for bit, under jit, on fresh layouts (corrupt ones included)."""
+  from jax_ep.kernels import grouped_gemm as gg
+
+  if kind == "corrupt":  # negative, overflowing, overlapping groups
+    sizes = rng.integers(-50, 3 * c // e, e).astype(np.int32)
+    offsets = rng.integers(-50, c + 50, e).astype(np.int32)
+  else:
+    sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
+  table = jax.jit(lambda s, o: triton_gemm._tile_table(s, o, c, e, block))(sizes, offsets)
+  np.testing.assert_array_equal(np.asarray(table), gg.tile_table(sizes, offsets, c, e, block, np))
+  steps, first = jax.jit(lambda s, o: triton_gemm._dw_step_table(s, o, c, e, block))(sizes,
+                                                                                     offsets)
+  want_steps, want_first = gg.dw_step_table(sizes, offsets, c, e, block, np)
+  np.testing.assert_array_equal(np.asarray(steps), want_steps)
+  np.testing.assert_array_equal(np.asarray(first), want_first)
+
+
 @pytest.mark.parametrize("dtype,precision", [(jnp.bfloat16, "default"), (jnp.float32, "highest"),
                                              (jnp.float32, "default")],
                          ids=["bf16", "f32-highest", "f32-tf32"])
