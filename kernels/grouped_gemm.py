@@ -28,8 +28,9 @@ Forward tiling: the tile table and the static grid (``grouped_gemm_kernel``)
   ceil(size[e] / BLOCK_M) M tiles starting at its first row, so a tile never straddles two
   experts; the rows in no group (the gap before each group and the tail after the last) are
   covered, segment by segment, by zero tiles. ``tile_table`` lists both, as (row_start, row_end,
-  expert) records: it is a few vector ops over E_local values that run beside the launch (XLA, on
-  the device, from the device-resident sizes and offsets: no host sync). Each program then finds
+  expert) records, computed beside the launch on the device from the device-resident sizes and
+  offsets (no host sync): by one small Triton launch (kernels/gemm_tables.py), with
+  ``tile_table`` below as its specification in array code. Each program then finds
   its tile with three scalar loads instead of a search over the experts (the in-kernel search it
   replaces cost about twenty CTA barriers per tile, which mattered at short K).
 
