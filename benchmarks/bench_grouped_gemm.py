@@ -411,31 +411,22 @@ def time_tables(x, sizes, offsets, k, n, experts, fwd_cfg, dx_cfg, dw_cfg, args)
   from jax_ep.backends import triton_gemm
 
   c = x.shape[0]
-
-  def fwd(x, s, o):
-    return triton_gemm._tile_table(s, o, c, experts, fwd_cfg.block_m)
-
-  def bwd(x, s, o):
-    dw = (triton_gemm._dw_step_table(s, o, c, experts, dw_cfg.block_k)
-          if dw_cfg.flatten or dw_cfg.gluon else ())
-    return triton_gemm._tile_table(s, o, c, experts, dx_cfg.block_m), dw
-
   out = {}
-  old = os.environ.get("JAX_EP_GMM_TABLE_KERNEL")
-  try:
-    for impl, value in (("kernel", "1"), ("xla", "0")):
-      os.environ["JAX_EP_GMM_TABLE_KERNEL"] = value  # read when the op is traced
-      for phase, fn in (("fwd", fwd), ("bwd", bwd)):
-        t = _try(f"tables {impl} {phase}",
-                 lambda: time_op(fn, (x, sizes, offsets), args.iters, args.inner))
-        if "median_s" in t:
-          print(f"  {'tables':>10} {phase}: {t['median_s'] * 1e6:8.1f} us  ({impl})", flush=True)
-        out.setdefault(impl, {})[phase] = t
-  finally:
-    if old is None:
-      os.environ.pop("JAX_EP_GMM_TABLE_KERNEL", None)
-    else:
-      os.environ["JAX_EP_GMM_TABLE_KERNEL"] = old
+  for impl, kernel in (("kernel", True), ("xla", False)):
+    def fwd(x, s, o, kernel=kernel):
+      return triton_gemm._tile_table(s, o, c, experts, fwd_cfg.block_m, kernel)
+
+    def bwd(x, s, o, kernel=kernel):
+      dw = (triton_gemm._dw_step_table(s, o, c, experts, dw_cfg.block_k, kernel)
+            if dw_cfg.flatten or dw_cfg.gluon else ())
+      return triton_gemm._tile_table(s, o, c, experts, dx_cfg.block_m, kernel), dw
+
+    for phase, fn in (("fwd", fwd), ("bwd", bwd)):
+      t = _try(f"tables {impl} {phase}",
+               lambda: time_op(fn, (x, sizes, offsets), args.iters, args.inner))
+      if "median_s" in t:
+        print(f"  {'tables':>10} {phase}: {t['median_s'] * 1e6:8.1f} us  ({impl})", flush=True)
+      out.setdefault(impl, {})[phase] = t
   return out
 
 

@@ -64,28 +64,18 @@ def _store_rows(ptr, t, mask, c0, c1, c2, c3):
 def tile_table_kernel(sizes_ptr, offsets_ptr, table_ptr, C: tl.constexpr, E: tl.constexpr,
                       BLOCK_M: tl.constexpr, MAX_G: tl.constexpr, MAX_Z: tl.constexpr,
                       E_PAD: tl.constexpr, T_BLOCK: tl.constexpr):
-  """``grouped_gemm.tile_table`` (same layout, bit for bit). Grid: ``tile_table_grid``."""
+  """``grouped_gemm.tile_table`` (same layout, bit for bit). Grid: ``tile_table_launch``:
+  programs ``0 .. cdiv(MAX_G, T_BLOCK) - 1`` write the group tiles, the rest the zero tiles
+  (the first of those also the header)."""
   pid = tl.program_id(0)
   g_blocks = tl.cdiv(MAX_G, T_BLOCK)
   i = tl.arange(0, E_PAD)
   off, size = _group(sizes_ptr, offsets_ptr, i, C, E)
-  end = off + size
   g_tiles = (size + BLOCK_M - 1) // BLOCK_M
-  g_cum = tl.cumsum(g_tiles, axis=0)
   num_g = tl.sum(g_tiles, axis=0)
-  # Gaps: E + 1 segments (before each group, then the tail from the largest group end).
-  tail = tl.max(tl.where(i < E, end, 0), axis=0)
-  z_start, z_end = _gap(sizes_ptr, offsets_ptr, i, tail, C, E)
-  z_tiles = tl.where(i <= E, (tl.maximum(z_end - z_start, 0) + BLOCK_M - 1) // BLOCK_M, 0)
-  z_cum = tl.cumsum(z_tiles, axis=0)
-  num_z = tl.sum(z_tiles, axis=0)
-  if pid == 0:
-    h = tl.arange(0, 4)
-    tl.store(table_ptr + h, tl.where(h == 0, tl.minimum(num_g, MAX_G),
-                                     tl.where(h == 1, tl.minimum(num_z, MAX_Z), 0)))
   if pid < g_blocks:
     t = pid * T_BLOCK + tl.arange(0, T_BLOCK)
-    e, local = _locate(t, g_cum, g_tiles, E)
+    e, local = _locate(t, tl.cumsum(g_tiles, axis=0), g_tiles, E)
     valid = t < num_g
     e_off, e_size = _group(sizes_ptr, offsets_ptr, e, C, E)
     first = t - local
@@ -96,8 +86,17 @@ def tile_table_kernel(sizes_ptr, offsets_ptr, table_ptr, C: tl.constexpr, E: tl.
                 tl.where(valid, e, 0),
                 tl.where(valid & (first < 32768), first * 65536 + count, 0))
   else:
+    # Gaps: E + 1 segments (before each group, then the tail from the largest group end).
+    tail = tl.max(tl.where(i < E, off + size, 0), axis=0)
+    z_start, z_end = _gap(sizes_ptr, offsets_ptr, i, tail, C, E)
+    z_tiles = tl.where(i <= E, (tl.maximum(z_end - z_start, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+    num_z = tl.sum(z_tiles, axis=0)
+    if pid == g_blocks:
+      h = tl.arange(0, 4)
+      tl.store(table_ptr + h, tl.where(h == 0, tl.minimum(num_g, MAX_G),
+                                       tl.where(h == 1, tl.minimum(num_z, MAX_Z), 0)))
     t = (pid - g_blocks) * T_BLOCK + tl.arange(0, T_BLOCK)
-    s, local = _locate(t, z_cum, z_tiles, E + 1)
+    s, local = _locate(t, tl.cumsum(z_tiles, axis=0), z_tiles, E + 1)
     valid = t < num_z
     s_start, s_end = _gap(sizes_ptr, offsets_ptr, s, tail, C, E)
     _store_rows(table_ptr + 4 * (1 + MAX_G), t, t < MAX_Z,

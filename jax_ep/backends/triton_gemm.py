@@ -93,10 +93,16 @@ def _int32(a):
   return jnp.asarray(a).astype(jnp.int32)
 
 
-def _tile_table(sizes, offsets, c: int, e: int, block_m: int):
-  """``grouped_gemm.tile_table`` on the device: one Triton launch (``gemm_tables``), or the
-  jax.numpy version (a dozen small XLA kernels) with ``JAX_EP_GMM_TABLE_KERNEL=0``."""
-  if not _switch_on("JAX_EP_GMM_TABLE_KERNEL"):
+def _table_kernel_on(kernel: bool | None) -> bool:
+  """``kernel``, or where None the environment's ``JAX_EP_GMM_TABLE_KERNEL`` (on by default)."""
+  return _switch_on("JAX_EP_GMM_TABLE_KERNEL") if kernel is None else kernel
+
+
+def _tile_table(sizes, offsets, c: int, e: int, block_m: int, kernel: bool | None = None):
+  """``grouped_gemm.tile_table`` on the device: one Triton launch (``gemm_tables``), or with
+  ``kernel=False`` (default: ``JAX_EP_GMM_TABLE_KERNEL``, on) the jax.numpy version, which XLA
+  runs as a dozen small kernels."""
+  if not _table_kernel_on(kernel):
     return _kernels().tile_table(sizes, offsets, c, e, block_m, jnp)
   gt = _table_kernels()
   grid, constexprs = gt.tile_table_launch(c, e, block_m)
@@ -108,9 +114,9 @@ def _tile_table(sizes, offsets, c: int, e: int, block_m: int):
   return table
 
 
-def _dw_step_table(sizes, offsets, c: int, e: int, block_k: int):
+def _dw_step_table(sizes, offsets, c: int, e: int, block_k: int, kernel: bool | None = None):
   """``grouped_gemm.dw_step_table`` on the device, like ``_tile_table``."""
-  if not _switch_on("JAX_EP_GMM_TABLE_KERNEL"):
+  if not _table_kernel_on(kernel):
     return _kernels().dw_step_table(sizes, offsets, c, e, block_k, jnp)
   gt = _table_kernels()
   grid, constexprs = gt.dw_step_table_launch(c, e, block_k)
