@@ -1,4 +1,11 @@
-"""Grouped GEMM kernels in Gluon (Hopper): dw (TMA in, TMA out) and a warp-specialized forward/dx.
+"""Grouped GEMM kernels in Gluon (Hopper): dw (TMA in, TMA out), the same dw warp-specialized,
+and a warp-specialized forward/dx.
+
+``grouped_gemm_dw_ws_kernel``: the dw kernel below with a producer warp and two consumer
+warpgroups (64 of the tile's K rows each), the second optionally a few row steps behind the
+first so that their tile epilogues fall at different times (``TileConfig.stagger``). Measured
+on H200 (2026-11-23, docs/GROUPED_GEMM.md): dw 6-11 % faster at the Qwen3 up shape, within
+noise at the other benchmark shapes.
 
 ``grouped_gemm_ws_kernel`` (forward and dx, below ``grouped_gemm_dw_gluon_kernel``): a producer
 warp issues each K step's TMA loads into a ring of stages ("ready" mbarriers); two consumer
@@ -98,6 +105,36 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   return why
 
 
+def gluon_dw_ws_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
+  """None when the warp-specialized Gluon dw kernel (``TileConfig(..., gluon=True,
+  warp_spec=True)``) can run ``cfg`` on dw [E, K, N] of ``elem_bytes``-byte inputs, else why
+  not (callers then run the Gluon dw kernel without warp specialization)."""
+  why = _gluon_tile_why_not("warp-specialized Gluon dw kernel", cfg, elem_bytes, (128,))
+  if why is None and (K % cfg.block_m or N % cfg.block_n):
+    why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
+  chunks = cfg.store_chunks
+  if why is None and chunks not in (1, 2):
+    why = f"store_chunks={chunks}: each warpgroup's half tile leaves whole or in 2 chunks"
+  if why is None and not cfg.trim_partial:
+    why = "the warp-specialized Gluon dw kernel multiplies partial steps trimmed only"
+  if why is None and not 0 <= cfg.stagger < cfg.num_stages - 1:
+    why = (f"stagger={cfg.stagger}: the second warpgroup may start 0 to num_stages - 2 = "
+           f"{cfg.num_stages - 2} row steps behind (the stages it has not released hold the "
+           f"first's next steps)")
+  if why is None and dw_ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+    why = (f"{cfg.num_stages} stages of {cfg.block_k} x ({cfg.block_m} + {cfg.block_n}) and "
+           f"the output chunks exceed shared memory ({dw_ws_smem_bytes(cfg, elem_bytes)} "
+           f"bytes)")
+  return why
+
+
+def dw_ws_smem_bytes(cfg, elem_bytes: int) -> int:
+  """Shared memory of the warp-specialized Gluon dw kernel: the stages and one output chunk
+  per consumer warpgroup."""
+  return (cfg.num_stages * cfg.block_k * (cfg.block_m + cfg.block_n)
+          + cfg.block_m * (cfg.block_n // max(cfg.store_chunks, 1))) * elem_bytes
+
+
 def dw_smem_bytes(cfg, elem_bytes: int) -> int:
   """Shared memory of the Gluon dw kernel: the stages and the output tile."""
   return (cfg.num_stages * cfg.block_k * (cfg.block_m + cfg.block_n)
@@ -158,6 +195,40 @@ if GLUON_ERROR is None:
     return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
 
   @gluon.jit
+  def _dw_program(K: gl.constexpr, N: gl.constexpr, E: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, NUM_SEGS: gl.constexpr):
+    """(k0, n0, e_lo, e_hi) of a dw program: its tile's first row of K and column of N, and its
+    segment of experts [e_lo, e_hi) (grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N))."""
+    pid = gl.program_id(0)
+    num_n: gl.constexpr = N // BLOCK_N
+    num_k: gl.constexpr = K // BLOCK_M
+    seg = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    return ((rest // num_n) * BLOCK_M, (rest % num_n) * BLOCK_N, seg * E // NUM_SEGS,
+            (seg + 1) * E // NUM_SEGS)
+
+  @gluon.jit
+  def _dw_trimmed_mma(xv, gv, t, acc, use_acc, x_layout: gl.constexpr, g_layout: gl.constexpr):
+    """A group's last, partial row step (t < BLOCK_K rows) on stage views ``xv``, ``gv``: only
+    its first 16, 32 or all rows are multiplied (powers of two, as shared memory views need),
+    those past t set to zero in both operands first (an empty step, t = 0, multiplies 16 rows
+    of zeros, so that a tile's first step still resets the accumulator)."""
+    BLOCK_K: gl.constexpr = gv.shape[0]
+    rows = gl.where(t <= 16, 16, gl.where(t <= 32, 32, BLOCK_K))
+    for q in gl.static_range(BLOCK_K // 16):
+      if (16 * q + 16 > t) & (16 * q < rows):
+        _zero_rows_from(xv.slice(16 * q, 16, dim=0), gl.maximum(t - 16 * q, 0), x_layout)
+        _zero_rows_from(gv.slice(16 * q, 16, dim=0), gl.maximum(t - 16 * q, 0), g_layout)
+    fence_async_shared()
+    gl.thread_barrier()
+    for q in gl.static_range(2):
+      if (16 << q < BLOCK_K) & (rows == 16 << q):
+        acc = _dw_mma(xv.slice(0, 16 << q, dim=0), gv.slice(0, 16 << q, dim=0), acc, use_acc)
+    if rows == BLOCK_K:
+      acc = _dw_mma(xv, gv, acc, use_acc)
+    return acc
+
+  @gluon.jit
   def _dw_store_chunks(chunk_desc, out_buf, row, n0, lo, hi):
     """Column chunks lo .. hi - 1 of the tile in ``out_buf`` to (row, n0) of dw seen as
     [E * K, N], by TMA (chunk j: columns j * EPI_N ..; none when lo >= hi)."""
@@ -183,15 +254,7 @@ if GLUON_ERROR is None:
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
-    pid = gl.program_id(0)
-    num_n: gl.constexpr = N // BLOCK_N
-    num_k: gl.constexpr = K // BLOCK_M
-    seg = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
-    k0 = (rest // num_n) * BLOCK_M
-    n0 = (rest % num_n) * BLOCK_N
-    e_lo = seg * E // NUM_SEGS
-    e_hi = (seg + 1) * E // NUM_SEGS
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
 
     # The accumulator: two warpgroups of 64 x BLOCK_N wgmma tiles. The register layouts that
     # zero a partial step's extra rows: 16-byte vectors along the contiguous columns.
@@ -260,10 +323,9 @@ if GLUON_ERROR is None:
       t = c_r1 - c_r0
       if TRIM_PARTIAL:
         if t < BLOCK_K:
-          # The group's last, partial step: only its first ``rows`` rows are multiplied (16,
-          # 32 or all, powers of two as shared memory views need), those past t set to zero
-          # in both operands (an empty step, t = 0, multiplies 16 rows of zeros, so that a
-          # tile's first step still resets the accumulator).
+          # The group's last, partial step, as ``_dw_trimmed_mma`` does it, written out here:
+          # through that helper this kernel compiled to other code, which faulted on an H200
+          # (illegal address, 64-row steps of 32 rows at 6 stages, 2026-11-23).
           rows = gl.where(t <= 16, 16, gl.where(t <= 32, 32, BLOCK_K))
           for q in gl.static_range(BLOCK_K // 16):
             if (16 * q + 16 > t) & (16 * q < rows):
@@ -322,6 +384,176 @@ if GLUON_ERROR is None:
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
 
+
+  # -- dw: warp-specialized, the two consumer warpgroups a few steps apart ------------------
+
+  @gluon.jit
+  def _dw_ws_producer(x_desc, g_desc, xa_bufs, xb_bufs, g_bufs, ready, empty, steps_ptr, s_lo,
+                      s_hi, k0, n0, MAX_STEPS: gl.constexpr, E: gl.constexpr):
+    """One warp: the TMA loads of every row step of the program (both warpgroups' x halves
+    and the dy tile they share), STAGES deep, each into the stage both consumers last
+    released (``empty``), completing on ``ready``."""
+    STAGES: gl.constexpr = g_bufs.shape[0]
+    HALF: gl.constexpr = xa_bufs.shape[2]
+    nbytes: gl.constexpr = 2 * x_desc.block_type.nbytes + g_desc.block_type.nbytes
+    for s in range(s_lo, s_hi):
+      i = s - s_lo
+      stage = i % STAGES
+      r0, _, _, _ = _step_record(steps_ptr, s, MAX_STEPS, E)
+      mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
+      mbarrier.expect(ready.index(stage), nbytes)
+      tma.async_copy_global_to_shared(x_desc, [r0, k0], ready.index(stage),
+                                      xa_bufs.index(stage))
+      tma.async_copy_global_to_shared(x_desc, [r0, k0 + HALF], ready.index(stage),
+                                      xb_bufs.index(stage))
+      tma.async_copy_global_to_shared(g_desc, [r0, n0], ready.index(stage), g_bufs.index(stage))
+
+  @gluon.jit
+  def _dw_ws_consumer(WG: gl.constexpr, x_bufs, g_bufs, ready, empty, go, out_bufs, out_desc,
+                      steps_ptr, first_ptr, s_lo, s_hi, e_lo, e_hi, k0, n0, K: gl.constexpr,
+                      E: gl.constexpr, MAX_STEPS: gl.constexpr, STAGGER: gl.constexpr):
+    """Consumer warpgroup WG (4 warps): rows WG * 64 .. + 64 of the program's dw tile (of K),
+    over every row step of its segment. WG 1 starts when WG 0 has issued its step STAGGER
+    (``go``), so that one warpgroup's tile epilogue (the accumulator's drain, conversion and
+    store) runs while the other still multiplies; a stage is released (``empty`` counts both)
+    one step after its MMA."""
+    STAGES: gl.constexpr = g_bufs.shape[0]
+    BLOCK_K: gl.constexpr = g_bufs.shape[1]
+    BLOCK_N: gl.constexpr = g_bufs.shape[2]
+    HALF: gl.constexpr = x_bufs.shape[2]
+    EPI_N: gl.constexpr = out_bufs.shape[2]
+    dtype: gl.constexpr = g_bufs.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HALF, HALF // 8], [4, 1],
+                                              [1, 0])
+    g_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8],
+                                              [4, 1], [1, 0])
+    z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // EPI_N, EPI_N // 8], [4, 1],
+                                              [1, 0])
+    out_buf = out_bufs.index(WG)
+    row_base = k0 + WG * HALF
+    if WG == 1:
+      if STAGGER > 0:
+        mbarrier.wait(go, 0)
+
+    acc = gl.zeros([HALF, BLOCK_N], gl.float32, acc_layout)
+    cur = s_lo  # the next row step; the experts' steps follow each other from s_lo to s_hi
+    # An expert's steps in an inner loop and its tile's epilogue after it, as in the forward
+    # kernel: with the epilogue inside one loop over all steps, the consumer needed more
+    # than its 168 registers and ptxas serialized every MMA (C7512).
+    for e in range(e_lo, e_hi):
+      s1 = gl.minimum(gl.maximum(gl.load(first_ptr + e + 1), cur), s_hi)
+      row = e * K + row_base
+      if s1 > cur:
+        for s in range(cur, s1):
+          i = s - s_lo
+          stage = i % STAGES
+          r0, r1, _, _ = _step_record(steps_ptr, s, MAX_STEPS, E)
+          mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+          xv = x_bufs.index(stage)
+          gv = g_bufs.index(stage)
+          t = r1 - r0
+          if t < BLOCK_K:
+            # The group's last, partial step, trimmed (required: the untrimmed variant,
+            # zeroing every slice past t and multiplying all 64 rows, gave wrong dw on an
+            # H200, 2026-11-23), after the previous MMA is done. Both warpgroups write the
+            # same zeros into the shared dy rows (and the rows before t back unchanged).
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = _dw_trimmed_mma(xv, gv, t, acc, s > cur, x_layout, g_layout)
+          else:
+            acc = _dw_mma(xv, gv, acc, s > cur)
+          # Step s - 1's MMA is done in this warpgroup: its stage is released.
+          mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=s > cur)
+          if WG == 0:
+            if STAGGER > 0:
+              mbarrier.arrive(go, pred=i == STAGGER)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((s1 - 1 - s_lo) % STAGES))
+        # This half of the expert's tile out by TMA, a column chunk at a time.
+        if EPI_N == BLOCK_N:
+          _stage_tile(acc.to(dtype), out_buf)
+          tma.async_copy_shared_to_global(out_desc, [row, n0], out_buf)
+        else:
+          lo, hi = gl.split(acc.reshape([HALF, 2, EPI_N]).permute((0, 2, 1)))
+          _stage_tile(lo.to(dtype), out_buf)
+          tma.async_copy_shared_to_global(out_desc, [row, n0], out_buf)
+          _stage_tile(hi.to(dtype), out_buf)
+          tma.async_copy_shared_to_global(out_desc, [row, n0 + EPI_N], out_buf)
+      else:  # an expert with no rows: zeros
+        _stage_tile(gl.zeros([HALF, EPI_N], dtype, z_layout), out_buf)
+        for j in gl.static_range(BLOCK_N // EPI_N):
+          tma.async_copy_shared_to_global(out_desc, [row, n0 + j * EPI_N], out_buf)
+      cur = s1
+    if WG == 0:
+      if STAGGER > 0:  # a program of at most STAGGER steps never arrived in the loop
+        mbarrier.arrive(go, pred=s_hi - s_lo <= STAGGER)
+    tma.store_wait(0)
+
+  @gluon.jit
+  def _dw_ws_consumer1(x_bufs, g_bufs, ready, empty, go, out_bufs, out_desc, steps_ptr,
+                       first_ptr, s_lo, s_hi, e_lo, e_hi, k0, n0, K: gl.constexpr,
+                       E: gl.constexpr, MAX_STEPS: gl.constexpr, STAGGER: gl.constexpr):
+    """The second consumer warpgroup (a worker partition): rows 64 .. 128 of the dw tile."""
+    _dw_ws_consumer(1, x_bufs, g_bufs, ready, empty, go, out_bufs, out_desc, steps_ptr,
+                    first_ptr, s_lo, s_hi, e_lo, e_hi, k0, n0, K, E, MAX_STEPS, STAGGER)
+
+  @gluon.jit
+  def grouped_gemm_dw_ws_kernel(
+      x_ptr,        # [C, K] recv_x
+      dy_ptr,       # [C, N] output cotangent
+      steps_ptr,    # int32 [MAX_STEPS, 4] row steps from ``dw_step_table`` (MAX_STEPS >= 1)
+      first_ptr,    # int32 [E + 1]: expert e's steps are [first[e], first[e + 1])
+      dw_ptr,       # [E, K, N] weight cotangent
+      C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+      NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
+      EPI_N: gl.constexpr,    # each warpgroup's half tile leaves in BLOCK_N / EPI_N chunks
+      STAGGER: gl.constexpr,  # row steps the second consumer warpgroup starts behind
+  ):
+    """``grouped_gemm_dw_gluon_kernel``'s product, warp-specialized: a producer warp and two
+    consumer warpgroups (each 64 of the tile's K rows, its own x half, the dy tile shared).
+    Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N); launch with num_warps=4."""
+    dtype: gl.constexpr = x_ptr.dtype.element_ty
+    HALF: gl.constexpr = BLOCK_M // 2
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
+
+    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
+    g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
+    out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, EPI_N], dtype)
+    xa_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, HALF], x_smem_layout)
+    xb_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, HALF], x_smem_layout)
+    g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, HALF, EPI_N], out_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    go = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+      mbarrier.init(ready.index(j), count=1)
+      mbarrier.init(empty.index(j), count=2)  # one arrive per consumer warpgroup
+    mbarrier.init(go.index(0), count=1)
+    x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
+                                        block_shape=[BLOCK_K, HALF], layout=x_smem_layout)
+    g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
+                                        block_shape=[BLOCK_K, BLOCK_N], layout=g_smem_layout)
+    out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
+                                          block_shape=[HALF, EPI_N], layout=out_layout)
+    s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
+    s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
+    gl.warp_specialize([
+        (_dw_ws_consumer, (0, xa_bufs, g_bufs, ready, empty, go.index(0), out_bufs, out_desc,
+                           steps_ptr, first_ptr, s_lo, s_hi, e_lo, e_hi, k0, n0, K, E,
+                           MAX_STEPS, STAGGER)),
+        (_dw_ws_consumer1, (xb_bufs, g_bufs, ready, empty, go.index(0), out_bufs, out_desc,
+                            steps_ptr, first_ptr, s_lo, s_hi, e_lo, e_hi, k0, n0, K, E,
+                            MAX_STEPS, STAGGER)),
+        (_dw_ws_producer, (x_desc, g_desc, xa_bufs, xb_bufs, g_bufs, ready, empty, steps_ptr,
+                           s_lo, s_hi, k0, n0, MAX_STEPS, E)),
+    ], [4, 1], [232, 40])
+    for j in gl.static_range(STAGES):
+      mbarrier.invalidate(ready.index(j))
+      mbarrier.invalidate(empty.index(j))
+    mbarrier.invalidate(go.index(0))
 
   # -- forward / dx: warp-specialized (a TMA producer warp, two consumer warpgroups) ---------
 
@@ -614,3 +846,13 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
               TRIM_PARTIAL=cfg.trim_partial)
+
+
+def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_ws_kernel`` (row-major x, dy, dw), for the
+  step table of ``dw_step_table`` (same C, E, block_k). Launch it with ``num_warps=4``."""
+  return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+              BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
+              MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
+              EPI_N=cfg.block_n // cfg.store_chunks,
+              STAGGER=cfg.stagger)

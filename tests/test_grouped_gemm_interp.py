@@ -544,6 +544,48 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
   assert "shared memory" in ggl.gluon_dw_supported(1024, 512, 2, four)
 
 
+@pytest.mark.parametrize("stages,chunks,stagger", [(4, 2, 1), (3, 1, 0), (4, 2, 2)])
+def test_gluon_dw_ws_compiles_for_sm90(tmp_path, stages, chunks, stagger):
+  """The warp-specialized Gluon dw kernel compiles for sm_90 as designed: 12 warps (two
+  consumer warpgroups and a producer warp), TMA loads completing on mbarriers, m64n256 wgmma
+  per consumer, each half tile out by TMA through stmatrix, within an SM's shared memory (4
+  stages fit beside two 64 x 128 output chunks); and ptxas keeps the MMAs asynchronous in
+  its 168 registers a thread: no serialization for want of registers (C7512), no injected
+  waits (C7517, C7515), no spills."""
+  from kernels import grouped_gemm as gg
+  from kernels import grouped_gemm_gluon as ggl
+
+  if ggl.GLUON_ERROR is not None:
+    pytest.skip(f"Gluon dw kernel not offered here: {ggl.GLUON_ERROR}")
+
+  c, h, n, e = 4096, 1024, 512, 8
+  cfg = gg.TileConfig(128, 256, 64, 8, stages, gluon=True, warp_spec=True, store_chunks=chunks,
+                      trim_partial=True, stagger=stagger)
+  assert ggl.gluon_dw_ws_supported(h, n, 2, cfg) is None
+  ce = ggl.gluon_dw_ws_constexprs(c, h, n, e, cfg, 2)
+  assert ce["EPI_N"] == 256 // chunks and ce["STAGGER"] == stagger
+  k = _compile(ggl.grouped_gemm_dw_ws_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"], ce,
+               dataclasses.replace(cfg, num_warps=4))
+  ptx = k.asm["ptx"]
+  assert k.metadata.num_warps == 12
+  assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
+  assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
+  assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16" in ptx
+  assert "stmatrix" in ptx
+  assert k.metadata.shared <= 227 * 1024
+  info = _ptxas_keeps_mma_async(tmp_path, ptx)
+  assert "C7512" not in info, info
+  assert "spill" not in info.replace("0 bytes spill", "")
+  # What it cannot take is refused with the reason (the Gluon dw kernel runs instead).
+  assert "stagger" in ggl.gluon_dw_ws_supported(h, n, 2, dataclasses.replace(cfg, stagger=3))
+  assert "store_chunks" in ggl.gluon_dw_ws_supported(h, n, 2,
+                                                     dataclasses.replace(cfg, store_chunks=4))
+  assert "shared memory" in ggl.gluon_dw_ws_supported(
+      h, n, 2, dataclasses.replace(cfg, num_stages=5, stagger=0))
+  assert "trimmed" in ggl.gluon_dw_ws_supported(h, n, 2,
+                                                dataclasses.replace(cfg, trim_partial=False))
+
+
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
                                   (128, 128, 64, 6, 1), (256, 128, 64, 3, 1)],
                          ids=["128x256x64s3", "128x256x64s4g8", "128x256x32s6", "128x128x64s6",
@@ -725,6 +767,44 @@ def test_backend_value_and_grad_match_xla(interp, rng, monkeypatch, kind, tma, d
     got = np.asarray(got, np.float32)
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("gluon", [True, False], ids=["gluon", "no-gluon"])
+def test_dw_runs_the_warp_specialized_kernel_or_falls_back(monkeypatch, gluon):
+  """At the shape whose tuned dw is the warp-specialized Gluon kernel (Qwen3 up) the triton
+  path launches it (four warps: the first consumer warpgroup; the others are partitions);
+  with the Gluon kernels off it runs the same tiles on three stages in the flat Triton kernel
+  instead of failing or overflowing shared memory."""
+  import jax
+  import jax.numpy as jnp
+  from jax_ep.backends import triton_gemm
+  from kernels import grouped_gemm as gg
+  from kernels import grouped_gemm_gluon as ggl
+
+  if gluon and ggl.GLUON_ERROR is not None:
+    pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
+  h, n, e, c = 2048, 1536, 4, 512
+  assert gg.dw_config(h, n, "bfloat16").warp_spec
+  launches = []
+
+  def fake_call(kernel, *args, out_shapes, **kw):
+    launches.append((kernel.__name__, kw))
+    outs = out_shapes if isinstance(out_shapes, (list, tuple)) else (out_shapes,)
+    return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
+
+  monkeypatch.setattr(triton_gemm, "_triton_call", fake_call)
+  monkeypatch.setenv("JAX_EP_GMM_GLUON", "1" if gluon else "0")
+  sizes = jnp.full((e,), c // e, jnp.int32)
+  offsets = jnp.arange(e, dtype=jnp.int32) * (c // e)
+  x = jax.ShapeDtypeStruct((c, h), jnp.bfloat16)
+  dy = jax.ShapeDtypeStruct((c, n), jnp.bfloat16)
+  jax.eval_shape(lambda x, dy: triton_gemm._grouped_dw(x, dy, sizes, offsets, e), x, dy)
+  name, kw = launches[-1]
+  if gluon:
+    assert name == "grouped_gemm_dw_ws_kernel" and kw["num_warps"] == 4
+    assert kw["constexprs"]["STAGES"] == 4 and kw["constexprs"]["EPI_N"] == 128
+  else:
+    assert name == "grouped_gemm_dw_flat_kernel" and kw["num_stages"] == 3
 
 
 def test_backend_lowers_to_the_ffi_launch():

@@ -18,6 +18,7 @@ matmul can run on any CUDA GPU where the FFI library is built, without
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -244,11 +245,23 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
   # dw stays on pointer loads unless asked: its TMA variant measured slower on H200
   # (2026-11-21: 0.54x vs 0.57x cuBLAS on the DeepSeek-V3 up shape).
   cfg = config or gg.dw_config(h, n, dtype, precision, tma=use_tma)
+  itemsize = jnp.dtype(x.dtype).itemsize
+  ggl = _gluon_kernels_for(cfg)
+  ws = bool(ggl and cfg.warp_spec and ggl.gluon_dw_ws_supported(h, n, itemsize, cfg) is None)
+  if cfg.gluon and cfg.warp_spec and not ws:
+    # The warp-specialized dw kernel cannot run here (Gluon off or unavailable, or the shape):
+    # the same tiles on the Gluon dw kernel's three stages (or the flat kernel's).
+    cfg = dataclasses.replace(cfg, warp_spec=False, num_stages=min(cfg.num_stages, 3),
+                              stagger=0)
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
     steps, first = _dw_step_table(sizes, offsets, c, num_experts, cfg.block_k)
-    ggl = _gluon_kernels_for(cfg)
-    if ggl and ggl.gluon_dw_supported(h, n, jnp.dtype(x.dtype).itemsize, cfg) is None:
+    num_warps = cfg.num_warps
+    if ws:
+      kernel = ggl.grouped_gemm_dw_ws_kernel
+      constexprs = ggl.gluon_dw_ws_constexprs(c, h, n, num_experts, cfg, segs)
+      num_warps = 4  # the first consumer warpgroup; the others are worker partitions
+    elif ggl and ggl.gluon_dw_supported(h, n, itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
       constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
     else:
@@ -257,7 +270,7 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
                                          input_precision=precision)
     (dw,) = _triton_call(
         kernel, x, dy, steps, first, out_shapes=out,
-        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=cfg.num_warps,
+        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=num_warps,
         num_stages=cfg.num_stages, constexprs=constexprs, name="jax_ep_grouped_gemm_dw")
     return dw
   tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),

@@ -235,13 +235,15 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("chunks,trim,block_k,stages",
-                         [(1, False, 64, 3), (4, False, 64, 3), (4, True, 64, 3),
-                          (8, True, 64, 3), (8, True, 32, 6)],
+@pytest.mark.parametrize("chunks,trim,block_k,stages,stagger",
+                         [(1, False, 64, 3, None), (4, False, 64, 3, None), (4, True, 64, 3, None),
+                          (8, True, 64, 3, None), (8, True, 32, 6, None),
+                          (2, True, 64, 4, 1), (1, True, 64, 3, 0), (2, True, 64, 4, 2)],
                          ids=["store", "chunks4", "chunks4-trim", "chunks8-trim",
-                              "chunks8-trim-k32"])
+                              "chunks8-trim-k32", "ws-stagger1-trim", "ws-stagger0-trim",
+                              "ws-stagger2-trim"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages):
+def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages, stagger):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
@@ -249,12 +251,15 @@ def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages):
   stored at once, or in 4 or 8 column chunks over the following steps (``store_chunks``:
   with experts of fewer steps, chunks left over when the next tile finishes); a group's partial last
   step multiplied whole or only in its 16-row slices holding rows (``trim_partial``); row
-  steps of 64 or 32 rows."""
+  steps of 64 or 32 rows. ``stagger`` (not None): the warp-specialized Gluon dw kernel, its
+  second consumer warpgroup that many steps behind the first."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
-  cfg = T(128, 256, block_k, 8, stages, gluon=True, store_chunks=chunks, trim_partial=trim)
-  why = triton_gemm._gluon_kernels().gluon_dw_supported(h, n, 2, cfg)
+  cfg = T(128, 256, block_k, 8, stages, gluon=True, store_chunks=chunks, trim_partial=trim,
+          warp_spec=stagger is not None, stagger=stagger or 0)
+  ggl = triton_gemm._gluon_kernels()
+  why = (ggl.gluon_dw_supported if stagger is None else ggl.gluon_dw_ws_supported)(h, n, 2, cfg)
   if why is not None:
     pytest.skip(f"Gluon dw kernel unavailable: {why}")
   sizes, offsets = testing.group_layout(rng, kind, c, e, 8)
