@@ -16,7 +16,9 @@ product on one expert). Variants: ``default`` (one program per expert tile), ``f
 pipelined loop over a segment of experts' row steps) and ``gluon`` (the flat loop in Gluon,
 TMA in and out), ``chunks4``/``chunks8`` (that kernel storing each tile in 4 or 8 column
 chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplying a group's
-partial last step in 16-row slices), each in ``--rounds`` interleaved rounds (``--variants``
+partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp-specialized
+Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
+3), each in ``--rounds`` interleaved rounds (``--variants``
 picks some); the dense ``jnp.dot`` of the same FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -70,7 +72,15 @@ def variants():
           "chunks4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4),
           "chunks8": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8),
           "c4trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True),
-          "c8trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True)}
+          "c8trim": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True),
+          "ws0": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
+                   trim_partial=True),
+          "ws1": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
+                   trim_partial=True, stagger=1),
+          "ws2": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
+                   trim_partial=True, stagger=2),
+          "ws1s3": T(128, 256, 64, 8, 3, gluon=True, warp_spec=True, trim_partial=True,
+                     stagger=1)}
 
 
 def main(argv=None):

@@ -380,16 +380,15 @@ def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
             skipped=f"ragged_dot backward densifies to {rag_bwd_bytes / 2**30:.0f} GiB f32")
         print(f"  {impl:>10} {phase}: skipped ({res[impl][phase]['skipped']})", flush=True)
         continue
-      t = _try(f"{impl} {phase}", lambda: time_op(fn, fargs_, args.iters, args.inner))
-      if "median_s" in t:
-        t["tflops"] = flops / t["median_s"] / 1e12
-        print(f"  {impl:>10} {phase}: {t['median_s'] * 1e3:8.3f} ms  {t['tflops']:7.1f} TFLOP/s"
-              f"  (inner {t['inner']})", flush=True)
-      res.setdefault(impl, {})[phase] = t
-      gc.collect()
+      res.setdefault(impl, {})[phase] = _timed(impl, phase, fn, fargs_, flops, args)
 
   res["tables"] = time_tables(x, sizes_d, offsets_d, k, n, experts, fwd_cfg, dx_cfg,
                               gg.dw_config(k, n, dtype.name, "tf32"), args)
+  if args.breakdown:
+    res["breakdown"] = time_breakdown(x, w, dy, sizes_d, offsets_d, x_dense, w_dense, dy_dense,
+                                      experts, fwd_flops, args)
+  if args.dump_hlo:
+    res["hlo"] = dump_loop_hlo(name, tri_bwd, (x, w, dy, sizes_d, offsets_d), args.out)
 
   for phase in ("fwd", "bwd"):
     tri = res["triton"][phase].get("tflops")
@@ -428,6 +427,54 @@ def time_tables(x, sizes, offsets, k, n, experts, fwd_cfg, dx_cfg, dw_cfg, args)
         print(f"  {'tables':>10} {phase}: {t['median_s'] * 1e6:8.1f} us  ({impl})", flush=True)
       out.setdefault(impl, {})[phase] = t
   return out
+
+
+def time_breakdown(x, w, dy, sizes, offsets, x_dense, w_dense, dy_dense, experts, fwd_flops,
+                   args) -> dict:
+  """The backward's two products timed alone, triton and dense, in the main protocol's loop:
+  dx (``dy @ w[e]^T``) and dw (``x[rows of e]^T @ dy[rows of e]``), so the backward's time can
+  be split into its kernels and whatever else its step runs."""
+  from jax_ep.backends import triton_gemm
+
+  ops = {
+      ("triton", "dx"): (lambda dy, w, s, o: triton_gemm._grouped(dy, w, s, o, transpose_w=True),
+                         (dy, w, sizes, offsets)),
+      ("triton", "dw"): (lambda x, dy, s, o: triton_gemm._grouped_dw(x, dy, s, o, experts),
+                         (x, dy, sizes, offsets)),
+      ("dense", "dx"): (lambda dy, w: jnp.dot(dy, w.T), (dy_dense, w_dense)),
+      ("dense", "dw"): (lambda x, dy: jnp.dot(x.T, dy), (x_dense, dy_dense)),
+  }
+  out = {}
+  for (impl, phase), (fn, fargs) in ops.items():
+    out.setdefault(impl, {})[phase] = _timed(impl, phase, fn, fargs, fwd_flops, args, "; alone")
+  return out
+
+
+def _timed(impl, phase, fn, fargs, flops, args, note="") -> dict:
+  """``time_op`` of one op (its error instead, if it fails), with TFLOP/s, printed."""
+  t = _try(f"{impl} {phase}", lambda: time_op(fn, fargs, args.iters, args.inner))
+  if "median_s" in t:
+    t["tflops"] = flops / t["median_s"] / 1e12
+    print(f"  {impl:>10} {phase}: {t['median_s'] * 1e3:8.3f} ms  {t['tflops']:7.1f} TFLOP/s"
+          f"  (inner {t['inner']}{note})", flush=True)
+  gc.collect()
+  return t
+
+
+def dump_loop_hlo(name, fn, fargs, out_dir) -> dict:
+  """The optimized HLO of ``fn``'s two-op timing loop, written to ``<out_dir>/hlo_<name>.txt``;
+  returns its file name and the copies and custom calls in it (a copy of a large carried
+  output would be time the op does not spend)."""
+  text = _looped(fn, 2).lower(*fargs).compile().as_text()
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"hlo_{name}.txt")
+  with open(path, "w") as f:
+    f.write(text)
+  copies = re.findall(r"= (\S+) copy(?:-start)?\(", text)
+  calls = re.findall(r'custom_call_target="([^"]+)"', text)
+  print(f"  hlo of the triton bwd loop: {os.path.basename(path)}; copies {copies or 'none'}; "
+        f"custom calls {len(calls)}", flush=True)
+  return dict(file=os.path.basename(path), copies=copies, custom_calls=calls)
 
 
 # -- sweep ---------------------------------------------------------------------------------------
@@ -815,6 +862,10 @@ def main(argv=None):
                  help="parallel compile workers for the sweep")
   p.add_argument("--swiglu", action="store_true",
                  help="also time the SwiGLU expert block (jax_ep.experts.swiglu), triton vs xla")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time the backward's dx and dw alone (triton and dense)")
+  p.add_argument("--dump-hlo", action="store_true",
+                 help="write the optimized HLO of each shape's triton backward loop to --out")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
