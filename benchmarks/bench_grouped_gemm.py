@@ -90,19 +90,6 @@ def _sweep_candidates():
       ("default", None, False),
       ("tma default", None, True),
       ("gluon default", "gluon", True),
-      # 192-row tiles (the two consumer warpgroups split the columns, each three 64-row slabs
-      # skipped where empty): 15-25 % fewer L2 bytes than 128-row tiles at the benchmark's
-      # shapes, with the same 64-row granularity at a group's partial last tile.
-      *[(f"gluon ws 192x256x64 s3" + (f" g{g}" if g > 1 else "") + (" expert" if ex else "")
-         + ("" if persistent else " per-tile"),
-         T(192, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=g, expert_raster=ex,
-           persistent=persistent), True)
-        for g, ex, persistent in ((8, False, True), (1, False, True), (4, True, True),
-                                  (8, True, True), (8, False, False))],
-      # x in 64-row slabs, only those holding rows of the group (a partial last tile of at
-      # most 64 rows reads half its x tile).
-      ("gluon ws 128x256x64 s3 g8 trim",
-       T(128, 256, 64, 8, 3, half_tiles=False, gluon=True, group_m=8, trim_partial=True), True),
       ("128x256x64 w8 s3", T(128, 256, 64, 8, 3), False),
       ("tma 128x256x64 w8 s3 flat", T(128, 256, 64, 8, 3, half_tiles=False, flatten=True), True),
       # Gluon, warp-specialized: a TMA producer warp and two consumer warpgroups, each its

@@ -598,48 +598,28 @@ if GLUON_ERROR is None:
     return m_tile, n_tile
 
   @gluon.jit
-  def _ws_fwd_producer(x_desc, w_desc, a_bufs, a_tail, b_bufs, ready, empty, tiles_ptr,
-                       num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
-                       E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                       EXPERT_RASTER: gl.constexpr, SLAB_LOADS: gl.constexpr):
+  def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_group,
+                       C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
+                       GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr):
     """One warp: the TMA loads of every K step of the program's tiles, STAGES deep, each
-    into the stage the consumers last released (``empty``), completing on ``ready``. With
-    SLAB_LOADS the x tile comes in slabs of 64 rows (``x_desc``'s block), only those holding
-    rows of the group (the first always), so a group's partial last tile reads less; the
-    slabs past ``a_bufs``' rows (a 192-row tile's third) go to ``a_tail``."""
+    into the stage the consumers last released (``empty``), completing on ``ready``."""
     STAGES: gl.constexpr = a_bufs.shape[0]
-    A_ROWS: gl.constexpr = a_bufs.shape[1]
-    SLAB: gl.constexpr = x_desc.block_type.shape[0]
-    NUM_SLABS: gl.constexpr = BLOCK_M // SLAB
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
-    w_bytes: gl.constexpr = w_desc.block_type.nbytes
-    x_bytes: gl.constexpr = x_desc.block_type.nbytes
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     it = 0
     for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
       m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
                                        EXPERT_RASTER)
-      row_start, row_end, e = _tile_record(tiles_ptr, m_tile, C, E)
+      row_start, _, e = _tile_record(tiles_ptr, m_tile, C, E)
       n0 = n_tile * BLOCK_N
-      slabs = gl.maximum(gl.minimum((row_end - row_start + SLAB - 1) // SLAB, NUM_SLABS), 1)
       for ki in range(K_ITERS):
         s = it % STAGES
         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-        if SLAB_LOADS:
-          for j in gl.static_range(1, NUM_SLABS + 1):  # one of these: the bytes to expect
-            mbarrier.expect(ready.index(s), w_bytes + j * x_bytes, pred=slabs == j)
-          for j in gl.static_range(NUM_SLABS):
-            if j * SLAB >= A_ROWS:
-              dst = a_tail.index(s)
-            else:
-              dst = a_bufs.index(s).slice(j * SLAB, SLAB, dim=0)
-            tma.async_copy_global_to_shared(x_desc, [row_start + j * SLAB, ki * BLOCK_K],
-                                            ready.index(s), dst, pred=j < slabs)
-        else:
-          mbarrier.expect(ready.index(s), w_bytes + x_bytes)
-          tma.async_copy_global_to_shared(x_desc, [row_start, ki * BLOCK_K], ready.index(s),
-                                          a_bufs.index(s))
+        mbarrier.expect(ready.index(s), nbytes)
+        tma.async_copy_global_to_shared(x_desc, [row_start, ki * BLOCK_K], ready.index(s),
+                                        a_bufs.index(s))
         if B_KMAJOR:  # dx: B[e] = w[e]^T, w seen as [E * N, K]
           tma.async_copy_global_to_shared(w_desc, [e * N + n0, ki * BLOCK_K], ready.index(s),
                                           b_bufs.index(s))
@@ -736,123 +716,6 @@ if GLUON_ERROR is None:
                      EXPERT_RASTER)
 
   @gluon.jit
-  def _ns_mma(a, b, acc, ki):
-    return warpgroup_mma(a, b, acc, use_acc=ki > 0, is_async=True)
-
-  @gluon.jit
-  def _ws_fwd_consumer_ns(WG: gl.constexpr, a_bufs, a_tail, b_bufs, ready, empty, out_bufs,
-                          y_desc, y_ptr, tiles_ptr, num_group, C: gl.constexpr,
-                          K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
-                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                          B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                          EXPERT_RASTER: gl.constexpr):
-    """Consumer warpgroup WG of a 192-row tile: columns WG * BLOCK_N/2 .. of all its rows, as
-    three 64-row slabs with an accumulator each (64 x 128 x 3: 192 registers a thread; a
-    warpgroup cannot hold a 64 x 256 accumulator per slab, nor can three warpgroups of 64
-    rows get the registers: ptxas compiles 512-thread kernels at 128). Slabs without rows of
-    the group skip their MMAs (one K loop per count of slabs, chosen per tile). Each slab
-    goes out in EPI_N-column chunks through ``out_bufs[WG]`` like ``_ws_fwd_consumer``'s."""
-    STAGES: gl.constexpr = a_bufs.shape[0]
-    SLAB: gl.constexpr = a_tail.shape[1]
-    HALF_N: gl.constexpr = BLOCK_N // 2
-    NUM_N: gl.constexpr = N // BLOCK_N
-    K_ITERS: gl.constexpr = K // BLOCK_K
-    EPI_N: gl.constexpr = out_bufs.shape[2]
-    dtype: gl.constexpr = y_ptr.dtype.element_ty
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF_N, 16])
-    st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // EPI_N, EPI_N // 8],
-                                               [4, 1], [1, 0])
-    out_buf = out_bufs.index(WG)
-    acc0 = gl.zeros([SLAB, HALF_N], gl.float32, acc_layout)
-    acc1 = gl.zeros([SLAB, HALF_N], gl.float32, acc_layout)
-    acc2 = gl.zeros([SLAB, HALF_N], gl.float32, acc_layout)
-    it = 0
-    for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
-      m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
-                                       EXPERT_RASTER)
-      row_start, row_end, _ = _tile_record(tiles_ptr, m_tile, C, E)
-      n0 = n_tile * BLOCK_N + WG * HALF_N
-      slabs = gl.maximum(gl.minimum((row_end - row_start + SLAB - 1) // SLAB, 3), 1)
-      if slabs == 3:
-        for ki in range(K_ITERS):
-          s = it % STAGES
-          mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-          b = _ns_b_view(b_bufs, s, WG, HALF_N, B_KMAJOR)
-          acc0 = _ns_mma(a_bufs.index(s).slice(0, SLAB, dim=0), b, acc0, ki)
-          acc1 = _ns_mma(a_bufs.index(s).slice(SLAB, SLAB, dim=0), b, acc1, ki)
-          acc2 = _ns_mma(a_tail.index(s), b, acc2, ki)
-          acc0, acc1, acc2 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0, acc1, acc2))
-          mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-          it += 1
-      elif slabs == 2:
-        for ki in range(K_ITERS):
-          s = it % STAGES
-          mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-          b = _ns_b_view(b_bufs, s, WG, HALF_N, B_KMAJOR)
-          acc0 = _ns_mma(a_bufs.index(s).slice(0, SLAB, dim=0), b, acc0, ki)
-          acc1 = _ns_mma(a_bufs.index(s).slice(SLAB, SLAB, dim=0), b, acc1, ki)
-          acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
-          mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-          it += 1
-      else:
-        for ki in range(K_ITERS):
-          s = it % STAGES
-          mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-          b = _ns_b_view(b_bufs, s, WG, HALF_N, B_KMAJOR)
-          acc0 = _ns_mma(a_bufs.index(s).slice(0, SLAB, dim=0), b, acc0, ki)
-          acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0,))
-          mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-          it += 1
-      acc0, acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2))
-      mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-      _ns_store_slab(acc0, out_buf, y_desc, y_ptr, row_start, row_end, n0, N, st_layout)
-      if slabs >= 2:
-        _ns_store_slab(acc1, out_buf, y_desc, y_ptr, row_start + SLAB, row_end, n0, N,
-                       st_layout)
-      if slabs == 3:
-        _ns_store_slab(acc2, out_buf, y_desc, y_ptr, row_start + 2 * SLAB, row_end, n0, N,
-                       st_layout)
-    tma.store_wait(0)
-
-  @gluon.jit
-  def _ns_b_view(b_bufs, s, WG: gl.constexpr, HALF_N: gl.constexpr, B_KMAJOR: gl.constexpr):
-    """Consumer WG's half of stage ``s``'s B tile, as the MMA's [K, N] operand."""
-    if B_KMAJOR:
-      return b_bufs.index(s).slice(WG * HALF_N, HALF_N, dim=0).permute((1, 0))
-    else:
-      return b_bufs.index(s).slice(WG * HALF_N, HALF_N, dim=1)
-
-  @gluon.jit
-  def _ns_store_slab(acc, out_buf, y_desc, y_ptr, r0, row_end, n0, N: gl.constexpr,
-                     st_layout: gl.constexpr):
-    """A slab's [64, BLOCK_N/2] accumulator out in EPI_N-column chunks (``_ws_store_chunk``),
-    each converted just before it is staged so that few registers hold 16-bit copies."""
-    SLAB: gl.constexpr = acc.shape[0]
-    HALF_N: gl.constexpr = acc.shape[1]
-    EPI_N: gl.constexpr = out_buf.shape[1]
-    if EPI_N == HALF_N:
-      _ws_store_chunk(acc.to(y_ptr.dtype.element_ty), out_buf, y_desc, y_ptr, r0, row_end,
-                      n0, N, st_layout)
-    else:
-      lo, hi = gl.split(acc.reshape([SLAB, 2, EPI_N]).permute((0, 2, 1)))
-      _ws_store_chunk(lo.to(y_ptr.dtype.element_ty), out_buf, y_desc, y_ptr, r0, row_end,
-                      n0, N, st_layout)
-      _ws_store_chunk(hi.to(y_ptr.dtype.element_ty), out_buf, y_desc, y_ptr, r0, row_end,
-                      n0 + EPI_N, N, st_layout)
-
-  @gluon.jit
-  def _ws_fwd_consumer_ns1(a_bufs, a_tail, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                           tiles_ptr, num_group, C: gl.constexpr, K: gl.constexpr,
-                           N: gl.constexpr, E: gl.constexpr, BLOCK_N: gl.constexpr,
-                           BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
-                           GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr):
-    """The second consumer warpgroup of a 192-row tile (a worker partition)."""
-    _ws_fwd_consumer_ns(1, a_bufs, a_tail, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                        tiles_ptr, num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
-                        EXPERT_RASTER)
-
-  @gluon.jit
   def grouped_gemm_ws_kernel(
       x_ptr,        # [C, K] rows grouped by expert (recv_x, or dy for the dx product)
       w_ptr,        # [E, K, N] (forward) or [E, N, K] (dx: B[e] = w[e]^T), row-major
@@ -865,39 +728,21 @@ if GLUON_ERROR is None:
       GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
       EXPERT_RASTER: gl.constexpr,  # runs of GROUP_M tiles cut per expert (_ws_tile_coords)
       EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
-      SLAB_LOADS: gl.constexpr,  # x in 64-row slabs, only those with rows (192 rows: always)
   ):
     """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
-    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile.
-    128- and 256-row tiles: each consumer warpgroup computes half the rows
-    (``_ws_fwd_consumer``); 192-row tiles: half the columns (``_ws_fwd_consumer_ns``)."""
+    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     NUM_N: gl.constexpr = N // BLOCK_N
-    ROWS_192: gl.constexpr = BLOCK_M == 192
-    if ROWS_192:  # slabs of 64 rows; shared memory shapes are powers of two: 128 + 64 rows
-      SLAB: gl.constexpr = 64
-      A_ROWS: gl.constexpr = 128
-      OUT_ROWS: gl.constexpr = 64
-      OUT_COLS: gl.constexpr = EPI_N
-    else:
-      SLAB: gl.constexpr = BLOCK_M // 2 if SLAB_LOADS else BLOCK_M
-      A_ROWS: gl.constexpr = BLOCK_M
-      OUT_ROWS: gl.constexpr = BLOCK_M // 2
-      OUT_COLS: gl.constexpr = EPI_N
-    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([SLAB, BLOCK_K], dtype)
+    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
     if B_KMAJOR:
       b_block: gl.constexpr = [BLOCK_N, BLOCK_K]
     else:
       b_block: gl.constexpr = [BLOCK_K, BLOCK_N]
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b_block, dtype)
-    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([OUT_ROWS, OUT_COLS], dtype)
-    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, A_ROWS, BLOCK_K], a_layout)
-    if ROWS_192:
-      a_tail = gl.allocate_shared_memory(dtype, [STAGES, SLAB, BLOCK_K], a_layout)
-    else:
-      a_tail = a_bufs  # unused
+    y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, EPI_N], dtype)
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_layout)
-    out_bufs = gl.allocate_shared_memory(dtype, [2, OUT_ROWS, OUT_COLS], y_layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, EPI_N], y_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
@@ -905,7 +750,7 @@ if GLUON_ERROR is None:
       mbarrier.init(empty.index(j), count=2)  # one arrive per consumer warpgroup
     # Rows past C read as zeros; a tile's rows past its group are computed, never stored.
     x_desc = tma.make_tensor_descriptor(x_ptr, shape=[C, K], strides=[K, 1],
-                                        block_shape=[SLAB, BLOCK_K], layout=a_layout)
+                                        block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
     if B_KMAJOR:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[K, 1],
                                           block_shape=b_block, layout=b_layout)
@@ -913,53 +758,34 @@ if GLUON_ERROR is None:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[N, 1],
                                           block_shape=b_block, layout=b_layout)
     y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, N], strides=[N, 1],
-                                        block_shape=[OUT_ROWS, OUT_COLS], layout=y_layout)
+                                        block_shape=[BLOCK_M // 2, EPI_N], layout=y_layout)
     num_group = gl.minimum(gl.maximum(gl.load(tiles_ptr), 0), MAX_GROUP_TILES)
-    if ROWS_192:
-      gl.warp_specialize([
-          (_ws_fwd_consumer_ns, (0, a_bufs, a_tail, b_bufs, ready, empty, out_bufs, y_desc,
-                                 y_ptr, tiles_ptr, num_group, C, K, N, E, BLOCK_N, BLOCK_K,
-                                 B_KMAJOR, GROUP_M, EXPERT_RASTER)),
-          (_ws_fwd_consumer_ns1, (a_bufs, a_tail, b_bufs, ready, empty, out_bufs, y_desc,
-                                  y_ptr, tiles_ptr, num_group, C, K, N, E, BLOCK_N, BLOCK_K,
-                                  B_KMAJOR, GROUP_M, EXPERT_RASTER)),
-          (_ws_fwd_producer, (x_desc, w_desc, a_bufs, a_tail, b_bufs, ready, empty,
-                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                              B_KMAJOR, GROUP_M, EXPERT_RASTER, True)),
-      ], [4, 1], [232, 40])
-    else:
-      gl.warp_specialize([
-          (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                              B_KMAJOR, GROUP_M, EXPERT_RASTER)),
-          (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
-                               tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                               B_KMAJOR, GROUP_M, EXPERT_RASTER)),
-          (_ws_fwd_producer, (x_desc, w_desc, a_bufs, a_tail, b_bufs, ready, empty,
-                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                              B_KMAJOR, GROUP_M, EXPERT_RASTER, SLAB_LOADS)),
-      ], [4, 1], [232, 40])
+    gl.warp_specialize([
+        (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                            tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                            B_KMAJOR, GROUP_M, EXPERT_RASTER)),
+        (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
+                             tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
+                             B_KMAJOR, GROUP_M, EXPERT_RASTER)),
+        (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
+                            num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
+                            EXPERT_RASTER)),
+    ], [4, 1], [232, 40])
 
-    # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time (a 192-row tile in three
-    # slabs), in reverse program order.
-    if ROWS_192:
-      Z_ROWS: gl.constexpr = 64
-    else:
-      Z_ROWS: gl.constexpr = BLOCK_M
+    # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
     zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1],
                                         [1, 0])
     num_zero = gl.minimum(gl.maximum(gl.load(tiles_ptr + 1), 0), MAX_ZERO_TILES)
-    zeros = gl.zeros([Z_ROWS, BLOCK_N], dtype, zl)
+    zeros = gl.zeros([BLOCK_M, BLOCK_N], dtype, zl)
     pid = gl.program_id(0)
     for z in range(gl.num_programs(0) - 1 - pid, num_zero * NUM_N, gl.num_programs(0)):
       rec = tiles_ptr + (1 + MAX_GROUP_TILES + z // NUM_N) * 4
       row_start = gl.minimum(gl.maximum(gl.load(rec), 0), C)
       row_end = gl.minimum(gl.maximum(gl.load(rec + 1), row_start), C)
+      rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, zl))
       cols = (z % NUM_N) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zl))
-      for j in gl.static_range(BLOCK_M // Z_ROWS):
-        rows = row_start + j * Z_ROWS + gl.arange(0, Z_ROWS, layout=gl.SliceLayout(1, zl))
-        gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], zeros,
-                 mask=(rows < row_end)[:, None])
+      gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], zeros,
+               mask=(rows < row_end)[:, None])
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
       mbarrier.invalidate(empty.index(j))
@@ -968,10 +794,7 @@ if GLUON_ERROR is None:
 def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   """None when ``grouped_gemm_ws_kernel`` can run ``cfg`` (a ``TileConfig``) for y [C, N] =
   x [C, K] @ B[e] (the forward, or dx with B[e] = w[e]^T), else why not."""
-  why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 192, 256))
-  if why is None and cfg.block_m == 192 and cfg.block_n % 128:
-    why = (f"192-row tiles split their {cfg.block_n} columns between the two warpgroups in "
-           f"halves of 64 or 128 columns (block_n 128 or 256)")
+  why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 256))
   if why is None and (K % cfg.block_k or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
   if why is None and ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
@@ -989,11 +812,7 @@ def _ws_stages_bytes(cfg, elem_bytes: int) -> int:
 
 def ws_epilogue_cols(cfg, elem_bytes: int) -> int:
   """Columns of ``grouped_gemm_ws_kernel``'s output chunks: the whole tile's where that fits
-  beside the stages, else half (the tile then goes out in two chunks). 192-row tiles: a
-  quarter (each warpgroup's 64-row slabs of half the columns leave in two chunks, converted
-  one at a time beside its 192 accumulator registers)."""
-  if cfg.block_m == 192:
-    return cfg.block_n // 4
+  beside the stages, else half (the tile then goes out in two chunks)."""
   whole = cfg.block_m * cfg.block_n * elem_bytes
   fits = _ws_stages_bytes(cfg, elem_bytes) + whole <= _SMEM_BYTES
   return cfg.block_n if fits else cfg.block_n // 2
@@ -1002,8 +821,8 @@ def ws_epilogue_cols(cfg, elem_bytes: int) -> int:
 def ws_smem_bytes(cfg, elem_bytes: int) -> int:
   """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output chunk per
   consumer warpgroup."""
-  rows = 128 if cfg.block_m == 192 else cfg.block_m  # out_bufs: [2, rows / 2, cols]
-  return _ws_stages_bytes(cfg, elem_bytes) + rows * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes
+  return (_ws_stages_bytes(cfg, elem_bytes)
+          + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes)
 
 
 def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool) -> dict:
@@ -1016,8 +835,7 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
               EXPERT_RASTER=(cfg.expert_raster and cfg.group_m > 1
                              and expert_raster_ok(C, E, cfg.block_m)),
-              EPI_N=ws_epilogue_cols(cfg, 2),  # 16-bit inputs only (gluon_fwd_supported)
-              SLAB_LOADS=cfg.trim_partial or cfg.block_m == 192)
+              EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

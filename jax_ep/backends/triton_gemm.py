@@ -202,19 +202,10 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   use_tma = want_tma and gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)
   if want_tma and not use_tma and config is None:  # the TMA tiles do not suit the pointer path
     cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=False)
-  ggl = _gluon_kernels_for(cfg) if use_tma else None
-  on_gluon = bool(ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None)
-  if not on_gluon and cfg.block_m == 192:  # only the warp-specialized Gluon kernel has these
-    if config is not None:
-      why = (ggl.gluon_fwd_supported(k, n, itemsize, cfg) if ggl else
-             "the Gluon kernels are off or unavailable here")
-      raise ValueError(f"grouped matmul config={config}: 192-row tiles run on the "
-                       f"warp-specialized Gluon kernel only, which cannot take this product "
-                       f"({why}); use 128- or 256-row tiles")
-    cfg = gg.forward_config(k, n, dtype, precision, phase=phase, tma=use_tma)
   table = _tile_table(sizes, offsets, c, e, cfg.block_m)
   name = "jax_ep_grouped_gemm_dx" if transpose_w else "jax_ep_grouped_gemm"
-  if on_gluon:
+  ggl = _gluon_kernels_for(cfg) if use_tma else None
+  if ggl and ggl.gluon_fwd_supported(k, n, itemsize, cfg) is None:
     # Warp-specialized (a TMA producer warp, two consumer warpgroups, 4 warps each):
     # one program per SM, or per possible tile.
     (y,) = _triton_call(
