@@ -18,8 +18,7 @@ TMA in and out), ``chunks4``/``chunks8`` (that kernel storing each tile in 4 or 
 chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplying a group's
 partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp-specialized
 Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
-3), ``c8trim_t5``/``c4trim_t4``/``ws0_t4`` (those with the partial last wave's programs split
-in 5 or 4, ``dw_flat_tail``) and ``c8trim_s5`` (5 expert segments everywhere), each in ``--rounds`` interleaved rounds (``--variants``
+3), each in ``--rounds`` interleaved rounds (``--variants``
 picks some); the dense ``jnp.dot`` of the same FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
@@ -81,15 +80,7 @@ def variants():
           "ws2": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
                    trim_partial=True, stagger=2),
           "ws1s3": T(128, 256, 64, 8, 3, gluon=True, warp_spec=True, trim_partial=True,
-                     stagger=1),
-          "c8trim_t5": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True,
-                         tail_split=5),
-          "c8trim_s5": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True,
-                         segments=5),
-          "c4trim_t4": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True,
-                         tail_split=4),
-          "ws0_t4": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
-                      trim_partial=True, tail_split=4)}
+                     stagger=1)}
 
 
 def main(argv=None):

@@ -317,32 +317,6 @@ def _field(rec, col, i: tl.constexpr):
 
 
 @triton.jit
-def _dw_flat_program(pid, TILES: tl.constexpr, E: tl.constexpr, NUM_SEGS: tl.constexpr,
-                     TAIL: tl.constexpr, TAIL_SPLIT: tl.constexpr):
-  """(tile, e_lo, e_hi) of flat dw program ``pid``: its dw tile (K-tile major) and experts.
-
-  Programs ``0 .. NUM_SEGS * TILES - TAIL - 1`` are (segment, tile), segment-major, each over
-  ``[s * E // NUM_SEGS, (s + 1) * E // NUM_SEGS)``; the last ``TAIL`` of those (the partial last
-  wave of SMs, ``dw_flat_tail``) are replaced by ``TAIL * TAIL_SPLIT`` programs, piece-major,
-  each over a ``TAIL_SPLIT``-th of that program's experts, so short programs end the grid.
-  """
-  main: tl.constexpr = NUM_SEGS * TILES - TAIL
-  p = pid
-  sub = pid * 0
-  parts = pid * 0 + 1
-  if TAIL > 0:
-    if pid >= main:
-      q = pid - main
-      p = main + q % TAIL
-      sub = q // TAIL
-      parts = parts * 0 + TAIL_SPLIT
-  seg = p // TILES
-  lo = seg * E // NUM_SEGS
-  hi = (seg + 1) * E // NUM_SEGS
-  return p % TILES, lo + sub * (hi - lo) // parts, lo + (sub + 1) * (hi - lo) // parts
-
-
-@triton.jit
 def grouped_gemm_dw_flat_kernel(
     x_ptr,        # [C, K] recv_x
     dy_ptr,       # [C, N] output cotangent
@@ -357,25 +331,25 @@ def grouped_gemm_dw_flat_kernel(
     NUM_SEGS: tl.constexpr,   # expert segments (``dw_flat_segments``)
     MAX_STEPS: tl.constexpr,  # rows of the step table
     INPUT_PRECISION: tl.constexpr,
-    TAIL: tl.constexpr = 0,        # ``dw_flat_tail``: the last TAIL programs split in
-    TAIL_SPLIT: tl.constexpr = 1,  # TAIL_SPLIT pieces of their experts each
 ):
   """dw[e] = x[rows of e]^T @ dy[rows of e], one flat loop per program.
 
-  Grid: ``dw_flat_grid``, NUM_SEGS * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N) programs (more with a
-  split tail: ``_dw_flat_program``). Program (segment s, K tile, N tile)
+  Grid: NUM_SEGS * cdiv(K, BLOCK_M) * cdiv(N, BLOCK_N). Program (segment s, K tile, N tile)
   owns that dw tile of the experts [s * E // NUM_SEGS, (s + 1) * E // NUM_SEGS) and walks all
   their row steps (BLOCK_K rows of one expert each) in one pipelined loop, storing and
   clearing the accumulator at each expert's last step: the loads of the next expert's rows are
   in flight while this one's tile is stored, where the per-expert kernel drains its pipeline
   every 256-512 rows. Same steps, masks and order per expert as ``grouped_gemm_dw_kernel``.
   """
+  pid = tl.program_id(0)
   num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
   num_k: tl.constexpr = (K + BLOCK_M - 1) // BLOCK_M
-  rest, e_lo, e_hi = _dw_flat_program(tl.program_id(0), num_k * num_n, E, NUM_SEGS, TAIL,
-                                      TAIL_SPLIT)
+  seg = pid // (num_k * num_n)
+  rest = pid % (num_k * num_n)
   k_tile = rest // num_n
   n_tile = rest % num_n
+  e_lo = seg * E // NUM_SEGS
+  e_hi = (seg + 1) * E // NUM_SEGS
 
   offs_k = k_tile * BLOCK_M + tl.arange(0, BLOCK_M)
   offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -551,9 +525,6 @@ class TileConfig:
   kernel (a producer warp, two consumer warpgroups each owning 64 of the tile's rows), whose
   second warpgroup starts ``stagger`` row steps behind the first, so that their tile
   epilogues do not coincide; there ``store_chunks`` (1 or 2) splits each half's store.
-  ``segments`` (flat and Gluon dw kernels): expert segments per dw tile, 0 for
-  ``dw_flat_segments``' rule; ``tail_split``: the programs of the grid's partial last wave of
-  SMs each split into that many programs over a part of their experts (``dw_flat_tail``).
   """
 
   block_m: int
@@ -571,8 +542,6 @@ class TileConfig:
   store_chunks: int = 1
   trim_partial: bool = False
   stagger: int = 0
-  segments: int = 0
-  tail_split: int = 1
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -585,9 +554,7 @@ class TileConfig:
                                                              ("expert_raster", False),
                                                              ("store_chunks", 1),
                                                              ("trim_partial", False),
-                                                             ("stagger", 0),
-                                                             ("segments", 0),
-                                                             ("tail_split", 1))
+                                                             ("stagger", 0))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")
@@ -808,8 +775,6 @@ def dw_flat_segments(K: int, N: int, E: int, cfg: TileConfig, num_sms: int) -> i
   fill their last wave of SMs to >= 95 % (one program per SM at a time: at the DeepSeek-V3
   down shape's 448 tiles, one segment would leave 60 % of the SMs idle in the fourth wave;
   two fill 97 % of seven waves), else the fullest."""
-  if cfg.segments:
-    return max(1, min(E, cfg.segments))
   tiles = triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
   first = max(1, min(E, triton.cdiv(2 * num_sms, tiles)))
 
@@ -821,25 +786,9 @@ def dw_flat_segments(K: int, N: int, E: int, cfg: TileConfig, num_sms: int) -> i
               max(range(first, E + 1), key=filled, default=first))
 
 
-def dw_flat_tail(K: int, N: int, E: int, cfg: TileConfig, num_segs: int,
-                 num_sms: int) -> tuple[int, int]:
-  """(tail, split) of the flat dw kernels: with ``cfg.tail_split`` > 1, the ``tail`` programs
-  of the grid's partial last wave (one program per SM at a time) each run as ``split``
-  programs over a ``split``-th of their segment's experts, so that the grid ends on short
-  programs instead of leaving SMs idle for a whole one (the DeepSeek-V3 dw shapes: 896
-  programs, 6.8 waves of 132; 104 split in 5 make 520, 3.9 more waves of a fifth). ``(0, 1)``
-  where nothing is split: a full last wave, or segments of fewer experts than the split."""
-  programs = num_segs * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-  split = min(cfg.tail_split, E // num_segs)
-  tail = programs % num_sms if split > 1 else 0
-  return (tail, split) if tail else (0, 1)
-
-
-def dw_flat_grid(K: int, N: int, E: int, cfg: TileConfig, num_segs: int,
-                 tail: tuple[int, int] = (0, 1)) -> int:
-  """Programs of the flat dw kernels, ``tail`` from ``dw_flat_tail``."""
-  return num_segs * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n) + (
-      tail[0] * (tail[1] - 1))
+def dw_flat_grid(K: int, N: int, E: int, cfg: TileConfig, num_segs: int) -> int:
+  """Programs of ``grouped_gemm_dw_flat_kernel``."""
+  return num_segs * triton.cdiv(K, cfg.block_m) * triton.cdiv(N, cfg.block_n)
 
 
 def tma_supported(K: int, N: int, E: int, cfg: TileConfig, *, w_strides: tuple[int, int, int],
@@ -887,15 +836,14 @@ def forward_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,
 
 
 def dw_flat_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, num_segs: int, *,
-                       input_precision: str = "ieee", tail: tuple[int, int] = (0, 1)) -> dict:
-  """Compile-time constants of ``grouped_gemm_dw_flat_kernel`` (row-major x, dy, dw); ``tail``
-  from ``dw_flat_tail``."""
+                       input_precision: str = "ieee") -> dict:
+  """Compile-time constants of ``grouped_gemm_dw_flat_kernel`` (row-major x, dy, dw)."""
   return dict(C=C, K=K, N=N, E=E,
               STRIDE_XM=K, STRIDE_XK=1, STRIDE_DYM=N, STRIDE_DYN=1,
               STRIDE_DWE=K * N, STRIDE_DWK=N, STRIDE_DWN=1,
               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
               NUM_SEGS=num_segs, MAX_STEPS=dw_max_steps(C, E, cfg.block_k),
-              INPUT_PRECISION=input_precision, TAIL=tail[0], TAIL_SPLIT=tail[1])
+              INPUT_PRECISION=input_precision)
 
 
 def dw_constexprs(C: int, K: int, N: int, E: int, cfg: TileConfig, *,

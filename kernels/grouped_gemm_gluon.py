@@ -196,30 +196,16 @@ if GLUON_ERROR is None:
 
   @gluon.jit
   def _dw_program(K: gl.constexpr, N: gl.constexpr, E: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, NUM_SEGS: gl.constexpr, TAIL: gl.constexpr,
-                  TAIL_SPLIT: gl.constexpr):
+                  BLOCK_N: gl.constexpr, NUM_SEGS: gl.constexpr):
     """(k0, n0, e_lo, e_hi) of a dw program: its tile's first row of K and column of N, and its
-    experts [e_lo, e_hi); programs as in grouped_gemm._dw_flat_program (segment-major, the
-    last TAIL split in TAIL_SPLIT pieces each; grid: grouped_gemm.dw_flat_grid)."""
+    segment of experts [e_lo, e_hi) (grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N))."""
     pid = gl.program_id(0)
     num_n: gl.constexpr = N // BLOCK_N
-    tiles: gl.constexpr = (K // BLOCK_M) * num_n
-    main: gl.constexpr = NUM_SEGS * tiles - TAIL
-    p = pid
-    sub = pid * 0
-    parts = pid * 0 + 1
-    if TAIL > 0:
-      if pid >= main:
-        q = pid - main
-        p = main + q % TAIL
-        sub = q // TAIL
-        parts = parts * 0 + TAIL_SPLIT
-    seg = p // tiles
-    rest = p % tiles
-    lo = seg * E // NUM_SEGS
-    hi = (seg + 1) * E // NUM_SEGS
-    return ((rest // num_n) * BLOCK_M, (rest % num_n) * BLOCK_N, lo + sub * (hi - lo) // parts,
-            lo + (sub + 1) * (hi - lo) // parts)
+    num_k: gl.constexpr = K // BLOCK_M
+    seg = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    return ((rest // num_n) * BLOCK_M, (rest % num_n) * BLOCK_N, seg * E // NUM_SEGS,
+            (seg + 1) * E // NUM_SEGS)
 
   @gluon.jit
   def _dw_trimmed_mma(xv, gv, t, acc, use_acc, x_layout: gl.constexpr, g_layout: gl.constexpr):
@@ -265,14 +251,10 @@ if GLUON_ERROR is None:
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
       TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
-
-      TAIL: gl.constexpr,        # grouped_gemm.dw_flat_tail: the last TAIL programs split in
-      TAIL_SPLIT: gl.constexpr,  # TAIL_SPLIT pieces of their experts each
   ):
-    """Grid: grouped_gemm.dw_flat_grid (NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N) programs, more
-    with a split tail)."""
+    """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
-    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS, TAIL, TAIL_SPLIT)
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
 
     # The accumulator: two warpgroups of 64 x BLOCK_N wgmma tiles. The register layouts that
     # zero a partial step's extra rows: 16-byte vectors along the contiguous columns.
@@ -528,16 +510,13 @@ if GLUON_ERROR is None:
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       EPI_N: gl.constexpr,    # each warpgroup's half tile leaves in BLOCK_N / EPI_N chunks
       STAGGER: gl.constexpr,  # row steps the second consumer warpgroup starts behind
-
-      TAIL: gl.constexpr,        # grouped_gemm.dw_flat_tail: the last TAIL programs split in
-      TAIL_SPLIT: gl.constexpr,  # TAIL_SPLIT pieces of their experts each
   ):
     """``grouped_gemm_dw_gluon_kernel``'s product, warp-specialized: a producer warp and two
     consumer warpgroups (each 64 of the tile's K rows, its own x half, the dy tile shared).
-    Grid: grouped_gemm.dw_flat_grid; launch with num_warps=4."""
+    Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N); launch with num_warps=4."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
-    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS, TAIL, TAIL_SPLIT)
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
 
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
     g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
@@ -859,24 +838,21 @@ def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool)
               EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
 
 
-def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int,
-                        tail: tuple[int, int] = (0, 1)) -> dict:
+def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
   """Compile-time constants of ``grouped_gemm_dw_gluon_kernel`` (row-major x, dy, dw), for the
-  step table of ``dw_step_table`` (same C, E, block_k); ``tail`` from ``dw_flat_tail``."""
+  step table of ``dw_step_table`` (same C, E, block_k)."""
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
-              TRIM_PARTIAL=cfg.trim_partial, TAIL=tail[0], TAIL_SPLIT=tail[1])
+              TRIM_PARTIAL=cfg.trim_partial)
 
 
-def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int,
-                           tail: tuple[int, int] = (0, 1)) -> dict:
+def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
   """Compile-time constants of ``grouped_gemm_dw_ws_kernel`` (row-major x, dy, dw), for the
-  step table of ``dw_step_table`` (same C, E, block_k); ``tail`` from ``dw_flat_tail``.
-  Launch it with ``num_warps=4``."""
+  step table of ``dw_step_table`` (same C, E, block_k). Launch it with ``num_warps=4``."""
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               EPI_N=cfg.block_n // cfg.store_chunks,
-              STAGGER=cfg.stagger, TAIL=tail[0], TAIL_SPLIT=tail[1])
+              STAGGER=cfg.stagger)

@@ -232,14 +232,12 @@ def test_forward_and_dx_interpreted(interp, rng, case, dtype, programs, use_tma,
                np.sqrt(n))
 
 
-@pytest.mark.parametrize("variant", ["ptr", "tma", "flat1", "flat3", "flat1tail"])
+@pytest.mark.parametrize("variant", ["ptr", "tma", "flat1", "flat3"])
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[-1] + f"-C{c[0]}" for c in CASES])
 def test_dw_interpreted(interp, rng, case, dtype, variant):
   """dw per (expert, tile) program (ptr, tma), and the flat kernel with 1 or 3 expert
-  segments (every program walks its segment's row steps in one loop); ``flat1tail``: one
-  segment on a GPU of fewer SMs than tiles, the last wave's programs split in 3 (each over a
-  third of the experts)."""
+  segments (every program walks its segment's row steps in one loop)."""
   use_tma = variant == "tma"
   c, k, n, e, align, kind = case
   gg = interp
@@ -258,17 +256,10 @@ def test_dw_interpreted(interp, rng, case, dtype, variant):
                                       elem_bytes=np.dtype(dtype).itemsize, dw=True):
     pytest.skip("shape not eligible for the TMA variant")
   if variant.startswith("flat"):
-    segs = min(e, int(variant[4]))
-    tail = (0, 1)
-    if variant.endswith("tail"):
-      cfg = dataclasses.replace(cfg, tail_split=3)
-      programs = gg.dw_flat_grid(k, n, e, cfg, segs)
-      tail = gg.dw_flat_tail(k, n, e, cfg, segs, max(1, programs - max(1, programs // 3)))
-      assert tail == ((programs // 3, min(3, e)) if programs >= 3 else (0, 1))
+    segs = min(e, int(variant[4:]))
     steps, first = gg.dw_step_table(sizes, offsets, c, e, cfg.block_k, np)
-    run_interpreted(gg.grouped_gemm_dw_flat_kernel, gg.dw_flat_grid(k, n, e, cfg, segs, tail),
-                    (x, dy, steps, first, dw),
-                    gg.dw_flat_constexprs(c, k, n, e, cfg, segs, tail=tail))
+    run_interpreted(gg.grouped_gemm_dw_flat_kernel, gg.dw_flat_grid(k, n, e, cfg, segs),
+                    (x, dy, steps, first, dw), gg.dw_flat_constexprs(c, k, n, e, cfg, segs))
   else:
     order = np.argsort(-sizes, kind="stable").astype(np.int32)
     run_interpreted(gg.grouped_gemm_dw_kernel, gg.dw_grid(k, n, e, cfg),
@@ -490,50 +481,6 @@ def test_flat_dw_segments_fill_the_last_wave(shape):
     assert fill[segs - 1] >= 0.95
   else:
     assert fill[segs - 1] == max(fill[segs - 1:])
-
-
-def _dw_program_probe(out_ptr, TILES: tl.constexpr, E: tl.constexpr, NUM_SEGS: tl.constexpr,
-                      TAIL: tl.constexpr, TAIL_SPLIT: tl.constexpr):
-  """Writes (tile, e_lo, e_hi) of every flat dw program (jitted by the test below)."""
-  pid = tl.program_id(0)
-  tile, e_lo, e_hi = _PROBED._dw_flat_program(pid, TILES, E, NUM_SEGS, TAIL, TAIL_SPLIT)
-  tl.store(out_ptr + pid * 3, tile)
-  tl.store(out_ptr + pid * 3 + 1, e_lo)
-  tl.store(out_ptr + pid * 3 + 2, e_hi)
-
-
-_PROBED = None  # the interpreted kernel module, while the test below runs
-
-
-@pytest.mark.parametrize("tiles,e,segs,tail,split",
-                         [(12, 40, 2, 4, 3), (896, 64, 1, 104, 5), (448, 64, 2, 104, 5),
-                          (7, 5, 1, 3, 5), (6, 3, 2, 0, 1), (5, 9, 3, 2, 2)])
-def test_flat_dw_programs_cover_every_tile_and_expert_once(interp, monkeypatch, tiles, e, segs,
-                                                           tail, split):
-  """The flat dw kernels' program map (``_dw_flat_program``, run in the interpreter): over the
-  grid of ``dw_flat_grid`` every (tile, expert) belongs to exactly one program, also with the
-  partial last wave's programs split (``dw_flat_tail``), pieces in order (short programs
-  last)."""
-  gg = interp
-  # The interpreter recompiles a kernel's source against its module's globals (no closures).
-  monkeypatch.setitem(globals(), "_PROBED", gg)
-  monkeypatch.setenv("TRITON_INTERPRET", "1")
-  probe = triton.jit(_dw_program_probe)
-
-  grid = segs * tiles + tail * (split - 1)
-  assert grid == gg.dw_flat_grid(tiles * 128, 256, e, gg.TileConfig(128, 256, 64, 8, 3), segs,
-                                 (tail, split))
-  got = np.full((grid, 3), -1, np.int32)
-  run_interpreted(probe, grid, (got,), dict(TILES=tiles, E=e, NUM_SEGS=segs, TAIL=tail,
-                                            TAIL_SPLIT=split))
-  owners = np.zeros((tiles, e), np.int32)
-  for tile, lo, hi in got:
-    assert 0 <= tile < tiles and 0 <= lo <= hi <= e
-    owners[tile, lo:hi] += 1
-  assert (owners == 1).all(), "some (tile, expert) is walked by no program or by two"
-  main = segs * tiles - tail
-  assert (got[:main, 2] - got[:main, 1] >= e // segs).all()  # whole segments first
-  assert (got[main:, 2] - got[main:, 1] <= -(-e // segs) // split + 1).all()
 
 
 def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:

@@ -255,23 +255,22 @@ def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: b
                               stagger=0)
   if cfg.flatten or cfg.gluon:  # one flat loop over the row steps of a segment of experts
     segs = gg.dw_flat_segments(h, n, num_experts, cfg, _num_sms())
-    tail = gg.dw_flat_tail(h, n, num_experts, cfg, segs, _num_sms())
     steps, first = _dw_step_table(sizes, offsets, c, num_experts, cfg.block_k)
     num_warps = cfg.num_warps
     if ws:
       kernel = ggl.grouped_gemm_dw_ws_kernel
-      constexprs = ggl.gluon_dw_ws_constexprs(c, h, n, num_experts, cfg, segs, tail)
+      constexprs = ggl.gluon_dw_ws_constexprs(c, h, n, num_experts, cfg, segs)
       num_warps = 4  # the first consumer warpgroup; the others are worker partitions
     elif ggl and ggl.gluon_dw_supported(h, n, itemsize, cfg) is None:
       kernel = ggl.grouped_gemm_dw_gluon_kernel
-      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs, tail)
+      constexprs = ggl.gluon_dw_constexprs(c, h, n, num_experts, cfg, segs)
     else:
       kernel = gg.grouped_gemm_dw_flat_kernel
       constexprs = gg.dw_flat_constexprs(c, h, n, num_experts, cfg, segs,
-                                         input_precision=precision, tail=tail)
+                                         input_precision=precision)
     (dw,) = _triton_call(
         kernel, x, dy, steps, first, out_shapes=out,
-        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs, tail), num_warps=num_warps,
+        grid=gg.dw_flat_grid(h, n, num_experts, cfg, segs), num_warps=num_warps,
         num_stages=cfg.num_stages, constexprs=constexprs, name="jax_ep_grouped_gemm_dw")
     return dw
   tma = use_tma and gg.tma_supported(h, n, num_experts, cfg, w_strides=(h * n, n, 1),
