@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -749,9 +750,27 @@ SWIGLU_SHAPES = {
 QUICK_SWIGLU_SHAPES = {"small_swiglu": (4096, 16, 1024, 512)}
 
 
+def _swiglu_fused(x, wgu, wd, layout, backend):
+  """SwiGLU with the gate and up weights stored side by side, ``wgu [E, H, 2F]``: one grouped
+  matmul for both (x read once, N = 2F), then the activation and the down product."""
+  from jax_ep import api
+
+  gu = api.grouped_matmul(x, wgu, layout, backend=backend)
+  g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+  return api.grouped_matmul((jax.nn.silu(g) * u).astype(x.dtype), wd, layout, backend=backend)
+
+
+def _swiglu_dense(x, wgu, wd):
+  """The same FLOPs as one dense MLP over all rows (cuBLAS): the baseline of the ratios."""
+  g, u = jnp.split(jnp.dot(x, wgu).astype(jnp.float32), 2, axis=-1)
+  return jnp.dot((jax.nn.silu(g) * u).astype(x.dtype), wd)
+
+
 def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
-  """The expert block as models run it (jax_ep.experts.swiglu: gate, up, down), triton vs xla,
-  forward and forward+backward (value_and_grad over x and the three weights)."""
+  """The expert block as models run it (jax_ep.experts.swiglu: gate, up, down), forward and
+  forward+backward (grads of x and the weights): triton and xla, the triton path with gate and
+  up fused into one weight ``[E, H, 2F]`` (``triton-fused``), and one dense MLP of the same
+  FLOPs (``dense``: ``[H, 2F]`` and ``[F, H]`` weights, cuBLAS)."""
   from jax_ep import experts as expert_fns
 
   rng = np.random.default_rng(seed)
@@ -769,19 +788,49 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
              routing=args.routing, seed=seed)
   print(f"\n== {name}: swiglu experts, R={int(sizes.sum())}, E={experts}, H={hidden}, "
         f"F={ffn}", flush=True)
-  for backend in ("triton", "xla"):
+  wgu = jnp.concatenate([wg, wu], axis=-1)
+  wgu_dense = wgu[0] * 0.5 + wgu[1] * 0.5  # one expert's shape, [H, 2F]
+  # Correctness first: each grouped variant's output against the xla backend's (computed once).
+  want = np.asarray(jax.jit(lambda *a: expert_fns.swiglu(*a, backend="xla"))(
+      x, wg, wu, wd, layout), np.float32)
+  scale = float(np.abs(want).max()) + 1e-6
+  res["max_rel_err_vs_xla"] = {}
+  for variant in [b for b in args.swiglu_variants.split(",") if b and b != "dense"]:
+    b = variant.removesuffix("-fused")
+    f = (functools.partial(_swiglu_fused, backend=b) if variant.endswith("-fused") else
+         functools.partial(expert_fns.swiglu, backend=b))
+    got = _try(f"swiglu {variant} check", lambda: np.asarray(jax.jit(f)(
+        x, *((wgu,) if variant.endswith("-fused") else (wg, wu)), wd, layout), np.float32))
+    if isinstance(got, np.ndarray):
+      err = float(np.abs(got - want).max()) / scale
+      res["max_rel_err_vs_xla"][variant] = err
+      print(f"  {variant}: max |y - y_xla| / max |y_xla| = {err:.2e}", flush=True)
+      if not err < 2e-2:
+        raise SystemExit(f"bench_swiglu: {variant} differs from the xla backend ({err:.2e})")
+  for backend in [b for b in args.swiglu_variants.split(",") if b]:
     # The layout is an argument (not a constant of the jitted loop): its group sizes then
     # cannot be folded into the tile tables at compile time.
-    def fwd(x, wg, wu, wd, layout, b=backend):
-      return expert_fns.swiglu(x, wg, wu, wd, layout, backend=b)
+    if backend == "dense":
+      def fwd(x, wgu, wd, layout):
+        del layout
+        return _swiglu_dense(x, wgu, wd)
+      operands = (x, wgu_dense, wd[0], layout)
+    elif backend.endswith("-fused"):
+      def fwd(x, wgu, wd, layout, b=backend.removesuffix("-fused")):
+        return _swiglu_fused(x, wgu, wd, layout, b)
+      operands = (x, wgu, wd, layout)
+    else:
+      def fwd(x, wg, wu, wd, layout, b=backend):
+        return expert_fns.swiglu(x, wg, wu, wd, layout, backend=b)
+      operands = (x, wg, wu, wd, layout)
 
-    def train(x, wg, wu, wd, layout, b=backend):
-      loss = lambda *a: jnp.sum(fwd(*a, layout, b=b).astype(jnp.float32))  # noqa: E731
-      return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    def train(*a, fwd=fwd):
+      loss = lambda *w: jnp.sum(fwd(*w, a[-1]).astype(jnp.float32))  # noqa: E731
+      return jax.grad(loss, argnums=tuple(range(len(a) - 1)))(*a[:-1])
 
     for phase, fn, fl in (("fwd", fwd, flops), ("fwd+bwd", train, 3 * flops)):
       t = _try(f"swiglu {backend} {phase}",
-               lambda: time_op(fn, (x, wg, wu, wd, layout), args.iters, args.inner))
+               lambda: time_op(fn, operands, args.iters, args.inner))
       if "median_s" in t:
         t["tflops"] = fl / t["median_s"] / 1e12
         print(f"  {backend:>7} {phase:<8}: {t['median_s'] * 1e3:8.3f} ms  "
@@ -789,10 +838,14 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
       res.setdefault(backend, {})[phase] = t
       gc.collect()
   for phase in ("fwd", "fwd+bwd"):
-    a, b = (res[k][phase].get("median_s") for k in ("triton", "xla"))
-    if a and b:
-      res.setdefault("speedup_vs_xla", {})[phase] = b / a
-  del x, wg, wu, wd
+    for ours in ("triton", "triton-fused"):
+      a = res.get(ours, {}).get(phase, {}).get("median_s")
+      for base, key in (("xla", "speedup_vs_xla"), ("dense", "vs_dense")):
+        b = res.get(base, {}).get(phase, {}).get("median_s")
+        if a and b:
+          res.setdefault(key, {}).setdefault(ours, {})[phase] = b / a
+          print(f"  {ours} {phase}: {b / a:.2f}x {base}", flush=True)
+  del x, wg, wu, wd, wgu, wgu_dense
   gc.collect()
   return res
 
@@ -862,6 +915,11 @@ def main(argv=None):
                  help="parallel compile workers for the sweep")
   p.add_argument("--swiglu", action="store_true",
                  help="also time the SwiGLU expert block (jax_ep.experts.swiglu), triton vs xla")
+  p.add_argument("--swiglu-only", action="store_true",
+                 help="time the SwiGLU block only (implies --swiglu; no main shapes)")
+  p.add_argument("--swiglu-variants", default="triton,triton-fused,xla,dense",
+                 help="with --swiglu: comma-separated variants of the block to time "
+                      "(triton, triton-fused, xla, xla-fused, dense)")
   p.add_argument("--breakdown", action="store_true",
                  help="also time the backward's dx and dw alone (triton and dense)")
   p.add_argument("--dump-hlo", action="store_true",
@@ -922,8 +980,9 @@ def main(argv=None):
                            tempfile.mkdtemp(prefix="gmm_sweep_"))
     print(f"compiling {len(jobs)} sweep candidates in {args.jobs} worker processes", flush=True)
 
-  results = [] if args.sweep_only else [bench_shape(s, *table[s], args, seeds[s])
-                                        for s in names]
+  args.swiglu = args.swiglu or args.swiglu_only
+  results = [] if args.sweep_only or args.swiglu_only else [
+      bench_shape(s, *table[s], args, seeds[s]) for s in names]
   print_table(results)
 
   os.makedirs(args.out, exist_ok=True)
