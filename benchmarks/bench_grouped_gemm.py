@@ -750,16 +750,6 @@ SWIGLU_SHAPES = {
 QUICK_SWIGLU_SHAPES = {"small_swiglu": (4096, 16, 1024, 512)}
 
 
-def _swiglu_fused(x, wgu, wd, layout, backend):
-  """SwiGLU with the gate and up weights stored side by side, ``wgu [E, H, 2F]``: one grouped
-  matmul for both (x read once, N = 2F), then the activation and the down product."""
-  from jax_ep import api
-
-  gu = api.grouped_matmul(x, wgu, layout, backend=backend)
-  g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-  return api.grouped_matmul((jax.nn.silu(g) * u).astype(x.dtype), wd, layout, backend=backend)
-
-
 def _swiglu_dense(x, wgu, wd):
   """The same FLOPs as one dense MLP over all rows (cuBLAS): the baseline of the ratios."""
   g, u = jnp.split(jnp.dot(x, wgu).astype(jnp.float32), 2, axis=-1)
@@ -768,9 +758,9 @@ def _swiglu_dense(x, wgu, wd):
 
 def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
   """The expert block as models run it (jax_ep.experts.swiglu: gate, up, down), forward and
-  forward+backward (grads of x and the weights): triton and xla, the triton path with gate and
-  up fused into one weight ``[E, H, 2F]`` (``triton-fused``), and one dense MLP of the same
-  FLOPs (``dense``: ``[H, 2F]`` and ``[F, H]`` weights, cuBLAS)."""
+  forward+backward (grads of x and the weights): triton and xla, ``jax_ep.experts.swiglu_fused``
+  (gate and up in one weight ``[E, H, 2F]``) on either (``triton-fused``, ``xla-fused``), and
+  one dense MLP of the same FLOPs (``dense``: ``[H, 2F]`` and ``[F, H]`` weights, cuBLAS)."""
   from jax_ep import experts as expert_fns
 
   rng = np.random.default_rng(seed)
@@ -797,8 +787,9 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
   res["max_rel_err_vs_xla"] = {}
   for variant in [b for b in args.swiglu_variants.split(",") if b and b != "dense"]:
     b = variant.removesuffix("-fused")
-    f = (functools.partial(_swiglu_fused, backend=b) if variant.endswith("-fused") else
-         functools.partial(expert_fns.swiglu, backend=b))
+    f = functools.partial(
+        expert_fns.swiglu_fused if variant.endswith("-fused") else expert_fns.swiglu,
+        backend=b)
     got = _try(f"swiglu {variant} check", lambda: np.asarray(jax.jit(f)(
         x, *((wgu,) if variant.endswith("-fused") else (wg, wu)), wd, layout), np.float32))
     if isinstance(got, np.ndarray):
@@ -817,7 +808,7 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
       operands = (x, wgu_dense, wd[0], layout)
     elif backend.endswith("-fused"):
       def fwd(x, wgu, wd, layout, b=backend.removesuffix("-fused")):
-        return _swiglu_fused(x, wgu, wd, layout, b)
+        return expert_fns.swiglu_fused(x, wgu, wd, layout, backend=b)
       operands = (x, wgu, wd, layout)
     else:
       def fwd(x, wg, wu, wd, layout, b=backend):

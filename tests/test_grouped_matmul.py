@@ -80,6 +80,44 @@ def test_swiglu_matches_loop(rng):
   np.testing.assert_allclose(y, exp, rtol=1e-4, atol=1e-4)
 
 
+def test_swiglu_fused_matches_swiglu(rng):
+  """swiglu_fused on [w_gate | w_up] gives swiglu's values and, split back, its gradients
+  (random layout with empty groups and rows outside groups)."""
+  e_local, capacity, h, f = 4, 40, 8, 6
+  layout = random_layout(rng, e_local, capacity, 4)
+  x = jnp.asarray(rng.standard_normal((capacity, h)), jnp.float32)
+  wg, wu = (jnp.asarray(rng.standard_normal((e_local, h, f)) / 3, jnp.float32) for _ in "gu")
+  wd = jnp.asarray(rng.standard_normal((e_local, f, h)) / 3, jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((capacity, h)), jnp.float32)
+
+  def loss_split(x, wg, wu, wd):
+    return jnp.sum(jax_ep.experts.swiglu(x, wg, wu, wd, layout) * probe)
+
+  def loss_fused(x, wgu, wd):
+    return jnp.sum(jax_ep.experts.swiglu_fused(x, wgu, wd, layout) * probe)
+
+  wgu = jnp.concatenate([wg, wu], axis=-1)
+  np.testing.assert_allclose(jax_ep.experts.swiglu_fused(x, wgu, wd, layout),
+                             jax_ep.experts.swiglu(x, wg, wu, wd, layout), rtol=1e-6, atol=1e-6)
+  dx, dwg, dwu, dwd = jax.grad(loss_split, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+  fx, fwgu, fwd = jax.grad(loss_fused, argnums=(0, 1, 2))(x, wgu, wd)
+  for got, want in ((fx, dx), (fwgu[..., :f], dwg), (fwgu[..., f:], dwu), (fwd, dwd)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(dwg)).max() > 0  # the gradients are not trivially zero
+
+
+def test_swiglu_bad_shapes():
+  layout = random_layout(np.random.default_rng(0), 3, 8, 1)
+  x = jnp.zeros((8, 4))
+  with pytest.raises(ValueError, match="w_gate_up must be"):
+    jax_ep.experts.swiglu_fused(x, jnp.zeros((3, 4, 5)), jnp.zeros((3, 2, 4)), layout)
+  with pytest.raises(ValueError, match=r"w_down must be \[E_local, ffn, hidden\] = \(3, 3, 4\)"):
+    jax_ep.experts.swiglu_fused(x, jnp.zeros((3, 4, 6)), jnp.zeros((3, 4, 3)), layout)
+  with pytest.raises(ValueError, match="must equal"):
+    jax_ep.experts.swiglu(x, jnp.zeros((3, 4, 5)), jnp.zeros((3, 4, 6)), jnp.zeros((3, 5, 4)),
+                          layout)
+
+
 def test_grouped_matmul_bad_shapes(rng):
   layout = random_layout(rng, 3, 8, 1)
   x = jnp.zeros((8, 4))

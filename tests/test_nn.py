@@ -43,8 +43,8 @@ def dense_moe(p, x, renormalize=True):
   if renormalize:
     w = w / jnp.sum(w, -1, keepdims=True)
   silu = lambda a: a / (1 + jnp.exp(-a))
-  hid = silu(jnp.einsum("th,ehf->tef", t, p["w_gate"], precision="highest")) * jnp.einsum(
-      "th,ehf->tef", t, p["w_up"], precision="highest")
+  gate_up = jnp.einsum("th,ehf->tef", t, p["w_gate_up"], precision="highest")
+  hid = silu(gate_up[..., :FFN]) * gate_up[..., FFN:]
   every = jnp.einsum("tef,efh->teh", hid, p["w_down"], precision="highest")  # [T, E, H]
   chosen = jnp.take_along_axis(every, idx[:, :, None], axis=1)  # [T, K, H]
   out = jnp.sum(w[:, :, None] * chosen, axis=1)
@@ -100,7 +100,7 @@ def test_forward_and_grad_match_dense(ep_size, rng):
   for name in ref_g_params:
     _close(g[name], ref_g_params[name], f"d {name}")
   # The expert weights really live split over the EP axis.
-  assert params["w_gate"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)
+  assert params["w_gate_up"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)
 
 
 def test_scan_remat_stack_matches_dense(rng):
@@ -117,7 +117,7 @@ def test_scan_remat_stack_matches_dense(rng):
 
     stack = make(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), num_layers))
     specs = nnx.get_partition_spec(nnx.state(stack))
-    assert specs["w_gate"].get_value() == jax.sharding.PartitionSpec(None, "ep", None, None)
+    assert specs["w_gate_up"].get_value() == jax.sharding.PartitionSpec(None, "ep", None, None)
     assert specs["w_router"].get_value() == jax.sharding.PartitionSpec(None, None, None)
 
     x = jnp.asarray(rng.standard_normal((2, 16, HIDDEN)), jnp.float32)
@@ -193,8 +193,8 @@ def test_capacity_factor_drops_the_tail_and_counts_it(rng):
   kept = _kept_slots(idx, ep_size, config.capacity)
   silu = lambda a: a / (1 + np.exp(-a))
   xs = np.asarray(x)
-  every = np.einsum("tef,efh->teh", silu(np.einsum("th,ehf->tef", xs, p["w_gate"])) *
-                    np.einsum("th,ehf->tef", xs, p["w_up"]), p["w_down"])
+  gate_up = np.einsum("th,ehf->tef", xs, p["w_gate_up"])
+  every = np.einsum("tef,efh->teh", silu(gate_up[..., :FFN]) * gate_up[..., FFN:], p["w_down"])
   chosen = np.take_along_axis(every, idx[:, :, None], axis=1)
   expected = np.sum((w * kept)[:, :, None] * chosen, axis=1)
 
@@ -341,4 +341,4 @@ def test_data_axes_around_expert_parallelism(rng):
   g = nnx.to_pure_dict(grads)
   for name in ref_grads:
     _close(g[name], ref_grads[name], f"d {name}")
-  assert params["w_up"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)
+  assert params["w_gate_up"][...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)

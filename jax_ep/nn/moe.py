@@ -8,8 +8,9 @@ The block owns parameters and routing; the token movement is jax_ep's functional
               Computed on the token-sharded global arrays, so the auxiliary losses below are
               means over all N tokens (the same numbers a single device would get).
   experts     one ``jax.shard_map`` over the EP axis: each rank holds ``N / W`` tokens and
-              ``E / W`` experts; ``jax_ep.dispatch`` -> ``jax_ep.experts.swiglu`` (grouped
-              matmuls) -> ``jax_ep.combine`` (which applies the routing weights).
+              ``E / W`` experts; ``jax_ep.dispatch`` -> ``jax_ep.experts.swiglu_fused``
+              (grouped matmuls: gate and up in one, then down) -> ``jax_ep.combine`` (which
+              applies the routing weights).
   shared      optional dense SwiGLU every token goes through (DeepSeek-style shared expert),
               added to the routed output.
 
@@ -20,8 +21,11 @@ Auxiliary losses (returned in ``MoEAux``; add ``aux.loss`` to the training loss)
   router z-loss   ``mean_t logsumexp(logits_t)^2`` (ST-MoE): keeps router logits small.
 
 Parameter shapes and their ``out_sharding`` metadata (visible to ``nnx.get_partition_spec``):
-  w_router ``[H, E]`` replicated; w_gate, w_up ``[E, H, F]`` and w_down ``[E, F, H]`` sharded
-  over the EP axis on their expert dimension; shared expert weights replicated.
+  w_router ``[H, E]`` replicated; w_gate_up ``[E, H, 2F]`` (gate columns ``[..., :F]``, up
+  columns ``[..., F:]``: one grouped matmul computes both) and w_down ``[E, F, H]`` sharded
+  over the EP axis on their expert dimension; shared expert weights replicated. (Until
+  2026-11-23 the gate and up weights were two parameters, w_gate and w_up ``[E, H, F]``: a state
+  saved then converts with ``w_gate_up = concatenate([w_gate, w_up], axis=-1)``.)
 """
 from __future__ import annotations
 
@@ -257,8 +261,8 @@ class MoE(nnx.Module):
 
     ep, e, h, f = axis_name, num_experts, hidden, intermediate
     self.w_router = self._param(kernel_init, rngs, (h, e), (None, None))
-    self.w_gate = self._param(expert_init, rngs, (e, h, f), (ep, None, None))
-    self.w_up = self._param(expert_init, rngs, (e, h, f), (ep, None, None))
+    # Fan-in scaling over H, as for separate [E, H, F] gate and up weights.
+    self.w_gate_up = self._param(expert_init, rngs, (e, h, 2 * f), (ep, None, None))
     self.w_down = self._param(expert_init, rngs, (e, f, h), (ep, None, None))
     if shared_intermediate is not None:
       s = shared_intermediate
@@ -344,18 +348,17 @@ class MoE(nnx.Module):
 
     gmm_backend = "xla" if self.backend == "xla" else "auto"
 
-    def experts(x, topk_idx, topk_weights, w_gate, w_up, w_down):
+    def experts(x, topk_idx, topk_weights, w_gate_up, w_down):
       # Per shard: x [N/(D*W), H], topk_* [N/(D*W), K], w_* [E/W, ...] (D: data shards).
       recv_x, _, layout = jax_ep.dispatch(x, topk_idx, topk_weights, config=config)
-      y = jax_ep.experts.swiglu(recv_x, w_gate, w_up, w_down, layout, backend=gmm_backend)
+      y = jax_ep.experts.swiglu_fused(recv_x, w_gate_up, w_down, layout, backend=gmm_backend)
       out = jax_ep.combine(y.astype(recv_x.dtype), layout, config=config)
       return out, lax.psum(layout.num_dropped, (*self.data_axes, ep))
 
-    weights = [self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
-               self.w_down[...].astype(dtype)]
+    weights = [self.w_gate_up[...].astype(dtype), self.w_down[...].astype(dtype)]
     operands = [tokens, topk_idx, topk_weights, *weights]
     token_spec = P((*self.data_axes, ep)) if self.data_axes else P(ep)
-    specs = (token_spec,) * 3 + (P(ep),) * 3
+    specs = (token_spec,) * 3 + (P(ep),) * 2
     axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
     if any(axis_types[a] == jax.sharding.AxisType.Explicit for a in (ep, *self.data_axes)):
       # Explicit axes: shard_map takes inputs only as already sharded as its in_specs.

@@ -179,8 +179,10 @@ def test_launch_modes_agree(rng, transpose_w):
   assert_close("half tiles", run(persistent=True, half_tiles=True), base, jnp.bfloat16, 1.0)
 
 
-def test_swiglu_experts_match_xla(rng):
-  """jax_ep.experts.swiglu (three grouped matmuls) on the triton path, value and grads."""
+@pytest.mark.parametrize("fused", [False, True], ids=["swiglu", "swiglu_fused"])
+def test_swiglu_experts_match_xla(rng, fused):
+  """jax_ep.experts.swiglu (three grouped matmuls) and swiglu_fused (gate and up in one) on
+  the triton path, value and grads, against the xla backend's swiglu."""
   from jax_ep import experts
 
   c, h, f, e = 2048, 512, 384, 8
@@ -191,13 +193,16 @@ def test_swiglu_experts_match_xla(rng):
             for _ in range(2))
   wd = jnp.asarray(rng.standard_normal((e, f, h), np.float32) / np.sqrt(f), jnp.bfloat16)
 
-  def run(backend):
+  def run(backend, fused=False):
     def loss(x, wg, wu, wd):
-      y = experts.swiglu(x, wg, wu, wd, layout, backend=backend)
+      if fused:
+        y = experts.swiglu_fused(x, jnp.concatenate([wg, wu], -1), wd, layout, backend=backend)
+      else:
+        y = experts.swiglu(x, wg, wu, wd, layout, backend=backend)
       return jnp.sum(y.astype(jnp.float32) ** 2), y
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, wg, wu, wd)
 
-  (_, y), grads = run("triton")
+  (_, y), grads = run("triton", fused)
   (_, y_ref), grads_ref = run("xla")
   assert_close("swiglu y", y, y_ref, jnp.bfloat16, 1.0)
   for name, a, b in zip(("dx", "dwg", "dwu", "dwd"), grads, grads_ref):
