@@ -66,12 +66,10 @@ def main():
   x = jax.device_put(jax.random.normal(k_x, (ep * args.tokens, args.hidden), dtype), shard)
   router = jax.random.normal(k_r, (args.hidden, args.experts), dtype) / np.sqrt(args.hidden)
   scale = lambda n: 1.0 / np.sqrt(n)
-  w_gate = jax.device_put(
-      jax.random.normal(k_g, (args.experts, args.hidden, args.ffn), dtype) * scale(args.hidden),
-      shard)
-  w_up = jax.device_put(
-      jax.random.normal(k_u, (args.experts, args.hidden, args.ffn), dtype) * scale(args.hidden),
-      shard)
+  # Gate and up weights side by side, [E, H, 2F]: one grouped matmul computes both.
+  w_gate_up = jax.device_put(jnp.concatenate(
+      [jax.random.normal(k, (args.experts, args.hidden, args.ffn), dtype) * scale(args.hidden)
+       for k in (k_g, k_u)], axis=-1), shard)
   w_down = jax.device_put(
       jax.random.normal(k_d, (args.experts, args.ffn, args.hidden), dtype) * scale(args.ffn),
       shard)
@@ -81,24 +79,25 @@ def main():
     weights, idx = jax.lax.top_k(probs, args.topk)
     return idx.astype(jnp.int32), weights / weights.sum(-1, keepdims=True)
 
-  def moe_block(x, w_gate, w_up, w_down):  # per shard
+  def moe_block(x, w_gate_up, w_down):  # per shard
     idx, weights = route(x)
     recv_x, _, layout = jax_ep.dispatch(x, idx, weights, config=config)
-    y = jax_ep.experts.swiglu(recv_x, w_gate, w_up, w_down, layout)
+    y = jax_ep.experts.swiglu_fused(recv_x, w_gate_up, w_down, layout)
     out = jax_ep.combine(y, layout, config=config)
     return out, layout.num_dropped[None]
 
-  ep_step = jax.jit(jax.shard_map(moe_block, mesh=mesh, in_specs=(P("ep"),) * 4,
+  ep_step = jax.jit(jax.shard_map(moe_block, mesh=mesh, in_specs=(P("ep"),) * 3,
                                   out_specs=(P("ep"), P("ep"))))
 
-  def dense_block(x, w_gate, w_up, w_down):  # the same math without expert parallelism
+  def dense_block(x, w_gate_up, w_down):  # the same math without expert parallelism
     idx, weights = route(x)
     def expert(e, rows):
-      return (jax.nn.silu(rows @ w_gate[e]) * (rows @ w_up[e])) @ w_down[e]
+      gate, up = jnp.split(rows @ w_gate_up[e], 2, axis=-1)
+      return (jax.nn.silu(gate) * up) @ w_down[e]
     return jax_ep.testing.dense_moe(x, idx, weights, expert, args.experts)
 
-  out, dropped = ep_step(x, w_gate, w_up, w_down)
-  reference = jax.jit(dense_block)(x, w_gate, w_up, w_down)
+  out, dropped = ep_step(x, w_gate_up, w_down)
+  reference = jax.jit(dense_block)(x, w_gate_up, w_down)
   err = float(jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference))
   print(f"dropped rows: {int(np.sum(np.asarray(dropped)))}; relative error vs dense: {err:.2e}")
   if int(np.sum(np.asarray(dropped))) == 0 and not err < 1e-4:
@@ -107,7 +106,7 @@ def main():
   times = []
   for _ in range(args.iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(ep_step(x, w_gate, w_up, w_down))
+    jax.block_until_ready(ep_step(x, w_gate_up, w_down))
     times.append(time.perf_counter() - t0)
   ms = 1e3 * float(np.median(times))
   print(f"MoE block (dispatch + SwiGLU experts + combine): median {ms:.2f} ms over "
