@@ -608,23 +608,22 @@ def warm_up_kernels(model_opt, mesh, num_tokens: int, dtype, *, backend=None,
         (spec, spec), spec, layout.row_weights, layout)
     # experts, forward and backward (no jax_ep communication in this program)
     f = moe.intermediate
-    e_w = np.full((e, h, f), 0.01, np.float32).astype(dtype)
+    e_w = np.full((e, h, 2 * f), 0.01, np.float32).astype(dtype)  # gate | up, as MoE stores
     e_d = np.full((e, f, h), 0.01, np.float32).astype(dtype)
     w_sharding = NamedSharding(mesh, w_spec)
-    wg, wu, wd = (put(a, w_sharding) for a in (e_w, e_w, e_d))
+    wgu, wd = (put(a, w_sharding) for a in (e_w, e_d))
 
-    def experts(y, lay, wg, wu, wd):
+    def experts(y, lay, wgu, wd):
       lay = unstack(lay)
 
-      def loss(y, wg, wu, wd):
-        out = jax_ep.experts.swiglu(y, wg, wu, wd, lay, backend=gmm_backend)
+      def loss(y, wgu, wd):
+        out = jax_ep.experts.swiglu_fused(y, wgu, wd, lay, backend=gmm_backend)
         return jnp.sum(out.astype(recv_x.dtype).astype(jnp.float32))
 
-      grads = jax.grad(loss, argnums=(0, 1, 2, 3))(y[0], wg, wu, wd)
+      grads = jax.grad(loss, argnums=(0, 1, 2))(y[0], wgu, wd)
       return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32))[None], grads)
 
-    run("experts", experts, (spec, spec, w_spec, w_spec, w_spec), spec, recv_x, layout, wg, wu,
-        wd)
+    run("experts", experts, (spec, spec, w_spec, w_spec), spec, recv_x, layout, wgu, wd)
 
 
 class _KernelRecorder:
