@@ -39,7 +39,10 @@ K=2048 -> N=7168) and Qwen3-MoE-like (hidden 2048, FFN 768, 128 experts, 32768 r
 gate|up N=1536). Targets on H200: triton >= 0.8x dense TFLOP/s and >= 1.5x ragged_dot.
 
 ``--swiglu`` also times the expert block as models run it (``jax_ep.experts.swiglu``: gate, up,
-down; forward and forward+backward), triton vs xla.
+down; forward and forward+backward; each variant first checked against the xla backend):
+``--swiglu-variants`` picks from the two-weight form on triton or xla, ``swiglu_fused`` (gate and
+up in one weight) on either, and one dense MLP of the same FLOPs; ``--swiglu-only`` skips the
+main shapes.
 
 Run (one GPU):  python benchmarks/bench_grouped_gemm.py [--swiglu] [--sweep] [--shapes dsv3_up,qwen3_up]
 """
@@ -905,7 +908,7 @@ def main(argv=None):
   p.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                  help="parallel compile workers for the sweep")
   p.add_argument("--swiglu", action="store_true",
-                 help="also time the SwiGLU expert block (jax_ep.experts.swiglu), triton vs xla")
+                 help="also time the SwiGLU expert block (--swiglu-variants)")
   p.add_argument("--swiglu-only", action="store_true",
                  help="time the SwiGLU block only (implies --swiglu; no main shapes)")
   p.add_argument("--swiglu-variants", default="triton,triton-fused,xla,dense",
