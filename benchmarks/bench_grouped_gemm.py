@@ -782,42 +782,36 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
   print(f"\n== {name}: swiglu experts, R={int(sizes.sum())}, E={experts}, H={hidden}, "
         f"F={ffn}", flush=True)
   wgu = jnp.concatenate([wg, wu], axis=-1)
-  wgu_dense = wgu[0] * 0.5 + wgu[1] * 0.5  # one expert's shape, [H, 2F]
+
+  def variant_fn(variant):
+    """(fwd, operands) of one variant; fwd's last operand is the layout (an argument, not a
+    constant of the jitted loop: its group sizes then cannot be folded into the tile tables at
+    compile time)."""
+    if variant == "dense":  # one expert's shapes, [H, 2F] and [F, H], over all rows
+      return (lambda x, wgu, wd, layout: _swiglu_dense(x, wgu, wd)), (x, wgu[0], wd[0], layout)
+    backend = variant.removesuffix("-fused")
+    if variant.endswith("-fused"):
+      return (functools.partial(expert_fns.swiglu_fused, backend=backend),
+              (x, wgu, wd, layout))
+    return functools.partial(expert_fns.swiglu, backend=backend), (x, wg, wu, wd, layout)
+
+  variants = {v: variant_fn(v) for v in args.swiglu_variants.split(",") if v}
   # Correctness first: each grouped variant's output against the xla backend's (computed once).
-  want = np.asarray(jax.jit(lambda *a: expert_fns.swiglu(*a, backend="xla"))(
-      x, wg, wu, wd, layout), np.float32)
+  want = np.asarray(jax.jit(variant_fn("xla")[0])(x, wg, wu, wd, layout), np.float32)
   scale = float(np.abs(want).max()) + 1e-6
   res["max_rel_err_vs_xla"] = {}
-  for variant in [b for b in args.swiglu_variants.split(",") if b and b != "dense"]:
-    b = variant.removesuffix("-fused")
-    f = functools.partial(
-        expert_fns.swiglu_fused if variant.endswith("-fused") else expert_fns.swiglu,
-        backend=b)
-    got = _try(f"swiglu {variant} check", lambda: np.asarray(jax.jit(f)(
-        x, *((wgu,) if variant.endswith("-fused") else (wg, wu)), wd, layout), np.float32))
+  for variant, (fwd, operands) in variants.items():
+    if variant == "dense":
+      continue
+    got = _try(f"swiglu {variant} check",
+               lambda: np.asarray(jax.jit(fwd)(*operands), np.float32))
     if isinstance(got, np.ndarray):
       err = float(np.abs(got - want).max()) / scale
       res["max_rel_err_vs_xla"][variant] = err
       print(f"  {variant}: max |y - y_xla| / max |y_xla| = {err:.2e}", flush=True)
       if not err < 2e-2:
         raise SystemExit(f"bench_swiglu: {variant} differs from the xla backend ({err:.2e})")
-  for backend in [b for b in args.swiglu_variants.split(",") if b]:
-    # The layout is an argument (not a constant of the jitted loop): its group sizes then
-    # cannot be folded into the tile tables at compile time.
-    if backend == "dense":
-      def fwd(x, wgu, wd, layout):
-        del layout
-        return _swiglu_dense(x, wgu, wd)
-      operands = (x, wgu_dense, wd[0], layout)
-    elif backend.endswith("-fused"):
-      def fwd(x, wgu, wd, layout, b=backend.removesuffix("-fused")):
-        return expert_fns.swiglu_fused(x, wgu, wd, layout, backend=b)
-      operands = (x, wgu, wd, layout)
-    else:
-      def fwd(x, wg, wu, wd, layout, b=backend):
-        return expert_fns.swiglu(x, wg, wu, wd, layout, backend=b)
-      operands = (x, wg, wu, wd, layout)
-
+  for backend, (fwd, operands) in variants.items():
     def train(*a, fwd=fwd):
       loss = lambda *w: jnp.sum(fwd(*w, a[-1]).astype(jnp.float32))  # noqa: E731
       return jax.grad(loss, argnums=tuple(range(len(a) - 1)))(*a[:-1])
@@ -839,7 +833,7 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
         if a and b:
           res.setdefault(key, {}).setdefault(ours, {})[phase] = b / a
           print(f"  {ours} {phase}: {b / a:.2f}x {base}", flush=True)
-  del x, wg, wu, wd, wgu, wgu_dense
+  del x, wg, wu, wd, wgu, variants
   gc.collect()
   return res
 

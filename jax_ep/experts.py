@@ -4,7 +4,7 @@
 side in one ``[E_local, hidden, 2 * ffn]`` array and multiplies both with one grouped matmul
 (``recv_x`` read once, twice the columns per launch, one backward launch each for dx and dw
 instead of two). Same values; the fused form is faster on the triton path (one H200,
-2026-11-23, forward + backward of the whole block: 15.0 vs 16.4 ms at DeepSeek-V3 sizes, 2.04
+2026-11-23, forward + backward of the whole block: 15.6 vs 16.7 ms at DeepSeek-V3 sizes, 2.09
 vs 2.41 ms at Qwen3-MoE sizes; docs/GROUPED_GEMM.md, "SwiGLU"), and it is what
 ``jax_ep.nn.MoE`` stores.
 """
