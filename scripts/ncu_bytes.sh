@@ -20,6 +20,6 @@ for entry in $1; do
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} ncu --clock-control none \
       --target-processes all -k "regex:$regex" --launch-skip 2 --launch-count 1 --metrics "$M" \
       $PY benchmarks/probes/one_gemm_launch.py "$shape" "$product" "$impl" 2>&1 \
-      | grep -E '^  [a-z_]+__|one_gemm_launch|==PROF==|ERR|rror|  [A-Za-z_]+.*\(' | grep -v '^==PROF== Connected'
+      | grep -E '__|one_gemm_launch|==PROF==|rror|Context' | grep -v 'PROF== Connected'
   done
 done
