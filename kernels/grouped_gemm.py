@@ -525,6 +525,9 @@ class TileConfig:
   kernel (a producer warp, two consumer warpgroups each owning 64 of the tile's rows), whose
   second warpgroup starts ``stagger`` row steps behind the first, so that their tile
   epilogues do not coincide; there ``store_chunks`` (1 or 2) splits each half's store.
+  ``band_n`` (both Gluon dw kernels): the programs walk the (K tile, N tile) grid in bands of
+  that many n-tiles, n fastest within a band (0: n fastest over all of N), so that the
+  programs resident at once read fewer distinct columns of x and dy (``dw_program_coords``).
   """
 
   block_m: int
@@ -542,6 +545,7 @@ class TileConfig:
   store_chunks: int = 1
   trim_partial: bool = False
   stagger: int = 0
+  band_n: int = 0
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -554,7 +558,8 @@ class TileConfig:
                                                              ("expert_raster", False),
                                                              ("store_chunks", 1),
                                                              ("trim_partial", False),
-                                                             ("stagger", 0))
+                                                             ("stagger", 0),
+                                                             ("band_n", 0))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")
@@ -784,6 +789,21 @@ def dw_flat_segments(K: int, N: int, E: int, cfg: TileConfig, num_sms: int) -> i
 
   return next((s for s in range(first, E + 1) if filled(s) >= 0.95),
               max(range(first, E + 1), key=filled, default=first))
+
+
+def dw_program_coords(pid: int, K: int, N: int, E: int, cfg: TileConfig,
+                      num_segs: int) -> tuple[int, int, int, int]:
+  """(k0, n0, e_lo, e_hi) of program ``pid`` of the Gluon dw kernels (their ``_dw_program``,
+  the same map): its tile's first row of K and column of N, and its segment of experts. The
+  (K tile, N tile) grid is walked in bands of ``cfg.band_n`` n-tiles (all of N when 0), n
+  fastest within a band, then k; the last band may be narrower."""
+  num_n, num_k = N // cfg.block_n, K // cfg.block_m
+  band = num_n if cfg.band_n == 0 or cfg.band_n > num_n else cfg.band_n
+  seg, rest = divmod(pid, num_k * num_n)
+  b, r = divmod(rest, num_k * band)
+  width = min(band, num_n - b * band)
+  return ((r // width) * cfg.block_m, (b * band + r % width) * cfg.block_n, seg * E // num_segs,
+          (seg + 1) * E // num_segs)
 
 
 def dw_flat_grid(K: int, N: int, E: int, cfg: TileConfig, num_segs: int) -> int:

@@ -88,12 +88,19 @@ def _gluon_tile_why_not(kernel: str, cfg, elem_bytes: int, block_ms: tuple[int, 
   return None
 
 
+def _band_why_not(cfg) -> str | None:
+  if cfg.band_n < 0:
+    return f"band_n={cfg.band_n} must be >= 0 (n-tiles per band of dw programs; 0: all of N)"
+  return None
+
+
 def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   """None when the Gluon dw kernel can run ``cfg`` (a ``TileConfig``) on dw [E, K, N] of
   ``elem_bytes``-byte inputs, else why not (callers then run the flat Triton kernel)."""
   why = _gluon_tile_why_not("Gluon dw kernel", cfg, elem_bytes, (128,))
   if why is None and (K % cfg.block_m or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
+  why = why or _band_why_not(cfg)
   chunks = cfg.store_chunks
   if why is None and (chunks < 1 or cfg.block_n % chunks
                       or cfg.block_n // chunks * elem_bytes < 32):
@@ -112,6 +119,7 @@ def gluon_dw_ws_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   why = _gluon_tile_why_not("warp-specialized Gluon dw kernel", cfg, elem_bytes, (128,))
   if why is None and (K % cfg.block_m or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
+  why = why or _band_why_not(cfg)
   chunks = cfg.store_chunks
   if why is None and chunks not in (1, 2):
     why = f"store_chunks={chunks}: each warpgroup's half tile leaves whole or in 2 chunks"
@@ -196,15 +204,21 @@ if GLUON_ERROR is None:
 
   @gluon.jit
   def _dw_program(K: gl.constexpr, N: gl.constexpr, E: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, NUM_SEGS: gl.constexpr):
+                  BLOCK_N: gl.constexpr, NUM_SEGS: gl.constexpr, BAND_N: gl.constexpr):
     """(k0, n0, e_lo, e_hi) of a dw program: its tile's first row of K and column of N, and its
-    segment of experts [e_lo, e_hi) (grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N))."""
+    segment of experts [e_lo, e_hi) (grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)). Tiles
+    are walked in bands of BAND_N n-tiles (all of N when 0), n fastest within a band, then k
+    (``dw_program_coords`` is the same map in Python)."""
     pid = gl.program_id(0)
     num_n: gl.constexpr = N // BLOCK_N
     num_k: gl.constexpr = K // BLOCK_M
+    band: gl.constexpr = num_n if (BAND_N == 0) or (BAND_N > num_n) else BAND_N
     seg = pid // (num_k * num_n)
     rest = pid % (num_k * num_n)
-    return ((rest // num_n) * BLOCK_M, (rest % num_n) * BLOCK_N, seg * E // NUM_SEGS,
+    b = rest // (num_k * band)
+    r = rest % (num_k * band)
+    width = gl.minimum(band, num_n - b * band)  # the last band may be narrower
+    return ((r // width) * BLOCK_M, (b * band + r % width) * BLOCK_N, seg * E // NUM_SEGS,
             (seg + 1) * E // NUM_SEGS)
 
   @gluon.jit
@@ -251,10 +265,11 @@ if GLUON_ERROR is None:
       NUM_WARPS: gl.constexpr,  # the launch's num_warps: 8, two warpgroups of 64-row MMAs
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
       TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
+      BAND_N: gl.constexpr,        # tiles walked in bands of this many n-tiles (0: all of N)
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
-    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS, BAND_N)
 
     # The accumulator: two warpgroups of 64 x BLOCK_N wgmma tiles. The register layouts that
     # zero a partial step's extra rows: 16-byte vectors along the contiguous columns.
@@ -510,13 +525,14 @@ if GLUON_ERROR is None:
       NUM_SEGS: gl.constexpr, MAX_STEPS: gl.constexpr, STAGES: gl.constexpr,
       EPI_N: gl.constexpr,    # each warpgroup's half tile leaves in BLOCK_N / EPI_N chunks
       STAGGER: gl.constexpr,  # row steps the second consumer warpgroup starts behind
+      BAND_N: gl.constexpr,   # tiles walked in bands of this many n-tiles (0: all of N)
   ):
     """``grouped_gemm_dw_gluon_kernel``'s product, warp-specialized: a producer warp and two
     consumer warpgroups (each 64 of the tile's K rows, its own x half, the dy tile shared).
     Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N); launch with num_warps=4."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     HALF: gl.constexpr = BLOCK_M // 2
-    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS)
+    k0, n0, e_lo, e_hi = _dw_program(K, N, E, BLOCK_M, BLOCK_N, NUM_SEGS, BAND_N)
 
     x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, HALF], dtype)
     g_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], dtype)
@@ -845,7 +861,7 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
-              TRIM_PARTIAL=cfg.trim_partial)
+              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n)
 
 
 def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
@@ -855,4 +871,4 @@ def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               EPI_N=cfg.block_n // cfg.store_chunks,
-              STAGGER=cfg.stagger)
+              STAGGER=cfg.stagger, BAND_N=cfg.band_n)

@@ -501,8 +501,9 @@ def _ptxas_keeps_mma_async(tmp_path, ptx: str) -> str:
   return info.stderr
 
 
-@pytest.mark.parametrize("chunks,trim", [(1, False), (4, False), (8, True)])
-def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
+@pytest.mark.parametrize("chunks,trim,band", [(1, False, 0), (4, False, 0), (8, True, 0),
+                                              (8, True, 1)])
+def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim, band):
   """The Gluon dw kernel compiles for sm_90 with what it exists for: TMA loads completing on
   mbarriers, wgmma, the tile through stmatrix and out by a TMA store, within an SM's shared
   memory; and ptxas keeps its MMAs asynchronous (no wait "injected ... to allow use of
@@ -517,10 +518,10 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
 
   c, h, n, e = 4096, 1024, 512, 8
   cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, store_chunks=chunks,
-                      trim_partial=trim)
+                      trim_partial=trim, band_n=band)
   assert ggl.gluon_dw_supported(h, n, 2, cfg) is None
   ce = ggl.gluon_dw_constexprs(c, h, n, e, cfg, 2)
-  assert ce["STORE_CHUNKS"] == chunks
+  assert ce["STORE_CHUNKS"] == chunks and ce["BAND_N"] == band
   assert ce["MAX_STEPS"] == gg.dw_max_steps(c, e, cfg.block_k)
   k = _compile(ggl.grouped_gemm_dw_gluon_kernel, ["*bf16", "*bf16", "*i32", "*i32", "*bf16"],
                ce, cfg)
@@ -542,6 +543,33 @@ def test_gluon_dw_compiles_for_sm90(tmp_path, chunks, trim):
   # Four stages of 128 x 256 x 64 do not fit beside the output tile (the flat kernel runs).
   four = dataclasses.replace(cfg, num_stages=4)
   assert "shared memory" in ggl.gluon_dw_supported(1024, 512, 2, four)
+  assert "band_n=-1" in ggl.gluon_dw_supported(1024, 512, 2, dataclasses.replace(cfg, band_n=-1))
+
+
+@pytest.mark.parametrize("k,n,band,segs", [(7168, 4096, 0, 1), (7168, 4096, 8, 1),
+                                           (2048, 7168, 8, 2), (2048, 7168, 3, 2),
+                                           (512, 768, 2, 5), (512, 768, 7, 1)])
+def test_dw_program_coords_cover_every_tile_once(k, n, band, segs):
+  """The Gluon dw kernels' program map (``dw_program_coords``, which ``_dw_program`` mirrors):
+  every (segment, K tile, N tile) exactly once over the grid, bands of ``band_n`` n-tiles
+  walked n fastest (the last band narrower where they do not divide N), and with bands the
+  programs of one wave touch fewer columns of x and dy than n-fastest order."""
+  from kernels import grouped_gemm as gg
+
+  e = 64
+  cfg = gg.TileConfig(128, 256, 64, 8, 3, gluon=True, band_n=band)
+  num_k, num_n = k // 128, n // 256
+  grid = gg.dw_flat_grid(k, n, e, cfg, segs)
+  coords = [gg.dw_program_coords(p, k, n, e, cfg, segs) for p in range(grid)]
+  assert len(set(coords)) == grid == segs * num_k * num_n
+  for seg in range(segs):
+    lo, hi = seg * e // segs, (seg + 1) * e // segs
+    tiles = {(k0, n0) for k0, n0, a, b in coords if (a, b) == (lo, hi)}
+    assert tiles == {(i * 128, j * 256) for i in range(num_k) for j in range(num_n)}
+  if 0 < band < num_n:
+    wave = coords[:band * 4]  # the first programs: 4 k-tiles of the first band
+    assert {n0 for _, n0, _, _ in wave} == {j * 256 for j in range(band)}
+    assert {k0 for k0, _, _, _ in wave} == {i * 128 for i in range(4)}
 
 
 @pytest.mark.parametrize("stages,chunks,stagger", [(4, 2, 1), (3, 1, 0), (4, 2, 2)])

@@ -240,15 +240,17 @@ def test_other_tile_configs_match_default(rng, product):
     assert_close(f"{product} {cfg}", run(cfg), base, jnp.bfloat16, scale)
 
 
-@pytest.mark.parametrize("chunks,trim,block_k,stages,stagger",
-                         [(1, False, 64, 3, None), (4, False, 64, 3, None), (4, True, 64, 3, None),
-                          (8, True, 64, 3, None), (8, True, 32, 6, None),
-                          (2, True, 64, 4, 1), (1, True, 64, 3, 0), (2, True, 64, 4, 2)],
+@pytest.mark.parametrize("chunks,trim,block_k,stages,stagger,band",
+                         [(1, False, 64, 3, None, 0), (4, False, 64, 3, None, 0),
+                          (4, True, 64, 3, None, 0), (8, True, 64, 3, None, 0),
+                          (8, True, 32, 6, None, 0), (2, True, 64, 4, 1, 0),
+                          (1, True, 64, 3, 0, 0), (2, True, 64, 4, 2, 0),
+                          (8, True, 64, 3, None, 2), (2, True, 64, 4, 1, 2)],
                          ids=["store", "chunks4", "chunks4-trim", "chunks8-trim",
                               "chunks8-trim-k32", "ws-stagger1-trim", "ws-stagger0-trim",
-                              "ws-stagger2-trim"])
+                              "ws-stagger2-trim", "chunks8-trim-band2", "ws-stagger1-trim-band2"])
 @pytest.mark.parametrize("kind", ["random", "giant", "empty"])
-def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages, stagger):
+def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages, stagger, band):
   """The Gluon dw kernel (TMA loads and stores, kernels/grouped_gemm_gluon.py) against the xla
   backend's dw and the flat Triton kernel over the same steps: random groups with empty ones
   (their tiles must come out zero), one giant group, no rows at all; several segments of
@@ -257,12 +259,13 @@ def test_gluon_dw_matches_xla(rng, kind, chunks, trim, block_k, stages, stagger)
   with experts of fewer steps, chunks left over when the next tile finishes); a group's partial last
   step multiplied whole or only in its 16-row slices holding rows (``trim_partial``); row
   steps of 64 or 32 rows. ``stagger`` (not None): the warp-specialized Gluon dw kernel, its
-  second consumer warpgroup that many steps behind the first."""
+  second consumer warpgroup that many steps behind the first. ``band``: the programs walk
+  the tiles in bands of that many n-tiles (here 3 n-tiles: a band of 2 and one of 1)."""
   from jax_ep.kernels.grouped_gemm import TileConfig as T
 
   c, h, n, e = 3000, 512, 768, 40
   cfg = T(128, 256, block_k, 8, stages, gluon=True, store_chunks=chunks, trim_partial=trim,
-          warp_spec=stagger is not None, stagger=stagger or 0)
+          warp_spec=stagger is not None, stagger=stagger or 0, band_n=band)
   ggl = triton_gemm._gluon_kernels()
   why = (ggl.gluon_dw_supported if stagger is None else ggl.gluon_dw_ws_supported)(h, n, 2, cfg)
   if why is not None:
