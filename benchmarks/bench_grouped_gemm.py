@@ -138,7 +138,10 @@ def _sweep_candidates():
       ("tma default", None, True),
       # The flat kernel's loop in Gluon, tiles stored by TMA while the next steps compute:
       # in 4 or 8 column chunks over the following steps, partial steps trimmed to their
-      # 16-row slices (the defaults since session 24), or at once, untrimmed.
+      # 16-row slices (the defaults since session 24), the programs in bands of 8 n-tiles
+      # (the DeepSeek-V3 defaults since session 31), or at once, untrimmed.
+      ("gluon 128x256x64 w8 s3 c8 trim band8",
+       T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True, band_n=8), False),
       ("gluon 128x256x64 w8 s3 c8 trim",
        T(128, 256, 64, 8, 3, gluon=True, store_chunks=8, trim_partial=True), False),
       ("gluon 128x256x64 w8 s3 c4 trim",

@@ -591,9 +591,14 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # following row steps (``store_chunks``) and a group's partial last step multiplies only
     # its rows' 16-row slices (``trim_partial``): 2026-11-23 03:34, one H200, dw looped, two
     # rounds, 3.450 / 3.602 ms vs 4.022 / 4.053 without either (4 chunks alone 3.828 / 3.769,
-    # 8 alone 3.828 / 3.735); DeepSeek-V3 down 1.886 / 1.809 vs 2.048 / 2.079.
+    # 8 alone 3.828 / 3.735); DeepSeek-V3 down 1.886 / 1.809 vs 2.048 / 2.079. Programs in
+    # bands of 8 n-tiles (``band_n``; with n fastest over all of N each wave re-read all of
+    # dy from DRAM per expert): 2026-11-23 21:44, one H200, dw looped, three rounds, 3.705 /
+    # 3.664 / 3.657 ms vs 3.747 / 3.736 / 3.744; DeepSeek-V3 down 1.879 / 1.857 / 1.853 vs
+    # 1.930 / 1.915 / 1.960 (bands of 4: 3.706 / 3.714 / 3.669 and 1.866 / 1.798 / 1.874).
     ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
-                                                      store_chunks=8, trim_partial=True),
+                                                      store_chunks=8, trim_partial=True,
+                                                      band_n=8),
     # Once the flat kernels' programs fill their last wave of SMs (``dw_flat_segments``,
     # 2026-11-22 01:16-01:20, one H200, dw alone, five rounds): the flat kernel at the Qwen3
     # shapes, qwen3_up 0.616-0.632 ms vs 0.714-0.754 (per-(expert, tile) kernel), qwen3_down
@@ -613,7 +618,8 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     ("dw", 768, 2048, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
                                                      store_chunks=4, trim_partial=True),
     ("dw", 2048, 7168, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
-                                                      store_chunks=8, trim_partial=True),
+                                                      store_chunks=8, trim_partial=True,
+                                                      band_n=8),
 }
 
 # Winners that need the Gluon kernels (Triton 3.5/3.6, kernels/grouped_gemm_gluon.py), used
