@@ -109,6 +109,10 @@ class Sampler:
     return out
 
 
+def _fmt(v) -> str:
+  return "?" if v is None else f"{v:.3f}"
+
+
 def _is_number(s: str) -> bool:
   try:
     float(s)
@@ -213,7 +217,7 @@ def main(argv=None):
           print(f"{name:18s} {product:3s} {impl:6s} r{rnd}: {ms:7.3f} ms {row['tflops']:5.0f} "
                 f"TFLOP/s | SM {clk.get('clocks.sm')} MHz ({clk.get('clocks.sm_min')}-"
                 f"{clk.get('clocks.sm_max')}), mem {clk.get('clocks.mem')} MHz, {watts} W, "
-                f"{clk.get('temperature.gpu')} C | {row['joules_per_op']} J/op | reasons "
+                f"{clk.get('temperature.gpu')} C | {_fmt(row['joules_per_op'])} J/op | reasons "
                 f"{clk.get('reasons')} ({clk['samples']} samples)", flush=True)
     del x, w, dy, w_dense
   write_json(args.out, "gemm_clocks", device=jax.devices()[0].device_kind, card=limit,
