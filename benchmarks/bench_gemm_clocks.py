@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,12 +80,12 @@ class Sampler:
     self.proc = subprocess.Popen(
         ["nvidia-smi", "-i", _gpu_index(), f"--query-gpu={','.join(self.query)}",
          "--format=csv,noheader,nounits", f"-lms={self.ms}"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     self.t0 = time.perf_counter()
     return self
 
   def __exit__(self, *exc):
-    self.proc.terminate()
+    os.killpg(self.proc.pid, signal.SIGTERM)  # its whole group: nothing left holding the pipe
     out, _ = self.proc.communicate(timeout=10)
     self.rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
     return False

@@ -162,3 +162,45 @@ def test_timing_loop_recomputes_what_depends_on_the_group_sizes():
   got = bgg._looped(op, 3)(*args)
   want = jax.jit(plain)(*args)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_clocks_bench_says_why_it_cannot_run_without_a_gpu():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "bench_gemm_clocks.py"),
+                        "--shapes", "64x2x128x256"], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=_ROOT)
+  assert res.returncode == 1, res.stderr
+  assert "bench_gemm_clocks: the triton grouped matmul cannot run here" in res.stderr
+
+
+def test_clocks_sampler_reads_nvidia_smi(tmp_path, monkeypatch):
+  """bench_gemm_clocks' sampler against a stand-in ``nvidia-smi`` that prints a ramp (the
+  samples ``settle_s`` drops) and then a steady state with a power cap: medians of the steady
+  samples, the clock range, and each clock-event reason's share of the samples."""
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text(
+      "#!/bin/sh\n"
+      "case \"$*\" in\n"
+      "  *-lms*) for i in 1 2 3 4; do echo '345, 3201, 80.0, 40, 0x0000000000000001'; done\n"
+      "          for i in 1 2 3; do echo '1410, 3201, 690.5, 60, 0x0000000000000004'; done\n"
+      "          echo '1470, 3201, 692.5, 61, 0x0000000000000084'; sleep 30;;\n"
+      "  *clocks_event_reasons*) echo '0x0000000000000000';;\n"
+      "esac\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+  sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+  try:
+    import bench_gemm_clocks as bc
+  finally:
+    sys.path.pop(0)
+  field = bc._reason_field()
+  assert field == "clocks_event_reasons.active"
+  import time
+  with bc.Sampler(50, field) as s:
+    time.sleep(0.5)
+  out = s.summary(settle_s=0.2)  # 0.2 s at 50 ms: the 4 ramp samples dropped
+  assert out["samples"] == 4
+  assert out["clocks.sm"] == 1410.0 and (out["clocks.sm_min"], out["clocks.sm_max"]) == (1410, 1470)
+  assert out["power.draw"] == 690.5 and out["temperature.gpu"] == 60.0
+  assert out["reasons"] == {"sw power cap": 1.0, "hw power brake": 0.25}
+  assert bc.reason_names(0) == ["none"]
