@@ -65,13 +65,14 @@ def test_ncu_sass_summary_cuts_a_kernel_into_its_loops(tmp_path):
   assert "HGMMA" in out.split("top 2 instructions")[1]
 
 
-def test_dw_variants_bench_says_why_it_cannot_run_without_a_gpu():
+@pytest.mark.parametrize("script", ["bench_dw_variants", "bench_gemm_clocks"])
+def test_gpu_diagnostics_say_why_they_cannot_run_without_a_gpu(script):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "bench_dw_variants.py"),
+  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", f"{script}.py"),
                         "--shapes", "64x2x128x256"], capture_output=True, text=True, env=env,
                        timeout=120, cwd=_ROOT)
   assert res.returncode == 1, res.stderr
-  assert "bench_dw_variants: the triton grouped matmul cannot run here" in res.stderr
+  assert f"{script}: the triton grouped matmul cannot run here" in res.stderr
 
 
 def test_dispatch_combine_bench_checks_outputs_bit_for_bit():
@@ -162,15 +163,6 @@ def test_timing_loop_recomputes_what_depends_on_the_group_sizes():
   got = bgg._looped(op, 3)(*args)
   want = jax.jit(plain)(*args)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-
-
-def test_clocks_bench_says_why_it_cannot_run_without_a_gpu():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "bench_gemm_clocks.py"),
-                        "--shapes", "64x2x128x256"], capture_output=True, text=True, env=env,
-                       timeout=120, cwd=_ROOT)
-  assert res.returncode == 1, res.stderr
-  assert "bench_gemm_clocks: the triton grouped matmul cannot run here" in res.stderr
 
 
 def test_clocks_sampler_reads_nvidia_smi(tmp_path, monkeypatch):
