@@ -9,6 +9,7 @@
 # SHAPE PRODUCT triton, then the third cuBLAS launch of the same with dense. Needs the FFI
 # library (JAX_EP_FFI_LIB) like the benchmarks.
 set -u
+[ $# -eq 1 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 M=${NCU_METRICS:-gpu__time_duration.sum,sm__cycles_elapsed.avg.per_second,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed}
