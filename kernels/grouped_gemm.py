@@ -595,7 +595,8 @@ TUNED: dict[tuple[str, int, int, str, bool], TileConfig] = {
     # bands of 8 n-tiles (``band_n``; with n fastest over all of N each wave re-read all of
     # dy from DRAM per expert): 2026-11-23 21:44, one H200, dw looped, three rounds, 3.705 /
     # 3.664 / 3.657 ms vs 3.747 / 3.736 / 3.744; DeepSeek-V3 down 1.879 / 1.857 / 1.853 vs
-    # 1.930 / 1.915 / 1.960 (bands of 4: 3.706 / 3.714 / 3.669 and 1.866 / 1.798 / 1.874).
+    # 1.930 / 1.915 / 1.960 (bands of 4: 3.706 / 3.714 / 3.669 and 1.866 / 1.798 / 1.874);
+    # on another machine (22:40) means 0.4 % and 0.9 % lower, inside its spread.
     ("dw", 7168, 4096, "bfloat16", False): TileConfig(128, 256, 64, 8, 3, gluon=True,
                                                       store_chunks=8, trim_partial=True,
                                                       band_n=8),
