@@ -19,8 +19,9 @@ chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplyin
 partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp-specialized
 Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
 3), ``c8band8``/``c8band4`` (``c8trim`` with its programs walking the tiles in bands of 8 or
-4 n-tiles), ``c4band8``/``ws0band8`` (``c4trim``, ``ws0`` in bands of 8), each in ``--rounds`` interleaved rounds (``--variants``
-picks some); the dense ``jnp.dot`` of the same FLOPs is timed alone.
+4 n-tiles), ``c4band8``/``ws0band8`` (``c4trim``, ``ws0`` in bands of 8), each in
+``--rounds`` interleaved rounds (``--variants`` picks some); the dense ``jnp.dot`` of the
+same FLOPs is timed alone.
 
 Run (one GPU): python benchmarks/bench_dw_variants.py [--shapes dsv3_up,qwen3_down]
 """
