@@ -41,7 +41,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
 import bench_grouped_gemm as bgg  # noqa: E402  (shapes and inputs, shared)
 
@@ -57,14 +56,7 @@ def time_alone(f, args, iters: int) -> float:
 
 
 def time_looped(f, args, inner: int, iters: int) -> float:
-  def run(x, *rest):
-    def body(i, carry):
-      x, acc = carry
-      x, rest_i = bgg.loop_inputs(i, x, rest)  # nothing hoisted (the step table)
-      out = f(x, *rest_i)
-      return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
-    return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
-  return _median_seconds(jax.jit(run), args, iters, inner)
+  return _median_seconds(bgg.looped_keep_one(f, inner), args, iters, inner)
 
 
 def variants():

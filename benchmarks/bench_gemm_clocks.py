@@ -36,10 +36,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
 
-import bench_grouped_gemm as bgg  # noqa: E402  (shapes, inputs, the loop's input barrier)
+import bench_grouped_gemm as bgg  # noqa: E402  (shapes, inputs, ops, the timing loop)
 from _results import write_json  # noqa: E402
 
 # NVML's clock-event reason bits (nvmlClocksEventReason*), as nvidia-smi prints them in hex.
@@ -81,7 +79,6 @@ class Sampler:
         ["nvidia-smi", "-i", _gpu_index(), f"--query-gpu={','.join(self.query)}",
          "--format=csv,noheader,nounits", f"-lms={self.ms}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    self.t0 = time.perf_counter()
     return self
 
   def __exit__(self, *exc):
@@ -124,23 +121,13 @@ def _is_number(s: str) -> bool:
 
 def sustained(f, args, seconds: float, sampler_ms: int, reason_field: str, settle_s: float):
   """Run ``f`` back to back for ``seconds`` in jitted loops; (ms per op, clock summary)."""
-  def loop(inner):
-    def run(x, *rest):
-      def body(i, carry):
-        x, acc = carry
-        x, rest_i = bgg.loop_inputs(i, x, rest)
-        out = f(x, *rest_i)
-        return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
-      return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
-    return jax.jit(run)
-
-  one = loop(1)
+  one = bgg.looped_keep_one(f, 1)
   jax.block_until_ready(one(*args))
   t0 = time.perf_counter()
   jax.block_until_ready(one(*args))
   t_one = time.perf_counter() - t0
   inner = int(min(500, max(1, math.ceil(0.1 / max(t_one, 1e-6)))))  # ~0.1 s per call
-  g = loop(inner)
+  g = bgg.looped_keep_one(f, inner)
   jax.block_until_ready(g(*args))
   calls = 0
   with Sampler(sampler_ms, reason_field) as s:
@@ -152,21 +139,20 @@ def sustained(f, args, seconds: float, sampler_ms: int, reason_field: str, settl
   return elapsed / (calls * inner) * 1e3, dict(s.summary(settle_s), inner=inner, calls=calls)
 
 
-def ops_for(product, x, w, dy, w_dense, s, o, experts, r):
-  from jax_ep.backends import triton_gemm
+def shape_ops(shape: str, products, seed: int = 0):
+  """(FLOPs of one product, {product: {"triton": (fn, args), "dense": (fn, args)}}) on
+  bench_grouped_gemm's inputs for ``shape`` (a name or ROWSxEXPERTSxKxN; uniform routing,
+  bf16), made once; the dense products run over the rows in groups (``product_ops``)."""
+  rows, e, k, n = bgg.SHAPES.get(shape) or tuple(int(v) for v in shape.split("x"))
 
-  if product == "fwd":
-    return {"triton": (lambda x, w, s, o: triton_gemm._gmm(x, w, s, o), (x, w, s, o)),
-            "dense": (lambda x, w: jnp.dot(x, w), (x[:r], w_dense))}
-  if product == "dx":
-    return {"triton": (lambda dy, w, s, o: triton_gemm._grouped(dy, w, s, o, transpose_w=True),
-                       (dy, w, s, o)),
-            "dense": (lambda dy, w: jnp.dot(dy, w.T), (dy[:r], w_dense))}
-  if product == "dw":
-    return {"triton": (lambda x, dy, s, o: triton_gemm._grouped_dw(x, dy, s, o, experts),
-                       (x, dy, s, o)),
-            "dense": (lambda x, dy: jnp.dot(x.T, dy), (x[:r], dy[:r]))}
-  raise ValueError(f"--products: unknown product {product!r}; choose from fwd, dx, dw")
+  class Inputs:  # what bench_grouped_gemm.make_inputs reads
+    dtype, routing = "bfloat16", "uniform"
+
+  sizes, layout, x, w, dy, w_dense = bgg.make_inputs(rows, e, k, n, Inputs, seed)
+  r = int(sizes.sum())
+  return 2.0 * r * k * n, {
+      product: bgg.product_ops(product, x, w, dy, layout.group_sizes, layout.group_offsets, e,
+                               x[:r], w_dense, dy[:r]) for product in products}
 
 
 def main(argv=None):
@@ -181,6 +167,12 @@ def main(argv=None):
   p.add_argument("--sample-ms", type=int, default=50)
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
   args = p.parse_args(argv)
+  products = [q for q in args.products.split(",") if q]
+  impls = [q for q in args.impls.split(",") if q]
+  if set(products) - {"fwd", "dx", "dw"} or not products:
+    p.error(f"--products={args.products!r}: choose from fwd, dx, dw")
+  if set(impls) - {"dense", "triton"} or not impls:
+    p.error(f"--impls={args.impls!r}: choose from dense, triton")
   from jax_ep.backends import triton_gemm
   why = triton_gemm._why_not_usable()
   if why:
@@ -192,23 +184,13 @@ def main(argv=None):
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | card: {limit} | "
         f"reasons field: {field or 'none'}", flush=True)
 
-  class Inputs:  # what bench_grouped_gemm.make_inputs reads
-    dtype, routing = "bfloat16", "uniform"
-
   rows_out = []
-  products = [q for q in args.products.split(",") if q]
-  impls = [q for q in args.impls.split(",") if q]
   for si, name in enumerate(q for q in args.shapes.split(",") if q):
-    shape = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
-    rows, e, k, n = shape
-    sizes, layout, x, w, dy, w_dense = bgg.make_inputs(rows, e, k, n, Inputs, si)
-    r = int(sizes.sum())
-    flops = 2.0 * r * k * n
+    flops, ops = shape_ops(name, products, si)
     for rnd in range(args.rounds):
       for product in products:
-        ops = ops_for(product, x, w, dy, w_dense, layout.group_sizes, layout.group_offsets, e, r)
         for impl in impls:
-          f, fargs = ops[impl]
+          f, fargs = ops[product][impl]
           ms, clk = sustained(f, fargs, args.seconds, args.sample_ms, field, args.settle_s)
           watts = clk.get("power.draw")
           row = dict(shape=name, product=product, impl=impl, round=rnd, ms=ms,
@@ -220,7 +202,7 @@ def main(argv=None):
                 f"{clk.get('clocks.sm_max')}), mem {clk.get('clocks.mem')} MHz, {watts} W, "
                 f"{clk.get('temperature.gpu')} C | {_fmt(row['joules_per_op'])} J/op | reasons "
                 f"{clk.get('reasons')} ({clk['samples']} samples)", flush=True)
-    del x, w, dy, w_dense
+    del ops
   write_json(args.out, "gemm_clocks", device=jax.devices()[0].device_kind, card=limit,
              args=vars(args), rows=rows_out)
 

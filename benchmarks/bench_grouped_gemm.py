@@ -220,6 +220,21 @@ def _looped(fn, inner: int):
   return jax.jit(run)
 
 
+def looped_keep_one(f, inner: int):
+  """jit(args -> ``f`` run ``inner`` times in a ``fori_loop``): args[0] changes by one element
+  per iteration and everything passes ``loop_inputs``' barrier, as in ``_looped``, but the
+  carry keeps one element of each output instead of the output (a large one, dw's, is then not
+  carried; a custom call cannot be sliced, so every call still runs in full)."""
+  def run(x, *rest):
+    def body(i, carry):
+      x, acc = carry
+      x, rest_i = loop_inputs(i, x, rest)
+      out = f(x, *rest_i)
+      return x, acc + out.reshape(-1)[:1].astype(jnp.float32).sum()
+    return lax.fori_loop(0, inner, body, (x, jnp.zeros((), jnp.float32)))[1]
+  return jax.jit(run)
+
+
 def median_per_op(f, args, iters: int, inner: int = 1):
   """(last output, timings) of ``f(*args)``: one warm-up call, then ``iters`` synchronized
   samples, each divided by the ``inner`` ops one call of ``f`` makes."""
@@ -436,24 +451,39 @@ def time_tables(x, sizes, offsets, k, n, experts, fwd_cfg, dx_cfg, dw_cfg, args)
   return out
 
 
+def product_ops(product, x, w, dy, sizes, offsets, experts, x_dense, w_dense, dy_dense) -> dict:
+  """{"triton": (fn, args), "dense": (fn, args)} of one product: ``fwd`` (x[rows of e] @ w[e]),
+  ``dx`` (dy @ w[e]^T) or ``dw`` (x[rows of e]^T @ dy[rows of e]) on our kernels, and the
+  dense ``jnp.dot`` of the same FLOPs on the ``*_dense`` operands (cuBLAS). Each fn takes x
+  (or dy) first, as the timing loops perturb it."""
+  from jax_ep.backends import triton_gemm
+
+  if product == "fwd":
+    return {"triton": (lambda x, w, s, o: triton_gemm._gmm(x, w, s, o), (x, w, sizes, offsets)),
+            "dense": (lambda x, w: jnp.dot(x, w), (x_dense, w_dense))}
+  if product == "dx":
+    return {"triton": (lambda dy, w, s, o: triton_gemm._grouped(dy, w, s, o, transpose_w=True),
+                       (dy, w, sizes, offsets)),
+            "dense": (lambda dy, w: jnp.dot(dy, w.T), (dy_dense, w_dense))}
+  if product == "dw":
+    return {"triton": (lambda x, dy, s, o: triton_gemm._grouped_dw(x, dy, s, o, experts),
+                       (x, dy, sizes, offsets)),
+            "dense": (lambda x, dy: jnp.dot(x.T, dy), (x_dense, dy_dense))}
+  raise ValueError(f"unknown product {product!r}; choose from fwd, dx, dw")
+
+
 def time_breakdown(x, w, dy, sizes, offsets, x_dense, w_dense, dy_dense, experts, fwd_flops,
                    args) -> dict:
   """The backward's two products timed alone, triton and dense, in the main protocol's loop:
   dx (``dy @ w[e]^T``) and dw (``x[rows of e]^T @ dy[rows of e]``), so the backward's time can
   be split into its kernels and whatever else its step runs."""
-  from jax_ep.backends import triton_gemm
-
-  ops = {
-      ("triton", "dx"): (lambda dy, w, s, o: triton_gemm._grouped(dy, w, s, o, transpose_w=True),
-                         (dy, w, sizes, offsets)),
-      ("triton", "dw"): (lambda x, dy, s, o: triton_gemm._grouped_dw(x, dy, s, o, experts),
-                         (x, dy, sizes, offsets)),
-      ("dense", "dx"): (lambda dy, w: jnp.dot(dy, w.T), (dy_dense, w_dense)),
-      ("dense", "dw"): (lambda x, dy: jnp.dot(x.T, dy), (x_dense, dy_dense)),
-  }
   out = {}
-  for (impl, phase), (fn, fargs) in ops.items():
-    out.setdefault(impl, {})[phase] = _timed(impl, phase, fn, fargs, fwd_flops, args, "; alone")
+  for phase in ("dx", "dw"):
+    ops = product_ops(phase, x, w, dy, sizes, offsets, experts, x_dense, w_dense, dy_dense)
+    for impl in ("triton", "dense"):
+      fn, fargs = ops[impl]
+      out.setdefault(impl, {})[phase] = _timed(impl, phase, fn, fargs, fwd_flops, args,
+                                               "; alone")
   return out
 
 

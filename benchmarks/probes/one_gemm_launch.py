@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
 
-import bench_gemm_clocks  # noqa: E402  (the ops)
-import bench_grouped_gemm as bgg  # noqa: E402  (shapes, inputs)
+import bench_gemm_clocks  # noqa: E402  (inputs and ops)
 
 
 def main(argv):
@@ -29,15 +28,8 @@ def main(argv):
     sys.exit(__doc__)
   name, product, impl = argv[:3]
   calls = int(argv[3]) if len(argv) == 4 else 4
-  rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
-
-  class Inputs:
-    dtype, routing = "bfloat16", "uniform"
-
-  sizes, layout, x, w, dy, w_dense = bgg.make_inputs(rows, e, k, n, Inputs, 0)
-  ops = bench_gemm_clocks.ops_for(product, x, w, dy, w_dense, layout.group_sizes,
-                                  layout.group_offsets, e, int(sizes.sum()))
-  f, args = ops[impl]
+  _, ops = bench_gemm_clocks.shape_ops(name, [product])
+  f, args = ops[product][impl]
   g = jax.jit(f)
   for _ in range(calls):
     jax.block_until_ready(g(*args))
