@@ -1,0 +1,71 @@
+"""Does dw wait on DRAM when its programs move to the next expert? A probe, not a benchmark.
+
+The dw kernels' programs walk the experts in step: each takes one (K tile, N tile) and
+reduces expert 0's rows, then expert 1's, ..., so at every expert boundary all resident
+programs ask for rows no program has read yet, from DRAM, at once. This probe times dw (the
+default kernel for the shape) on the benchmark's group sizes laid out two ways: ``disjoint``
+(the real layout: expert e's rows follow expert e - 1's) and ``shared`` (every expert's group
+starts at row 0, so all experts reduce over the same first few hundred rows of x and dy,
+which stay in L2 after the first expert). The FLOPs, tiles, steps, partial steps and the
+output written are the same; only where the operand rows come from differs. Each run is
+``bench_gemm_clocks.sustained`` (back to back for ``--seconds``, SM clock sampled); rounds
+interleave the layouts.
+
+    python benchmarks/probes/dw_resident_rows.py [--shapes dsv3_up,dsv3_down]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bench_gemm_clocks as bgc  # noqa: E402
+import bench_grouped_gemm as bgg  # noqa: E402
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shapes", default="dsv3_up,dsv3_down")
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--seconds", type=float, default=2.0)
+  args = p.parse_args(argv)
+  from jax_ep.backends import triton_gemm
+
+  class Inputs:  # what bench_grouped_gemm.make_inputs reads
+    dtype, routing = "bfloat16", "uniform"
+
+  field = bgc._reason_field()
+  print(f"{jax.devices()[0].device_kind} | jax {jax.__version__}", flush=True)
+  for si, name in enumerate(s for s in args.shapes.split(",") if s):
+    rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
+    sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
+    flops = 2.0 * float(sizes.sum()) * k * n
+    s = layout.group_sizes
+    layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(s)}
+    # The shared layout's dw of expert e is x[:size_e]^T dy[:size_e]: check one expert.
+    big = int(np.argmax(sizes))
+    got = triton_gemm._grouped_dw(x, dy, s, layouts["shared"], e)[big]
+    want = jnp.dot(x[:sizes[big]].T, dy[:sizes[big]], preferred_element_type=jnp.float32)
+    err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+    print(f"{name}: shared layout, expert {big} vs jnp.dot: rel err {err:.1e}", flush=True)
+    if err > 2e-2:
+      sys.exit("dw_resident_rows: the shared layout's dw is wrong")
+    for rnd in range(args.rounds):
+      for label, offs in layouts.items():
+        f = lambda x, dy, o, s=s: triton_gemm._grouped_dw(x, dy, s, o, e)  # noqa: E731
+        ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)
+        print(f"  r{rnd} {name} dw {label:8s}: {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s | "
+              f"SM {clk.get('clocks.sm')} MHz, {clk.get('power.draw')} W", flush=True)
+    del x, dy
+
+
+if __name__ == "__main__":
+  main()
