@@ -7,7 +7,10 @@ default kernel for the shape) on the benchmark's group sizes laid out two ways: 
 (the real layout: expert e's rows follow expert e - 1's) and ``shared`` (every expert's group
 starts at row 0, so all experts reduce over the same first few hundred rows of x and dy,
 which stay in L2 after the first expert). The FLOPs, tiles, steps, partial steps and the
-output written are the same; only where the operand rows come from differs. Each run is
+output written are the same; only where the operand rows come from differs. A third run,
+``one_slot``, is ``shared`` with every tile stored into expert 0's slot of dw (the step table's
+expert column set to 0): the same stores, but the tiles written while a wave of programs runs
+stay in L2, so that little of dw reaches DRAM. Each run is
 ``bench_gemm_clocks.sustained`` (back to back for ``--seconds``, SM clock sampled); rounds
 interleave the layouts.
 
@@ -42,6 +45,12 @@ def main(argv=None):
   class Inputs:  # what bench_grouped_gemm.make_inputs reads
     dtype, routing = "bfloat16", "uniform"
 
+  step_table = triton_gemm._dw_step_table
+
+  def one_slot(*a, **kw):  # every step's tile stored into expert 0's slot
+    steps, first = step_table(*a, **kw)
+    return steps.at[:, 2].set(0), first
+
   field = bgc._reason_field()
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__}", flush=True)
   for si, name in enumerate(s for s in args.shapes.split(",") if s):
@@ -49,7 +58,8 @@ def main(argv=None):
     sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
     flops = 2.0 * float(sizes.sum()) * k * n
     s = layout.group_sizes
-    layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(s)}
+    layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(s),
+               "one_slot": jnp.zeros_like(s)}
     # The shared layout's dw of expert e is x[:size_e]^T dy[:size_e]: check one expert.
     big = int(np.argmax(sizes))
     got = triton_gemm._grouped_dw(x, dy, s, layouts["shared"], e)[big]
@@ -61,7 +71,11 @@ def main(argv=None):
     for rnd in range(args.rounds):
       for label, offs in layouts.items():
         f = lambda x, dy, o, s=s: triton_gemm._grouped_dw(x, dy, s, o, e)  # noqa: E731
-        ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)
+        triton_gemm._dw_step_table = one_slot if label == "one_slot" else step_table
+        try:
+          ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)
+        finally:
+          triton_gemm._dw_step_table = step_table
         print(f"  r{rnd} {name} dw {label:8s}: {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s | "
               f"SM {clk.get('clocks.sm')} MHz, {clk.get('power.draw')} W", flush=True)
     del x, dy
