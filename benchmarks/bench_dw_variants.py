@@ -19,7 +19,8 @@ chunks over the following row steps) and ``c4trim``/``c8trim`` (those multiplyin
 partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp-specialized
 Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
 3), ``c8band8``/``c8band4`` (``c8trim`` with its programs walking the tiles in bands of 8 or
-4 n-tiles), ``c4band8``/``ws0band8`` (``c4trim``, ``ws0`` in bands of 8), each in
+4 n-tiles), ``c4band8``/``ws0band8``/``ws1band8``/``ws2band8`` (``c4trim``, ``ws0``, ``ws1``,
+``ws2`` in bands of 8), each in
 ``--rounds`` interleaved rounds (``--variants`` picks some); the dense ``jnp.dot`` of the
 same FLOPs is timed alone.
 
@@ -82,7 +83,11 @@ def variants():
           "c4band8": T(128, 256, 64, 8, 3, gluon=True, store_chunks=4, trim_partial=True,
                        band_n=8),
           "ws0band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
-                        trim_partial=True, band_n=8)}
+                        trim_partial=True, band_n=8),
+          "ws1band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
+                        trim_partial=True, stagger=1, band_n=8),
+          "ws2band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
+                        trim_partial=True, stagger=2, band_n=8)}
 
 
 def main(argv=None):

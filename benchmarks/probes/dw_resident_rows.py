@@ -39,8 +39,17 @@ def main(argv=None):
   p.add_argument("--shapes", default="dsv3_up,dsv3_down")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--seconds", type=float, default=2.0)
+  p.add_argument("--configs", default="default",
+                 help="comma-separated: default (the shape's dw kernel) or labels of "
+                      "bench_dw_variants.variants()")
   args = p.parse_args(argv)
   from jax_ep.backends import triton_gemm
+  import bench_dw_variants
+  table = dict(bench_dw_variants.variants(), default=None)
+  configs = [c for c in args.configs.split(",") if c]
+  if set(configs) - set(table):
+    p.error(f"--configs: unknown {sorted(set(configs) - set(table))}; choose from "
+            f"{sorted(table)}")
 
   class Inputs:  # what bench_grouped_gemm.make_inputs reads
     dtype, routing = "bfloat16", "uniform"
@@ -69,15 +78,18 @@ def main(argv=None):
     if err > 2e-2:
       sys.exit("dw_resident_rows: the shared layout's dw is wrong")
     for rnd in range(args.rounds):
-      for label, offs in layouts.items():
-        f = lambda x, dy, o, s=s: triton_gemm._grouped_dw(x, dy, s, o, e)  # noqa: E731
-        triton_gemm._dw_step_table = one_slot if label == "one_slot" else step_table
-        try:
-          ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)
-        finally:
-          triton_gemm._dw_step_table = step_table
-        print(f"  r{rnd} {name} dw {label:8s}: {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s | "
-              f"SM {clk.get('clocks.sm')} MHz, {clk.get('power.draw')} W", flush=True)
+      for cname in configs:
+        for label, offs in layouts.items():
+          f = lambda x, dy, o, s=s, c=table[cname]: triton_gemm._grouped_dw(  # noqa: E731
+              x, dy, s, o, e, config=c)
+          triton_gemm._dw_step_table = one_slot if label == "one_slot" else step_table
+          try:
+            ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)
+          finally:
+            triton_gemm._dw_step_table = step_table
+          print(f"  r{rnd} {name} dw {cname:8s} {label:8s}: {ms:7.3f} ms "
+                f"{flops / ms / 1e9:5.0f} TFLOP/s | SM {clk.get('clocks.sm')} MHz, "
+                f"{clk.get('power.draw')} W", flush=True)
     del x, dy
 
 
