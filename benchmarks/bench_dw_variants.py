@@ -20,8 +20,7 @@ partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp
 Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
 3), ``c8band8``/``c8band4`` (``c8trim`` with its programs walking the tiles in bands of 8 or
 4 n-tiles), ``c4band8``/``ws0band8``/``ws1band8``/``ws2band8`` (``c4trim``, ``ws0``, ``ws1``,
-``ws2`` in bands of 8), ``c8band8pf3``/``pf5``/``pf8`` (``c8band8`` asking L2 for the next
-expert's rows 3, 5 or 8 steps before reaching it), each in
+``ws2`` in bands of 8), each in
 ``--rounds`` interleaved rounds (``--variants`` picks some); the dense ``jnp.dot`` of the
 same FLOPs is timed alone.
 
@@ -88,9 +87,7 @@ def variants():
           "ws1band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
                         trim_partial=True, stagger=1, band_n=8),
           "ws2band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
-                        trim_partial=True, stagger=2, band_n=8),
-          **{f"c8band8pf{d}": T(128, 256, 64, 8, 3, gluon=True, store_chunks=8,
-                                trim_partial=True, band_n=8, prefetch=d) for d in (3, 5, 8)}}
+                        trim_partial=True, stagger=2, band_n=8)}
 
 
 def main(argv=None):

@@ -528,10 +528,6 @@ class TileConfig:
   ``band_n`` (both Gluon dw kernels): the programs walk the (K tile, N tile) grid in bands of
   that many n-tiles, n fastest within a band (0: n fastest over all of N), so that the
   programs resident at once read fewer distinct columns of x and dy (``dw_program_coords``).
-  ``prefetch`` (Gluon dw kernel, 0 = off): that many row steps before a program reaches the
-  next expert, it asks L2 for that expert's rows of its x and dy columns (one
-  ``prefetch.global.L2`` per 128-byte line, each line by about one of the programs that share
-  it), so that the programs, which reach each expert together, do not all wait on DRAM there.
   """
 
   block_m: int
@@ -550,7 +546,6 @@ class TileConfig:
   trim_partial: bool = False
   stagger: int = 0
   band_n: int = 0
-  prefetch: int = 0
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -564,8 +559,7 @@ class TileConfig:
                                                              ("store_chunks", 1),
                                                              ("trim_partial", False),
                                                              ("stagger", 0),
-                                                             ("band_n", 0),
-                                                             ("prefetch", 0))
+                                                             ("band_n", 0))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

@@ -101,8 +101,6 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
   if why is None and (K % cfg.block_m or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile ({cfg.block_m} x {cfg.block_n})"
   why = why or _band_why_not(cfg)
-  if why is None and not 0 <= cfg.prefetch <= 64:
-    why = f"prefetch={cfg.prefetch} must be 0 (off) to 64 row steps ahead"
   chunks = cfg.store_chunks
   if why is None and (chunks < 1 or cfg.block_n % chunks
                       or cfg.block_n // chunks * elem_bytes < 32):
@@ -255,23 +253,6 @@ if GLUON_ERROR is None:
                                         out_buf.slice(j * EPI_N, EPI_N, dim=1))
 
   @gluon.jit
-  def _prefetch_rows_l2(base, row0, row1, col0, LD: gl.constexpr, COLS: gl.constexpr,
-                        NUM_WARPS: gl.constexpr):
-    """Ask L2 for rows [row0, row1) x columns [col0, col0 + COLS) of a row-major 16-bit
-    matrix of leading dimension LD: one ``prefetch.global.L2`` per 128-byte line (64
-    elements), a pass of 32 * NUM_WARPS lines at a time. Only hints: nothing waits on them."""
-    LINES: gl.constexpr = COLS // 64
-    ROWS: gl.constexpr = 32 // LINES * NUM_WARPS
-    layout: gl.constexpr = gl.BlockedLayout([1, 1], [32 // LINES, LINES], [NUM_WARPS, 1],
-                                            [1, 0])
-    cols = col0 + gl.arange(0, LINES, layout=gl.SliceLayout(0, layout)) * 64
-    for r in range(row0, row1, ROWS):
-      rows = gl.minimum(r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout)), row1 - 1)
-      ptrs = base + rows.to(gl.int64)[:, None] * LD + cols[None, :]
-      gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                dtype=gl.int32, is_pure=False, pack=1)
-
-  @gluon.jit
   def grouped_gemm_dw_gluon_kernel(
       x_ptr,        # [C, K] recv_x
       dy_ptr,       # [C, N] output cotangent
@@ -285,7 +266,6 @@ if GLUON_ERROR is None:
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
       TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
       BAND_N: gl.constexpr,        # tiles walked in bands of this many n-tiles (0: all of N)
-      PREFETCH: gl.constexpr,      # steps before the next expert its rows are asked of L2 (0: off)
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -343,14 +323,6 @@ if GLUON_ERROR is None:
                   s_lo + j, s_hi, k0, n0)
     p_r0, _, _, _ = _step_record(steps_ptr, s_lo + STAGES - 1, MAX_STEPS, E)
     c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s_lo, MAX_STEPS, E)
-    # PREFETCH: the record of step s + PREFETCH, read an iteration ahead, and the last expert
-    # whose rows were asked of L2. Of the programs sharing a column slice of x (same k tile)
-    # or of dy (same n tile), about one in PF_SPLIT asks for it.
-    PF_SPLIT: gl.constexpr = 8
-    f_r0, f_r1, _, f_e = _step_record(steps_ptr, s_lo + PREFETCH, MAX_STEPS, E)
-    pf_e = c_e
-    pf_x = ((n0 // BLOCK_N) % PF_SPLIT) == 0
-    pf_g = ((k0 // BLOCK_M) % PF_SPLIT) == 0
 
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
     use_acc = False
@@ -402,17 +374,6 @@ if GLUON_ERROR is None:
       _issue_step(x_desc, g_desc, x_bufs.index(nxt), g_bufs.index(nxt), ready.index(nxt),
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
-      if PREFETCH > 0:
-        if (f_e != pf_e) & (s + PREFETCH < s_hi):
-          # Step s + PREFETCH is a later expert's: its rows, from that step on, into L2.
-          if pf_x:
-            _prefetch_rows_l2(x_ptr, gl.minimum(f_r0, C), gl.minimum(f_r1, C), k0, K, BLOCK_M,
-                              NUM_WARPS)
-          if pf_g:
-            _prefetch_rows_l2(dy_ptr, gl.minimum(f_r0, C), gl.minimum(f_r1, C), n0, N, BLOCK_N,
-                              NUM_WARPS)
-          pf_e = f_e
-        f_r0, f_r1, _, f_e = _step_record(steps_ptr, s + 1 + PREFETCH, MAX_STEPS, E)
       if STORE_CHUNKS > 1:
         _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
         pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
@@ -900,7 +861,7 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
-              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n, PREFETCH=cfg.prefetch)
+              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n)
 
 
 def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
