@@ -528,6 +528,9 @@ class TileConfig:
   ``band_n`` (both Gluon dw kernels): the programs walk the (K tile, N tile) grid in bands of
   that many n-tiles, n fastest within a band (0: n fastest over all of N), so that the
   programs resident at once read fewer distinct columns of x and dy (``dw_program_coords``).
+  ``out_split`` (Gluon dw kernel, with ``store_chunks=1``): a finished tile goes through shared
+  memory in that many column parts, one after the other, so that its buffer is that much
+  smaller and a fourth stage of 128 x 256 x 64 fits beside it.
   """
 
   block_m: int
@@ -546,6 +549,7 @@ class TileConfig:
   trim_partial: bool = False
   stagger: int = 0
   band_n: int = 0
+  out_split: int = 1
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -559,7 +563,8 @@ class TileConfig:
                                                              ("store_chunks", 1),
                                                              ("trim_partial", False),
                                                              ("stagger", 0),
-                                                             ("band_n", 0))
+                                                             ("band_n", 0),
+                                                             ("out_split", 1))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

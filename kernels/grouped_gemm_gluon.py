@@ -106,6 +106,11 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
                       or cfg.block_n // chunks * elem_bytes < 32):
     why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
            f">= 32 bytes")
+  if why is None and cfg.out_split not in (1, 2, 4):
+    why = f"out_split={cfg.out_split} must be 1, 2 or 4 (column parts of the output tile)"
+  if why is None and cfg.out_split > 1 and chunks > 1:
+    why = (f"out_split={cfg.out_split} stores each tile part at once: it takes "
+           f"store_chunks=1, not {chunks}")
   if why is None and dw_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
     why = (f"{cfg.num_stages} stages of {cfg.block_k} x ({cfg.block_m} + {cfg.block_n}) and "
            f"the output tile exceed shared memory ({dw_smem_bytes(cfg, elem_bytes)} bytes)")
@@ -144,9 +149,10 @@ def dw_ws_smem_bytes(cfg, elem_bytes: int) -> int:
 
 
 def dw_smem_bytes(cfg, elem_bytes: int) -> int:
-  """Shared memory of the Gluon dw kernel: the stages and the output tile."""
+  """Shared memory of the Gluon dw kernel: the stages and the output tile (or one of its
+  ``out_split`` column parts)."""
   return (cfg.num_stages * cfg.block_k * (cfg.block_m + cfg.block_n)
-          + cfg.block_m * cfg.block_n) * elem_bytes
+          + cfg.block_m * cfg.block_n // cfg.out_split) * elem_bytes
 
 if GLUON_ERROR is None:
 
@@ -266,6 +272,7 @@ if GLUON_ERROR is None:
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
       TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
       BAND_N: gl.constexpr,        # tiles walked in bands of this many n-tiles (0: all of N)
+      OUT_SPLIT: gl.constexpr,     # a finished tile staged in this many column parts in turn
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -286,9 +293,10 @@ if GLUON_ERROR is None:
     # The output tile's swizzle is its chunks' (whose rows may be narrower than 128 bytes).
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, EPI_N], dtype)
     chunk_layout: gl.constexpr = out_layout
+    OUT_N: gl.constexpr = BLOCK_N // OUT_SPLIT  # out_buf's columns: the tile or one part
     x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
     g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
-    out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
+    out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, OUT_N], out_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
       mbarrier.init(ready.index(j), count=1)
@@ -300,17 +308,23 @@ if GLUON_ERROR is None:
     g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
                                         block_shape=[BLOCK_K, BLOCK_N], layout=g_smem_layout)
     out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
-                                          block_shape=[BLOCK_M, BLOCK_N], layout=out_layout)
+                                          block_shape=[BLOCK_M, OUT_N], layout=out_layout)
     chunk_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
                                             block_shape=[BLOCK_M, EPI_N], layout=chunk_layout)
 
     # Experts of the segment with no rows get a zero tile.
-    out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
+    if OUT_SPLIT == 1:
+      out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
+    else:
+      z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // OUT_N, OUT_N // 8],
+                                                [NUM_WARPS, 1], [1, 0])
+      out_buf.store(gl.zeros([BLOCK_M, OUT_N], dtype, z_layout))
     fence_async_shared()
     gl.thread_barrier()
     for e in range(e_lo, e_hi):
       if gl.load(first_ptr + e + 1) <= gl.load(first_ptr + e):
-        tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0], out_buf)
+        for j in gl.static_range(OUT_SPLIT):
+          tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0 + j * OUT_N], out_buf)
 
     s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
     s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
@@ -387,8 +401,22 @@ if GLUON_ERROR is None:
           _stage_tile(acc, out_buf)
           pend_row = c_e * K + k0
           pend_next = 0
-        else:
+        elif OUT_SPLIT == 1:
           _dw_store_tile(acc.to(dtype), out_buf, out_desc, c_e * K + k0, n0)
+        else:  # column parts through one buffer, each after the previous has been read
+          vals = acc.to(dtype)
+          if OUT_SPLIT == 4:
+            a, b = gl.split(vals.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute((0, 2, 1)))
+            a0, a1 = gl.split(a.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+            b0, b1 = gl.split(b.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+            _dw_store_tile(a0, out_buf, out_desc, c_e * K + k0, n0)
+            _dw_store_tile(a1, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
+            _dw_store_tile(b0, out_buf, out_desc, c_e * K + k0, n0 + 2 * OUT_N)
+            _dw_store_tile(b1, out_buf, out_desc, c_e * K + k0, n0 + 3 * OUT_N)
+          else:
+            lo, hi = gl.split(vals.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+            _dw_store_tile(lo, out_buf, out_desc, c_e * K + k0, n0)
+            _dw_store_tile(hi, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
         use_acc = False
       c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
@@ -861,7 +889,7 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
-              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n)
+              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n, OUT_SPLIT=cfg.out_split)
 
 
 def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
