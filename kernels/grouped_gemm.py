@@ -528,9 +528,10 @@ class TileConfig:
   ``band_n`` (both Gluon dw kernels): the programs walk the (K tile, N tile) grid in bands of
   that many n-tiles, n fastest within a band (0: n fastest over all of N), so that the
   programs resident at once read fewer distinct columns of x and dy (``dw_program_coords``).
-  ``out_split`` (Gluon dw kernel, with ``store_chunks=1``): a finished tile goes through shared
-  memory in that many column parts, one after the other, so that its buffer is that much
-  smaller and a fourth stage of 128 x 256 x 64 fits beside it.
+  ``out_split=2`` (Gluon dw kernel): a finished tile goes through shared memory in two column
+  halves, one after the other (with ``store_chunks``, the left half's chunks over the
+  following steps while the right half waits in registers, then the right half's), so that
+  the buffer is half a tile and a fourth stage of 128 x 256 x 64 fits beside it.
   """
 
   block_m: int

@@ -106,11 +106,10 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
                       or cfg.block_n // chunks * elem_bytes < 32):
     why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
            f">= 32 bytes")
-  if why is None and cfg.out_split not in (1, 2, 4):
-    why = f"out_split={cfg.out_split} must be 1, 2 or 4 (column parts of the output tile)"
-  if why is None and cfg.out_split > 1 and chunks > 1:
-    why = (f"out_split={cfg.out_split} stores each tile part at once: it takes "
-           f"store_chunks=1, not {chunks}")
+  if why is None and cfg.out_split not in (1, 2):
+    why = f"out_split={cfg.out_split} must be 1 or 2 (column halves of the output tile)"
+  if why is None and cfg.out_split == 2 and chunks > 1 and chunks % 2:
+    why = f"store_chunks={chunks} must be even with out_split=2 (chunks of each half)"
   if why is None and dw_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
     why = (f"{cfg.num_stages} stages of {cfg.block_k} x ({cfg.block_m} + {cfg.block_n}) and "
            f"the output tile exceed shared memory ({dw_smem_bytes(cfg, elem_bytes)} bytes)")
@@ -345,6 +344,16 @@ if GLUON_ERROR is None:
     # programs, which finish their tiles together, do not all write 64 KiB at once.
     pend_row = 0
     pend_next = STORE_CHUNKS
+    if STORE_CHUNKS > 1:
+      if OUT_SPLIT == 2:
+        # out_buf holds half a tile: the finished tile's left half leaves in chunks over the
+        # following steps while its right half (``held``) waits in registers, then that half.
+        HALF_CHUNKS: gl.constexpr = STORE_CHUNKS // 2
+        zero_lo, held = gl.split(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout)
+                           .reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+        held_ok = 0
+        pend_n = n0
+        pend_next = HALF_CHUNKS
     for s in range(s_lo, s_hi):
       i = s - s_lo
       stage = i % STAGES
@@ -389,40 +398,58 @@ if GLUON_ERROR is None:
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
       if STORE_CHUNKS > 1:
-        _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
-        pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
+        if OUT_SPLIT == 1:
+          _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
+          pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
+        else:
+          if (pend_next >= HALF_CHUNKS) & (held_ok != 0):  # the left half has left
+            _stage_tile(held, out_buf)
+            pend_n = pend_n + OUT_N
+            pend_next = 0
+            held_ok = 0
+          _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, pend_next + 1)
+          pend_next = gl.minimum(pend_next + 1, HALF_CHUNKS)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if STORE_CHUNKS > 1:
-          # What the previous tile has left (an expert of fewer steps than chunks).
-          _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
-          _stage_tile(acc, out_buf)
-          pend_row = c_e * K + k0
-          pend_next = 0
+          if OUT_SPLIT == 1:
+            # What the previous tile has left (an expert of fewer steps than chunks).
+            _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
+            _stage_tile(acc, out_buf)
+            pend_row = c_e * K + k0
+            pend_next = 0
+          else:
+            # What the previous tile has left: its staged half's chunks, then its held half.
+            _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, HALF_CHUNKS)
+            if held_ok != 0:
+              _stage_tile(held, out_buf)
+              _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n + OUT_N, 0, HALF_CHUNKS)
+            lo, held = gl.split(acc.to(dtype).reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+            _stage_tile(lo, out_buf)
+            held_ok = 1
+            pend_row = c_e * K + k0
+            pend_n = n0
+            pend_next = 0
         elif OUT_SPLIT == 1:
           _dw_store_tile(acc.to(dtype), out_buf, out_desc, c_e * K + k0, n0)
-        else:  # column parts through one buffer, each after the previous has been read
-          vals = acc.to(dtype)
-          if OUT_SPLIT == 4:
-            a, b = gl.split(vals.reshape([BLOCK_M, 2, BLOCK_N // 2]).permute((0, 2, 1)))
-            a0, a1 = gl.split(a.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-            b0, b1 = gl.split(b.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-            _dw_store_tile(a0, out_buf, out_desc, c_e * K + k0, n0)
-            _dw_store_tile(a1, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
-            _dw_store_tile(b0, out_buf, out_desc, c_e * K + k0, n0 + 2 * OUT_N)
-            _dw_store_tile(b1, out_buf, out_desc, c_e * K + k0, n0 + 3 * OUT_N)
-          else:
-            lo, hi = gl.split(vals.reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-            _dw_store_tile(lo, out_buf, out_desc, c_e * K + k0, n0)
-            _dw_store_tile(hi, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
+        else:  # two column halves through one buffer, the second after the first was read
+          lo, hi = gl.split(acc.to(dtype).reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
+          _dw_store_tile(lo, out_buf, out_desc, c_e * K + k0, n0)
+          _dw_store_tile(hi, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
         use_acc = False
       c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if STORE_CHUNKS > 1:
-      _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
+      if OUT_SPLIT == 1:
+        _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
+      else:
+        _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, HALF_CHUNKS)
+        if held_ok != 0:
+          _stage_tile(held, out_buf)
+          _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n + OUT_N, 0, HALF_CHUNKS)
     tma.store_wait(0)
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
