@@ -20,10 +20,7 @@ partial last step in 16-row slices), ``ws0``/``ws1``/``ws2``/``ws1s3`` (the warp
 Gluon dw kernel, its second consumer warpgroup 0, 1 or 2 steps behind the first; 4 stages, or
 3), ``c8band8``/``c8band4`` (``c8trim`` with its programs walking the tiles in bands of 8 or
 4 n-tiles), ``c4band8``/``ws0band8``/``ws1band8``/``ws2band8`` (``c4trim``, ``ws0``, ``ws1``,
-``ws2`` in bands of 8), ``s4split2c1band8``/``s3split2c1band8``/``s4split2c8band8``/
-``s4split2c4band8`` (the Gluon dw kernel in bands of 8, trimmed, its finished tile staged in
-two column halves in turn: at once, or in 8 or 4 chunks over the following steps; 4 stages,
-or 3), each in
+``ws2`` in bands of 8), each in
 ``--rounds`` interleaved rounds (``--variants`` picks some); the dense ``jnp.dot`` of the
 same FLOPs is timed alone.
 
@@ -90,10 +87,7 @@ def variants():
           "ws1band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
                         trim_partial=True, stagger=1, band_n=8),
           "ws2band8": T(128, 256, 64, 8, 4, gluon=True, warp_spec=True, store_chunks=2,
-                        trim_partial=True, stagger=2, band_n=8),
-          **{f"s{st}split2c{ch}band8": T(128, 256, 64, 8, st, gluon=True, trim_partial=True,
-                                         band_n=8, out_split=2, store_chunks=ch)
-             for st, ch in ((4, 1), (3, 1), (4, 8), (4, 4))}}
+                        trim_partial=True, stagger=2, band_n=8)}
 
 
 def main(argv=None):

@@ -528,10 +528,6 @@ class TileConfig:
   ``band_n`` (both Gluon dw kernels): the programs walk the (K tile, N tile) grid in bands of
   that many n-tiles, n fastest within a band (0: n fastest over all of N), so that the
   programs resident at once read fewer distinct columns of x and dy (``dw_program_coords``).
-  ``out_split=2`` (Gluon dw kernel): a finished tile goes through shared memory in two column
-  halves, one after the other (with ``store_chunks``, the left half's chunks over the
-  following steps while the right half waits in registers, then the right half's), so that
-  the buffer is half a tile and a fourth stage of 128 x 256 x 64 fits beside it.
   """
 
   block_m: int
@@ -550,7 +546,6 @@ class TileConfig:
   trim_partial: bool = False
   stagger: int = 0
   band_n: int = 0
-  out_split: int = 1
 
   def table_entry(self) -> str:
     """This config as a ``TUNED`` value (what the benchmark's sweep prints for its winners)."""
@@ -564,8 +559,7 @@ class TileConfig:
                                                              ("store_chunks", 1),
                                                              ("trim_partial", False),
                                                              ("stagger", 0),
-                                                             ("band_n", 0),
-                                                             ("out_split", 1))
+                                                             ("band_n", 0))
                     if getattr(self, f) != d)
     return (f"TileConfig({self.block_m}, {self.block_n}, {self.block_k}, {self.num_warps}, "
             f"{self.num_stages}{extra})")

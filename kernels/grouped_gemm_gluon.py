@@ -106,10 +106,6 @@ def gluon_dw_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
                       or cfg.block_n // chunks * elem_bytes < 32):
     why = (f"store_chunks={chunks} must split the tile's {cfg.block_n} columns into chunks of "
            f">= 32 bytes")
-  if why is None and cfg.out_split not in (1, 2):
-    why = f"out_split={cfg.out_split} must be 1 or 2 (column halves of the output tile)"
-  if why is None and cfg.out_split == 2 and chunks > 1 and chunks % 2:
-    why = f"store_chunks={chunks} must be even with out_split=2 (chunks of each half)"
   if why is None and dw_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
     why = (f"{cfg.num_stages} stages of {cfg.block_k} x ({cfg.block_m} + {cfg.block_n}) and "
            f"the output tile exceed shared memory ({dw_smem_bytes(cfg, elem_bytes)} bytes)")
@@ -148,10 +144,9 @@ def dw_ws_smem_bytes(cfg, elem_bytes: int) -> int:
 
 
 def dw_smem_bytes(cfg, elem_bytes: int) -> int:
-  """Shared memory of the Gluon dw kernel: the stages and the output tile (or one of its
-  ``out_split`` column parts)."""
+  """Shared memory of the Gluon dw kernel: the stages and the output tile."""
   return (cfg.num_stages * cfg.block_k * (cfg.block_m + cfg.block_n)
-          + cfg.block_m * cfg.block_n // cfg.out_split) * elem_bytes
+          + cfg.block_m * cfg.block_n) * elem_bytes
 
 if GLUON_ERROR is None:
 
@@ -271,7 +266,6 @@ if GLUON_ERROR is None:
       STORE_CHUNKS: gl.constexpr,  # a finished tile goes out in this many column chunks
       TRIM_PARTIAL: gl.constexpr,  # a partial step multiplies only its 16-row slices with rows
       BAND_N: gl.constexpr,        # tiles walked in bands of this many n-tiles (0: all of N)
-      OUT_SPLIT: gl.constexpr,     # a finished tile staged in this many column parts in turn
   ):
     """Grid: NUM_SEGS * (K / BLOCK_M) * (N / BLOCK_N)."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -292,10 +286,9 @@ if GLUON_ERROR is None:
     # The output tile's swizzle is its chunks' (whose rows may be narrower than 128 bytes).
     out_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, EPI_N], dtype)
     chunk_layout: gl.constexpr = out_layout
-    OUT_N: gl.constexpr = BLOCK_N // OUT_SPLIT  # out_buf's columns: the tile or one part
     x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_M], x_smem_layout)
     g_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], g_smem_layout)
-    out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, OUT_N], out_layout)
+    out_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], out_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(STAGES):
       mbarrier.init(ready.index(j), count=1)
@@ -307,23 +300,17 @@ if GLUON_ERROR is None:
     g_desc = tma.make_tensor_descriptor(dy_ptr, shape=[C, N], strides=[N, 1],
                                         block_shape=[BLOCK_K, BLOCK_N], layout=g_smem_layout)
     out_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
-                                          block_shape=[BLOCK_M, OUT_N], layout=out_layout)
+                                          block_shape=[BLOCK_M, BLOCK_N], layout=out_layout)
     chunk_desc = tma.make_tensor_descriptor(dw_ptr, shape=[E * K, N], strides=[N, 1],
                                             block_shape=[BLOCK_M, EPI_N], layout=chunk_layout)
 
     # Experts of the segment with no rows get a zero tile.
-    if OUT_SPLIT == 1:
-      out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
-    else:
-      z_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // OUT_N, OUT_N // 8],
-                                                [NUM_WARPS, 1], [1, 0])
-      out_buf.store(gl.zeros([BLOCK_M, OUT_N], dtype, z_layout))
+    out_buf.store(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout))
     fence_async_shared()
     gl.thread_barrier()
     for e in range(e_lo, e_hi):
       if gl.load(first_ptr + e + 1) <= gl.load(first_ptr + e):
-        for j in gl.static_range(OUT_SPLIT):
-          tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0 + j * OUT_N], out_buf)
+        tma.async_copy_shared_to_global(out_desc, [e * K + k0, n0], out_buf)
 
     s_lo = gl.minimum(gl.maximum(gl.load(first_ptr + e_lo), 0), MAX_STEPS)
     s_hi = gl.minimum(gl.maximum(gl.load(first_ptr + e_hi), s_lo), MAX_STEPS)
@@ -344,16 +331,6 @@ if GLUON_ERROR is None:
     # programs, which finish their tiles together, do not all write 64 KiB at once.
     pend_row = 0
     pend_next = STORE_CHUNKS
-    if STORE_CHUNKS > 1:
-      if OUT_SPLIT == 2:
-        # out_buf holds half a tile: the finished tile's left half leaves in chunks over the
-        # following steps while its right half (``held``) waits in registers, then that half.
-        HALF_CHUNKS: gl.constexpr = STORE_CHUNKS // 2
-        zero_lo, held = gl.split(gl.zeros([BLOCK_M, BLOCK_N], dtype, acc_layout)
-                           .reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-        held_ok = 0
-        pend_n = n0
-        pend_next = HALF_CHUNKS
     for s in range(s_lo, s_hi):
       i = s - s_lo
       stage = i % STAGES
@@ -398,58 +375,26 @@ if GLUON_ERROR is None:
                   p_r0, s + STAGES - 1, s_hi, k0, n0)
       p_r0, _, _, _ = _step_record(steps_ptr, s + STAGES, MAX_STEPS, E)
       if STORE_CHUNKS > 1:
-        if OUT_SPLIT == 1:
-          _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
-          pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
-        else:
-          if (pend_next >= HALF_CHUNKS) & (held_ok != 0):  # the left half has left
-            _stage_tile(held, out_buf)
-            pend_n = pend_n + OUT_N
-            pend_next = 0
-            held_ok = 0
-          _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, pend_next + 1)
-          pend_next = gl.minimum(pend_next + 1, HALF_CHUNKS)
+        _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, pend_next + 1)
+        pend_next = gl.minimum(pend_next + 1, STORE_CHUNKS)
 
       use_acc = True
       if c_last != 0:  # the expert's last step: its tile goes out by TMA
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if STORE_CHUNKS > 1:
-          if OUT_SPLIT == 1:
-            # What the previous tile has left (an expert of fewer steps than chunks).
-            _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
-            _stage_tile(acc, out_buf)
-            pend_row = c_e * K + k0
-            pend_next = 0
-          else:
-            # What the previous tile has left: its staged half's chunks, then its held half.
-            _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, HALF_CHUNKS)
-            if held_ok != 0:
-              _stage_tile(held, out_buf)
-              _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n + OUT_N, 0, HALF_CHUNKS)
-            lo, held = gl.split(acc.to(dtype).reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-            _stage_tile(lo, out_buf)
-            held_ok = 1
-            pend_row = c_e * K + k0
-            pend_n = n0
-            pend_next = 0
-        elif OUT_SPLIT == 1:
+          # What the previous tile has left (an expert of fewer steps than chunks).
+          _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
+          _stage_tile(acc, out_buf)
+          pend_row = c_e * K + k0
+          pend_next = 0
+        else:
           _dw_store_tile(acc.to(dtype), out_buf, out_desc, c_e * K + k0, n0)
-        else:  # two column halves through one buffer, the second after the first was read
-          lo, hi = gl.split(acc.to(dtype).reshape([BLOCK_M, 2, OUT_N]).permute((0, 2, 1)))
-          _dw_store_tile(lo, out_buf, out_desc, c_e * K + k0, n0)
-          _dw_store_tile(hi, out_buf, out_desc, c_e * K + k0, n0 + OUT_N)
         use_acc = False
       c_r0, c_r1, c_last, c_e = _step_record(steps_ptr, s + 1, MAX_STEPS, E)
     # Every MMA done before the loop's exit (else ptxas waits at the latch, on every step).
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     if STORE_CHUNKS > 1:
-      if OUT_SPLIT == 1:
-        _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
-      else:
-        _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n, pend_next, HALF_CHUNKS)
-        if held_ok != 0:
-          _stage_tile(held, out_buf)
-          _dw_store_chunks(chunk_desc, out_buf, pend_row, pend_n + OUT_N, 0, HALF_CHUNKS)
+      _dw_store_chunks(chunk_desc, out_buf, pend_row, n0, pend_next, STORE_CHUNKS)
     tma.store_wait(0)
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
@@ -916,7 +861,7 @@ def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> d
               BLOCK_K=cfg.block_k, NUM_SEGS=num_segs,
               MAX_STEPS=dw_max_steps(C, E, cfg.block_k), STAGES=cfg.num_stages,
               NUM_WARPS=cfg.num_warps, STORE_CHUNKS=cfg.store_chunks,
-              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n, OUT_SPLIT=cfg.out_split)
+              TRIM_PARTIAL=cfg.trim_partial, BAND_N=cfg.band_n)
 
 
 def gluon_dw_ws_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:
