@@ -65,14 +65,49 @@ def test_ncu_sass_summary_cuts_a_kernel_into_its_loops(tmp_path):
   assert "HGMMA" in out.split("top 2 instructions")[1]
 
 
-@pytest.mark.parametrize("script", ["bench_dw_variants", "bench_gemm_clocks"])
+@pytest.mark.parametrize("script", ["bench_dw_variants", "bench_gemm_clocks",
+                                    "probes/zero_rows_power", "probes/dw_resident_rows"])
 def test_gpu_diagnostics_say_why_they_cannot_run_without_a_gpu(script):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", f"{script}.py"),
                         "--shapes", "64x2x128x256"], capture_output=True, text=True, env=env,
                        timeout=120, cwd=_ROOT)
   assert res.returncode == 1, res.stderr
-  assert f"{script}: the triton grouped matmul cannot run here" in res.stderr
+  name = os.path.basename(script)
+  assert f"{name}: the triton grouped matmul cannot run here" in res.stderr
+
+
+def test_dw_resident_rows_names_an_unknown_config():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "probes",
+                                                     "dw_resident_rows.py"),
+                        "--configs", "default,c9band9"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=_ROOT)
+  assert res.returncode == 2, res.stderr
+  assert "--configs: unknown ['c9band9']" in res.stderr and "c8band8" in res.stderr
+
+
+def test_zero_rows_probe_lays_groups_out_aligned():
+  """zero_rows_power's inputs: groups at 128-row aligned offsets in expert order, the
+  in-group mask exactly their rows, so every row a 128-row tile computes past a group's end
+  is a gap row (the multinomial group sizes of three seeds)."""
+  sys.path.insert(0, os.path.join(_ROOT, "benchmarks", "probes"))
+  sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+  import zero_rows_power as z
+
+  for seed in range(3):
+    sizes, offsets, in_group, x, dy, w, w_dense, flops, e = z.aligned_inputs(
+        "1000x5x64x128", seed)
+    sizes, offsets, in_group = map(np.asarray, (sizes, offsets, in_group))
+    assert e == 5 and sizes.sum() == 1000 and flops == 2.0 * 1000 * 64 * 128
+    assert (offsets % 128 == 0).all() and (np.diff(offsets) >= sizes[:-1]).all()
+    assert x.shape == (in_group.size, 64) and dy.shape == (in_group.size, 128)
+    assert w.shape == (5, 64, 128) and w_dense.shape == (64, 128)
+    assert in_group.size == int(offsets[-1] + -(-sizes[-1] // 128) * 128)
+    want = np.zeros(in_group.size, bool)
+    for o, s in zip(offsets, sizes):
+      want[o:o + s] = True
+    assert (in_group == want).all() and in_group.sum() == 1000
 
 
 def test_dispatch_combine_bench_checks_outputs_bit_for_bit():

@@ -3,18 +3,21 @@
 The dw kernels' programs walk the experts in step: each takes one (K tile, N tile) and
 reduces expert 0's rows, then expert 1's, ..., so at every expert boundary all resident
 programs ask for rows no program has read yet, from DRAM, at once. This probe times dw (the
-default kernel for the shape) on the benchmark's group sizes laid out two ways: ``disjoint``
-(the real layout: expert e's rows follow expert e - 1's) and ``shared`` (every expert's group
-starts at row 0, so all experts reduce over the same first few hundred rows of x and dy,
-which stay in L2 after the first expert). The FLOPs, tiles, steps, partial steps and the
-output written are the same; only where the operand rows come from differs. A third run,
-``one_slot``, is ``shared`` with every tile stored into expert 0's slot of dw (the step table's
-expert column set to 0): the same stores, but the tiles written while a wave of programs runs
-stay in L2, so that little of dw reaches DRAM. Each run is
-``bench_gemm_clocks.sustained`` (back to back for ``--seconds``, SM clock sampled); rounds
-interleave the layouts.
+shape's default kernel, or the ``--configs`` of bench_dw_variants) on the benchmark's group
+sizes three ways:
 
-    python benchmarks/probes/dw_resident_rows.py [--shapes dsv3_up,dsv3_down]
+  * ``disjoint``: the real layout, expert e's rows after expert e - 1's;
+  * ``shared``: every expert's group starts at row 0, so all experts reduce over the same
+    first few hundred rows of x and dy, which stay in L2 after the first expert (the FLOPs,
+    tiles, steps, partial steps and output written are the same);
+  * ``one_slot``: ``shared`` with every tile stored into expert 0's slot of dw (the step
+    table's expert column set to 0): the same stores, but the tiles written while a wave of
+    programs runs stay in L2, so little of dw reaches DRAM.
+
+Each run is ``bench_gemm_clocks.sustained`` (back to back for ``--seconds``, SM clock sampled);
+rounds interleave the configurations and layouts.
+
+    python benchmarks/probes/dw_resident_rows.py [--shapes dsv3_up,dsv3_down] [--configs ...]
 """
 from __future__ import annotations
 
@@ -43,13 +46,16 @@ def main(argv=None):
                  help="comma-separated: default (the shape's dw kernel) or labels of "
                       "bench_dw_variants.variants()")
   args = p.parse_args(argv)
-  from jax_ep.backends import triton_gemm
   import bench_dw_variants
   table = dict(bench_dw_variants.variants(), default=None)
   configs = [c for c in args.configs.split(",") if c]
   if set(configs) - set(table):
     p.error(f"--configs: unknown {sorted(set(configs) - set(table))}; choose from "
             f"{sorted(table)}")
+  from jax_ep.backends import triton_gemm
+  why = triton_gemm._why_not_usable()
+  if why:
+    sys.exit(f"dw_resident_rows: the triton grouped matmul cannot run here: {why}")
 
   class Inputs:  # what bench_grouped_gemm.make_inputs reads
     dtype, routing = "bfloat16", "uniform"
@@ -66,12 +72,12 @@ def main(argv=None):
     rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
     sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
     flops = 2.0 * float(sizes.sum()) * k * n
-    s = layout.group_sizes
-    layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(s),
-               "one_slot": jnp.zeros_like(s)}
+    gs = layout.group_sizes
+    layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(gs),
+               "one_slot": jnp.zeros_like(gs)}
     # The shared layout's dw of expert e is x[:size_e]^T dy[:size_e]: check one expert.
     big = int(np.argmax(sizes))
-    got = triton_gemm._grouped_dw(x, dy, s, layouts["shared"], e)[big]
+    got = triton_gemm._grouped_dw(x, dy, gs, layouts["shared"], e)[big]
     want = jnp.dot(x[:sizes[big]].T, dy[:sizes[big]], preferred_element_type=jnp.float32)
     err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
     print(f"{name}: shared layout, expert {big} vs jnp.dot: rel err {err:.1e}", flush=True)
@@ -80,8 +86,8 @@ def main(argv=None):
     for rnd in range(args.rounds):
       for cname in configs:
         for label, offs in layouts.items():
-          f = lambda x, dy, o, s=s, c=table[cname]: triton_gemm._grouped_dw(  # noqa: E731
-              x, dy, s, o, e, config=c)
+          f = lambda x, dy, o, c=table[cname]: triton_gemm._grouped_dw(  # noqa: E731
+              x, dy, gs, o, e, config=c)
           triton_gemm._dw_step_table = one_slot if label == "one_slot" else step_table
           try:
             ms, clk = bgc.sustained(f, (x, dy, offs), args.seconds, 50, field, 0.5)

@@ -32,7 +32,9 @@ import bench_grouped_gemm as bgg  # noqa: E402
 
 
 def aligned_inputs(name: str, seed: int, align: int = 128):
-  """(sizes, aligned offsets, gap mask [C], x, dy, w, x_dense, dy_dense, w_dense, flops)."""
+  """Inputs of shape ``name`` (a name of bench_grouped_gemm.SHAPES or ROWSxEXPERTSxKxN) with
+  its groups at ``align``-row aligned offsets: (sizes, offsets, in_group [C] bool, x [C, K],
+  dy [C, N], w [E, K, N], w_dense [K, N], FLOPs over the group rows, E), C the aligned total."""
   rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
   rng = np.random.default_rng(seed)
   sizes = bgg.group_sizes(rng, rows, e, "uniform")
@@ -59,7 +61,12 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--seconds", type=float, default=2.0)
   args = p.parse_args(argv)
+  if set(q for q in args.products.split(",") if q) - {"fwd", "dx"}:
+    p.error(f"--products={args.products!r}: choose from fwd, dx")
   from jax_ep.backends import triton_gemm
+  why = triton_gemm._why_not_usable()
+  if why:
+    sys.exit(f"zero_rows_power: the triton grouped matmul cannot run here: {why}")
   field = bgc._reason_field()
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__}", flush=True)
   for si, name in enumerate(s for s in args.shapes.split(",") if s):
