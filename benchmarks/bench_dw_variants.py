@@ -107,9 +107,6 @@ def main(argv=None):
   if why:
     sys.exit(f"bench_dw_variants: the triton grouped matmul cannot run here: {why}")
 
-  class Inputs:  # what bench_grouped_gemm.make_inputs reads
-    dtype, routing = "bfloat16", "uniform"
-
   chosen = variants()
   if args.variants:
     unknown = set(args.variants.split(",")) - set(chosen)
@@ -121,9 +118,7 @@ def main(argv=None):
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__} | {now:%Y-%m-%d %H:%M} UTC",
         flush=True)
   for si, name in enumerate(s for s in args.shapes.split(",") if s):
-    shape = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
-    rows, e, k, n = shape
-    sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
+    (rows, e, k, n), (sizes, layout, x, _, dy, _) = bgg.diagnostic_inputs(name, si)
     s, o = layout.group_sizes, layout.group_offsets
     flops = 2.0 * rows * k * n
     ref = None

@@ -143,12 +143,7 @@ def shape_ops(shape: str, products, seed: int = 0):
   """(FLOPs of one product, {product: {"triton": (fn, args), "dense": (fn, args)}}) on
   bench_grouped_gemm's inputs for ``shape`` (a name or ROWSxEXPERTSxKxN; uniform routing,
   bf16), made once; the dense products run over the rows in groups (``product_ops``)."""
-  rows, e, k, n = bgg.SHAPES.get(shape) or tuple(int(v) for v in shape.split("x"))
-
-  class Inputs:  # what bench_grouped_gemm.make_inputs reads
-    dtype, routing = "bfloat16", "uniform"
-
-  sizes, layout, x, w, dy, w_dense = bgg.make_inputs(rows, e, k, n, Inputs, seed)
+  (_, e, k, n), (sizes, layout, x, w, dy, w_dense) = bgg.diagnostic_inputs(shape, seed)
   r = int(sizes.sum())
   return 2.0 * r * k * n, {
       product: bgg.product_ops(product, x, w, dy, layout.group_sizes, layout.group_offsets, e,

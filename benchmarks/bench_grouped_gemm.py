@@ -293,6 +293,19 @@ def make_inputs(rows, experts, k, n, args, seed: int):
   return sizes, layout, x, w, dy, w_dense
 
 
+def shape_dims(name: str) -> tuple[int, int, int, int]:
+  """(rows, experts, K, N) of a name of ``SHAPES`` or of ``ROWSxEXPERTSxKxN``."""
+  return SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
+
+
+def diagnostic_inputs(name: str, seed: int):
+  """((rows, experts, K, N), make_inputs' (sizes, layout, x, w, dy, w_dense)) of shape
+  ``name`` with uniform routing in bf16: the inputs of the diagnostics beside this benchmark
+  (bench_dw_variants, bench_gemm_clocks, the probes)."""
+  dims = shape_dims(name)
+  return dims, make_inputs(*dims, argparse.Namespace(dtype="bfloat16", routing="uniform"), seed)
+
+
 def bench_shape(name, rows, experts, k, n, args, seed: int) -> dict:
   from jax_ep.backends import triton_gemm
   from jax_ep.kernels import grouped_gemm as gg

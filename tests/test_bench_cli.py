@@ -87,6 +87,26 @@ def test_dw_resident_rows_names_an_unknown_config():
   assert "--configs: unknown ['c9band9']" in res.stderr and "c8band8" in res.stderr
 
 
+def test_diagnostic_inputs_parse_shapes_and_make_bf16_uniform_inputs():
+  """bench_grouped_gemm.diagnostic_inputs (the inputs of bench_dw_variants, bench_gemm_clocks
+  and the probes): a named shape or ROWSxEXPERTSxKxN, bf16 operands, group sizes summing to
+  the rows, the same inputs for the same seed."""
+  sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+  import bench_grouped_gemm as bgg
+
+  assert bgg.shape_dims("dsv3_up") == (32768, 64, 7168, 4096)
+  assert bgg.shape_dims("96x3x128x256") == (96, 3, 128, 256)
+  dims, (sizes, layout, x, w, dy, w_dense) = bgg.diagnostic_inputs("96x3x128x256", 1)
+  assert dims == (96, 3, 128, 256) and sizes.sum() == 96 and len(sizes) == 3
+  assert x.shape == (96, 128) and w.shape == (3, 128, 256) and dy.shape == (96, 256)
+  assert w_dense.shape == (128, 256)
+  assert {str(a.dtype) for a in (x, w, dy, w_dense)} == {"bfloat16"}
+  np.testing.assert_array_equal(np.asarray(layout.group_sizes), sizes)
+  _, (sizes2, _, x2, _, _, _) = bgg.diagnostic_inputs("96x3x128x256", 1)
+  np.testing.assert_array_equal(sizes2, sizes)
+  np.testing.assert_array_equal(np.asarray(x2, np.float32), np.asarray(x, np.float32))
+
+
 def test_zero_rows_probe_lays_groups_out_aligned():
   """zero_rows_power's inputs: groups at 128-row aligned offsets in expert order, the
   in-group mask exactly their rows, so every row a 128-row tile computes past a group's end

@@ -57,9 +57,6 @@ def main(argv=None):
   if why:
     sys.exit(f"dw_resident_rows: the triton grouped matmul cannot run here: {why}")
 
-  class Inputs:  # what bench_grouped_gemm.make_inputs reads
-    dtype, routing = "bfloat16", "uniform"
-
   step_table = triton_gemm._dw_step_table
 
   def one_slot(*a, **kw):  # every step's tile stored into expert 0's slot
@@ -69,8 +66,7 @@ def main(argv=None):
   field = bgc._reason_field()
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__}", flush=True)
   for si, name in enumerate(s for s in args.shapes.split(",") if s):
-    rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
-    sizes, layout, x, _, dy, _ = bgg.make_inputs(rows, e, k, n, Inputs, si)
+    (_, e, k, n), (sizes, layout, x, _, dy, _) = bgg.diagnostic_inputs(name, si)
     flops = 2.0 * float(sizes.sum()) * k * n
     gs = layout.group_sizes
     layouts = {"disjoint": layout.group_offsets, "shared": jnp.zeros_like(gs),

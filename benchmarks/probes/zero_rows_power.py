@@ -35,7 +35,7 @@ def aligned_inputs(name: str, seed: int, align: int = 128):
   """Inputs of shape ``name`` (a name of bench_grouped_gemm.SHAPES or ROWSxEXPERTSxKxN) with
   its groups at ``align``-row aligned offsets: (sizes, offsets, in_group [C] bool, x [C, K],
   dy [C, N], w [E, K, N], w_dense [K, N], FLOPs over the group rows, E), C the aligned total."""
-  rows, e, k, n = bgg.SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
+  rows, e, k, n = bgg.shape_dims(name)
   rng = np.random.default_rng(seed)
   sizes = bgg.group_sizes(rng, rows, e, "uniform")
   spans = -(-sizes // align) * align
