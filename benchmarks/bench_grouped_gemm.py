@@ -41,8 +41,9 @@ gate|up N=1536). Targets on H200: triton >= 0.8x dense TFLOP/s and >= 1.5x ragge
 ``--swiglu`` also times the expert block as models run it (``jax_ep.experts.swiglu``: gate, up,
 down; forward and forward+backward; each variant first checked against the xla backend):
 ``--swiglu-variants`` picks from the two-weight form on triton or xla, ``swiglu_fused`` (gate and
-up in one weight) on either, and one dense MLP of the same FLOPs; ``--swiglu-only`` skips the
-main shapes.
+up in one weight) on either, ``swiglu_fused``'s triton form with the activation in XLA instead of
+in the gate | up kernel's epilogue (``triton-fused-xla-act``), and one dense MLP of the same
+FLOPs; ``--swiglu-only`` skips the main shapes.
 
 Run (one GPU):  python benchmarks/bench_grouped_gemm.py [--swiglu] [--sweep] [--shapes dsv3_up,qwen3_up]
 """
@@ -808,9 +809,12 @@ def _swiglu_dense(x, wgu, wd):
 def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
   """The expert block as models run it (jax_ep.experts.swiglu: gate, up, down), forward and
   forward+backward (grads of x and the weights): triton and xla, ``jax_ep.experts.swiglu_fused``
-  (gate and up in one weight ``[E, H, 2F]``) on either (``triton-fused``, ``xla-fused``), and
-  one dense MLP of the same FLOPs (``dense``: ``[H, 2F]`` and ``[F, H]`` weights, cuBLAS)."""
+  (gate and up in one weight ``[E, H, 2F]``) on either (``triton-fused``, ``xla-fused``; on
+  triton its forward runs the activation in the gate | up kernel's epilogue, and
+  ``triton-fused-xla-act`` is the same block with the activation in XLA), and one dense MLP of
+  the same FLOPs (``dense``: ``[H, 2F]`` and ``[F, H]`` weights, cuBLAS)."""
   from jax_ep import experts as expert_fns
+  from jax_ep import grouped_matmul
 
   rng = np.random.default_rng(seed)
   dtype = jnp.dtype(args.dtype)
@@ -835,6 +839,12 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
     compile time)."""
     if variant == "dense":  # one expert's shapes, [H, 2F] and [F, H], over all rows
       return (lambda x, wgu, wd, layout: _swiglu_dense(x, wgu, wd)), (x, wgu[0], wd[0], layout)
+    if variant == "triton-fused-xla-act":  # swiglu_fused before the fused activation kernel
+      def apart(x, wgu, wd, layout):
+        gate_up = grouped_matmul(x, wgu, layout, backend="triton")
+        h = expert_fns._glu(gate_up[:, :ffn], gate_up[:, ffn:])
+        return grouped_matmul(h, wd, layout, backend="triton")
+      return apart, (x, wgu, wd, layout)
     backend = variant.removesuffix("-fused")
     if variant.endswith("-fused"):
       return (functools.partial(expert_fns.swiglu_fused, backend=backend),
@@ -872,7 +882,7 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
       res.setdefault(backend, {})[phase] = t
       gc.collect()
   for phase in ("fwd", "fwd+bwd"):
-    for ours in ("triton", "triton-fused"):
+    for ours in ("triton", "triton-fused", "triton-fused-xla-act"):
       a = res.get(ours, {}).get(phase, {}).get("median_s")
       for base, key in (("xla", "speedup_vs_xla"), ("dense", "vs_dense")):
         b = res.get(base, {}).get(phase, {}).get("median_s")
@@ -953,7 +963,7 @@ def main(argv=None):
                  help="time the SwiGLU block only (implies --swiglu; no main shapes)")
   p.add_argument("--swiglu-variants", default="triton,triton-fused,xla,dense",
                  help="with --swiglu: comma-separated variants of the block to time "
-                      "(triton, triton-fused, xla, xla-fused, dense)")
+                      "(triton, triton-fused, triton-fused-xla-act, xla, xla-fused, dense)")
   p.add_argument("--breakdown", action="store_true",
                  help="also time the backward's dx and dw alone (triton and dense)")
   p.add_argument("--dump-hlo", action="store_true",

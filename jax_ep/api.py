@@ -249,7 +249,13 @@ def grouped_matmul(recv_x, w, layout: DispatchLayout, *, backend: str = "auto"):
     ``[C, N]``: rows of group e times ``w[e]``; rows outside groups are zero. Differentiable in
     recv_x and w. Accumulates in float32; the result has the promoted dtype of recv_x and w.
   """
-  api = "jax_ep.grouped_matmul"
+  recv_x, w, impl = _gmm_checked("jax_ep.grouped_matmul", recv_x, w, layout, backend)
+  return impl.grouped_matmul(recv_x, w, layout)
+
+
+def _gmm_checked(api: str, recv_x, w, layout, backend: str, w_name: str = "w"):
+  """``grouped_matmul``'s input checks (errors name ``api`` and call w ``w_name``): recv_x and
+  w as arrays, and the backend module that runs them."""
   if not isinstance(layout, DispatchLayout):
     raise TypeError(f"{api}: layout must be the DispatchLayout from jax_ep.dispatch; got "
                     f"{type(layout).__name__}.")
@@ -260,14 +266,14 @@ def grouped_matmul(recv_x, w, layout: DispatchLayout, *, backend: str = "auto"):
                      f"{recv_x.shape=}.")
   if w.ndim != 3 or w.shape[0] != layout.num_local_experts or w.shape[1] != recv_x.shape[1]:
     raise ValueError(
-        f"{api}: w must be [num_local_experts={layout.num_local_experts}, hidden="
-        f"{recv_x.shape[1]}, N]; got {w.shape=}.")
-  for name, a in (("recv_x", recv_x), ("w", w)):
+        f"{api}: {w_name} must be [num_local_experts={layout.num_local_experts}, hidden="
+        f"{recv_x.shape[1]}, N]; got {w_name}.shape={w.shape}.")
+  for name, a in (("recv_x", recv_x), (w_name, w)):
     if not jnp.issubdtype(a.dtype, jnp.floating):
       raise ValueError(f"{api}: {name} must have a floating dtype; got {a.dtype}.")
   if backend not in ("auto", "xla", "triton"):
     raise ValueError(f"{api}: backend={backend!r} must be 'auto', 'xla' or 'triton'.")
-  return _gmm_backend(backend).grouped_matmul(recv_x, w, layout)
+  return recv_x, w, _gmm_backend(backend)
 
 
 def _gmm_backend(name: str):

@@ -6,14 +6,18 @@ side in one ``[E_local, hidden, 2 * ffn]`` array and multiplies both with one gr
 instead of two). Same values; the fused form is faster on the triton path (one H200,
 2026-11-23, forward + backward of the whole block: 15.6 vs 16.7 ms at DeepSeek-V3 sizes, 2.09
 vs 2.41 ms at Qwen3-MoE sizes; docs/GROUPED_GEMM.md, "SwiGLU"), and it is what
-``jax_ep.nn.MoE`` stores.
+``jax_ep.nn.MoE`` stores. On the triton backend its forward (not differentiated: inference)
+runs gate, up and the activation as one kernel whose epilogue writes ``silu(gate) * up`` from
+the f32 accumulators, so the ``[C, 2 * ffn]`` product never goes to memory
+(``jax_ep.backends.triton_gemm.grouped_glu``); under ``jax.grad`` it runs the product and the
+activation apart, since the backward needs both halves.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jax_ep.api import grouped_matmul
+from jax_ep.api import _gmm_checked, grouped_matmul
 from jax_ep.layout import DispatchLayout
 
 
@@ -73,6 +77,11 @@ def swiglu_fused(recv_x, w_gate_up, w_down, layout: DispatchLayout, *,
         f"columns, then up columns); got {w_gate_up.shape=}.")
   experts, hidden, ffn = w_gate_up.shape[0], w_gate_up.shape[1], w_gate_up.shape[2] // 2
   _check_down("swiglu_fused", w_down, experts, hidden, ffn)
-  gate_up = grouped_matmul(recv_x, w_gate_up, layout, backend=backend)
-  return grouped_matmul(_glu(gate_up[:, :ffn], gate_up[:, ffn:]), w_down, layout,
-                        backend=backend)
+  recv_x, w_gate_up, impl = _gmm_checked("jax_ep.experts.swiglu_fused", recv_x, w_gate_up,
+                                         layout, backend, w_name="w_gate_up")
+  if hasattr(impl, "grouped_glu"):  # the product and the activation in one kernel
+    h = impl.grouped_glu(recv_x, w_gate_up, layout)
+  else:
+    gate_up = impl.grouped_matmul(recv_x, w_gate_up, layout)
+    h = _glu(gate_up[:, :ffn], gate_up[:, ffn:])
+  return grouped_matmul(h, w_down, layout, backend=backend)

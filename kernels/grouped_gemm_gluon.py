@@ -617,13 +617,16 @@ if GLUON_ERROR is None:
   def _ws_fwd_producer(x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr, num_group,
                        C: gl.constexpr, K: gl.constexpr, N: gl.constexpr, E: gl.constexpr,
                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr,
-                       GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr):
+                       GROUP_M: gl.constexpr, EXPERT_RASTER: gl.constexpr, GLU: gl.constexpr):
     """One warp: the TMA loads of every K step of the program's tiles, STAGES deep, each
-    into the stage the consumers last released (``empty``), completing on ``ready``."""
+    into the stage the consumers last released (``empty``), completing on ``ready``. With
+    GLU, n-tile j's w tile is two half-width boxes side by side: gate columns
+    ``j * BLOCK_N/2 ..`` and the up columns ``N/2`` further."""
     STAGES: gl.constexpr = a_bufs.shape[0]
     NUM_N: gl.constexpr = N // BLOCK_N
     K_ITERS: gl.constexpr = K // BLOCK_K
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    W_BOXES: gl.constexpr = 2 if GLU else 1
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + W_BOXES * w_desc.block_type.nbytes
     it = 0
     for tile in range(gl.program_id(0), num_group * NUM_N, gl.num_programs(0)):
       m_tile, n_tile = _ws_tile_coords(tile, num_group, tiles_ptr, NUM_N, GROUP_M,
@@ -639,6 +642,14 @@ if GLUON_ERROR is None:
         if B_KMAJOR:  # dx: B[e] = w[e]^T, w seen as [E * N, K]
           tma.async_copy_global_to_shared(w_desc, [e * N + n0, ki * BLOCK_K], ready.index(s),
                                           b_bufs.index(s))
+        elif GLU:     # gate | up halves of the stage's w tile, w seen as [E * K, N]
+          HALF_N: gl.constexpr = BLOCK_N // 2
+          tma.async_copy_global_to_shared(w_desc, [e * K + ki * BLOCK_K, n_tile * HALF_N],
+                                          ready.index(s), b_bufs.index(s).slice(0, HALF_N, 1))
+          tma.async_copy_global_to_shared(w_desc,
+                                          [e * K + ki * BLOCK_K, N // 2 + n_tile * HALF_N],
+                                          ready.index(s),
+                                          b_bufs.index(s).slice(HALF_N, HALF_N, 1))
         else:         # forward: w seen as [E * K, N]
           tma.async_copy_global_to_shared(w_desc, [e * K + ki * BLOCK_K, n0], ready.index(s),
                                           b_bufs.index(s))
@@ -649,16 +660,19 @@ if GLUON_ERROR is None:
                        tiles_ptr, num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                        E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                       EXPERT_RASTER: gl.constexpr):
+                       EXPERT_RASTER: gl.constexpr, GLU: gl.constexpr):
     """Consumer warpgroup WG (4 warps): rows WG * BLOCK_M/2 .. of every tile. It runs the MMAs
     of each K step as the stage arrives and releases the stage one step later (``empty``
     counts both warpgroups); a half holding no rows of the group (a partial last tile) skips
     its MMAs and releases each stage at once. Then its half goes out through shared memory,
     one EPI_N-column chunk at a time (``out_bufs``' width): by TMA when every row is the
-    group's, else by 16-byte stores masked to the group's rows."""
+    group's, else by 16-byte stores masked to the group's rows. With GLU the accumulator's
+    left half is the gate g and its right half the up product u of the same columns, and
+    ``silu(g) * u`` (f32) goes out: an output [C, N/2]."""
     STAGES: gl.constexpr = a_bufs.shape[0]
     HALF: gl.constexpr = BLOCK_M // 2
     NUM_N: gl.constexpr = N // BLOCK_N
+    OUT_N: gl.constexpr = N // 2 if GLU else N
     K_ITERS: gl.constexpr = K // BLOCK_K
     EPI_N: gl.constexpr = out_bufs.shape[2]
     dtype: gl.constexpr = y_ptr.dtype.element_ty
@@ -690,7 +704,12 @@ if GLUON_ERROR is None:
           it += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        if EPI_N == BLOCK_N:
+        if GLU:
+          g, u = gl.split(acc.reshape([HALF, 2, BLOCK_N // 2]).permute((0, 2, 1)))
+          h = g / (1.0 + gl.exp2(g * -1.4426950408889634)) * u  # silu(g) * u
+          _ws_store_chunk(h.to(dtype), out_buf, y_desc, y_ptr, r0, row_end,
+                          n_tile * (BLOCK_N // 2), OUT_N, st_layout)
+        elif EPI_N == BLOCK_N:
           _ws_store_chunk(acc.to(dtype), out_buf, y_desc, y_ptr, r0, row_end, n0, N, st_layout)
         else:  # two chunks (a smaller output buffer leaves room for another stage)
           lo, hi = gl.split(acc.to(dtype).reshape([HALF, 2, EPI_N]).permute((0, 2, 1)))
@@ -725,11 +744,11 @@ if GLUON_ERROR is None:
                         num_group, C: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
                         E: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, B_KMAJOR: gl.constexpr, GROUP_M: gl.constexpr,
-                        EXPERT_RASTER: gl.constexpr):
+                        EXPERT_RASTER: gl.constexpr, GLU: gl.constexpr):
     """The second consumer warpgroup (a worker partition): rows BLOCK_M/2 .. of each tile."""
     _ws_fwd_consumer(1, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr, tiles_ptr,
                      num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
-                     EXPERT_RASTER)
+                     EXPERT_RASTER, GLU)
 
   @gluon.jit
   def grouped_gemm_ws_kernel(
@@ -744,17 +763,29 @@ if GLUON_ERROR is None:
       GROUP_M: gl.constexpr,  # tile raster: see _ws_tile_coords
       EXPERT_RASTER: gl.constexpr,  # runs of GROUP_M tiles cut per expert (_ws_tile_coords)
       EPI_N: gl.constexpr,    # output chunk width (BLOCK_N, or BLOCK_N / 2 to save memory)
+      GLU: gl.constexpr = False,  # y [C, N/2] = silu(gate) * up (``_ws_fwd_consumer``)
   ):
     """``grouped_gemm_kernel``'s product, warp-specialized: program p takes output tiles
-    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile."""
+    p, p + P, ... Grid: one program per SM (persistent), or one per possible group tile.
+
+    With GLU (forward only) w holds the gate columns then the up columns (``[E, K, N]``, N =
+    2F) and the output is ``silu(x @ w_gate) * (x @ w_up)``, ``[C, F]``: each tile multiplies
+    BLOCK_N/2 gate and the same BLOCK_N/2 up columns in one accumulator (the loads and MMAs
+    of the plain product over N), and its epilogue writes the activation only."""
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     NUM_N: gl.constexpr = N // BLOCK_N
+    OUT_N: gl.constexpr = N // 2 if GLU else N  # y's columns
+    OUT_BN: gl.constexpr = BLOCK_N // 2 if GLU else BLOCK_N  # y's columns per tile
     a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
     if B_KMAJOR:
       b_block: gl.constexpr = [BLOCK_N, BLOCK_K]
     else:
       b_block: gl.constexpr = [BLOCK_K, BLOCK_N]
     b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for(b_block, dtype)
+    if GLU:  # each stage's w tile arrives as two boxes, gate | up
+      w_block: gl.constexpr = [BLOCK_K, BLOCK_N // 2]
+    else:
+      w_block: gl.constexpr = b_block
     y_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, EPI_N], dtype)
     a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
     b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_layout)
@@ -772,50 +803,56 @@ if GLUON_ERROR is None:
                                           block_shape=b_block, layout=b_layout)
     else:
       w_desc = tma.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[N, 1],
-                                          block_shape=b_block, layout=b_layout)
-    y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, N], strides=[N, 1],
+                                          block_shape=w_block, layout=b_layout)
+    y_desc = tma.make_tensor_descriptor(y_ptr, shape=[C, OUT_N], strides=[OUT_N, 1],
                                         block_shape=[BLOCK_M // 2, EPI_N], layout=y_layout)
     num_group = gl.minimum(gl.maximum(gl.load(tiles_ptr), 0), MAX_GROUP_TILES)
     gl.warp_specialize([
         (_ws_fwd_consumer, (0, a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                             tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                            B_KMAJOR, GROUP_M, EXPERT_RASTER)),
+                            B_KMAJOR, GROUP_M, EXPERT_RASTER, GLU)),
         (_ws_fwd_consumer1, (a_bufs, b_bufs, ready, empty, out_bufs, y_desc, y_ptr,
                              tiles_ptr, num_group, C, K, N, E, BLOCK_M, BLOCK_N, BLOCK_K,
-                             B_KMAJOR, GROUP_M, EXPERT_RASTER)),
+                             B_KMAJOR, GROUP_M, EXPERT_RASTER, GLU)),
         (_ws_fwd_producer, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, tiles_ptr,
                             num_group, C, K, N, E, BLOCK_N, BLOCK_K, B_KMAJOR, GROUP_M,
-                            EXPERT_RASTER)),
+                            EXPERT_RASTER, GLU)),
     ], [4, 1], [232, 40])
 
-    # Rows in no group: zeros, BLOCK_M x BLOCK_N at a time, in reverse program order.
-    zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_N, BLOCK_N // 8], [4, 1],
+    # Rows in no group: zeros, BLOCK_M x OUT_BN at a time, in reverse program order.
+    zl: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // OUT_BN, OUT_BN // 8], [4, 1],
                                         [1, 0])
     num_zero = gl.minimum(gl.maximum(gl.load(tiles_ptr + 1), 0), MAX_ZERO_TILES)
-    zeros = gl.zeros([BLOCK_M, BLOCK_N], dtype, zl)
+    zeros = gl.zeros([BLOCK_M, OUT_BN], dtype, zl)
     pid = gl.program_id(0)
     for z in range(gl.num_programs(0) - 1 - pid, num_zero * NUM_N, gl.num_programs(0)):
       rec = tiles_ptr + (1 + MAX_GROUP_TILES + z // NUM_N) * 4
       row_start = gl.minimum(gl.maximum(gl.load(rec), 0), C)
       row_end = gl.minimum(gl.maximum(gl.load(rec + 1), row_start), C)
       rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, zl))
-      cols = (z % NUM_N) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, zl))
-      gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], zeros,
+      cols = (z % NUM_N) * OUT_BN + gl.arange(0, OUT_BN, layout=gl.SliceLayout(0, zl))
+      gl.store(y_ptr + rows.to(gl.int64)[:, None] * OUT_N + cols[None, :], zeros,
                mask=(rows < row_end)[:, None])
     for j in gl.static_range(STAGES):
       mbarrier.invalidate(ready.index(j))
       mbarrier.invalidate(empty.index(j))
 
 
-def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg) -> str | None:
+def gluon_fwd_supported(K: int, N: int, elem_bytes: int, cfg, *, glu: bool = False
+                        ) -> str | None:
   """None when ``grouped_gemm_ws_kernel`` can run ``cfg`` (a ``TileConfig``) for y [C, N] =
-  x [C, K] @ B[e] (the forward, or dx with B[e] = w[e]^T), else why not."""
+  x [C, K] @ B[e] (the forward, or dx with B[e] = w[e]^T), or with ``glu`` for y [C, N/2] =
+  silu(x @ w[e][:, :N/2]) * (x @ w[e][:, N/2:]), else why not."""
   why = _gluon_tile_why_not("warp-specialized kernel", cfg, elem_bytes, (128, 256))
   if why is None and (K % cfg.block_k or N % cfg.block_n):
     why = f"K={K} and N={N} must be multiples of the tile's {cfg.block_k} and {cfg.block_n}"
-  if why is None and ws_smem_bytes(cfg, elem_bytes) > _SMEM_BYTES:
+  if why is None and glu and cfg.block_n // 2 * elem_bytes < 128:
+    why = (f"block_n={cfg.block_n}: the activation's tile takes gate and up boxes of >= 128 "
+           f"bytes each (block_n >= {2 * 128 // elem_bytes})")
+  if why is None and ws_smem_bytes(cfg, elem_bytes, glu=glu) > _SMEM_BYTES:
     why = (f"{cfg.num_stages} stages of {cfg.block_m}x{cfg.block_n}x{cfg.block_k} and the "
-           f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes)} bytes)")
+           f"output tile exceed shared memory ({ws_smem_bytes(cfg, elem_bytes, glu=glu)} "
+           f"bytes)")
   return why
 
 _SMEM_BYTES = 227 * 1024 - 1024  # an sm_90 SM's shared memory, less barriers and alignment
@@ -826,32 +863,39 @@ def _ws_stages_bytes(cfg, elem_bytes: int) -> int:
   return cfg.num_stages * (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * elem_bytes
 
 
-def ws_epilogue_cols(cfg, elem_bytes: int) -> int:
+def ws_epilogue_cols(cfg, elem_bytes: int, *, glu: bool = False) -> int:
   """Columns of ``grouped_gemm_ws_kernel``'s output chunks: the whole tile's where that fits
-  beside the stages, else half (the tile then goes out in two chunks)."""
+  beside the stages, else half (the tile then goes out in two chunks). With ``glu`` the tile
+  is half as wide (the activation of its gate and up halves) and goes out whole."""
+  if glu:
+    return cfg.block_n // 2
   whole = cfg.block_m * cfg.block_n * elem_bytes
   fits = _ws_stages_bytes(cfg, elem_bytes) + whole <= _SMEM_BYTES
   return cfg.block_n if fits else cfg.block_n // 2
 
 
-def ws_smem_bytes(cfg, elem_bytes: int) -> int:
+def ws_smem_bytes(cfg, elem_bytes: int, *, glu: bool = False) -> int:
   """Shared memory of ``grouped_gemm_ws_kernel``: the stages and one output chunk per
   consumer warpgroup."""
   return (_ws_stages_bytes(cfg, elem_bytes)
-          + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes) * elem_bytes)
+          + cfg.block_m * ws_epilogue_cols(cfg, elem_bytes, glu=glu) * elem_bytes)
 
 
-def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool) -> dict:
+def gluon_fwd_constexprs(C: int, K: int, N: int, E: int, cfg, *, b_kmajor: bool,
+                         glu: bool = False) -> dict:
   """Compile-time constants of ``grouped_gemm_ws_kernel`` (row-major x, w, y). Launch it with
   ``num_warps=4`` (its default partition is the first consumer warpgroup) on at most one
-  program per SM."""
+  program per SM. ``glu``: the fused SwiGLU forward (not with ``b_kmajor``)."""
+  if glu and b_kmajor:
+    raise ValueError("gluon_fwd_constexprs: glu=True is a forward product (b_kmajor=False)")
   max_group, max_zero = table_bounds(C, E, cfg.block_m)
   return dict(C=C, K=K, N=N, E=E, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
               BLOCK_K=cfg.block_k, MAX_GROUP_TILES=max_group, MAX_ZERO_TILES=max_zero,
               STAGES=cfg.num_stages, B_KMAJOR=b_kmajor, GROUP_M=cfg.group_m,
               EXPERT_RASTER=(cfg.expert_raster and cfg.group_m > 1
                              and expert_raster_ok(C, E, cfg.block_m)),
-              EPI_N=ws_epilogue_cols(cfg, 2))  # 16-bit inputs only (gluon_fwd_supported)
+              # 16-bit inputs only (gluon_fwd_supported)
+              EPI_N=ws_epilogue_cols(cfg, 2, glu=glu), GLU=glu)
 
 
 def gluon_dw_constexprs(C: int, K: int, N: int, E: int, cfg, num_segs: int) -> dict:

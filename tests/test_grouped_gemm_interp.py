@@ -660,6 +660,54 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   assert "num_warps=8" in ggl.gluon_fwd_supported(k, n, 2, four)
 
 
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, 4), (128, 256, 64, 4, 8), (128, 128, 64, 4, 1)],
+                         ids=["128x256x64s3g4", "128x256x64s4g8", "128x128x64s4"])
+def test_gluon_glu_forward_compiles_for_sm90(tmp_path, tile):
+  """The warp-specialized forward with the SwiGLU epilogue (``GLU``) compiles for sm_90 as the
+  plain forward does (12 warps, setmaxnreg, TMA loads on mbarriers, one m64 x block_n wgmma
+  per consumer and K step over the gate | up halves of its w stage, the output by TMA), with
+  the activation's exponential (``ex2``) and a half-width output tile; within shared memory
+  at 4 stages (the output whole); ptxas keeps the MMAs asynchronous, without spills."""
+  from jax_ep import _compile as compile_mod
+  from kernels import grouped_gemm as gg
+  from kernels import grouped_gemm_gluon as ggl
+
+  if ggl.GLUON_ERROR is not None:
+    pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
+  c, k, n, e = 4096, 1024, 512, 8
+  block_m, block_n, block_k, stages, group_m = tile
+  cfg = gg.TileConfig(block_m, block_n, block_k, 8, stages, half_tiles=False, gluon=True,
+                      group_m=group_m, expert_raster=group_m > 1)
+  assert ggl.gluon_fwd_supported(k, n, 2, cfg, glu=True) is None
+  assert ggl.ws_epilogue_cols(cfg, 2, glu=True) == block_n // 2
+  ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False, glu=True)
+  assert ce["GLU"] and ce["EPI_N"] == block_n // 2
+  km = compile_mod.build(ggl.grouped_gemm_ws_kernel,
+                         dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
+                                  ["*bf16", "*bf16", "*i32", "*bf16"])), ce, num_warps=4,
+                         num_stages=1)
+  ptx = km.asm["ptx"]
+  assert km.metadata.num_warps == 12 and "setmaxnreg" in ptx
+  loads = ptx.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx")
+  plain = compile_mod.build(ggl.grouped_gemm_ws_kernel,
+                            dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
+                                     ["*bf16", "*bf16", "*i32", "*bf16"])),
+                            ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False),
+                            num_warps=4, num_stages=1).asm["ptx"]
+  # The w tile as two half-width boxes (gate, up): the TMA boxes of the plain forward's tile,
+  # which is cut into 128-byte wide boxes anyway.
+  assert loads == plain.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier")
+  assert f"wgmma.mma_async.sync.aligned.m64n{block_n}k16.f32.bf16.bf16" in ptx
+  assert "ex2.approx" in ptx and "ex2.approx" not in plain
+  assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in ptx
+  assert km.metadata.shared <= 227 * 1024
+  assert "spill" not in _ptxas_keeps_mma_async(tmp_path, ptx).replace("0 bytes spill", "")
+  narrow = dataclasses.replace(cfg, block_n=64)
+  assert "128 bytes" in ggl.gluon_fwd_supported(k, n, 2, narrow, glu=True)
+  with pytest.raises(ValueError, match="forward"):
+    ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=True, glu=True)
+
+
 def test_tuned_gluon_entries_have_a_fallback():
   """Every ``TUNED_GLUON`` winner is a Gluon config the warp-specialized kernel takes, is
   chosen only when the Gluon kernels are available, and leaves a stock-Triton choice (its
@@ -833,6 +881,97 @@ def test_dw_runs_the_warp_specialized_kernel_or_falls_back(monkeypatch, gluon):
     assert kw["constexprs"]["STAGES"] == 4 and kw["constexprs"]["EPI_N"] == 128
   else:
     assert name == "grouped_gemm_dw_flat_kernel" and kw["num_stages"] == 3
+
+
+def _recording_launcher(launches):
+  """A stand-in for ``triton_call`` that records (kernel name, keywords) and returns zeros."""
+  import jax.numpy as jnp
+
+  def fake_call(kernel, *args, out_shapes, **kw):
+    outs = out_shapes if isinstance(out_shapes, (list, tuple)) else (out_shapes,)
+    launches.append((kernel.__name__, dict(kw, out_shapes=outs)))
+    return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
+  return fake_call
+
+
+@pytest.mark.parametrize("case", ["fused", "grad", "switch-off", "gluon-off", "float32"])
+def test_grouped_glu_runs_the_fused_kernel_or_falls_back(monkeypatch, case):
+  """``triton_gemm.grouped_glu`` (the first half of ``swiglu_fused``): its primal launches the
+  warp-specialized kernel with the SwiGLU epilogue (``GLU``; output [C, F]) at the forward's
+  tuned tiles; under ``jax.grad`` the plain product runs (the backward needs gate and up),
+  and so it does with ``JAX_EP_GMM_FUSED_GLU=0``, with the Gluon kernels off, or for f32."""
+  import jax
+  import jax.numpy as jnp
+  from jax_ep.backends import triton_gemm
+  from kernels import grouped_gemm_gluon as ggl
+
+  if case in ("fused", "grad") and ggl.GLUON_ERROR is not None:
+    pytest.skip(f"Gluon kernels not offered here: {ggl.GLUON_ERROR}")
+  c, h, f, e = 1024, 7168, 2048, 4  # the DeepSeek-V3 gate | up product (N = 4096)
+  launches = []
+  monkeypatch.setattr(triton_gemm, "_triton_call", _recording_launcher(launches))
+  monkeypatch.setenv("JAX_EP_GMM_FUSED_GLU", "0" if case == "switch-off" else "1")
+  monkeypatch.setenv("JAX_EP_GMM_GLUON", "0" if case == "gluon-off" else "1")
+  dtype = jnp.float32 if case == "float32" else jnp.bfloat16
+  layout = _layout(np.full(e, c // e, np.int32), np.arange(e, dtype=np.int32) * (c // e), c)
+  x = jax.ShapeDtypeStruct((c, h), dtype)
+  w = jax.ShapeDtypeStruct((e, h, 2 * f), dtype)
+  if case == "grad":
+    out = jax.eval_shape(jax.grad(lambda x, w: jnp.sum(
+        triton_gemm.grouped_glu(x, w, layout).astype(jnp.float32)), argnums=(0, 1)), x, w)
+    assert out[0].shape == (c, h) and out[1].shape == (e, h, 2 * f)
+  else:
+    out = jax.eval_shape(lambda x, w: triton_gemm.grouped_glu(x, w, layout), x, w)
+    assert out.shape == (c, f) and out.dtype == dtype
+  glu = [kw for name, kw in launches if name == "grouped_gemm_ws_kernel"
+         and kw["constexprs"].get("GLU")]
+  if case == "fused":
+    assert len(glu) == 1 and len(launches) == 2  # the tile table, then the fused kernel
+    ce = glu[0]["constexprs"]
+    assert ce["N"] == 2 * f and ce["EPI_N"] == 128 and ce["GROUP_M"] == 4
+    assert [o.shape for o in glu[0]["out_shapes"]] == [(c, f)]
+  else:
+    assert not glu
+    assert any(name.startswith("grouped_gemm") for name, _ in launches)
+
+
+@pytest.mark.parametrize("kind", ["random", "giant", "empty"])
+def test_grouped_glu_value_and_grad_match_xla(interp, rng, monkeypatch, kind):
+  """``triton_gemm.grouped_glu`` where the fused kernel cannot run (Gluon off: the stock
+  kernels in the interpreter) equals the xla backend's product then the activation, value
+  and gradients: the custom_vjp's primal, forward and backward rules."""
+  import jax
+  import jax.numpy as jnp
+  from jax_ep import experts
+  from jax_ep.backends import triton_gemm, xla
+
+  monkeypatch.setattr(triton_gemm, "_triton_call", _interpreter_launcher(interp))
+  monkeypatch.setenv("JAX_EP_GMM_GLUON", "0")
+  c, h, f, e = 160, 32, 16, 5
+  sizes, offsets = testing.group_layout(rng, kind, c, e, alignment=8)
+  layout = _layout(sizes, offsets, c)
+  x = jnp.asarray(_inputs(rng, (c, h), np.float32))
+  w = jnp.asarray(_inputs(rng, (e, h, 2 * f), np.float32))
+  g = jnp.asarray(_inputs(rng, (c, f), np.float32))
+
+  def ref_glu(x, w, layout):
+    gu = xla.grouped_matmul(x, w, layout)
+    return experts._glu(gu[:, :f], gu[:, f:])
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w, layout) * g),
+                                      argnums=(0, 1)))
+
+  h_got = jax.jit(lambda x, w: triton_gemm.grouped_glu(x, w, layout))(x, w)
+  h_ref = ref_glu(x, w, layout)
+  assert h_got.shape == (c, f)
+  np.testing.assert_allclose(np.asarray(h_got), np.asarray(h_ref), rtol=1e-4, atol=1e-4)
+  (v, (dx, dw)), (v_ref, (dx_ref, dw_ref)) = loss(triton_gemm.grouped_glu)(x, w), loss(ref_glu)(
+      x, w)
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-4)
+  for got, want in ((dx, dx_ref), (dw, dw_ref)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                               atol=1e-4 * float(np.abs(np.asarray(want)).max() + 1))
 
 
 def test_backend_lowers_to_the_ffi_launch():

@@ -15,6 +15,12 @@ Every function runs per shard, where ``config.axis_name`` is bound (inside ``sha
       values[row(t,k)] for delivered pairs, else 0 (weight gradients).
   grouped_matmul(recv_x [C,H], w [E_local,H,N], layout) -> [C,N]
 
+A backend may also provide, and ``jax_ep.experts.swiglu_fused`` then calls instead of
+``grouped_matmul`` followed by the activation in XLA:
+
+  grouped_glu(recv_x [C,H], w_gate_up [E_local,H,2F], layout) -> [C,F]
+      silu(recv_x @ w_gate_up[e][:, :F]) * (recv_x @ w_gate_up[e][:, F:]) per group.
+
 A backend other than xla also provides the checks ``api.py`` calls when choosing it:
 
   usable(config) -> bool        can it run this config here (GPU, runtime sized for it)?

@@ -42,7 +42,8 @@ from jax import lax
 from jax_ep.config import EPConfig
 from jax_ep.layout import DispatchLayout
 
-from jax_ep.backends.triton_gemm import check_gmm_usable, gmm_usable, grouped_matmul  # noqa: F401
+from jax_ep.backends.triton_gemm import (  # noqa: F401
+    check_gmm_usable, gmm_usable, grouped_glu, grouped_matmul)
 
 _API = "jax_ep (triton backend)"
 ROW_ITEMSIZE = 4  # staged rows are sized for float32 so combine can take float32 expert outputs

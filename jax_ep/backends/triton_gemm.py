@@ -227,6 +227,44 @@ def _grouped(x, w, sizes, offsets, *, transpose_w: bool, config=None,
   return y
 
 
+def _grouped_glu(x, w, sizes, offsets, config=None):
+  """``silu(g) * u`` where ``[g | u] = x[rows of e] @ w[e]`` (g the first N/2 columns), by the
+  warp-specialized Gluon kernel whose epilogue applies the activation: ``[C, N/2]``, zeros
+  outside groups, the activation taken of the f32 accumulators. Returns None where that
+  kernel cannot run (inputs not 16-bit; Gluon, TMA or the fused activation turned off or
+  unavailable; the shape), and the caller then runs the product and the activation apart.
+
+  ``config``: a ``TileConfig`` overriding the tiles; by default the forward's tiles for
+  ``x @ w`` (``TUNED_GLUON``), made a Gluon config where they are not one."""
+  gg = _kernels()
+  c, k = x.shape
+  e, n = w.shape[0], w.shape[2]
+  itemsize = jnp.dtype(x.dtype).itemsize
+  if not (itemsize == 2 and _use_tma_default() and _gluon_available()
+          and _switch_on("JAX_EP_GMM_FUSED_GLU")):
+    return None
+  out = jax.ShapeDtypeStruct((c, n // 2), x.dtype)
+  if c == 0 or n == 0 or k == 0:
+    return jnp.zeros(out.shape, out.dtype)
+  dtype = jnp.dtype(x.dtype).name
+  cfg = config or gg.forward_config(k, n, dtype, phase="fwd", tma=True, gluon=True)
+  if not cfg.gluon:
+    cfg = dataclasses.replace(cfg, gluon=True, flatten=False, half_tiles=False)
+  ggl = _gluon_kernels()
+  w_strides = (w.shape[1] * w.shape[2], n, 1)
+  if (ggl.gluon_fwd_supported(k, n, itemsize, cfg, glu=True) is not None
+      or not gg.tma_supported(k, n, e, cfg, w_strides=w_strides, elem_bytes=itemsize)):
+    return None
+  table = _tile_table(sizes, offsets, c, e, cfg.block_m)
+  (h,) = _triton_call(
+      ggl.grouped_gemm_ws_kernel, x, w, table, out_shapes=out,
+      grid=gg.forward_grid(c, n, e, cfg, _num_sms() if cfg.persistent else None), num_warps=4,
+      num_stages=1, constexprs=ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False,
+                                                        glu=True),
+      name="jax_ep_grouped_gemm_glu")
+  return h
+
+
 def _grouped_dw(x, dy, sizes, offsets, num_experts: int, config=None, use_tma: bool = False):
   """``dw[e] = x[rows of e]^T @ dy[rows of e]``: x ``[C, H]``, dy ``[C, N]`` -> ``[E, H, N]``.
 
@@ -312,6 +350,51 @@ def _gmm_bwd(res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def _glu_of(gate_up):
+  """``silu(gate) * up`` of ``[gate | up]`` (``jax_ep.experts``' activation, in XLA)."""
+  from jax_ep.experts import _glu
+  f = gate_up.shape[1] // 2
+  return _glu(gate_up[:, :f], gate_up[:, f:])
+
+
+@jax.custom_vjp
+def _gmm_glu(x, w, sizes, offsets):
+  h = _grouped_glu(x, w, sizes, offsets)
+  return _glu_of(_grouped(x, w, sizes, offsets, transpose_w=False)) if h is None else h
+
+
+def _gmm_glu_fwd(x, w, sizes, offsets):
+  # Differentiated: the product and the activation apart, since the backward needs gate and
+  # up (keeping them costs what the fused kernel saves), exactly as grouped_matmul then the
+  # activation would run; only the primal (inference) takes the fused kernel.
+  gate_up = _grouped(x, w, sizes, offsets, transpose_w=False)
+  return _glu_of(gate_up), (x, w, sizes, offsets, gate_up)
+
+
+def _gmm_glu_bwd(res, dh):
+  x, w, sizes, offsets, gate_up = res
+  (d_gate_up,) = jax.vjp(_glu_of, gate_up)[1](dh)
+  return _gmm_bwd((x, w, sizes, offsets), d_gate_up)
+
+
+_gmm_glu.defvjp(_gmm_glu_fwd, _gmm_glu_bwd)
+
+
+def _promoted(recv_x, w):
+  """recv_x and w in their promoted dtype, which the kernels must take."""
+  dtype = jnp.result_type(recv_x.dtype, w.dtype)
+  if jnp.dtype(dtype).name not in _DTYPES:
+    raise TypeError(f"{_API}: backend='triton' supports {_DTYPES}; recv_x.dtype={recv_x.dtype} "
+                    f"and w.dtype={w.dtype} promote to {dtype}. Cast the inputs, or use "
+                    f"backend='xla'.")
+  return recv_x.astype(dtype), w.astype(dtype)
+
+
+def _layout_groups(layout: DispatchLayout):
+  return (jnp.asarray(layout.group_sizes, jnp.int32),
+          jnp.asarray(layout.group_offsets, jnp.int32))
+
+
 def grouped_matmul(recv_x: jax.Array, w: jax.Array, layout: DispatchLayout) -> jax.Array:
   """Per-expert product over the groups of ``recv_x`` with the Triton kernels.
 
@@ -326,11 +409,16 @@ def grouped_matmul(recv_x: jax.Array, w: jax.Array, layout: DispatchLayout) -> j
     ``[C, N]`` in the promoted dtype of recv_x and w (bf16, f16 or f32), accumulated in f32;
     rows outside every group are zero. Differentiable in recv_x and w.
   """
-  dtype = jnp.result_type(recv_x.dtype, w.dtype)
-  if jnp.dtype(dtype).name not in _DTYPES:
-    raise TypeError(f"{_API}: backend='triton' supports {_DTYPES}; recv_x.dtype={recv_x.dtype} "
-                    f"and w.dtype={w.dtype} promote to {dtype}. Cast the inputs, or use "
-                    f"backend='xla'.")
-  sizes = jnp.asarray(layout.group_sizes, jnp.int32)
-  offsets = jnp.asarray(layout.group_offsets, jnp.int32)
-  return _gmm(recv_x.astype(dtype), w.astype(dtype), sizes, offsets)
+  return _gmm(*_promoted(recv_x, w), *_layout_groups(layout))
+
+
+def grouped_glu(recv_x: jax.Array, w_gate_up: jax.Array, layout: DispatchLayout) -> jax.Array:
+  """``silu(recv_x @ w_gate[e]) * (recv_x @ w_up[e])`` per group, ``w_gate_up = [w_gate |
+  w_up]`` (``[E_local, hidden, 2 * ffn]``): the first half of SwiGLU experts.
+
+  Not differentiated (inference), one kernel whose epilogue applies the activation to the f32
+  accumulators (``_grouped_glu``), so ``[C, 2 * ffn]`` never goes to memory; where that kernel
+  cannot run, and under ``jax.grad``, ``grouped_matmul`` then the activation in XLA (the
+  backward needs gate and up). Returns ``[C, ffn]``, zero on rows outside groups.
+  """
+  return _gmm_glu(*_promoted(recv_x, w_gate_up), *_layout_groups(layout))

@@ -205,6 +205,12 @@ def test_swiglu_experts_match_xla(rng, fused):
   (_, y), grads = run("triton", fused)
   (_, y_ref), grads_ref = run("xla")
   assert_close("swiglu y", y, y_ref, jnp.bfloat16, 1.0)
+  if fused:  # not differentiated: gate, up and the activation in one kernel
+    infer = jax.jit(lambda x, wgu, wd: experts.swiglu_fused(x, wgu, wd, layout,
+                                                            backend="triton"))
+    wgu = jnp.concatenate([wg, wu], -1)
+    assert "jax_ep_grouped_gemm_glu" in infer.lower(x, wgu, wd).as_text(debug_info=True)
+    assert_close("swiglu_fused inference y", infer(x, wgu, wd), y_ref, jnp.bfloat16, 1.0)
   for name, a, b in zip(("dx", "dwg", "dwu", "dwd"), grads, grads_ref):
     scale = float(np.abs(np.asarray(b, np.float32)).max()) + 1e-6
     assert_close(f"swiglu {name}", a, b, jnp.bfloat16, scale)
@@ -349,6 +355,53 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   scale = np.abs(want).max() + 1e-6
   assert_close(f"gluon ws {product} {kind}", got, want, jnp.bfloat16, scale)
   assert_close(f"gluon ws vs triton {product} {kind}", got, base, jnp.bfloat16, scale)
+
+
+@pytest.mark.parametrize("tile", [(128, 256, 64, 3, {}), (128, 256, 64, 4, {"group_m": 8}),
+                                  (128, 256, 64, 3, {"group_m": 4, "expert_raster": True}),
+                                  (128, 256, 64, 3, {"group_m": 4, "expert_raster": True,
+                                                     "persistent": False}),
+                                  (128, 128, 64, 4, {})],
+                         ids=["128x256x64s3", "128x256x64s4g8", "128x256x64s3g4expert",
+                              "128x256x64s3g4expertpertile", "128x128x64s4"])
+@pytest.mark.parametrize("kind", ["random", "giant", "empty", "overflow"])
+def test_gluon_glu_forward_matches_numpy(rng, kind, tile):
+  """The warp-specialized forward with the SwiGLU epilogue (``triton_gemm._grouped_glu``:
+  ``silu(x @ w_gate[e]) * (x @ w_up[e])`` with ``w = [w_gate | w_up]``) against numpy in f32
+  and against the plain product then the activation: random groups with empty ones, one
+  giant group, no rows at all, an overflowing layout; partial last tiles (masked stores),
+  alignment gaps and a tail of rows in no group, exactly zero although x holds NaN there;
+  persistent and one program per tile, tiles walked in runs per expert, 4 stages, and the
+  narrower 128-column tile (64 gate and 64 up columns)."""
+  from jax_ep.kernels.grouped_gemm import TileConfig as T
+
+  c, h, f, e = 40000, 512, 384, 40
+  cfg = T(*tile[:3], 8, tile[3], half_tiles=False, gluon=True, **tile[4])
+  why = triton_gemm._gluon_kernels().gluon_fwd_supported(h, 2 * f, 2, cfg, glu=True)
+  if why is not None:
+    pytest.skip(f"the fused SwiGLU kernel is unavailable: {why}")
+  sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
+  s, o = jnp.asarray(sizes), jnp.asarray(offsets)
+  inside = in_group_rows(sizes, offsets, c)
+  a = rng.standard_normal((c, h), np.float32)
+  a[~inside] = np.nan
+  a = jnp.asarray(a, jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((e, h, 2 * f), np.float32) / np.sqrt(h), jnp.bfloat16)
+  got = jax.jit(lambda: triton_gemm._grouped_glu(a, w, s, o, config=cfg))()
+  assert got is not None and got.shape == (c, f) and got.dtype == jnp.bfloat16
+  got = np.asarray(got, np.float32)
+  unfused = np.asarray(jax.jit(lambda: triton_gemm._glu_of(triton_gemm._grouped(
+      a, w, s, o, transpose_w=False)))(), np.float32)
+  af, wf = np.asarray(a, np.float32), np.asarray(w, np.float32)
+  want = np.zeros((c, f), np.float32)
+  for i, (off, size) in enumerate(zip(offsets, sizes)):
+    gu = af[off:off + size] @ wf[i]
+    g, u = gu[:, :f], gu[:, f:]
+    want[off:off + size] = g / (1 + np.exp(-g)) * u
+  assert not got[~inside].any(), "rows in no group must be exactly zero"
+  scale = np.abs(want).max() + 1e-6
+  assert_close(f"gluon glu {kind}", got, want, jnp.bfloat16, scale)
+  assert_close(f"gluon glu vs unfused {kind}", got, unfused, jnp.bfloat16, scale)
 
 
 @pytest.mark.parametrize("trim", [False, True], ids=["whole", "trim"])
