@@ -614,6 +614,17 @@ def test_gluon_dw_ws_compiles_for_sm90(tmp_path, stages, chunks, stagger):
                                                 dataclasses.replace(cfg, trim_partial=False))
 
 
+def _build_ws_kernel(constexprs):
+  """``grouped_gemm_ws_kernel`` for sm_90 with bf16 operands, launched as the backend does
+  (four warps: its first consumer warpgroup; the others are partitions)."""
+  from jax_ep import _compile as compile_mod
+  from kernels import grouped_gemm_gluon as ggl
+  return compile_mod.build(ggl.grouped_gemm_ws_kernel,
+                           dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
+                                    ["*bf16", "*bf16", "*i32", "*bf16"])), constexprs,
+                           num_warps=4, num_stages=1)
+
+
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
                                   (128, 128, 64, 6, 1), (256, 128, 64, 3, 1)],
                          ids=["128x256x64s3", "128x256x64s4g8", "128x256x32s6", "128x128x64s6",
@@ -640,10 +651,7 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   chunk = ggl.ws_epilogue_cols(cfg, 2)
   assert chunk == (block_n // 2 if stages == 4 else block_n)
   ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=b_kmajor)
-  km = compile_mod.build(ggl.grouped_gemm_ws_kernel,
-                         dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
-                                  ["*bf16", "*bf16", "*i32", "*bf16"])), ce, num_warps=4,
-                         num_stages=1)
+  km = _build_ws_kernel(ce)
   ptx = km.asm["ptx"]
   assert km.metadata.num_warps == 12 and "setmaxnreg" in ptx
   assert "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx" in ptx
@@ -682,18 +690,12 @@ def test_gluon_glu_forward_compiles_for_sm90(tmp_path, tile):
   assert ggl.ws_epilogue_cols(cfg, 2, glu=True) == block_n // 2
   ce = ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False, glu=True)
   assert ce["GLU"] and ce["EPI_N"] == block_n // 2
-  km = compile_mod.build(ggl.grouped_gemm_ws_kernel,
-                         dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
-                                  ["*bf16", "*bf16", "*i32", "*bf16"])), ce, num_warps=4,
-                         num_stages=1)
+  km = _build_ws_kernel(ce)
   ptx = km.asm["ptx"]
   assert km.metadata.num_warps == 12 and "setmaxnreg" in ptx
   loads = ptx.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx")
-  plain = compile_mod.build(ggl.grouped_gemm_ws_kernel,
-                            dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
-                                     ["*bf16", "*bf16", "*i32", "*bf16"])),
-                            ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False),
-                            num_warps=4, num_stages=1).asm["ptx"]
+  plain = _build_ws_kernel(ggl.gluon_fwd_constexprs(c, k, n, e, cfg, b_kmajor=False)
+                           ).asm["ptx"]
   # The w tile as two half-width boxes (gate, up): the TMA boxes of the plain forward's tile,
   # which is cut into 128-byte wide boxes anyway.
   assert loads == plain.count("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier")
@@ -845,6 +847,17 @@ def test_backend_value_and_grad_match_xla(interp, rng, monkeypatch, kind, tma, d
     np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=tol, atol=tol * scale)
 
 
+def _recording_launcher(launches):
+  """A stand-in for ``triton_call`` that records (kernel name, keywords) and returns zeros."""
+  import jax.numpy as jnp
+
+  def fake_call(kernel, *args, out_shapes, **kw):
+    outs = out_shapes if isinstance(out_shapes, (list, tuple)) else (out_shapes,)
+    launches.append((kernel.__name__, dict(kw, out_shapes=outs)))
+    return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
+  return fake_call
+
+
 @pytest.mark.parametrize("gluon", [True, False], ids=["gluon", "no-gluon"])
 def test_dw_runs_the_warp_specialized_kernel_or_falls_back(monkeypatch, gluon):
   """At the shape whose tuned dw is the warp-specialized Gluon kernel (Qwen3 up) the triton
@@ -862,13 +875,7 @@ def test_dw_runs_the_warp_specialized_kernel_or_falls_back(monkeypatch, gluon):
   h, n, e, c = 2048, 1536, 4, 512
   assert gg.dw_config(h, n, "bfloat16").warp_spec
   launches = []
-
-  def fake_call(kernel, *args, out_shapes, **kw):
-    launches.append((kernel.__name__, kw))
-    outs = out_shapes if isinstance(out_shapes, (list, tuple)) else (out_shapes,)
-    return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
-
-  monkeypatch.setattr(triton_gemm, "_triton_call", fake_call)
+  monkeypatch.setattr(triton_gemm, "_triton_call", _recording_launcher(launches))
   monkeypatch.setenv("JAX_EP_GMM_GLUON", "1" if gluon else "0")
   sizes = jnp.full((e,), c // e, jnp.int32)
   offsets = jnp.arange(e, dtype=jnp.int32) * (c // e)
@@ -881,17 +888,6 @@ def test_dw_runs_the_warp_specialized_kernel_or_falls_back(monkeypatch, gluon):
     assert kw["constexprs"]["STAGES"] == 4 and kw["constexprs"]["EPI_N"] == 128
   else:
     assert name == "grouped_gemm_dw_flat_kernel" and kw["num_stages"] == 3
-
-
-def _recording_launcher(launches):
-  """A stand-in for ``triton_call`` that records (kernel name, keywords) and returns zeros."""
-  import jax.numpy as jnp
-
-  def fake_call(kernel, *args, out_shapes, **kw):
-    outs = out_shapes if isinstance(out_shapes, (list, tuple)) else (out_shapes,)
-    launches.append((kernel.__name__, dict(kw, out_shapes=outs)))
-    return tuple(jnp.zeros(o.shape, o.dtype) for o in outs)
-  return fake_call
 
 
 @pytest.mark.parametrize("case", ["fused", "grad", "switch-off", "gluon-off", "float32"])

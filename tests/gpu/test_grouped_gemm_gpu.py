@@ -56,6 +56,18 @@ def in_group_rows(sizes, offsets, capacity):
   return inside
 
 
+def rows_nan_outside_groups(rng, kind, c: int, k: int, e: int):
+  """(sizes, offsets, in-group row mask, x [c, k] bf16) for a ``kind`` layout of ``e`` groups
+  over the first ``c - 3000`` rows (8-row alignment gaps, then a tail in no group); x holds
+  NaN in every row outside the groups, which a kernel must neither read into a result nor
+  leave unwritten in its output."""
+  sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
+  inside = in_group_rows(sizes, offsets, c)
+  a = rng.standard_normal((c, k), np.float32)
+  a[~inside] = np.nan
+  return sizes, offsets, inside, jnp.asarray(a, jnp.bfloat16)
+
+
 def value_and_grads(impl, x, w, g, layout):
   def loss(x, w):
     y = impl.grouped_matmul(x, w, layout)
@@ -332,12 +344,8 @@ def test_gluon_ws_forward_matches_xla(rng, product, kind, tile):
   why = triton_gemm._gluon_kernels().gluon_fwd_supported(k_dim, n_dim, 2, cfg)
   if why is not None:
     pytest.skip(f"warp-specialized Gluon kernel unavailable: {why}")
-  sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
+  sizes, offsets, inside, a = rows_nan_outside_groups(rng, kind, c, k_dim, e)
   s, o = jnp.asarray(sizes), jnp.asarray(offsets)
-  inside = in_group_rows(sizes, offsets, c)
-  a = rng.standard_normal((c, k_dim), np.float32)
-  a[~inside] = np.nan
-  a = jnp.asarray(a, jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((e, h, n), np.float32) / np.sqrt(k_dim), jnp.bfloat16)
 
   def run(config):
@@ -380,12 +388,8 @@ def test_gluon_glu_forward_matches_numpy(rng, kind, tile):
   why = triton_gemm._gluon_kernels().gluon_fwd_supported(h, 2 * f, 2, cfg, glu=True)
   if why is not None:
     pytest.skip(f"the fused SwiGLU kernel is unavailable: {why}")
-  sizes, offsets = testing.group_layout(rng, kind, c - 3000, e, 8)
+  sizes, offsets, inside, a = rows_nan_outside_groups(rng, kind, c, h, e)
   s, o = jnp.asarray(sizes), jnp.asarray(offsets)
-  inside = in_group_rows(sizes, offsets, c)
-  a = rng.standard_normal((c, h), np.float32)
-  a[~inside] = np.nan
-  a = jnp.asarray(a, jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((e, h, 2 * f), np.float32) / np.sqrt(h), jnp.bfloat16)
   got = jax.jit(lambda: triton_gemm._grouped_glu(a, w, s, o, config=cfg))()
   assert got is not None and got.shape == (c, f) and got.dtype == jnp.bfloat16
