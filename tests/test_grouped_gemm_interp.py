@@ -617,12 +617,9 @@ def test_gluon_dw_ws_compiles_for_sm90(tmp_path, stages, chunks, stagger):
 def _build_ws_kernel(constexprs):
   """``grouped_gemm_ws_kernel`` for sm_90 with bf16 operands, launched as the backend does
   (four warps: its first consumer warpgroup; the others are partitions)."""
-  from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm_gluon as ggl
-  return compile_mod.build(ggl.grouped_gemm_ws_kernel,
-                           dict(zip(ggl.grouped_gemm_ws_kernel.arg_names,
-                                    ["*bf16", "*bf16", "*i32", "*bf16"])), constexprs,
-                           num_warps=4, num_stages=1)
+  return _compile(ggl.grouped_gemm_ws_kernel, ["*bf16", "*bf16", "*i32", "*bf16"], constexprs,
+                  types.SimpleNamespace(num_warps=4, num_stages=1))
 
 
 @pytest.mark.parametrize("tile", [(128, 256, 64, 3, 1), (128, 256, 64, 4, 8), (128, 256, 32, 6, 1),
@@ -636,7 +633,6 @@ def test_gluon_ws_forward_compiles_for_sm90(tmp_path, b_kmajor, tile):
   loads completing on mbarriers, 64-row wgmma per consumer, halves stored by TMA, within an
   SM's shared memory (4 stages of 128 x 256 x 64 fit with the output in two chunks); and ptxas
   keeps the MMAs asynchronous (no C7517 wait, no C7515 serialization), without spills."""
-  from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
@@ -676,7 +672,6 @@ def test_gluon_glu_forward_compiles_for_sm90(tmp_path, tile):
   per consumer and K step over the gate | up halves of its w stage, the output by TMA), with
   the activation's exponential (``ex2``) and a half-width output tile; within shared memory
   at 4 stages (the output whole); ptxas keeps the MMAs asynchronous, without spills."""
-  from jax_ep import _compile as compile_mod
   from kernels import grouped_gemm as gg
   from kernels import grouped_gemm_gluon as ggl
 
