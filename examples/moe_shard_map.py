@@ -4,6 +4,12 @@ On a CPU this runs on 8 virtual devices; on GPUs on every local GPU (one process
 
   python examples/moe_shard_map.py                      # CPU: 8 virtual devices, xla backend
   python examples/moe_shard_map.py --backend triton     # GPUs: our Triton kernels
+
+With the triton backend each dispatch and combine is followed by a host callback that turns a
+timed-out cross-GPU wait into an error at once (``JAX_EP_CHECK_TIMEOUTS=1``, jax_ep's
+default), which syncs the stream once per op: at this example's small sizes that is most of
+the step. ``--check-timeouts 0`` leaves the callbacks out and reads the kernels' error records
+once after the timed steps instead (``check_timeouts()``); use it for timings.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ def parse_args():
   p.add_argument("--backend", default="auto", choices=("auto", "xla", "triton"))
   p.add_argument("--cpu-devices", type=int, default=8, help="virtual devices when on CPU")
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--check-timeouts", type=int, choices=(0, 1), default=None,
+                 help="JAX_EP_CHECK_TIMEOUTS for the triton backend: 1 (the default) raises a "
+                      "timed-out op at once, one stream sync per op; 0 checks once at the end")
   return p.parse_args()
 
 
@@ -32,6 +41,8 @@ def main():
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}"
+  if args.check_timeouts is not None:
+    os.environ["JAX_EP_CHECK_TIMEOUTS"] = str(args.check_timeouts)
 
   import jax
   import jax.numpy as jnp
@@ -114,8 +125,14 @@ def main():
     jax.block_until_ready(ep_step(x, w_gate_up, w_down))
     times.append(time.perf_counter() - t0)
   ms = 1e3 * float(np.median(times))
+  callbacks = ""
+  if args.backend == "triton":
+    from jax_ep.backends import triton as triton_backend
+    triton_backend.check_timeouts()  # raises if a cross-GPU wait timed out
+    if os.environ.get("JAX_EP_CHECK_TIMEOUTS", "1") != "0":
+      callbacks = " (with a stream sync per op: --check-timeouts 0 for timings)"
   print(f"MoE block (dispatch + SwiGLU experts + combine): median {ms:.2f} ms over "
-        f"{args.iters} iterations, {ep * args.tokens / ms * 1e3:,.0f} tokens/s")
+        f"{args.iters} iterations, {ep * args.tokens / ms * 1e3:,.0f} tokens/s{callbacks}")
   print("OK")
   if args.backend == "triton":
     jax_ep.runtime.shutdown()
