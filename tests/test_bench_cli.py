@@ -66,7 +66,8 @@ def test_ncu_sass_summary_cuts_a_kernel_into_its_loops(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench_dw_variants", "bench_gemm_clocks",
-                                    "probes/zero_rows_power", "probes/dw_resident_rows"])
+                                    "probes/zero_rows_power", "probes/dw_resident_rows",
+                                    "probes/glu_epilogue"])
 def test_gpu_diagnostics_say_why_they_cannot_run_without_a_gpu(script):
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   res = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", f"{script}.py"),

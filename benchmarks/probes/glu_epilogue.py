@@ -35,9 +35,7 @@ def glu_config(k: int, n: int, name: str):
     cfg = dataclasses.replace(cfg, gluon=True, flatten=False, half_tiles=False)
   if name == "default":
     return cfg
-  if name.startswith("s") and name[1:].isdigit():
-    return dataclasses.replace(cfg, num_stages=int(name[1:]))
-  raise SystemExit(f"glu_epilogue: unknown config {name!r} (default or sN)")
+  return dataclasses.replace(cfg, num_stages=int(name[1:]))  # sN (checked by main)
 
 
 def main(argv=None):
@@ -48,9 +46,14 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--iters", type=int, default=20)
   args = p.parse_args(argv)
+  bad = [c for c in args.configs.split(",") if c != "default" and not (
+      c.startswith("s") and c[1:].isdigit())]
+  if bad:
+    p.error(f"--configs: unknown {bad}; choose default or sN (N stages)")
   from jax_ep.backends import triton_gemm
-  if not triton_gemm.gmm_usable():
-    raise SystemExit(f"glu_epilogue: no usable GPU: {triton_gemm._why_not_usable()}")
+  why = triton_gemm._why_not_usable()
+  if why:
+    sys.exit(f"glu_epilogue: the triton grouped matmul cannot run here: {why}")
 
   for i, name in enumerate(args.shapes.split(",")):
     (rows, e, k, n), (_, layout, x, w, _, _) = bgg.diagnostic_inputs(name, 300 + i)
