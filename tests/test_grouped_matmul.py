@@ -116,6 +116,14 @@ def test_swiglu_bad_shapes():
   with pytest.raises(ValueError, match="must equal"):
     jax_ep.experts.swiglu(x, jnp.zeros((3, 4, 5)), jnp.zeros((3, 4, 6)), jnp.zeros((3, 5, 4)),
                           layout)
+  # The layout's expert count and recv_x's width, checked as grouped_matmul checks w, under
+  # swiglu_fused's own names.
+  with pytest.raises(ValueError, match=r"experts.swiglu_fused: w_gate_up must be "
+                                       r"\[num_local_experts=3, hidden=4, N\]"):
+    jax_ep.experts.swiglu_fused(x, jnp.zeros((2, 4, 6)), jnp.zeros((2, 3, 4)), layout)
+  with pytest.raises(ValueError, match="swiglu_fused: backend='cuda' must be"):
+    jax_ep.experts.swiglu_fused(x, jnp.zeros((3, 4, 6)), jnp.zeros((3, 3, 4)), layout,
+                                backend="cuda")
 
 
 def test_grouped_matmul_bad_shapes(rng):
