@@ -102,10 +102,7 @@ def main(argv=None):
   p.add_argument("--inner", type=int, default=4, help="calls per looped sample")
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
   args = p.parse_args(argv)
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"bench_dw_variants: the triton grouped matmul cannot run here: {why}")
+  triton_gemm = bgg.require_triton_gemm("bench_dw_variants")
 
   chosen = variants()
   if args.variants:

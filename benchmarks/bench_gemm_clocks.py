@@ -168,10 +168,7 @@ def main(argv=None):
     p.error(f"--products={args.products!r}: choose from fwd, dx, dw")
   if set(impls) - {"dense", "triton"} or not impls:
     p.error(f"--impls={args.impls!r}: choose from dense, triton")
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"bench_gemm_clocks: the triton grouped matmul cannot run here: {why}")
+  bgg.require_triton_gemm("bench_gemm_clocks")
   field = _reason_field()
   limit = subprocess.run(["nvidia-smi", "-i", _gpu_index(), "--query-gpu=name,power.limit,"
                           "clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],

@@ -294,6 +294,16 @@ def make_inputs(rows, experts, k, n, args, seed: int):
   return sizes, layout, x, w, dy, w_dense
 
 
+def require_triton_gemm(script: str):
+  """``jax_ep.backends.triton_gemm``, or exit naming ``script`` and what is missing when the
+  triton grouped matmul cannot run here (this benchmark and the diagnostics beside it)."""
+  from jax_ep.backends import triton_gemm
+  why = triton_gemm._why_not_usable()
+  if why:
+    sys.exit(f"{script}: the triton grouped matmul cannot run here: {why}")
+  return triton_gemm
+
+
 def shape_dims(name: str) -> tuple[int, int, int, int]:
   """(rows, experts, K, N) of a name of ``SHAPES`` or of ``ROWSxEXPERTSxKxN``."""
   return SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
@@ -841,8 +851,7 @@ def bench_swiglu(name, rows, experts, hidden, ffn, args, seed: int) -> dict:
       return (lambda x, wgu, wd, layout: _swiglu_dense(x, wgu, wd)), (x, wgu[0], wd[0], layout)
     if variant == "triton-fused-xla-act":  # swiglu_fused before the fused activation kernel
       def apart(x, wgu, wd, layout):
-        gate_up = grouped_matmul(x, wgu, layout, backend="triton")
-        h = expert_fns._glu(gate_up[:, :ffn], gate_up[:, ffn:])
+        h = expert_fns._glu_of(grouped_matmul(x, wgu, layout, backend="triton"))
         return grouped_matmul(h, wd, layout, backend="triton")
       return apart, (x, wgu, wd, layout)
     backend = variant.removesuffix("-fused")
@@ -994,10 +1003,7 @@ def main(argv=None):
       p.error(f"unknown shape {s!r}; choose from {list(table)} or give ROWSxEXPERTSxKxN "
               f"(e.g. 32768x8x7168x4096)")
 
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"bench_grouped_gemm: the triton grouped matmul cannot run here: {why}")
+  require_triton_gemm("bench_grouped_gemm")
 
   device = jax.devices()[0]
   now = datetime.datetime.now(datetime.timezone.utc)

@@ -26,6 +26,12 @@ def _glu(gate, up):
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
+def _glu_of(gate_up):
+  """``_glu`` of ``[gate | up]`` (``[C, 2 * ffn]``, gate the first half)."""
+  ffn = gate_up.shape[1] // 2
+  return _glu(gate_up[:, :ffn], gate_up[:, ffn:])
+
+
 def _check_down(name: str, w_down, experts: int, hidden: int, ffn: int):
   if w_down.shape != (experts, ffn, hidden):
     raise ValueError(
@@ -82,6 +88,5 @@ def swiglu_fused(recv_x, w_gate_up, w_down, layout: DispatchLayout, *,
   if hasattr(impl, "grouped_glu"):  # the product and the activation in one kernel
     h = impl.grouped_glu(recv_x, w_gate_up, layout)
   else:
-    gate_up = impl.grouped_matmul(recv_x, w_gate_up, layout)
-    h = _glu(gate_up[:, :ffn], gate_up[:, ffn:])
+    h = _glu_of(impl.grouped_matmul(recv_x, w_gate_up, layout))
   return grouped_matmul(h, w_down, layout, backend=backend)

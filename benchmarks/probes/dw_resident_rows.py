@@ -52,10 +52,7 @@ def main(argv=None):
   if set(configs) - set(table):
     p.error(f"--configs: unknown {sorted(set(configs) - set(table))}; choose from "
             f"{sorted(table)}")
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"dw_resident_rows: the triton grouped matmul cannot run here: {why}")
+  triton_gemm = bgg.require_triton_gemm("dw_resident_rows")
 
   step_table = triton_gemm._dw_step_table
 

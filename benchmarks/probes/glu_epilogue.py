@@ -50,10 +50,7 @@ def main(argv=None):
       c.startswith("s") and c[1:].isdigit())]
   if bad:
     p.error(f"--configs: unknown {bad}; choose default or sN (N stages)")
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"glu_epilogue: the triton grouped matmul cannot run here: {why}")
+  triton_gemm = bgg.require_triton_gemm("glu_epilogue")
 
   for i, name in enumerate(args.shapes.split(",")):
     (rows, e, k, n), (_, layout, x, w, _, _) = bgg.diagnostic_inputs(name, 300 + i)

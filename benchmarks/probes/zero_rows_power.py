@@ -63,10 +63,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if set(q for q in args.products.split(",") if q) - {"fwd", "dx"}:
     p.error(f"--products={args.products!r}: choose from fwd, dx")
-  from jax_ep.backends import triton_gemm
-  why = triton_gemm._why_not_usable()
-  if why:
-    sys.exit(f"zero_rows_power: the triton grouped matmul cannot run here: {why}")
+  triton_gemm = bgg.require_triton_gemm("zero_rows_power")
   field = bgc._reason_field()
   print(f"{jax.devices()[0].device_kind} | jax {jax.__version__}", flush=True)
   for si, name in enumerate(s for s in args.shapes.split(",") if s):

@@ -24,6 +24,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jax_ep.experts import _glu_of  # silu(gate) * up of [gate | up], in XLA
 from jax_ep.layout import DispatchLayout
 
 _API = "jax_ep.grouped_matmul"
@@ -348,13 +349,6 @@ def _gmm_bwd(res, dy):
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def _glu_of(gate_up):
-  """``silu(gate) * up`` of ``[gate | up]`` (``jax_ep.experts``' activation, in XLA)."""
-  from jax_ep.experts import _glu
-  f = gate_up.shape[1] // 2
-  return _glu(gate_up[:, :f], gate_up[:, f:])
 
 
 @jax.custom_vjp
