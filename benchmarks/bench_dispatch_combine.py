@@ -220,7 +220,7 @@ def time_fn(f, args, iters, warmup=3):
   return statistics.median(samples)
 
 
-def trace_ops(trace_dir, fn) -> dict:
+def trace_ops(trace_dir, fn, top: int = 8) -> dict:
   """Run ``fn`` under ``jax.profiler`` and summarize the GPU activity of the trace: per device,
   each kernel's count, median duration and median idle gap before it on its stream (what the
   loop's period holds besides the kernels). Printed, and returned for the JSON."""
@@ -263,7 +263,7 @@ def trace_ops(trace_dir, fn) -> dict:
     out[dev] = {"span_us": span, "busy_us": busy, "kernels": {
         k: {"n": v["n"], "median_us": statistics.median(v["dur"]),
             "median_gap_before_us": statistics.median(v["gap"]) if v["gap"] else None}
-        for k, v in sorted(stats.items(), key=lambda kv: -sum(kv[1]["dur"]))[:8]}}
+        for k, v in sorted(stats.items(), key=lambda kv: -sum(kv[1]["dur"]))[:top]}}
     print(f"  trace {dev}: span {span:.0f} us, busy {busy:.0f} us", flush=True)
     for k, v in out[dev]["kernels"].items():
       gap = v["median_gap_before_us"]
