@@ -59,6 +59,7 @@ SHAPES = [
     ("dsv3_4096_zipf", 4096, 7168, 256, 8, "zipf", "balanced"),
     ("dsv3_128_uniform", 128, 7168, 256, 8, "uniform", "balanced"),
     ("qwen3_4096_uniform", 4096, 2048, 128, 8, "uniform", "balanced"),
+    ("qwen3_128_uniform", 128, 2048, 128, 8, "uniform", "balanced"),
 ]
 QUICK = [("small_512_uniform", 512, 1024, 64, 4, "uniform", "balanced")]
 RAGGED_MAX_TOKENS = 4096

@@ -220,12 +220,14 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
                   HIDDEN: tl.constexpr,
                   TOPK: tl.constexpr, TOPK_P: tl.constexpr, WITH_META: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
-                  EXPAND_LEVELS: tl.constexpr):
+                  EXPAND_LEVELS: tl.constexpr, part, PARTS: tl.constexpr):
   """Token block ``blk`` of source ``s``: its slot rows (and weights) into recv_x (recv_w,
   recv_pos). Row chunks are loaded once and stored to each of their up to K rows: by slot
   (EXPAND_LEVELS = 0: K masked stores a chunk), or by level (EXPAND_LEVELS = L > 0: the j-th
   kept slot of every token for j < L, then the other levels only when a token of the block
-  keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank)."""
+  keeps more than L slots here; at top-8 over 4 ranks a token keeps ~2 per rank).
+  PARTS > 1: the row chunks of column range ``part`` only (ceil(chunks / PARTS) chunks of
+  BLOCK_H each), and the weights and positions by part 0 alone."""
   k = tl.arange(0, TOPK_P)
   h = tl.arange(0, BLOCK_H)
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -235,10 +237,15 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
   pos = tl.load(pos_ptr + slot, mask=smask, other=-1, cache_modifier=".cg")
   pos = tl.where(pos < CAPACITY, pos, -1)  # a corrupt layout cannot address past recv_x
   if WITH_META:
-    w = tl.load(val_ptr + slot, mask=smask, other=0.0, cache_modifier=".cg")
-    tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos,
-             mask=smask)
-    tl.store(recv_w_ptr + pos, w, mask=pos >= 0)
+    if PARTS == 1:
+      meta = smask
+      kept = pos >= 0
+    else:  # one part writes them
+      meta = smask & (part == 0)
+      kept = (pos >= 0) & meta
+    w = tl.load(val_ptr + slot, mask=meta, other=0.0, cache_modifier=".cg")
+    tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=meta)
+    tl.store(recv_w_ptr + pos, w, mask=kept)
   have = tl.max((pos >= 0).to(tl.int32), axis=1) > 0
   if tl.max(have.to(tl.int32), axis=0) > 0:
     A: tl.constexpr = row_align(HIDDEN, recv_x_ptr.dtype.element_ty)
@@ -246,7 +253,14 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     if EXPAND_LEVELS > 0:
       rnk = present_rank(pos >= 0, k, TOPK_P)          # level of each kept slot in its token
       deep = tl.max(tl.sum((pos >= 0).to(tl.int32), axis=1), axis=0) > EXPAND_LEVELS
-    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 chunks ahead
+    if PARTS == 1:
+      h_lo = 0
+      h_hi = HIDDEN
+    else:
+      PART_H: tl.constexpr = (HIDDEN + BLOCK_H * PARTS - 1) // (BLOCK_H * PARTS) * BLOCK_H
+      h_lo = part * PART_H
+      h_hi = tl.minimum(h_lo + PART_H, HIDDEN)
+    for h0 in tl.range(h_lo, h_hi, BLOCK_H, num_stages=STAGES):  # cp.async, STAGES - 1 ahead
       hmask = (h0 + h) < HIDDEN
       rows = tl.load(tl.multiple_of(src + (h0 + h)[None, :], [A, A]),
                      mask=have[:, None] & hmask[None, :], cache_modifier=".cg")
@@ -284,7 +298,8 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                  BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                  BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr,
                  ZERO_FILL: tl.constexpr, ORDER: tl.constexpr, PROF_ID, PROFILE: tl.constexpr,
-                 PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
+                 PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr,
+                 PARTS: tl.constexpr):
   """Expander program ``pid`` of ``num_programs``, over token blocks [blk_lo, blk_hi).
 
   1. (ZERO_FILL, the receivers) zero rows outside the groups: needs nothing from peers, so it
@@ -328,7 +343,7 @@ def _expand_body(pid, num_programs, blk_lo, blk_hi, x_ptr, pos_ptr, pos_stride, 
                            timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P,
                            E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF, WITH_META,
                            BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER, ORDER, PROFILE,
-                           PULL, GROUP, ZERO_QUEUE)
+                           PULL, GROUP, ZERO_QUEUE, PARTS)
     prof_span(sym_table, rank, PROF_ID, P_SELF, waited, PROFILE)
 
 
@@ -342,7 +357,7 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
                   WITH_META: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
                   ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr,
-                  GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
+                  GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr, PARTS: tl.constexpr):
   """Take items from the launch's queue until none are left (returns the ns this program
   waited for block flags, PROFILE only). An item is GROUP consecutive token blocks of one
   source (``nb`` below counts such groups). Items 0 .. NB-1 are this rank's
@@ -355,10 +370,13 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
   floor(i * n_zero / total); else expansion item i - Z(i)), so the programs write zeros while
   their NVLink loads are in flight instead of before the first of them. ZERO_QUEUE 2: the
   first quarter of the zero items come first (while the senders copy the first blocks), the
-  rest spread as above among the items after them."""
+  rest spread as above among the items after them.
+  PARTS > 1: each (source, group) item is PARTS items, one per range of the rows' columns
+  (``EPPlan.dispatch_parts``: where there are fewer items than programs), taken one after
+  another."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
   ZR: tl.constexpr = BLOCK_T * GROUP
-  n_exp = nb * world
+  n_exp = nb * world * PARTS
   n_zero = tl.full([], 0, tl.int32)
   if ZERO_QUEUE:  # the layout's groups, loaded once for every zero item of this program
     start, gs, n_rows = _zero_rows(go_ptr, gs_ptr, E_LOCAL, EL_P, CAPACITY)
@@ -379,12 +397,13 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
       _zero_item(tl.where(front, item, n_front + z), start, gs, n_rows, recv_x_ptr,
                  recv_w_ptr, HIDDEN, WITH_META, ZR, BLOCK_H // GROUP)
     else:
-      waited += _expand_queue_item(i - z, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
+      e = i - z
+      waited += _expand_queue_item(e // PARTS, e % PARTS, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
                                    world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
                                    HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                                    WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS,
-                                   USE_TIMER, ORDER, PROFILE, PULL, GROUP)
+                                   USE_TIMER, ORDER, PROFILE, PULL, GROUP, PARTS)
     item = take_item(sym_table, rank)
   return waited
 
@@ -421,7 +440,7 @@ def _zero_item(z, start, gs, n_rows, recv_x_ptr, recv_w_ptr, HIDDEN: tl.constexp
 
 
 @triton.jit
-def _expand_queue_item(item, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
+def _expand_queue_item(item, part, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w_ptr,
                        recv_pos_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, op,
                        NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr,
                        HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
@@ -430,8 +449,9 @@ def _expand_queue_item(item, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, re
                        BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
                        EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
                        ORDER: tl.constexpr, PROFILE: tl.constexpr, PULL: tl.constexpr,
-                       GROUP: tl.constexpr):
-  """Expansion item ``item`` of the queue (see ``_expand_queue``); returns the ns waited."""
+                       GROUP: tl.constexpr, PARTS: tl.constexpr):
+  """Expansion item ``item`` of the queue (see ``_expand_queue``), its columns of range
+  ``part`` of PARTS; returns the ns waited."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T * GROUP - 1) // (BLOCK_T * GROUP)
   if ORDER == 3:
     blk = item // world
@@ -447,7 +467,7 @@ def _expand_queue_item(item, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, re
                       recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                       NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
                       ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER,
-                      PROFILE, PULL, GROUP)
+                      PROFILE, PULL, GROUP, part, PARTS)
 
 
 @triton.jit
@@ -467,7 +487,7 @@ def _expand_sources(pid, num_programs, blk_lo, blk_hi, i_lo, i_hi, x_ptr, pos_pt
                    recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank, seq, timeout_ns, op,
                    NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF,
                    ROWS_OFF, WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, USE_TIMER,
-                   False, PULL, 1)
+                   False, PULL, 1, 0, 1)
 
 
 @triton.jit
@@ -478,10 +498,12 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
                  BLOCK_FLAG_OFF: tl.constexpr, ROWS_OFF: tl.constexpr, WITH_META: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr,
                  EXPAND_LEVELS: tl.constexpr, USE_TIMER: tl.constexpr,
-                 PROFILE: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr):
+                 PROFILE: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr, part,
+                 PARTS: tl.constexpr):
   """Token blocks [blk * GROUP, blk * GROUP + GROUP) of source ``s``, after their BLOCK_FLAGs,
   as one tile of GROUP x BLOCK_T tokens by BLOCK_H / GROUP columns: this rank's rows come from
   x, the others' from ROWS[s] of this rank's region (PULL: of s's region, loaded over NVLink).
+  PARTS > 1: only the columns of range ``part`` (``_expand_block``).
   Returns the ns spent waiting for the flags (PROFILE only; else 0)."""
   nb: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
   BT: tl.constexpr = BLOCK_T * GROUP
@@ -503,7 +525,7 @@ def _expand_item(s, blk, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr, recv_w
   waited = _now(PROFILE) - t0
   _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
                 recv_w_ptr, recv_pos_ptr, NUM_TOKENS, CAPACITY, HIDDEN, TOPK, TOPK_P, WITH_META,
-                BT, BH, STAGES, EXPAND_LEVELS)
+                BT, BH, STAGES, EXPAND_LEVELS, part, PARTS)
   return waited
 
 
@@ -521,7 +543,7 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
            BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
            PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
            PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr,
-           BLOCK_PROG: tl.constexpr):
+           BLOCK_PROG: tl.constexpr, PARTS: tl.constexpr):
   """Senders (pid < NUM_SENDERS) push, receivers expand token blocks [0, RECV_BLOCKS); senders
   then expand the rest [RECV_BLOCKS, NB), which arrive last. ORDERS 2, 3 (RECV_BLOCKS = 0):
   receivers and senders take every block from the launch's queue instead. All after GO.
@@ -557,14 +579,15 @@ def _roles(pid, x_ptr, topk_idx_ptr, topk_weights_ptr, base_ptr, pos_ptr, pos_st
                      recv_pos_ptr, st, sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS,
                      MAX_TOKENS, HIDDEN, TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF,
                      ROWS_OFF, not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R,
-                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
+                     USE_TIMER, False, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE,
+                     PARTS)
     else:
       _expand_body(rid, NUM_RECEIVERS, 0, RECV_BLOCKS, x_ptr, pos_ptr, pos_stride, val_ptr,
                    group_offsets_ptr, group_sizes_ptr, recv_x_ptr, recv_w_ptr, recv_pos_ptr, st,
                    sym_table, rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                    TOPK, TOPK_P, E_LOCAL, EL_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                    not FROM_LAYOUT, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS, BLOCK_R, USE_TIMER,
-                   True, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE)
+                   True, ORDER, prof_id, PROFILE, PULL, GROUP, ZERO_QUEUE, PARTS)
     if PULL >= 3:
       # This program has read the peers' x (4: their copies of it) for the last time (its
       # last phase, in the interpreter): say so to every rank. The leader then waits until
@@ -607,7 +630,8 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
                     BLOCK_H: tl.constexpr, STAGES: tl.constexpr, EXPAND_LEVELS: tl.constexpr,
                     BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                     PROFILE: tl.constexpr, ORDER: tl.constexpr, RECV_BLOCKS: tl.constexpr,
-                    PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr):
+                    PULL: tl.constexpr, GROUP: tl.constexpr, ZERO_QUEUE: tl.constexpr,
+                    PARTS: tl.constexpr = 1):
   """The dispatch op.
 
   Inputs: x ``[T, H]``, topk_idx ``[T, K] int32`` (sanitized), topk_weights ``[T, K] f32``.
@@ -652,7 +676,7 @@ def dispatch_kernel(x_ptr, topk_idx_ptr, topk_weights_ptr,
            NUM_EXPERTS, E_LOCAL, EL_P, CAPACITY, False, SLOT_POS_OFF, SLOT_VAL_OFF,
            BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H, STAGES,
            EXPAND_LEVELS, BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP,
-           ZERO_QUEUE, BLOCK_PROG)
+           ZERO_QUEUE, BLOCK_PROG, PARTS)
 
 
 @triton.jit
@@ -670,7 +694,8 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
                          BLOCK_R: tl.constexpr, USE_TIMER: tl.constexpr, PHASE: tl.constexpr,
                          PROFILE: tl.constexpr, ORDER: tl.constexpr,
                          RECV_BLOCKS: tl.constexpr, PULL: tl.constexpr, GROUP: tl.constexpr,
-                         ZERO_QUEUE: tl.constexpr, BLOCK_PROG: tl.constexpr):
+                         ZERO_QUEUE: tl.constexpr, BLOCK_PROG: tl.constexpr,
+                         PARTS: tl.constexpr = 1):
   """The dispatch_rows op (combine's backward): rows along an existing layout.
 
   Program 0 runs the start barrier; senders copy x[t] to every rank one of t's slots is
@@ -697,4 +722,4 @@ def dispatch_rows_kernel(x_ptr, topk_idx_ptr, recv_pos_in_ptr, group_offsets_ptr
            True, 0, 0, BLOCK_FLAG_OFF, ROWS_OFF, NUM_SENDERS, NUM_RECEIVERS, BLOCK_T, BLOCK_H,
            STAGES, EXPAND_LEVELS,
            BLOCK_R, USE_TIMER, PHASE, PROFILE, ORDER, RECV_BLOCKS, PULL, GROUP, ZERO_QUEUE,
-           BLOCK_PROG)
+           BLOCK_PROG, PARTS)

@@ -172,6 +172,9 @@ class EPPlan:
       the block flags after one system fence instead of W release atomics, gave nothing:
       0.748-0.755 ms, 06:33, since reverted. Combine's partial rows pulled by the owners
       instead of pushed were slower: 1.17-1.21 vs 0.84 ms, 06:19, since removed.)
+    expand_parts: with expand orders 2 and 3, column ranges per item of the queue
+      (``dispatch_parts``): 0 (default) = as many as give every program an item where the
+      items are fewer than the programs (few tokens), else 1; n = n ranges (1: whole rows).
     expand_group: with expand orders 2 and 3, an item of the queue is this many consecutive
       token blocks of one source, expanded as one tile of GROUP x BLOCK_T tokens by BLOCK_H /
       GROUP columns (the same bytes per chunk): fewer items, so fewer per-item waits (the
@@ -225,6 +228,7 @@ class EPPlan:
   dispatch_pull: int = 2
   expand_group: int = 4
   zero_queue: int = 2
+  expand_parts: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -351,7 +355,7 @@ class EPPlan:
              PHASE=phase,
              ORDER=self.expand_order, RECV_BLOCKS=self.receiver_blocks,
              PULL=int(self.dispatch_pull),
-             GROUP=self.expand_group if self.expand_order >= 2 else 1,
+             GROUP=self.dispatch_group, PARTS=self.dispatch_parts,
              ZERO_QUEUE=int(self.zero_queue) if self.expand_order >= 2 else 0,
              BLOCK_PROG=next_pow2(self.num_senders + self.num_receivers))
     if not from_layout:
@@ -364,10 +368,52 @@ class EPPlan:
     return d
 
   @property
+  def dispatch_group(self) -> int:
+    """Dispatch's GROUP: ``expand_group`` token blocks per expansion item (orders 2 and 3; 1
+    otherwise), halved while the items (per source, times W) would be fewer than the launch's
+    programs. At few tokens the groups would leave most programs idle while a few copy every
+    row: one H200, W = 1, DeepSeek-V3 row size, 128 tokens (8 blocks): groups of 4 (2 items
+    for 32 programs) 158.0 us, of 1 (8 items) 54.2 us (2026-11-24, session 34)."""
+    if self.expand_order < 2:
+      return 1
+    g = self.expand_group
+    while g > 1 and -(-self.kernel_blocks // g) * self.world < self.grid("dispatch_kernel"):
+      g //= 2
+    return g
+
+  @property
+  def dispatch_parts(self) -> int:
+    """Dispatch's PARTS: column ranges per expansion item (orders 2 and 3), so that an item
+    of few tokens is expanded by several programs at once. ``expand_parts`` where set (1:
+    whole rows), else 1 where the items (after ``dispatch_group``) cover the launch's
+    programs, and otherwise as many as cover them, at most one per row chunk, and no range
+    left empty."""
+    if self.expand_order < 2:
+      return 1
+    chunks = -(-self.hidden // (self.block_h // self.dispatch_group))
+    items = -(-self.kernel_blocks // self.dispatch_group) * self.world
+    if self.expand_parts:
+      parts = self.expand_parts
+    elif items == 0 or items >= self.grid("dispatch_kernel"):
+      return 1
+    else:
+      parts = -(-self.grid("dispatch_kernel") // items)
+    parts = max(1, min(parts, chunks))
+    return -(-chunks // -(-chunks // parts))  # no empty range
+
+  @property
   def combine_block_t(self) -> int:
     """Tokens per combine block (any size works: combine reads the layout, not its blocks):
-    ``combine_tokens``, or max(32, 128 / K_pow2) (32 at top-8)."""
-    return self.combine_tokens or max(32, 128 // self.topk_p)
+    ``combine_tokens``, or max(32, 128 / K_pow2) (32 at top-8) halved, down to 16, while the
+    push items (blocks times W) would be fewer than the programs: at few tokens the large
+    blocks leave programs idle (one H200, W = 1, DeepSeek-V3 row size, 128 tokens: 72.3 us
+    with 32-token blocks, 41.0 us with 16; 2026-11-24, session 34)."""
+    if self.combine_tokens:
+      return self.combine_tokens
+    bt = max(32, 128 // self.topk_p)
+    while bt > 16 and -(-self.num_tokens // bt) * self.world < self.max_programs:
+      bt //= 2
+    return bt
 
   @property
   def combine_reduce_parts(self) -> int:

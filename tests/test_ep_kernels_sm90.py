@@ -108,3 +108,27 @@ def test_combine_finds_rows_without_tile_reductions(world):
   shfl = len(re.findall(r"\bshfl\.", ptx))
   assert re.search(r"\bcp\.async\.cg\b", ptx)
   assert bars <= 64 and shfl <= 32, (bars, shfl)
+
+
+@pytest.mark.parametrize("world, tokens, topk, group, block_t", [
+    (4, 4096, 8, 4, 32),   # the benchmark's shape: the measured defaults
+    (1, 4096, 8, 4, 32),
+    (1, 128, 8, 1, 16),    # a decode batch on one rank: 8 token blocks for 32 programs
+    (4, 128, 8, 1, 16),    # 8 blocks x 4 sources = 32 items
+    (2, 128, 8, 1, 16),    # 8 x 2 = 16 items even in groups of 1
+    (8, 128, 8, 2, 32),    # 4 groups of 2 x 8 sources = 32 items; 4 x 8 push items
+    (4, 0, 8, 1, 16),      # T = 0 runs no kernel; the plan still holds
+    (2, 512, 2, 1, 32),    # top-2: 8 blocks of 64 tokens; combine's 64-token blocks halved
+])
+def test_small_batches_get_items_for_every_program(world, tokens, topk, group, block_t):
+  """With few tokens, dispatch's expansion groups and combine's token blocks shrink until
+  every program of the launch has an item (EPPlan.dispatch_group, combine_block_t); where
+  there are enough the measured defaults stay. Explicit combine_tokens are kept."""
+  plan = _plan(world, tokens, 7168, 256, topk, 2, num_sms=32)
+  assert (plan.dispatch_group, plan.combine_block_t) == (group, block_t)
+  assert plan.dispatch(False)["GROUP"] == group and plan.combine()["BLOCK_T"] == block_t
+  if tokens and (group > 1 or block_t > 16):
+    programs = plan.grid("dispatch_kernel")
+    assert -(-plan.kernel_blocks // group) * world >= programs or group == 1
+    assert -(-tokens // block_t) * world >= 32 or block_t == 16
+  assert _plan(world, tokens, 7168, 256, topk, 2, combine_tokens=64).combine_block_t == 64

@@ -596,10 +596,13 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
   world, t, h, k, e = 3, 50, 40, 4, 12
   rng = np.random.default_rng(order * 10 + int(share * 8))
   capacity = _capacity(world, t, k, e, None, 2)
+  # Groups of blocks: few enough programs that the plan keeps them (EPPlan.dispatch_group
+  # halves groups that would leave programs without an item).
   plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
-                capacity=capacity, alignment=2, num_sms=6, use_timer=False, itemsize=4,
-                expand_order=order, receiver_share=share, expand_levels=levels,
-                dispatch_pull=pull, expand_group=group, zero_queue=zq)
+                capacity=capacity, alignment=2, num_sms=6 if group == 1 else 3,
+                use_timer=False, itemsize=4, expand_order=order, receiver_share=share,
+                expand_levels=levels, dispatch_pull=pull, expand_group=group, zero_queue=zq)
+  assert plan.dispatch(False)["GROUP"] == (group if order >= 2 else 1)
   assert share == 1.0 or plan.receiver_blocks < -(-t // plan.block_t)
   idxs = routing(rng, "skewed", world, t, k, e)
   xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
@@ -632,6 +635,46 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
   if pull >= 3:
     _assert_x_released(sim, plan, seq=2)
+
+
+@pytest.mark.parametrize("pull,parts,want", [(3, 0, 3), (4, 2, 2), (0, 3, 3), (2, 1, 1)])
+def test_dispatch_column_parts_match_numpy(pull, parts, want, interp):
+  """Few tokens (one block per source for 8 programs): each expansion item is split into
+  column ranges (EPPlan.dispatch_parts, 0 = the plan's choice; the last range short) that
+  different programs take from the queue; recv_x, recv_w and recv_pos come out the same bits
+  as numpy's, and so do dispatch_rows' rows."""
+  world, t, h, k, e = 2, 20, 600, 4, 8
+  rng = np.random.default_rng(500 + 10 * pull + parts)
+  capacity = _capacity(world, t, k, e, None, 1)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=1, num_sms=8, use_timer=False, itemsize=4,
+                dispatch_pull=pull, expand_parts=parts)
+  assert (plan.dispatch_group, plan.dispatch_parts, plan.dispatch(False)["PARTS"]) == (
+      1, want, want)
+  assert -(-h // plan.block_h) == 3 and h % plan.block_h  # 3 row chunks, the last short
+  idxs = routing(rng, "skewed", world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  sim = SimWorld(plan)
+  got = sim.dispatch(xs, idxs, ws)
+  want_d = ref_dispatch(xs, idxs, ws, world, e // world, capacity, 1)
+  ns, nr = plan.num_senders, plan.num_receivers
+  for r in range(world):
+    # every (source, block, range) item was taken once, then one failed take per program
+    queue = sim.regions[r][ep_sync.QUEUE_OFF:ep_sync.QUEUE_OFF + 4].view(np.int32)[0]
+    zero_items = -(-(capacity - int(got[r]["gs"].a.sum())) // plan.block_t)
+    assert queue == world * want + zero_items + ns + nr, queue
+    assert not got[r]["status"].a.any(), got[r]["status"].a
+    np.testing.assert_array_equal(got[r]["recv_pos"].a, want_d[r]["recv_pos"])
+    np.testing.assert_array_equal(got[r]["recv_w"].a, want_d[r]["recv_w"])
+    np.testing.assert_array_equal(got[r]["recv_x"].a, want_d[r]["recv_x"])
+  recv_pos = [g["recv_pos"].a for g in got]
+  douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
+                           [g["gs"].a for g in got])
+  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 1)
+  for r in range(world):
+    np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
 
 
 def _assert_x_released(sim, plan, seq):

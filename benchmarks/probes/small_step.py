@@ -129,7 +129,9 @@ def main(argv=None):
         os.environ["JAX_EP_CHECK_TIMEOUTS"] = check
       config = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
                                capacity=2 * t * k, backend=backend)
-      if backend == "triton" and not jax_ep.runtime.is_initialized():
+      if backend == "triton":
+        if jax_ep.runtime.is_initialized():
+          jax_ep.runtime.shutdown()  # sized for the last shape
         jax_ep.runtime.initialize([config])
       step, inputs = make_step(mesh, config, shape, jax.random.key(0))
       out = np.asarray(step(*inputs), np.float32)

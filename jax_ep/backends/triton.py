@@ -227,6 +227,9 @@ _KNOBS = (
     ("zero_queue", "JAX_EP_ZERO_QUEUE", _int_in(0, 2),
      "0 (receivers zero-fill first), 1 (zero-fill items spread through the queue) or 2 (a "
      "quarter of them first, the rest spread)"),
+    ("expand_parts", "JAX_EP_EXPAND_PARTS", _int_in(0, 64),
+     "0 (column ranges per expansion item where items are fewer than programs) or 1 .. 64 "
+     "(that many ranges per item; 1: whole rows)"),
 )
 
 
@@ -282,7 +285,7 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
   fp = fingerprint(op, plan.world, plan.num_tokens, plan.max_tokens, plan.hidden, plan.topk,
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
                    plan.num_senders, plan.expand_order, plan.receiver_blocks,
-                   plan.dispatch_pull, plan.expand_group, plan.zero_queue,
+                   plan.dispatch_pull, plan.dispatch_group, plan.dispatch_parts, plan.zero_queue,
                    plan.combine_queue, plan.combine_block_t, jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 

@@ -174,11 +174,12 @@ def _gpus():
     return []
 
 
-@pytest.fixture(scope="module")
-def peer_world():
+def _peer_mesh(min_gpus: int):
+  """(mesh, W) over every visible GPU under the peer provider, its runtime initialized for
+  SIZING; skips with fewer than ``min_gpus`` GPUs or without the FFI library."""
   gpus = _gpus()
-  if len(gpus) < 2:
-    pytest.skip("needs 2 or more CUDA GPUs")
+  if len(gpus) < min_gpus:
+    pytest.skip(f"needs {min_gpus} or more CUDA GPUs")
   from jax_ep import EPConfig, _ffi, runtime
   if not _ffi.available():
     pytest.skip("libjax_ep_ffi.so not built (see docs/RUNTIME.md)")
@@ -189,6 +190,17 @@ def peer_world():
   mesh = jax.sharding.Mesh(np.array(gpus), ("ep",))
   yield mesh, len(gpus)
   runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peer_world():
+  yield from _peer_mesh(2)
+
+
+@pytest.fixture(scope="module")
+def any_world():
+  """As peer_world, and on one GPU too (W = 1: no NVLink, the same kernels and layout)."""
+  yield from _peer_mesh(1)
 
 
 def _put_fetch(mesh):
@@ -203,8 +215,8 @@ def _put(mesh):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_xla_backend(case, peer_world):
-  mesh, world = peer_world
+def test_matches_xla_backend(case, any_world):
+  mesh, world = any_world
   compare_case(case, mesh, world, _put(mesh), seed=zlib.crc32(_case_id(case).encode()))
 
 
