@@ -63,6 +63,22 @@ def test_gradients_match_dense(rng, ep_size, kind):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d {name}")
 
 
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_gradients_of_zero_tokens(rng, ep_size):
+  """T = 0 on every rank: the gradients are empty arrays of the inputs' types. At W = 1 the
+  xla backend skips its exchanges, whose outputs vary over the EP axis: the backward must
+  still give x's cotangent that type (found by the W = 1 GPU run, 2026-11-24)."""
+  t, h, n, e, k = 0, 8, 6, 8, 2
+  config = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=4,
+                           backend="xla")
+  x, idx, weights, w1, w2 = make_problem(rng, ep_size, t, h, n, e, k)
+  grads = jax.jit(jax.grad(lambda *a: ep_loss_fn(config, cpu_mesh(ep_size))(*a)[0],
+                           argnums=(0, 2, 3, 4)))(x, idx, weights, w1, w2)
+  assert [g.shape for g in grads] == [(0, h), (0, k), w1.shape, w2.shape]
+  for g in grads:
+    np.testing.assert_array_equal(g, 0)
+
+
 def test_recv_weights_gradient(rng):
   """Weights used on the expert side (through recv_weights) get gradients too."""
   ep_size, t, h, e, k = 4, 4, 6, 8, 2

@@ -41,3 +41,21 @@ _MODULES = {"xla": "jax_ep.backends.xla", "triton": "jax_ep.backends.triton"}
 def get(name: str):
   """The backend module for ``name`` ("xla" or "triton")."""
   return importlib.import_module(_MODULES[name])
+
+
+def varying(x, axis_name: str):
+  """``x`` typed as varying over the EP axis ``axis_name`` (shard_map's type check), as the
+  output of an all-to-all over it is: for outputs that every rank computes on its own (a
+  custom call, the zeros of a T = 0 call, the exchange that W = 1 skips). Outside a
+  shard_map over that axis, or where ``x`` already varies over it, ``x`` unchanged."""
+  import jax
+  from jax import lax
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  if axis_name not in manual:  # e.g. under vmap(axis_name=...): nothing to mark
+    return x
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)          # jax >= 0.11
+  vary = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+  if vary is None or axis_name in vary:
+    return x
+  return lax.pcast(x, axis_name, to="varying")

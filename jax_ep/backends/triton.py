@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_ep.backends import varying
 from jax_ep.config import EPConfig
 from jax_ep.layout import DispatchLayout
 
@@ -294,20 +295,6 @@ def _timeout_ns(config: EPConfig):
   return (int(config.timeout_s * 1e9), "i64")
 
 
-def _varying(x, axis_name: str):
-  """Mark a custom call's output as varying over the EP axis (shard_map's type check: every
-  rank's output differs, as the xla backend's all_to_all outputs do)."""
-  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
-  if axis_name not in manual:  # e.g. under vmap(axis_name=...): nothing to mark
-    return x
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)          # jax >= 0.11
-  varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
-  if varying is None or axis_name in varying:
-    return x
-  return lax.pcast(x, axis_name, to="varying")
-
-
 def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexprs,
           scalars=(), num_warps=None, stage=None):
   """One EP kernel launch over the symmetric region ``plan`` is sized for, on the plan's grid;
@@ -321,7 +308,7 @@ def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexp
   output is zeros: empty groups, zero rows, no error. ``stage``: the launcher's copy of an
   input into the region before the kernel (``EPPlan.dispatch_stage``)."""
   if plan.num_tokens == 0:
-    return tuple(_varying(jnp.zeros(s.shape, s.dtype), config.axis_name) for s in out_shapes)
+    return tuple(varying(jnp.zeros(s.shape, s.dtype), config.axis_name) for s in out_shapes)
   from jax_ep import runtime
   from jax_ep.kernels.ep_plan import ROWS_WARPS
   from jax_ep.launch import triton_call
@@ -333,7 +320,7 @@ def _call(op: str, config: EPConfig, plan, kernel, *inputs, out_shapes, constexp
                      constexprs=constexprs, scalars=scalars, symmetric=True,
                      symmetric_bytes=runtime.EXCHANGE_BYTES + plan.region.total_bytes,
                      stage=stage)
-  outs = tuple(_varying(o, config.axis_name) for o in outs)
+  outs = tuple(varying(o, config.axis_name) for o in outs)
   _report(op, config, outs[-1])
   return outs[:-1]
 

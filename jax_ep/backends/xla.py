@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_ep.backends import varying
 from jax_ep.config import EPConfig
 from jax_ep.layout import DispatchLayout
 
@@ -35,7 +36,7 @@ from jax_ep.layout import DispatchLayout
 def _all_to_all(a: jax.Array, axis_name: str) -> jax.Array:
   """Exchange the leading (destination rank) axis of ``a``; the result's leading axis is the source."""
   if lax.axis_size(axis_name) == 1:
-    return a
+    return varying(a, axis_name)  # nothing to move; typed as the exchange's output
   return lax.all_to_all(a, axis_name, split_axis=0, concat_axis=0, tiled=True)
 
 
@@ -124,6 +125,8 @@ def dispatch(x, topk_idx, topk_weights, num_invalid, config: EPConfig):
     recv_weights = jnp.where(src >= 0, recv_weight.reshape(-1)[jnp.maximum(src, 0)], 0.0)
   else:
     recv_weights = jnp.zeros((capacity,), jnp.float32)
+  # (T = 0: the zeros above are every rank's own, typed as what arrives otherwise)
+  recv_x, recv_weights = (varying(a, config.axis_name) for a in (recv_x, recv_weights))
   layout = DispatchLayout(
       group_sizes=group_sizes,
       group_offsets=group_offsets,
@@ -143,7 +146,7 @@ def dispatch_rows(x, layout: DispatchLayout, config: EPConfig):
   slot_expert = _slot_experts(layout.topk_idx, ep_size, e_local)
   recv_buckets = _all_to_all(_buckets(x, slot_expert), config.axis_name)
   rows, _ = _expand(recv_buckets, layout.recv_pos, layout.capacity)
-  return rows
+  return varying(rows, config.axis_name)
 
 
 def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
@@ -165,6 +168,9 @@ def combine_rows(y, row_weights, layout: DispatchLayout, config: EPConfig):
 
 
 def gather_slots(values, layout: DispatchLayout, config: EPConfig):
+  if layout.topk_idx.shape[0] == 0:  # T = 0: no slot (the zero-size gather below crashed
+    # XLA's CPU compiler under jax 0.11.2, in the gradient of the topk weights)
+    return varying(jnp.zeros(layout.topk_idx.shape, jnp.float32), config.axis_name)
   recv_pos = layout.recv_pos
   per_entry = jnp.where(recv_pos >= 0, values[jnp.maximum(recv_pos, 0)], 0.0)  # [W, T, K]
   back = _all_to_all(per_entry.astype(jnp.float32), config.axis_name)  # [W (expert rank), T, K]
