@@ -278,8 +278,11 @@ class EPPlan:
 
   @property
   def num_programs(self) -> int:
-    """NP: programs of the combine / gather_slots launches (push, then reduce)."""
-    return max(1, min(self.max_programs, self.num_blocks * self.world))
+    """NP: programs of the combine / gather_slots launches (push, then reduce): one per push
+    item (combine's blocks times W; at least gather's token blocks times W) up to
+    ``max_programs``."""
+    blocks = max(self.num_blocks, -(-self.num_tokens // self.combine_block_t))
+    return max(1, min(self.max_programs, blocks * self.world))
 
   @property
   def num_senders(self) -> int:

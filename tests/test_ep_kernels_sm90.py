@@ -119,6 +119,7 @@ def test_combine_finds_rows_without_tile_reductions(world):
     (8, 128, 8, 2, 32),    # 4 groups of 2 x 8 sources = 32 items; 4 x 8 push items
     (4, 0, 8, 1, 16),      # T = 0 runs no kernel; the plan still holds
     (2, 512, 2, 1, 32),    # top-2: 8 blocks of 64 tokens; combine's 64-token blocks halved
+    (1, 256, 4, 1, 16),    # the main example: 16 combine blocks, so 16 combine programs
 ])
 def test_small_batches_get_items_for_every_program(world, tokens, topk, group, block_t):
   """With few tokens, dispatch's expansion groups and combine's token blocks shrink until
@@ -131,4 +132,5 @@ def test_small_batches_get_items_for_every_program(world, tokens, topk, group, b
     programs = plan.grid("dispatch_kernel")
     assert -(-plan.kernel_blocks // group) * world >= programs or group == 1
     assert -(-tokens // block_t) * world >= 32 or block_t == 16
+  assert plan.num_programs == min(32, max(plan.num_blocks, -(-tokens // block_t)) * world)
   assert _plan(world, tokens, 7168, 256, topk, 2, combine_tokens=64).combine_block_t == 64
