@@ -619,22 +619,33 @@ def test_dispatch_variants_match_numpy(order, share, reorder, levels, pull, grou
         zr = plan.block_t * group
         items += -(-(capacity - int(got[r]["gs"].a.sum())) // zr)
       assert queue == items + ns + nr, (queue, plan.kernel_blocks, group, ns, nr)
-  for r in range(world):
-    assert not got[r]["status"].a.any(), got[r]["status"].a
-    np.testing.assert_array_equal(got[r]["recv_pos"].a, want[r]["recv_pos"])
-    np.testing.assert_array_equal(got[r]["recv_w"].a, want[r]["recv_w"])
-    np.testing.assert_array_equal(got[r]["recv_x"].a, want[r]["recv_x"])
+  _assert_dispatch_outputs(got, want)
   if pull >= 3:  # every program of every rank said it read the peers' x for the last time
     _assert_x_released(sim, plan, seq=1)
-  recv_pos = [g["recv_pos"].a for g in got]
-  douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
-  rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
-                           [g["gs"].a for g in got])
-  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 2)
-  for r in range(world):
-    np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
+  _assert_rows_follow_layout(sim, got, idxs, ws, rng, (t, h, e, capacity, 2))
   if pull >= 3:
     _assert_x_released(sim, plan, seq=2)
+
+
+def _assert_dispatch_outputs(got, want):
+  """Every rank's dispatch: no failed wait, and recv_pos, recv_w, recv_x as numpy's."""
+  for r, (g, w) in enumerate(zip(got, want)):
+    assert not g["status"].a.any(), (r, g["status"].a)
+    for name in ("recv_pos", "recv_w", "recv_x"):
+      np.testing.assert_array_equal(g[name].a, w[name], f"rank {r} {name}")
+
+
+def _assert_rows_follow_layout(sim, got, idxs, ws, rng, dims):
+  """dispatch_rows of fresh rows along ``got``'s layout gives numpy's expansion of them
+  (``dims``: T, H, E, capacity, alignment)."""
+  t, h, e, capacity, align = dims
+  world = len(got)
+  douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
+  rows = sim.dispatch_rows(douts, idxs, [g["recv_pos"].a for g in got],
+                           [g["go"].a for g in got], [g["gs"].a for g in got])
+  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, align)
+  for r in range(world):
+    np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
 
 
 @pytest.mark.parametrize("pull,parts,want", [(3, 0, 3), (4, 2, 2), (0, 3, 3), (2, 1, 1)])
@@ -664,17 +675,8 @@ def test_dispatch_column_parts_match_numpy(pull, parts, want, interp):
     queue = sim.regions[r][ep_sync.QUEUE_OFF:ep_sync.QUEUE_OFF + 4].view(np.int32)[0]
     zero_items = -(-(capacity - int(got[r]["gs"].a.sum())) // plan.block_t)
     assert queue == world * want + zero_items + ns + nr, queue
-    assert not got[r]["status"].a.any(), got[r]["status"].a
-    np.testing.assert_array_equal(got[r]["recv_pos"].a, want_d[r]["recv_pos"])
-    np.testing.assert_array_equal(got[r]["recv_w"].a, want_d[r]["recv_w"])
-    np.testing.assert_array_equal(got[r]["recv_x"].a, want_d[r]["recv_x"])
-  recv_pos = [g["recv_pos"].a for g in got]
-  douts = [rng.standard_normal((t, h)).astype(np.float32) for _ in range(world)]
-  rows = sim.dispatch_rows(douts, idxs, recv_pos, [g["go"].a for g in got],
-                           [g["gs"].a for g in got])
-  want_rows = ref_dispatch(douts, idxs, ws, world, e // world, capacity, 1)
-  for r in range(world):
-    np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
+  _assert_dispatch_outputs(got, want_d)
+  _assert_rows_follow_layout(sim, got, idxs, ws, rng, (t, h, e, capacity, 1))
 
 
 def _assert_x_released(sim, plan, seq):
