@@ -398,9 +398,9 @@ def _expand_queue(x_ptr, pos_ptr, pos_stride, val_ptr, go_ptr, gs_ptr, recv_x_pt
                  recv_w_ptr, HIDDEN, WITH_META, ZR, BLOCK_H // GROUP)
     else:
       e = i - z
-      waited += _expand_queue_item(e // PARTS, e % PARTS, x_ptr, pos_ptr, pos_stride, val_ptr, recv_x_ptr,
-                                   recv_w_ptr, recv_pos_ptr, status_ptr, sym_table, rank,
-                                   world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
+      waited += _expand_queue_item(e // PARTS, e % PARTS, x_ptr, pos_ptr, pos_stride, val_ptr,
+                                   recv_x_ptr, recv_w_ptr, recv_pos_ptr, status_ptr, sym_table,
+                                   rank, world, seq, timeout_ns, op, NUM_TOKENS, MAX_TOKENS,
                                    HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_FLAG_OFF, ROWS_OFF,
                                    WITH_META, BLOCK_T, BLOCK_H, STAGES, EXPAND_LEVELS,
                                    USE_TIMER, ORDER, PROFILE, PULL, GROUP, PARTS)
