@@ -648,7 +648,8 @@ def _assert_rows_follow_layout(sim, got, idxs, ws, rng, dims):
     np.testing.assert_array_equal(rows[r], want_rows[r]["recv_x"])
 
 
-@pytest.mark.parametrize("pull,parts,want", [(3, 0, 3), (4, 2, 2), (0, 3, 3), (2, 1, 1)])
+@pytest.mark.parametrize("pull,parts,want", [(3, 0, 3), (4, 2, 2), (0, 3, 3), (2, 0, 3), (1, 2, 2),
+                                            (2, 1, 1)])
 def test_dispatch_column_parts_match_numpy(pull, parts, want, interp):
   """Few tokens (one block per source for 8 programs): each expansion item is split into
   column ranges (EPPlan.dispatch_parts, 0 = the plan's choice; the last range short) that
