@@ -240,8 +240,9 @@ def _expand_block(s, blk, src_base, src_row, pos_ptr, pos_stride, val_ptr, recv_
     if PARTS == 1:
       meta = smask
       kept = pos >= 0
-    else:  # one part writes them
-      meta = smask & (part == 0)
+    else:  # one part writes them (its test as a [BLOCK_T] vector: Triton 3.9's interpreter
+      # refused a mask made with a scalar comparison)
+      meta = smask & ((t * 0 + part) == 0)[:, None]
       kept = (pos >= 0) & meta
     w = tl.load(val_ptr + slot, mask=meta, other=0.0, cache_modifier=".cg")
     tl.store(recv_pos_ptr + (s * NUM_TOKENS + t)[:, None] * TOPK + k[None, :], pos, mask=meta)

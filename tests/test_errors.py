@@ -141,6 +141,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_NARROW", "-1", "0 \\(one level count for most blocks\\)"),
     ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
     ("JAX_EP_COMBINE_HALVES", "2", "0 \\(a block with a token of many rows here"),
+    ("JAX_EP_EXPAND_PARTS", "65", "0 \\(column ranges per expansion item"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -156,6 +157,8 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   config = jax_ep.EPConfig(num_experts=4, topk=2, hidden=4, max_tokens_per_rank=2,
                            backend="triton")
   default = tb._plan(config, 2, 2)
+  big = dataclasses.replace(config, max_tokens_per_rank=4096)  # enough tokens for groups
+  default_big = tb._plan(big, 2, 4096)
   monkeypatch.setenv("JAX_EP_DISPATCH_STAGES", "2")
   monkeypatch.setenv("JAX_EP_COMBINE_STAGES", "1")
   monkeypatch.setenv("JAX_EP_COMBINE_ACC_BYTES", "65536")
@@ -164,9 +167,12 @@ def test_triton_tuning_knobs_reach_the_plan(monkeypatch):
   monkeypatch.setenv("JAX_EP_DISPATCH_PULL", "0")
   monkeypatch.setenv("JAX_EP_EXPAND_GROUP", "2")
   plan = tb._plan(config, 2, 2)
-  # pull 4 outside the peer provider (here no runtime: no provider)
-  assert (default.dispatch(False)["PULL"], default.dispatch(False)["GROUP"]) == (4, 4)
-  assert (plan.dispatch(False)["PULL"], plan.dispatch(True)["GROUP"]) == (0, 2)
+  # pull 4 outside the peer provider (here no runtime: no provider); groups of 4 blocks, but
+  # of one at 2 tokens, where 4 would leave programs without an item (EPPlan.dispatch_group)
+  assert (default.dispatch(False)["PULL"], default_big.dispatch(False)["GROUP"]) == (4, 4)
+  assert default.expand_group == 4 and default.dispatch(False)["GROUP"] == 1
+  assert (plan.dispatch(False)["PULL"], plan.expand_group) == (0, 2)
+  assert tb._plan(big, 2, 4096).dispatch(True)["GROUP"] == 2
   # combine's queue: 0 by default at W = 2 (TWO_RANK_COMBINE_QUEUE), 1 elsewhere
   assert default.combine()["QUEUE"] == 0 and plan.combine()["QUEUE"] == 0
   monkeypatch.delenv("JAX_EP_COMBINE_QUEUE")
@@ -247,15 +253,30 @@ def test_removed_triton_knob_warns(monkeypatch, name):
   assert plan == default
 
 
+def test_expand_parts_knob_reaches_the_kernel(monkeypatch):
+  """JAX_EP_EXPAND_PARTS: by default a decode batch's expansion items are split into column
+  ranges (one rank, 128 tokens: 8 items for 32 programs, 4 ranges each); 1 keeps whole rows,
+  n asks for n."""
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=256, topk=8, hidden=7168, max_tokens_per_rank=4096,
+                           backend="triton")
+  assert tb._plan(config, 1, 128).dispatch(False)["PARTS"] == 4
+  assert tb._plan(config, 4, 4096).dispatch(False)["PARTS"] == 1  # enough items
+  for value, want in (("1", 1), ("2", 2), ("7", 7), ("64", 7)):  # at most one per row chunk
+    monkeypatch.setenv("JAX_EP_EXPAND_PARTS", value)
+    assert tb._plan(config, 1, 128).dispatch(True)["PARTS"] == want, value
+
+
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):
   """JAX_EP_COMBINE_WIDE: by default the common push path takes 256-column chunks at top-8
   in 32-token blocks (the all-TOPK path 128); 0 gives both paths one width."""
   from jax_ep.backends import triton as tb
-  config = jax_ep.EPConfig(num_experts=16, topk=8, hidden=7168, max_tokens_per_rank=64,
+  # (4096 tokens: few tokens would shrink the blocks, EPPlan.combine_block_t)
+  config = jax_ep.EPConfig(num_experts=16, topk=8, hidden=7168, max_tokens_per_rank=4096,
                            backend="triton")
-  wide = tb._plan(config, 2, 64).combine()
+  wide = tb._plan(config, 2, 4096).combine()
   monkeypatch.setenv("JAX_EP_COMBINE_WIDE", "0")
-  narrow = tb._plan(config, 2, 64).combine()
+  narrow = tb._plan(config, 2, 4096).combine()
   assert (wide["BLOCK_HC"], wide["BLOCK_HC_ALL"]) == (256, 128)
   assert (narrow["BLOCK_HC"], narrow["BLOCK_HC_ALL"]) == (128, 128)
   assert wide["STAGES"] == narrow["STAGES"]  # the same shared memory per stage
