@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -71,21 +70,19 @@ def make_step(mesh, config, shape, key):
 
 
 def time_step(step, inputs, iters: int, pipelined: int) -> dict:
+  """Median of ``iters`` calls each waited for (after a warm-up), and the best of 5 rounds of
+  ``pipelined`` calls launched back to back, per call (ms)."""
   import jax
-  for _ in range(3):
-    jax.block_until_ready(step(*inputs))
-  calls = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(*inputs))
-    calls.append(time.perf_counter() - t0)
+
+  from bench_dispatch_combine import time_fn
+  call = time_fn(step, inputs, iters)
   rounds = []
   for _ in range(5):
     t0 = time.perf_counter()
     outs = [step(*inputs) for _ in range(pipelined)]
     jax.block_until_ready(outs)
     rounds.append((time.perf_counter() - t0) / pipelined)
-  return {"call_ms": 1e3 * statistics.median(calls), "pipelined_ms": 1e3 * min(rounds)}
+  return {"call_ms": 1e3 * call, "pipelined_ms": 1e3 * min(rounds)}
 
 
 def main(argv=None):
