@@ -174,12 +174,13 @@ def _gpus():
     return []
 
 
-def _peer_mesh(min_gpus: int):
+@pytest.fixture(scope="module")
+def any_world():
   """(mesh, W) over every visible GPU under the peer provider, its runtime initialized for
-  SIZING; skips with fewer than ``min_gpus`` GPUs or without the FFI library."""
+  SIZING; one GPU included (W = 1: no NVLink, the same kernels and layout)."""
   gpus = _gpus()
-  if len(gpus) < min_gpus:
-    pytest.skip(f"needs {min_gpus} or more CUDA GPUs")
+  if not gpus:
+    pytest.skip("needs a CUDA GPU")
   from jax_ep import EPConfig, _ffi, runtime
   if not _ffi.available():
     pytest.skip("libjax_ep_ffi.so not built (see docs/RUNTIME.md)")
@@ -193,14 +194,11 @@ def _peer_mesh(min_gpus: int):
 
 
 @pytest.fixture(scope="module")
-def peer_world():
-  yield from _peer_mesh(2)
-
-
-@pytest.fixture(scope="module")
-def any_world():
-  """As peer_world, and on one GPU too (W = 1: no NVLink, the same kernels and layout)."""
-  yield from _peer_mesh(1)
+def peer_world(any_world):
+  """any_world's mesh and runtime, where there are 2 or more GPUs."""
+  if any_world[1] < 2:
+    pytest.skip("needs 2 or more CUDA GPUs")
+  return any_world
 
 
 def _put_fetch(mesh):
