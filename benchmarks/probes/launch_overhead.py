@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,7 +95,6 @@ def main(argv=None):
       rounds.append((time.perf_counter() - t0) / (args.calls * args.n))
     print(f"  {way:8s} {1e6 * min(rounds):7.2f} us per kernel launched (host-bound, best of 5)"
           f"  output ok: {ok}", flush=True)
-    import tempfile
     with tempfile.TemporaryDirectory() as d:
       trace_ops(d, lambda: jax.block_until_ready([f(x) for _ in range(20)]), top=4)
   if jax_ep.runtime.is_initialized():

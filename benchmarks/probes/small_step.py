@@ -37,16 +37,14 @@ SHAPES = {
 }
 
 
-def make_step(mesh, config, shape, key):
-  """(step, inputs): the example's MoE block at ``shape`` under ``config``."""
+def make_inputs(mesh, shape, key):
+  """(router, (x, w_gate_up, w_down)) of ``shape``, x and the experts sharded over "ep"."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  import jax_ep
-
-  t, h, f, e, k, dtype = shape
+  t, h, f, e, _, dtype = shape
   ep = mesh.shape["ep"]
   dtype = jnp.dtype(dtype)
   kx, kr, kg, kd = jax.random.split(key, 4)
@@ -57,16 +55,25 @@ def make_step(mesh, config, shape, key):
       (jax.random.normal(kg, (e, h, 2 * f), jnp.float32) / np.sqrt(h)).astype(dtype), shard)
   w_down = jax.device_put(
       (jax.random.normal(kd, (e, f, h), jnp.float32) / np.sqrt(f)).astype(dtype), shard)
+  return router, (x, w_gate_up, w_down)
+
+
+def make_step(mesh, config, router):
+  """The example's MoE block under ``config`` (route, dispatch, SwiGLU experts, combine)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import jax_ep
 
   def block(x, w_gate_up, w_down):
     probs = jax.nn.softmax((x @ router).astype(jnp.float32), axis=-1)
-    weights, idx = jax.lax.top_k(probs, k)
+    weights, idx = jax.lax.top_k(probs, config.topk)
     recv_x, _, layout = jax_ep.dispatch(x, idx.astype(jnp.int32), weights, config=config)
     y = jax_ep.experts.swiglu_fused(recv_x, w_gate_up, w_down, layout)
     return jax_ep.combine(y, layout, config=config)
 
-  step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
-  return step, (x, w_gate_up, w_down)
+  return jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
 
 
 def time_step(step, inputs, iters: int, pipelined: int) -> dict:
@@ -121,16 +128,17 @@ def main(argv=None):
     points = [("xla", None)] if "xla" in args.backends.split(",") else []
     if "triton" in args.backends.split(","):
       points += [("triton", c) for c in args.check_timeouts.split(",")]
+      if jax_ep.runtime.is_initialized():
+        jax_ep.runtime.shutdown()  # sized for the last shape
+      jax_ep.runtime.initialize([jax_ep.EPConfig(num_experts=e, topk=k, hidden=h,
+                                                 max_tokens_per_rank=t, capacity=2 * t * k)])
+    router, inputs = make_inputs(mesh, shape, jax.random.key(0))
     for backend, check in points:
       if check is not None:
         os.environ["JAX_EP_CHECK_TIMEOUTS"] = check
       config = jax_ep.EPConfig(num_experts=e, topk=k, hidden=h, max_tokens_per_rank=t,
                                capacity=2 * t * k, backend=backend)
-      if backend == "triton":
-        if jax_ep.runtime.is_initialized():
-          jax_ep.runtime.shutdown()  # sized for the last shape
-        jax_ep.runtime.initialize([config])
-      step, inputs = make_step(mesh, config, shape, jax.random.key(0))
+      step = make_step(mesh, config, router)
       out = np.asarray(step(*inputs), np.float32)
       label = backend if check is None else f"{backend} (check-timeouts {check})"
       if reference is None:
