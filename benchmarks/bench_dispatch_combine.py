@@ -542,7 +542,8 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
                      **({"reduced_between": stats(p["self_rows"][:npg])}
                         if plan._combine_queue == 3 else {})} for p in prof]
   res["plan"] = {"senders": ns, "receivers": nr, "programs": npg, "block_t": plan.block_t,
-                 "block_h": plan.block_h, "combine_block": [plan.combine_block_t,
+                 "block_h": plan.block_h, "group": plan.dispatch_group,
+                 "parts": plan.dispatch_parts, "combine_block": [plan.combine_block_t,
                                                             plan.combine_block_hc,
                                                             plan.combine_block_hr]}
   return res

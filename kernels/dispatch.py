@@ -45,7 +45,8 @@ work.
     recv_weights, and per row chunk load the staged rows once (from ROWS[s] of the source s's
     region; push: of this rank's) and store them to their up to K rows (the K row indices are
     taken from the loaded tile in registers, not reloaded). With the queue (orders 2, 3) an
-    item is ``EPPlan.expand_group`` consecutive blocks of one source, one tile.
+    item is ``EPPlan.dispatch_group`` consecutive blocks of one source, one tile, or one of
+    ``EPPlan.dispatch_parts`` column ranges of it (few tokens).
     Traffic: reads one row per (source, token) received, writes C rows of H.
     Expand order 2 (``EPPlan.expand_order``): no static share; every program (the receivers
     after their zero fill, the senders after their push) takes (source, block) items from one
