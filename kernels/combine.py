@@ -41,15 +41,17 @@ from .ep_sync import (_ERR_OFF, P_ARRIVED, P_END, P_GO, P_PUSH, P_SELF, P_START,
 
 @triton.jit
 def _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr):
+                 BLOCK_HC: tl.constexpr, STAGES: tl.constexpr, LEVELS: tl.constexpr, h_lo,
+                 h_hi):
   """dst[t] = sum of the block's first LEVELS present rows of each token t, weighted, chunk by
-  chunk of BLOCK_HC columns (the LEVELS row loads of a chunk are unrolled: in flight together).
-  ``ps``, ``ws``: ``_slot_levels``' positions and weights, a [BLOCK_T] vector per level."""
+  chunk of BLOCK_HC columns over columns [h_lo, h_hi) (the LEVELS row loads of a chunk are
+  unrolled: in flight together). ``ps``, ``ws``: ``_slot_levels``' positions and weights, a
+  [BLOCK_T] vector per level."""
   h = tl.arange(0, BLOCK_HC)
   A: tl.constexpr = row_align(HIDDEN, dst.dtype.element_ty)
-  for h0 in tl.range(0, HIDDEN, BLOCK_HC, num_stages=STAGES):
+  for h0 in tl.range(h_lo, h_hi, BLOCK_HC, num_stages=STAGES):
     cols = h0 + h
-    hmask = cols < HIDDEN
+    hmask = cols < h_hi
     acc = _weighted_rows(ps, ws, y_ptr, cols, hmask, HIDDEN, BLOCK_T, BLOCK_HC, LEVELS)
     tl.store(tl.multiple_of(dst + cols[None, :], [A, A]), acc.to(dst.dtype.element_ty),
              mask=have[:, None] & hmask[None, :])
@@ -174,7 +176,7 @@ def _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr
                  NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_P: tl.constexpr, CAPACITY: tl.constexpr,
                  HALF: tl.constexpr, L_LO: tl.constexpr, BLOCK_HC_HV: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, h_lo, h_hi):
   """HALVES: one push item as two [HALF]-token tiles in one chunk loop: the tokens with the
   most rows here over all TOPK_P levels, the others over L_LO (they have at most that many).
   Each token's sum is the same as on the other paths (its rows in k order)."""
@@ -188,9 +190,9 @@ def _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr
   hl = cl > 0
   h = tl.arange(0, BLOCK_HC_HV)
   A: tl.constexpr = row_align(HIDDEN, rows.dtype.element_ty)
-  for h0 in tl.range(0, HIDDEN, BLOCK_HC_HV, num_stages=STAGES):
+  for h0 in tl.range(h_lo, h_hi, BLOCK_HC_HV, num_stages=STAGES):
     cols = h0 + h
-    hmask = cols < HIDDEN
+    hmask = cols < h_hi
     acc_h = _weighted_rows(ph, wh, y_ptr, cols, hmask, HIDDEN, HALF, BLOCK_HC_HV, TOPK_P)
     acc_l = _weighted_rows(pl, wl, y_ptr, cols, hmask, HIDDEN, HALF, BLOCK_HC_HV, L_LO)
     tl.store(tl.multiple_of(dh + cols[None, :], [A, A]), acc_h.to(rows.dtype.element_ty),
@@ -205,7 +207,8 @@ def _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_p
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                 CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr,
                 BLOCK_HC_ALL: tl.constexpr, STAGES: tl.constexpr, J_UNROLL: tl.constexpr,
-                SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr):
+                SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, h_lo,
+                h_hi):
   """A push item where a token has more than J_UNROLL rows here: with SPLIT, where at most
   HEAVY_T tokens do, the others on the J_UNROLL-level path and those few over all TOPK levels
   in a tile of their own; else the whole block over all TOPK levels."""
@@ -214,7 +217,8 @@ def _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_p
     light = have & ~heavy
     if tl.sum(light.to(tl.int32), axis=0) > 0:
       lp, lw = _only(ps, ws, light)
-      _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+      _push_chunks(dst, lp, lw, light, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL,
+                   h_lo, h_hi)
     th, hv = _heavy_tokens(heavy, BLOCK_T, HEAVY_T)
     t_h = tl.where(hv, blk * BLOCK_T + th, NUM_TOKENS)  # NUM_TOKENS: no token
     # the few tokens' slots loaded again: taking them out of the block's vectors would
@@ -222,9 +226,11 @@ def _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_p
     hp, hw, _ = _slot_levels(recv_pos_ptr, row_weights_ptr, s, t_h, NUM_TOKENS, TOPK,
                              CAPACITY, TOPK_P)
     dst_h = rows + (rank * MAX_TOKENS + t_h)[:, None].to(tl.int64) * HIDDEN
-    _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK)
+    _push_chunks(dst_h, hp, hw, hv, y_ptr, HIDDEN, HEAVY_T, BLOCK_HC_H, STAGES, TOPK, h_lo,
+                 h_hi)
   else:
-    _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK)
+    _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC_ALL, STAGES, TOPK, h_lo,
+                 h_hi)
 
 
 @triton.jit
@@ -235,10 +241,11 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
                BLOCK_T: tl.constexpr, BLOCK_HC: tl.constexpr, BLOCK_HC_ALL: tl.constexpr,
                STAGES: tl.constexpr, J_UNROLL: tl.constexpr, SPLIT: tl.constexpr,
                HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr,
-               BLOCK_HC2: tl.constexpr, HALVES: tl.constexpr, BLOCK_HC_HV: tl.constexpr):
-  """One push item: token block ``blk`` of owner ``s`` (see _combine_push), whose slot
-  levels ``ps``, ``ws``, ``cnt`` (``_slot_levels``, TOPK_P levels: at least TOPK and
-  J_UNROLL) the caller loaded."""
+               BLOCK_HC2: tl.constexpr, HALVES: tl.constexpr, BLOCK_HC_HV: tl.constexpr,
+               h_lo, h_hi):
+  """One push item: token block ``blk`` of owner ``s`` (see _combine_push) over columns
+  [h_lo, h_hi), whose slot levels ``ps``, ``ws``, ``cnt`` (``_slot_levels``, TOPK_P levels:
+  at least TOPK and J_UNROLL) the caller loaded."""
   t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
   jmax = tl.max(cnt, axis=0)
   if jmax > 0:
@@ -252,34 +259,37 @@ def _push_item(blk, s, ps, ws, cnt, rank, seq, y_ptr, row_weights_ptr, recv_pos_
     # block's tokens in two halves by their rows here, ``_push_halves``).
     if jmax <= J_UNROLL:
       if NARROW and jmax <= 2:
-        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2)
+        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC2, STAGES, 2, h_lo,
+                     h_hi)
       else:
-        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL)
+        _push_chunks(dst, ps, ws, have, y_ptr, HIDDEN, BLOCK_T, BLOCK_HC, STAGES, J_UNROLL,
+                     h_lo, h_hi)
     elif HALVES:
       t_hi, t_lo, c_lo = _halves(cnt, blk, BLOCK_T, BLOCK_T // 2)
       if c_lo <= J_UNROLL:
         _push_halves(rows, rank, t_hi, t_lo, s, y_ptr, row_weights_ptr, recv_pos_ptr,
                      NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, BLOCK_T // 2,
-                     J_UNROLL, BLOCK_HC_HV, STAGES)
+                     J_UNROLL, BLOCK_HC_HV, STAGES, h_lo, h_hi)
       else:
         _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_ptr,
                     recv_pos_ptr, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                     BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T,
-                    BLOCK_HC_H)
+                    BLOCK_HC_H, h_lo, h_hi)
     else:
       _push_heavy(blk, s, ps, ws, cnt, have, dst, rows, rank, y_ptr, row_weights_ptr,
                   recv_pos_ptr, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY,
                   BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL, SPLIT, HEAVY_T,
-                  BLOCK_HC_H)
+                  BLOCK_HC_H, h_lo, h_hi)
     marks = sym_ptr(sym_table, s, ROW_MARK_OFF, tl.int32)
     tl.store(marks + rank * MAX_TOKENS + t, tl.zeros([BLOCK_T], tl.int32) + seq, mask=have)
 
 
 @triton.jit
-def _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
-  """DONE[blk, rank] = seq in owner s's region (release, system scope; call after a CTA
-  barrier, so the item's rows and marks are ordered before it)."""
-  store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + blk * world + rank, seq)
+def _done(sym_table, s, fb, rank, world, seq, BLOCK_FLAG_OFF: tl.constexpr):
+  """DONE[fb, rank] = seq in owner s's region (release, system scope; call after a CTA
+  barrier, so the item's rows and marks are ordered before it). ``fb``: the token block, or
+  with PUSH_PARTS > 1 the (block, column range) ``blk * PUSH_PARTS + part``."""
+  store_release(sym_ptr(sym_table, s, BLOCK_FLAG_OFF, tl.int32) + fb * world + rank, seq)
 
 
 @triton.jit
@@ -304,7 +314,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
                   BLOCK_HC_H: tl.constexpr, NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr,
                   PREFETCH: tl.constexpr, W_P: tl.constexpr, BLOCK_HR: tl.constexpr,
                   PARTS: tl.constexpr, PART_COLS: tl.constexpr, HALVES: tl.constexpr,
-                  BLOCK_HC_HV: tl.constexpr, PROFILE: tl.constexpr):
+                  BLOCK_HC_HV: tl.constexpr, PUSH_PARTS: tl.constexpr,
+                  PUSH_COLS: tl.constexpr, PROFILE: tl.constexpr):
   """Expert side: one weighted partial row per (owner rank, token) into the owner's ROWS.
   Chunks of BLOCK_HC columns on the J_UNROLL-level path, BLOCK_HC_ALL on the all-TOPK one.
   SPLIT: a block with at most HEAVY_T tokens of more than J_UNROLL rows here runs the
@@ -331,12 +342,17 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
   their rows here have at most J_UNROLL in the second half, runs as two half-height tiles,
   the first half over all TOPK levels and the second over J_UNROLL (``_push_halves``): at W =
   2 every item holds a token of more than 4 rows here, and its 8 levels of row tiles are
-  about half masked rows; this way a chunk carries 12 half tiles instead of 8 whole ones."""
+  about half masked rows; this way a chunk carries 12 half tiles instead of 8 whole ones.
+  PUSH_PARTS > 1 (few tokens; queues 0, 1, 2): each (block, owner) item is PUSH_PARTS items of
+  PUSH_COLS columns each (consecutive, so different programs take them), each with its own
+  DONE flag, DONE[blk * PUSH_PARTS + part, me]."""
+  tl.static_assert(PUSH_PARTS == 1 or QUEUE != 3)
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its block
+  # QUEUE = 2: the owner rank whose DONE flag is still to be raised (-1: none), and its flag
   prev_s = tl.full([], -1, tl.int32)
-  prev_blk = tl.full([], 0, tl.int32)
-  total = world * num_blocks
+  prev_fb = tl.full([], 0, tl.int32)
+  total_bs = world * num_blocks  # (block, owner) pairs
+  total = total_bs * PUSH_PARTS
   cand = pid  # QUEUE = 3: this program's next block to reduce between its push items
   step = 0
   between = tl.full([], 0, tl.int64)
@@ -344,11 +360,22 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     flags = sym_ptr(sym_table, rank, BLOCK_FLAG_OFF, tl.int32)
     claims = _claims(sym_table, rank, world, BLOCK_FLAG_OFF, NUM_TOKENS, BLOCK_T)
   if PREFETCH:  # item pid's slot columns
-    cols = _slot_cols(recv_pos_ptr, (pid + rank) % world,
-                      _item_tokens(pid, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS, TOPK)
+    cols = _slot_cols(recv_pos_ptr, (pid // PUSH_PARTS + rank) % world,
+                      _item_tokens(pid // PUSH_PARTS, total_bs, world, NUM_TOKENS, BLOCK_T),
+                      NUM_TOKENS, TOPK)
   for item in range(pid, total, num_programs):
-    blk = item // world
-    s = (item + rank) % world  # consecutive items of a program go to different owners
+    bs = item // PUSH_PARTS  # the (block, owner) pair
+    blk = bs // world
+    s = (bs + rank) % world  # consecutive items of a program go to different owners
+    if PUSH_PARTS == 1:
+      fb = blk
+      h_lo = 0
+      h_hi = HIDDEN
+    else:
+      part = item % PUSH_PARTS
+      fb = blk * PUSH_PARTS + part
+      h_lo = part * PUSH_COLS
+      h_hi = tl.minimum(h_lo + PUSH_COLS, HIDDEN)
     if PREFETCH:
       # This item's slot columns were loaded during the previous item's chunk loops; the
       # next item's are issued now, before this item's chunk loops, which hide their round
@@ -356,9 +383,9 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
       # thread: 128 and 88 B of spills at the DeepSeek-V3 shape.)
       cur_ps, cur_cnt = _levels(cols, CAPACITY, TOPK_P)
       cur_ws = _level_weights(row_weights_ptr, cur_ps)
-      nxt = item + num_programs
+      nxt = (item + num_programs) // PUSH_PARTS
       cols = _slot_cols(recv_pos_ptr, (nxt + rank) % world,
-                        _item_tokens(nxt, total, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS,
+                        _item_tokens(nxt, total_bs, world, NUM_TOKENS, BLOCK_T), NUM_TOKENS,
                         TOPK)
     else:
       cur_ps, cur_ws, cur_cnt = _slot_levels(recv_pos_ptr, row_weights_ptr, s,
@@ -367,10 +394,10 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     _push_item(blk, s, cur_ps, cur_ws, cur_cnt, rank, seq, y_ptr, row_weights_ptr,
                recv_pos_ptr, sym_table, ROWS_OFF, ROW_MARK_OFF, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                TOPK, TOPK_P, CAPACITY, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
-               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, HALVES, BLOCK_HC_HV)
+               SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, HALVES, BLOCK_HC_HV, h_lo, h_hi)
     if QUEUE == 1 or QUEUE == 3:
       tl.debug_barrier()  # the item's rows and marks before its flag
-      _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
+      _done(sym_table, s, fb, rank, world, seq, BLOCK_FLAG_OFF)
     if QUEUE == 3:
       # block cand's items are pushed in step (cand * W + W - 1) // P of every rank's programs
       if (cand < num_blocks) & (step > (cand * world + world - 1) // num_programs):
@@ -385,16 +412,16 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     if QUEUE == 2:
       if prev_s >= 0:
         tl.debug_barrier()  # both items' rows and marks before their flags
-        _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
-        _done(sym_table, s, blk, rank, world, seq, BLOCK_FLAG_OFF)
+        _done(sym_table, prev_s, prev_fb, rank, world, seq, BLOCK_FLAG_OFF)
+        _done(sym_table, s, fb, rank, world, seq, BLOCK_FLAG_OFF)
         prev_s = -1
       else:
         prev_s = s
-        prev_blk = blk
+        prev_fb = fb
   if QUEUE == 2:
     if prev_s >= 0:
       tl.debug_barrier()
-      _done(sym_table, prev_s, prev_blk, rank, world, seq, BLOCK_FLAG_OFF)
+      _done(sym_table, prev_s, prev_fb, rank, world, seq, BLOCK_FLAG_OFF)
   if not QUEUE:
     signal_peers(sym_table, rank, world, pid, seq)
   return between
@@ -402,8 +429,8 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
 
 @triton.jit
 def _item_tokens(item, total, world, NUM_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
-  """The tokens ``[BLOCK_T]`` of push item ``item`` (block item // W); all NUM_TOKENS (none)
-  past the last item, so that a prefetch past the end loads nothing."""
+  """The tokens ``[BLOCK_T]`` of (block, owner) pair ``item`` of ``total`` (block item // W);
+  all NUM_TOKENS (none) past the last, so that a prefetch past the end loads nothing."""
   t = (item // world) * BLOCK_T + tl.arange(0, BLOCK_T)
   return tl.where(item < total, t, NUM_TOKENS)
 
@@ -412,13 +439,34 @@ def _item_tokens(item, total, world, NUM_TOKENS: tl.constexpr, BLOCK_T: tl.const
 def _combine_reduce(pid, num_programs, out_ptr, sym_table, rank, world, seq,
                     NUM_TOKENS: tl.constexpr, MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr,
                     ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_HR: tl.constexpr, STAGES: tl.constexpr,
+                    PUSH_PARTS: tl.constexpr, PUSH_COLS: tl.constexpr):
   """Owner side: out[t] = sum over ranks in order of the partial rows that arrived, for blocks
-  pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs)."""
+  pid, pid + num_programs, ... (after every rank's ARRIVE_FLAGs); with PUSH_PARTS > 1 for
+  (block, column range) items."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-  for blk in range(pid, num_blocks, num_programs):
-    _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
+  for fb in range(pid, num_blocks * PUSH_PARTS, num_programs):
+    _reduce_flag_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
+                       HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
+                       PUSH_PARTS, PUSH_COLS)
+
+
+@triton.jit
+def _reduce_flag_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.constexpr,
+                       MAX_TOKENS: tl.constexpr, HIDDEN: tl.constexpr, ROWS_OFF: tl.constexpr,
+                       ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, PUSH_PARTS: tl.constexpr,
+                       PUSH_COLS: tl.constexpr):
+  """``_reduce_block`` of the unit one DONE flag per rank covers: token block ``fb``, or with
+  PUSH_PARTS > 1 column range fb % PUSH_PARTS of block fb // PUSH_PARTS."""
+  if PUSH_PARTS == 1:
+    _reduce_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                   ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+  else:
+    h_lo = (fb % PUSH_PARTS) * PUSH_COLS
+    _reduce_block(fb // PUSH_PARTS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                  MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
+                  h_lo, tl.minimum(h_lo + PUSH_COLS, HIDDEN))
 
 
 @triton.jit
@@ -448,12 +496,13 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
                   ROWS_OFF: tl.constexpr, ROW_MARK_OFF: tl.constexpr,
                   BLOCK_FLAG_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, QUEUE: tl.constexpr,
-                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, USE_TIMER: tl.constexpr,
-                  PROFILE: tl.constexpr):
+                  PARTS: tl.constexpr, PART_COLS: tl.constexpr, PUSH_PARTS: tl.constexpr,
+                  PUSH_COLS: tl.constexpr, USE_TIMER: tl.constexpr, PROFILE: tl.constexpr):
   """Owner side with the launch's work queue: take token blocks in order (the order the
   pushes finish them), each once DONE[blk, r] = seq for every rank r; a program starts as
   soon as its own push is over, while other programs still push (QUEUE = 3: items of PARTS
-  column ranges of a block, those no program claimed between its pushes). Returns the ns
+  column ranges of a block, those no program claimed between its pushes; PUSH_PARTS > 1:
+  (block, column range) items, each once its own DONE flags are set). Returns the ns
   waited for flags (PROFILE only). Stops at the first timed-out wait (the status says
   which)."""
   num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
@@ -463,20 +512,22 @@ def _reduce_queue(out_ptr, status_ptr, sym_table, rank, world, seq, timeout_ns, 
   waited = tl.full([], 0, tl.int64)
   ok = tl.full([], 1, tl.int1)
   item = take_item(sym_table, rank)
-  while (item < num_blocks * PARTS) & ok:
+  while (item < num_blocks * PUSH_PARTS * PARTS) & ok:
     mine = tl.full([], 1, tl.int1)
     if QUEUE == 3:  # a range reduced between the pushes was claimed there: skip it here
       mine = claim(claims + item)
     if mine:
-      blk = item // PARTS
+      fb = item // PARTS  # the flags' unit: a block, or with PUSH_PARTS > 1 a block's range
+      blk = fb // PUSH_PARTS
       t0 = _now(PROFILE)
-      ok = wait_flags(flags + blk * world, world, seq, timeout_ns, err, status_ptr, op + 8,
+      ok = wait_flags(flags + fb * world, world, seq, timeout_ns, err, status_ptr, op + 8,
                       rank, -1, seq, USE_TIMER, W_P, "sys")
       waited += _now(PROFILE) - t0
       if ok:
         if PARTS == 1:
-          _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS,
-                        HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
+          _reduce_flag_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
+                             MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T,
+                             BLOCK_HR, STAGES, PUSH_PARTS, PUSH_COLS)
         else:
           _reduce_part(blk, item % PARTS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
                        MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR,
@@ -503,7 +554,7 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
                   ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, h_lo=0, h_hi=None):
   """out[t] for the tokens of block ``blk``: the ranks' partial rows with ROW_MARK = seq;
-  columns ``h_lo`` to ``h_hi`` (default: all), a multiple of BLOCK_HR apart from h_lo."""
+  columns ``h_lo`` to ``h_hi`` (default: all)."""
   dtype = out_ptr.dtype.element_ty
   A: tl.constexpr = row_align(HIDDEN, dtype)
   rows = sym_ptr(sym_table, rank, ROWS_OFF, dtype)
@@ -521,7 +572,7 @@ def _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.cons
     h_hi = HIDDEN
   for h0 in tl.range(h_lo, h_hi, BLOCK_HR, num_stages=STAGES):
     cols = h0 + h
-    hmask = cols < HIDDEN
+    hmask = cols < h_hi
     acc = tl.zeros([BLOCK_T, BLOCK_HR], tl.float32)
     for rr in tl.static_range(W_P):  # static: the ranks' rows of a chunk load together
       g = gs[rr]
@@ -547,7 +598,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
                    SPLIT: tl.constexpr, HEAVY_T: tl.constexpr, BLOCK_HC_H: tl.constexpr,
                    NARROW: tl.constexpr, BLOCK_HC2: tl.constexpr, PREFETCH: tl.constexpr,
                    PARTS: tl.constexpr, PART_COLS: tl.constexpr, HALVES: tl.constexpr,
-                   BLOCK_HC_HV: tl.constexpr,
+                   BLOCK_HC_HV: tl.constexpr, PUSH_PARTS: tl.constexpr, PUSH_COLS: tl.constexpr,
                    USE_TIMER: tl.constexpr, PHASE: tl.constexpr, PROFILE: tl.constexpr):
   """The combine op.
 
@@ -557,6 +608,8 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   Scalars: timeout_ns (i64), op (i32), fingerprint (i32; see dispatch_kernel).
   PARTS, PART_COLS: QUEUE = 3's column ranges per block (``EPPlan.combine_reduce_parts``), 1
     and all columns otherwise.
+  PUSH_PARTS, PUSH_COLS: column ranges per push item and reduce block, each with its own DONE
+    flags (``EPPlan.combine_push_parts``: few tokens; 1 and all columns otherwise).
   HALVES, BLOCK_HC_HV: the push's two half-tile path and its chunk (``EPPlan.combine_halves``).
   PHASE: 0 = everything (GPU; all NUM_PROGRAMS programs resident together). The interpreter
     launches 2 and 3 (leader: announce; wait + GO; grid 1), 4 (push) and 5 (reduce), each over
@@ -567,7 +620,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
   if leader_turn(pid, PHASE):
     if QUEUE and (PHASE == 0 or PHASE == 2):  # this op's DONE flags (and claims) start from 0
       num_blocks: tl.constexpr = (NUM_TOKENS + BLOCK_T - 1) // BLOCK_T
-      n_zero = world * num_blocks
+      n_zero = world * num_blocks * PUSH_PARTS
       if QUEUE == 3:
         n_zero += num_blocks * PARTS
       zero_own(sym_table, rank, BLOCK_FLAG_OFF, 1, 0, n_zero, 1024)
@@ -587,7 +640,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
             world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN, TOPK, TOPK_P, CAPACITY, ROWS_OFF,
             ROW_MARK_OFF, BLOCK_FLAG_OFF, BLOCK_T, BLOCK_HC, BLOCK_HC_ALL, STAGES, J_UNROLL,
             QUEUE, SPLIT, HEAVY_T, BLOCK_HC_H, NARROW, BLOCK_HC2, PREFETCH, W_P, BLOCK_HR,
-            PARTS, PART_COLS, HALVES, BLOCK_HC_HV, PROFILE)
+            PARTS, PART_COLS, HALVES, BLOCK_HC_HV, PUSH_PARTS, PUSH_COLS, PROFILE)
         if QUEUE == 3:  # slot 3: the ns this program spent reducing between its pushes
           prof_span(sym_table, rank, pid, P_SELF, between, PROFILE)
       prof_mark(sym_table, rank, pid, P_PUSH, PROFILE)
@@ -597,7 +650,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           waited = _reduce_queue(out_ptr, st, sym_table, rank, world, seq, timeout_ns, op,
                                  NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF,
                                  BLOCK_FLAG_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, QUEUE,
-                                 PARTS, PART_COLS, USE_TIMER, PROFILE)
+                                 PARTS, PART_COLS, PUSH_PARTS, PUSH_COLS, USE_TIMER, PROFILE)
           prof_span(sym_table, rank, pid, P_ARRIVED, waited, PROFILE)
         else:  # fixed blocks, after every program of every rank pushed
           ok = wait_all_arrivals(sym_table, rank, world, NUM_PROGRAMS, seq, timeout_ns, st, op,
@@ -606,7 +659,7 @@ def combine_kernel(y_ptr, row_weights_ptr, recv_pos_ptr,
           if ok:
             _combine_reduce(pid, NUM_PROGRAMS, out_ptr, sym_table, rank, world, seq,
                             NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P,
-                            BLOCK_T, BLOCK_HR, STAGES)
+                            BLOCK_T, BLOCK_HR, STAGES, PUSH_PARTS, PUSH_COLS)
       prof_mark(sym_table, rank, pid, P_END, PROFILE)
 
 

@@ -175,6 +175,10 @@ class EPPlan:
     expand_parts: with expand orders 2 and 3, column ranges per item of the queue
       (``dispatch_parts``): 0 (default) = as many as give every program an item where the
       items are fewer than the programs (few tokens), else 1; n = n ranges (1: whole rows).
+    combine_parts: column ranges per combine push item and reduce block
+      (``combine_push_parts``; combine queues 0, 1 and 2): 0 (default) = as many as give
+      every program an item where the push items are fewer than the programs (few tokens),
+      else 1; n = n ranges (1: whole rows).
     expand_group: with expand orders 2 and 3, an item of the queue is this many consecutive
       token blocks of one source, expanded as one tile of GROUP x BLOCK_T tokens by BLOCK_H /
       GROUP columns (the same bytes per chunk): fewer items, so fewer per-item waits (the
@@ -229,6 +233,7 @@ class EPPlan:
   expand_group: int = 4
   zero_queue: int = 2
   expand_parts: int = 0
+  combine_parts: int = 0
 
   @property
   def region(self) -> RegionSpec:
@@ -282,7 +287,7 @@ class EPPlan:
     item (combine's blocks times W; at least gather's token blocks times W) up to
     ``max_programs``."""
     blocks = max(self.num_blocks, -(-self.num_tokens // self.combine_block_t))
-    return max(1, min(self.max_programs, blocks * self.world))
+    return max(1, min(self.max_programs, blocks * self.world * self.combine_push_parts))
 
   @property
   def num_senders(self) -> int:
@@ -444,7 +449,43 @@ class EPPlan:
 
   def _combine_parts(self) -> dict:
     parts = self.combine_reduce_parts if self._combine_queue == 3 else 1
-    return dict(PARTS=parts, PART_COLS=-(-self._reduce_chunks // parts) * self.combine_block_hr)
+    pp = self.combine_push_parts
+    return dict(PARTS=parts, PART_COLS=-(-self._reduce_chunks // parts) * self.combine_block_hr,
+                PUSH_PARTS=pp, PUSH_COLS=-(-self._push_part_chunks // pp) * self._push_part_unit)
+
+  @property
+  def _push_part_unit(self) -> int:
+    """Columns of one step of ``combine_push_parts``' ranges: the widest chunk of the push's
+    common paths and of the reduce (powers of two), so a range holds whole chunks."""
+    return max(self.combine_block_hc, self.combine_block_hc_all, self.combine_block_hr)
+
+  @property
+  def _push_part_chunks(self) -> int:
+    return -(-self.hidden // self._push_part_unit)
+
+  @property
+  def combine_push_parts(self) -> int:
+    """Combine's PUSH_PARTS: column ranges per push item and per reduce block, so that a
+    batch of few tokens is pushed and reduced by several programs at once (each (block,
+    range) has its own DONE flags; queues 0, 1 and 2, 1 with queue 3). ``combine_parts`` where
+    set (1: whole rows), else 1 where the push items (blocks times W) cover the programs
+    this launch may use, and otherwise as many as cover them; at most one per
+    ``_push_part_unit`` columns, none empty, and no more DONE flags than the region holds.
+    One H200, W = 1, DeepSeek-V3 row size, 128 tokens: 8 push items of 16 tokens for 32
+    programs; the push took 27 us of the 37 us combine (2026-11-24, session 34)."""
+    if self._combine_queue == 3:
+      return 1
+    chunks = self._push_part_chunks
+    items = -(-self.num_tokens // self.combine_block_t) * self.world
+    if self.combine_parts:
+      parts = self.combine_parts
+    elif items == 0 or items >= self.max_programs:
+      return 1
+    else:
+      parts = -(-self.max_programs // items)
+    nb = max(1, -(-self.num_tokens // self.combine_block_t))
+    parts = max(1, min(parts, chunks, self.max_tokens // nb))
+    return -(-chunks // -(-chunks // parts))  # no empty range
 
   @property
   def j_unroll(self) -> int:

@@ -142,6 +142,7 @@ def test_triton_backend_without_runtime_says_what_to_call():
     ("JAX_EP_COMBINE_PREFETCH", "2", "0 \\(each push item loads its slot positions"),
     ("JAX_EP_COMBINE_HALVES", "2", "0 \\(a block with a token of many rows here"),
     ("JAX_EP_EXPAND_PARTS", "65", "0 \\(column ranges per expansion item"),
+    ("JAX_EP_COMBINE_PARTS", "-1", "0 \\(column ranges per combine push item"),
 ])
 def test_triton_tuning_knob_errors_name_the_variable(monkeypatch, name, value, match):
   from jax_ep.backends import triton as tb
@@ -265,6 +266,30 @@ def test_expand_parts_knob_reaches_the_kernel(monkeypatch):
   for value, want in (("1", 1), ("2", 2), ("7", 7), ("64", 7)):  # at most one per row chunk
     monkeypatch.setenv("JAX_EP_EXPAND_PARTS", value)
     assert tb._plan(config, 1, 128).dispatch(True)["PARTS"] == want, value
+
+
+def test_combine_parts_knob_reaches_the_kernel(monkeypatch):
+  """JAX_EP_COMBINE_PARTS: by default a decode batch's combine push items are split into column
+  ranges (one rank, 128 tokens: 8 items of 16 tokens for 32 programs, 4 ranges of 2048
+  columns; two ranks: 2 ranges), with as many programs; 1 keeps whole rows, n asks for n (at
+  most one per 512 columns), and the ranges are part of the ranks' op fingerprint."""
+  from jax_ep.backends import triton as tb
+  config = jax_ep.EPConfig(num_experts=256, topk=8, hidden=7168, max_tokens_per_rank=4096,
+                           backend="triton")
+  one = tb._plan(config, 1, 128)
+  assert (one.combine()["PUSH_PARTS"], one.combine()["PUSH_COLS"], one.num_programs) == (
+      4, 2048, 32)
+  assert tb._plan(config, 2, 128).combine()["PUSH_PARTS"] == 2
+  assert tb._plan(config, 4, 4096).combine()["PUSH_PARTS"] == 1  # enough items
+  fp = tb._scalars(config, 1, one, jnp.bfloat16)[2]
+  for value, want in (("1", 1), ("3", 3), ("64", 14)):
+    monkeypatch.setenv("JAX_EP_COMBINE_PARTS", value)
+    plan = tb._plan(config, 1, 128)
+    assert plan.combine()["PUSH_PARTS"] == want, value
+    assert plan.num_programs == min(32, 8 * want)
+    assert tb._scalars(config, 1, plan, jnp.bfloat16)[2] != fp
+  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", "3")  # that queue keeps whole rows
+  assert tb._plan(config, 1, 128).combine()["PUSH_PARTS"] == 1
 
 
 def test_combine_wide_knob_reaches_the_kernel(monkeypatch):

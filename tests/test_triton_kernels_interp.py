@@ -570,6 +570,54 @@ def test_combine_halves(tokens, interp):
       np.testing.assert_array_equal(out[r].view(np.uint8), base[r].view(np.uint8), str(kw))
 
 
+@pytest.mark.parametrize("world,h,queue,parts,want,dtype,kind", [
+    (2, 600, 1, 0, 2, np.float32, "skewed"), (2, 1100, 0, 3, 3, ml_dtypes.bfloat16, "uniform"),
+    (1, 1100, 1, 0, 3, ml_dtypes.bfloat16, "uniform"), (3, 300, 2, 2, 2, np.float32, "drops"),
+    (2, 600, 1, 0, 2, np.float32, "empty"), (2, 600, 3, 0, 1, np.float32, "uniform")])
+def test_combine_column_parts_match_numpy(world, h, queue, parts, want, dtype, kind, interp):
+  """Few tokens (2 blocks per owner for 8 programs): each combine push item and each reduce
+  block is split into column ranges (EPPlan.combine_push_parts; 0 = the plan's choice, the
+  last range short) with DONE flags of their own; queues 0, 1, 2 (3 keeps whole rows). The
+  output equals the numpy model and whole rows' bit for bit, and with queues 1 and 2 every
+  (block, range) flag of every rank is raised in every owner's region."""
+  t, k, e = 20, 4, 4 * world
+  rng = np.random.default_rng(900 + 100 * world + 10 * queue + parts)
+  cap = None if kind != "drops" else 12
+  capacity = _capacity(world, t, k, e, cap, 1)
+  plan = EPPlan(world=world, num_tokens=t, max_tokens=t, hidden=h, topk=k, num_experts=e,
+                capacity=capacity, alignment=1, num_sms=8, use_timer=False,
+                itemsize=np.dtype(dtype).itemsize, combine_queue=queue, combine_parts=parts)
+  cx = plan.combine()
+  unit = plan._push_part_unit
+  assert (plan.combine_block_t, cx["PUSH_PARTS"]) == (16, want), cx
+  assert -(-h // unit) == 3 and h % unit  # 3 column units (the widest chunk), the last short
+  assert cx["PUSH_COLS"] == -(-3 // want) * unit
+  assert plan.num_programs == min(8, 2 * world * want)
+  idxs = routing(rng, "skewed" if kind == "drops" else kind, world, t, k, e)
+  xs = [rng.standard_normal((t, h)).astype(dtype) for _ in range(world)]
+  ws = [rng.random((t, k)).astype(np.float32) for _ in range(world)]
+  got = SimWorld(plan).dispatch(xs, idxs, ws)
+  if kind == "drops":
+    assert sum(int(g["ndrop"].a[0]) for g in got) > 0
+  recv_pos = [g["recv_pos"].a for g in got]
+  row_ws = [g["recv_w"].a for g in got]
+  ys = [rng.standard_normal((capacity, h)).astype(dtype) for _ in range(world)]
+  sim = SimWorld(plan)
+  out = sim.combine(ys, row_ws, recv_pos)
+  assert_combine_matches_ref(out, ys, row_ws, recv_pos, world)
+  whole = SimWorld(dataclasses.replace(plan, combine_parts=1))
+  assert whole.plan.combine()["PUSH_PARTS"] == 1
+  base = whole.combine(ys, row_ws, recv_pos)
+  for r in range(world):
+    np.testing.assert_array_equal(out[r].view(np.uint8), base[r].view(np.uint8))
+  if queue in (1, 2):  # DONE[blk * PARTS + part, rank] = seq (1: the sim's first op)
+    n = 2 * want * world
+    for r in range(world):
+      off = plan.region.block_flag_off
+      flags = sim.regions[r][off:off + 4 * n].view(np.int32)
+      np.testing.assert_array_equal(flags, 1)
+
+
 @pytest.mark.parametrize("order,share,reorder,levels,pull,group,zq", [
     (1, 1.0, None, 0, 0, 1, 0), (0, 1.0, None, 0, 0, 1, 0), (0, 0.5, None, 1, 0, 1, 0),
     (1, 0.25, None, 0, 0, 1, 0), (2, 0.6, None, 2, 0, 1, 0),

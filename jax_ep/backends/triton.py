@@ -231,6 +231,9 @@ _KNOBS = (
     ("expand_parts", "JAX_EP_EXPAND_PARTS", _int_in(0, 64),
      "0 (column ranges per expansion item where items are fewer than programs) or 1 .. 64 "
      "(that many ranges per item; 1: whole rows)"),
+    ("combine_parts", "JAX_EP_COMBINE_PARTS", _int_in(0, 64),
+     "0 (column ranges per combine push item where items are fewer than programs) or 1 .. 64 "
+     "(that many ranges per item; 1: whole rows)"),
 )
 
 
@@ -287,7 +290,8 @@ def _scalars(config: EPConfig, op: int, plan, x_dtype) -> tuple:
                    plan.num_experts, plan.capacity, plan.alignment, plan.num_sms,
                    plan.num_senders, plan.expand_order, plan.receiver_blocks,
                    plan.dispatch_pull, plan.dispatch_group, plan.dispatch_parts, plan.zero_queue,
-                   plan.combine_queue, plan.combine_block_t, jnp.dtype(x_dtype).name)
+                   plan.combine_queue, plan.combine_block_t, plan.combine_push_parts,
+                   jnp.dtype(x_dtype).name)
   return _timeout_ns(config), (op, "i32"), (fp, "i32")
 
 
