@@ -266,6 +266,26 @@ def test_combine_tile_variants_match_xla(acc_bytes, stages, queue, wide, tokens,
                repeats=3)
 
 
+@pytest.mark.parametrize("queue,parts,case", [
+    (1, 0, (128, 7168, 256, 8, None, 1, "uniform", "bfloat16")),
+    (0, 3, (128, 7168, 256, 8, None, 1, "zipf", "bfloat16")),
+    (2, 0, (100, 2048, 64, 4, "half", 8, "zipf", "float32")),     # partial block, drops
+    (1, 5, (100, 2048, 64, 4, "half", 8, "zipf", "bfloat16"))],
+    ids=["queue1-auto", "queue0-3", "queue2-auto-f32-drops", "queue1-5-drops"])
+def test_combine_column_parts_match_xla(queue, parts, case, any_world, monkeypatch):
+  """Combine at few tokens with its push items and reduce blocks in column ranges
+  (JAX_EP_COMBINE_PARTS; 0 = the plan's choice, which at W <= 2 splits these cases), under
+  the three queue modes that take them, gives xla's results, gradients included."""
+  from jax_ep.backends import triton as tb
+  mesh, world = any_world
+  monkeypatch.setenv("JAX_EP_COMBINE_QUEUE", str(queue))
+  monkeypatch.setenv("JAX_EP_COMBINE_PARTS", str(parts))
+  pp = tb._plan(_config(case, world, "triton"), world, case[0],
+                np.float32 if case[7] == "float32" else "bfloat16").combine()["PUSH_PARTS"]
+  assert pp > 1 or (parts == 0 and world > 2), pp  # the ranges are what this test runs
+  compare_case(case, mesh, world, _put(mesh), seed=131 + queue + parts, repeats=3)
+
+
 @pytest.mark.parametrize("split,narrow,tokens,case", [
     (0, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
     (1, 0, 16, (4096, 7168, 256, 8, "balanced", 1, "uniform", "bfloat16")),
