@@ -545,7 +545,8 @@ def profile_triton(mesh, xs, idxs, ws, cfg_kw) -> dict:
                  "block_h": plan.block_h, "group": plan.dispatch_group,
                  "parts": plan.dispatch_parts, "combine_block": [plan.combine_block_t,
                                                             plan.combine_block_hc,
-                                                            plan.combine_block_hr]}
+                                                            plan.combine_block_hr],
+                 "combine_parts": plan.combine_push_parts}
   return res
 
 
