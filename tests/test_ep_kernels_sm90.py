@@ -123,8 +123,10 @@ def test_combine_finds_rows_without_tile_reductions(world):
 ])
 def test_small_batches_get_items_for_every_program(world, tokens, topk, group, block_t):
   """With few tokens, dispatch's expansion groups and combine's token blocks shrink until
-  every program of the launch has an item (EPPlan.dispatch_group, combine_block_t); where
-  there are enough the measured defaults stay. Explicit combine_tokens are kept."""
+  every program of the launch has an item (EPPlan.dispatch_group, combine_block_t), and
+  combine's items are split into column ranges while they are still fewer than the programs
+  (combine_push_parts; at most 14 of 512 columns at hidden 7168); where there are enough the
+  measured defaults stay. Explicit combine_tokens are kept."""
   plan = _plan(world, tokens, 7168, 256, topk, 2, num_sms=32)
   assert (plan.dispatch_group, plan.combine_block_t) == (group, block_t)
   assert plan.dispatch(False)["GROUP"] == group and plan.combine()["BLOCK_T"] == block_t
@@ -132,5 +134,10 @@ def test_small_batches_get_items_for_every_program(world, tokens, topk, group, b
     programs = plan.grid("dispatch_kernel")
     assert -(-plan.kernel_blocks // group) * world >= programs or group == 1
     assert -(-tokens // block_t) * world >= 32 or block_t == 16
-  assert plan.num_programs == min(32, max(plan.num_blocks, -(-tokens // block_t)) * world)
+  # combine's column ranges (EPPlan.combine_push_parts) give the push items' programs the rest
+  pp = plan.combine_push_parts
+  items = -(-tokens // block_t) * world
+  assert pp == 1 if (items >= 32 or not tokens) else (items * pp >= 32 or pp == 14), (pp, items)
+  assert plan.combine()["PUSH_PARTS"] == pp
+  assert plan.num_programs == min(32, max(plan.num_blocks, -(-tokens // block_t)) * world * pp)
   assert _plan(world, tokens, 7168, 256, topk, 2, combine_tokens=64).combine_block_t == 64
