@@ -21,6 +21,11 @@ reduce (token owner)
   y's dtype; the marks are loaded once per block and the ranks' rows of a chunk together.
   Traffic per rank: reads one row per (token, rank it reached), writes T rows.
 
+Few tokens (``EPPlan.combine_push_parts``): where the (token block, owner) push items are
+fewer than the programs, each is split into PUSH_PARTS column ranges with DONE flags of their
+own, and the owners reduce each (block, range) on its own: a decode batch of 128 tokens at
+W = 1 moves its rows with 32 programs instead of 8.
+
 gather_kernel: the same pattern for ``[T, K]`` float32 values:
   the expert rank sends ``values[recv_pos[s, t, k]]`` (0 where absent) to SLOT_VAL[me, t, k] of
   rank s; the owner picks, for each slot, the value from the rank its expert lives on.
