@@ -472,7 +472,9 @@ class EPPlan:
     this launch may use, and otherwise as many as cover them; at most one per
     ``_push_part_unit`` columns, none empty, and no more DONE flags than the region holds.
     One H200, W = 1, DeepSeek-V3 row size, 128 tokens: 8 push items of 16 tokens for 32
-    programs; the push took 27 us of the 37 us combine (2026-11-24, session 34)."""
+    programs; the push took 27 us of the 37 us combine (session 34); with 4 ranges the
+    combine took 17.2-17.7 us against 37.0-37.2 with whole rows, same run (2026-11-24,
+    session 35; hidden 2048: 11.9-12.1 vs 16.9-17.2 us)."""
     if self._combine_queue == 3:
       return 1
     chunks = self._push_part_chunks
