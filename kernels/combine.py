@@ -379,8 +379,7 @@ def _combine_push(pid, num_programs, y_ptr, row_weights_ptr, recv_pos_ptr, out_p
     else:
       part = item % PUSH_PARTS
       fb = blk * PUSH_PARTS + part
-      h_lo = part * PUSH_COLS
-      h_hi = tl.minimum(h_lo + PUSH_COLS, HIDDEN)
+      h_lo, h_hi = _col_range(part, PUSH_COLS, HIDDEN)
     if PREFETCH:
       # This item's slot columns were loaded during the previous item's chunk loops; the
       # next item's are issued now, before this item's chunk loops, which hide their round
@@ -468,10 +467,9 @@ def _reduce_flag_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.
     _reduce_block(fb, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
                   ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES)
   else:
-    h_lo = (fb % PUSH_PARTS) * PUSH_COLS
-    _reduce_block(fb // PUSH_PARTS, out_ptr, sym_table, rank, world, seq, NUM_TOKENS,
-                  MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES,
-                  h_lo, tl.minimum(h_lo + PUSH_COLS, HIDDEN))
+    _reduce_part(fb // PUSH_PARTS, fb % PUSH_PARTS, out_ptr, sym_table, rank, world, seq,
+                 NUM_TOKENS, MAX_TOKENS, HIDDEN, ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T,
+                 BLOCK_HR, STAGES, PUSH_COLS)
 
 
 @triton.jit
@@ -548,9 +546,16 @@ def _reduce_part(blk, p, out_ptr, sym_table, rank, world, seq, NUM_TOKENS: tl.co
                  ROW_MARK_OFF: tl.constexpr, W_P: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_HR: tl.constexpr, STAGES: tl.constexpr, PART_COLS: tl.constexpr):
   """``_reduce_block`` over block ``blk``'s column range ``p`` (PART_COLS columns each)."""
+  h_lo, h_hi = _col_range(p, PART_COLS, HIDDEN)
   _reduce_block(blk, out_ptr, sym_table, rank, world, seq, NUM_TOKENS, MAX_TOKENS, HIDDEN,
-                ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, p * PART_COLS,
-                tl.minimum((p + 1) * PART_COLS, HIDDEN))
+                ROWS_OFF, ROW_MARK_OFF, W_P, BLOCK_T, BLOCK_HR, STAGES, h_lo, h_hi)
+
+
+@triton.jit
+def _col_range(p, COLS: tl.constexpr, HIDDEN: tl.constexpr):
+  """Columns [lo, hi) of range ``p`` of COLS columns each (the last one ends at HIDDEN)."""
+  lo = p * COLS
+  return lo, tl.minimum(lo + COLS, HIDDEN)
 
 
 @triton.jit

@@ -23,6 +23,22 @@ def _pow2_floor(n: int, lo: int, hi: int) -> int:
   return max(lo, min(1 << (n.bit_length() - 1), hi)) if hi >= lo else hi
 
 
+def column_ranges(chunks: int, items: int, programs: int, asked: int = 0,
+                  most: int | None = None) -> int:
+  """Column ranges per work item (dispatch's expansion items, combine's push items) of
+  ``chunks`` row chunks: ``asked`` where set (1: whole rows), else 1 where the ``items``
+  cover the launch's ``programs``, and otherwise as many as cover them; at most one per chunk
+  (and at most ``most``), and as few as leave no range empty."""
+  if asked:
+    parts = asked
+  elif items == 0 or items >= programs:
+    return 1
+  else:
+    parts = -(-programs // items)
+  parts = max(1, min(parts, chunks, chunks if most is None else most))
+  return -(-chunks // -(-chunks // parts))
+
+
 def interpreter_phases(kernel: str, num_senders: int, num_receivers: int, num_programs: int,
                        receiver_blocks: int, kernel_blocks: int,
                        pull: int = 0) -> list[tuple[int, int]]:
@@ -398,16 +414,9 @@ class EPPlan:
     left empty."""
     if self.expand_order < 2:
       return 1
-    chunks = -(-self.hidden // (self.block_h // self.dispatch_group))
-    items = -(-self.kernel_blocks // self.dispatch_group) * self.world
-    if self.expand_parts:
-      parts = self.expand_parts
-    elif items == 0 or items >= self.grid("dispatch_kernel"):
-      return 1
-    else:
-      parts = -(-self.grid("dispatch_kernel") // items)
-    parts = max(1, min(parts, chunks))
-    return -(-chunks // -(-chunks // parts))  # no empty range
+    return column_ranges(-(-self.hidden // (self.block_h // self.dispatch_group)),
+                         -(-self.kernel_blocks // self.dispatch_group) * self.world,
+                         self.grid("dispatch_kernel"), self.expand_parts)
 
   @property
   def combine_block_t(self) -> int:
@@ -477,17 +486,10 @@ class EPPlan:
     session 35; hidden 2048: 11.9-12.1 vs 16.9-17.2 us)."""
     if self._combine_queue == 3:
       return 1
-    chunks = self._push_part_chunks
-    items = -(-self.num_tokens // self.combine_block_t) * self.world
-    if self.combine_parts:
-      parts = self.combine_parts
-    elif items == 0 or items >= self.max_programs:
-      return 1
-    else:
-      parts = -(-self.max_programs // items)
-    nb = max(1, -(-self.num_tokens // self.combine_block_t))
-    parts = max(1, min(parts, chunks, self.max_tokens // nb))
-    return -(-chunks // -(-chunks // parts))  # no empty range
+    nb = -(-self.num_tokens // self.combine_block_t)
+    return column_ranges(self._push_part_chunks, nb * self.world, self.max_programs,
+                         self.combine_parts,
+                         most=self.max_tokens // max(nb, 1))  # W DONE flags a (block, range)
 
   @property
   def j_unroll(self) -> int:
